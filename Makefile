@@ -1,0 +1,39 @@
+# The two commands a new user needs: `make run` serves, `make test` proves it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## run: serve in the foreground on the default paths (Ctrl-C stops it)
+run: $(STAMP)
+	$(VENV)/bin/stigmer-broker serve
+
+## test: install with test extras, lint, then the whole test suite
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+## lint: ruff and mypy --strict over the sources, tests and benchmarks
+lint: $(STAMP)
+	@mkdir -p .typecheck/stigmer
+	@ln -sfn ../../broker .typecheck/stigmer/broker
+	@ln -sfn ../../client .typecheck/stigmer/client
+	$(VENV)/bin/ruff check broker client tests bench
+	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p stigmer.broker -p stigmer.client
+	$(VENV)/bin/mypy tests bench
+
+## bench: fetch and CLI benchmarks against same-run baselines (bench/results.json)
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .typecheck .mypy_cache .pytest_cache .ruff_cache

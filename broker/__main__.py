@@ -1,0 +1,5 @@
+"""``python -m stigmer.broker`` is the ``stigmer-broker`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,451 @@
+"""``stigmer-broker``: argv -> library calls -> output and an exit status.
+
+A thin layer: parsing flags, reading files and prompts, printing. It never
+opens the store (every write goes through the daemon) and it imports the
+daemon's heavy dependencies only for ``serve``, so ``status`` stays fast.
+
+Exit status: 0 success, 1 the broker refused or failed the request, 2 a usage
+mistake, 3 no broker is running (``status``, and client commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__
+from .config import Config, Paths, resolve_paths
+from .errors import BrokerError, BrokerUnavailable, InvalidArgument
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+PROG = "stigmer-broker"
+
+
+class UsageError(Exception):
+    """A mistake in how the command was called (exit 2)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit status."""
+    parser = _parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # argparse stops filling KEY=VALUE positionals at the first option; take the rest
+        if hasattr(args, "pairs") and not any(e.startswith("-") for e in extras):
+            args.pairs = [*args.pairs, *extras]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        paths = resolve_paths(os.environ, home=getattr(args, "home", None),
+                              socket=getattr(args, "socket", None))
+        result: int = args.func(args, paths)
+        return result
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except BrokerUnavailable as exc:
+        _error(exc.message)
+        return EXIT_NOT_RUNNING
+    except BrokerError as exc:
+        _error(exc.message)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILED
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def _client(paths: Paths) -> Any:
+    from stigmer.client import Client
+
+    return Client(paths.socket)
+
+
+# ------------------------------------------------------------------------ daemon
+
+
+def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
+    import logging
+
+    from .daemon import run
+    from .listen import AlreadyRunning, StartupError
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    env_key = os.environ.pop("STIGMER_ENCRYPTION_KEY", None)
+    config = Config(paths=paths, allow_group=args.allow_group, env_key=env_key,
+                    started_by="manual")
+    try:
+        run(config, ready_fd=args.ready_fd)
+    except AlreadyRunning as exc:
+        _error(str(exc))
+        return EXIT_FAILED
+    except StartupError as exc:
+        _error(str(exc))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
+    import subprocess
+
+    try:
+        with _client(paths) as client:
+            status = client.status()
+        print(f"already running (pid {status.pid}) on {paths.socket}")
+        return EXIT_OK
+    except BrokerUnavailable:
+        pass
+    paths.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log_fd = os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                     0o600)
+    read_fd, write_fd = os.pipe()
+    command = [sys.executable, "-m", "stigmer.broker", "serve", "--home", str(paths.home),
+               "--socket", str(paths.socket), "--ready-fd", str(write_fd)]
+    if args.allow_group:
+        command += ["--allow-group", args.allow_group]
+    try:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_fd,
+                                stderr=log_fd, pass_fds=(write_fd,), start_new_session=True,
+                                close_fds=True)
+    finally:
+        os.close(write_fd)
+        os.close(log_fd)
+    with os.fdopen(read_fd, "rb") as ready:
+        signal_ = ready.read(6)  # "ready\n", or EOF when the daemon failed to start
+    if signal_ != b"ready\n":
+        proc.wait(timeout=10)
+        reason = _last_error_line(paths.log_file) or f"it exited with status {proc.returncode}"
+        _error(f"the broker did not start: {reason} (log: {paths.log_file})")
+        return EXIT_FAILED
+    print(paths.socket)
+    return EXIT_OK
+
+
+def _last_error_line(log_file: Path) -> str:
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines[-50:]):
+        if "error:" in line:
+            return line.split("error:", 1)[1].strip()
+    return ""
+
+
+def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
+    try:
+        with _client(paths) as client:
+            pid = client.status().pid
+            client.shutdown()
+    except BrokerUnavailable:
+        print(f"not running (socket {paths.socket})")
+        return EXIT_OK
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"stopped (pid {pid})")
+            return EXIT_OK
+        except PermissionError:
+            break
+        time.sleep(0.05)
+    _error(f"the broker (pid {pid}) did not exit within {args.timeout:g}s")
+    return EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
+    try:
+        with _client(paths) as client:
+            status = client.status()
+    except BrokerUnavailable:
+        if args.json:
+            _print_json({"running": False, "socket": str(paths.socket)})
+        else:
+            print(f"not running (socket {paths.socket})")
+        return EXIT_NOT_RUNNING
+    import msgspec
+
+    if args.json:
+        data = msgspec.to_builtins(status)
+        data.pop("id", None)
+        data.pop("op", None)
+        _print_json({"running": True, **data})
+        return EXIT_OK
+    print(f"stigmer-broker {status.version} running (pid {status.pid}, up "
+          f"{_duration(status.uptime_s)}, started: {status.started_by})")
+    rows = [
+        ("socket", f"{status.socket} ({status.socket_mode})"),
+        ("store", status.store),
+        ("key source", status.key_source),
+        ("environments", str(status.environments)),
+        ("contexts", str(status.contexts)),
+        ("tokens", str(status.tokens)),
+        ("requests", str(status.requests)),
+        ("connections", str(status.connections)),
+    ]
+    for label, value in rows:
+        print(f"  {label:<13}{value}")
+    return EXIT_OK
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+# ------------------------------------------------------------------ environments
+
+
+def _read_secret_value(key: str) -> str:
+    """Prompt without echo on a terminal; read one line from stdin otherwise."""
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass(f"{key}: ")
+    line = sys.stdin.readline()
+    if not line:
+        raise UsageError(f"--secret {key}: no value on standard input (one line per key)")
+    return line.rstrip("\r\n")
+
+
+def collect_variables(pairs: Sequence[str], secrets: Sequence[str], env_file: str | None,
+                      *, pair_flag: str = "KEY=VALUE") -> dict[str, Any]:
+    """Merge --env-file (secret), KEY=VALUE pairs and --secret flags into wire variables.
+
+    The command line wins over the file; a key given twice on the command line is
+    a usage error. Values from --env-file are stored as secrets.
+    """
+    from .manifests import parse_assignment, read_env_file
+    from .protocol import Variable
+
+    from_file = read_env_file(env_file) if env_file else {}
+    out: dict[str, Variable] = {k: Variable(value=v, is_secret=True) for k, v in
+                                from_file.items()}
+    given: set[str] = set()
+
+    def add(key: str, value: str, secret: bool) -> None:
+        if key in given:
+            raise UsageError(f"{key} is given twice on the command line")
+        given.add(key)
+        out[key] = Variable(value=value, is_secret=secret)
+
+    for text in pairs:
+        add(*parse_assignment(text, pair_flag), secret=False)
+    inline_secret = False
+    for text in secrets:
+        if "=" in text:
+            inline_secret = True
+            add(*parse_assignment(text, "--secret"), secret=True)
+        else:
+            from .manifests import check_var_name
+
+            key = check_var_name(text, "--secret")
+            if key in given:
+                raise UsageError(f"{key} is given twice on the command line")
+            add(key, _read_secret_value(key), secret=True)
+    if inline_secret:
+        print(f"{PROG}: warning: a secret given as --secret KEY=VALUE is visible to other "
+              "processes and kept in shell history; prefer --secret KEY (prompt or stdin) "
+              "or --env-file", file=sys.stderr)
+    return out
+
+
+def cmd_env_set(args: argparse.Namespace, paths: Paths) -> int:
+    from .manifests import check_name
+
+    name = check_name(args.name, "environment name")
+    data = collect_variables(args.pairs, args.secret or [], args.env_file)
+    if not data:
+        raise UsageError("nothing to set: give KEY=VALUE, --secret KEY or --env-file FILE")
+    with _client(paths) as client:
+        env = client.put_environment(name, data)
+    secret_count = sum(1 for v in data.values() if v.is_secret)
+    print(f"environment {env.name}: set {len(data)} variable(s) ({secret_count} secret), "
+          f"{len(env.data)} in all")
+    return EXIT_OK
+
+
+def cmd_env_show(args: argparse.Namespace, paths: Paths) -> int:
+    from .manifests import check_name
+
+    with _client(paths) as client:
+        env = client.get_environment(check_name(args.name, "environment name"),
+                                     reveal=args.reveal)
+    if args.json:
+        _print_json({"name": env.name, "created_at": env.created_at,
+                     "updated_at": env.updated_at,
+                     "data": {k: {"value": v.value, "is_secret": v.is_secret}
+                              for k, v in env.data.items()}})
+        return EXIT_OK
+    print(f"environment {env.name} ({len(env.data)} variables)")
+    width = max((len(k) for k in env.data), default=0)
+    for key, var in env.data.items():
+        shown = "********" if var.value is None else var.value
+        marker = "  (secret)" if var.is_secret else ""
+        print(f"  {key:<{width}}  {shown}{marker}")
+    return EXIT_OK
+
+
+def cmd_env_list(args: argparse.Namespace, paths: Paths) -> int:
+    with _client(paths) as client:
+        envs = client.list_environments()
+    if args.json:
+        _print_json([{"name": e.name, "variables": e.variables, "secrets": e.secrets,
+                      "updated_at": e.updated_at} for e in envs])
+        return EXIT_OK
+    if not envs:
+        print("no environments (create one with `stigmer-broker env set NAME KEY=VALUE`)")
+        return EXIT_OK
+    width = max(len(e.name) for e in envs)
+    for e in envs:
+        print(f"{e.name:<{width}}  {e.variables} variables, {e.secrets} secret")
+    return EXIT_OK
+
+
+def cmd_env_unset(args: argparse.Namespace, paths: Paths) -> int:
+    from .manifests import check_name, check_var_name
+
+    keys = [check_var_name(k) for k in args.keys]
+    with _client(paths) as client:
+        env = client.unset_variables(check_name(args.name, "environment name"), keys)
+    print(f"environment {env.name}: removed {len(keys)} variable(s), {len(env.data)} left")
+    return EXIT_OK
+
+
+def cmd_env_delete(args: argparse.Namespace, paths: Paths) -> int:
+    from .manifests import check_name
+
+    with _client(paths) as client:
+        client.delete_environment(check_name(args.name, "environment name"))
+    print(f"environment {args.name} deleted")
+    return EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace, paths: Paths) -> int:
+    from .manifests import read_environment_manifests
+
+    if args.file == "-":
+        text, source = sys.stdin.read(), "<stdin>"
+    else:
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"-f {args.file}: cannot be read "
+                                  f"({getattr(exc, 'strerror', None) or type(exc).__name__})"
+                                  ) from None
+        source = args.file
+    specs = read_environment_manifests(text, source)
+    with _client(paths) as client:
+        client.apply_environments(specs)
+    for spec in specs:
+        print(f"environment/{spec.name} applied ({len(spec.data)} variables)")
+    return EXIT_OK
+
+
+def cmd_key_rotate(args: argparse.Namespace, paths: Paths) -> int:
+    print("rotating the master key (rewrapping data keys, checking every sealed value)...",
+          file=sys.stderr)
+    with _client(paths) as client:
+        client.timeout = max(client.timeout, 3600.0)
+        result = client.rotate_key()
+    print(f"master key rotated: new key id {result.key_id}, {result.rewrapped} data key(s) "
+          f"rewrapped, kept in {result.key_source}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------ parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", default=argparse.SUPPRESS,
+                        help="broker home (default: $STIGMER_HOME or ~/.stigmer)")
+    common.add_argument("--socket", default=argparse.SUPPRESS,
+                        help="socket path (default: $STIGMER_BROKER_SOCKET, "
+                             "$XDG_RUNTIME_DIR/stigmer/broker.sock or HOME/run/broker.sock)")
+    parser = _Parser(prog=PROG, description="The local secret broker for agent runners.",
+                     parents=[common])
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace, Paths], int], help_: str,
+                parent: Any = sub) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_,
+                                                       parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = command("serve", cmd_serve, "run the broker in the foreground (logs to stderr)")
+    p.add_argument("--allow-group", metavar="GROUP",
+                   help="let members of GROUP connect to fetch contexts (nothing else)")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
+    p = command("start", cmd_start, "start the broker in the background if it is not running")
+    p.add_argument("--allow-group", metavar="GROUP", help="as for serve")
+    p = command("stop", cmd_stop, "stop the running broker gracefully")
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for it to exit")
+    p = command("status", cmd_status, "show whether the broker runs, and its figures")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    env = sub.add_parser("env", help="manage environments (named sets of variables)")
+    env_sub = env.add_subparsers(title="env commands", metavar="COMMAND")
+    p = command("set", cmd_env_set, "create an environment or set variables in it", env_sub)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help="plain variables")
+    p.add_argument("--secret", action="append", metavar="KEY[=VALUE]",
+                   help="a secret; without =VALUE it is prompted for (or read from stdin)")
+    p.add_argument("--env-file", metavar="FILE", help="read variables (as secrets) from a .env "
+                   "file; the command line wins")
+    p = command("show", cmd_env_show, "show an environment (secrets masked)", env_sub)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--reveal", action="store_true", help="show secret values")
+    p.add_argument("--json", action="store_true")
+    p = command("list", cmd_env_list, "list environments", env_sub)
+    p.add_argument("--json", action="store_true")
+    p = command("unset", cmd_env_unset, "remove variables from an environment", env_sub)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("keys", nargs="+", metavar="KEY")
+    p = command("delete", cmd_env_delete, "delete an environment", env_sub)
+    p.add_argument("name", metavar="NAME")
+
+    p = command("apply", cmd_apply, "apply Environment manifests (YAML, one or more documents)")
+    p.add_argument("-f", "--file", required=True, metavar="FILE", help="manifest file, - for stdin")
+
+    key = sub.add_parser("key", help="manage the master key")
+    key_sub = key.add_subparsers(title="key commands", metavar="COMMAND")
+    command("rotate", cmd_key_rotate, "replace the master key and rewrap the data keys", key_sub)
+    return parser

@@ -1,0 +1,92 @@
+"""Where the broker lives and what limits it keeps, resolved once at the edge.
+
+:func:`resolve_paths` is the only function that looks at environment variables,
+and it is handed them (the CLI passes ``os.environ``); everything after that
+reads the frozen :class:`Config`. The daemon and every client command resolve
+the socket the same way, so they always meet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["Config", "Limits", "Paths", "resolve_paths", "MAX_SOCKET_PATH"]
+
+#: bytes in sockaddr_un.sun_path minus the terminating NUL (Linux 108, macOS 104)
+MAX_SOCKET_PATH = 103
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Paths:
+    """The files the broker owns."""
+
+    home: Path
+    socket: Path
+
+    @property
+    def store(self) -> Path:
+        return self.home / "local.db"
+
+    @property
+    def key_file(self) -> Path:
+        return self.home / "master.key"
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / "broker.log"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """Every limit the daemon enforces, in one place, set by keyword."""
+
+    max_frame_size: int = 1024 * 1024
+    max_connections: int = 256
+    handshake_timeout: float = 5.0  # from accept until Hello is in
+    frame_timeout: float = 10.0  # from a frame's first byte until its last
+    idle_timeout: float = 300.0  # between requests on a greeted connection
+    shutdown_grace: float = 5.0  # for in-flight requests at shutdown
+    max_auth_failures: int = 3  # bad tokens on one connection before it is cut
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    """Everything ``serve`` needs; built by the CLI, never read from the environment."""
+
+    paths: Paths
+    limits: Limits = Limits()
+    allow_group: str | None = None
+    #: base64 master key handed over by the CLI from STIGMER_ENCRYPTION_KEY
+    env_key: str | None = dataclasses.field(default=None, repr=False)
+    #: keyring backend use: False forces the key file (tests, headless hosts)
+    use_keyring: bool = True
+    started_by: str = "manual"
+
+
+def resolve_paths(environ: Mapping[str, str], *, home: str | None = None,
+                  socket: str | None = None) -> Paths:
+    """Return the broker's paths: flags win over environment, environment over defaults.
+
+    Home: ``--home`` > ``STIGMER_HOME`` > ``~/.stigmer``.
+    Socket: ``--socket`` > ``STIGMER_BROKER_SOCKET`` >
+    ``$XDG_RUNTIME_DIR/stigmer/broker.sock`` > ``HOME/run/broker.sock``.
+    """
+    home_str = home or environ.get("STIGMER_HOME") or ""
+    if home_str:
+        home_path = Path(home_str).expanduser()
+    else:
+        user_home = environ.get("HOME") or str(Path.home())
+        home_path = Path(user_home) / ".stigmer"
+    home_path = home_path.absolute()
+
+    socket_str = socket or environ.get("STIGMER_BROKER_SOCKET") or ""
+    if socket_str:
+        socket_path = Path(socket_str).expanduser().absolute()
+    elif environ.get("XDG_RUNTIME_DIR"):
+        socket_path = Path(environ["XDG_RUNTIME_DIR"]).absolute() / "stigmer" / "broker.sock"
+    else:
+        socket_path = home_path / "run" / "broker.sock"
+    return Paths(home=home_path, socket=socket_path)
+

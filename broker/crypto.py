@@ -1,0 +1,151 @@
+"""Sealing and opening values with AES-256-GCM, bound to their place.
+
+Theory of operation: the master key never seals a value itself. It wraps a few
+random *data keys*, and data keys seal the rows (envelope encryption), so a new
+master key rewraps a handful of keys instead of rewriting every row.
+
+Every ciphertext is an envelope::
+
+    version (1 byte) | key id length (1 byte) | key id | nonce (12 bytes) | ciphertext+tag
+
+and is sealed with associated data naming its place (table, owning record,
+variable name) plus the key id, so a ciphertext copied to any other place, or
+relabelled with another key id, fails to open. Every failure to open, whatever
+the cause, is one :class:`SealError` that says nothing about which check failed
+and never carries the data.
+
+This module is one of two that import ``cryptography``'s hazmat layer (the other
+is :mod:`.keys`, for key ids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Callable, Mapping
+
+import msgspec
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+__all__ = [
+    "KEY_SIZE", "DataKeys", "SealError", "envelope_key_id", "key_id_of", "new_key",
+    "open_sealed", "seal", "unwrap_data_key", "wrap_data_key",
+]
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+FORMAT_VERSION = 1
+_AD_ENCODER = msgspec.msgpack.Encoder()
+
+
+class SealError(Exception):
+    """A sealed value could not be opened (wrong key, wrong place, or damaged)."""
+
+    def __init__(self) -> None:
+        super().__init__("sealed data could not be opened")
+
+
+def key_id_of(key: bytes) -> str:
+    """Return a short public id of ``key`` (HMAC of a constant: reveals nothing of it).
+
+    Stored beside the data as a key check value: a key whose id differs from the
+    stored one is the wrong key, known before any row is touched.
+    """
+    return hmac.new(key, b"stigmer-broker key id v1", hashlib.sha256).hexdigest()[:16]
+
+
+def _associated_data(place: tuple[str | int, ...], key_id: str) -> bytes:
+    return _AD_ENCODER.encode(("stigmer-broker", FORMAT_VERSION, *place, key_id))
+
+
+def seal(key: bytes, key_id: str, plaintext: bytes, place: tuple[str | int, ...], *,
+         nonce_source: Callable[[int], bytes] = os.urandom) -> bytes:
+    """Return the envelope of ``plaintext`` sealed under ``key`` for ``place``.
+
+    ``nonce_source`` exists so tests can fix the nonce; production uses a fresh
+    random 96-bit nonce per call.
+    """
+    kid = key_id.encode("ascii")
+    if not 0 < len(kid) < 256:
+        raise ValueError("key id must be 1 to 255 ASCII bytes")
+    nonce = nonce_source(NONCE_SIZE)
+    ciphertext = AESGCM(key).encrypt(nonce, plaintext, _associated_data(place, key_id))
+    return bytes((FORMAT_VERSION, len(kid))) + kid + nonce + ciphertext
+
+
+def envelope_key_id(envelope: bytes) -> str:
+    """Return the key id an envelope names. Raises SealError when it is malformed."""
+    if len(envelope) < 2 or envelope[0] != FORMAT_VERSION:
+        raise SealError()
+    end = 2 + envelope[1]
+    if len(envelope) < end + NONCE_SIZE + 16:
+        raise SealError()
+    try:
+        return envelope[2:end].decode("ascii")
+    except UnicodeDecodeError:
+        raise SealError() from None
+
+
+def open_sealed(keys: Mapping[str, bytes], envelope: bytes,
+                place: tuple[str | int, ...]) -> bytes:
+    """Return the plaintext of ``envelope`` sealed for ``place`` under one of ``keys``.
+
+    Raises SealError for any failure: unknown key, other place, damaged bytes.
+    """
+    key_id = envelope_key_id(envelope)
+    key = keys.get(key_id)
+    if key is None:
+        raise SealError()
+    start = 2 + envelope[1]
+    nonce = envelope[start:start + NONCE_SIZE]
+    try:
+        return AESGCM(key).decrypt(nonce, envelope[start + NONCE_SIZE:],
+                                   _associated_data(place, key_id))
+    except (InvalidTag, ValueError):
+        raise SealError() from None
+
+
+class DataKeys:
+    """The unwrapped data keys, and which one seals new values (the first one)."""
+
+    def __init__(self, keys: Mapping[str, bytes], active: str) -> None:
+        if active not in keys:
+            raise ValueError("the active data key must be among the keys")
+        self._keys = dict(keys)
+        self.active = active
+
+    def __repr__(self) -> str:
+        return f"DataKeys(active={self.active!r}, ids={sorted(self._keys)!r})"
+
+    @property
+    def ids(self) -> list[str]:
+        return sorted(self._keys)
+
+    def seal(self, plaintext: bytes, place: tuple[str | int, ...]) -> bytes:
+        """Seal under the active data key."""
+        return seal(self._keys[self.active], self.active, plaintext, place)
+
+    def open(self, envelope: bytes, place: tuple[str | int, ...]) -> bytes:
+        """Open an envelope sealed by any of these keys. Raises SealError."""
+        return open_sealed(self._keys, envelope, place)
+
+
+def wrap_data_key(master: bytes, master_id: str, data_key_id: str, data_key: bytes) -> bytes:
+    """Seal a data key under the master key, bound to the data key's id."""
+    return seal(master, master_id, data_key, ("data_keys", data_key_id))
+
+
+def unwrap_data_key(master: bytes, master_id: str, data_key_id: str, wrapped: bytes) -> bytes:
+    """Open a wrapped data key. Raises SealError."""
+    key = open_sealed({master_id: master}, wrapped, ("data_keys", data_key_id))
+    if len(key) != KEY_SIZE:
+        raise SealError()
+    return key
+
+
+def new_key() -> bytes:
+    """Return 32 fresh random bytes."""
+    return os.urandom(KEY_SIZE)
+

@@ -1,0 +1,151 @@
+"""The daemon's lifecycle: harden the process, bind, open the vault, serve, shut down.
+
+:func:`serve` is the whole daemon as one coroutine, easy to run inside a test's
+event loop: it calls ``task_status.started()`` once the socket answers, and
+stops when ``shutdown_trigger`` returns (or, with ``handle_signals``, on
+SIGTERM/SIGINT), then shuts down in order: stop accepting, let in-flight
+requests finish within the grace period, close the store, remove the socket.
+:func:`run` is the process entry point the CLI calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import grp
+import logging
+import os
+import resource
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import anyio
+import anyio.abc
+
+from .config import Config
+from .listen import BoundSocket, StartupError, bind_unix_socket
+from .peer import check_private_dir
+from .server import Server
+from .service import Counters, Service
+from .vault import Vault, VaultError
+
+__all__ = ["harden_process", "run", "serve"]
+
+log = logging.getLogger("stigmer.broker")
+
+_PR_SET_DUMPABLE = 4
+
+
+def harden_process() -> None:
+    """No core dumps, and (Linux) not dumpable: no ptrace, no /proc/PID/mem or environ."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            raise StartupError(f"prctl(PR_SET_DUMPABLE) failed: errno {ctypes.get_errno()}")
+
+
+def _prepare_home(config: Config) -> None:
+    home = config.paths.home
+    if not os.path.lexists(home):
+        try:
+            home.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(home, 0o700)
+        except OSError as exc:
+            raise StartupError(f"cannot create broker home {home}: {exc.strerror}") from None
+    problem = check_private_dir(home)
+    if problem:
+        raise StartupError(f"refusing broker home {home}: it {problem}")
+
+
+def _group_gid(name: str | None) -> int | None:
+    if name is None:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise StartupError(f"--allow-group {name}: no such group") from None
+
+
+async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+                handle_signals: bool = False,
+                task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Run the broker until shutdown. Raises StartupError when it cannot start."""
+    _prepare_home(config)
+    gid = _group_gid(config.allow_group)
+    bound: BoundSocket = bind_unix_socket(config.paths.socket, group_gid=gid)
+    try:
+        try:
+            vault = await Vault.open(config.paths.store, env_key=config.env_key,
+                                     key_file=config.paths.key_file,
+                                     use_keychain=config.use_keyring)
+        except VaultError as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            listener = await anyio.abc.SocketListener.from_socket(bound.sock)
+            counters = Counters()
+            stop = anyio.Event()
+            service = Service(config, vault, counters, request_shutdown=stop.set)
+            server = Server(listener, service, config.limits, counters, group_gid=gid)
+
+            async def shutdown() -> None:
+                async with anyio.create_task_group() as tg:
+                    async def fire(waiter: Callable[[], Awaitable[object]]) -> None:
+                        await waiter()
+                        stop.set()
+                    if shutdown_trigger is not None:
+                        tg.start_soon(fire, shutdown_trigger)
+                    if handle_signals:
+                        tg.start_soon(fire, _signalled)
+                    await stop.wait()
+                    tg.cancel_scope.cancel()
+
+            log.info("serving on %s (store %s, key %s, pid %d)", config.paths.socket,
+                     config.paths.store, vault.master.describe(), os.getpid())
+            await server.serve(shutdown, task_status=task_status)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await vault.close()
+    finally:
+        bound.remove()
+        log.info("stopped")
+
+
+async def _signalled() -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s", signal.Signals(signum).name)
+            return
+
+
+def run(config: Config, *, ready_fd: int | None = None) -> None:
+    """Serve in this process until SIGTERM/SIGINT (the CLI's ``serve``).
+
+    With ``ready_fd``, writes ``ready\n`` to that file descriptor (and closes
+    it) once the socket answers, so ``stigmer-broker start`` need not poll.
+    """
+    os.umask(0o077)
+    harden_process()
+    options: dict[str, object] = {}
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: F401
+
+        options["use_uvloop"] = True
+    anyio.run(_serve_until_signalled, config, ready_fd, backend="asyncio",
+              backend_options=options)
+
+
+async def _serve_until_signalled(config: Config, ready_fd: int | None) -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(partial(serve, config, handle_signals=True))
+        log.info("ready")
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, b"ready\n")
+            with contextlib.suppress(OSError):
+                os.close(ready_fd)

@@ -1,0 +1,174 @@
+"""Environments: named sets of variables, secret values sealed, kept in the store.
+
+A secret's envelope is bound to ``("variables", environment id, variable name)``,
+and environment ids are never reused (AUTOINCREMENT), so a ciphertext moved to
+another variable or environment does not open.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+
+import aiosqlite
+
+from .crypto import SealError
+from .errors import Internal, NotFound
+from .protocol import EnvironmentSpec, EnvironmentSummary, Variable, VariableView
+from .vault import Vault
+
+__all__ = ["EnvironmentRecord", "Environments"]
+
+
+class EnvironmentRecord:
+    """An environment read back from the store."""
+
+    __slots__ = ("created_at", "data", "name", "updated_at")
+
+    def __init__(self, name: str, data: dict[str, VariableView], created_at: float,
+                 updated_at: float) -> None:
+        self.name = name
+        self.data = data
+        self.created_at = created_at
+        self.updated_at = updated_at
+
+
+class Environments:
+    """Create, read, change and delete environments through the vault."""
+
+    def __init__(self, vault: Vault) -> None:
+        self._vault = vault
+
+    async def count(self) -> int:
+        return int(await self._vault.store.read_one("SELECT count(*) FROM environments") or 0)
+
+    async def put(self, name: str, data: Mapping[str, Variable]) -> None:
+        """Create ``name`` if needed and set the given keys (others are kept)."""
+        async with self._vault.store.write() as db:
+            env_id = await self._upsert(db, name)
+            await self._write_variables(db, env_id, data.items())
+
+    async def apply(self, specs: Iterable[EnvironmentSpec]) -> None:
+        """Set each environment to exactly its data, all in one transaction."""
+        async with self._vault.store.write() as db:
+            for spec in specs:
+                env_id = await self._upsert(db, spec.name)
+                await db.execute("DELETE FROM variables WHERE env_id = ?", (env_id,))
+                await self._write_variables(db, env_id, spec.data.items())
+
+    async def unset(self, name: str, keys: Iterable[str]) -> None:
+        """Remove keys; raises NotFound (changing nothing) if any is not set."""
+        wanted = sorted(set(keys))
+        async with self._vault.store.write() as db:
+            env_id = await self._id(db, name)
+            marks = ",".join("?" * len(wanted))
+            async with db.execute(
+                    f"SELECT name FROM variables WHERE env_id = ? AND name IN ({marks})",
+                    (env_id, *wanted)) as cur:
+                present = {row[0] for row in await cur.fetchall()}
+            missing = [k for k in wanted if k not in present]
+            if missing:
+                raise NotFound(f"environment {name!r} has no variable {', '.join(missing)}; "
+                               "nothing was removed")
+            await db.execute(
+                f"DELETE FROM variables WHERE env_id = ? AND name IN ({marks})",
+                (env_id, *wanted))
+            await db.execute("UPDATE environments SET updated_at = ? WHERE id = ?",
+                             (time.time(), env_id))
+
+    async def delete(self, name: str) -> None:
+        """Delete an environment and its variables; raises NotFound."""
+        async with self._vault.store.write() as db:
+            env_id = await self._id(db, name)
+            await db.execute("DELETE FROM variables WHERE env_id = ?", (env_id,))
+            await db.execute("DELETE FROM environments WHERE id = ?", (env_id,))
+
+    async def get(self, name: str, *, reveal: bool) -> EnvironmentRecord:
+        """Return an environment; secret values are None unless ``reveal``.
+
+        Raises NotFound, or Internal naming the variable when a sealed value does
+        not open (tampered or damaged): other environments are unaffected.
+        """
+        rows = await self._vault.store.read(
+            "SELECT id, created_at, updated_at FROM environments WHERE name = ?", (name,))
+        if not rows:
+            raise NotFound(f"environment {name!r} does not exist; `stigmer-broker env list` "
+                           "shows the ones that do")
+        env_id, created_at, updated_at = rows[0]
+        data = await self.values(env_id, name, reveal=reveal)
+        return EnvironmentRecord(name, data, created_at, updated_at)
+
+    async def values(self, env_id: int, name: str, *, reveal: bool) -> dict[str, VariableView]:
+        rows = await self._vault.store.read(
+            "SELECT name, is_secret, value, sealed FROM variables WHERE env_id = ? "
+            "ORDER BY name", (env_id,))
+        out: dict[str, VariableView] = {}
+        for key, is_secret, value, sealed in rows:
+            if not is_secret:
+                out[key] = VariableView(is_secret=False, value=value)
+            elif not reveal:
+                out[key] = VariableView(is_secret=True)
+            else:
+                out[key] = VariableView(is_secret=True,
+                                        value=self._open(sealed, env_id, name, key))
+        return out
+
+    async def resolve(self, name: str) -> dict[str, Variable]:
+        """Return every variable of ``name`` with secrets opened (for contexts)."""
+        rows = await self._vault.store.read(
+            "SELECT id FROM environments WHERE name = ?", (name,))
+        if not rows:
+            raise NotFound(f"environment {name!r} does not exist")
+        views = await self.values(rows[0][0], name, reveal=True)
+        return {k: Variable(value=v.value or "", is_secret=v.is_secret) for k, v in views.items()}
+
+    async def list(self) -> list[EnvironmentSummary]:
+        rows = await self._vault.store.read(
+            "SELECT e.name, count(v.name), coalesce(sum(v.is_secret), 0), e.updated_at "
+            "FROM environments e LEFT JOIN variables v ON v.env_id = e.id "
+            "GROUP BY e.id ORDER BY e.name")
+        return [EnvironmentSummary(name=n, variables=c, secrets=s, updated_at=u)
+                for n, c, s, u in rows]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _open(self, sealed: bytes, env_id: int, env_name: str, key: str) -> str:
+        try:
+            return self._vault.data_keys.open(sealed, ("variables", env_id, key)).decode()
+        except (SealError, UnicodeDecodeError):
+            raise Internal(
+                f"secret {key} of environment {env_name!r} cannot be opened: the store was "
+                "tampered with or damaged; set it again with `stigmer-broker env set`"
+            ) from None
+
+    async def _upsert(self, db: aiosqlite.Connection, name: str) -> int:
+        now = time.time()
+        await db.execute(
+            "INSERT INTO environments(name, created_at, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET updated_at = excluded.updated_at", (name, now, now))
+        return await self._id(db, name)
+
+    @staticmethod
+    async def _id(db: aiosqlite.Connection, name: str) -> int:
+        async with db.execute("SELECT id FROM environments WHERE name = ?", (name,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"environment {name!r} does not exist; `stigmer-broker env list` "
+                           "shows the ones that do")
+        return int(row[0])
+
+    async def _write_variables(self, db: aiosqlite.Connection, env_id: int,
+                               items: Iterable[tuple[str, Variable]]) -> None:
+        keys = self._vault.data_keys
+        for key, var in items:
+            row: tuple[int, str, int, str | None, bytes | None]
+            if var.is_secret:
+                row = (env_id, key, 1, None,
+                       keys.seal(var.value.encode(), ("variables", env_id, key)))
+            else:
+                row = (env_id, key, 0, var.value, None)
+            await db.execute(
+                "INSERT INTO variables(env_id, name, is_secret, value, sealed) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(env_id, name) DO UPDATE SET "
+                "is_secret = excluded.is_secret, value = excluded.value, "
+                "sealed = excluded.sealed", row)

@@ -1,0 +1,266 @@
+"""Where the master key comes from, and the checks it must pass before it is used.
+
+Sources, first that has a key wins: ``STIGMER_ENCRYPTION_KEY`` (handed in by
+the CLI, base64 of 32 bytes) > the OS keychain through ``keyring`` (service
+``stigmer``, name ``master-key``) > the key file ``HOME/master.key`` (base64,
+0600). When several have a key they must agree. When none has one and the
+store is new, 32 random bytes are generated and kept in the keychain if a real
+one is usable, else in the key file.
+
+keyring is blocking and may talk to D-Bus: every call to it goes through
+:class:`Keychain`, which runs it in a worker thread and turns keyring's errors
+into :class:`KeySourceError` or "no keychain".
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+
+from .crypto import KEY_SIZE, key_id_of, new_key
+
+__all__ = [
+    "ENV_KEY_ROTATION_HELP", "KEYRING_SERVICE", "KEYRING_USERNAME", "FileKey",
+    "KeySourceError", "Keychain", "MasterKey", "decode_key", "encode_key", "load_master_key",
+    "store_master_key",
+]
+
+KEYRING_SERVICE = "stigmer"
+KEYRING_USERNAME = "master-key"
+
+
+ENV_KEY_ROTATION_HELP = (
+    "the master key comes from STIGMER_ENCRYPTION_KEY, which the broker cannot change. To "
+    "rotate: stop the broker, save the key to the key file (umask 077; printf '%s\\n' "
+    "\"$STIGMER_ENCRYPTION_KEY\" > ~/.stigmer/master.key), start the broker without the "
+    "variable, then run `stigmer-broker key rotate`")
+
+
+class KeySourceError(Exception):
+    """A master-key source is unusable; the message names it and the fix."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MasterKey:
+    """The master key and where it came from. Its repr never shows the key."""
+
+    key: bytes = dataclasses.field(repr=False)
+    source: str  # "env", "keychain" or "file"
+    detail: str  # backend name or file path, for status
+
+    @property
+    def id(self) -> str:
+        return key_id_of(self.key)
+
+    def describe(self) -> str:
+        if self.source == "env":
+            return "env (STIGMER_ENCRYPTION_KEY)"
+        return f"{self.source} ({self.detail})"
+
+
+def decode_key(text: str, where: str) -> bytes:
+    """Return the 32 bytes that base64 ``text`` holds. Raises KeySourceError naming ``where``."""
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise KeySourceError(
+            f"the master key in {where} is not valid base64; it must be base64 of 32 random "
+            "bytes (e.g. `head -c32 /dev/urandom | base64`)") from None
+    if len(key) != KEY_SIZE:
+        raise KeySourceError(
+            f"the master key in {where} is {len(key)} bytes; it must be exactly {KEY_SIZE} "
+            "bytes, base64-encoded")
+    return key
+
+
+def encode_key(key: bytes) -> str:
+    return base64.b64encode(key).decode("ascii")
+
+
+class FileKey:
+    """The key file: private, ours, not a symlink; written atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> bytes | None:
+        """Return the key, None when there is no file. Raises KeySourceError."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            raise KeySourceError(f"refusing key file {self.path}: it is a symbolic link; "
+                                 "replace it with the file itself")
+        if not stat.S_ISREG(st.st_mode):
+            raise KeySourceError(f"refusing key file {self.path}: it is not a regular file")
+        if st.st_uid != os.getuid():
+            raise KeySourceError(f"refusing key file {self.path}: it is owned by uid "
+                                 f"{st.st_uid}; it must be yours")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise KeySourceError(
+                f"refusing key file {self.path}: mode {stat.S_IMODE(st.st_mode):04o} lets "
+                f"others read it; run `chmod 600 {self.path}`")
+        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(4096)
+        try:
+            text = raw.decode("ascii")
+        except UnicodeDecodeError:
+            text = "\0"
+        return decode_key(text, f"key file {self.path}")
+
+    def write(self, key: bytes) -> None:
+        """Replace the key file atomically; private from its first byte, durable on return."""
+        directory = self.path.parent
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = directory / f".{self.path.name}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, (encode_key(key) + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class Keychain:
+    """The OS keychain through keyring, each call in a worker thread."""
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+        self.name = f"{type(backend).__module__}.{type(backend).__name__}"
+
+    @classmethod
+    async def open(cls) -> Keychain | None:
+        """Return the usable keychain, or None when there is none (or only a plaintext one)."""
+        backend = await anyio.to_thread.run_sync(_usable_backend)
+        return None if backend is None else cls(backend)
+
+    async def read(self) -> bytes | None:
+        try:
+            text = await anyio.to_thread.run_sync(
+                self._backend.get_password, KEYRING_SERVICE, KEYRING_USERNAME)
+        except Exception as exc:  # keyring backends raise anything; translate once here
+            raise KeySourceError(
+                f"the keychain ({self.name}) could not be read: {type(exc).__name__}; unlock "
+                "it, or set PYTHON_KEYRING_BACKEND=keyring.backends.fail.Keyring to use the "
+                "key file") from None
+        if text is None:
+            return None
+        return decode_key(text, f"the keychain ({self.name})")
+
+    async def write(self, key: bytes) -> None:
+        try:
+            await anyio.to_thread.run_sync(
+                self._backend.set_password, KEYRING_SERVICE, KEYRING_USERNAME, encode_key(key))
+        except Exception as exc:
+            raise KeySourceError(
+                f"the keychain ({self.name}) refused the master key: {type(exc).__name__}"
+            ) from None
+
+
+def _usable_backend() -> Any:
+    """keyring's backend when it is a real keychain; None for fail/null/plaintext ones."""
+    try:
+        import keyring
+        import keyring.backend
+    except Exception:
+        return None
+    try:
+        backend = keyring.get_keyring()
+    except Exception:
+        return None
+    candidates = list(getattr(backend, "backends", None) or [backend])
+    real = [b for b in candidates if _is_real(b)]
+    return backend if real else None
+
+
+def _is_real(backend: Any) -> bool:
+    module = type(backend).__module__
+    if module.startswith("keyrings.alt") or module in (
+            "keyring.backends.fail", "keyring.backends.null", "keyring.backends.chainer"):
+        return False
+    try:
+        return float(backend.priority) > 0
+    except Exception:
+        return False
+
+
+async def load_master_key(*, env_key: str | None, key_file: Path, use_keychain: bool,
+                          store_key_ids: frozenset[str]) -> MasterKey:
+    """Return the master key from the first source that has one.
+
+    ``store_key_ids`` are the key ids the existing store accepts (empty for a new
+    store): a key is generated only for a new store, and a key the store does not
+    accept is refused before any row is read. Raises KeySourceError.
+    """
+    found: list[MasterKey] = []
+    if env_key is not None:
+        found.append(MasterKey(decode_key(env_key, "STIGMER_ENCRYPTION_KEY"), "env", "env"))
+    keychain = await Keychain.open() if use_keychain else None
+    if keychain is not None:
+        key = await keychain.read()
+        if key is not None:
+            found.append(MasterKey(key, "keychain", keychain.name))
+    file_key = FileKey(key_file).read()
+    if file_key is not None:
+        found.append(MasterKey(file_key, "file", str(key_file)))
+
+    if len({m.key for m in found}) > 1:
+        names = " and ".join(m.describe() for m in found)
+        raise KeySourceError(
+            f"the master key sources disagree: {names} hold different keys; keep the one "
+            "that opens your store and remove the others")
+    if found:
+        master = found[0]
+    elif store_key_ids:
+        raise KeySourceError(
+            f"no master key found for the existing store (key id {sorted(store_key_ids)[0]}); "
+            f"restore {key_file} or STIGMER_ENCRYPTION_KEY, or the keychain entry "
+            f"'{KEYRING_SERVICE}/{KEYRING_USERNAME}'")
+    else:
+        key = new_key()
+        if keychain is not None:
+            await keychain.write(key)
+            master = MasterKey(key, "keychain", keychain.name)
+        else:
+            FileKey(key_file).write(key)
+            master = MasterKey(key, "file", str(key_file))
+    if store_key_ids and master.id not in store_key_ids:
+        raise KeySourceError(
+            f"the master key from {master.describe()} does not open the store (its key id is "
+            f"{master.id}, the store's is {sorted(store_key_ids)[0]}); use the key the store "
+            "was created with")
+    return master
+
+
+async def store_master_key(master: MasterKey, new_key_bytes: bytes, key_file: Path) -> MasterKey:
+    """Write a new master key to the source ``master`` came from; return it."""
+    if master.source == "keychain":
+        keychain = await Keychain.open()
+        if keychain is None:
+            raise KeySourceError("the keychain that holds the master key is not available now")
+        await keychain.write(new_key_bytes)
+        return MasterKey(new_key_bytes, "keychain", keychain.name)
+    if master.source == "file":
+        await anyio.to_thread.run_sync(FileKey(key_file).write, new_key_bytes)
+        return MasterKey(new_key_bytes, "file", str(key_file))
+    raise KeySourceError(ENV_KEY_ROTATION_HELP)

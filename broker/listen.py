@@ -1,0 +1,165 @@
+"""Creating the broker's listening socket safely, and removing it afterwards.
+
+The socket lives in a directory that only we can enter (0700, or 0750 when a
+runner group is allowed), checked with ``lstat`` so a symlink or a directory
+planted by someone else is refused rather than followed or chmod-ed. The socket
+is bound under a umask that makes it 0600 (0660) from the moment it exists. A
+lock file beside it makes two daemons starting at once agree on one winner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import socket
+import stat
+from pathlib import Path
+
+from .config import MAX_SOCKET_PATH
+from .peer import check_private_dir, peer_credentials
+
+__all__ = ["AlreadyRunning", "BoundSocket", "StartupError", "bind_unix_socket"]
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message names the path, the problem and the fix."""
+
+
+class AlreadyRunning(StartupError):
+    """A live broker already answers on the socket path."""
+
+
+@dataclasses.dataclass(slots=True)
+class BoundSocket:
+    """A listening socket we created, and what we need to remove it cleanly."""
+
+    sock: socket.socket
+    path: Path
+    inode: int
+    lock_fd: int
+
+    def remove(self) -> None:
+        """Unlink the socket if it is still the one we bound; release the lock."""
+        with contextlib.suppress(OSError):
+            if os.lstat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.close(self.lock_fd)
+
+
+def bind_unix_socket(path: Path, *, group_gid: int | None = None,
+                     backlog: int = 1024) -> BoundSocket:
+    """Bind and listen on ``path``; raise StartupError naming what is wrong.
+
+    With ``group_gid`` the directory becomes 0750 and the socket 0660, both of
+    that group, so its members can connect (what they may do is the daemon's
+    decision). Raises AlreadyRunning when a live broker answers on ``path``.
+    """
+    encoded = os.fsencode(path)
+    if len(encoded) > MAX_SOCKET_PATH:
+        raise StartupError(
+            f"socket path {path} is {len(encoded)} bytes, over the {MAX_SOCKET_PATH}-byte "
+            "limit of Unix sockets; pass a shorter --socket or STIGMER_BROKER_SOCKET")
+    directory = path.parent
+    dir_mode = 0o750 if group_gid is not None else 0o700
+    _ensure_private_dir(directory, dir_mode, group_gid)
+    lock_fd = _take_lock(path)
+    try:
+        _clear_stale(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock_mode = 0o660 if group_gid is not None else 0o600
+        old_umask = os.umask(0o777 & ~sock_mode)
+        try:
+            sock.bind(str(path))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot bind socket {path}: {exc.strerror}") from None
+        finally:
+            os.umask(old_umask)
+        if group_gid is not None:
+            os.chown(path, -1, group_gid)
+        os.chmod(path, sock_mode)
+        sock.listen(backlog)
+        return BoundSocket(sock=sock, path=path, inode=os.lstat(path).st_ino,
+                           lock_fd=lock_fd)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
+def _ensure_private_dir(directory: Path, mode: int, group_gid: int | None) -> None:
+    if not os.path.lexists(directory):
+        try:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass  # created meanwhile: checked below like any existing one
+        except OSError as exc:
+            raise StartupError(
+                f"cannot create socket directory {directory}: {exc.strerror}") from None
+        else:
+            if group_gid is not None:
+                os.chown(directory, -1, group_gid)
+            os.chmod(directory, mode)
+    allowed = 0o050 if group_gid is not None else 0
+    problem = check_private_dir(directory, allowed_group_bits=allowed)
+    if problem:
+        raise StartupError(f"refusing socket directory {directory}: it {problem}")
+    if group_gid is not None:
+        st = os.lstat(directory)
+        if st.st_gid != group_gid or stat.S_IMODE(st.st_mode) != mode:
+            os.chown(directory, -1, group_gid)
+            os.chmod(directory, mode)
+
+
+def _take_lock(path: Path) -> int:
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot open lock file {lock_path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(
+            f"another broker is starting on {path}; "
+            "run `stigmer-broker status` to see it") from None
+    return fd
+
+
+def _clear_stale(path: Path) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise StartupError(f"refusing socket path {path}: it is a symbolic link; remove it")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(
+            f"refusing socket path {path}: a file that is not a socket is there; "
+            "remove it or pass another --socket")
+    if st.st_uid != os.getuid():
+        raise StartupError(
+            f"refusing socket path {path}: the socket belongs to uid {st.st_uid}")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2.0)
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale: ours, a socket, and nobody listens
+        return
+    except OSError as exc:
+        raise StartupError(f"cannot probe socket {path}: {exc.strerror}") from None
+    else:
+        try:
+            pid = peer_credentials(probe).pid
+        except OSError:
+            pid = None
+        raise AlreadyRunning(
+            f"already running (pid {pid if pid else 'unknown'}) on {path}")
+    finally:
+        probe.close()

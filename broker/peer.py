@@ -1,0 +1,81 @@
+"""Unix-socket trust checks shared by the daemon and the clients (stdlib only).
+
+Who is on the other end of a socket (:func:`peer_credentials`), and whether a
+socket's directory is private enough to trust (:func:`check_private_dir`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import stat
+import struct
+import sys
+from pathlib import Path
+
+__all__ = ["PeerCredentials", "check_private_dir", "peer_credentials", "describe_mode"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """The process on the other end of a Unix socket, as the kernel reports it."""
+
+    uid: int
+    gid: int
+    pid: int | None  # None where the platform does not say
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    """Return the peer's credentials (SO_PEERCRED on Linux, getpeereid elsewhere).
+
+    Raises OSError when the kernel cannot tell (the caller must then refuse).
+    """
+    if hasattr(socket, "SO_PEERCRED"):
+        fmt = "3i"
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
+        pid, uid, gid = struct.unpack(fmt, raw)
+        return PeerCredentials(uid=uid, gid=gid, pid=pid or None)
+    if sys.platform == "darwin":  # pragma: no cover - exercised on macOS only
+        local_peercred = 0x001  # LOCAL_PEERCRED, level SOL_LOCAL (0)
+        raw = sock.getsockopt(0, local_peercred, struct.calcsize("iih16i"))
+        _version, uid, ngroups, *groups = struct.unpack("iih16i", raw)
+        local_peerpid = 0x002
+        try:
+            pid_raw = sock.getsockopt(0, local_peerpid, struct.calcsize("i"))
+            pid: int | None = struct.unpack("i", pid_raw)[0]
+        except OSError:
+            pid = None
+        return PeerCredentials(uid=uid, gid=groups[0] if ngroups else -1, pid=pid)
+    raise OSError("this platform cannot report a Unix socket peer's credentials")
+
+
+def describe_mode(mode: int) -> str:
+    """Return a mode as ``0700``."""
+    return f"{stat.S_IMODE(mode):04o}"
+
+
+def check_private_dir(path: Path, *, allowed_group_bits: int = 0,
+                      owner: int | None = None) -> str | None:
+    """Return why directory ``path`` cannot be trusted, or None when it can.
+
+    Trusted means: it exists and is a real directory (not a symlink), owned by
+    ``owner`` (default: us), with no permission bits for group or others beyond
+    ``allowed_group_bits`` (e.g. 0o050 when a runner group may reach the socket).
+    """
+    expected_owner = os.getuid() if owner is None else owner
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != expected_owner:
+        return f"is owned by uid {st.st_uid}, not by uid {expected_owner}"
+    loose = stat.S_IMODE(st.st_mode) & 0o077 & ~allowed_group_bits
+    if loose:
+        return (f"has mode {describe_mode(st.st_mode)}: group/other permissions "
+                f"{loose:04o} must be removed (chmod 700)")
+    return None

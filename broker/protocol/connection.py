@@ -1,0 +1,254 @@
+"""The connection state machine, shared by the broker and every client.
+
+Theory of operation (after h11): a :class:`Connection` never touches a socket.
+The caller feeds it received bytes with :meth:`receive_data`, pulls decoded
+messages with :meth:`next_event` (``NEED_DATA`` when it needs more bytes,
+``CLOSED`` once the peer has closed) and turns outgoing messages into bytes with
+:meth:`send`. The async server, the async client and the blocking client all
+drive this same object, so the rules live here once.
+
+Rules are a table, ``_TRANSITIONS[(role, state, input)] -> next state``; an input
+the table does not list for the current state is a protocol error that names
+both. Breaking the framing or the message schema moves the connection to the
+sticky ``ERROR`` state: every later call raises, and the owner should send the
+error frame it was given and close.
+
+The handshake is enforced on the server side: a request before ``Hello``
+raises :class:`HandshakeRequired` and a ``Hello`` for an unknown version raises
+:class:`UnsupportedVersion`; both leave the connection usable so the client can
+retry. Those errors carry the request id, and the server answers them with
+``error_reply``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+import msgspec
+
+from ..errors import (
+    HandshakeRequired,
+    InvalidArgument,
+    ProtocolError,
+    UnsupportedVersion,
+)
+from .framing import DEFAULT_MAX_FRAME_SIZE, HEADER_SIZE, FrameReader
+from .messages import (
+    SUPPORTED_VERSIONS,
+    AnyRequest,
+    AnyResponse,
+    Error,
+    Hello,
+    Request,
+    Response,
+    Welcome,
+)
+
+__all__ = ["CLOSED", "NEED_DATA", "Connection", "Event", "Role", "State"]
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = "await_hello"  # nothing agreed yet
+    READY = "ready"  # handshake done, requests flow
+    CLOSED = "closed"  # peer closed cleanly
+    ERROR = "error"  # protocol broken; sticky
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+    CLOSED = "CLOSED"
+
+
+NEED_DATA: Final = _Sentinel.NEED_DATA
+CLOSED: Final = _Sentinel.CLOSED
+
+
+class _Input(enum.Enum):
+    HELLO = "Hello"
+    WELCOME = "Welcome"
+    REQUEST = "a request"
+    RESPONSE = "a response"
+    EOF = "end of stream"
+
+
+_S, _C = Role.SERVER, Role.CLIENT
+_TRANSITIONS: Final[dict[tuple[Role, State, _Input], State]] = {
+    # server receiving
+    (_S, State.AWAIT_HELLO, _Input.HELLO): State.READY,
+    (_S, State.READY, _Input.REQUEST): State.READY,
+    (_S, State.AWAIT_HELLO, _Input.EOF): State.CLOSED,
+    (_S, State.READY, _Input.EOF): State.CLOSED,
+    # client receiving
+    (_C, State.AWAIT_HELLO, _Input.WELCOME): State.READY,
+    (_C, State.READY, _Input.RESPONSE): State.READY,
+    (_C, State.AWAIT_HELLO, _Input.EOF): State.CLOSED,
+    (_C, State.READY, _Input.EOF): State.CLOSED,
+}
+
+
+class _IdOnly(msgspec.Struct):
+    """Lenient view of a body, used only to find the id of a request we reject."""
+
+    id: int = 0
+
+
+_REQUEST_DECODER: Final = msgspec.msgpack.Decoder(AnyRequest)
+_RESPONSE_DECODER: Final = msgspec.msgpack.Decoder(AnyResponse)
+_ID_DECODER: Final = msgspec.msgpack.Decoder(_IdOnly)
+_ENCODER: Final = msgspec.msgpack.Encoder()
+
+Event = Request | Response | _Sentinel
+
+
+class Connection:
+    """One end of a broker connection, as a state machine over bytes."""
+
+    def __init__(self, role: Role, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 supported_versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> None:
+        self.role = role
+        self.state = State.AWAIT_HELLO
+        self.supported_versions = supported_versions
+        self.version: int | None = None
+        self._reader = FrameReader(max_frame_size)
+        self._eof = False
+        self._error: ProtocolError | None = None
+        self._decoder = _REQUEST_DECODER if role is Role.SERVER else _RESPONSE_DECODER
+
+    # ------------------------------------------------------------------ receiving
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that do not make a whole frame yet (for read timeouts)."""
+        return self._reader.buffered
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the peer; ``b""`` means the peer closed.
+
+        Raises ProtocolError (and enters ERROR) when a frame header is over the limit.
+        """
+        self._check_usable()
+        if not data:
+            self._eof = True
+            return
+        try:
+            self._reader.feed(data)
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+
+    def next_event(self) -> Event:
+        """Return the next message, ``NEED_DATA`` or ``CLOSED``.
+
+        Raises ProtocolError (sticky) for broken framing or schema, and on the
+        server HandshakeRequired / UnsupportedVersion (not sticky) for requests
+        the handshake does not allow yet.
+        """
+        self._check_usable()
+        if self.state is State.CLOSED:
+            return CLOSED
+        try:
+            body = self._reader.next_body()
+        except ProtocolError as exc:
+            raise self._fail(exc) from None
+        if body is None:
+            if not self._eof:
+                return NEED_DATA
+            if self._reader.buffered:
+                raise self._fail(ProtocolError(
+                    f"connection closed in the middle of a frame "
+                    f"({self._reader.buffered} bytes buffered)"))
+            self._advance(_Input.EOF)
+            return CLOSED
+        message = self._decode(body)
+        if isinstance(message, Request):
+            self._on_request(message)
+        else:
+            self._on_response(message)
+        return message
+
+    def _decode(self, body: bytes) -> Request | Response:
+        try:
+            message: Request | Response = self._decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            try:
+                request_id = _ID_DECODER.decode(body).id
+            except (msgspec.DecodeError, OverflowError):
+                request_id = 0
+            if not 0 <= request_id < 2**63:
+                request_id = 0
+            raise self._fail(ProtocolError(f"malformed message: {exc}",
+                                           request_id=request_id)) from None
+        return message
+
+    def _on_request(self, request: Request) -> None:
+        if isinstance(request, Hello):
+            if self.state is State.READY:
+                again = InvalidArgument("Hello was already exchanged on this connection")
+                again.request_id = request.id
+                raise again
+            if request.version not in self.supported_versions:
+                err = UnsupportedVersion(
+                    f"protocol version {request.version} is not supported; this broker "
+                    f"speaks {', '.join(map(str, self.supported_versions))}",
+                    self.supported_versions,
+                )
+                err.request_id = request.id
+                raise err
+            self.version = request.version
+            self._advance(_Input.HELLO)
+        elif self.state is State.AWAIT_HELLO:
+            err2 = HandshakeRequired("send Hello with the protocol version before any request")
+            err2.request_id = request.id
+            raise err2
+        else:
+            self._advance(_Input.REQUEST)
+
+    def _on_response(self, response: Response) -> None:
+        if isinstance(response, Welcome):
+            if response.version not in self.supported_versions:
+                raise self._fail(ProtocolError(
+                    f"broker agreed to protocol version {response.version}, "
+                    "which this client does not speak"))
+            self.version = response.version
+            self._advance(_Input.WELCOME)
+        elif self.state is State.AWAIT_HELLO and not isinstance(response, Error):
+            raise self._fail(ProtocolError(
+                f"broker sent {type(response).__name__} before Welcome"))
+        elif self.state is State.READY:
+            self._advance(_Input.RESPONSE)
+
+    # -------------------------------------------------------------------- sending
+
+    def send(self, message: Request | Response) -> bytes:
+        """Return the frame for ``message``, length prefix included."""
+        if self.state is State.ERROR and not isinstance(message, Error):
+            raise self._error or ProtocolError("connection is in the ERROR state")
+        buf = bytearray(HEADER_SIZE)
+        _ENCODER.encode_into(message, buf, HEADER_SIZE)
+        buf[:HEADER_SIZE] = (len(buf) - HEADER_SIZE).to_bytes(HEADER_SIZE, "big")
+        return bytes(buf)
+
+    # -------------------------------------------------------------------- helpers
+
+    def _advance(self, event: _Input) -> None:
+        try:
+            self.state = _TRANSITIONS[(self.role, self.state, event)]
+        except KeyError:
+            raise self._fail(ProtocolError(
+                f"{self.role.value} cannot receive {event.value} in state "
+                f"{self.state.value}")) from None
+
+    def _fail(self, exc: ProtocolError) -> ProtocolError:
+        self.state = State.ERROR
+        self._error = exc
+        return exc
+
+    def _check_usable(self) -> None:
+        if self.state is State.ERROR:
+            raise self._error or ProtocolError("connection is in the ERROR state")
+

@@ -1,0 +1,67 @@
+"""Length-prefixed framing: a 4-byte big-endian length, then that many bytes of body.
+
+:class:`FrameReader` buffers bytes and yields whole bodies. The declared length
+is checked against ``max_frame_size`` as soon as the 4-byte header is in, before
+any of the body is kept, so a peer cannot make us buffer more than the limit
+whatever length it claims.
+"""
+
+from __future__ import annotations
+
+from ..errors import ErrorCode, ProtocolError
+
+__all__ = ["DEFAULT_MAX_FRAME_SIZE", "HEADER_SIZE", "FrameReader", "frame"]
+
+HEADER_SIZE = 4
+DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
+
+
+def frame(body: bytes) -> bytes:
+    """Return ``body`` with its length prefix."""
+    return len(body).to_bytes(HEADER_SIZE, "big") + body
+
+
+class FrameReader:
+    """Incremental frame parser; feed bytes, take bodies."""
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        if not 0 < max_frame_size < 2**32:
+            raise ValueError("max_frame_size must be between 1 and 2**32 - 1")
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+        self._need: int | None = None  # body length once the header is read
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not make a whole frame yet."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> None:
+        """Add received bytes. Raises ProtocolError when a header declares too much."""
+        self._buffer += data
+        self._check_header()
+
+    def next_body(self) -> bytes | None:
+        """Return the next whole body, or None if more bytes are needed."""
+        if self._need is None or len(self._buffer) < self._need:
+            return None
+        body = bytes(self._buffer[: self._need])
+        del self._buffer[: self._need]
+        self._need = None
+        self._check_header()
+        return body
+
+    def _check_header(self) -> None:
+        if self._need is not None or len(self._buffer) < HEADER_SIZE:
+            return
+        length = int.from_bytes(self._buffer[:HEADER_SIZE], "big")
+        if length == 0:
+            raise ProtocolError("empty frame: every frame carries a message",
+                                ErrorCode.INVALID_ARGUMENT)
+        if length > self.max_frame_size:
+            raise ProtocolError(
+                f"frame of {length} bytes is over the limit of {self.max_frame_size} bytes",
+                ErrorCode.RESOURCE_EXHAUSTED,
+            )
+        del self._buffer[:HEADER_SIZE]
+        self._need = length

@@ -1,0 +1,258 @@
+"""Wire messages: tagged msgspec Structs, one union for requests, one for responses.
+
+A message travels as a msgpack map whose ``op`` key names its class (the tag) and
+whose other keys are the fields below; ``proto/stigmer/broker/v1/broker.proto``
+is the same contract for other languages. Limits live in the types, so a frame
+that decodes is already within them. New fields must get defaults (older peers
+omit them); unknown fields are rejected, so a peer learns at once that it is
+talking to a version that does not know them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar
+
+import msgspec
+from msgspec import Meta
+
+from ..errors import BrokerError, ErrorCode, UnsupportedVersion
+
+__all__ = [
+    "PROTOCOL_VERSION", "SUPPORTED_VERSIONS",
+    "Request", "Response", "REQUEST_TYPES", "RESPONSE_TYPES",
+    "Hello", "GetStatus", "Shutdown",
+    "PutEnvironment", "GetEnvironment", "ListEnvironments", "UnsetVariables",
+    "DeleteEnvironment", "ApplyEnvironments", "RotateKey",
+    "Welcome", "Status", "Ok", "Environment", "EnvironmentList", "KeyRotated", "Error",
+    "Variable", "VariableView", "EnvironmentSpec", "EnvironmentSummary",
+    "NAME_PATTERN", "VAR_NAME_PATTERN", "MAX_NAME_LENGTH", "MAX_VALUE_LENGTH",
+    "error_reply", "AnyRequest", "AnyResponse",
+]
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+
+NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
+VAR_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+MAX_NAME_LENGTH = 253
+MAX_VAR_NAME_LENGTH = 255
+MAX_VALUE_LENGTH = 128 * 1024
+MAX_VARIABLES = 4096
+
+RequestId = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)]
+VarName = Annotated[
+    str, Meta(min_length=1, max_length=MAX_VAR_NAME_LENGTH, pattern=VAR_NAME_PATTERN)
+]
+Value = Annotated[str, Meta(max_length=MAX_VALUE_LENGTH)]
+Text = Annotated[str, Meta(max_length=4096)]
+Count = Annotated[int, Meta(ge=0)]
+
+
+class _Data(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Base of the plain records nested inside messages."""
+
+
+class Variable(_Data, frozen=True):
+    """One variable as written: its value and whether it is a secret."""
+
+    value: Value
+    is_secret: bool = False
+
+    def __repr__(self) -> str:
+        shown = "'***'" if self.is_secret else repr(self.value)
+        return f"Variable(value={shown}, is_secret={self.is_secret})"
+
+
+class VariableView(_Data, frozen=True):
+    """One variable as read back: ``value`` is None when a secret is masked."""
+
+    is_secret: bool
+    value: Value | None = None
+
+    def __repr__(self) -> str:
+        shown = "'***'" if self.is_secret and self.value is not None else repr(self.value)
+        return f"VariableView(is_secret={self.is_secret}, value={shown})"
+
+
+class EnvironmentSpec(_Data, frozen=True):
+    """A whole environment, as ``apply`` sets it."""
+
+    name: Name
+    data: Annotated[dict[VarName, Variable], Meta(max_length=MAX_VARIABLES)]
+
+
+class EnvironmentSummary(_Data, frozen=True):
+    """One row of ``ListEnvironments``."""
+
+    name: str
+    variables: Count
+    secrets: Count
+    updated_at: float
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="op",
+              kw_only=True):
+    """Base of every client-to-broker message; ``id`` is echoed by the response."""
+
+    id: RequestId
+    admin: ClassVar[bool] = True  # False for the requests a runner may make
+
+
+class Hello(Request, frozen=True, kw_only=True):
+    """First frame on a connection: the protocol version the client speaks."""
+
+    version: int
+    client: Text = ""
+    admin: ClassVar[bool] = False
+
+
+class GetStatus(Request, frozen=True, kw_only=True):
+    """Ask for the broker's status summary."""
+
+
+class Shutdown(Request, frozen=True, kw_only=True):
+    """Ask the broker to stop gracefully; answered with Ok before it stops."""
+
+
+class PutEnvironment(Request, frozen=True, kw_only=True):
+    """Create an environment or merge keys into it."""
+
+    name: Name
+    data: Annotated[dict[VarName, Variable], Meta(max_length=MAX_VARIABLES)]
+
+
+class GetEnvironment(Request, frozen=True, kw_only=True):
+    """Read an environment; secret values only when ``reveal`` is set."""
+
+    name: Name
+    reveal: bool = False
+
+
+class ListEnvironments(Request, frozen=True, kw_only=True):
+    """List environment names with counts."""
+
+
+class UnsetVariables(Request, frozen=True, kw_only=True):
+    """Remove keys from an environment."""
+
+    name: Name
+    keys: Annotated[list[VarName], Meta(min_length=1, max_length=MAX_VARIABLES)]
+
+
+class DeleteEnvironment(Request, frozen=True, kw_only=True):
+    """Delete an environment and all its variables."""
+
+    name: Name
+
+
+class ApplyEnvironments(Request, frozen=True, kw_only=True):
+    """Set several environments to exactly the data given, all or nothing."""
+
+    environments: Annotated[list[EnvironmentSpec], Meta(min_length=1, max_length=1024)]
+
+
+class RotateKey(Request, frozen=True, kw_only=True):
+    """Replace the master key and rewrap every data key under the new one."""
+
+
+# -------------------------------------------------------------------------- responses
+
+
+class Response(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="op",
+               kw_only=True):
+    """Base of every broker-to-client message; ``id`` is the request's."""
+
+    id: RequestId
+
+
+class Welcome(Response, frozen=True, kw_only=True):
+    """Answer to Hello: the version agreed and the broker's own version."""
+
+    version: int
+    server_version: str
+
+
+class Status(Response, frozen=True, kw_only=True):
+    """Answer to GetStatus."""
+
+    version: str
+    pid: int
+    uptime_s: float
+    socket: str
+    socket_mode: str
+    store: str
+    key_source: str
+    started_by: str
+    environments: Count
+    contexts: Count
+    tokens: Count
+    requests: Count
+    connections: Count
+
+
+class Ok(Response, frozen=True, kw_only=True):
+    """Plain success with nothing to return."""
+
+
+class Environment(Response, frozen=True, kw_only=True):
+    """An environment as read back (secret values masked unless revealed)."""
+
+    name: str
+    data: dict[str, VariableView]
+    created_at: float
+    updated_at: float
+
+
+class EnvironmentList(Response, frozen=True, kw_only=True):
+    """Answer to ListEnvironments, sorted by name."""
+
+    environments: list[EnvironmentSummary]
+
+
+class KeyRotated(Response, frozen=True, kw_only=True):
+    """Answer to RotateKey."""
+
+    key_id: str
+    rewrapped: Count
+    key_source: str
+
+
+class Error(Response, frozen=True, kw_only=True):
+    """A request failed; ``code`` is an ErrorCode value, ``message`` says what to do."""
+
+    code: str
+    message: Text
+    supported_versions: list[int] = []
+
+
+REQUEST_TYPES: tuple[type[Request], ...] = (
+    Hello, GetStatus, Shutdown, PutEnvironment, GetEnvironment, ListEnvironments,
+    UnsetVariables, DeleteEnvironment, ApplyEnvironments, RotateKey,
+)
+RESPONSE_TYPES: tuple[type[Response], ...] = (
+    Welcome, Status, Ok, Environment, EnvironmentList, KeyRotated, Error,
+)
+
+AnyRequest = (
+    Hello | GetStatus | Shutdown | PutEnvironment | GetEnvironment | ListEnvironments
+    | UnsetVariables | DeleteEnvironment | ApplyEnvironments | RotateKey
+)
+AnyResponse = Welcome | Status | Ok | Environment | EnvironmentList | KeyRotated | Error
+
+
+def error_reply(request_id: int, exc: BaseException) -> Error:
+    """Return the Error frame for ``exc``: the one place exceptions become wire errors.
+
+    A :class:`BrokerError` travels with its own code and message; anything else
+    is a bug and travels as ``internal`` with a message that reveals nothing.
+    """
+    if isinstance(exc, BrokerError):
+        supported = list(exc.supported) if isinstance(exc, UnsupportedVersion) else []
+        return Error(id=request_id, code=exc.code.value, message=exc.message[:4096],
+                     supported_versions=supported)
+    return Error(id=request_id, code=ErrorCode.INTERNAL.value,
+                 message="internal broker error; see the broker's log")

@@ -1,0 +1,268 @@
+"""Serving connections: accept, check the peer, read frames, answer, shut down in order.
+
+Theory of operation: one task per connection drives a sans-IO
+:class:`~stigmer.broker.protocol.Connection`. Before any byte is read the
+peer's uid is checked (our own, root, or a member of the runner group when one
+is allowed). Each wait for bytes has a deadline: the handshake must finish
+within ``handshake_timeout``, a frame that has started must finish within
+``frame_timeout``, and a greeted connection may stay idle ``idle_timeout``.
+Whatever a client does costs at most its own connection.
+
+Shutdown, once the trigger fires: stop accepting, close idle connections, let
+requests in flight finish within ``shutdown_grace``, then cancel the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+
+from .config import Limits
+from .errors import BrokerError, ErrorCode, ProtocolError, ResourceExhausted
+from .peer import PeerCredentials, peer_credentials
+from .protocol import (
+    CLOSED,
+    NEED_DATA,
+    Connection,
+    Error,
+    Request,
+    Response,
+    Role,
+    error_reply,
+)
+
+__all__ = ["Counters", "Handler", "Peer", "Server"]
+
+log = logging.getLogger("stigmer.broker")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Peer:
+    """Who sent a request, and what they may ask for."""
+
+    credentials: PeerCredentials
+    admin: bool  # False for runner-group members: fetch only
+
+    @property
+    def uid(self) -> int:
+        return self.credentials.uid
+
+    @property
+    def pid(self) -> int | None:
+        return self.credentials.pid
+
+
+class Handler(Protocol):
+    """What the server needs of the service: answer one request for one peer."""
+
+    async def handle(self, request: Request, peer: Peer) -> Response: ...
+
+
+class Counters(Protocol):
+    """Where the server reports its live figures."""
+
+    requests: int
+    connections: int
+
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Conn:
+    scope: anyio.CancelScope
+    busy: bool = False
+
+
+class Server:
+    """Accepts connections on one listener and answers them with one Handler."""
+
+    def __init__(self, listener: anyio.abc.SocketListener, handler: Handler, limits: Limits,
+                 counters: Counters, *, group_gid: int | None = None) -> None:
+        self._listener = listener
+        self._handler = handler
+        self._limits = limits
+        self._group_gid = group_gid
+        self._uid = os.getuid()
+        self._conns: set[_Conn] = set()
+        self._closing = False
+        self._drained = anyio.Event()
+        self._counters = counters
+
+    async def serve(self, shutdown: Callable[[], Awaitable[object]], *,
+                    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until ``shutdown()`` returns, then shut down in order."""
+        async with anyio.create_task_group() as tg:
+            accept_scope = anyio.CancelScope()
+            tg.start_soon(self._accept_loop, tg, accept_scope)
+            task_status.started()
+            await shutdown()
+            log.info("stopping: no new connections, %d open", len(self._conns))
+            accept_scope.cancel()
+            await self._listener.aclose()
+            self._closing = True
+            for conn in list(self._conns):
+                if not conn.busy:
+                    conn.scope.cancel()
+            if self._conns:
+                with anyio.move_on_after(self._limits.shutdown_grace):
+                    await self._drained.wait()
+            tg.cancel_scope.cancel()
+
+    async def _accept_loop(self, tg: anyio.abc.TaskGroup, scope: anyio.CancelScope) -> None:
+        with scope:
+            while True:
+                try:
+                    stream = await self._listener.accept()
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        log.warning("accept failed (%s); backing off", exc.strerror)
+                        await anyio.sleep(0.1)
+                        continue
+                    raise
+                if len(self._conns) >= self._limits.max_connections:
+                    tg.start_soon(self._refuse, stream)
+                    continue
+                conn = _Conn(scope=anyio.CancelScope())
+                self._conns.add(conn)
+                self._counters.connections = len(self._conns)
+                tg.start_soon(self._run_connection, stream, conn)
+
+    async def _refuse(self, stream: anyio.abc.SocketStream) -> None:
+        log.warning("connection refused: %d connections open (limit)", len(self._conns))
+        reply = Connection(Role.SERVER).send(error_reply(0, ResourceExhausted(
+            f"the broker has {self._limits.max_connections} connections open; retry later")))
+        with anyio.move_on_after(1.0), contextlib.suppress(anyio.BrokenResourceError,
+                                                           anyio.ClosedResourceError):
+            await stream.send(reply)
+        await stream.aclose()
+
+    async def _run_connection(self, stream: anyio.abc.SocketStream, conn: _Conn) -> None:
+        try:
+            with conn.scope:
+                async with stream:
+                    peer = self._check_peer(stream)
+                    if peer is not None:
+                        await self._converse(stream, conn, peer)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream,
+                ConnectionError):
+            pass  # the client went away; nothing of ours is lost
+        except TimeoutError:
+            log.info("closing connection: the client stopped reading its reply")
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            self._conns.discard(conn)
+            self._counters.connections = len(self._conns)
+            if self._closing and not self._conns:
+                self._drained.set()
+
+    def _check_peer(self, stream: anyio.abc.SocketStream) -> Peer | None:
+        raw: socket.socket = stream.extra(SocketAttribute.raw_socket)
+        try:
+            creds = peer_credentials(raw)
+        except OSError:
+            log.warning("connection refused: peer credentials unavailable")
+            return None
+        if creds.uid in (self._uid, 0):
+            return Peer(credentials=creds, admin=True)
+        if self._group_gid is not None and _in_group(creds, self._group_gid):
+            return Peer(credentials=creds, admin=False)
+        log.warning("connection refused: uid %d (pid %s) is not allowed", creds.uid, creds.pid)
+        return None
+
+    async def _converse(self, stream: anyio.abc.SocketStream, conn: _Conn, peer: Peer) -> None:
+        limits = self._limits
+        proto = Connection(Role.SERVER, max_frame_size=limits.max_frame_size)
+        handshake_deadline = time.monotonic() + limits.handshake_timeout
+        frame_deadline: float | None = None
+        auth_failures = 0
+        while True:
+            try:
+                event = proto.next_event()
+            except ProtocolError as exc:
+                log.info("protocol error from pid %s: %s", peer.pid, exc.message)
+                await self._send(stream, proto.send(error_reply(exc.request_id, exc)))
+                return
+            except BrokerError as exc:  # handshake refusals: connection stays usable
+                await self._send(stream, proto.send(error_reply(exc.request_id, exc)))
+                continue
+            if event is CLOSED:
+                return
+            if event is NEED_DATA:
+                now = time.monotonic()
+                if proto.buffered:
+                    frame_deadline = frame_deadline or now + limits.frame_timeout
+                    deadline = frame_deadline
+                else:
+                    frame_deadline = None
+                    deadline = now + limits.idle_timeout
+                if proto.version is None:
+                    deadline = min(deadline, handshake_deadline)
+                with anyio.move_on_after(deadline - now) as wait:
+                    try:
+                        data = await stream.receive(65536)
+                    except anyio.EndOfStream:
+                        data = b""
+                if wait.cancelled_caught:
+                    log.info("closing connection of pid %s: timed out", peer.pid)
+                    return
+                try:
+                    proto.receive_data(data)
+                except ProtocolError as exc:
+                    log.info("protocol error from pid %s: %s", peer.pid, exc.message)
+                    await self._send(stream, proto.send(error_reply(0, exc)))
+                    return
+                continue
+            assert isinstance(event, Request)
+            frame_deadline = None
+            conn.busy = True
+            try:
+                reply = await self._answer(event, peer)
+                self._counters.requests += 1
+                await self._send(stream, proto.send(reply))
+            finally:
+                conn.busy = False
+            if isinstance(reply, Error) and reply.code == ErrorCode.UNAUTHENTICATED:
+                auth_failures += 1
+                if auth_failures >= limits.max_auth_failures:
+                    log.warning("closing connection of pid %s: %d failed token checks",
+                                peer.pid, auth_failures)
+                    return
+            if self._closing:
+                return
+
+    async def _answer(self, request: Request, peer: Peer) -> Response:
+        try:
+            return await self._handler.handle(request, peer)
+        except BrokerError as exc:
+            return error_reply(request.id, exc)
+        except Exception:
+            log.exception("request %s failed", type(request).__name__)
+            return error_reply(request.id, RuntimeError())
+
+    async def _send(self, stream: anyio.abc.SocketStream, data: bytes) -> None:
+        with anyio.fail_after(self._limits.frame_timeout):
+            await stream.send(data)
+
+
+def _in_group(creds: PeerCredentials, gid: int) -> bool:
+    """Return whether the peer's primary or supplementary groups include ``gid``."""
+    if creds.gid == gid:
+        return True
+    import pwd
+
+    try:
+        name = pwd.getpwuid(creds.uid).pw_name
+    except KeyError:
+        return False
+    return gid in os.getgrouplist(name, creds.gid)

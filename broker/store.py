@@ -1,0 +1,238 @@
+"""SQLite persistence of sealed rows: the one place that talks to the database.
+
+Theory of operation: one aiosqlite connection, owned by the daemon, in WAL mode
+with ``synchronous=FULL`` (a write acknowledged to a client survives a power
+cut) and ``secure_delete`` (deleted rows are overwritten, not left in free
+pages). Every write runs in :meth:`Store.write`, an explicit ``BEGIN IMMEDIATE``
+transaction; every sqlite error is translated there or in :meth:`Store.read`
+(disk full becomes ResourceExhausted, anything else Internal), so no
+"database is locked" or sqlite traceback reaches a client.
+
+The store holds only what is safe on disk: non-secret values as they are,
+secret values as envelopes sealed by :mod:`.crypto`, data keys wrapped by the
+master key, and the master key's public id as a key check value. Schema
+versions are ``PRAGMA user_version``; :data:`MIGRATIONS` only moves forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import stat
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .errors import Internal, ResourceExhausted
+
+__all__ = ["MIGRATIONS", "Store", "StoreError"]
+
+log = logging.getLogger("stigmer.broker")
+
+
+class StoreError(Exception):
+    """The store cannot be opened; the message names the file and the fix."""
+
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: key check values, data keys, environments
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE data_keys (
+        id TEXT PRIMARY KEY,
+        wrapped BLOB NOT NULL,
+        master_key_id TEXT NOT NULL,
+        wrapped_next BLOB,
+        created_at REAL NOT NULL,
+        active INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE environments (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE variables (
+        env_id INTEGER NOT NULL REFERENCES environments(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        is_secret INTEGER NOT NULL,
+        value TEXT,
+        sealed BLOB,
+        PRIMARY KEY (env_id, name),
+        CHECK ((is_secret = 0 AND value IS NOT NULL AND sealed IS NULL)
+            OR (is_secret = 1 AND value IS NULL AND sealed IS NOT NULL))
+    );
+    """,
+)
+
+
+def _private(path: Path) -> None:
+    """Create ``path`` empty and 0600 if it is missing; make it 0600 if it is not."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        os.close(fd)
+    except FileExistsError:
+        st = os.lstat(path)  # checked below: refuse anything that is not our regular file
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"refusing store file {path}: it is not a regular file") from None
+        if st.st_uid != os.getuid():
+            raise StoreError(
+                f"refusing store file {path}: it is owned by uid {st.st_uid}") from None
+        if stat.S_IMODE(st.st_mode) != 0o600:
+            os.chmod(path, 0o600)
+
+
+class Store:
+    """The broker's database. Use ``async with await Store.open(path)``."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        """Open (creating if needed) and migrate the store. Raises StoreError."""
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private(path)
+        for suffix in ("-wal", "-shm"):
+            side = path.with_name(path.name + suffix)
+            if os.path.lexists(side):  # noqa: ASYNC240 - once, at start-up
+                _private(side)
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from None
+        store = cls(db, path)
+        try:
+            await store._setup()
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    async def _setup(self) -> None:
+        db = self._db
+        try:
+            await db.execute("PRAGMA busy_timeout = 10000")
+            row = await (await db.execute("PRAGMA journal_mode = WAL")).fetchone()
+            if row is None or str(row[0]).lower() != "wal":
+                raise StoreError(f"cannot put store {self.path} in WAL mode")
+            await db.execute("PRAGMA synchronous = FULL")
+            await db.execute("PRAGMA secure_delete = ON")
+            await db.execute("PRAGMA foreign_keys = ON")
+            check = [tuple(r) for r in await (await db.execute("PRAGMA quick_check")).fetchall()]
+            if check != [("ok",)]:
+                raise StoreError(
+                    f"store {self.path} failed its integrity check ({check[0][0]}); restore it "
+                    "from a backup")
+            await self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}; is it a stigmer store?"
+                             ) from None
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(self.path.with_name(self.path.name + suffix), 0o600)
+
+    async def _migrate(self) -> None:
+        row = await (await self._db.execute("PRAGMA user_version")).fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"store {self.path} has schema version {version}, newer than this broker "
+                f"knows ({len(MIGRATIONS)}); upgrade stigmer-broker")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in filter(str.strip, script.split(";")):
+                    await self._db.execute(statement)
+                await self._db.execute(f"PRAGMA user_version = {number}")
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        """Checkpoint the WAL into the database file and close."""
+        with contextlib.suppress(sqlite3.Error):
+            await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        await self._db.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ----------------------------------------------------------- the two boundaries
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), errors translated."""
+        db = self._db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+        try:
+            yield db
+            await db.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise _translate(exc) from None
+            raise
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Run one query and return all rows, errors translated."""
+        try:
+            async with self._db.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+
+    async def read_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Return the first column of the first row, or None."""
+        rows = await self.read(sql, params)
+        return rows[0][0] if rows else None
+
+    async def checkpoint(self) -> None:
+        """Move the WAL into the database file (so deleted data leaves the WAL too)."""
+        try:
+            await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+
+    # ------------------------------------------------------------------------ meta
+
+    async def meta(self, key: str) -> str | None:
+        value = await self.read_one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if value is None else str(value)
+
+    @staticmethod
+    async def set_meta(db: aiosqlite.Connection, items: Iterable[tuple[str, str | None]]
+                       ) -> None:
+        for key, value in items:
+            if value is None:
+                await db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                await db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) "
+                                 "DO UPDATE SET value = excluded.value", (key, value))
+
+
+def _translate(exc: sqlite3.Error) -> Exception:
+    log.error("store error: %s: %s", type(exc).__name__, exc)
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL or "disk is full" in str(exc) or \
+            getattr(exc, "sqlite_errorname", "") == "SQLITE_IOERR_WRITE":
+        return ResourceExhausted(
+            "the disk holding the broker's store is full; nothing was changed. Free some "
+            "space and retry")
+    if code == sqlite3.SQLITE_BUSY:
+        return Internal("the store is busy; retry")
+    return Internal(f"the store failed ({type(exc).__name__}); see the broker's log")

@@ -1,0 +1,102 @@
+"""What the blocking and the async client share: trust checks, ids, reply handling."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from stigmer.broker.config import resolve_paths
+from stigmer.broker.errors import BrokerUnavailable, InvalidArgument, error_from_code
+from stigmer.broker.peer import peer_credentials
+from stigmer.broker.protocol import Error, Response, Variable
+
+__all__ = [
+    "RequestIds", "check_peer", "check_socket_dir", "default_socket", "expect", "unavailable",
+    "variables",
+]
+
+R = TypeVar("R", bound=Response)
+
+
+def default_socket(environ: Mapping[str, str] | None = None) -> Path:
+    """The socket every stigmer-broker command uses (see stigmer.broker.config)."""
+    return resolve_paths(os.environ if environ is None else environ).socket
+
+
+def unavailable(path: Path, reason: str) -> BrokerUnavailable:
+    return BrokerUnavailable(
+        f"no broker is answering on {path} ({reason}); start it with `stigmer-broker start`")
+
+
+def check_socket_dir(path: Path) -> int:
+    """Return the uid owning the socket's directory if it can be trusted; raise otherwise.
+
+    Trusted: a real directory (not a symlink) owned by us or root, or by the broker
+    owner when we reach it as a runner-group member; no permission for others and
+    no write permission for the group.
+    """
+    directory = path.parent
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        raise unavailable(path, "its directory does not exist") from None
+    except OSError as exc:
+        raise unavailable(path, f"its directory cannot be read: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise BrokerUnavailable(f"refusing socket {path}: its directory is not a real "
+                                "directory (a symlink?)")
+    loose = stat.S_IMODE(st.st_mode) & 0o027
+    if loose:
+        raise BrokerUnavailable(
+            f"refusing socket {path}: its directory has mode {stat.S_IMODE(st.st_mode):04o}, "
+            "so others could have replaced the socket; it must be 0700 (0750 for a runner "
+            "group)")
+    return st.st_uid
+
+
+def check_peer(sock: socket.socket, path: Path, dir_owner: int) -> None:
+    """Refuse a server that is not us, root, or the owner of the socket's directory."""
+    try:
+        uid = peer_credentials(sock).uid
+    except OSError:
+        raise BrokerUnavailable(f"refusing socket {path}: the server's identity cannot be "
+                                "checked") from None
+    if uid not in (os.getuid(), 0, dir_owner):
+        raise BrokerUnavailable(f"refusing socket {path}: it is served by uid {uid}, not by "
+                                "you, root or the directory's owner")
+
+
+def expect(reply: Response, kind: type[R]) -> R:
+    """Return ``reply`` as ``kind``, raising the BrokerError an Error reply stands for."""
+    if isinstance(reply, Error):
+        raise error_from_code(reply.code, reply.message, tuple(reply.supported_versions))
+    if not isinstance(reply, kind):
+        raise InvalidArgument(f"broker answered {type(reply).__name__}, expected "
+                              f"{kind.__name__}")
+    return reply
+
+
+def variables(plain: Mapping[str, str] | None = None,
+              secrets: Mapping[str, str] | None = None) -> dict[str, Variable]:
+    """Build the wire form of variables from plain and secret key/value maps."""
+    out = {k: Variable(value=v) for k, v in (plain or {}).items()}
+    for k, v in (secrets or {}).items():
+        if k in out:
+            raise InvalidArgument(f"{k} is given both as a plain and as a secret variable")
+        out[k] = Variable(value=v, is_secret=True)
+    return out
+
+
+class RequestIds:
+    """Request ids for one connection: 1, 2, 3, ..."""
+
+    def __init__(self) -> None:
+        self._next = itertools.count(1)
+
+    def __call__(self) -> int:
+        return next(self._next)

@@ -1,0 +1,181 @@
+"""The blocking client: a plain socket, no event loop, no thread."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+from stigmer.broker.errors import BrokerUnavailable
+from stigmer.broker.protocol import (
+    CLOSED,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    ApplyEnvironments,
+    Connection,
+    DeleteEnvironment,
+    Environment,
+    EnvironmentList,
+    EnvironmentSpec,
+    EnvironmentSummary,
+    GetEnvironment,
+    GetStatus,
+    Hello,
+    KeyRotated,
+    ListEnvironments,
+    Ok,
+    PutEnvironment,
+    Request,
+    Response,
+    Role,
+    RotateKey,
+    Shutdown,
+    Status,
+    UnsetVariables,
+    Variable,
+    Welcome,
+)
+
+from ._common import RequestIds, check_peer, check_socket_dir, default_socket, expect, unavailable
+
+__all__ = ["Client"]
+
+R = TypeVar("R", bound=Response)
+
+
+class Client:
+    """A blocking connection to the broker. Use as a context manager.
+
+    ``socket_path`` defaults to the socket every stigmer-broker command uses
+    (``STIGMER_BROKER_SOCKET``, ``$XDG_RUNTIME_DIR/stigmer/broker.sock``, ...).
+    Raises BrokerUnavailable when no trustworthy broker answers there.
+    """
+
+    def __init__(self, socket_path: str | Path | None = None, *, timeout: float = 30.0) -> None:
+        self.socket_path = Path(socket_path) if socket_path else default_socket()
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._conn = Connection(Role.CLIENT)
+        self._ids = RequestIds()
+        self.server_version = ""
+
+    def __repr__(self) -> str:
+        return f"Client(socket_path={str(self.socket_path)!r})"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def connect(self) -> None:
+        """Connect, check who serves the socket, and shake hands."""
+        if self._sock is not None:
+            return
+        path = self.socket_path
+        dir_owner = check_socket_dir(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            sock.close()
+            raise unavailable(path, "no socket there") from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise unavailable(path, "connection refused") from None
+        except OSError as exc:
+            sock.close()
+            raise unavailable(path, exc.strerror or type(exc).__name__) from None
+        try:
+            check_peer(sock, path, dir_owner)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        try:
+            welcome = expect(self._roundtrip(Hello(id=self._ids(), version=PROTOCOL_VERSION,
+                                                   client="stigmer.client")), Welcome)
+        except BaseException:
+            self.close()
+            raise
+        self.server_version = welcome.server_version
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> Client:
+        self.connect()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------- requests
+
+    def call(self, request: Request, kind: type[R]) -> R:
+        """Send one request and return its reply as ``kind``; raise its error."""
+        self.connect()
+        return expect(self._roundtrip(request), kind)
+
+    def _roundtrip(self, request: Request) -> Response:
+        sock = self._sock
+        assert sock is not None
+        try:
+            sock.sendall(self._conn.send(request))
+            while True:
+                event = self._conn.next_event()
+                if event is NEED_DATA:
+                    self._conn.receive_data(sock.recv(65536))
+                    continue
+                if event is CLOSED:
+                    raise BrokerUnavailable(
+                        f"the broker on {self.socket_path} closed the connection")
+                assert isinstance(event, Response)
+                if event.id not in (request.id, 0):
+                    continue  # a late answer to a request we gave up on
+                return event
+        except TimeoutError:
+            self.close()
+            raise BrokerUnavailable(f"the broker on {self.socket_path} did not answer within "
+                                    f"{self.timeout:g}s") from None
+        except OSError as exc:
+            self.close()
+            raise BrokerUnavailable(f"lost the connection to the broker on "
+                                    f"{self.socket_path}: {exc.strerror}") from None
+
+    # ---------------------------------------------------------------- the API
+
+    def status(self) -> Status:
+        """Return the broker's status."""
+        return self.call(GetStatus(id=self._ids()), Status)
+
+    def shutdown(self) -> None:
+        """Ask the broker to stop gracefully."""
+        self.call(Shutdown(id=self._ids()), Ok)
+
+    def put_environment(self, name: str, data: Mapping[str, Variable]) -> Environment:
+        """Create ``name`` or merge ``data`` into it; return it with secrets masked."""
+        return self.call(PutEnvironment(id=self._ids(), name=name, data=dict(data)), Environment)
+
+    def get_environment(self, name: str, *, reveal: bool = False) -> Environment:
+        """Return an environment; secret values are None unless ``reveal``."""
+        return self.call(GetEnvironment(id=self._ids(), name=name, reveal=reveal), Environment)
+
+    def list_environments(self) -> list[EnvironmentSummary]:
+        return self.call(ListEnvironments(id=self._ids()), EnvironmentList).environments
+
+    def unset_variables(self, name: str, keys: Iterable[str]) -> Environment:
+        return self.call(UnsetVariables(id=self._ids(), name=name, keys=list(keys)), Environment)
+
+    def delete_environment(self, name: str) -> None:
+        self.call(DeleteEnvironment(id=self._ids(), name=name), Ok)
+
+    def apply_environments(self, specs: Iterable[EnvironmentSpec]) -> None:
+        """Set each environment to exactly its data, all or nothing."""
+        self.call(ApplyEnvironments(id=self._ids(), environments=list(specs)), Ok)
+
+    def rotate_key(self) -> KeyRotated:
+        """Replace the master key; may take a while on a large store."""
+        return self.call(RotateKey(id=self._ids()), KeyRotated)
