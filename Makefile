@@ -27,9 +27,9 @@ lint: $(STAMP)
 	@mkdir -p .typecheck/stigmer
 	@ln -sfn ../../broker .typecheck/stigmer/broker
 	@ln -sfn ../../client .typecheck/stigmer/client
-	$(VENV)/bin/ruff check broker client tests bench
+	$(VENV)/bin/ruff check broker client tests $(wildcard bench/*.py)
 	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p stigmer.broker -p stigmer.client
-	$(VENV)/bin/mypy tests bench
+	$(VENV)/bin/mypy tests $(wildcard bench/*.py)
 
 ## bench: fetch and CLI benchmarks against same-run baselines (bench/results.json)
 bench: $(STAMP)

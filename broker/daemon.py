@@ -20,7 +20,6 @@ import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from functools import partial
 
 import anyio
 import anyio.abc
@@ -108,12 +107,12 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
             log.info("serving on %s (store %s, key %s, pid %d)", config.paths.socket,
                      config.paths.store, vault.master.describe(), os.getpid())
             await server.serve(shutdown, task_status=task_status)
+            log.info("stopped")
         finally:
             with anyio.CancelScope(shield=True):
                 await vault.close()
     finally:
         bound.remove()
-        log.info("stopped")
 
 
 async def _signalled() -> None:
@@ -140,12 +139,21 @@ def run(config: Config, *, ready_fd: int | None = None) -> None:
               backend_options=options)
 
 
-async def _serve_until_signalled(config: Config, ready_fd: int | None) -> None:
-    async with anyio.create_task_group() as tg:
-        await tg.start(partial(serve, config, handle_signals=True))
+class _ReadySignal(anyio.abc.TaskStatus[None]):
+    """Tells whoever started us (``--ready-fd``) that the socket answers."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    def started(self, value: None = None) -> None:
         log.info("ready")
-        if ready_fd is not None:
+        if self._fd is not None:
             with contextlib.suppress(OSError):
-                os.write(ready_fd, b"ready\n")
+                os.write(self._fd, b"ready\n")
             with contextlib.suppress(OSError):
-                os.close(ready_fd)
+                os.close(self._fd)
+            self._fd = None
+
+
+async def _serve_until_signalled(config: Config, ready_fd: int | None) -> None:
+    await serve(config, handle_signals=True, task_status=_ReadySignal(ready_fd))

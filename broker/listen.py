@@ -124,10 +124,29 @@ def _take_lock(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
+        pid = _live_pid(path)
+        if pid is not None:
+            raise AlreadyRunning(f"already running (pid {pid or 'unknown'}) on {path}") from None
         raise AlreadyRunning(
             f"another broker is starting on {path}; "
             "run `stigmer-broker status` to see it") from None
     return fd
+
+
+def _live_pid(path: Path) -> int | None:
+    """Return the pid of the broker answering on ``path`` (0 if unknown), None if none."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2.0)
+        probe.connect(str(path))
+        try:
+            return peer_credentials(probe).pid or 0
+        except OSError:
+            return 0
+    except OSError:
+        return None
+    finally:
+        probe.close()
 
 
 def _clear_stale(path: Path) -> None:
@@ -144,22 +163,8 @@ def _clear_stale(path: Path) -> None:
     if st.st_uid != os.getuid():
         raise StartupError(
             f"refusing socket path {path}: the socket belongs to uid {st.st_uid}")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(2.0)
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # stale: ours, a socket, and nobody listens
-        return
-    except OSError as exc:
-        raise StartupError(f"cannot probe socket {path}: {exc.strerror}") from None
-    else:
-        try:
-            pid = peer_credentials(probe).pid
-        except OSError:
-            pid = None
-        raise AlreadyRunning(
-            f"already running (pid {pid if pid else 'unknown'}) on {path}")
-    finally:
-        probe.close()
+    pid = _live_pid(path)
+    if pid is not None:
+        raise AlreadyRunning(f"already running (pid {pid or 'unknown'}) on {path}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # stale: ours, a socket, and nobody listens (we hold the lock)

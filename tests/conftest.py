@@ -1,0 +1,124 @@
+"""Shared fixtures: both event loops, short private paths, an in-process broker, the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from stigmer.broker.config import Config, Limits, Paths
+from stigmer.broker.daemon import serve
+
+# Subprocess brokers must never touch the machine's real keychain.
+os.environ["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    backend: tuple[str, dict[str, Any]] = request.param
+    return backend
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A private directory under /tmp: tmp_path is often too long for AF_UNIX paths."""
+    path = Path(tempfile.mkdtemp(prefix="sb-", dir="/tmp"))
+    os.chmod(path, 0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def paths(short_dir: Path) -> Paths:
+    return Paths(home=short_dir / "home", socket=short_dir / "run" / "b.sock")
+
+
+def make_config(paths: Paths, **limits: Any) -> Config:
+    return Config(paths=paths, limits=Limits(**limits), use_keyring=False)
+
+
+class RunningBroker:
+    """A broker served inside the test's event loop."""
+
+    def __init__(self, config: Config, stop: anyio.Event) -> None:
+        self.config = config
+        self.stop = stop
+
+    @property
+    def socket(self) -> Path:
+        return self.config.paths.socket
+
+
+async def start_broker(tg: anyio.abc.TaskGroup, config: Config) -> RunningBroker:
+    stop = anyio.Event()
+    await tg.start(lambda task_status: serve(config, shutdown_trigger=stop.wait,
+                                             task_status=task_status))
+    return RunningBroker(config, stop)
+
+
+@pytest.fixture
+async def broker(paths: Paths) -> AsyncIterator[RunningBroker]:
+    async with anyio.create_task_group() as tg:
+        running = await start_broker(tg, make_config(paths))
+        yield running
+        running.stop.set()
+
+
+def cli_env(paths: Paths, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STIGMER_")}
+    env.update(STIGMER_HOME=str(paths.home), STIGMER_BROKER_SOCKET=str(paths.socket),
+               PYTHON_KEYRING_BACKEND="keyring.backends.fail.Keyring")
+    env.update(extra)
+    return env
+
+
+def run_cli(paths: Paths, *args: str, input: str | None = None, check: bool = False,
+            env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``stigmer-broker ARGS`` as a user would, in a fresh process."""
+    proc = subprocess.run([sys.executable, "-m", "stigmer.broker", *args], input=input,
+                          capture_output=True, text=True, env=env or cli_env(paths),
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def cli_broker(paths: Paths) -> Iterator[Paths]:
+    """A broker started with `stigmer-broker start`, stopped afterwards."""
+    run_cli(paths, "start", check=True)
+    yield paths
+    run_cli(paths, "stop")
+
+
+NOBODY = 65534
+
+
+def python_for_nobody() -> str:
+    """An interpreter that uid 65534 can run (the venv's may sit under a private /root)."""
+    if os.getuid() != 0:
+        pytest.skip("acting as another uid needs root")
+    for candidate in (sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3",
+                      "/usr/local/bin/python3"):
+        try:
+            ok = subprocess.run([candidate, "-c", "pass"], user=NOBODY, capture_output=True,
+                                timeout=30).returncode == 0
+        except OSError:
+            ok = False
+        if ok:
+            return candidate
+    pytest.skip("no Python interpreter here that uid 65534 may execute")

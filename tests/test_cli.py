@@ -1,0 +1,205 @@
+"""The real CLI in real processes: start, status, stop, environments, apply, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from stigmer.broker.config import Paths
+
+
+def test_status_when_not_running(paths: Paths) -> None:
+    result = run_cli(paths, "status")
+    assert result.returncode == 3
+    assert result.stdout.strip() == f"not running (socket {paths.socket})"
+    result = run_cli(paths, "status", "--json")
+    assert result.returncode == 3
+    assert json.loads(result.stdout)["running"] is False
+
+
+def test_start_status_stop(paths: Paths) -> None:
+    started = run_cli(paths, "start")
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.strip() == str(paths.socket)
+    try:
+        again = run_cli(paths, "start")
+        assert again.returncode == 0
+        assert "already running" in again.stdout
+        human = run_cli(paths, "status")
+        assert human.returncode == 0
+        assert "running (pid" in human.stdout
+        data = json.loads(run_cli(paths, "status", "--json", check=True).stdout)
+        for key in ("running", "version", "pid", "uptime_s", "socket", "store", "key_source",
+                    "environments", "contexts", "tokens", "requests"):
+            assert key in data
+        assert data["running"] is True
+        assert data["socket"] == str(paths.socket)
+        assert data["key_source"].startswith("file (")
+        assert stat.S_IMODE(os.lstat(paths.home / "master.key").st_mode) == 0o600
+        assert stat.S_IMODE(os.lstat(paths.home / "local.db").st_mode) == 0o600
+    finally:
+        stopped = run_cli(paths, "stop")
+    assert stopped.returncode == 0
+    assert "stopped" in stopped.stdout
+    assert run_cli(paths, "status").returncode == 3
+    assert not paths.socket.exists()
+
+
+def test_start_failure_is_one_line(paths: Paths) -> None:
+    paths.home.mkdir(mode=0o700)
+    (paths.home / "master.key").write_text("not base64!\n")
+    os.chmod(paths.home / "master.key", 0o600)
+    result = run_cli(paths, "start")
+    assert result.returncode == 1
+    assert "not valid base64" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_refuses_a_second_daemon(cli_broker: Paths) -> None:
+    result = run_cli(cli_broker, "serve", timeout=30)
+    assert result.returncode == 1
+    assert "already running (pid" in result.stderr
+    assert run_cli(cli_broker, "status").returncode == 0
+
+
+def test_environment_commands(cli_broker: Paths, short_dir: Path) -> None:
+    p = cli_broker
+    r = run_cli(p, "env", "set", "dev", "LOG_LEVEL=debug", "--secret", "API_KEY",
+                input="sk-test-1\n")
+    assert r.returncode == 0, r.stderr
+    env_file = short_dir / "x.env"
+    env_file.write_text("# comment\nexport DB_URL='postgres://x'\nLOG_LEVEL=from-file\n")
+    r = run_cli(p, "env", "set", "dev", "--env-file", str(env_file), "EXTRA=1")
+    assert r.returncode == 0, r.stderr
+    shown = run_cli(p, "env", "show", "dev", check=True).stdout
+    assert "sk-test-1" not in shown
+    assert "postgres" not in shown
+    assert "********" in shown
+    data = json.loads(run_cli(p, "env", "show", "dev", "--reveal", "--json", check=True).stdout)
+    assert data["data"]["API_KEY"] == {"value": "sk-test-1", "is_secret": True}
+    assert data["data"]["DB_URL"] == {"value": "postgres://x", "is_secret": True}
+    assert data["data"]["EXTRA"] == {"value": "1", "is_secret": False}
+    assert data["data"]["LOG_LEVEL"]["value"] == "from-file"  # the latest set wins
+    listed = json.loads(run_cli(p, "env", "list", "--json", check=True).stdout)
+    assert listed[0]["name"] == "dev"
+    assert listed[0]["secrets"] == 3
+    assert run_cli(p, "env", "unset", "dev", "EXTRA", check=True).returncode == 0
+    r = run_cli(p, "env", "unset", "dev", "NOPE")
+    assert r.returncode == 1
+    assert "NOPE" in r.stderr
+    assert run_cli(p, "env", "delete", "dev").returncode == 0
+    r = run_cli(p, "env", "show", "dev")
+    assert r.returncode == 1
+    assert "does not exist" in r.stderr
+    status = json.loads(run_cli(p, "status", "--json", check=True).stdout)
+    assert status["environments"] == 0
+
+
+def test_command_line_wins_over_env_file(cli_broker: Paths, short_dir: Path) -> None:
+    env_file = short_dir / "y.env"
+    env_file.write_text("A=from-file\nB=file-only\n")
+    run_cli(cli_broker, "env", "set", "e", "--env-file", str(env_file), "A=cli", check=True)
+    data = json.loads(run_cli(cli_broker, "env", "show", "e", "--reveal", "--json",
+                              check=True).stdout)["data"]
+    assert data["A"] == {"value": "cli", "is_secret": False}
+    assert data["B"] == {"value": "file-only", "is_secret": True}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["env", "set", "bad name", "A=1"], "environment name 'bad name' is not valid"),
+    (["env", "set", "e", "1A=1"], "variable name '1A'"),
+    (["env", "set", "e", "NOVALUE"], "expects KEY=VALUE"),
+    (["env", "set", "e", "A=1", "A=2"], "A is given twice"),
+    (["env", "set", "e"], "nothing to set"),
+    (["env", "set", "e", "--env-file", "/nonexistent.env"], "no such file"),
+    (["apply", "-f", "/nonexistent.yaml"], "cannot be read"),
+])
+def test_user_mistakes_are_one_line(cli_broker: Paths, args: list[str], message: str) -> None:
+    r = run_cli(cli_broker, *args)
+    assert r.returncode in (1, 2)
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_client_commands_without_broker_exit_3(paths: Paths) -> None:
+    r = run_cli(paths, "env", "list")
+    assert r.returncode == 3
+    assert "stigmer-broker start" in r.stderr
+
+
+MANIFESTS = """\
+apiVersion: ai.stigmer.agentic/v1
+kind: Environment
+metadata:
+  name: prod
+spec:
+  data:
+    TOKEN: {value: tok-123, is_secret: true}
+    REGION: {value: eu-west-1}
+---
+apiVersion: ai.stigmer.agentic/v1
+kind: Environment
+metadata: {name: staging}
+spec: {data: {PORT: {value: 8080}}}
+"""
+
+
+def test_apply_manifests(cli_broker: Paths, short_dir: Path) -> None:
+    f = short_dir / "m.yaml"
+    f.write_text(MANIFESTS)
+    r = run_cli(cli_broker, "apply", "-f", str(f))
+    assert r.returncode == 0, r.stderr
+    prod = json.loads(run_cli(cli_broker, "env", "show", "prod", "--reveal", "--json",
+                              check=True).stdout)["data"]
+    assert prod == {"REGION": {"value": "eu-west-1", "is_secret": False},
+                    "TOKEN": {"value": "tok-123", "is_secret": True}}
+    staging = json.loads(run_cli(cli_broker, "env", "show", "staging", "--json",
+                                 check=True).stdout)["data"]
+    assert staging == {"PORT": {"value": "8080", "is_secret": False}}
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ("kind: Agent", "kind 'Agent' is not supported"),
+    ("spec: {data: {X: {value: '1', colour: red}}}", "unknown field 'colour'"),
+    ("metadata: {name: 'bad name'}", "metadata.name"),
+    ("apiVersion: v0", "apiVersion must be"),
+])
+def test_apply_with_any_error_applies_nothing(cli_broker: Paths, short_dir: Path, bad: str,
+                                              message: str) -> None:
+    second = ("apiVersion: ai.stigmer.agentic/v1\nkind: Environment\nmetadata: {name: two}\n"
+              "spec: {data: {X: {value: '1'}}}\n")
+    key = bad.split(":")[0]
+    lines = [ln for ln in second.splitlines() if not ln.startswith(key + ":")]
+    doc2 = "\n".join([*lines, bad]) + "\n"
+    f = short_dir / "bad.yaml"
+    f.write_text(MANIFESTS + "---\n" + doc2)
+    r = run_cli(cli_broker, "apply", "-f", str(f))
+    assert r.returncode == 1 and message in r.stderr and "document 3" in r.stderr, r.stderr
+    listed = json.loads(run_cli(cli_broker, "env", "list", "--json", check=True).stdout)
+    assert listed == []
+
+
+def test_key_rotate_keeps_everything(cli_broker: Paths) -> None:
+    run_cli(cli_broker, "env", "set", "e", "--secret", "S", input="value-1\n", check=True)
+    before = (cli_broker.home / "master.key").read_text()
+    r = run_cli(cli_broker, "key", "rotate")
+    assert r.returncode == 0, r.stderr
+    assert (cli_broker.home / "master.key").read_text() != before
+    run_cli(cli_broker, "stop", check=True)
+    run_cli(cli_broker, "start", check=True)
+    data = json.loads(run_cli(cli_broker, "env", "show", "e", "--reveal", "--json",
+                              check=True).stdout)["data"]
+    assert data["S"]["value"] == "value-1"
+
+
+def test_module_and_console_script_agree(paths: Paths) -> None:
+    r = run_cli(paths, "--version")
+    assert r.returncode == 0
+    assert r.stdout.startswith("stigmer-broker ")

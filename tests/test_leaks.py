@@ -1,0 +1,102 @@
+"""Sentinel secrets through every way in; afterwards none is anywhere in the clear."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import cli_env, run_cli
+
+from stigmer.broker.config import Paths
+
+# Made at run time, so no source file or editor buffer can hold them.
+SENTINELS = {way: f"SENTINEL-{way.lower()}-{secrets.token_hex(8)}"
+             for way in ("ARGV", "PROMPT", "FILE", "YAML")}
+
+
+def scan(root: Path, needles: list[str], since: float | None = None) -> list[str]:
+    hits = []
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            try:
+                if since is not None and path.lstat().st_mtime < since:
+                    continue
+                data = path.read_bytes()
+            except OSError:
+                continue
+            hits += [f"{path}: {n}" for n in needles if n.encode() in data]
+    return hits
+
+
+def test_sentinels_never_reach_disk_logs_or_tmp(paths: Paths, short_dir: Path) -> None:
+    started = time.time() - 1
+    run_cli(paths, "start", check=True)
+    try:
+        run_cli(paths, "env", "set", "dev", "--secret", f"ARGV={SENTINELS['ARGV']}", check=True)
+        run_cli(paths, "env", "set", "dev", "--secret", "PROMPT",
+                input=SENTINELS["PROMPT"] + "\n", check=True)
+        env_file = short_dir / "in.env"
+        env_file.write_text(f"FILE={SENTINELS['FILE']}\n")
+        run_cli(paths, "env", "set", "dev", "--env-file", str(env_file), check=True)
+        env_file.unlink()
+        manifest = short_dir / "in.yaml"
+        manifest.write_text(
+            "apiVersion: ai.stigmer.agentic/v1\nkind: Environment\nmetadata: {name: prod}\n"
+            f"spec: {{data: {{YAML: {{value: {SENTINELS['YAML']}, is_secret: true}}}}}}\n")
+        run_cli(paths, "apply", "-f", str(manifest), check=True)
+        manifest.unlink()
+        shown = run_cli(paths, "env", "show", "dev", "--reveal", "--json", check=True).stdout
+        assert all(SENTINELS[k] in shown for k in ("ARGV", "PROMPT", "FILE"))
+        # error paths must not echo values either
+        for args in (["env", "set", "bad name", "--secret", f"X={SENTINELS['ARGV']}"],
+                     ["env", "unset", "dev", "NOPE"], ["env", "show", "nope"]):
+            r = run_cli(paths, *args)
+            assert not any(s in r.stderr + r.stdout for s in SENTINELS.values())
+        run_cli(paths, "key", "rotate", check=True)
+        run_cli(paths, "env", "delete", "prod", check=True)
+        status = run_cli(paths, "status", check=True).stdout
+        assert not any(s in status for s in SENTINELS.values())
+    finally:
+        run_cli(paths, "stop")
+    needles = list(SENTINELS.values())
+    assert scan(paths.home, needles) == []
+    assert scan(Path("/tmp"), needles, since=started) == []
+    # the deleted environment's value is gone from the database files entirely
+    assert scan(paths.home, [SENTINELS["YAML"]]) == []
+
+
+@pytest.mark.slow
+def test_rotation_killed_at_random_moments_loses_nothing(paths: Paths) -> None:
+    import random
+
+    rng = random.Random(1234)
+    run_cli(paths, "start", check=True)
+    values = {f"K{i}": f"value-{i}" for i in range(200)}
+    run_cli(paths, "env", "set", "big", *[f"{k}={v}" for k, v in values.items()], check=True)
+    secrets_in = "\n".join(values.values()) + "\n"
+    run_cli(paths, "env", "set", "big", *[f"--secret={k}" for k in values], input=secrets_in,
+            check=True)
+    rounds = 25
+    for _ in range(rounds):
+        pid = json.loads(run_cli(paths, "status", "--json", check=True).stdout)["pid"]
+        rotation = subprocess.Popen([sys.executable, "-m", "stigmer.broker", "key", "rotate"],
+                                    env=cli_env(paths), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.0, 0.25))
+        os.kill(pid, signal.SIGKILL)
+        rotation.wait(timeout=30)
+        restarted = run_cli(paths, "start")
+        assert restarted.returncode == 0, restarted.stderr
+        data = json.loads(run_cli(paths, "env", "show", "big", "--reveal", "--json",
+                                  check=True).stdout)["data"]
+        assert {k: v["value"] for k, v in data.items()} == values
+    assert run_cli(paths, "key", "rotate").returncode == 0
+    run_cli(paths, "stop", check=True)

@@ -1,0 +1,230 @@
+"""The sans-IO protocol on an in-memory pair: no sockets, no event loop."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stigmer.broker.errors import (
+    ErrorCode,
+    HandshakeRequired,
+    InvalidArgument,
+    ProtocolError,
+    UnsupportedVersion,
+)
+from stigmer.broker.protocol import (
+    CLOSED,
+    NEED_DATA,
+    PROTOCOL_VERSION,
+    REQUEST_TYPES,
+    Connection,
+    Error,
+    FrameReader,
+    GetStatus,
+    Hello,
+    PutEnvironment,
+    Request,
+    Role,
+    State,
+    Variable,
+    Welcome,
+    error_reply,
+    frame,
+)
+
+
+class Pair:
+    """A client and a server Connection wired together in memory."""
+
+    def __init__(self, max_frame_size: int = 1024 * 1024) -> None:
+        self.client = Connection(Role.CLIENT)
+        self.server = Connection(Role.SERVER, max_frame_size=max_frame_size)
+
+    def to_server(self, message: Request) -> object:
+        self.server.receive_data(self.client.send(message))
+        return self.server.next_event()
+
+    def greet(self) -> None:
+        assert isinstance(self.to_server(Hello(id=1, version=PROTOCOL_VERSION)), Hello)
+        self.client.receive_data(self.server.send(Welcome(id=1, version=1, server_version="t")))
+        assert isinstance(self.client.next_event(), Welcome)
+
+
+def test_handshake_then_requests() -> None:
+    pair = Pair()
+    pair.greet()
+    assert pair.server.state is State.READY
+    assert pair.client.state is State.READY
+    assert pair.to_server(GetStatus(id=2)) == GetStatus(id=2)
+
+
+def test_request_before_hello_is_refused_but_connection_survives() -> None:
+    pair = Pair()
+    with pytest.raises(HandshakeRequired) as info:
+        pair.to_server(GetStatus(id=7))
+    assert info.value.request_id == 7
+    assert error_reply(7, info.value).code == ErrorCode.HANDSHAKE_REQUIRED
+    pair.greet()
+
+
+def test_unsupported_version_lists_supported() -> None:
+    pair = Pair()
+    with pytest.raises(UnsupportedVersion) as info:
+        pair.to_server(Hello(id=3, version=99))
+    reply = error_reply(3, info.value)
+    assert reply.code == "unsupported_version"
+    assert reply.supported_versions == [1]
+    pair.greet()
+
+
+def test_second_hello_is_invalid() -> None:
+    pair = Pair()
+    pair.greet()
+    with pytest.raises(InvalidArgument):
+        pair.to_server(Hello(id=5, version=1))
+
+
+def test_oversized_header_is_refused_before_the_body() -> None:
+    server = Connection(Role.SERVER, max_frame_size=100)
+    with pytest.raises(ProtocolError) as info:
+        server.receive_data((101).to_bytes(4, "big"))
+    assert info.value.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert server.state is State.ERROR
+    with pytest.raises(ProtocolError):  # sticky
+        server.next_event()
+
+
+@pytest.mark.parametrize("length", [0, 2**32 - 1, 1024 * 1024 + 1])
+def test_declared_lengths_do_not_buffer(length: int) -> None:
+    reader = FrameReader()
+    with pytest.raises(ProtocolError):
+        reader.feed(length.to_bytes(4, "big") + b"x" * 10)
+    assert reader.buffered <= 14
+
+
+def test_truncated_frame_at_eof_is_an_error() -> None:
+    server = Connection(Role.SERVER)
+    data = Connection(Role.CLIENT).send(Hello(id=1, version=1))
+    server.receive_data(data[:-2])
+    assert server.next_event() is NEED_DATA
+    server.receive_data(b"")
+    with pytest.raises(ProtocolError):
+        server.next_event()
+
+
+def test_clean_eof_is_closed() -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(b"")
+    assert server.next_event() is CLOSED
+
+
+def test_garbage_body_names_the_request_id_when_it_can() -> None:
+    server = Connection(Role.SERVER)
+    body = msgspec.msgpack.encode({"op": "NoSuchThing", "id": 42})
+    server.receive_data(frame(body))
+    with pytest.raises(ProtocolError) as info:
+        server.next_event()
+    assert info.value.request_id == 42
+    assert server.state is State.ERROR
+
+
+def test_unknown_fields_are_rejected() -> None:
+    server = Connection(Role.SERVER)
+    body = msgspec.msgpack.encode({"op": "Hello", "id": 1, "version": 1, "extra": True})
+    server.receive_data(frame(body))
+    with pytest.raises(ProtocolError):
+        server.next_event()
+
+
+def test_limits_in_types() -> None:
+    pair = Pair()
+    pair.greet()
+    body = msgspec.msgpack.encode({"op": "PutEnvironment", "id": 2, "name": "bad name",
+                                   "data": {}})
+    pair.server.receive_data(frame(body))
+    with pytest.raises(ProtocolError):
+        pair.server.next_event()
+
+
+def test_byte_by_byte_equals_whole() -> None:
+    client = Connection(Role.CLIENT)
+    messages = [Hello(id=1, version=1), GetStatus(id=2),
+                PutEnvironment(id=3, name="e", data={"K": Variable(value="v", is_secret=True)})]
+    wire = b"".join(client.send(m) for m in messages)
+    server = Connection(Role.SERVER)
+    got = []
+    for byte in wire:
+        server.receive_data(bytes([byte]))
+        while (event := server.next_event()) is not NEED_DATA:
+            got.append(event)
+    assert got == messages
+
+
+def test_client_refuses_responses_before_welcome() -> None:
+    client = Connection(Role.CLIENT)
+    client.receive_data(Connection(Role.SERVER).send(Error(id=1, code="internal", message="x")))
+    assert isinstance(client.next_event(), Error)  # errors are fine before Welcome
+    from stigmer.broker.protocol import Ok
+
+    client.receive_data(Connection(Role.SERVER).send(Ok(id=1)))
+    with pytest.raises(ProtocolError):
+        client.next_event()
+
+
+def test_secret_variable_repr_is_masked() -> None:
+    assert "hunter2" not in repr(Variable(value="hunter2", is_secret=True))
+    assert "plain" in repr(Variable(value="plain"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048), st.integers(min_value=1, max_value=64))
+def test_random_bytes_only_yield_protocol_errors_or_messages(data: bytes, chunk: int) -> None:
+    server = Connection(Role.SERVER, max_frame_size=4096)
+    try:
+        for i in range(0, len(data), chunk):
+            server.receive_data(data[i:i + chunk])
+            while (event := server.next_event()) is not NEED_DATA:
+                assert isinstance(event, Request) or event is CLOSED
+                if event is CLOSED:
+                    return
+    except (ProtocolError, HandshakeRequired, UnsupportedVersion, InvalidArgument):
+        pass
+    assert server.buffered <= len(data)
+
+
+def _request_strategy() -> st.SearchStrategy[Request]:
+    return st.one_of(*[st.builds(t, id=st.integers(min_value=0, max_value=2**63 - 1))
+                       for t in REQUEST_TYPES if not t.__struct_fields__[1:]],
+                     st.builds(Hello, id=st.integers(min_value=0, max_value=2**31),
+                               version=st.just(1)),
+                     st.builds(PutEnvironment, id=st.integers(min_value=0, max_value=2**31),
+                               name=st.from_regex(r"\A[A-Za-z0-9._-]{1,20}\Z"),
+                               data=st.dictionaries(
+                                   st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,10}\Z"),
+                                   st.builds(Variable, value=st.text(max_size=50),
+                                             is_secret=st.booleans()), max_size=5)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_request_strategy(), min_size=1, max_size=8),
+       st.integers(min_value=1, max_value=97))
+def test_random_valid_messages_round_trip_in_any_chunking(messages: list[Request],
+                                                           chunk: int) -> None:
+    client = Connection(Role.CLIENT)
+    wire = client.send(Hello(id=0, version=1)) + b"".join(client.send(m) for m in messages)
+    server = Connection(Role.SERVER)
+    got: list[object] = []
+    for i in range(0, len(wire), chunk):
+        server.receive_data(wire[i:i + chunk])
+        while True:
+            try:
+                event = server.next_event()
+            except InvalidArgument:  # a second Hello in the list
+                continue
+            if event is NEED_DATA:
+                break
+            got.append(event)
+    expected = [Hello(id=0, version=1)] + [m for m in messages if not isinstance(m, Hello)]
+    assert got == expected

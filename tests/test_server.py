@@ -1,0 +1,268 @@
+"""The daemon through its real socket: handshake, limits, refusals, socket safety."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+from pathlib import Path
+
+import anyio
+import pytest
+from conftest import NOBODY, RunningBroker, make_config, python_for_nobody, start_broker
+
+from stigmer.broker.config import Paths
+from stigmer.broker.daemon import serve
+from stigmer.broker.errors import BrokerUnavailable, ErrorCode, ResourceExhausted
+from stigmer.broker.listen import AlreadyRunning, StartupError
+from stigmer.broker.protocol import (
+    CLOSED,
+    NEED_DATA,
+    Connection,
+    Error,
+    GetStatus,
+    Hello,
+    Response,
+    Role,
+    Welcome,
+)
+from stigmer.client import AsyncClient, Client
+
+pytestmark = pytest.mark.anyio
+
+
+def raw_exchange(path: Path, data: bytes, *, timeout: float = 5.0) -> tuple[list[Response], bool]:
+    """Send raw bytes; return the replies and whether the server closed the connection."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(str(path))
+    conn = Connection(Role.CLIENT)
+    replies: list[Response] = []
+    closed = False
+    try:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)  # the server sees EOF once it has read everything
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                try:
+                    chunk = sock.recv(65536)
+                except (ConnectionResetError, TimeoutError):
+                    closed = True
+                    break
+                conn.receive_data(chunk)
+                continue
+            if event is CLOSED:
+                closed = True
+                break
+            assert isinstance(event, Response)
+            replies.append(event)
+    finally:
+        sock.close()
+    return replies, closed
+
+
+def frames(*messages: object) -> bytes:
+    client = Connection(Role.CLIENT)
+    return b"".join(client.send(m) for m in messages)  # type: ignore[arg-type]
+
+
+async def test_status_through_async_and_blocking_clients(broker: RunningBroker) -> None:
+    async with AsyncClient(broker.socket) as client:
+        status = await client.status()
+    assert status.pid == os.getpid()
+    assert status.socket == str(broker.socket)
+    assert status.socket_mode == "0600"
+    assert status.key_source.startswith("file")
+
+    def blocking() -> int:
+        with Client(broker.socket) as c:
+            return c.status().requests
+
+    assert await anyio.to_thread.run_sync(blocking) >= 2
+
+
+async def test_socket_and_directory_are_private(broker: RunningBroker) -> None:
+    assert stat.S_IMODE(os.lstat(broker.socket).st_mode) == 0o600
+    assert stat.S_IMODE(os.lstat(broker.socket.parent).st_mode) == 0o700
+
+
+async def test_request_before_hello_then_hello(broker: RunningBroker) -> None:
+    replies, _ = await anyio.to_thread.run_sync(
+        raw_exchange, broker.socket, frames(GetStatus(id=5), Hello(id=6, version=1),
+                                            GetStatus(id=7)))
+    assert isinstance(replies[0], Error)
+    assert replies[0].code == ErrorCode.HANDSHAKE_REQUIRED
+    assert replies[0].id == 5
+    assert isinstance(replies[1], Welcome)
+    assert replies[2].id == 7
+    assert not isinstance(replies[2], Error)
+
+
+async def test_unsupported_version(broker: RunningBroker) -> None:
+    replies, _ = await anyio.to_thread.run_sync(
+        raw_exchange, broker.socket, frames(Hello(id=1, version=9)))
+    assert isinstance(replies[0], Error)
+    assert replies[0].code == "unsupported_version"
+    assert replies[0].supported_versions == [1]
+
+
+@pytest.mark.parametrize("header", [2**32 - 1, 1024 * 1024 + 1])
+async def test_oversized_frame_gets_error_and_close(broker: RunningBroker, header: int) -> None:
+    data = header.to_bytes(4, "big") + b"\x00" * 100
+    replies, closed = await anyio.to_thread.run_sync(raw_exchange, broker.socket, data)
+    assert closed
+    assert isinstance(replies[0], Error)
+    assert replies[0].code == "resource_exhausted"
+    async with AsyncClient(broker.socket) as client:  # still serving
+        await client.status()
+
+
+async def test_garbage_and_truncated_frames(broker: RunningBroker) -> None:
+    replies, closed = await anyio.to_thread.run_sync(
+        raw_exchange, broker.socket, (20).to_bytes(4, "big") + b"\xc1" * 20)
+    assert closed
+    assert isinstance(replies[0], Error)
+    assert replies[0].code == "invalid_argument"
+    replies, closed = await anyio.to_thread.run_sync(
+        raw_exchange, broker.socket, frames(Hello(id=1, version=1))[:-3])
+    assert closed
+    async with AsyncClient(broker.socket) as client:
+        await client.status()
+
+
+async def test_slow_and_silent_clients_are_reaped(paths: Paths) -> None:
+    config = make_config(paths, handshake_timeout=0.3, frame_timeout=0.3, idle_timeout=0.5)
+    async with anyio.create_task_group() as tg:
+        running = await start_broker(tg, config)
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.connect(str(running.socket))
+        trickle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        trickle.connect(str(running.socket))
+        trickle.send(frames(Hello(id=1, version=1))[:3])
+        with anyio.fail_after(5):
+            for sock in (silent, trickle):
+                sock.setblocking(False)
+                while True:
+                    try:
+                        if sock.recv(100) == b"":
+                            break
+                    except BlockingIOError:
+                        await anyio.sleep(0.05)
+        silent.close()
+        trickle.close()
+        running.stop.set()
+
+
+async def test_connection_limit_refuses_the_excess(paths: Paths) -> None:
+    config = make_config(paths, max_connections=3)
+    async with anyio.create_task_group() as tg:
+        running = await start_broker(tg, config)
+        held = [await AsyncClient(running.socket).__aenter__() for _ in range(3)]
+        with pytest.raises(ResourceExhausted, match="3 connections open"):
+            async with AsyncClient(running.socket) as extra:
+                await extra.status()
+        await held[0].aclose()
+        with anyio.fail_after(5):
+            while True:
+                try:
+                    async with AsyncClient(running.socket) as again:
+                        await again.status()
+                    break
+                except Exception:
+                    await anyio.sleep(0.05)
+        for c in held[1:]:
+            await c.aclose()
+        running.stop.set()
+
+
+async def test_second_daemon_is_refused_and_first_untouched(broker: RunningBroker) -> None:
+    with pytest.raises(AlreadyRunning, match="already running"):
+        await serve(broker.config)
+    async with AsyncClient(broker.socket) as client:
+        await client.status()
+
+
+async def test_stale_socket_is_replaced(paths: Paths) -> None:
+    paths.socket.parent.mkdir(mode=0o700, parents=True)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(paths.socket))
+    stale.close()  # a socket file nobody listens on
+    async with anyio.create_task_group() as tg:
+        running = await start_broker(tg, make_config(paths))
+        async with AsyncClient(running.socket) as client:
+            await client.status()
+        running.stop.set()
+    assert not paths.socket.exists()  # removed at shutdown
+
+
+@pytest.mark.parametrize("problem", ["loose", "symlink", "not_socket", "socket_symlink"])
+async def test_hostile_socket_paths_are_refused(paths: Paths, short_dir: Path,
+                                                problem: str) -> None:
+    directory = paths.socket.parent
+    if problem == "loose":
+        directory.mkdir(mode=0o700)
+        os.chmod(directory, 0o777)
+    elif problem == "symlink":
+        (short_dir / "elsewhere").mkdir(mode=0o700)
+        directory.symlink_to(short_dir / "elsewhere")
+    elif problem == "not_socket":
+        directory.mkdir(mode=0o700)
+        paths.socket.write_text("x")
+    else:
+        directory.mkdir(mode=0o700)
+        paths.socket.symlink_to(short_dir / "target")
+    before = os.lstat(directory)
+    with pytest.raises(StartupError) as info:
+        await serve(make_config(paths))
+    assert str(directory) in str(info.value)
+    after = os.lstat(directory)
+    assert (before.st_mode, before.st_ino) == (after.st_mode, after.st_ino)  # not chmod-ed
+
+
+async def test_socket_path_too_long(short_dir: Path) -> None:
+    long = short_dir / ("x" * 120) / "b.sock"
+    with pytest.raises(StartupError, match="over the 103-byte limit"):
+        await serve(make_config(Paths(home=short_dir / "h", socket=long)))
+
+
+async def test_client_refuses_untrusted_directory(broker: RunningBroker) -> None:
+    os.chmod(broker.socket.parent, 0o777)
+    try:
+        with pytest.raises(BrokerUnavailable, match="mode 0777"):
+            async with AsyncClient(broker.socket):
+                pass
+    finally:
+        os.chmod(broker.socket.parent, 0o700)
+
+
+async def test_client_unavailable_names_socket_and_fix(paths: Paths) -> None:
+    with pytest.raises(BrokerUnavailable) as info:
+        Client(paths.socket).connect()
+    assert str(paths.socket) in info.value.message
+    assert "stigmer-broker start" in info.value.message
+
+
+async def test_peer_of_another_uid_is_refused_before_any_frame(broker: RunningBroker) -> None:
+    # loosen the modes on purpose so that uid 65534 can reach the socket at all
+    os.chmod(broker.socket.parent, 0o755)
+    os.chmod(broker.socket.parent.parent, 0o755)
+    os.chmod(broker.socket, 0o666)
+    script = (
+        "import socket,sys\n"
+        "s=socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])\n"
+        "s.sendall(bytes.fromhex(sys.argv[2]))\n"
+        "try:\n    data=s.recv(100)\nexcept ConnectionResetError:\n    data=b''\n"
+        "print('closed' if data==b'' else 'answered')\n"
+    )
+    hello = frames(Hello(id=1, version=1)).hex()
+    python = python_for_nobody()
+    result = await anyio.to_thread.run_sync(lambda: subprocess.run(
+        [python, "-c", script, str(broker.socket), hello], user=NOBODY,
+        capture_output=True, text=True, timeout=30))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "closed", result.stderr
+    os.chmod(broker.socket.parent, 0o700)
+    async with AsyncClient(broker.socket) as client:
+        assert (await client.status()).requests >= 0

@@ -1,0 +1,224 @@
+"""The store with its key: environments at rest, tampering, interrupted rotations."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from stigmer.broker import vault as vault_module
+from stigmer.broker.environments import Environments
+from stigmer.broker.errors import Internal, NotFound
+from stigmer.broker.keys import FileKey
+from stigmer.broker.protocol import EnvironmentSpec, Variable
+from stigmer.broker.vault import Vault, VaultError
+
+pytestmark = pytest.mark.anyio
+SENTINEL = "SENTINEL-7f3a9c-secret"
+
+
+async def open_vault(home: Path, env_key: str | None = None) -> Vault:
+    return await Vault.open(home / "local.db", env_key=env_key, key_file=home / "master.key",
+                            use_keychain=False)
+
+
+@pytest.fixture
+async def vault(short_dir: Path) -> AsyncIterator[Vault]:
+    v = await open_vault(short_dir)
+    yield v
+    await v.close()
+
+
+def secret(value: str) -> Variable:
+    return Variable(value=value, is_secret=True)
+
+
+async def test_round_trip_and_restart(short_dir: Path) -> None:
+    v = await open_vault(short_dir)
+    envs = Environments(v)
+    await envs.put("dev", {"A": Variable(value="1"), "S": secret(SENTINEL)})
+    await v.close()
+    v = await open_vault(short_dir)
+    try:
+        got = await Environments(v).get("dev", reveal=True)
+        assert got.data["S"].value == SENTINEL
+        assert got.data["A"].value == "1"
+        masked = await Environments(v).get("dev", reveal=False)
+        assert masked.data["S"].value is None
+    finally:
+        await v.close()
+
+
+async def test_files_are_private_under_umask_000(short_dir: Path) -> None:
+    old = os.umask(0)
+    try:
+        v = await open_vault(short_dir / "h")
+        await Environments(v).put("e", {"S": secret("x")})
+        names = sorted(p.name for p in (short_dir / "h").iterdir())
+        modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in (short_dir / "h").iterdir()}
+        await v.close()
+    finally:
+        os.umask(old)
+    assert "local.db-wal" in names
+    assert all(mode == 0o600 for mode in modes.values()), modes
+
+
+async def test_no_plaintext_secret_on_disk(short_dir: Path, vault: Vault) -> None:
+    envs = Environments(vault)
+    await envs.put("dev", {"S": secret(SENTINEL)})
+    await envs.put("dev", {"T": secret(SENTINEL + "-2")})
+    for path in short_dir.iterdir():
+        assert SENTINEL.encode() not in path.read_bytes(), path
+
+
+async def test_deleted_secret_leaves_the_files_after_checkpoint(short_dir: Path,
+                                                                vault: Vault) -> None:
+    envs = Environments(vault)
+    await envs.put("dev", {"S": Variable(value="PLAIN-SENTINEL-VALUE")})
+    await envs.delete("dev")
+    await vault.store.checkpoint()
+    for path in short_dir.iterdir():
+        assert b"PLAIN-SENTINEL-VALUE" not in path.read_bytes(), path
+
+
+def _db(short_dir: Path) -> sqlite3.Connection:
+    return sqlite3.connect(short_dir / "local.db", isolation_level=None)
+
+
+@pytest.mark.parametrize("attack", ["swap_variables", "swap_environments", "flip", "truncate"])
+async def test_tampered_rows_fail_alone(short_dir: Path, attack: str) -> None:
+    v = await open_vault(short_dir)
+    envs = Environments(v)
+    await envs.put("a", {"S1": secret("a-one"), "S2": secret("a-two")})
+    await envs.put("b", {"S1": secret("b-one")})
+    await envs.put("c", {"S1": secret("c-one")})
+    await v.close()
+    with _db(short_dir) as db:
+        rows = {(e, n): s for e, n, s in db.execute(
+            "SELECT e.name, v.name, v.sealed FROM variables v JOIN environments e "
+            "ON e.id = v.env_id")}
+        def put(env: str, var: str, blob: bytes) -> None:
+            db.execute("UPDATE variables SET sealed = ? WHERE name = ? AND env_id = "
+                       "(SELECT id FROM environments WHERE name = ?)", (blob, var, env))
+        if attack == "swap_variables":
+            put("a", "S1", rows[("a", "S2")])
+        elif attack == "swap_environments":
+            put("a", "S1", rows[("b", "S1")])
+        elif attack == "flip":
+            blob = bytearray(rows[("a", "S1")])
+            blob[-5] ^= 1
+            put("a", "S1", bytes(blob))
+        else:
+            put("a", "S1", rows[("a", "S1")][:10])
+    v = await open_vault(short_dir)
+    try:
+        envs = Environments(v)
+        with pytest.raises(Internal, match="secret S1 of environment 'a' cannot be opened") as e:
+            await envs.get("a", reveal=True)
+        assert "a-one" not in str(e.value)
+        assert "b-one" not in str(e.value)
+        assert (await envs.get("a", reveal=False)).data["S1"].value is None
+        assert (await envs.get("b", reveal=True)).data["S1"].value == "b-one"
+        assert (await envs.get("c", reveal=True)).data["S1"].value == "c-one"
+    finally:
+        await v.close()
+
+
+async def test_tampered_data_key_refuses_start(short_dir: Path) -> None:
+    v = await open_vault(short_dir)
+    await v.close()
+    with _db(short_dir) as db:
+        db.execute("UPDATE data_keys SET wrapped = substr(wrapped, 1, 20)")
+    with pytest.raises(VaultError, match="tampered with or damaged"):
+        await open_vault(short_dir)
+
+
+async def test_apply_is_all_or_nothing_and_replaces(vault: Vault) -> None:
+    envs = Environments(vault)
+    await envs.put("x", {"OLD": Variable(value="1")})
+    await envs.apply([EnvironmentSpec(name="x", data={"NEW": secret("n")}),
+                      EnvironmentSpec(name="y", data={})])
+    assert set((await envs.get("x", reveal=False)).data) == {"NEW"}
+    assert [e.name for e in await envs.list()] == ["x", "y"]
+
+
+async def test_unset_missing_key_changes_nothing(vault: Vault) -> None:
+    envs = Environments(vault)
+    await envs.put("x", {"A": Variable(value="1"), "B": Variable(value="2")})
+    with pytest.raises(NotFound, match="C"):
+        await envs.unset("x", ["A", "C"])
+    assert set((await envs.get("x", reveal=False)).data) == {"A", "B"}
+
+
+async def test_wrong_key_refused_before_rows(short_dir: Path) -> None:
+    v = await open_vault(short_dir)
+    await Environments(v).put("e", {"S": secret("x")})
+    await v.close()
+    (short_dir / "master.key").unlink()
+    FileKey(short_dir / "master.key").write(os.urandom(32))
+    with pytest.raises(VaultError, match="does not open the store"):
+        await open_vault(short_dir)
+
+
+async def test_rotation_round_trip(short_dir: Path) -> None:
+    v = await open_vault(short_dir)
+    await Environments(v).put("e", {"S": secret("keep-me")})
+    old_id = v.master.id
+    result = await v.rotate()
+    assert result.key_id != old_id
+    assert result.rewrapped == 1
+    await v.close()
+    v = await open_vault(short_dir)
+    try:
+        assert v.master.id == result.key_id
+        assert (await Environments(v).get("e", reveal=True)).data["S"].value == "keep-me"
+    finally:
+        await v.close()
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("step", ["before_store", "after_store"])
+async def test_rotation_interrupted_then_rerun(short_dir: Path, step: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    v = await open_vault(short_dir)
+    await Environments(v).put("e", {"S": secret("keep-me")})
+    if step == "before_store":
+        async def fail_store(*args: object) -> None:
+            raise Boom()
+        monkeypatch.setattr(vault_module, "store_master_key", fail_store)
+    else:
+        async def fail_finish(*args: object) -> None:
+            raise Boom()
+        monkeypatch.setattr(vault_module, "_finish_rotation", fail_finish)
+    with pytest.raises(Boom):
+        await v.rotate()
+    await v.close()
+    monkeypatch.undo()
+    v = await open_vault(short_dir)  # reopens with whichever key the file now holds
+    try:
+        assert (await Environments(v).get("e", reveal=True)).data["S"].value == "keep-me"
+        assert await v.store.meta("pending_master_key_id") is None
+        await v.rotate()
+        assert (await Environments(v).get("e", reveal=True)).data["S"].value == "keep-me"
+    finally:
+        await v.close()
+
+
+async def test_env_key_rotation_explains_what_to_do(short_dir: Path) -> None:
+    import base64
+
+    from stigmer.broker.errors import FailedPrecondition
+
+    v = await open_vault(short_dir, base64.b64encode(os.urandom(32)).decode())
+    try:
+        with pytest.raises(FailedPrecondition, match="To rotate"):
+            await v.rotate()
+    finally:
+        await v.close()
