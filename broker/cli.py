@@ -381,6 +381,165 @@ def cmd_key_rotate(args: argparse.Namespace, paths: Paths) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------- contexts
+
+
+def cmd_context_create(args: argparse.Namespace, paths: Paths) -> int:
+    from .manifests import check_name, parse_duration, read_env_spec
+
+    execution_id = check_name(args.execution_id, "execution id")
+    environments = [check_name(e, "--environment") for e in args.environment or []]
+    spec = {}
+    if args.spec:
+        try:
+            text = Path(args.spec).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"--spec {args.spec}: cannot be read "
+                                  f"({getattr(exc, 'strerror', None) or type(exc).__name__})"
+                                  ) from None
+        spec = read_env_spec(text, args.spec)
+    runtime = collect_variables(args.env or [], args.secret or [], args.env_file,
+                                pair_flag="--env")
+    ttl = parse_duration(args.ttl, "--ttl")
+    token_ttl = parse_duration(args.token_ttl, "--token-ttl")
+    with _client(paths) as client:
+        created = client.create_context(execution_id, env_spec=spec, environments=environments,
+                                        runtime=runtime, ttl_s=ttl, token_ttl_s=token_ttl,
+                                        max_uses=args.max_uses)
+    if args.json:
+        _print_json({"execution_id": created.execution_id, "token": created.token,
+                     "token_id": created.token_id, "expires_at": created.expires_at,
+                     "token_expires_at": created.token_expires_at,
+                     "keys": [_key_json(k) for k in created.keys]})
+    else:
+        print(created.token)
+    return EXIT_OK
+
+
+def _key_json(key: Any) -> dict[str, Any]:
+    return {"key": key.key, "is_secret": key.is_secret, "source": key.source}
+
+
+def cmd_context_token(args: argparse.Namespace, paths: Paths) -> int:
+    from .manifests import check_name, parse_duration
+
+    with _client(paths) as client:
+        issued = client.issue_token(check_name(args.execution_id, "execution id"),
+                                    ttl_s=parse_duration(args.ttl, "--ttl"),
+                                    max_uses=args.max_uses)
+    print(issued.token)
+    return EXIT_OK
+
+
+def cmd_context_show(args: argparse.Namespace, paths: Paths) -> int:
+    from .manifests import check_name
+
+    with _client(paths) as client:
+        info = client.get_context(check_name(args.execution_id, "execution id"))
+    if args.json:
+        _print_json({"execution_id": info.execution_id, "created_at": info.created_at,
+                     "expires_at": info.expires_at, "keys": [_key_json(k) for k in info.keys],
+                     "tokens": [{"token_id": t.token_id, "created_at": t.created_at,
+                                 "expires_at": t.expires_at, "uses": t.uses,
+                                 "uses_left": None if t.max_uses is None
+                                 else max(t.max_uses - t.uses, 0)} for t in info.tokens]})
+        return EXIT_OK
+    print(f"context {info.execution_id} (expires {_when(info.expires_at)})")
+    width = max((len(k.key) for k in info.keys), default=0)
+    for k in info.keys:
+        print(f"  {k.key:<{width}}  {'secret' if k.is_secret else 'plain ':<6}  from {k.source}")
+    print(f"tokens ({len(info.tokens)} live):")
+    for t in info.tokens:
+        left = "unlimited" if t.max_uses is None else f"{max(t.max_uses - t.uses, 0)} uses left"
+        print(f"  {t.token_id}  expires {_when(t.expires_at)}, used {t.uses}, {left}")
+    return EXIT_OK
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def cmd_context_list(args: argparse.Namespace, paths: Paths) -> int:
+    with _client(paths) as client:
+        contexts = client.list_contexts()
+    if args.json:
+        _print_json([{"execution_id": c.execution_id, "created_at": c.created_at,
+                      "expires_at": c.expires_at, "keys": c.keys, "secrets": c.secrets,
+                      "tokens": c.tokens} for c in contexts])
+        return EXIT_OK
+    if not contexts:
+        print("no live contexts")
+    for c in contexts:
+        print(f"{c.execution_id}  {c.keys} keys ({c.secrets} secret), {c.tokens} tokens, "
+              f"expires {_when(c.expires_at)}")
+    return EXIT_OK
+
+
+def cmd_context_complete(args: argparse.Namespace, paths: Paths) -> int:
+    from .manifests import check_name
+
+    with _client(paths) as client:
+        client.complete_context(check_name(args.execution_id, "execution id"))
+    print(f"context {args.execution_id} completed; its tokens are revoked")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("run needs a command: stigmer-broker run [--token T] -- COMMAND [ARGS]")
+    with _client(paths) as client:
+        context = client.fetch_context(args.token)
+    env = dict(os.environ)
+    env.pop("STIGMER_EXECUTION_TOKEN", None)
+    env.update(context.as_env())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(command[0], command, env)  # noqa: S606 - the user's own command
+    except FileNotFoundError:
+        _error(f"command not found: {command[0]}")
+        return 127
+    except PermissionError:
+        _error(f"command not executable: {command[0]}")
+        return 126
+    except OSError as exc:
+        _error(f"cannot run {command[0]}: {exc.strerror}")
+        return 126
+
+
+def cmd_audit(args: argparse.Namespace, paths: Paths) -> int:
+    from .manifests import check_name
+
+    execution_id = check_name(args.execution, "--execution") if args.execution else None
+    with _client(paths) as client:
+        records = client.audit(execution_id, args.limit)
+    if args.json:
+        import msgspec
+
+        _print_json(msgspec.to_builtins(records))
+        return EXIT_OK
+    for r in records:
+        who = f"uid {r.peer_uid} pid {r.peer_pid}" if r.peer_uid is not None else "broker"
+        token = f" {r.token_id}" if r.token_id else ""
+        detail = f" ({r.detail})" if r.detail else ""
+        print(f"{r.seq:>6}  {_when(r.at)}  {r.event:<18} {r.outcome:<8} "
+              f"{r.execution_id or '-'}{token}  {who}{detail}")
+    return EXIT_OK
+
+
+def cmd_audit_verify(args: argparse.Namespace, paths: Paths) -> int:
+    with _client(paths) as client:
+        result = client.verify_audit()
+    if result.ok:
+        print(f"audit chain intact ({result.records} records)")
+        return EXIT_OK
+    _error(f"audit chain broken at record {result.first_broken}: {result.reason}")
+    return EXIT_FAILED
+
+
 # ------------------------------------------------------------------------ parser
 
 
@@ -444,6 +603,49 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("apply", cmd_apply, "apply Environment manifests (YAML, one or more documents)")
     p.add_argument("-f", "--file", required=True, metavar="FILE", help="manifest file, - for stdin")
+
+    ctx = sub.add_parser("context", help="execution contexts: create, tokens, show, complete")
+    ctx_sub = ctx.add_subparsers(title="context commands", metavar="COMMAND")
+    p = command("create", cmd_context_create,
+                "merge spec < environments < runtime into a context; print its token", ctx_sub)
+    p.add_argument("execution_id", metavar="EXEC_ID")
+    p.add_argument("--environment", action="append", metavar="NAME",
+                   help="an environment to merge, in order (repeatable)")
+    p.add_argument("--spec", metavar="FILE", help="Agent/Workflow manifest or bare env_spec map "
+                   "(YAML or JSON)")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="a runtime variable")
+    p.add_argument("--secret", action="append", metavar="KEY[=VALUE]",
+                   help="a runtime secret; without =VALUE it is prompted for (or read from stdin)")
+    p.add_argument("--env-file", metavar="FILE", help="runtime variables (as secrets) from a "
+                   ".env file; --env/--secret win")
+    p.add_argument("--ttl", default="24h", help="context lifetime (default 24h)")
+    p.add_argument("--token-ttl", default="15m", help="token lifetime (default 15m)")
+    p.add_argument("--max-uses", type=int, metavar="N", help="fetches the token allows")
+    p.add_argument("--json", action="store_true")
+    p = command("token", cmd_context_token, "issue another token for a context", ctx_sub)
+    p.add_argument("execution_id", metavar="EXEC_ID")
+    p.add_argument("--ttl", default="15m", help="token lifetime (default 15m)")
+    p.add_argument("--max-uses", type=int, metavar="N")
+    p = command("show", cmd_context_show, "keys, provenance, expiry and tokens (no values)",
+                ctx_sub)
+    p.add_argument("execution_id", metavar="EXEC_ID")
+    p.add_argument("--json", action="store_true")
+    p = command("list", cmd_context_list, "list live contexts", ctx_sub)
+    p.add_argument("--json", action="store_true")
+    p = command("complete", cmd_context_complete, "delete a context and revoke its tokens",
+                ctx_sub)
+    p.add_argument("execution_id", metavar="EXEC_ID")
+
+    p = command("run", cmd_run, "fetch a context and exec COMMAND with its variables")
+    p.add_argument("--token", help="execution token (default: $STIGMER_EXECUTION_TOKEN)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS]")
+
+    p = command("audit", cmd_audit, "show the audit log")
+    p.add_argument("--execution", metavar="ID", help="only this execution's records")
+    p.add_argument("--limit", type=int, default=100, help="newest N records (default 100)")
+    p.add_argument("--json", action="store_true")
+    audit_sub = p.add_subparsers(title="audit commands", metavar="COMMAND")
+    command("verify", cmd_audit_verify, "check the audit log's hash chain", audit_sub)
 
     key = sub.add_parser("key", help="manage the master key")
     key_sub = key.add_subparsers(title="key commands", metavar="COMMAND")

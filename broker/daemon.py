@@ -90,6 +90,7 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
             counters = Counters()
             stop = anyio.Event()
             service = Service(config, vault, counters, request_shutdown=stop.set)
+            await service.start()
             server = Server(listener, service, config.limits, counters, group_gid=gid)
 
             async def shutdown() -> None:
@@ -106,7 +107,12 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
 
             log.info("serving on %s (store %s, key %s, pid %d)", config.paths.socket,
                      config.paths.store, vault.master.describe(), os.getpid())
-            await server.serve(shutdown, task_status=task_status)
+            async with anyio.create_task_group() as background:
+                background.start_soon(service.maintain)
+                await server.serve(shutdown, task_status=task_status)
+                background.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await service.close()
             log.info("stopped")
         finally:
             with anyio.CancelScope(shield=True):

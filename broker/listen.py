@@ -41,7 +41,8 @@ class BoundSocket:
     lock_fd: int
 
     def remove(self) -> None:
-        """Unlink the socket if it is still the one we bound; release the lock."""
+        """Close and unlink the socket if it is still the one we bound; release the lock."""
+        self.sock.close()
         with contextlib.suppress(OSError):
             if os.lstat(self.path).st_ino == self.inode:
                 os.unlink(self.path)

@@ -18,12 +18,13 @@ from .protocol import (
     NAME_PATTERN,
     VAR_NAME_PATTERN,
     EnvironmentSpec,
+    SpecEntry,
     Variable,
 )
 
 __all__ = [
-    "API_VERSION", "check_name", "check_var_name", "parse_assignment", "read_env_file",
-    "read_environment_manifests",
+    "API_VERSION", "check_name", "check_var_name", "parse_assignment", "parse_duration",
+    "read_env_file", "read_env_spec", "read_environment_manifests",
 ]
 
 API_VERSION = "ai.stigmer.agentic/v1"
@@ -149,3 +150,59 @@ def _only(mapping: Mapping[str, Any], allowed: Iterable[str], where: str) -> Non
     unknown = sorted(set(map(str, mapping)) - set(allowed))
     if unknown:
         raise InvalidArgument(f"{where}: unknown field {unknown[0]!r}")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, flag: str) -> float:
+    """Return seconds for ``30s``, ``15m``, ``2h``, ``1d`` (a bare number is seconds)."""
+    match = _DURATION.fullmatch(text.strip())
+    seconds = float(match.group(1)) * _UNITS[match.group(2)] if match else 0.0
+    if seconds <= 0:
+        raise InvalidArgument(f"{flag} {text!r} is not a duration: use e.g. 30s, 15m, 2h, 1d")
+    if seconds > 366 * 86400:
+        raise InvalidArgument(f"{flag} {text!r} is longer than a year")
+    return seconds
+
+
+def read_env_spec(text: str, source: str) -> dict[str, SpecEntry]:
+    """Return the env_spec of an Agent/Workflow manifest (``spec.env_spec.data``) or of a
+    bare ``{KEY: {value?, is_secret?, description?}}`` map, in YAML or JSON."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise InvalidArgument(f"--spec {source}: not valid YAML or JSON") from None
+    doc = _mapping(doc, f"--spec {source}")
+    if "kind" in doc or "spec" in doc:
+        kind = doc.get("kind")
+        if kind not in ("Agent", "Workflow"):
+            raise InvalidArgument(f"--spec {source}: kind {kind!r} has no env_spec "
+                                  "(use an Agent or Workflow manifest, or a bare map)")
+        spec = _mapping(doc.get("spec", {}), f"--spec {source} spec")
+        env_spec = _mapping(spec.get("env_spec", {}), f"--spec {source} spec.env_spec")
+        _only(env_spec, {"data", "description"}, f"--spec {source} spec.env_spec")
+        data = _mapping(env_spec.get("data", {}), f"--spec {source} spec.env_spec.data")
+        where = f"--spec {source} spec.env_spec.data"
+    else:
+        data, where = doc, f"--spec {source}"
+    out: dict[str, SpecEntry] = {}
+    for key, entry in data.items():
+        check_var_name(str(key), where)
+        field = f"{where}.{key}"
+        entry = _mapping(entry if entry is not None else {}, field)
+        _only(entry, {"value", "is_secret", "description"}, field)
+        value = entry.get("value")
+        if value is not None and (isinstance(value, bool) or
+                                  not isinstance(value, str | int | float)):
+            raise InvalidArgument(f"{field}.value must be a string")
+        is_secret = entry.get("is_secret", False)
+        if not isinstance(is_secret, bool):
+            raise InvalidArgument(f"{field}.is_secret must be true or false")
+        description = entry.get("description", "")
+        out[str(key)] = SpecEntry(value=None if value is None else str(value),
+                                  is_secret=is_secret, description=str(description or ""))
+    return out

@@ -9,40 +9,63 @@ are raised as :mod:`.errors` classes and turned into error frames by the server.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import stat
 import time
 from collections.abc import Callable
 
+import anyio
+
 from . import __version__
+from .audit import Audit
 from .config import Config
+from .contexts import Contexts
 from .environments import Environments
-from .errors import InvalidArgument, PermissionDenied
+from .errors import BrokerError, InvalidArgument, PermissionDenied
 from .protocol import (
     PROTOCOL_VERSION,
     ApplyEnvironments,
+    AuditLog,
+    AuditVerified,
+    CompleteContext,
+    ContextCreated,
+    ContextFetched,
+    ContextInfo,
+    ContextList,
+    CreateContext,
     DeleteEnvironment,
     Environment,
     EnvironmentList,
+    FetchContext,
+    GetContext,
     GetEnvironment,
     GetStatus,
     Hello,
+    IssueToken,
     KeyRotated,
+    ListAudit,
+    ListContexts,
     ListEnvironments,
     Ok,
     PutEnvironment,
+    ReleaseContext,
     Request,
     Response,
     RotateKey,
     Shutdown,
     Status,
+    TokenIssued,
     UnsetVariables,
+    VerifyAudit,
     Welcome,
 )
 from .server import Peer
 from .vault import Vault
 
 __all__ = ["Counters", "Service"]
+
+log = logging.getLogger("stigmer.broker")
 
 
 @dataclasses.dataclass(slots=True)
@@ -64,6 +87,35 @@ class Service:
         self._request_shutdown = request_shutdown
         self._started = time.monotonic()
         self.environments = Environments(vault)
+        self.audit = Audit(vault.store)
+        self.contexts = Contexts(vault, self.environments, self.audit)
+
+    async def start(self) -> None:
+        """Load the audit chain's tail and the live contexts (dropping expired ones)."""
+        await self.audit.load()
+        await self.contexts.load()
+
+    async def maintain(self, *, flush_interval: float = 0.2, sweep_interval: float = 10.0) -> None:
+        """Run forever: flush buffered audit records, sweep expired contexts."""
+        next_sweep = time.monotonic() + sweep_interval
+        while True:
+            await anyio.sleep(flush_interval)
+            try:
+                await self.audit.flush()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + sweep_interval
+                    if await self.contexts.sweep():
+                        await self.audit.flush()
+            except BrokerError as exc:  # disk full and the like: keep buffering, retry
+                log.warning("background write failed: %s", exc.message)
+
+    async def close(self) -> None:
+        """Write what is still buffered."""
+        try:
+            await self.audit.flush()
+        except BrokerError as exc:
+            log.error("could not write %d buffered audit records: %s", self.audit.pending,
+                      exc.message)
 
     async def handle(self, request: Request, peer: Peer) -> Response:
         """Return the response to ``request``; raise a BrokerError to refuse it."""
@@ -103,6 +155,42 @@ class Service:
                 result = await self._vault.rotate()
                 return KeyRotated(id=rid, key_id=result.key_id, rewrapped=result.rewrapped,
                                   key_source=result.key_source)
+            case FetchContext(token=token):
+                fetched = self.contexts.fetch(token, peer)
+                return ContextFetched(id=rid, execution_id=fetched.execution_id,
+                                      expires_at=fetched.expires_at,
+                                      variables=fetched.variables)
+            case CreateContext():
+                created = await self.contexts.create(request, peer)
+                return ContextCreated(id=rid, execution_id=created.execution_id,
+                                      expires_at=created.expires_at, token=created.token.token,
+                                      token_id=created.token.token_id,
+                                      token_expires_at=created.token_expires_at,
+                                      keys=created.keys)
+            case IssueToken(execution_id=execution_id, ttl_s=ttl_s, max_uses=max_uses):
+                issued, expires_at = await self.contexts.issue(execution_id, ttl_s, max_uses,
+                                                               peer)
+                return TokenIssued(id=rid, execution_id=execution_id, token=issued.token,
+                                   token_id=issued.token_id, expires_at=expires_at)
+            case GetContext(execution_id=execution_id):
+                context, key_infos, token_infos = self.contexts.describe(execution_id)
+                return ContextInfo(id=rid, execution_id=execution_id,
+                                   created_at=context.created_at, expires_at=context.expires_at,
+                                   keys=key_infos, tokens=token_infos)
+            case ListContexts():
+                return ContextList(id=rid, contexts=self.contexts.summaries())
+            case CompleteContext(execution_id=execution_id):
+                await self.contexts.complete(execution_id, peer)
+                return Ok(id=rid)
+            case ReleaseContext(token=token):
+                await self.contexts.release(token, peer)
+                return Ok(id=rid)
+            case ListAudit(execution_id=execution_id, limit=limit):
+                return AuditLog(id=rid, records=await self.audit.list(execution_id, limit))
+            case VerifyAudit():
+                count, broken, reason = await self.audit.verify()
+                return AuditVerified(id=rid, ok=broken is None, records=count,
+                                     first_broken=broken, reason=reason)
         raise InvalidArgument(f"{type(request).__name__} is not a request this broker serves")
 
     async def _environment(self, rid: int, name: str, *, reveal: bool) -> Environment:
@@ -112,6 +200,7 @@ class Service:
 
     async def _status(self, rid: int) -> Status:
         paths = self._config.paths
+        contexts, tokens = self.contexts.live_counts()
         try:
             mode = f"{stat.S_IMODE(os.lstat(paths.socket).st_mode):04o}"
         except OSError:
@@ -121,6 +210,6 @@ class Service:
             uptime_s=round(time.monotonic() - self._started, 3),
             socket=str(paths.socket), socket_mode=mode, store=str(paths.store),
             key_source=self._vault.master.describe(), started_by=self._config.started_by,
-            environments=await self.environments.count(), contexts=0, tokens=0,
+            environments=await self.environments.count(), contexts=contexts, tokens=tokens,
             requests=self._counters.requests, connections=self._counters.connections,
         )

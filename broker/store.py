@@ -67,6 +67,44 @@ MIGRATIONS: tuple[str, ...] = (
             OR (is_secret = 1 AND value IS NULL AND sealed IS NOT NULL))
     );
     """,
+    # 2: execution contexts, their tokens (hashes only), the audit chain
+    """
+    CREATE TABLE contexts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        execution_id TEXT NOT NULL UNIQUE,
+        sealed BLOB NOT NULL,
+        keys TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        hash BLOB NOT NULL UNIQUE,
+        context_id INTEGER NOT NULL REFERENCES contexts(id) ON DELETE CASCADE,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        max_uses INTEGER,
+        uses INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX tokens_by_context ON tokens(context_id);
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        event TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        execution_id TEXT NOT NULL,
+        token_id TEXT NOT NULL,
+        peer_uid INTEGER,
+        peer_pid INTEGER,
+        detail TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_by_execution ON audit(execution_id, seq);
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    """,
 )
 
 
@@ -146,14 +184,12 @@ class Store:
                 f"store {self.path} has schema version {version}, newer than this broker "
                 f"knows ({len(MIGRATIONS)}); upgrade stigmer-broker")
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            await self._db.execute("BEGIN IMMEDIATE")
             try:
-                for statement in filter(str.strip, script.split(";")):
-                    await self._db.execute(statement)
-                await self._db.execute(f"PRAGMA user_version = {number}")
-                await self._db.execute("COMMIT")
+                await self._db.executescript(
+                    f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
                 raise
 
     async def close(self) -> None:

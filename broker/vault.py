@@ -137,13 +137,14 @@ class Vault:
         keys = {kid: unwrap_data_key(new, new_id, kid, wrapped) for kid, wrapped in rows}
         candidate = DataKeys(keys, self.data_keys.active)
         sealed = await self.store.read(
-            "SELECT env_id, name, sealed FROM variables WHERE is_secret = 1")
-        for done, (env_id, name, envelope) in enumerate(sealed, start=1):
+            "SELECT 'variables', env_id, name, sealed FROM variables WHERE is_secret = 1 "
+            "UNION ALL SELECT 'contexts', id, execution_id, sealed FROM contexts")
+        for done, (table, row_id, name, envelope) in enumerate(sealed, start=1):
             try:
-                candidate.open(envelope, ("variables", env_id, name))
+                candidate.open(envelope, (table, row_id, name))
             except SealError:
-                log.warning("a sealed variable does not open (env id %s, %s); it was "
-                            "unreadable before the rotation too", env_id, name)
+                log.warning("a sealed %s row does not open (%s, %s); it was unreadable "
+                            "before the rotation too", table, row_id, name)
             if progress is not None and done % 1000 == 0:
                 await progress(done, len(sealed))
 

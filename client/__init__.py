@@ -27,9 +27,10 @@ from stigmer.broker.errors import (
     Unavailable,
     UnsupportedVersion,
 )
-from stigmer.broker.protocol import Variable
+from stigmer.broker.protocol import SpecEntry, Variable
 
-from ._common import variables
+from ._common import TOKEN_VARIABLE, variables
+from ._context import ExecutionContext, PlaceholderError, SecretFilter
 from ._sync import Client
 
 if TYPE_CHECKING:
@@ -39,7 +40,8 @@ __all__ = [
     "AlreadyExists", "AsyncClient", "BrokerError", "BrokerUnavailable", "Client", "ErrorCode",
     "FailedPrecondition", "HandshakeRequired", "Internal", "InvalidArgument", "NotFound",
     "PermissionDenied", "ProtocolError", "ResourceExhausted", "Unauthenticated", "Unavailable",
-    "UnsupportedVersion", "Variable", "variables",
+    "UnsupportedVersion", "Variable", "variables", "ExecutionContext", "PlaceholderError",
+    "SecretFilter", "SpecEntry", "TOKEN_VARIABLE",
 ]
 
 

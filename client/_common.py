@@ -16,8 +16,8 @@ from stigmer.broker.peer import peer_credentials
 from stigmer.broker.protocol import Error, Response, Variable
 
 __all__ = [
-    "RequestIds", "check_peer", "check_socket_dir", "default_socket", "expect", "unavailable",
-    "variables",
+    "TOKEN_VARIABLE", "RequestIds", "check_peer", "check_socket_dir", "default_socket",
+    "expect", "token_from", "unavailable", "variables",
 ]
 
 R = TypeVar("R", bound=Response)
@@ -90,6 +90,19 @@ def variables(plain: Mapping[str, str] | None = None,
             raise InvalidArgument(f"{k} is given both as a plain and as a secret variable")
         out[k] = Variable(value=v, is_secret=True)
     return out
+
+
+TOKEN_VARIABLE = "STIGMER_EXECUTION_TOKEN"  # noqa: S105 - a variable name
+
+
+def token_from(token: str | None) -> str:
+    """Return ``token``, or the one in ``$STIGMER_EXECUTION_TOKEN``; raise if neither."""
+    if token:
+        return token
+    env_token = os.environ.get(TOKEN_VARIABLE, "")
+    if not env_token:
+        raise InvalidArgument(f"no execution token: pass token= or set {TOKEN_VARIABLE}")
+    return env_token
 
 
 class RequestIds:

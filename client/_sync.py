@@ -14,31 +14,59 @@ from stigmer.broker.protocol import (
     NEED_DATA,
     PROTOCOL_VERSION,
     ApplyEnvironments,
+    AuditLog,
+    AuditRecord,
+    AuditVerified,
+    CompleteContext,
     Connection,
+    ContextCreated,
+    ContextFetched,
+    ContextInfo,
+    ContextList,
+    ContextSummary,
+    CreateContext,
     DeleteEnvironment,
     Environment,
     EnvironmentList,
     EnvironmentSpec,
     EnvironmentSummary,
+    FetchContext,
+    GetContext,
     GetEnvironment,
     GetStatus,
     Hello,
+    IssueToken,
     KeyRotated,
+    ListAudit,
+    ListContexts,
     ListEnvironments,
     Ok,
     PutEnvironment,
+    ReleaseContext,
     Request,
     Response,
     Role,
     RotateKey,
     Shutdown,
+    SpecEntry,
     Status,
+    TokenIssued,
     UnsetVariables,
     Variable,
+    VerifyAudit,
     Welcome,
 )
 
-from ._common import RequestIds, check_peer, check_socket_dir, default_socket, expect, unavailable
+from ._common import (
+    RequestIds,
+    check_peer,
+    check_socket_dir,
+    default_socket,
+    expect,
+    token_from,
+    unavailable,
+)
+from ._context import ExecutionContext
 
 __all__ = ["Client"]
 
@@ -179,3 +207,61 @@ class Client:
     def rotate_key(self) -> KeyRotated:
         """Replace the master key; may take a while on a large store."""
         return self.call(RotateKey(id=self._ids()), KeyRotated)
+
+    # ----------------------------------------------------------- execution contexts
+
+    def create_context(self, execution_id: str, *,
+                       env_spec: Mapping[str, SpecEntry] | None = None,
+                       environments: Iterable[str] = (),
+                       runtime: Mapping[str, Variable] | None = None,
+                       ttl_s: float = 86400.0, token_ttl_s: float = 900.0,
+                       max_uses: int | None = None) -> ContextCreated:
+        """Merge spec defaults < environments (in order) < runtime into a new context.
+
+        Returns it with its first token (shown only here). Raises AlreadyExists,
+        NotFound (an environment) or FailedPrecondition (required keys missing).
+        """
+        request = CreateContext(id=self._ids(), execution_id=execution_id,
+                                env_spec=dict(env_spec or {}), environments=list(environments),
+                                runtime=dict(runtime or {}), ttl_s=ttl_s,
+                                token_ttl_s=token_ttl_s, max_uses=max_uses)
+        return self.call(request, ContextCreated)
+
+    def issue_token(self, execution_id: str, *, ttl_s: float = 900.0,
+                    max_uses: int | None = None) -> TokenIssued:
+        """Issue another token for a live context."""
+        return self.call(IssueToken(id=self._ids(), execution_id=execution_id, ttl_s=ttl_s,
+                                   max_uses=max_uses), TokenIssued)
+
+    def get_context(self, execution_id: str) -> ContextInfo:
+        """Describe a live context: keys, provenance, expiry, tokens (never values)."""
+        return self.call(GetContext(id=self._ids(), execution_id=execution_id), ContextInfo)
+
+    def list_contexts(self) -> list[ContextSummary]:
+        return (self.call(ListContexts(id=self._ids()), ContextList)).contexts
+
+    def complete_context(self, execution_id: str) -> None:
+        """Delete a context and revoke its tokens."""
+        self.call(CompleteContext(id=self._ids(), execution_id=execution_id), Ok)
+
+    def fetch_context(self, token: str | None = None) -> ExecutionContext:
+        """Return the context ``token`` opens (default: ``$STIGMER_EXECUTION_TOKEN``).
+
+        Raises Unauthenticated for any token that does not open a live context.
+        """
+        reply = self.call(FetchContext(id=self._ids(), token=token_from(token)),
+                             ContextFetched)
+        return ExecutionContext(reply.execution_id, reply.expires_at, reply.variables)
+
+    def release_context(self, token: str | None = None) -> None:
+        """End the context ``token`` belongs to (a runner done with its execution)."""
+        self.call(ReleaseContext(id=self._ids(), token=token_from(token)), Ok)
+
+    def audit(self, execution_id: str | None = None, limit: int = 100) -> list[AuditRecord]:
+        """Return the newest audit records, oldest first."""
+        return (self.call(ListAudit(id=self._ids(), execution_id=execution_id, limit=limit),
+                               AuditLog)).records
+
+    def verify_audit(self) -> AuditVerified:
+        """Check the audit log's hash chain."""
+        return self.call(VerifyAudit(id=self._ids()), AuditVerified)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import cli_env, run_cli
 
 from stigmer.broker.config import Paths
 
@@ -203,3 +204,90 @@ def test_module_and_console_script_agree(paths: Paths) -> None:
     r = run_cli(paths, "--version")
     assert r.returncode == 0
     assert r.stdout.startswith("stigmer-broker ")
+
+
+AGENT = """\
+apiVersion: ai.stigmer.agentic/v1
+kind: Agent
+metadata: {name: reviewer}
+spec:
+  env_spec:
+    data:
+      LOG_LEVEL: {value: info}
+      GITHUB_TOKEN: {is_secret: true, description: repo access}
+      MODEL: {}
+"""
+
+
+def test_end_to_end_story(cli_broker: Paths, short_dir: Path) -> None:
+    p = cli_broker
+    run_cli(p, "env", "set", "prod", "LOG_LEVEL=warn", "--secret", "GITHUB_TOKEN",
+            input="ghp_story\n", check=True)
+    spec = short_dir / "agent.yaml"
+    spec.write_text(AGENT)
+    missing = run_cli(p, "context", "create", "exec-1", "--spec", str(spec),
+                      "--environment", "prod")
+    assert missing.returncode == 1 and "MODEL" in missing.stderr
+    created = run_cli(p, "context", "create", "exec-1", "--spec", str(spec),
+                      "--environment", "prod", "--env", "MODEL=large", "--env",
+                      "LOG_LEVEL=debug")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    assert token.startswith("stg_") and "\n" not in token
+    shown = json.loads(run_cli(p, "context", "show", "exec-1", "--json", check=True).stdout)
+    assert {k["key"]: k["source"] for k in shown["keys"]} == {
+        "LOG_LEVEL": "runtime", "GITHUB_TOKEN": "environment:prod", "MODEL": "runtime"}
+    assert token not in json.dumps(shown) and "ghp_story" not in json.dumps(shown)
+    env = cli_env(p, STIGMER_EXECUTION_TOKEN=token)
+    ran = run_cli(p, "run", "--", sys.executable, "-c",
+                  "import os,sys; print(os.environ['GITHUB_TOKEN'], os.environ['LOG_LEVEL'],"
+                  " os.environ['MODEL'], 'STIGMER_EXECUTION_TOKEN' in os.environ);"
+                  " sys.exit(7)", env=env)
+    assert ran.returncode == 7
+    assert ran.stdout.split() == ["ghp_story", "debug", "large", "False"]
+    assert run_cli(p, "context", "complete", "exec-1").returncode == 0
+    refused = run_cli(p, "run", "--", "true", env=env)
+    assert refused.returncode == 1 and "not valid" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    verify = run_cli(p, "audit", "verify")
+    assert verify.returncode == 0 and "intact" in verify.stdout
+    events = [r["event"] for r in json.loads(run_cli(p, "audit", "--execution", "exec-1",
+                                                     "--json", check=True).stdout)]
+    assert events[:3] == ["context.created", "token.issued", "fetch"]
+    assert "context.completed" in events
+
+
+def test_context_create_flags(cli_broker: Paths, short_dir: Path) -> None:
+    p = cli_broker
+    r = run_cli(p, "context", "create", "c1", "--env", "A=1", "--env", "A=2")
+    assert r.returncode == 2 and "A is given twice" in r.stderr
+    r = run_cli(p, "context", "create", "c1", "--ttl", "soon")
+    assert r.returncode == 1 and "not a duration" in r.stderr
+    r = run_cli(p, "context", "create", "c1", "--environment", "missing")
+    assert r.returncode == 1 and "'missing' does not exist" in r.stderr
+    bare = short_dir / "spec.json"
+    bare.write_text('{"A": {"value": "x"}, "B": {"is_secret": true}}')
+    envf = short_dir / "rt.env"
+    envf.write_text("B=from-file\nC=3\n")
+    out = run_cli(p, "context", "create", "c1", "--spec", str(bare), "--env-file", str(envf),
+                  "--secret", "B", "--json", "--ttl", "1h", "--token-ttl", "30s",
+                  "--max-uses", "2", input="from-prompt\n")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert {k["key"]: (k["is_secret"], k["source"]) for k in data["keys"]} == {
+        "A": (False, "spec"), "B": (True, "runtime"), "C": (True, "runtime")}
+    assert data["token_expires_at"] - data["expires_at"] < -3500
+    token = run_cli(p, "context", "token", "c1", "--max-uses", "1", check=True).stdout.strip()
+    env = cli_env(p)
+    fetched = run_cli(p, "run", "--token", token, "--", "sh", "-c", "echo $B", env=env)
+    assert fetched.stdout.strip() == "from-prompt"
+    again = run_cli(p, "run", "--token", token, "--", "true", env=env)
+    assert again.returncode == 1
+    assert run_cli(p, "run", "--token", data["token"], "--", "/nonexistent/cmd",
+                   env=env).returncode == 127
+    listed = json.loads(run_cli(p, "context", "list", "--json", check=True).stdout)
+    assert [c["execution_id"] for c in listed] == ["c1"]
+    r = run_cli(p, "context", "create", "c1")
+    assert r.returncode == 1 and "already has a live context" in r.stderr
+    status = json.loads(run_cli(p, "status", "--json", check=True).stdout)
+    assert status["contexts"] == 1 and status["tokens"] >= 1

@@ -13,21 +13,17 @@ import pytest
 from samples import SAMPLES
 
 from stigmer.broker.protocol import (
+    RECORD_TYPES,
     REQUEST_TYPES,
     RESPONSE_TYPES,
     Connection,
-    EnvironmentSpec,
-    EnvironmentSummary,
     Role,
-    Variable,
-    VariableView,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "proto" / "stigmer" / "broker" / "v1" / "broker.proto"
 VECTORS = ROOT / "proto" / "vectors.json"
-RECORDS = (Variable, VariableView, EnvironmentSpec, EnvironmentSummary)
-ALL_TYPES: tuple[type[msgspec.Struct], ...] = (*REQUEST_TYPES, *RESPONSE_TYPES, *RECORDS)
+ALL_TYPES: tuple[type[msgspec.Struct], ...] = (*REQUEST_TYPES, *RESPONSE_TYPES, *RECORD_TYPES)
 
 
 def _frames() -> dict[str, str]:

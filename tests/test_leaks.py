@@ -18,7 +18,7 @@ from stigmer.broker.config import Paths
 
 # Made at run time, so no source file or editor buffer can hold them.
 SENTINELS = {way: f"SENTINEL-{way.lower()}-{secrets.token_hex(8)}"
-             for way in ("ARGV", "PROMPT", "FILE", "YAML")}
+             for way in ("ARGV", "PROMPT", "FILE", "YAML", "RUNTIME")}
 
 
 def scan(root: Path, needles: list[str], since: float | None = None) -> list[str]:
@@ -60,13 +60,27 @@ def test_sentinels_never_reach_disk_logs_or_tmp(paths: Paths, short_dir: Path) -
                      ["env", "unset", "dev", "NOPE"], ["env", "show", "nope"]):
             r = run_cli(paths, *args)
             assert not any(s in r.stderr + r.stdout for s in SENTINELS.values())
+        token = run_cli(paths, "context", "create", "exec-1", "--environment", "dev",
+                        "--secret", "RUNTIME", input=SENTINELS["RUNTIME"] + "\n",
+                        check=True).stdout.strip()
+        second = run_cli(paths, "context", "token", "exec-1", check=True).stdout.strip()
+        tokens = [token, second]
+        ran = run_cli(paths, "run", "--token", token, "--", "sh", "-c", "echo $RUNTIME")
+        assert ran.stdout.strip() == SENTINELS["RUNTIME"]
+        for bad in (token[:-2] + "xx", "stg_nope"):
+            assert run_cli(paths, "run", "--token", bad, "--", "true").returncode == 1
+        for args in (["context", "show", "exec-1", "--json"], ["context", "list"], ["audit"],
+                     ["audit", "--json"], ["status", "--json"]):
+            out = run_cli(paths, *args, check=True).stdout
+            assert not any(t in out for t in [*tokens, *SENTINELS.values()]), args
         run_cli(paths, "key", "rotate", check=True)
+        run_cli(paths, "context", "complete", "exec-1", check=True)
         run_cli(paths, "env", "delete", "prod", check=True)
         status = run_cli(paths, "status", check=True).stdout
         assert not any(s in status for s in SENTINELS.values())
     finally:
         run_cli(paths, "stop")
-    needles = list(SENTINELS.values())
+    needles = [*SENTINELS.values(), *tokens]
     assert scan(paths.home, needles) == []
     assert scan(Path("/tmp"), needles, since=started) == []
     # the deleted environment's value is gone from the database files entirely

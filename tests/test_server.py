@@ -259,8 +259,8 @@ async def test_peer_of_another_uid_is_refused_before_any_frame(broker: RunningBr
     hello = frames(Hello(id=1, version=1)).hex()
     python = python_for_nobody()
     result = await anyio.to_thread.run_sync(lambda: subprocess.run(
-        [python, "-c", script, str(broker.socket), hello], user=NOBODY,
-        capture_output=True, text=True, timeout=30))
+        [python, "-c", script, str(broker.socket), hello], user=NOBODY, group=NOBODY,
+        extra_groups=[], capture_output=True, text=True, timeout=30))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "closed", result.stderr
     os.chmod(broker.socket.parent, 0o700)

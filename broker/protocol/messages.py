@@ -19,7 +19,12 @@ from ..errors import BrokerError, ErrorCode, UnsupportedVersion
 
 __all__ = [
     "PROTOCOL_VERSION", "SUPPORTED_VERSIONS",
-    "Request", "Response", "REQUEST_TYPES", "RESPONSE_TYPES",
+    "Request", "Response", "REQUEST_TYPES", "RESPONSE_TYPES", "RECORD_TYPES",
+    "CreateContext", "IssueToken", "GetContext", "ListContexts", "CompleteContext",
+    "FetchContext", "ReleaseContext", "ListAudit", "VerifyAudit",
+    "ContextCreated", "TokenIssued", "ContextInfo", "ContextList", "ContextFetched",
+    "AuditLog", "AuditVerified",
+    "SpecEntry", "KeyInfo", "TokenInfo", "ContextSummary", "AuditRecord",
     "Hello", "GetStatus", "Shutdown",
     "PutEnvironment", "GetEnvironment", "ListEnvironments", "UnsetVariables",
     "DeleteEnvironment", "ApplyEnvironments", "RotateKey",
@@ -91,6 +96,72 @@ class EnvironmentSummary(_Data, frozen=True):
     updated_at: float
 
 
+Token = Annotated[str, Meta(min_length=1, max_length=128)]
+Seconds = Annotated[float, Meta(gt=0, le=366 * 86400)]
+Uses = Annotated[int, Meta(ge=1, le=2**31)]
+
+
+class SpecEntry(_Data, frozen=True):
+    """One declaration of a template's env_spec: with a value it is a default, else required."""
+
+    value: Value | None = None
+    is_secret: bool = False
+    description: Text = ""
+
+    def __repr__(self) -> str:
+        shown = "'***'" if self.is_secret and self.value is not None else repr(self.value)
+        return f"SpecEntry(value={shown}, is_secret={self.is_secret})"
+
+
+class KeyInfo(_Data, frozen=True):
+    """A context key without its value: is it secret, and which layer gave its value."""
+
+    key: str
+    is_secret: bool
+    source: str  # "spec", "environment:NAME" or "runtime"
+
+
+class TokenInfo(_Data, frozen=True):
+    """An execution token as ``context show`` lists it (never the token itself)."""
+
+    token_id: str
+    created_at: float
+    expires_at: float
+    uses: Count
+    max_uses: int | None = None
+
+
+class ContextSummary(_Data, frozen=True):
+    """One row of ``ListContexts``."""
+
+    execution_id: str
+    created_at: float
+    expires_at: float
+    keys: Count
+    secrets: Count
+    tokens: Count
+
+
+class AuditRecord(_Data, frozen=True):
+    """One record of the hash-chained audit log. Never a value, never a token."""
+
+    seq: int
+    at: float
+    event: str
+    outcome: str
+    execution_id: str = ""
+    token_id: str = ""
+    peer_uid: int | None = None
+    peer_pid: int | None = None
+    detail: str = ""
+    hash: str = ""
+
+
+def _masked_token(cls_name: str, fields: dict[str, object]) -> str:
+    parts = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+    return f"{cls_name}({parts}, token='***')"
+
+
 # --------------------------------------------------------------------------- requests
 
 
@@ -159,6 +230,73 @@ class RotateKey(Request, frozen=True, kw_only=True):
     """Replace the master key and rewrap every data key under the new one."""
 
 
+class CreateContext(Request, frozen=True, kw_only=True):
+    """Merge spec defaults < environments (in order) < runtime into a new context."""
+
+    execution_id: Name
+    env_spec: Annotated[dict[VarName, SpecEntry], Meta(max_length=MAX_VARIABLES)] = {}
+    environments: Annotated[list[Name], Meta(max_length=64)] = []
+    runtime: Annotated[dict[VarName, Variable], Meta(max_length=MAX_VARIABLES)] = {}
+    ttl_s: Seconds = 86400.0
+    token_ttl_s: Seconds = 900.0
+    max_uses: Uses | None = None
+
+
+class IssueToken(Request, frozen=True, kw_only=True):
+    """Issue another execution token for a live context."""
+
+    execution_id: Name
+    ttl_s: Seconds = 900.0
+    max_uses: Uses | None = None
+
+
+class GetContext(Request, frozen=True, kw_only=True):
+    """Describe a context: keys, provenance, expiry, tokens. Never values."""
+
+    execution_id: Name
+
+
+class ListContexts(Request, frozen=True, kw_only=True):
+    """List live contexts."""
+
+
+class CompleteContext(Request, frozen=True, kw_only=True):
+    """Delete a context and revoke its tokens (the control side, by execution id)."""
+
+    execution_id: Name
+
+
+class FetchContext(Request, frozen=True, kw_only=True):
+    """A runner presents its token and receives the context's variables."""
+
+    token: Token
+    admin: ClassVar[bool] = False
+
+    def __repr__(self) -> str:
+        return _masked_token("FetchContext", {"id": self.id})
+
+
+class ReleaseContext(Request, frozen=True, kw_only=True):
+    """A runner ends its own context with its token."""
+
+    token: Token
+    admin: ClassVar[bool] = False
+
+    def __repr__(self) -> str:
+        return _masked_token("ReleaseContext", {"id": self.id})
+
+
+class ListAudit(Request, frozen=True, kw_only=True):
+    """Read the newest audit records, optionally of one execution."""
+
+    execution_id: Name | None = None
+    limit: Annotated[int, Meta(ge=1, le=10000)] = 100
+
+
+class VerifyAudit(Request, frozen=True, kw_only=True):
+    """Check the audit log's hash chain from its first record."""
+
+
 # -------------------------------------------------------------------------- responses
 
 
@@ -221,6 +359,74 @@ class KeyRotated(Response, frozen=True, kw_only=True):
     key_source: str
 
 
+class ContextCreated(Response, frozen=True, kw_only=True):
+    """A new context and its first token (shown once: only its hash is kept)."""
+
+    execution_id: str
+    expires_at: float
+    token: str
+    token_id: str
+    token_expires_at: float
+    keys: list[KeyInfo]
+
+    def __repr__(self) -> str:
+        return _masked_token("ContextCreated", {"id": self.id,
+                                                "execution_id": self.execution_id,
+                                                "token_id": self.token_id})
+
+
+class TokenIssued(Response, frozen=True, kw_only=True):
+    """Another token for a context."""
+
+    execution_id: str
+    token: str
+    token_id: str
+    expires_at: float
+
+    def __repr__(self) -> str:
+        return _masked_token("TokenIssued", {"id": self.id, "execution_id": self.execution_id,
+                                             "token_id": self.token_id})
+
+
+class ContextInfo(Response, frozen=True, kw_only=True):
+    """Answer to GetContext."""
+
+    execution_id: str
+    created_at: float
+    expires_at: float
+    keys: list[KeyInfo]
+    tokens: list[TokenInfo]
+
+
+class ContextList(Response, frozen=True, kw_only=True):
+    """Answer to ListContexts, sorted by execution id."""
+
+    contexts: list[ContextSummary]
+
+
+class ContextFetched(Response, frozen=True, kw_only=True):
+    """The merged variables of one execution, for the runner that holds its token."""
+
+    execution_id: str
+    expires_at: float
+    variables: dict[str, Variable]
+
+
+class AuditLog(Response, frozen=True, kw_only=True):
+    """Audit records, oldest first."""
+
+    records: list[AuditRecord]
+
+
+class AuditVerified(Response, frozen=True, kw_only=True):
+    """Answer to VerifyAudit: ``first_broken`` is the seq of the first bad record."""
+
+    ok: bool
+    records: Count
+    first_broken: int | None = None
+    reason: str = ""
+
+
 class Error(Response, frozen=True, kw_only=True):
     """A request failed; ``code`` is an ErrorCode value, ``message`` says what to do."""
 
@@ -231,17 +437,29 @@ class Error(Response, frozen=True, kw_only=True):
 
 REQUEST_TYPES: tuple[type[Request], ...] = (
     Hello, GetStatus, Shutdown, PutEnvironment, GetEnvironment, ListEnvironments,
-    UnsetVariables, DeleteEnvironment, ApplyEnvironments, RotateKey,
+    UnsetVariables, DeleteEnvironment, ApplyEnvironments, RotateKey, CreateContext,
+    IssueToken, GetContext, ListContexts, CompleteContext, FetchContext, ReleaseContext,
+    ListAudit, VerifyAudit,
 )
 RESPONSE_TYPES: tuple[type[Response], ...] = (
-    Welcome, Status, Ok, Environment, EnvironmentList, KeyRotated, Error,
+    Welcome, Status, Ok, Environment, EnvironmentList, KeyRotated, ContextCreated, TokenIssued,
+    ContextInfo, ContextList, ContextFetched, AuditLog, AuditVerified, Error,
+)
+RECORD_TYPES: tuple[type[msgspec.Struct], ...] = (
+    Variable, VariableView, EnvironmentSpec, EnvironmentSummary, SpecEntry, KeyInfo, TokenInfo,
+    ContextSummary, AuditRecord,
 )
 
 AnyRequest = (
     Hello | GetStatus | Shutdown | PutEnvironment | GetEnvironment | ListEnvironments
-    | UnsetVariables | DeleteEnvironment | ApplyEnvironments | RotateKey
+    | UnsetVariables | DeleteEnvironment | ApplyEnvironments | RotateKey | CreateContext
+    | IssueToken | GetContext | ListContexts | CompleteContext | FetchContext | ReleaseContext
+    | ListAudit | VerifyAudit
 )
-AnyResponse = Welcome | Status | Ok | Environment | EnvironmentList | KeyRotated | Error
+AnyResponse = (
+    Welcome | Status | Ok | Environment | EnvironmentList | KeyRotated | ContextCreated
+    | TokenIssued | ContextInfo | ContextList | ContextFetched | AuditLog | AuditVerified | Error
+)
 
 
 def error_reply(request_id: int, exc: BaseException) -> Error:

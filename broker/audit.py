@@ -1,0 +1,140 @@
+"""The append-only, hash-chained audit log.
+
+Each record's hash is SHA-256 over the previous record's hash and the record's
+own fields, so changing, removing or reordering any record breaks the chain
+from there on; ``verify`` names the first record that does not fit.
+
+Records are buffered in memory and written in one transaction by :meth:`flush`
+(the daemon flushes every fraction of a second and right after each admin
+change), so the fetch hot path never waits for the disk. Usage counters of
+bounded tokens ride in the same transaction. Records never hold a value or a
+token: only execution ids, token ids, peer uid/pid, event and outcome.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from .protocol import AuditRecord
+from .store import Store
+
+__all__ = ["GENESIS", "Audit", "record_hash"]
+
+GENESIS = "0" * 64
+_ENC = msgspec.msgpack.Encoder()
+
+
+def record_hash(prev: str, r: AuditRecord) -> str:
+    """Return the chain hash of ``r`` following ``prev``."""
+    body = _ENC.encode((prev, r.seq, r.at, r.event, r.outcome, r.execution_id, r.token_id,
+                        r.peer_uid, r.peer_pid, r.detail))
+    return hashlib.sha256(body).hexdigest()
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    at: float
+    event: str
+    outcome: str
+    execution_id: str
+    token_id: str
+    peer_uid: int | None
+    peer_pid: int | None
+    detail: str
+
+
+class Audit:
+    """Buffers audit records and writes them, chained, to the store."""
+
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._clock = clock
+        self._pending: list[_Pending] = []
+        self._uses: dict[str, int] = {}
+        self._last_seq = 0
+        self._last_hash = GENESIS
+
+    async def load(self) -> None:
+        rows = await self._store.read("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        if rows:
+            self._last_seq, self._last_hash = int(rows[0][0]), str(rows[0][1])
+
+    def record(self, event: str, outcome: str, *, execution_id: str = "", token_id: str = "",
+               peer_uid: int | None = None, peer_pid: int | None = None,
+               detail: str = "") -> None:
+        """Buffer one record (written by the next flush)."""
+        self._pending.append(_Pending(self._clock(), event, outcome, execution_id, token_id,
+                                      peer_uid, peer_pid, detail))
+
+    def count_use(self, token_id: str, uses: int) -> None:
+        """Remember a bounded token's use count for the next flush."""
+        self._uses[token_id] = uses
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending) + len(self._uses)
+
+    async def flush(self) -> None:
+        """Write every buffered record and use count in one transaction."""
+        if not self._pending and not self._uses:
+            return
+        pending, self._pending = self._pending, []
+        uses, self._uses = self._uses, {}
+        seq, prev = self._last_seq, self._last_hash
+        rows = []
+        for p in pending:
+            seq += 1
+            rec = AuditRecord(seq=seq, at=p.at, event=p.event, outcome=p.outcome,
+                              execution_id=p.execution_id, token_id=p.token_id,
+                              peer_uid=p.peer_uid, peer_pid=p.peer_pid, detail=p.detail)
+            prev = record_hash(prev, rec)
+            rows.append((rec.seq, rec.at, rec.event, rec.outcome, rec.execution_id,
+                         rec.token_id, rec.peer_uid, rec.peer_pid, rec.detail, prev))
+        try:
+            async with self._store.write() as db:
+                await db.executemany(
+                    "INSERT INTO audit(seq, at, event, outcome, execution_id, token_id, "
+                    "peer_uid, peer_pid, detail, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows)
+                await db.executemany("UPDATE tokens SET uses = ? WHERE id = ?",
+                                     [(n, tid) for tid, n in uses.items()])
+        except BaseException:
+            self._pending[:0] = pending  # keep them for the next try, in order
+            for tid, n in uses.items():
+                self._uses.setdefault(tid, n)
+            raise
+        self._last_seq, self._last_hash = seq, prev
+
+    async def list(self, execution_id: str | None, limit: int) -> list[AuditRecord]:
+        """Return the newest ``limit`` records (of one execution), oldest first."""
+        await self.flush()
+        where, params = ("WHERE execution_id = ?", (execution_id,)) if execution_id else ("", ())
+        rows = await self._store.read(
+            "SELECT seq, at, event, outcome, execution_id, token_id, peer_uid, peer_pid, "
+            f"detail, hash FROM audit {where} ORDER BY seq DESC LIMIT ?", (*params, limit))
+        return [AuditRecord(seq=r[0], at=r[1], event=r[2], outcome=r[3], execution_id=r[4],
+                            token_id=r[5], peer_uid=r[6], peer_pid=r[7], detail=r[8],
+                            hash=r[9]) for r in reversed(rows)]
+
+    async def verify(self) -> tuple[int, int | None, str]:
+        """Return (records checked, seq of the first broken record or None, reason)."""
+        await self.flush()
+        rows = await self._store.read(
+            "SELECT seq, at, event, outcome, execution_id, token_id, peer_uid, peer_pid, "
+            "detail, hash FROM audit ORDER BY seq")
+        prev, expected_seq = GENESIS, 1
+        for n, r in enumerate(rows):
+            rec = AuditRecord(seq=r[0], at=r[1], event=r[2], outcome=r[3], execution_id=r[4],
+                              token_id=r[5], peer_uid=r[6], peer_pid=r[7], detail=r[8])
+            if rec.seq != expected_seq:
+                return n, expected_seq, f"record {expected_seq} is missing"
+            digest = record_hash(prev, rec)
+            if digest != r[9]:
+                return n, rec.seq, f"record {rec.seq} does not match its hash"
+            prev, expected_seq = digest, expected_seq + 1
+        return len(rows), None, ""

@@ -1,0 +1,331 @@
+"""Execution contexts and their tokens: created merged and sealed, fetched from memory.
+
+Theory of operation: a context is merged once, at creation, and sealed as one
+record bound to ``("contexts", row id, execution id)``; later edits to its
+environments do not change it. The daemon keeps every live context in memory,
+*still sealed*, indexed by execution id and by token hash, and the store in
+step with it (each change is written first, then applied in memory). A fetch is
+then a hash lookup and one AES-GCM open, with no thread hop and no disk write:
+its audit record and use count are buffered and written by the next flush.
+Decrypted values exist only while a fetch reply is being built.
+
+Every way a token can fail (unknown, expired, revoked, used up, context gone)
+gives the same Unauthenticated answer, so a token reveals nothing about which
+contexts exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from .audit import Audit
+from .crypto import SealError
+from .environments import Environments
+from .errors import AlreadyExists, Internal, NotFound, Unauthenticated
+from .merge import merge
+from .protocol import (
+    ContextSummary,
+    CreateContext,
+    KeyInfo,
+    TokenInfo,
+    Variable,
+)
+from .server import Peer
+from .tokens import NewToken, new_token, token_hash
+from .vault import Vault
+
+__all__ = ["Contexts", "Created", "Fetched"]
+
+_VARS_ENCODER = msgspec.msgpack.Encoder()
+_VARS_DECODER = msgspec.msgpack.Decoder(dict[str, Variable])
+_KEYS_DECODER = msgspec.json.Decoder(list[KeyInfo])
+
+UNAUTHENTICATED = ("the execution token is not valid (unknown, expired, revoked or used up); "
+                   "ask the control side for a new one")
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Context:
+    row_id: int
+    execution_id: str
+    sealed: bytes = dataclasses.field(repr=False)
+    keys_json: bytes
+    n_keys: int
+    n_secrets: int
+    created_at: float
+    expires_at: float
+    tokens: dict[str, _Token] = dataclasses.field(default_factory=dict, repr=False)
+
+    def place(self) -> tuple[str, int, str]:
+        return ("contexts", self.row_id, self.execution_id)
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Token:
+    token_id: str
+    hash: bytes = dataclasses.field(repr=False)
+    context: _Context = dataclasses.field(repr=False)
+    created_at: float
+    expires_at: float
+    max_uses: int | None
+    uses: int
+
+    def usable(self, now: float) -> bool:
+        return (self.expires_at > now and self.context.expires_at > now
+                and (self.max_uses is None or self.uses < self.max_uses))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Created:
+    execution_id: str
+    expires_at: float
+    token: NewToken
+    token_expires_at: float
+    keys: list[KeyInfo]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fetched:
+    execution_id: str
+    expires_at: float
+    variables: dict[str, Variable] = dataclasses.field(repr=False)
+
+
+class Contexts:
+    """Every live execution context, sealed in memory and in the store."""
+
+    def __init__(self, vault: Vault, environments: Environments, audit: Audit, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._vault = vault
+        self._environments = environments
+        self._audit = audit
+        self._clock = clock
+        self._by_execution: dict[str, _Context] = {}
+        self._by_hash: dict[bytes, _Token] = {}
+
+    # --------------------------------------------------------------------- counts
+
+    def live_counts(self) -> tuple[int, int]:
+        """Return (live contexts, live tokens)."""
+        now = self._clock()
+        contexts = sum(1 for c in self._by_execution.values() if c.expires_at > now)
+        tokens = sum(1 for t in self._by_hash.values() if t.usable(now))
+        return contexts, tokens
+
+    # ----------------------------------------------------------------- start-up
+
+    async def load(self) -> None:
+        """Drop what expired while we were down, then index the rest in memory."""
+        await self.sweep()
+        store = self._vault.store
+        for row_id, execution_id, sealed, keys_json, created_at, expires_at in await store.read(
+                "SELECT id, execution_id, sealed, keys, created_at, expires_at FROM contexts"):
+            self._index_context(row_id, execution_id, sealed, keys_json.encode(), created_at,
+                                expires_at)
+        by_row = {c.row_id: c for c in self._by_execution.values()}
+        for tid, hash_, context_id, created_at, expires_at, max_uses, uses in await store.read(
+                "SELECT id, hash, context_id, created_at, expires_at, max_uses, uses "
+                "FROM tokens"):
+            context = by_row.get(context_id)
+            if context is not None:
+                self._index_token(_Token(tid, hash_, context, created_at, expires_at, max_uses,
+                                         uses))
+
+    def _index_context(self, row_id: int, execution_id: str, sealed: bytes, keys_json: bytes,
+                       created_at: float, expires_at: float) -> _Context:
+        keys = _KEYS_DECODER.decode(keys_json)
+        context = _Context(row_id, execution_id, sealed, keys_json, len(keys),
+                           sum(1 for k in keys if k.is_secret), created_at, expires_at)
+        self._by_execution[execution_id] = context
+        return context
+
+    def _index_token(self, token: _Token) -> None:
+        token.context.tokens[token.token_id] = token
+        self._by_hash[token.hash] = token
+
+    # ------------------------------------------------------------------- control
+
+    async def create(self, request: CreateContext, peer: Peer) -> Created:
+        """Merge, seal and store a new context with its first token.
+
+        Raises AlreadyExists, NotFound (an environment, named), FailedPrecondition
+        (every required key without a value).
+        """
+        now = self._clock()
+        execution_id = request.execution_id
+        existing = self._by_execution.get(execution_id)
+        if existing is not None:
+            if existing.expires_at > now:
+                raise AlreadyExists(
+                    f"execution {execution_id!r} already has a live context; complete it "
+                    "first or use another execution id")
+            await self.sweep()
+        layers = []
+        for name in request.environments:
+            try:
+                layers.append((name, await self._environments.resolve(name)))
+            except NotFound:
+                raise NotFound(f"environment {name!r} does not exist") from None
+        merged = merge(request.env_spec, layers, request.runtime)
+        keys = merged.keys()
+        keys_json = msgspec.json.encode(keys)
+        plaintext = _VARS_ENCODER.encode(merged.variables)
+        expires_at = now + request.ttl_s
+        token = new_token()
+        token_expires = min(now + request.token_ttl_s, expires_at)
+        data_keys = self._vault.data_keys
+        async with self._vault.store.write() as db:
+            async with db.execute(
+                    "INSERT INTO contexts(execution_id, sealed, keys, created_at, expires_at) "
+                    "VALUES (?, x'', ?, ?, ?)",
+                    (execution_id, keys_json.decode(), now, expires_at)) as cur:
+                row_id = int(cur.lastrowid or 0)
+            sealed = data_keys.seal(plaintext, ("contexts", row_id, execution_id))
+            await db.execute("UPDATE contexts SET sealed = ? WHERE id = ?", (sealed, row_id))
+            await db.execute(
+                "INSERT INTO tokens(id, hash, context_id, created_at, expires_at, max_uses) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (token.token_id, token.hash, row_id, now, token_expires, request.max_uses))
+        context = self._index_context(row_id, execution_id, sealed, keys_json, now, expires_at)
+        self._index_token(_Token(token.token_id, token.hash, context, now, token_expires,
+                                 request.max_uses, 0))
+        self._record("context.created", "ok", peer, execution_id,
+                     detail=f"{len(keys)} keys, expires {expires_at:.0f}")
+        self._record("token.issued", "ok", peer, execution_id, token.token_id)
+        await self._audit.flush()
+        return Created(execution_id, expires_at, token, token_expires, keys)
+
+    async def issue(self, execution_id: str, ttl_s: float, max_uses: int | None,
+                    peer: Peer) -> tuple[NewToken, float]:
+        """Issue another token for a live context; return it and its expiry."""
+        context = self._live(execution_id)
+        now = self._clock()
+        token = new_token()
+        expires_at = min(now + ttl_s, context.expires_at)
+        async with self._vault.store.write() as db:
+            await db.execute(
+                "INSERT INTO tokens(id, hash, context_id, created_at, expires_at, max_uses) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (token.token_id, token.hash, context.row_id, now, expires_at, max_uses))
+        self._index_token(_Token(token.token_id, token.hash, context, now, expires_at, max_uses,
+                                 0))
+        self._record("token.issued", "ok", peer, execution_id, token.token_id)
+        await self._audit.flush()
+        return token, expires_at
+
+    def describe(self, execution_id: str) -> tuple[_Context, list[KeyInfo], list[TokenInfo]]:
+        context = self._live(execution_id)
+        now = self._clock()
+        tokens = [TokenInfo(token_id=t.token_id, created_at=t.created_at,
+                            expires_at=t.expires_at, uses=t.uses, max_uses=t.max_uses)
+                  for t in sorted(context.tokens.values(), key=lambda t: t.created_at)
+                  if t.usable(now)]
+        return context, _KEYS_DECODER.decode(context.keys_json), tokens
+
+    def summaries(self) -> list[ContextSummary]:
+        now = self._clock()
+        return [ContextSummary(execution_id=c.execution_id, created_at=c.created_at,
+                               expires_at=c.expires_at, keys=c.n_keys, secrets=c.n_secrets,
+                               tokens=sum(1 for t in c.tokens.values() if t.usable(now)))
+                for c in sorted(self._by_execution.values(), key=lambda c: c.execution_id)
+                if c.expires_at > now]
+
+    async def complete(self, execution_id: str, peer: Peer) -> None:
+        """Delete a context and revoke its tokens. Raises NotFound."""
+        await self._delete(self._live(execution_id), "context.completed", peer)
+
+    # -------------------------------------------------------------------- runner
+
+    def fetch(self, token: str, peer: Peer) -> Fetched:
+        """Return the variables the token opens. Raises Unauthenticated (always the same)."""
+        entry = self._by_hash.get(token_hash(token))
+        now = self._clock()
+        if entry is None or not entry.usable(now):
+            self._record("fetch", "denied", peer,
+                         entry.context.execution_id if entry else "",
+                         entry.token_id if entry else "")
+            raise Unauthenticated(UNAUTHENTICATED)
+        context = entry.context
+        try:
+            variables = _VARS_DECODER.decode(
+                self._vault.data_keys.open(context.sealed, context.place()))
+        except (SealError, msgspec.DecodeError):
+            self._record("fetch", "error", peer, context.execution_id, entry.token_id,
+                         detail="sealed context does not open")
+            raise Internal(f"the context of execution {context.execution_id!r} cannot be "
+                           "opened (tampered with or damaged); create it again") from None
+        entry.uses += 1
+        self._audit.count_use(entry.token_id, entry.uses)
+        self._record("fetch", "granted", peer, context.execution_id, entry.token_id)
+        return Fetched(context.execution_id, context.expires_at, variables)
+
+    async def release(self, token: str, peer: Peer) -> None:
+        """End the context a (still valid) token belongs to."""
+        entry = self._by_hash.get(token_hash(token))
+        if entry is None or not entry.usable(self._clock()):
+            self._record("context.released", "denied", peer)
+            raise Unauthenticated(UNAUTHENTICATED)
+        await self._delete(entry.context, "context.completed", peer, entry.token_id)
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def sweep(self) -> int:
+        """Delete expired contexts and tokens from the store and memory; return how many."""
+        now = self._clock()
+        store = self._vault.store
+        expired = await store.read(
+            "SELECT execution_id FROM contexts WHERE expires_at <= ?", (now,))
+        stale_tokens = int(await store.read_one(
+            "SELECT count(*) FROM tokens WHERE expires_at <= ?", (now,)) or 0)
+        if expired or stale_tokens:
+            async with store.write() as db:
+                await db.execute("DELETE FROM tokens WHERE expires_at <= ? OR context_id IN "
+                                 "(SELECT id FROM contexts WHERE expires_at <= ?)", (now, now))
+                await db.execute("DELETE FROM contexts WHERE expires_at <= ?", (now,))
+        for (execution_id,) in expired:
+            self._record("context.expired", "ok", None, execution_id)
+        for context in [c for c in self._by_execution.values() if c.expires_at <= now]:
+            self._forget(context)
+        for token in [t for t in self._by_hash.values() if t.expires_at <= now]:
+            self._by_hash.pop(token.hash, None)
+            token.context.tokens.pop(token.token_id, None)
+        return len(expired) + stale_tokens
+
+    # ------------------------------------------------------------------- helpers
+
+    def _live(self, execution_id: str) -> _Context:
+        context = self._by_execution.get(execution_id)
+        if context is None or context.expires_at <= self._clock():
+            raise NotFound(f"execution {execution_id!r} has no live context; "
+                           "`stigmer-broker context list` shows the live ones")
+        return context
+
+    async def _delete(self, context: _Context, event: str, peer: Peer,
+                      token_id: str = "") -> None:
+        async with self._vault.store.write() as db:
+            await db.execute("DELETE FROM tokens WHERE context_id = ?", (context.row_id,))
+            await db.execute("DELETE FROM contexts WHERE id = ?", (context.row_id,))
+        for token in list(context.tokens.values()):
+            self._record("token.revoked", "ok", peer, context.execution_id, token.token_id)
+        self._forget(context)
+        self._record(event, "ok", peer, context.execution_id, token_id)
+        await self._audit.flush()
+
+    def _forget(self, context: _Context) -> None:
+        if self._by_execution.get(context.execution_id) is context:
+            del self._by_execution[context.execution_id]
+        for token in context.tokens.values():
+            self._by_hash.pop(token.hash, None)
+        context.tokens.clear()
+
+    def _record(self, event: str, outcome: str, peer: Peer | None, execution_id: str = "",
+                token_id: str = "", detail: str = "") -> None:
+        self._audit.record(event, outcome, execution_id=execution_id, token_id=token_id,
+                           peer_uid=peer.uid if peer else None,
+                           peer_pid=peer.pid if peer else None, detail=detail)
+
+

@@ -1,0 +1,145 @@
+"""ExecutionContext: one execution's variables, in memory, with secrets kept out of sight.
+
+It is a read-only mapping of key to value. ``repr``/``str`` show the keys and
+mask secret values, :meth:`resolve` fills ``${VAR}`` placeholders in config
+structures, and :meth:`log_filter` keeps secret values out of log records.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from stigmer.broker.errors import InvalidArgument
+from stigmer.broker.protocol import Variable
+
+__all__ = ["ExecutionContext", "PlaceholderError", "SecretFilter"]
+
+_PLACEHOLDER = re.compile(r"\$\$\{|\$\{([^}]*)\}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MASK = "***"
+
+
+class PlaceholderError(InvalidArgument):
+    """``resolve`` met placeholders it cannot fill; the message lists every one."""
+
+
+class ExecutionContext(Mapping[str, str]):
+    """The merged variables of one execution (``ctx["KEY"]``, ``in``, ``len``, iteration)."""
+
+    __slots__ = ("_secret", "_values", "execution_id", "expires_at")
+
+    def __init__(self, execution_id: str, expires_at: float,
+                 variables: Mapping[str, Variable]) -> None:
+        self.execution_id = execution_id
+        self.expires_at = expires_at
+        self._values = {k: v.value for k, v in variables.items()}
+        self._secret = frozenset(k for k, v in variables.items() if v.is_secret)
+
+    def __getitem__(self, key: str) -> str:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k!r}: '{_MASK}'" if k in self._secret else f"{k!r}: {v!r}"
+                          for k, v in self._values.items())
+        return f"ExecutionContext(execution_id={self.execution_id!r}, {{{shown}}})"
+
+    __str__ = __repr__
+
+    def is_secret(self, key: str) -> bool:
+        """Return whether ``key`` holds a secret. Raises KeyError for an unknown key."""
+        if key not in self._values:
+            raise KeyError(key)
+        return key in self._secret
+
+    def as_env(self) -> dict[str, str]:
+        """Return the variables as a fresh dict, ready to merge into ``os.environ``."""
+        return dict(self._values)
+
+    def secret_values(self) -> frozenset[str]:
+        """Return the secret values (for masking); empty values are left out."""
+        return frozenset(v for k, v in self._values.items() if k in self._secret and v)
+
+    # ------------------------------------------------------------- placeholders
+
+    def resolve(self, obj: Any) -> Any:
+        """Return a copy of a str/dict/list structure with placeholders filled.
+
+        ``${VAR}`` is any variable, ``${.secrets.VAR}`` must be a secret, ``$${``
+        is a literal ``${``. Raises PlaceholderError listing every problem.
+        """
+        problems: list[str] = []
+        result = self._resolve(obj, problems)
+        if problems:
+            unique = list(dict.fromkeys(problems))
+            raise PlaceholderError("cannot resolve placeholders: " + "; ".join(unique))
+        return result
+
+    def _resolve(self, obj: Any, problems: list[str]) -> Any:
+        if isinstance(obj, str):
+            return _PLACEHOLDER.sub(lambda m: self._fill(m, problems), obj)
+        if isinstance(obj, Mapping):
+            return {k: self._resolve(v, problems) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return type(obj)(self._resolve(v, problems) for v in obj)
+        return obj
+
+    def _fill(self, match: re.Match[str], problems: list[str]) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        body = match.group(1)
+        want_secret = body.startswith(".secrets.")
+        name = body[len(".secrets."):] if want_secret else body
+        if not _NAME.fullmatch(name):
+            problems.append(f"malformed placeholder ${{{body}}}")
+            return match.group(0)
+        if name not in self._values:
+            problems.append(f"{name} is not set")
+            return match.group(0)
+        if want_secret and name not in self._secret:
+            problems.append(f"{name} is not a secret (use ${{{name}}})")
+            return match.group(0)
+        return self._values[name]
+
+    # ------------------------------------------------------------------ logging
+
+    def log_filter(self, *, also: Iterable[str] = ()) -> SecretFilter:
+        """Return a logging filter masking this context's secrets (and ``also``, e.g. the token)."""
+        return SecretFilter([*self.secret_values(), *also])
+
+
+class SecretFilter(logging.Filter):
+    """Masks given values in every record it sees. Add it to your handlers."""
+
+    def __init__(self, values: Iterable[str]) -> None:
+        super().__init__()
+        self._values = sorted({v for v in values if v}, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, self._values))) if self._values \
+            else None
+
+    def __repr__(self) -> str:
+        return f"SecretFilter({len(self._values)} values)"
+
+    def mask(self, text: str) -> str:
+        return self._pattern.sub(_MASK, text) if self._pattern else text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._pattern is None:
+            return True
+        record.msg = self.mask(record.getMessage())
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.mask(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.mask(record.stack_info)
+        return True
