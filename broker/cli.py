@@ -88,11 +88,33 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .systemd import SystemdError, inherited_socket, systemd_unit
+
     env_key = os.environ.pop("STIGMER_ENCRYPTION_KEY", None)
-    config = Config(paths=paths, allow_group=args.allow_group, env_key=env_key,
-                    started_by="manual")
     try:
-        run(config, ready_fd=args.ready_fd)
+        listen_socket = inherited_socket(os.environ)
+    except SystemdError as exc:
+        _error(str(exc))
+        return EXIT_FAILED
+    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for our children
+    notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
+    unit = ""
+    if os.environ.get("INVOCATION_ID"):
+        try:
+            unit = systemd_unit(Path("/proc/self/cgroup").read_text())
+        except OSError:
+            unit = ""
+    if listen_socket is not None:
+        started_by = "socket-activated"
+    elif unit or os.environ.get("XPC_SERVICE_NAME", "0") != "0":
+        started_by = "service"
+    else:
+        started_by = "manual"
+    config = Config(paths=paths, allow_group=args.allow_group, env_key=env_key,
+                    started_by=started_by, unit=unit, notify_socket=notify_socket)
+    try:
+        run(config, ready_fd=args.ready_fd, listen_socket=listen_socket)
     except AlreadyRunning as exc:
         _error(str(exc))
         return EXIT_FAILED
@@ -189,8 +211,9 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         data.pop("op", None)
         _print_json({"running": True, **data})
         return EXIT_OK
+    unit = f", unit {status.unit}" if status.unit else ""
     print(f"stigmer-broker {status.version} running (pid {status.pid}, up "
-          f"{_duration(status.uptime_s)}, started: {status.started_by})")
+          f"{_duration(status.uptime_s)}, started: {status.started_by}{unit})")
     rows = [
         ("socket", f"{status.socket} ({status.socket_mode})"),
         ("store", status.store),
@@ -540,6 +563,53 @@ def cmd_audit_verify(args: argparse.Namespace, paths: Paths) -> int:
     return EXIT_FAILED
 
 
+# ----------------------------------------------------------------------- service
+
+
+def _manager(args: argparse.Namespace) -> str:
+    from .install import LAUNCHD, SYSTEMD, default_manager
+
+    if args.systemd:
+        return SYSTEMD
+    if args.launchd:
+        return LAUNCHD
+    return default_manager()
+
+
+def cmd_service_install(args: argparse.Namespace, paths: Paths) -> int:
+    from .install import console_script, enable_hint, install, render
+
+    manager = _manager(args)
+    service_files = render(manager, exec_path=console_script(), home=paths.home,
+                           user_home=Path.home(),
+                           xdg_config_home=os.environ.get("XDG_CONFIG_HOME"))
+    if args.print:
+        for f in service_files:
+            print(f"# {f.path}")
+            print(f.content)
+        return EXIT_OK
+    paths.home.mkdir(mode=0o700, parents=True, exist_ok=True)  # ReadWritePaths= needs it
+    install(service_files)
+    for f in service_files:
+        print(f"wrote {f.path}")
+    print(f"enable it with:\n  {enable_hint(manager, service_files)}")
+    return EXIT_OK
+
+
+def cmd_service_uninstall(args: argparse.Namespace, paths: Paths) -> int:
+    from .install import disable_hint, uninstall
+
+    manager = _manager(args)
+    removed = uninstall(manager, Path.home(), os.environ.get("XDG_CONFIG_HOME"))
+    for path in removed:
+        print(f"removed {path}")
+    if not removed:
+        print(f"no {manager} files of stigmer-broker were installed")
+    else:
+        print(f"if it is still loaded, stop it with:\n  {disable_hint(manager, Path.home())}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------ parser
 
 
@@ -646,6 +716,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     audit_sub = p.add_subparsers(title="audit commands", metavar="COMMAND")
     command("verify", cmd_audit_verify, "check the audit log's hash chain", audit_sub)
+
+    svc = sub.add_parser("service", help="run the broker as a systemd/launchd user service")
+    svc_sub = svc.add_subparsers(title="service commands", metavar="COMMAND")
+    for name, func, help_ in (
+            ("install", cmd_service_install, "write the user unit files (or plist) and say "
+                                             "how to enable them"),
+            ("uninstall", cmd_service_uninstall, "remove the files install writes")):
+        p = command(name, func, help_, svc_sub)
+        which = p.add_mutually_exclusive_group()
+        which.add_argument("--systemd", action="store_true", help="systemd user units")
+        which.add_argument("--launchd", action="store_true", help="a launchd user agent")
+        if name == "install":
+            p.add_argument("--print", action="store_true", help="only print the files")
 
     key = sub.add_parser("key", help="manage the master key")
     key_sub = key.add_subparsers(title="key commands", metavar="COMMAND")

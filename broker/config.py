@@ -62,7 +62,12 @@ class Config:
     env_key: str | None = dataclasses.field(default=None, repr=False)
     #: keyring backend use: False forces the key file (tests, headless hosts)
     use_keyring: bool = True
+    #: "manual", "service" (systemd/launchd) or "socket-activated"
     started_by: str = "manual"
+    #: the systemd unit we run in, if any
+    unit: str = ""
+    #: where to send sd_notify readiness (NOTIFY_SOCKET), if anywhere
+    notify_socket: str | None = None
 
 
 def resolve_paths(environ: Mapping[str, str], *, home: str | None = None,

@@ -2,8 +2,8 @@
 
 :func:`serve` is the whole daemon as one coroutine, easy to run inside a test's
 event loop: it calls ``task_status.started()`` once the socket answers, and
-stops when ``shutdown_trigger`` returns (or, with ``handle_signals``, on
-SIGTERM/SIGINT), then shuts down in order: stop accepting, let in-flight
+stops when ``shutdown_trigger`` returns (:func:`run` makes that SIGTERM/SIGINT)
+or a client sends Shutdown, then shuts down in order: stop accepting, let in-flight
 requests finish within the grace period, close the store, remove the socket.
 :func:`run` is the process entry point the CLI calls.
 """
@@ -18,6 +18,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -25,10 +26,11 @@ import anyio
 import anyio.abc
 
 from .config import Config
-from .listen import BoundSocket, StartupError, bind_unix_socket
+from .listen import BoundSocket, StartupError, adopt_socket, bind_unix_socket
 from .peer import check_private_dir
 from .server import Server
 from .service import Counters, Service
+from .systemd import Notifier
 from .vault import Vault, VaultError
 
 __all__ = ["harden_process", "run", "serve"]
@@ -72,12 +74,21 @@ def _group_gid(name: str | None) -> int | None:
 
 
 async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
-                handle_signals: bool = False,
+                listen_socket: socket.socket | None = None,
                 task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-    """Run the broker until shutdown. Raises StartupError when it cannot start."""
+    """Run the broker until shutdown. Raises StartupError when it cannot start.
+
+    ``listen_socket`` is a socket inherited from the service manager; without
+    one the broker binds ``config.paths.socket`` itself. Both behave the same.
+    """
     _prepare_home(config)
     gid = _group_gid(config.allow_group)
-    bound: BoundSocket = bind_unix_socket(config.paths.socket, group_gid=gid)
+    notifier = Notifier(config.notify_socket)
+    bound: BoundSocket
+    if listen_socket is not None:
+        bound = adopt_socket(listen_socket, group_gid=gid)
+    else:
+        bound = bind_unix_socket(config.paths.socket, group_gid=gid)
     try:
         try:
             vault = await Vault.open(config.paths.store, env_key=config.env_key,
@@ -90,6 +101,7 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
             counters = Counters()
             stop = anyio.Event()
             service = Service(config, vault, counters, request_shutdown=stop.set)
+            service.socket_path = bound.path
             await service.start()
             server = Server(listener, service, config.limits, counters, group_gid=gid)
 
@@ -100,16 +112,16 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
                         stop.set()
                     if shutdown_trigger is not None:
                         tg.start_soon(fire, shutdown_trigger)
-                    if handle_signals:
-                        tg.start_soon(fire, _signalled)
                     await stop.wait()
+                    notifier.notify("STOPPING=1", "STATUS=stopping")
                     tg.cancel_scope.cancel()
 
-            log.info("serving on %s (store %s, key %s, pid %d)", config.paths.socket,
-                     config.paths.store, vault.master.describe(), os.getpid())
+            log.info("serving on %s (store %s, key %s, pid %d, started %s)", bound.path,
+                     config.paths.store, vault.master.describe(), os.getpid(), config.started_by)
             async with anyio.create_task_group() as background:
                 background.start_soon(service.maintain)
-                await server.serve(shutdown, task_status=task_status)
+                await server.serve(shutdown, task_status=_Started(task_status, notifier,
+                                                                  bound.path))
                 background.cancel_scope.cancel()
             with anyio.CancelScope(shield=True):
                 await service.close()
@@ -121,14 +133,10 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
         bound.remove()
 
 
-async def _signalled() -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("received %s", signal.Signals(signum).name)
-            return
 
 
-def run(config: Config, *, ready_fd: int | None = None) -> None:
+def run(config: Config, *, ready_fd: int | None = None,
+        listen_socket: socket.socket | None = None) -> None:
     """Serve in this process until SIGTERM/SIGINT (the CLI's ``serve``).
 
     With ``ready_fd``, writes ``ready\n`` to that file descriptor (and closes
@@ -141,8 +149,22 @@ def run(config: Config, *, ready_fd: int | None = None) -> None:
         import uvloop  # noqa: F401
 
         options["use_uvloop"] = True
-    anyio.run(_serve_until_signalled, config, ready_fd, backend="asyncio",
+    anyio.run(_serve_until_signalled, config, ready_fd, listen_socket, backend="asyncio",
               backend_options=options)
+
+
+class _Started(anyio.abc.TaskStatus[None]):
+    """Passes "the socket answers" on to the caller and to the service manager."""
+
+    def __init__(self, inner: anyio.abc.TaskStatus[None], notifier: Notifier,
+                 path: object) -> None:
+        self._inner = inner
+        self._notifier = notifier
+        self._path = path
+
+    def started(self, value: None = None) -> None:
+        self._notifier.notify("READY=1", f"STATUS=serving on {self._path}")
+        self._inner.started()
 
 
 class _ReadySignal(anyio.abc.TaskStatus[None]):
@@ -161,5 +183,14 @@ class _ReadySignal(anyio.abc.TaskStatus[None]):
             self._fd = None
 
 
-async def _serve_until_signalled(config: Config, ready_fd: int | None) -> None:
-    await serve(config, handle_signals=True, task_status=_ReadySignal(ready_fd))
+async def _serve_until_signalled(config: Config, ready_fd: int | None,
+                                 listen_socket: socket.socket | None) -> None:
+    # Handlers go in before the socket exists, so no SIGTERM finds us unprepared.
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async def signalled() -> None:
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                return
+
+        await serve(config, shutdown_trigger=signalled, listen_socket=listen_socket,
+                    task_status=_ReadySignal(ready_fd))

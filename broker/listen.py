@@ -20,7 +20,7 @@ from pathlib import Path
 from .config import MAX_SOCKET_PATH
 from .peer import check_private_dir, peer_credentials
 
-__all__ = ["AlreadyRunning", "BoundSocket", "StartupError", "bind_unix_socket"]
+__all__ = ["AlreadyRunning", "BoundSocket", "StartupError", "adopt_socket", "bind_unix_socket"]
 
 
 class StartupError(Exception):
@@ -38,16 +38,43 @@ class BoundSocket:
     sock: socket.socket
     path: Path
     inode: int
-    lock_fd: int
+    lock_fd: int | None  # None for a socket the service manager owns
 
     def remove(self) -> None:
-        """Close and unlink the socket if it is still the one we bound; release the lock."""
+        """Close the socket; unlink it if we created it and it is still ours."""
         self.sock.close()
+        if self.lock_fd is None:
+            return  # systemd's socket: it stays for the next activation
         with contextlib.suppress(OSError):
             if os.lstat(self.path).st_ino == self.inode:
                 os.unlink(self.path)
         with contextlib.suppress(OSError):
             os.close(self.lock_fd)
+
+
+def adopt_socket(sock: socket.socket, *, group_gid: int | None = None) -> BoundSocket:
+    """Take over a listening socket from the service manager, after the same checks.
+
+    Raises StartupError when it has no path or its directory is not private.
+    """
+    name = sock.getsockname()
+    if not isinstance(name, str) or not name or name.startswith("\0"):
+        sock.close()
+        raise StartupError("the inherited socket has no path in the file system; use "
+                           "ListenStream=%t/stigmer/broker.sock")
+    path = Path(name)
+    allowed = 0o050 if group_gid is not None else 0
+    problem = check_private_dir(path.parent, allowed_group_bits=allowed)
+    if problem:
+        sock.close()
+        raise StartupError(f"refusing inherited socket {path}: its directory {problem} "
+                           "(DirectoryMode=0700)")
+    st = os.lstat(path)
+    if stat.S_IMODE(st.st_mode) & 0o007 or (group_gid is None and stat.S_IMODE(st.st_mode) & 0o070):
+        sock.close()
+        raise StartupError(f"refusing inherited socket {path}: mode "
+                           f"{stat.S_IMODE(st.st_mode):04o} (SocketMode=0600)")
+    return BoundSocket(sock=sock, path=path, inode=st.st_ino, lock_fd=None)
 
 
 def bind_unix_socket(path: Path, *, group_gid: int | None = None,

@@ -86,6 +86,7 @@ class Service:
         self._counters = counters
         self._request_shutdown = request_shutdown
         self._started = time.monotonic()
+        self.socket_path = config.paths.socket  # the daemon sets the one it listens on
         self.environments = Environments(vault)
         self.audit = Audit(vault.store)
         self.contexts = Contexts(vault, self.environments, self.audit)
@@ -202,14 +203,15 @@ class Service:
         paths = self._config.paths
         contexts, tokens = self.contexts.live_counts()
         try:
-            mode = f"{stat.S_IMODE(os.lstat(paths.socket).st_mode):04o}"
+            mode = f"{stat.S_IMODE(os.lstat(self.socket_path).st_mode):04o}"
         except OSError:
             mode = "missing"
         return Status(
             id=rid, version=__version__, pid=os.getpid(),
             uptime_s=round(time.monotonic() - self._started, 3),
-            socket=str(paths.socket), socket_mode=mode, store=str(paths.store),
+            socket=str(self.socket_path), socket_mode=mode, store=str(paths.store),
             key_source=self._vault.master.describe(), started_by=self._config.started_by,
+            unit=self._config.unit,
             environments=await self.environments.count(), contexts=contexts, tokens=tokens,
             requests=self._counters.requests, connections=self._counters.connections,
         )

@@ -330,6 +330,7 @@ class Status(Response, frozen=True, kw_only=True):
     tokens: Count
     requests: Count
     connections: Count
+    unit: str = ""  # the systemd unit, when run by systemd (added in 0.1; optional)
 
 
 class Ok(Response, frozen=True, kw_only=True):
