@@ -10,14 +10,16 @@ mistake, 3 no broker is running (``status``, and client commands).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, NoReturn, cast
+
+if TYPE_CHECKING:
+    import argparse
 
 from . import __version__
 from .config import Config, Paths, resolve_paths
@@ -35,7 +37,11 @@ class UsageError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit status."""
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fast = _status_fast_path(argv)
+    if fast is not None:
+        return fast
+    parser = _parser(argv)
     args, extras = parser.parse_known_args(argv)
     if extras:
         # argparse stops filling KEY=VALUE positionals at the first option; take the rest
@@ -64,6 +70,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error("interrupted")
         return 130
     except BrokenPipeError:
+        return EXIT_FAILED
+
+
+def _status_fast_path(argv: list[str]) -> int | None:
+    """`status` is what people type most: for its plain forms, skip building argparse."""
+    if not argv or argv[0] != "status":
+        return None
+    options: dict[str, str | None] = {"home": None, "socket": None}
+    as_json = False
+    rest = argv[1:]
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--json" and not as_json:
+            as_json = True
+        elif arg in ("--home", "--socket") and rest and options[arg[2:]] is None:
+            options[arg[2:]] = rest.pop(0)
+        else:
+            return None  # anything else: let argparse parse (and explain) it
+    args = cast("argparse.Namespace", SimpleNamespace(json=as_json, **options))
+    try:
+        return cmd_status(args, resolve_paths(os.environ, home=options["home"],
+                                              socket=options["socket"]))
+    except BrokerError as exc:
+        _error(exc.message)
         return EXIT_FAILED
 
 
@@ -241,6 +271,8 @@ def _duration(seconds: float) -> str:
 
 
 def _print_json(data: object) -> None:
+    import json
+
     print(json.dumps(data, indent=2, sort_keys=True))
 
 
@@ -613,13 +645,52 @@ def cmd_service_uninstall(args: argparse.Namespace, paths: Paths) -> int:
 # ------------------------------------------------------------------------ parser
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+class _Unused:
+    """Stands in for the parser of a command this run does not use: building every
+    command's arguments costs more than `status` itself, so only the chosen one is built."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def add_mutually_exclusive_group(self) -> _Unused:
+        return self
+
+    def add_subparsers(self, **kwargs: Any) -> _Unused:
+        return self
+
+    def add_parser(self, *args: Any, **kwargs: Any) -> _Unused:
+        return self
 
 
-def _parser() -> argparse.ArgumentParser:
+def _chosen(argv: Sequence[str]) -> list[str]:
+    """The command words in ``argv`` (``["env", "set"]``), skipping global options."""
+    words: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--home", "--socket"):
+            skip = True
+        elif arg == "--":
+            break
+        elif not arg.startswith("-"):
+            words.append(arg)
+    return words
+
+
+def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    import argparse  # here, not at the top: `status` never needs it
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            self.print_usage(sys.stderr)
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    words = _chosen(argv)
+
+    def wanted(*path: str) -> bool:
+        return not words or words[:len(path)] == list(path) or words == list(path[:-1])
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", default=argparse.SUPPRESS,
                         help="broker home (default: $STIGMER_HOME or ~/.stigmer)")
@@ -632,7 +703,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     def command(name: str, func: Callable[[argparse.Namespace, Paths], int], help_: str,
-                parent: Any = sub) -> argparse.ArgumentParser:
+                parent: Any = sub, group: str = "") -> Any:
+        if not wanted(*([group] if group else []), name):
+            parent.add_parser(name, help=help_, add_help=False)
+            return _Unused()
         p: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_,
                                                        parents=[common])
         p.set_defaults(func=func)
@@ -652,23 +726,25 @@ def _parser() -> argparse.ArgumentParser:
 
     env = sub.add_parser("env", help="manage environments (named sets of variables)")
     env_sub = env.add_subparsers(title="env commands", metavar="COMMAND")
-    p = command("set", cmd_env_set, "create an environment or set variables in it", env_sub)
+    p = command("set", cmd_env_set, "create an environment or set variables in it", env_sub,
+                "env")
     p.add_argument("name", metavar="NAME")
     p.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help="plain variables")
     p.add_argument("--secret", action="append", metavar="KEY[=VALUE]",
                    help="a secret; without =VALUE it is prompted for (or read from stdin)")
     p.add_argument("--env-file", metavar="FILE", help="read variables (as secrets) from a .env "
                    "file; the command line wins")
-    p = command("show", cmd_env_show, "show an environment (secrets masked)", env_sub)
+    p = command("show", cmd_env_show, "show an environment (secrets masked)", env_sub, "env")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--reveal", action="store_true", help="show secret values")
     p.add_argument("--json", action="store_true")
-    p = command("list", cmd_env_list, "list environments", env_sub)
+    p = command("list", cmd_env_list, "list environments", env_sub, "env")
     p.add_argument("--json", action="store_true")
-    p = command("unset", cmd_env_unset, "remove variables from an environment", env_sub)
+    p = command("unset", cmd_env_unset, "remove variables from an environment", env_sub,
+                "env")
     p.add_argument("name", metavar="NAME")
     p.add_argument("keys", nargs="+", metavar="KEY")
-    p = command("delete", cmd_env_delete, "delete an environment", env_sub)
+    p = command("delete", cmd_env_delete, "delete an environment", env_sub, "env")
     p.add_argument("name", metavar="NAME")
 
     p = command("apply", cmd_apply, "apply Environment manifests (YAML, one or more documents)")
@@ -677,7 +753,8 @@ def _parser() -> argparse.ArgumentParser:
     ctx = sub.add_parser("context", help="execution contexts: create, tokens, show, complete")
     ctx_sub = ctx.add_subparsers(title="context commands", metavar="COMMAND")
     p = command("create", cmd_context_create,
-                "merge spec < environments < runtime into a context; print its token", ctx_sub)
+                "merge spec < environments < runtime into a context; print its token",
+                ctx_sub, "context")
     p.add_argument("execution_id", metavar="EXEC_ID")
     p.add_argument("--environment", action="append", metavar="NAME",
                    help="an environment to merge, in order (repeatable)")
@@ -692,18 +769,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--token-ttl", default="15m", help="token lifetime (default 15m)")
     p.add_argument("--max-uses", type=int, metavar="N", help="fetches the token allows")
     p.add_argument("--json", action="store_true")
-    p = command("token", cmd_context_token, "issue another token for a context", ctx_sub)
+    p = command("token", cmd_context_token, "issue another token for a context", ctx_sub,
+                "context")
     p.add_argument("execution_id", metavar="EXEC_ID")
     p.add_argument("--ttl", default="15m", help="token lifetime (default 15m)")
     p.add_argument("--max-uses", type=int, metavar="N")
     p = command("show", cmd_context_show, "keys, provenance, expiry and tokens (no values)",
-                ctx_sub)
+                ctx_sub, "context")
     p.add_argument("execution_id", metavar="EXEC_ID")
     p.add_argument("--json", action="store_true")
-    p = command("list", cmd_context_list, "list live contexts", ctx_sub)
+    p = command("list", cmd_context_list, "list live contexts", ctx_sub, "context")
     p.add_argument("--json", action="store_true")
     p = command("complete", cmd_context_complete, "delete a context and revoke its tokens",
-                ctx_sub)
+                ctx_sub, "context")
     p.add_argument("execution_id", metavar="EXEC_ID")
 
     p = command("run", cmd_run, "fetch a context and exec COMMAND with its variables")
@@ -715,7 +793,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100, help="newest N records (default 100)")
     p.add_argument("--json", action="store_true")
     audit_sub = p.add_subparsers(title="audit commands", metavar="COMMAND")
-    command("verify", cmd_audit_verify, "check the audit log's hash chain", audit_sub)
+    command("verify", cmd_audit_verify, "check the audit log's hash chain", audit_sub, "audit")
 
     svc = sub.add_parser("service", help="run the broker as a systemd/launchd user service")
     svc_sub = svc.add_subparsers(title="service commands", metavar="COMMAND")
@@ -723,7 +801,7 @@ def _parser() -> argparse.ArgumentParser:
             ("install", cmd_service_install, "write the user unit files (or plist) and say "
                                              "how to enable them"),
             ("uninstall", cmd_service_uninstall, "remove the files install writes")):
-        p = command(name, func, help_, svc_sub)
+        p = command(name, func, help_, svc_sub, "service")
         which = p.add_mutually_exclusive_group()
         which.add_argument("--systemd", action="store_true", help="systemd user units")
         which.add_argument("--launchd", action="store_true", help="a launchd user agent")
@@ -732,5 +810,6 @@ def _parser() -> argparse.ArgumentParser:
 
     key = sub.add_parser("key", help="manage the master key")
     key_sub = key.add_subparsers(title="key commands", metavar="COMMAND")
-    command("rotate", cmd_key_rotate, "replace the master key and rewrap the data keys", key_sub)
+    command("rotate", cmd_key_rotate, "replace the master key and rewrap the data keys",
+            key_sub, "key")
     return parser

@@ -8,9 +8,9 @@ the socket the same way, so they always meet.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = ["Config", "Limits", "Paths", "resolve_paths", "MAX_SOCKET_PATH"]
 
@@ -18,8 +18,7 @@ __all__ = ["Config", "Limits", "Paths", "resolve_paths", "MAX_SOCKET_PATH"]
 MAX_SOCKET_PATH = 103
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Paths:
+class Paths(NamedTuple):
     """The files the broker owns."""
 
     home: Path
@@ -38,8 +37,7 @@ class Paths:
         return self.home / "broker.log"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Limits:
+class Limits(NamedTuple):
     """Every limit the daemon enforces, in one place, set by keyword."""
 
     max_frame_size: int = 1024 * 1024
@@ -51,15 +49,18 @@ class Limits:
     max_auth_failures: int = 3  # bad tokens on one connection before it is cut
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Config:
-    """Everything ``serve`` needs; built by the CLI, never read from the environment."""
+class Config(NamedTuple):
+    """Everything ``serve`` needs; built by the CLI, never read from the environment.
+
+    (NamedTuples rather than dataclasses: `status` imports this module, and
+    dataclasses alone would cost it a few milliseconds.)
+    """
 
     paths: Paths
     limits: Limits = Limits()
     allow_group: str | None = None
-    #: base64 master key handed over by the CLI from STIGMER_ENCRYPTION_KEY
-    env_key: str | None = dataclasses.field(default=None, repr=False)
+    #: base64 master key handed over by the CLI from STIGMER_ENCRYPTION_KEY (never in repr)
+    env_key: str | None = None
     #: keyring backend use: False forces the key file (tests, headless hosts)
     use_keyring: bool = True
     #: "manual", "service" (systemd/launchd) or "socket-activated"
@@ -68,6 +69,11 @@ class Config:
     unit: str = ""
     #: where to send sd_notify readiness (NOTIFY_SOCKET), if anywhere
     notify_socket: str | None = None
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={'***' if name == 'env_key' and value else value!r}"
+                          for name, value in zip(self._fields, self, strict=True))
+        return f"Config({shown})"
 
 
 def resolve_paths(environ: Mapping[str, str], *, home: str | None = None,

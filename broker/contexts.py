@@ -60,8 +60,10 @@ class _Context:
     expires_at: float
     tokens: dict[str, _Token] = dataclasses.field(default_factory=dict, repr=False)
 
-    def place(self) -> tuple[str, int, str]:
-        return ("contexts", self.row_id, self.execution_id)
+    place: tuple[str, int, str] = ("", 0, "")
+
+    def __post_init__(self) -> None:
+        self.place = ("contexts", self.row_id, self.execution_id)
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -90,9 +92,14 @@ class Created:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Fetched:
+    """An opened context: ``plaintext`` is the msgpack of its ``dict[str, Variable]``."""
+
     execution_id: str
     expires_at: float
-    variables: dict[str, Variable] = dataclasses.field(repr=False)
+    plaintext: bytes = dataclasses.field(repr=False)
+
+    def variables(self) -> dict[str, Variable]:
+        return _VARS_DECODER.decode(self.plaintext)
 
 
 class Contexts:
@@ -251,9 +258,8 @@ class Contexts:
             raise Unauthenticated(UNAUTHENTICATED)
         context = entry.context
         try:
-            variables = _VARS_DECODER.decode(
-                self._vault.data_keys.open(context.sealed, context.place()))
-        except (SealError, msgspec.DecodeError):
+            plaintext = self._vault.data_keys.open(context.sealed, context.place)
+        except SealError:
             self._record("fetch", "error", peer, context.execution_id, entry.token_id,
                          detail="sealed context does not open")
             raise Internal(f"the context of execution {context.execution_id!r} cannot be "
@@ -261,7 +267,7 @@ class Contexts:
         entry.uses += 1
         self._audit.count_use(entry.token_id, entry.uses)
         self._record("fetch", "granted", peer, context.execution_id, entry.token_id)
-        return Fetched(context.execution_id, context.expires_at, variables)
+        return Fetched(context.execution_id, context.expires_at, plaintext)
 
     async def release(self, token: str, peer: Peer) -> None:
         """End the context a (still valid) token belongs to."""

@@ -6,19 +6,20 @@ socket's directory is private enough to trust (:func:`check_private_dir`).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import stat
 import struct
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["PeerCredentials", "check_private_dir", "peer_credentials", "describe_mode"]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PeerCredentials:
+class PeerCredentials(NamedTuple):
     """The process on the other end of a Unix socket, as the kernel reports it."""
 
     uid: int
@@ -55,7 +56,7 @@ def describe_mode(mode: int) -> str:
     return f"{stat.S_IMODE(mode):04o}"
 
 
-def check_private_dir(path: Path, *, allowed_group_bits: int = 0,
+def check_private_dir(path: Path | str, *, allowed_group_bits: int = 0,
                       owner: int | None = None) -> str | None:
     """Return why directory ``path`` cannot be trusted, or None when it can.
 

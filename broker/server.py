@@ -3,9 +3,12 @@
 Theory of operation: one task per connection drives a sans-IO
 :class:`~stigmer.broker.protocol.Connection`. Before any byte is read the
 peer's uid is checked (our own, root, or a member of the runner group when one
-is allowed). Each wait for bytes has a deadline: the handshake must finish
-within ``handshake_timeout``, a frame that has started must finish within
-``frame_timeout``, and a greeted connection may stay idle ``idle_timeout``.
+is allowed). Each wait has a deadline: the handshake must finish within
+``handshake_timeout``, a frame that has started must finish within
+``frame_timeout``, a greeted connection may stay idle ``idle_timeout``, and a
+reply must be taken within ``frame_timeout``. Deadlines are plain numbers on
+the connection, enforced by one watchdog task that cancels overdue
+connections, so the request path pays for no cancel scope of its own.
 Whatever a client does costs at most its own connection.
 
 Shutdown, once the trigger fires: stop accepting, close idle connections, let
@@ -18,6 +21,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import math
 import os
 import socket
 import time
@@ -81,6 +85,8 @@ class Counters(Protocol):
 class _Conn:
     scope: anyio.CancelScope
     busy: bool = False
+    deadline: float = math.inf  # time.monotonic() by which the current wait must end
+    timed_out: bool = False
 
 
 class Server:
@@ -104,6 +110,7 @@ class Server:
         async with anyio.create_task_group() as tg:
             accept_scope = anyio.CancelScope()
             tg.start_soon(self._accept_loop, tg, accept_scope)
+            tg.start_soon(self._watchdog)
             task_status.started()
             await shutdown()
             log.info("stopping: no new connections, %d open", len(self._conns))
@@ -137,6 +144,18 @@ class Server:
                 self._counters.connections = len(self._conns)
                 tg.start_soon(self._run_connection, stream, conn)
 
+    async def _watchdog(self) -> None:
+        """Cancel every connection whose current wait is past its deadline."""
+        limits = self._limits
+        tick = min(max(min(limits.handshake_timeout, limits.frame_timeout) / 4, 0.02), 1.0)
+        while True:
+            await anyio.sleep(tick)
+            now = time.monotonic()
+            for conn in self._conns:
+                if conn.deadline < now and not conn.timed_out:
+                    conn.timed_out = True
+                    conn.scope.cancel()
+
     async def _refuse(self, stream: anyio.abc.SocketStream) -> None:
         log.warning("connection refused: %d connections open (limit)", len(self._conns))
         reply = Connection(Role.SERVER).send(error_reply(0, ResourceExhausted(
@@ -156,11 +175,11 @@ class Server:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream,
                 ConnectionError):
             pass  # the client went away; nothing of ours is lost
-        except TimeoutError:
-            log.info("closing connection: the client stopped reading its reply")
         except Exception:
             log.exception("connection handler failed")
         finally:
+            if conn.timed_out:
+                log.info("closed a connection that timed out (slow, silent or not reading)")
             self._conns.discard(conn)
             self._counters.connections = len(self._conns)
             if self._closing and not self._conns:
@@ -191,10 +210,10 @@ class Server:
                 event = proto.next_event()
             except ProtocolError as exc:
                 log.info("protocol error from pid %s: %s", peer.pid, exc.message)
-                await self._send(stream, proto.send(error_reply(exc.request_id, exc)))
+                await self._send(stream, conn, proto.send(error_reply(exc.request_id, exc)))
                 return
             except BrokerError as exc:  # handshake refusals: connection stays usable
-                await self._send(stream, proto.send(error_reply(exc.request_id, exc)))
+                await self._send(stream, conn, proto.send(error_reply(exc.request_id, exc)))
                 continue
             if event is CLOSED:
                 return
@@ -208,19 +227,17 @@ class Server:
                     deadline = now + limits.idle_timeout
                 if proto.version is None:
                     deadline = min(deadline, handshake_deadline)
-                with anyio.move_on_after(deadline - now) as wait:
-                    try:
-                        data = await stream.receive(65536)
-                    except anyio.EndOfStream:
-                        data = b""
-                if wait.cancelled_caught:
-                    log.info("closing connection of pid %s: timed out", peer.pid)
-                    return
+                conn.deadline = deadline
+                try:
+                    data = await stream.receive(65536)
+                except anyio.EndOfStream:
+                    data = b""
+                conn.deadline = math.inf
                 try:
                     proto.receive_data(data)
                 except ProtocolError as exc:
                     log.info("protocol error from pid %s: %s", peer.pid, exc.message)
-                    await self._send(stream, proto.send(error_reply(0, exc)))
+                    await self._send(stream, conn, proto.send(error_reply(0, exc)))
                     return
                 continue
             assert isinstance(event, Request)
@@ -229,7 +246,7 @@ class Server:
             try:
                 reply = await self._answer(event, peer)
                 self._counters.requests += 1
-                await self._send(stream, proto.send(reply))
+                await self._send(stream, conn, proto.send(reply))
             finally:
                 conn.busy = False
             if isinstance(reply, Error) and reply.code == ErrorCode.UNAUTHENTICATED:
@@ -250,9 +267,10 @@ class Server:
             log.exception("request %s failed", type(request).__name__)
             return error_reply(request.id, RuntimeError())
 
-    async def _send(self, stream: anyio.abc.SocketStream, data: bytes) -> None:
-        with anyio.fail_after(self._limits.frame_timeout):
-            await stream.send(data)
+    async def _send(self, stream: anyio.abc.SocketStream, conn: _Conn, data: bytes) -> None:
+        conn.deadline = time.monotonic() + self._limits.frame_timeout
+        await stream.send(data)
+        conn.deadline = math.inf
 
 
 def _in_group(creds: PeerCredentials, gid: int) -> bool:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import anyio
+import msgspec
 
 from . import __version__
 from .audit import Audit
@@ -30,7 +31,7 @@ from .protocol import (
     AuditVerified,
     CompleteContext,
     ContextCreated,
-    ContextFetched,
+    ContextFetchedRaw,
     ContextInfo,
     ContextList,
     CreateContext,
@@ -158,9 +159,9 @@ class Service:
                                   key_source=result.key_source)
             case FetchContext(token=token):
                 fetched = self.contexts.fetch(token, peer)
-                return ContextFetched(id=rid, execution_id=fetched.execution_id,
-                                      expires_at=fetched.expires_at,
-                                      variables=fetched.variables)
+                return ContextFetchedRaw(id=rid, execution_id=fetched.execution_id,
+                                         expires_at=fetched.expires_at,
+                                         variables=msgspec.Raw(fetched.plaintext))
             case CreateContext():
                 created = await self.contexts.create(request, peer)
                 return ContextCreated(id=rid, execution_id=created.execution_id,

@@ -30,11 +30,12 @@ from stigmer.broker.errors import (
 from stigmer.broker.protocol import SpecEntry, Variable
 
 from ._common import TOKEN_VARIABLE, variables
-from ._context import ExecutionContext, PlaceholderError, SecretFilter
+from ._context import ExecutionContext, PlaceholderError
 from ._sync import Client
 
 if TYPE_CHECKING:
     from ._async import AsyncClient
+    from ._logfilter import SecretFilter
 
 __all__ = [
     "AlreadyExists", "AsyncClient", "BrokerError", "BrokerUnavailable", "Client", "ErrorCode",
@@ -50,4 +51,8 @@ def __getattr__(name: str) -> object:
         from ._async import AsyncClient
 
         return AsyncClient
+    if name == "SecretFilter":
+        from ._logfilter import SecretFilter
+
+        return SecretFilter
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import anyio.abc
@@ -72,6 +72,9 @@ from ._common import (
 )
 from ._context import ExecutionContext
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
 __all__ = ["AsyncClient"]
 
 R = TypeVar("R", bound=Response)
@@ -85,7 +88,7 @@ class AsyncClient:
     """
 
     def __init__(self, socket_path: str | Path | None = None, *, timeout: float = 30.0) -> None:
-        self.socket_path = Path(socket_path) if socket_path else default_socket()
+        self.socket_path = os.fspath(socket_path) if socket_path else default_socket()
         self.timeout = timeout
         self._stream: anyio.abc.SocketStream | None = None
         self._conn = Connection(Role.CLIENT)
@@ -94,7 +97,7 @@ class AsyncClient:
         self.server_version = ""
 
     def __repr__(self) -> str:
-        return f"AsyncClient(socket_path={str(self.socket_path)!r})"
+        return f"AsyncClient(socket_path={self.socket_path!r})"
 
     async def connect(self) -> None:
         """Connect, check who serves the socket, and shake hands."""

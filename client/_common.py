@@ -7,10 +7,8 @@ import os
 import socket
 import stat
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TypeVar
 
-from stigmer.broker.config import resolve_paths
 from stigmer.broker.errors import BrokerUnavailable, InvalidArgument, error_from_code
 from stigmer.broker.peer import peer_credentials
 from stigmer.broker.protocol import Error, Response, Variable
@@ -23,24 +21,26 @@ __all__ = [
 R = TypeVar("R", bound=Response)
 
 
-def default_socket(environ: Mapping[str, str] | None = None) -> Path:
+def default_socket(environ: Mapping[str, str] | None = None) -> str:
     """The socket every stigmer-broker command uses (see stigmer.broker.config)."""
-    return resolve_paths(os.environ if environ is None else environ).socket
+    from stigmer.broker.config import resolve_paths
+
+    return str(resolve_paths(os.environ if environ is None else environ).socket)
 
 
-def unavailable(path: Path, reason: str) -> BrokerUnavailable:
+def unavailable(path: str, reason: str) -> BrokerUnavailable:
     return BrokerUnavailable(
         f"no broker is answering on {path} ({reason}); start it with `stigmer-broker start`")
 
 
-def check_socket_dir(path: Path) -> int:
+def check_socket_dir(path: str) -> int:
     """Return the uid owning the socket's directory if it can be trusted; raise otherwise.
 
     Trusted: a real directory (not a symlink) owned by us or root, or by the broker
     owner when we reach it as a runner-group member; no permission for others and
     no write permission for the group.
     """
-    directory = path.parent
+    directory = os.path.dirname(path) or "."
     try:
         st = os.lstat(directory)
     except FileNotFoundError:
@@ -59,7 +59,7 @@ def check_socket_dir(path: Path) -> int:
     return st.st_uid
 
 
-def check_peer(sock: socket.socket, path: Path, dir_owner: int) -> None:
+def check_peer(sock: socket.socket, path: str, dir_owner: int) -> None:
     """Refuse a server that is not us, root, or the owner of the socket's directory."""
     try:
         uid = peer_credentials(sock).uid

@@ -7,19 +7,21 @@ structures, and :meth:`log_filter` keeps secret values out of log records.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stigmer.broker.errors import InvalidArgument
 from stigmer.broker.protocol import Variable
 
-__all__ = ["ExecutionContext", "PlaceholderError", "SecretFilter"]
+if TYPE_CHECKING:
+    from ._logfilter import SecretFilter
+
+__all__ = ["ExecutionContext", "PlaceholderError"]
 
 _PLACEHOLDER = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_MASK = "***"
+_MASK = "***"  # also in _logfilter
 
 
 class PlaceholderError(InvalidArgument):
@@ -113,33 +115,6 @@ class ExecutionContext(Mapping[str, str]):
 
     def log_filter(self, *, also: Iterable[str] = ()) -> SecretFilter:
         """Return a logging filter masking this context's secrets (and ``also``, e.g. the token)."""
+        from ._logfilter import SecretFilter
+
         return SecretFilter([*self.secret_values(), *also])
-
-
-class SecretFilter(logging.Filter):
-    """Masks given values in every record it sees. Add it to your handlers."""
-
-    def __init__(self, values: Iterable[str]) -> None:
-        super().__init__()
-        self._values = sorted({v for v in values if v}, key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, self._values))) if self._values \
-            else None
-
-    def __repr__(self) -> str:
-        return f"SecretFilter({len(self._values)} values)"
-
-    def mask(self, text: str) -> str:
-        return self._pattern.sub(_MASK, text) if self._pattern else text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self._pattern is None:
-            return True
-        record.msg = self.mask(record.getMessage())
-        record.args = None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = self.mask(record.exc_text)
-        if record.stack_info:
-            record.stack_info = self.mask(record.stack_info)
-        return True

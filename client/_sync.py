@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from stigmer.broker.errors import BrokerUnavailable
 from stigmer.broker.protocol import (
@@ -68,6 +68,9 @@ from ._common import (
 )
 from ._context import ExecutionContext
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
 __all__ = ["Client"]
 
 R = TypeVar("R", bound=Response)
@@ -82,7 +85,7 @@ class Client:
     """
 
     def __init__(self, socket_path: str | Path | None = None, *, timeout: float = 30.0) -> None:
-        self.socket_path = Path(socket_path) if socket_path else default_socket()
+        self.socket_path = os.fspath(socket_path) if socket_path else default_socket()
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._conn = Connection(Role.CLIENT)
@@ -90,7 +93,7 @@ class Client:
         self.server_version = ""
 
     def __repr__(self) -> str:
-        return f"Client(socket_path={str(self.socket_path)!r})"
+        return f"Client(socket_path={self.socket_path!r})"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -103,7 +106,7 @@ class Client:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
-            sock.connect(str(path))
+            sock.connect(path)
         except FileNotFoundError:
             sock.close()
             raise unavailable(path, "no socket there") from None

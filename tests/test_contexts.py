@@ -140,11 +140,11 @@ async def test_the_design_story(parts: tuple[Contexts, Environments, Clock, Vaul
     assert provenance == {"LOG_LEVEL": "environment:prod", "TIMEOUT": "environment:base",
                           "GITHUB_TOKEN": "environment:prod", "MODEL": "runtime"}
     fetched = contexts.fetch(created.token.token, PEER)
-    assert {k: v.value for k, v in fetched.variables.items()} == {
+    assert {k: v.value for k, v in fetched.variables().items()} == {
         "LOG_LEVEL": "warn", "TIMEOUT": "30s", "GITHUB_TOKEN": "ghp_x", "MODEL": "large"}
     # frozen at creation
     await envs.put("prod", {"LOG_LEVEL": Variable(value="error")})
-    assert contexts.fetch(created.token.token, PEER).variables["LOG_LEVEL"].value == "warn"
+    assert contexts.fetch(created.token.token, PEER).variables()["LOG_LEVEL"].value == "warn"
     await contexts.complete("exec-1", PEER)
     with pytest.raises(Unauthenticated):
         contexts.fetch(created.token.token, PEER)
@@ -185,8 +185,8 @@ async def test_tokens_open_only_their_context(
     a = await contexts.create(create("a", runtime={"V": Variable(value="a")}), PEER)
     b = await contexts.create(create("b", runtime={"V": Variable(value="b")}), PEER)
     extra, _ = await contexts.issue("a", 60, None, PEER)
-    assert contexts.fetch(a.token.token, PEER).variables["V"].value == "a"
-    assert contexts.fetch(b.token.token, PEER).variables["V"].value == "b"
+    assert contexts.fetch(a.token.token, PEER).variables()["V"].value == "a"
+    assert contexts.fetch(b.token.token, PEER).variables()["V"].value == "b"
     assert contexts.fetch(extra.token, PEER).execution_id == "a"
 
 
@@ -261,7 +261,7 @@ async def test_tampered_context_fails_alone(short_dir: Path,
 
     with pytest.raises(Internal, match="'a' cannot be opened"):
         contexts.fetch(a.token.token, PEER)
-    assert contexts.fetch(b.token.token, PEER).variables["S"].value == "b"
+    assert contexts.fetch(b.token.token, PEER).variables()["S"].value == "b"
 
 
 async def test_audit_chain_detects_tampering(short_dir: Path,

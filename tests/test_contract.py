@@ -100,3 +100,15 @@ def test_proto_service_has_one_rpc_per_request() -> None:
 def test_wire_keys_are_the_field_names() -> None:
     body = msgspec.msgpack.decode(bytes.fromhex(_frames()["Hello"])[4:])
     assert body == {"op": "Hello", "id": 1, "version": 1, "client": "golden"}
+
+
+def test_raw_fetch_reply_encodes_like_the_decoded_one() -> None:
+    from stigmer.broker.protocol import ContextFetched, ContextFetchedRaw
+
+    sample = SAMPLES["ContextFetched"]
+    assert isinstance(sample, ContextFetched)
+    raw = ContextFetchedRaw(id=sample.id, execution_id=sample.execution_id,
+                            expires_at=sample.expires_at,
+                            variables=msgspec.Raw(msgspec.msgpack.encode(sample.variables)))
+    conn = Connection(Role.SERVER)
+    assert conn.send(raw) == conn.send(sample)

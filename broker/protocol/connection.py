@@ -23,7 +23,7 @@ retry. Those errors carry the request id, and the server answers them with
 from __future__ import annotations
 
 import enum
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -98,10 +98,19 @@ class _IdOnly(msgspec.Struct):
     id: int = 0
 
 
-_REQUEST_DECODER: Final = msgspec.msgpack.Decoder(AnyRequest)
-_RESPONSE_DECODER: Final = msgspec.msgpack.Decoder(AnyResponse)
 _ID_DECODER: Final = msgspec.msgpack.Decoder(_IdOnly)
 _ENCODER: Final = msgspec.msgpack.Encoder()
+_DECODERS: dict[Role, msgspec.msgpack.Decoder[Any]] = {}
+
+
+def _decoder(role: Role) -> msgspec.msgpack.Decoder[Any]:
+    """The decoder for what ``role`` receives, built once, on first use (a client never
+    pays for the request decoder)."""
+    decoder = _DECODERS.get(role)
+    if decoder is None:
+        decoder = msgspec.msgpack.Decoder(AnyRequest if role is Role.SERVER else AnyResponse)
+        _DECODERS[role] = decoder
+    return decoder
 
 Event = Request | Response | _Sentinel
 
@@ -118,7 +127,7 @@ class Connection:
         self._reader = FrameReader(max_frame_size)
         self._eof = False
         self._error: ProtocolError | None = None
-        self._decoder = _REQUEST_DECODER if role is Role.SERVER else _RESPONSE_DECODER
+        self._decoder = _decoder(role)
 
     # ------------------------------------------------------------------ receiving
 

@@ -23,6 +23,7 @@ __all__ = [
     "CreateContext", "IssueToken", "GetContext", "ListContexts", "CompleteContext",
     "FetchContext", "ReleaseContext", "ListAudit", "VerifyAudit",
     "ContextCreated", "TokenIssued", "ContextInfo", "ContextList", "ContextFetched",
+    "ContextFetchedRaw",
     "AuditLog", "AuditVerified",
     "SpecEntry", "KeyInfo", "TokenInfo", "ContextSummary", "AuditRecord",
     "Hello", "GetStatus", "Shutdown",
@@ -411,6 +412,23 @@ class ContextFetched(Response, frozen=True, kw_only=True):
     execution_id: str
     expires_at: float
     variables: dict[str, Variable]
+
+
+class ContextFetchedRaw(Response, frozen=True, kw_only=True, tag="ContextFetched"):
+    """The broker's encoding twin of ContextFetched: ``variables`` is already msgpack.
+
+    A context is sealed as the msgpack of its ``dict[str, Variable]``, so the
+    broker splices the opened bytes into the reply instead of decoding and
+    re-encoding them. The bytes on the wire are those of ContextFetched, which
+    is what peers decode; this class is never decoded and is not in the unions.
+    """
+
+    execution_id: str
+    expires_at: float
+    variables: msgspec.Raw
+
+    def __repr__(self) -> str:
+        return f"ContextFetchedRaw(id={self.id}, execution_id={self.execution_id!r}, ...)"
 
 
 class AuditLog(Response, frozen=True, kw_only=True):

@@ -1,0 +1,441 @@
+"""stigmer-broker benchmarks: every figure is a ratio against a floor measured in the same run.
+
+Runs its own daemons in a private temporary home (never the user's), prints a
+table and writes bench/results.json. These machines are noisy: cases that are
+compared run alternately, in rounds, and the table quotes medians and ratios.
+
+    python bench/run.py            # the full run (make bench)
+    python bench/run.py --smoke    # tiny counts, to keep it from rotting (the test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def summary(latencies_ns: list[int], elapsed_s: float, count: int) -> dict[str, float]:
+    ordered = sorted(latencies_ns)
+    return {
+        "p50_us": ordered[len(ordered) // 2] / 1000,
+        "p99_us": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000,
+        "throughput_per_s": count / elapsed_s if elapsed_s > 0 else 0.0,
+        "count": count,
+    }
+
+
+def timed_calls(call: Callable[[], object], count: int) -> tuple[list[int], float]:
+    latencies = []
+    clock = time.perf_counter_ns
+    start = clock()
+    for _ in range(count):
+        t0 = clock()
+        call()
+        latencies.append(clock() - t0)
+    return latencies, (clock() - start) / 1e9
+
+
+def alternate(cases: dict[str, Callable[[int], tuple[list[int], float]]], total: int,
+              rounds: int) -> dict[str, dict[str, float]]:
+    """Run each case ``total`` times in ``rounds`` alternating chunks; summarise each."""
+    lat: dict[str, list[int]] = {name: [] for name in cases}
+    elapsed: dict[str, float] = dict.fromkeys(cases, 0.0)
+    chunk = max(1, total // rounds)
+    for _ in range(rounds):
+        for name, run in cases.items():
+            got, secs = run(chunk)
+            lat[name] += got
+            elapsed[name] += secs
+    return {name: summary(lat[name], elapsed[name], len(lat[name])) for name in cases}
+
+
+# ---------------------------------------------------------------- the daemons
+
+
+def context_variables() -> tuple[dict[str, str], dict[str, str]]:
+    """30 variables, 10 of them secret, about 3 KB in all."""
+    plain = {f"SETTING_{i:02d}": "v" * 90 for i in range(20)}
+    secret = {f"SECRET_{i:02d}": "s" * 90 for i in range(10)}
+    return plain, secret
+
+
+@contextmanager
+def broker(home: Path, sock: Path) -> Iterator[dict[str, str]]:
+    env = {**os.environ, "STIGMER_HOME": str(home), "STIGMER_BROKER_SOCKET": str(sock),
+           "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
+    env.pop("STIGMER_ENCRYPTION_KEY", None)
+    subprocess.run([PY, "-m", "stigmer.broker", "start"], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    try:
+        yield env
+    finally:
+        subprocess.run([PY, "-m", "stigmer.broker", "stop"], env=env,
+                       stdout=subprocess.DEVNULL, check=False)
+
+
+def daemon_pid(sock: Path) -> int:
+    from stigmer.client import Client
+
+    with Client(sock) as c:
+        return c.status().pid
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def create_contexts(sock: Path, count: int, prefix: str) -> tuple[str, float]:
+    """Create ``count`` contexts; return the last token and contexts per second."""
+    from stigmer.client import Client, variables
+
+    plain, secret = context_variables()
+    runtime = variables(plain, secret)
+    token = ""
+    with Client(sock) as c:
+        start = time.perf_counter()
+        for i in range(count):
+            token = c.create_context(f"{prefix}-{i}", runtime=runtime, ttl_s=3600,
+                                     token_ttl_s=3600).token
+        secs = time.perf_counter() - start
+    return token, count / secs
+
+
+# --------------------------------------------------------------------- the floor
+
+
+def serve_floor(path: str) -> None:
+    """The floor: the same runtime (anyio, uvloop when present) and framing as the broker,
+    answering each frame with a pre-encoded reply of the broker's size, and nothing else."""
+    import anyio
+    import msgspec
+
+    from stigmer.broker.protocol import ContextFetched, FrameReader, Variable, Welcome
+    from stigmer.client import variables as make_vars
+
+    plain, secret = context_variables()
+    sample: dict[str, Variable] = make_vars(plain, secret)
+    encode = msgspec.msgpack.encode
+
+    class IdOnly(msgspec.Struct):
+        id: int = 0
+
+    id_of = msgspec.msgpack.Decoder(IdOnly).decode
+
+    def split(message: Any) -> tuple[bytes, bytes]:
+        marker = 0x7FFFFFFF  # encodes as 0xce + 4 bytes: find it and cut around it
+        body = encode(message.__class__(**{**msgspec.structs.asdict(message), "id": marker}))
+        at = body.index(encode(marker))
+        return body[:at], body[at + 5:]
+
+    welcome = split(Welcome(id=0, version=1, server_version="floor"))
+    reply = split(ContextFetched(id=0, execution_id="floor", expires_at=0.0, variables=sample))
+
+    async def handle(stream: Any) -> None:
+        reader = FrameReader()
+        first = True
+        async with stream:
+            while True:
+                try:
+                    data = await stream.receive(65536)
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return
+                reader.feed(data)
+                while (body := reader.next_body()) is not None:
+                    head, tail = welcome if first else reply
+                    first = False
+                    out = head + encode(id_of(body).id) + tail
+                    await stream.send(len(out).to_bytes(4, "big") + out)
+
+    async def main() -> None:
+        listener = await anyio.create_unix_listener(path, mode=0o600)
+        print("ready", flush=True)
+        await listener.serve(handle)
+
+    options: dict[str, Any] = {}
+    try:
+        import uvloop  # noqa: F401
+
+        options["use_uvloop"] = True
+    except ImportError:
+        pass
+    anyio.run(main, backend="asyncio", backend_options=options)
+
+
+@contextmanager
+def floor(path: Path) -> Iterator[None]:
+    proc = subprocess.Popen([PY, str(Path(__file__)), "--floor-server", str(path)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    try:
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------- redis
+
+
+@contextmanager
+def redis(path: Path) -> Iterator[bool]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        yield False
+        return
+    proc = subprocess.Popen([binary, "--port", "0", "--unixsocket", str(path),
+                             "--unixsocketperm", "700", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if path.exists():
+                break
+            time.sleep(0.02)
+        yield True
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+class RespClient:
+    """A plain RESP client: GET over a Unix socket, nothing more."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+
+    def command(self, *parts: bytes) -> bytes:
+        msg = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+        self.sock.sendall(msg)
+        data = self.sock.recv(65536)
+        if data.startswith(b"$"):
+            header, _, rest = data.partition(b"\r\n")
+            need = int(header[1:]) + 2
+            while len(rest) < need:
+                rest += self.sock.recv(65536)
+            return rest[:-2]
+        return data
+
+
+# -------------------------------------------------------------------- workers
+
+
+def worker(kind: str, target: str, token: str, count: int) -> None:
+    """One of the concurrent client processes: warm up, wait for "go", fetch, report."""
+    from stigmer.client import Client
+
+    with Client(Path(target)) as c:
+        for _ in range(50):
+            c.fetch_context(token)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        start = time.monotonic()
+        for _ in range(count):
+            c.fetch_context(token)
+        end = time.monotonic()
+    print(json.dumps({"start": start, "end": end, "count": count}), flush=True)
+
+
+def concurrent_throughput(target: Path, token: str, clients: int, per_client: int) -> float:
+    procs = [subprocess.Popen([PY, str(Path(__file__)), "--worker", "fetch", str(target), token,
+                               str(per_client)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for _ in range(clients)]
+    for p in procs:
+        assert p.stdout is not None
+        p.stdout.readline()
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    span = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return float(sum(r["count"] for r in results) / span)
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+def wall_times(commands: dict[str, list[str]], runs: int, env: dict[str, str]
+               ) -> dict[str, float]:
+    """Median wall time (ms) of each command, run alternately."""
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(runs):
+        for name, cmd in commands.items():
+            t0 = time.perf_counter()
+            subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           check=False)
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def heavy_modules_loaded(env: dict[str, str]) -> list[str]:
+    code = ("import sys, stigmer.client; print(','.join(sorted({m.split('.')[0] for m in "
+            "sys.modules} & {'keyring', 'aiosqlite', 'cryptography', 'uvloop'})))")
+    out = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return [m for m in out.stdout.strip().split(",") if m]
+
+
+# ------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny counts (for the tests)")
+    parser.add_argument("--out", default=str(HERE / "results.json"))
+    parser.add_argument("--floor-server", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.floor_server:
+        serve_floor(args.floor_server)
+        return
+    if args.worker:
+        kind, target, token, count = args.worker
+        worker(kind, target, token, int(count))
+        return
+
+    from stigmer.client import Client
+
+    n = 200 if args.smoke else 20000
+    rounds = 4 if args.smoke else 10
+    concurrent = 2 if args.smoke else 16
+    big = 50 if args.smoke else 10000
+    cli_runs = 3 if args.smoke else 21
+    rows: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    tmp = Path(tempfile.mkdtemp(prefix="sbb-", dir="/tmp"))
+    os.chmod(tmp, 0o700)
+    try:
+        small_home, big_home = tmp / "small", tmp / "big"
+        small_sock, big_sock = tmp / "s" / "b.sock", tmp / "g" / "b.sock"
+        floor_sock = tmp / "f" / "f.sock"
+        floor_sock.parent.mkdir(mode=0o700)
+        with broker(small_home, small_sock) as env, broker(big_home, big_sock), \
+                floor(floor_sock):
+            token, _ = create_contexts(small_sock, 10, "small")
+            big_token, create_rate = create_contexts(big_sock, big, "big")
+            rows["create_contexts_per_s"] = round(create_rate, 1)
+
+            with Client(small_sock) as b, Client(floor_sock) as f, Client(big_sock) as g:
+                for c, t in ((b, token), (f, token), (g, big_token)):
+                    for _ in range(200 if not args.smoke else 20):
+                        c.fetch_context(t)
+                one = alternate({
+                    "floor": lambda k: timed_calls(lambda: f.fetch_context(token), k),
+                    "fetch": lambda k: timed_calls(lambda: b.fetch_context(token), k),
+                    "fetch_10k": lambda k: timed_calls(lambda: g.fetch_context(big_token), k),
+                }, n, rounds)
+            rows["one_client"] = one
+            rows["ratio_fetch_p50_vs_floor"] = one["fetch"]["p50_us"] / one["floor"]["p50_us"]
+            rows["ratio_fetch_10k_vs_10_p50"] = (one["fetch_10k"]["p50_us"]
+                                                 / one["fetch"]["p50_us"])
+
+            per = max(1, n // concurrent)
+            tput: dict[str, list[float]] = {"floor": [], "fetch": []}
+            for _ in range(3 if not args.smoke else 1):
+                tput["floor"].append(concurrent_throughput(floor_sock, token, concurrent, per))
+                tput["fetch"].append(concurrent_throughput(small_sock, token, concurrent, per))
+            rows["concurrent"] = {"clients": concurrent,
+                                  "floor_per_s": statistics.median(tput["floor"]),
+                                  "fetch_per_s": statistics.median(tput["fetch"])}
+            rows["ratio_fetch_throughput_vs_floor"] = (rows["concurrent"]["fetch_per_s"]
+                                                       / rows["concurrent"]["floor_per_s"])
+            rows["daemon_rss_kib_10k_contexts" if not args.smoke else "daemon_rss_kib"] = \
+                rss_kib(daemon_pid(big_sock))
+            rows["daemon_rss_kib_10_contexts"] = rss_kib(daemon_pid(small_sock))
+
+            with redis(tmp / "r.sock") as have_redis:
+                if have_redis:
+                    r = RespClient(tmp / "r.sock")
+                    r.command(b"SET", b"ctx", b"x" * 3000)
+                    with Client(small_sock) as b:
+                        peer = alternate({
+                            "redis_get": lambda k: timed_calls(lambda: r.command(b"GET", b"ctx"),
+                                                               k),
+                            "fetch": lambda k: timed_calls(lambda: b.fetch_context(token), k),
+                        }, n, rounds)
+                    rows["peer_redis"] = peer
+                    rows["ratio_fetch_p50_vs_redis"] = (peer["fetch"]["p50_us"]
+                                                        / peer["redis_get"]["p50_us"])
+                else:
+                    rows["peer_redis"] = "skipped: redis-server is not installed"
+
+            cli = wall_times({
+                "python -c pass": [PY, "-c", "pass"],
+                "import stigmer.client": [PY, "-c", "import stigmer.client"],
+                "stigmer-broker status": [PY, "-m", "stigmer.broker", "status"],
+            }, cli_runs, env)
+            rows["cli_ms"] = cli
+            rows["import_client_adds_ms"] = cli["import stigmer.client"] - cli["python -c pass"]
+            rows["ratio_status_vs_python"] = cli["stigmer-broker status"] / cli["python -c pass"]
+            rows["client_import_loads"] = heavy_modules_loaded(env)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    print_table(rows)
+
+
+def print_table(rows: dict[str, Any]) -> None:
+    def line(name: str, s: dict[str, float]) -> None:
+        print(f"  {name:<22} p50 {s['p50_us']:8.1f} us   p99 {s['p99_us']:8.1f} us   "
+              f"{s['throughput_per_s']:9.0f}/s   (n={s['count']})")
+
+    print("fetch, one client (blocking Client, alternating rounds):")
+    for name, s in rows["one_client"].items():
+        line(name, s)
+    c = rows["concurrent"]
+    print(f"fetch, {c['clients']} client processes: floor {c['floor_per_s']:.0f}/s, "
+          f"broker {c['fetch_per_s']:.0f}/s")
+    if isinstance(rows["peer_redis"], dict):
+        print("peer (same run, alternating):")
+        for name, s in rows["peer_redis"].items():
+            line(name, s)
+    else:
+        print(f"peer: {rows['peer_redis']}")
+    print(f"create: {rows['create_contexts_per_s']:.0f} contexts/s (sealed, durable commit)")
+    print("CLI wall time (median ms): " + ", ".join(f"{k} {v:.1f}"
+                                                    for k, v in rows["cli_ms"].items()))
+    print("ratios:")
+    targets = {
+        "ratio_fetch_p50_vs_floor": "<= 1.3",
+        "ratio_fetch_throughput_vs_floor": ">= 0.6",
+        "ratio_fetch_10k_vs_10_p50": "<= 1.1",
+        "ratio_fetch_p50_vs_redis": "<= 1.0",
+        "ratio_status_vs_python": "<= 3.0",
+    }
+    for key, target in targets.items():
+        if key in rows:
+            print(f"  {key:<34} {rows[key]:6.2f}   (target {target})")
+    print(f"  import stigmer.client adds        {rows['import_client_adds_ms']:6.1f} ms "
+          "(target <= 25)")
+    print(f"  heavy modules loaded by import stigmer.client: "
+          f"{rows['client_import_loads'] or 'none'}")
+    for key in ("daemon_rss_kib_10_contexts", "daemon_rss_kib_10k_contexts", "daemon_rss_kib"):
+        if key in rows:
+            print(f"  {key:<34} {rows[key] / 1024:6.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The benchmark still runs (tiny counts; no timing is asserted: figures come from make bench)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+
+
+@pytest.mark.slow
+def test_bench_smoke(short_dir: Path) -> None:
+    out = short_dir / "results.json"
+    result = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    for key in ("one_client", "concurrent", "create_contexts_per_s", "cli_ms",
+                "ratio_fetch_p50_vs_floor", "ratio_fetch_throughput_vs_floor",
+                "ratio_fetch_10k_vs_10_p50", "ratio_status_vs_python"):
+        assert key in rows, key
+    assert set(rows["one_client"]) == {"floor", "fetch", "fetch_10k"}
+    assert rows["client_import_loads"] == []
