@@ -41,8 +41,13 @@ _PR_SET_DUMPABLE = 4
 
 
 def harden_process() -> None:
-    """No core dumps, and (Linux) not dumpable: no ptrace, no /proc/PID/mem or environ."""
+    """No core dumps, and (Linux) not dumpable: no ptrace, no /proc/PID/mem or environ.
+
+    SIGXFSZ is ignored so that a file-size limit fails a write (reported to the
+    client as resource_exhausted) instead of killing the daemon.
+    """
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:

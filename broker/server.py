@@ -50,6 +50,8 @@ __all__ = ["Counters", "Handler", "Peer", "Server"]
 
 log = logging.getLogger("stigmer.broker")
 
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Peer:
@@ -126,16 +128,24 @@ class Server:
             tg.cancel_scope.cancel()
 
     async def _accept_loop(self, tg: anyio.abc.TaskGroup, scope: anyio.CancelScope) -> None:
+        starved = False
         with scope:
             while True:
                 try:
                     stream = await self._listener.accept()
-                except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        log.warning("accept failed (%s); backing off", exc.strerror)
+                except (OSError, anyio.BrokenResourceError) as exc:
+                    # anyio reports accept()'s OSError as BrokenResourceError from it
+                    cause = exc if isinstance(exc, OSError) else exc.__cause__
+                    if isinstance(cause, OSError) and cause.errno in _OUT_OF_RESOURCES:
+                        if not starved:  # once per episode, not ten times a second
+                            log.warning("accept failed (%s); backing off", cause.strerror)
+                        starved = True
                         await anyio.sleep(0.1)
                         continue
                     raise
+                if starved:
+                    log.info("accepting connections again")
+                    starved = False
                 if len(self._conns) >= self._limits.max_connections:
                     tg.start_soon(self._refuse, stream)
                     continue

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import anyio
 
 from .errors import Internal, ResourceExhausted
 
@@ -131,6 +132,9 @@ class Store:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
         self.path = path
+        # One connection serves every task: a lock keeps one task's transaction from
+        # interleaving with another's statements (and readers from seeing it half done).
+        self._lock = anyio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -208,26 +212,31 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT), errors translated."""
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), errors translated.
+
+        Transactions are serialized; do not call :meth:`read` inside one (use the
+        connection it yields).
+        """
         db = self._db
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise _translate(exc) from None
-        try:
-            yield db
-            await db.execute("COMMIT")
-        except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
+        async with self._lock:
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
                 raise _translate(exc) from None
-            raise
+            try:
+                yield db
+                await db.execute("COMMIT")
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True), contextlib.suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise _translate(exc) from None
+                raise
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """Run one query and return all rows, errors translated."""
         try:
-            async with self._db.execute(sql, params) as cursor:
+            async with self._lock, self._db.execute(sql, params) as cursor:
                 return list(await cursor.fetchall())
         except sqlite3.Error as exc:
             raise _translate(exc) from None
@@ -240,7 +249,8 @@ class Store:
     async def checkpoint(self) -> None:
         """Move the WAL into the database file (so deleted data leaves the WAL too)."""
         try:
-            await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            async with self._lock:
+                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             raise _translate(exc) from None
 

@@ -122,3 +122,65 @@ def python_for_nobody() -> str:
         if ok:
             return candidate
     pytest.skip("no Python interpreter here that uid 65534 may execute")
+
+
+class Daemon:
+    """`stigmer-broker serve` in a child process, ready when started, its stderr kept."""
+
+    def __init__(self, paths: Paths, *, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = (), preexec: Any = None) -> None:
+        self.paths = paths
+        self.log = paths.home.parent / f"daemon-{os.getpid()}-{id(self)}.log"
+        self.env = env or cli_env(paths)
+        self.args = args
+        self.preexec = preexec
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> Daemon:
+        read_fd, write_fd = os.pipe()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "stigmer.broker", "serve", "--ready-fd", str(write_fd),
+                 *self.args], env=self.env, stdout=log, stderr=log, pass_fds=(write_fd,),
+                preexec_fn=self.preexec)
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as ready:
+            import select
+
+            if not select.select([ready], [], [], timeout)[0] or ready.read(6) != b"ready\n":
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"daemon did not start: {self.stderr()}")
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self, timeout: float = 30) -> int:
+        import signal as _signal
+
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(_signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))

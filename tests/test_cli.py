@@ -291,3 +291,22 @@ def test_context_create_flags(cli_broker: Paths, short_dir: Path) -> None:
     assert r.returncode == 1 and "already has a live context" in r.stderr
     status = json.loads(run_cli(p, "status", "--json", check=True).stdout)
     assert status["contexts"] == 1 and status["tokens"] >= 1
+
+
+def test_serve_takes_the_env_key_out_of_its_environment(
+        paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stigmer.broker import cli, daemon
+
+    seen: dict[str, object] = {}
+
+    def fake_run(config: object, **kwargs: object) -> None:
+        seen["config_key"] = getattr(config, "env_key", None)
+        seen["left_in_environ"] = "STIGMER_ENCRYPTION_KEY" in os.environ
+        seen["repr"] = repr(config)
+
+    monkeypatch.setattr(daemon, "run", fake_run)
+    monkeypatch.setenv("STIGMER_ENCRYPTION_KEY", "the-key-value")
+    assert cli.main(["--home", str(paths.home), "--socket", str(paths.socket), "serve"]) == 0
+    assert seen["config_key"] == "the-key-value"
+    assert seen["left_in_environ"] is False
+    assert "the-key-value" not in str(seen["repr"])

@@ -1,0 +1,327 @@
+"""Hostile local clients: fuzzing, floods, slow and vanishing peers, token guessing, tampering.
+
+Expected every time: a clear error or a closed connection, and the daemon keeps serving
+everyone else.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import msgspec
+import pytest
+from conftest import Daemon, make_config, open_fds, run_cli, start_broker
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stigmer.broker.config import Paths
+from stigmer.broker.errors import BrokerError, ProtocolError
+from stigmer.broker.peer import PeerCredentials
+from stigmer.broker.protocol import (
+    REQUEST_TYPES,
+    Connection,
+    FetchContext,
+    Hello,
+    Request,
+    Response,
+    Role,
+    State,
+    frame,
+)
+from stigmer.broker.server import Peer
+from stigmer.broker.service import Counters, Service
+from stigmer.broker.vault import Vault
+from stigmer.client import AsyncClient, Client, Unauthenticated, variables
+
+PEER = Peer(credentials=PeerCredentials(uid=0, gid=0, pid=1), admin=True)
+RUNNER = Peer(credentials=PeerCredentials(uid=1000, gid=1000, pid=2), admin=False)
+
+# ------------------------------------------------------------- dispatcher fuzzing
+
+OPS = [t.__name__ for t in REQUEST_TYPES] + ["Nope", "", "Status"]
+leaf = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**63, max_value=2**64 - 1),
+                 st.floats(allow_nan=True), st.text(max_size=40), st.binary(max_size=20),
+                 st.sampled_from(["dev", "exec-1", "A", "stg_x", "bad name", "x" * 300]))
+values = st.recursive(leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+    max_leaves=12)
+field_names = st.sampled_from(["id", "name", "data", "keys", "reveal", "execution_id",
+                               "env_spec", "environments", "runtime", "ttl_s", "token_ttl_s",
+                               "max_uses", "token", "limit", "version", "client", "value",
+                               "is_secret", "extra"])
+bodies = st.builds(lambda op, fields: {"op": op, **fields}, st.sampled_from(OPS),
+                   st.dictionaries(field_names, values, max_size=6))
+
+
+@pytest.fixture(scope="module")
+def live_service() -> Iterator[tuple[anyio.from_thread.BlockingPortal, Service]]:
+    import shutil
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="sbf-", dir="/tmp"))
+    with anyio.from_thread.start_blocking_portal() as portal:
+        vault = portal.call(lambda: Vault.open(home / "local.db", env_key=None,
+                                               key_file=home / "master.key",
+                                               use_keychain=False))
+        config = make_config(Paths(home=home, socket=home / "s.sock"))
+        service = Service(config, vault, Counters(), request_shutdown=lambda: None)
+        portal.call(service.start)
+        yield portal, service
+        portal.call(service.close)
+        portal.call(vault.close)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bodies, st.booleans(), st.integers(min_value=1, max_value=64))
+def test_fuzz_dispatcher(live_service: tuple[anyio.from_thread.BlockingPortal, Service],
+                         body: dict[str, Any], admin: bool, chunk: int) -> None:
+    portal, service = live_service
+    try:
+        raw = msgspec.msgpack.encode(body)
+    except (OverflowError, TypeError):
+        return
+    conn = Connection(Role.SERVER)
+    conn.state = State.READY
+    wire = frame(raw)
+    try:
+        for i in range(0, len(wire), chunk):
+            conn.receive_data(wire[i:i + chunk])
+        event = conn.next_event()
+    except BrokerError:
+        return  # a protocol error: the server answers it and closes
+    assert isinstance(event, Request)  # a whole frame in: a request, never NEED_DATA
+    try:
+        reply = portal.call(service.handle, event, PEER if admin else RUNNER)
+    except BrokerError:
+        return
+    assert isinstance(reply, Response)
+    assert reply.id == event.id
+
+
+def test_deeply_nested_msgpack_is_refused_not_recursed() -> None:
+    conn = Connection(Role.SERVER)
+    body = b"\x82\xa2op\xa5Hello\xa2id" + b"\x91" * 200_000 + b"\xc0"
+    conn.receive_data(frame(body))
+    with pytest.raises(ProtocolError):
+        conn.next_event()
+
+
+# -------------------------------------------------------------- through the socket
+
+
+def connect(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(str(path))
+    return s
+
+
+HELLO = Connection(Role.CLIENT).send(Hello(id=1, version=1))
+
+
+@pytest.mark.anyio
+async def test_slow_and_idle_clients_are_reaped_while_runners_work(paths: Paths) -> None:
+    config = make_config(paths, handshake_timeout=1.0, frame_timeout=1.0, idle_timeout=1.5,
+                         max_connections=512)
+    async with anyio.create_task_group() as tg:
+        running = await start_broker(tg, config)
+        async with AsyncClient(running.socket) as admin:
+            token = (await admin.create_context("x", runtime=variables({"A": "1"}))).token
+        trickle: list[socket.socket] = []
+        silent: list[socket.socket] = []
+        for _ in range(150):  # connect from a thread: the broker runs in this event loop
+            trickle.append(await anyio.to_thread.run_sync(connect, running.socket))
+            silent.append(await anyio.to_thread.run_sync(connect, running.socket))
+        for s in silent:
+            s.sendall(HELLO)
+        stop = threading.Event()
+
+        def trickler() -> None:
+            i = 0
+            while not stop.is_set():
+                for s in trickle:
+                    try:
+                        s.send(HELLO[i % len(HELLO):i % len(HELLO) + 1])
+                    except OSError:
+                        pass
+                i += 1
+                time.sleep(0.2)
+
+        def runner() -> int:
+            done = 0
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                with Client(running.socket) as c:
+                    assert c.fetch_context(token)["A"] == "1"
+                done += 1
+            return done
+
+        thread = threading.Thread(target=trickler)
+        thread.start()
+        try:
+            fetched = await anyio.to_thread.run_sync(runner)
+            assert fetched > 10
+            with anyio.fail_after(10):
+                while True:
+                    async with AsyncClient(running.socket) as c:
+                        if (await c.status()).connections == 1:
+                            break
+                    await anyio.sleep(0.2)
+        finally:
+            stop.set()
+            thread.join()
+            for s in trickle + silent:
+                s.close()
+        running.stop.set()
+
+
+def test_connection_flood_past_the_limit(paths: Paths) -> None:
+    with Daemon(paths) as daemon, Client(paths.socket) as admin:
+        admin.status()
+        time.sleep(0.3)
+        baseline = open_fds(daemon.pid)
+        flood: list[socket.socket] = []
+        refused = 0
+        try:
+            for _ in range(256 + 40):
+                s = connect(paths.socket)
+                flood.append(s)
+            for s in flood[-40:]:
+                conn = Connection(Role.CLIENT)  # the refusal comes unasked
+                data = s.recv(65536)
+                conn.receive_data(data)
+                reply = conn.next_event()
+                if isinstance(reply, Response) and getattr(reply, "code", "") == \
+                        "resource_exhausted":
+                    refused += 1
+            assert refused == 40
+            assert admin.status().connections == 256  # the admin's own connection answers
+        finally:
+            for s in flood:
+                s.close()
+        deadline = time.monotonic() + 10
+        while open_fds(daemon.pid) != baseline and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert open_fds(daemon.pid) == baseline
+        assert admin.status().connections == 1
+        assert "Traceback" not in daemon.stderr()
+
+
+def test_open_file_limit_is_survived(paths: Paths) -> None:
+    import resource
+
+    def low_nofile() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    with Daemon(paths, preexec=low_nofile) as daemon, Client(paths.socket) as admin:
+        flood = []
+        try:
+            for _ in range(120):
+                flood.append(connect(paths.socket))
+            time.sleep(0.5)
+            try:
+                assert admin.status().pid == daemon.pid  # still answers its open connection
+            except BrokerError as exc:
+                raise AssertionError(daemon.stderr()) from exc
+        finally:
+            for s in flood:
+                s.close()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with Client(paths.socket, timeout=2) as fresh:
+                    fresh.status()
+                break
+            except BrokerError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert "Traceback" not in daemon.stderr()
+
+
+def test_clients_vanishing_mid_reply_and_mid_request(paths: Paths) -> None:
+    with Daemon(paths) as daemon:
+        with Client(paths.socket) as admin:
+            token = admin.create_context(
+                "x", runtime=variables({f"K{i}": "v" * 1000 for i in range(200)})).token
+        fetch = Connection(Role.CLIENT)
+        request = fetch.send(Hello(id=1, version=1)) + fetch.send(FetchContext(id=2, token=token))
+        for _ in range(100):
+            s = connect(paths.socket)
+            s.sendall(request)
+            s.close()  # the ~200 KB reply has nowhere to go
+        for _ in range(100):
+            s = connect(paths.socket)
+            s.sendall(request[: len(request) - 7])
+            s.close()
+        deadline = time.monotonic() + 10
+        while True:
+            with Client(paths.socket) as c:
+                if c.status().connections == 1:
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        log = daemon.stderr()
+        assert "Traceback" not in log and " ERROR " not in log, log
+
+
+def test_token_guessing_is_cut_short_and_looks_the_same(paths: Paths) -> None:
+    with Daemon(paths):
+        with Client(paths.socket) as admin:
+            token = admin.create_context("x", runtime=variables({"A": "1"})).token
+        messages = set()
+        with Client(paths.socket) as guesser:
+            for i in range(3):
+                with pytest.raises(Unauthenticated) as info:
+                    guesser.fetch_context(f"stg_guess{i}")
+                messages.add(info.value.message)
+            with pytest.raises(BrokerError):
+                guesser.fetch_context("stg_guess3")  # the connection was cut
+        for i in range(300):
+            with Client(paths.socket) as guesser:
+                for j in range(3):
+                    with pytest.raises(Unauthenticated) as info:
+                        guesser.fetch_context(token[:-4] + f"{i:02d}{j:02d}")
+                    messages.add(info.value.message)
+            if i % 50 == 0:
+                with Client(paths.socket) as runner:
+                    assert runner.fetch_context(token)["A"] == "1"
+        assert len(messages) == 1
+
+
+def test_directory_of_another_user_is_refused(paths: Paths) -> None:
+    if os.getuid() != 0:
+        pytest.skip("creating a directory owned by another user needs root")
+    paths.socket.parent.mkdir(mode=0o700)
+    os.chown(paths.socket.parent, 65534, 65534)
+    result = run_cli(paths, "serve", timeout=30)
+    assert result.returncode == 1
+    assert f"refusing socket directory {paths.socket.parent}" in result.stderr
+    assert "owned by uid 65534" in result.stderr
+    assert os.stat(paths.socket.parent).st_uid == 65534  # untouched
+
+
+def test_swapped_context_rows_fail_alone(paths: Paths) -> None:
+    with Daemon(paths), Client(paths.socket) as admin:
+        a = admin.create_context("a", runtime=variables({}, {"S": "secret-a"})).token
+        b = admin.create_context("b", runtime=variables({}, {"S": "secret-b"})).token
+    with sqlite3.connect(paths.home / "local.db") as db:
+        sealed_b = db.execute("SELECT sealed FROM contexts WHERE execution_id='b'").fetchone()[0]
+        db.execute("UPDATE contexts SET sealed = ? WHERE execution_id = 'a'", (sealed_b,))
+    with Daemon(paths) as daemon, Client(paths.socket) as runner:
+        with pytest.raises(BrokerError) as info:
+            runner.fetch_context(a)
+        assert "cannot be opened" in info.value.message
+        assert "secret-b" not in info.value.message
+        assert runner.fetch_context(b)["S"] == "secret-b"
+        assert "Traceback" not in daemon.stderr()
