@@ -1,5 +1,5 @@
 """``python -m stigmer.broker`` is the ``stigmer-broker`` command."""
 
-from .cli import main
+from .cli import entry
 
-raise SystemExit(main())
+entry()

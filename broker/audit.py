@@ -13,7 +13,6 @@ token: only execution ids, token ids, peer uid/pid, event and outcome.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -36,16 +35,9 @@ def record_hash(prev: str, r: AuditRecord) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-@dataclasses.dataclass(slots=True)
-class _Pending:
-    at: float
-    event: str
-    outcome: str
-    execution_id: str
-    token_id: str
-    peer_uid: int | None
-    peer_pid: int | None
-    detail: str
+# (at, event, outcome, execution_id, token_id, peer_uid, peer_pid, detail): a plain tuple,
+# since a record is made on every fetch
+_Pending = tuple[float, str, str, str, str, int | None, int | None, str]
 
 
 class Audit:
@@ -68,8 +60,8 @@ class Audit:
                peer_uid: int | None = None, peer_pid: int | None = None,
                detail: str = "") -> None:
         """Buffer one record (written by the next flush)."""
-        self._pending.append(_Pending(self._clock(), event, outcome, execution_id, token_id,
-                                      peer_uid, peer_pid, detail))
+        self._pending.append((self._clock(), event, outcome, execution_id, token_id, peer_uid,
+                              peer_pid, detail))
 
     def count_use(self, token_id: str, uses: int) -> None:
         """Remember a bounded token's use count for the next flush."""
@@ -87,11 +79,11 @@ class Audit:
         uses, self._uses = self._uses, {}
         seq, prev = self._last_seq, self._last_hash
         rows = []
-        for p in pending:
+        for at, event, outcome, execution_id, token_id, peer_uid, peer_pid, detail in pending:
             seq += 1
-            rec = AuditRecord(seq=seq, at=p.at, event=p.event, outcome=p.outcome,
-                              execution_id=p.execution_id, token_id=p.token_id,
-                              peer_uid=p.peer_uid, peer_pid=p.peer_pid, detail=p.detail)
+            rec = AuditRecord(seq=seq, at=at, event=event, outcome=outcome,
+                              execution_id=execution_id, token_id=token_id, peer_uid=peer_uid,
+                              peer_pid=peer_pid, detail=detail)
             prev = record_hash(prev, rec)
             rows.append((rec.seq, rec.at, rec.event, rec.outcome, rec.execution_id,
                          rec.token_id, rec.peer_uid, rec.peer_pid, rec.detail, prev))

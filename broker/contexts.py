@@ -23,7 +23,7 @@ from collections.abc import Callable
 import msgspec
 
 from .audit import Audit
-from .crypto import SealError
+from .crypto import SealError, binding
 from .environments import Environments
 from .errors import AlreadyExists, Internal, NotFound, Unauthenticated
 from .merge import merge
@@ -53,17 +53,19 @@ class _Context:
     row_id: int
     execution_id: str
     sealed: bytes = dataclasses.field(repr=False)
-    keys_json: bytes
     n_keys: int
     n_secrets: int
     created_at: float
     expires_at: float
     tokens: dict[str, _Token] = dataclasses.field(default_factory=dict, repr=False)
 
-    place: tuple[str, int, str] = ("", 0, "")
+    bound: bytes = b""  # associated data binding ``sealed`` to this context, made once
 
     def __post_init__(self) -> None:
-        self.place = ("contexts", self.row_id, self.execution_id)
+        try:
+            self.bound = binding(self.sealed, ("contexts", self.row_id, self.execution_id))
+        except SealError:
+            self.bound = b""  # a damaged envelope: every fetch of it fails cleanly
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -144,8 +146,8 @@ class Contexts:
 
     def _index_context(self, row_id: int, execution_id: str, sealed: bytes, keys_json: bytes,
                        created_at: float, expires_at: float) -> _Context:
-        keys = _KEYS_DECODER.decode(keys_json)
-        context = _Context(row_id, execution_id, sealed, keys_json, len(keys),
+        keys = _KEYS_DECODER.decode(keys_json)  # kept as counts only: `show` reads the store
+        context = _Context(row_id, execution_id, sealed, len(keys),
                            sum(1 for k in keys if k.is_secret), created_at, expires_at)
         self._by_execution[execution_id] = context
         return context
@@ -224,14 +226,17 @@ class Contexts:
         await self._audit.flush()
         return token, expires_at
 
-    def describe(self, execution_id: str) -> tuple[_Context, list[KeyInfo], list[TokenInfo]]:
+    async def describe(self, execution_id: str
+                       ) -> tuple[_Context, list[KeyInfo], list[TokenInfo]]:
         context = self._live(execution_id)
+        keys_json = await self._vault.store.read_one("SELECT keys FROM contexts WHERE id = ?",
+                                                     (context.row_id,))
         now = self._clock()
         tokens = [TokenInfo(token_id=t.token_id, created_at=t.created_at,
                             expires_at=t.expires_at, uses=t.uses, max_uses=t.max_uses)
                   for t in sorted(context.tokens.values(), key=lambda t: t.created_at)
                   if t.usable(now)]
-        return context, _KEYS_DECODER.decode(context.keys_json), tokens
+        return context, _KEYS_DECODER.decode(str(keys_json or "[]")), tokens
 
     def summaries(self) -> list[ContextSummary]:
         now = self._clock()
@@ -258,7 +263,7 @@ class Contexts:
             raise Unauthenticated(UNAUTHENTICATED)
         context = entry.context
         try:
-            plaintext = self._vault.data_keys.open(context.sealed, context.place)
+            plaintext = self._vault.data_keys.open_bound(context.sealed, context.bound)
         except SealError:
             self._record("fetch", "error", peer, context.execution_id, entry.token_id,
                          detail="sealed context does not open")

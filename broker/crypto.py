@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
-    "KEY_SIZE", "DataKeys", "SealError", "envelope_key_id", "key_id_of", "new_key",
+    "KEY_SIZE", "DataKeys", "SealError", "binding", "envelope_key_id", "key_id_of", "new_key",
     "open_sealed", "seal", "unwrap_data_key", "wrap_data_key",
 ]
 
@@ -130,6 +130,11 @@ class DataKeys:
 
     def open(self, envelope: bytes, place: tuple[str | int, ...]) -> bytes:
         """Open an envelope sealed by any of these keys. Raises SealError."""
+        return self.open_bound(envelope, binding(envelope, place))
+
+    def open_bound(self, envelope: bytes, bound: bytes) -> bytes:
+        """Open an envelope with its :func:`binding` computed beforehand (the fetch path
+        keeps one per context). Raises SealError."""
         key_id = envelope_key_id(envelope)
         cipher = self._ciphers.get(key_id)
         if cipher is None:
@@ -137,9 +142,14 @@ class DataKeys:
         start = 2 + envelope[1]
         try:
             return cipher.decrypt(envelope[start:start + NONCE_SIZE],
-                                  envelope[start + NONCE_SIZE:], _associated_data(place, key_id))
+                                  envelope[start + NONCE_SIZE:], bound)
         except (InvalidTag, ValueError):
             raise SealError() from None
+
+
+def binding(envelope: bytes, place: tuple[str | int, ...]) -> bytes:
+    """Return the associated data that binds ``envelope`` to ``place``. Raises SealError."""
+    return _associated_data(place, envelope_key_id(envelope))
 
 
 def wrap_data_key(master: bytes, master_id: str, data_key_id: str, data_key: bytes) -> bytes:

@@ -88,6 +88,7 @@ class Service:
         self._request_shutdown = request_shutdown
         self._started = time.monotonic()
         self.socket_path = config.paths.socket  # the daemon sets the one it listens on
+        self.activity = ""  # a long operation in progress, for status
         self.environments = Environments(vault)
         self.audit = Audit(vault.store)
         self.contexts = Contexts(vault, self.environments, self.audit)
@@ -126,7 +127,12 @@ class Service:
                 f"{type(request).__name__} is for the broker's owner; runner-group members "
                 "may only fetch contexts")
         rid = request.id
-        match request:
+        match request:  # the runner's fetch first: it is the hot path
+            case FetchContext(token=token):
+                fetched = self.contexts.fetch(token, peer)
+                return ContextFetchedRaw(id=rid, execution_id=fetched.execution_id,
+                                         expires_at=fetched.expires_at,
+                                         variables=msgspec.Raw(fetched.plaintext))
             case Hello():
                 return Welcome(id=rid, version=PROTOCOL_VERSION, server_version=__version__)
             case GetStatus():
@@ -154,14 +160,16 @@ class Service:
                 await self.environments.apply(specs)
                 return Ok(id=rid)
             case RotateKey():
-                result = await self._vault.rotate()
+                def progress(done: int, total: int) -> None:
+                    self.activity = f"key rotation: {done} of {total} sealed values checked"
+
+                self.activity = "key rotation: rewrapping data keys"
+                try:
+                    result = await self._vault.rotate(progress)
+                finally:
+                    self.activity = ""
                 return KeyRotated(id=rid, key_id=result.key_id, rewrapped=result.rewrapped,
                                   key_source=result.key_source)
-            case FetchContext(token=token):
-                fetched = self.contexts.fetch(token, peer)
-                return ContextFetchedRaw(id=rid, execution_id=fetched.execution_id,
-                                         expires_at=fetched.expires_at,
-                                         variables=msgspec.Raw(fetched.plaintext))
             case CreateContext():
                 created = await self.contexts.create(request, peer)
                 return ContextCreated(id=rid, execution_id=created.execution_id,
@@ -175,7 +183,7 @@ class Service:
                 return TokenIssued(id=rid, execution_id=execution_id, token=issued.token,
                                    token_id=issued.token_id, expires_at=expires_at)
             case GetContext(execution_id=execution_id):
-                context, key_infos, token_infos = self.contexts.describe(execution_id)
+                context, key_infos, token_infos = await self.contexts.describe(execution_id)
                 return ContextInfo(id=rid, execution_id=execution_id,
                                    created_at=context.created_at, expires_at=context.expires_at,
                                    keys=key_infos, tokens=token_infos)
@@ -212,7 +220,7 @@ class Service:
             uptime_s=round(time.monotonic() - self._started, 3),
             socket=str(self.socket_path), socket_mode=mode, store=str(paths.store),
             key_source=self._vault.master.describe(), started_by=self._config.started_by,
-            unit=self._config.unit,
+            unit=self._config.unit, activity=self.activity,
             environments=await self.environments.count(), contexts=contexts, tokens=tokens,
             requests=self._counters.requests, connections=self._counters.connections,
         )

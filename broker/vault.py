@@ -24,8 +24,11 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
+
+import anyio
+import anyio.lowlevel
 
 from .crypto import (
     DataKeys,
@@ -105,7 +108,7 @@ class Vault:
     async def close(self) -> None:
         await self.store.close()
 
-    async def rotate(self, progress: Callable[[int, int], Awaitable[None]] | None = None
+    async def rotate(self, progress: Callable[[int, int], None] | None = None
                      ) -> RotationResult:
         """Replace the master key (see the module docstring). Raises FailedPrecondition."""
         if self.master.source == "env":
@@ -132,7 +135,7 @@ class Vault:
                               key_source=self.master.describe())
 
     async def _check_every_row(self, new: bytes, new_id: str,
-                               progress: Callable[[int, int], Awaitable[None]] | None) -> None:
+                               progress: Callable[[int, int], None] | None) -> None:
         rows = await self.store.read("SELECT id, wrapped_next FROM data_keys")
         keys = {kid: unwrap_data_key(new, new_id, kid, wrapped) for kid, wrapped in rows}
         candidate = DataKeys(keys, self.data_keys.active)
@@ -145,8 +148,10 @@ class Vault:
             except SealError:
                 log.warning("a sealed %s row does not open (%s, %s); it was unreadable "
                             "before the rotation too", table, row_id, name)
-            if progress is not None and done % 1000 == 0:
-                await progress(done, len(sealed))
+            if done % 500 == 0:
+                if progress is not None:
+                    progress(done, len(sealed))
+                await anyio.lowlevel.checkpoint()  # a big store must not stall fetches meanwhile
 
 
 async def _load_data_keys(store: Store, master: MasterKey) -> DataKeys:

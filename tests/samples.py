@@ -67,7 +67,8 @@ SAMPLES: dict[str, Request | Response] = {
     "Status": Status(id=2, version="0.1.0", pid=4242, uptime_s=1.5, socket="/run/b.sock",
                      socket_mode="0600", store="/h/local.db", key_source="file (/h/master.key)",
                      started_by="manual", environments=1, contexts=0, tokens=0, requests=3,
-                     connections=1, unit="stigmer-broker.service"),
+                     connections=1, unit="stigmer-broker.service",
+                     activity="key rotation: 500 of 1000 sealed values checked"),
     "Ok": Ok(id=3),
     "Environment": Environment(id=5, name="dev", data={
         "API_KEY": VariableView(is_secret=True),

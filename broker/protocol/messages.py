@@ -331,7 +331,8 @@ class Status(Response, frozen=True, kw_only=True):
     tokens: Count
     requests: Count
     connections: Count
-    unit: str = ""  # the systemd unit, when run by systemd (added in 0.1; optional)
+    unit: str = ""  # the systemd unit, when run by systemd
+    activity: str = ""  # a long operation under way (key rotation progress)
 
 
 class Ok(Response, frozen=True, kw_only=True):
