@@ -6,9 +6,14 @@ from there on; ``verify`` names the first record that does not fit.
 
 Records are buffered in memory and written in one transaction by :meth:`flush`
 (the daemon flushes every fraction of a second and right after each admin
-change), so the fetch hot path never waits for the disk. Usage counters of
-bounded tokens ride in the same transaction. Records never hold a value or a
-token: only execution ids, token ids, peer uid/pid, event and outcome.
+change), so the fetch hot path never waits for the disk. Fetches are counted,
+not written one by one: within a flush interval, the fetches of one token by
+one process with one outcome become one record whose detail says how many
+(``count=N``), so a runner hammering the socket costs a row per interval rather
+than a row per request. Other events close the open counts first, so the log
+stays in order. Use counters of tokens ride in the same transaction. Records
+never hold a value or a token: only execution ids, token ids, peer uid/pid,
+event and outcome.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class Audit:
         self._store = store
         self._clock = clock
         self._pending: list[_Pending] = []
+        self._counted: dict[tuple[str, str, str, int | None, int | None], list[float]] = {}
         self._uses: dict[str, int] = {}
         self._last_seq = 0
         self._last_hash = GENESIS
@@ -60,8 +66,27 @@ class Audit:
                peer_uid: int | None = None, peer_pid: int | None = None,
                detail: str = "") -> None:
         """Buffer one record (written by the next flush)."""
+        self._close_counts()
         self._pending.append((self._clock(), event, outcome, execution_id, token_id, peer_uid,
                               peer_pid, detail))
+
+    def count_fetch(self, outcome: str, execution_id: str, token_id: str,
+                    peer_uid: int | None, peer_pid: int | None) -> None:
+        """Count one fetch; equal ones within a flush interval share a record."""
+        key = (outcome, execution_id, token_id, peer_uid, peer_pid)
+        seen = self._counted.get(key)
+        if seen is None:
+            self._counted[key] = [self._clock(), 1]
+        else:
+            seen[1] += 1
+
+    def _close_counts(self) -> None:
+        if not self._counted:
+            return
+        for (outcome, execution_id, token_id, uid, pid), (at, count) in self._counted.items():
+            self._pending.append((at, "fetch", outcome, execution_id, token_id, uid, pid,
+                                  f"count={int(count)}" if count > 1 else ""))
+        self._counted.clear()
 
     def count_use(self, token_id: str, uses: int) -> None:
         """Remember a bounded token's use count for the next flush."""
@@ -69,10 +94,11 @@ class Audit:
 
     @property
     def pending(self) -> int:
-        return len(self._pending) + len(self._uses)
+        return len(self._pending) + len(self._counted) + len(self._uses)
 
     async def flush(self) -> None:
         """Write every buffered record and use count in one transaction."""
+        self._close_counts()
         if not self._pending and not self._uses:
             return
         pending, self._pending = self._pending, []

@@ -257,9 +257,8 @@ class Contexts:
         entry = self._by_hash.get(token_hash(token))
         now = self._clock()
         if entry is None or not entry.usable(now):
-            self._record("fetch", "denied", peer,
-                         entry.context.execution_id if entry else "",
-                         entry.token_id if entry else "")
+            self._audit.count_fetch("denied", entry.context.execution_id if entry else "",
+                                    entry.token_id if entry else "", peer.uid, peer.pid)
             raise Unauthenticated(UNAUTHENTICATED)
         context = entry.context
         try:
@@ -271,7 +270,8 @@ class Contexts:
                            "opened (tampered with or damaged); create it again") from None
         entry.uses += 1
         self._audit.count_use(entry.token_id, entry.uses)
-        self._record("fetch", "granted", peer, context.execution_id, entry.token_id)
+        self._audit.count_fetch("granted", context.execution_id, entry.token_id, peer.uid,
+                                peer.pid)
         return Fetched(context.execution_id, context.expires_at, plaintext)
 
     async def release(self, token: str, peer: Peer) -> None:

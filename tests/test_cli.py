@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -310,3 +311,17 @@ def test_serve_takes_the_env_key_out_of_its_environment(
     assert seen["config_key"] == "the-key-value"
     assert seen["left_in_environ"] is False
     assert "the-key-value" not in str(seen["repr"])
+
+
+def test_status_and_client_import_load_no_heavy_dependency(cli_broker: Paths) -> None:
+    code = ("import sys\n"
+            "import stigmer.client\n"
+            "from stigmer.broker import cli\n"
+            "assert cli.main(['status']) == 0\n"
+            "heavy = {'keyring', 'aiosqlite', 'cryptography', 'uvloop', 'anyio', 'yaml',"
+            " 'dotenv'}\n"
+            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n")
+    result = subprocess.run([sys.executable, "-c", code], env=cli_env(cli_broker),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -273,14 +273,16 @@ async def test_audit_chain_detects_tampering(short_dir: Path,
         contexts.fetch(created.token.token, PEER)
     audit = contexts._audit
     count, broken, _ = await audit.verify()
-    assert count == 5 and broken is None
+    assert count == 3 and broken is None  # created, issued, and the three fetches counted
+    records = await audit.list(None, 10)
+    assert (records[2].event, records[2].detail) == ("fetch", "count=3")
     with sqlite3.connect(short_dir / "local.db") as db:
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            db.execute("UPDATE audit SET outcome = 'denied' WHERE seq = 3")
+            db.execute("UPDATE audit SET outcome = 'denied' WHERE seq = 2")
         db.execute("DROP TRIGGER audit_no_update")
-        db.execute("UPDATE audit SET outcome = 'denied' WHERE seq = 3")
+        db.execute("UPDATE audit SET outcome = 'denied' WHERE seq = 2")
     count, broken, reason = await audit.verify()
-    assert broken == 3 and "record 3" in reason
+    assert broken == 2 and "record 2" in reason
     records = await audit.list(None, 100)
     assert all(created.token.token not in msgspec.json.encode(r).decode() for r in records)
 
@@ -409,3 +411,25 @@ def test_log_filter_masks_secrets_and_token(caplog: pytest.LogCaptureFixture) ->
         handler.close()
     assert "sk-live-123" not in caplog.text and "stg_token_value" not in caplog.text
     assert "***" in caplog.text
+
+
+async def test_counted_fetches_keep_the_log_in_order(
+        parts: tuple[Contexts, Environments, Clock, Vault]) -> None:
+    contexts, _, _, _ = parts
+    a = await contexts.create(create("a"), PEER)
+    await contexts.create(create("b"), PEER)
+    contexts.fetch(a.token.token, PEER)
+    contexts.fetch(a.token.token, PEER)
+    with pytest.raises(Unauthenticated):
+        contexts.fetch("stg_wrong", RUNNER_PEER)
+    await contexts.complete("b", PEER)
+    contexts.fetch(a.token.token, PEER)
+    records = await contexts._audit.list(None, 100)
+    tail = [(r.event, r.outcome, r.execution_id, r.detail) for r in records[4:]]
+    assert tail == [("fetch", "granted", "a", "count=2"), ("fetch", "denied", "", ""),
+                    ("token.revoked", "ok", "b", ""), ("context.completed", "ok", "b", ""),
+                    ("fetch", "granted", "a", "")]
+    assert (await contexts._audit.verify())[1] is None
+
+
+RUNNER_PEER = Peer(credentials=PeerCredentials(uid=1000, gid=1000, pid=77), admin=False)
