@@ -12,6 +12,9 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
+	@# atheris (coverage-guided fuzzing) only where a wheel exists; its test skips elsewhere
+	$(PY) -m pip install --quiet --only-binary=:all: 'atheris>=2.3' \
+		|| echo "atheris: no wheel for this platform; the atheris fuzz test will be skipped"
 	touch $(STAMP)
 
 ## run: serve in the foreground on the default paths (Ctrl-C stops it)
