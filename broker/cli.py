@@ -586,6 +586,10 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     env = dict(os.environ)
     env.pop("STIGMER_EXECUTION_TOKEN", None)
     env.update(context.as_env())
+    unpassable = sorted(k for k, v in context.items() if "\0" in v)
+    if unpassable:
+        raise InvalidArgument(f"{', '.join(unpassable)} contain(s) a NUL byte, which no "
+                              "environment can carry; read them with stigmer.client instead")
     sys.stdout.flush()
     sys.stderr.flush()
     try:

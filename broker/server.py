@@ -105,6 +105,8 @@ class Server:
         self._closing = False
         self._drained = anyio.Event()
         self._counters = counters
+        self._refused = 0
+        self._refusal_logged = -math.inf
 
     async def serve(self, shutdown: Callable[[], Awaitable[object]], *,
                     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -167,7 +169,12 @@ class Server:
                     conn.scope.cancel()
 
     async def _refuse(self, stream: anyio.abc.SocketStream) -> None:
-        log.warning("connection refused: %d connections open (limit)", len(self._conns))
+        now = time.monotonic()
+        self._refused += 1
+        if now - self._refusal_logged >= 1.0:  # a flood gets a line a second, not a line each
+            log.warning("refused %d connection(s): %d open (the limit)", self._refused,
+                        len(self._conns))
+            self._refusal_logged, self._refused = now, 0
         reply = Connection(Role.SERVER).send(error_reply(0, ResourceExhausted(
             f"the broker has {self._limits.max_connections} connections open; retry later")))
         with anyio.move_on_after(1.0), contextlib.suppress(anyio.BrokenResourceError,

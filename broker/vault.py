@@ -74,6 +74,7 @@ class Vault:
         self.store = store
         self.master = master
         self.data_keys = data_keys
+        self._rotating = False
 
     @classmethod
     async def open(cls, store_path: Path, *, env_key: str | None, key_file: Path,
@@ -113,6 +114,15 @@ class Vault:
         """Replace the master key (see the module docstring). Raises FailedPrecondition."""
         if self.master.source == "env":
             raise FailedPrecondition(ENV_KEY_ROTATION_HELP)
+        if self._rotating:  # two at once would each store a key the other's wraps miss
+            raise FailedPrecondition("a key rotation is already running; wait for it to end")
+        self._rotating = True
+        try:
+            return await self._rotate(progress)
+        finally:
+            self._rotating = False
+
+    async def _rotate(self, progress: Callable[[int, int], None] | None) -> RotationResult:
         new = new_key()
         new_id = key_id_of(new)
         rows = await self.store.read("SELECT id, wrapped FROM data_keys ORDER BY id")

@@ -325,3 +325,13 @@ def test_status_and_client_import_load_no_heavy_dependency(cli_broker: Paths) ->
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_run_refuses_values_no_environment_can_carry(cli_broker: Paths) -> None:
+    from stigmer.client import Client, variables
+
+    with Client(cli_broker.socket) as c:
+        token = c.create_context("nul", runtime=variables({"BAD": "a\0b"})).token
+    r = run_cli(cli_broker, "run", "--token", token, "--", "true")
+    assert r.returncode == 1 and "BAD contain(s) a NUL byte" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -222,3 +222,31 @@ async def test_env_key_rotation_explains_what_to_do(short_dir: Path) -> None:
             await v.rotate()
     finally:
         await v.close()
+
+
+async def test_concurrent_rotations_are_refused_not_interleaved(short_dir: Path) -> None:
+    import anyio
+
+    from stigmer.broker.errors import FailedPrecondition
+
+    v = await open_vault(short_dir)
+    await Environments(v).put("e", {"S": secret("keep-me")})
+    outcomes: list[str] = []
+
+    async def rotate() -> None:
+        try:
+            await v.rotate()
+            outcomes.append("rotated")
+        except FailedPrecondition:
+            outcomes.append("refused")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(rotate)
+        tg.start_soon(rotate)
+    await v.close()
+    assert sorted(outcomes) == ["refused", "rotated"]
+    v = await open_vault(short_dir)
+    try:
+        assert (await Environments(v).get("e", reveal=True)).data["S"].value == "keep-me"
+    finally:
+        await v.close()
