@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -335,3 +336,38 @@ def test_run_refuses_values_no_environment_can_carry(cli_broker: Paths) -> None:
     r = run_cli(cli_broker, "run", "--token", token, "--", "true")
     assert r.returncode == 1 and "BAD contain(s) a NUL byte" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_secret_prompt_on_a_terminal_does_not_echo(cli_broker: Paths) -> None:
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "stigmer.broker", "env", "set", "tty",
+                             "--secret", "TYPED"], stdin=slave, stdout=slave, stderr=slave,
+                            env=cli_env(cli_broker), start_new_session=True)
+    os.close(slave)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"TYPED: " not in seen:
+            assert time.monotonic() < deadline, seen
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 1024)
+        os.write(master, b"typed-on-a-tty\n")
+        while proc.poll() is None or select.select([master], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(master, 1024)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        proc.wait(timeout=30)
+    finally:
+        os.close(master)
+    assert proc.returncode == 0, seen
+    assert b"typed-on-a-tty" not in seen  # never echoed
+    shown = json.loads(run_cli(cli_broker, "env", "show", "tty", "--reveal", "--json",
+                               check=True).stdout)
+    assert shown["data"]["TYPED"] == {"value": "typed-on-a-tty", "is_secret": True}
