@@ -188,11 +188,9 @@ class Contexts:
         token_expires = min(now + request.token_ttl_s, expires_at)
         data_keys = self._vault.data_keys
         async with self._vault.store.write() as db:
-            async with db.execute(
-                    "INSERT INTO contexts(execution_id, sealed, keys, created_at, expires_at) "
-                    "VALUES (?, x'', ?, ?, ?)",
-                    (execution_id, keys_json.decode(), now, expires_at)) as cur:
-                row_id = int(cur.lastrowid or 0)
+            row_id = await db.insert(
+                "INSERT INTO contexts(execution_id, sealed, keys, created_at, expires_at) "
+                "VALUES (?, x'', ?, ?, ?)", (execution_id, keys_json.decode(), now, expires_at))
             sealed = data_keys.seal(plaintext, ("contexts", row_id, execution_id))
             await db.execute("UPDATE contexts SET sealed = ? WHERE id = ?", (sealed, row_id))
             await db.execute(

@@ -10,11 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 
-import aiosqlite
-
 from .crypto import SealError
 from .errors import Internal, NotFound
 from .protocol import EnvironmentSpec, EnvironmentSummary, Variable, VariableView
+from .store import Tx
 from .vault import Vault
 
 __all__ = ["EnvironmentRecord", "Environments"]
@@ -62,10 +61,9 @@ class Environments:
         async with self._vault.store.write() as db:
             env_id = await self._id(db, name)
             marks = ",".join("?" * len(wanted))
-            async with db.execute(
-                    f"SELECT name FROM variables WHERE env_id = ? AND name IN ({marks})",
-                    (env_id, *wanted)) as cur:
-                present = {row[0] for row in await cur.fetchall()}
+            present = {row[0] for row in await db.fetchall(
+                f"SELECT name FROM variables WHERE env_id = ? AND name IN ({marks})",
+                (env_id, *wanted))}
             missing = [k for k in wanted if k not in present]
             if missing:
                 raise NotFound(f"environment {name!r} has no variable {', '.join(missing)}; "
@@ -141,7 +139,7 @@ class Environments:
                 "tampered with or damaged; set it again with `stigmer-broker env set`"
             ) from None
 
-    async def _upsert(self, db: aiosqlite.Connection, name: str) -> int:
+    async def _upsert(self, db: Tx, name: str) -> int:
         now = time.time()
         await db.execute(
             "INSERT INTO environments(name, created_at, updated_at) VALUES (?, ?, ?) "
@@ -149,15 +147,15 @@ class Environments:
         return await self._id(db, name)
 
     @staticmethod
-    async def _id(db: aiosqlite.Connection, name: str) -> int:
-        async with db.execute("SELECT id FROM environments WHERE name = ?", (name,)) as cur:
-            row = await cur.fetchone()
+    async def _id(db: Tx, name: str) -> int:
+        rows = await db.fetchall("SELECT id FROM environments WHERE name = ?", (name,))
+        row = rows[0] if rows else None
         if row is None:
             raise NotFound(f"environment {name!r} does not exist; `stigmer-broker env list` "
                            "shows the ones that do")
         return int(row[0])
 
-    async def _write_variables(self, db: aiosqlite.Connection, env_id: int,
+    async def _write_variables(self, db: Tx, env_id: int,
                                items: Iterable[tuple[str, Variable]]) -> None:
         keys = self._vault.data_keys
         for key, var in items:

@@ -30,7 +30,7 @@ import anyio
 
 from .errors import Internal, ResourceExhausted
 
-__all__ = ["MIGRATIONS", "Store", "StoreError"]
+__all__ = ["MIGRATIONS", "Store", "StoreError", "Tx"]
 
 log = logging.getLogger("stigmer.broker")
 
@@ -126,6 +126,37 @@ def _private(path: Path) -> None:
             os.chmod(path, 0o600)
 
 
+class Tx:
+    """The statements of one write transaction.
+
+    Each statement runs to its end even when the task that issued it is cancelled
+    (aiosqlite cannot take back work handed to its thread, and a cancelled wait
+    there would leave the transaction open); the cancellation lands after it.
+    """
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._db.execute(sql, params)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._db.executemany(sql, rows)
+
+    async def insert(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run an INSERT and return the new row's id."""
+        with anyio.CancelScope(shield=True):
+            row = await self._db.execute_insert(sql, params)
+        return int(row[0]) if row else 0
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with anyio.CancelScope(shield=True):
+            rows = await self._db.execute_fetchall(sql, params)
+        return list(rows)
+
+
 class Store:
     """The broker's database. Use ``async with await Store.open(path)``."""
 
@@ -211,21 +242,23 @@ class Store:
     # ----------------------------------------------------------- the two boundaries
 
     @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def write(self) -> AsyncIterator[Tx]:
         """One write transaction (BEGIN IMMEDIATE ... COMMIT), errors translated.
 
         Transactions are serialized; do not call :meth:`read` inside one (use the
-        connection it yields).
+        :class:`Tx` it yields).
         """
         db = self._db
         async with self._lock:
             try:
-                await db.execute("BEGIN IMMEDIATE")
+                with anyio.CancelScope(shield=True):
+                    await db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise _translate(exc) from None
             try:
-                yield db
-                await db.execute("COMMIT")
+                yield Tx(db)
+                with anyio.CancelScope(shield=True):
+                    await db.execute("COMMIT")
             except BaseException as exc:
                 with anyio.CancelScope(shield=True), contextlib.suppress(sqlite3.Error):
                     await db.execute("ROLLBACK")
@@ -236,10 +269,12 @@ class Store:
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """Run one query and return all rows, errors translated."""
         try:
-            async with self._lock, self._db.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
+            async with self._lock:
+                with anyio.CancelScope(shield=True):  # see Tx
+                    rows = await self._db.execute_fetchall(sql, params)
         except sqlite3.Error as exc:
             raise _translate(exc) from None
+        return list(rows)
 
     async def read_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Return the first column of the first row, or None."""
@@ -250,7 +285,8 @@ class Store:
         """Move the WAL into the database file (so deleted data leaves the WAL too)."""
         try:
             async with self._lock:
-                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                with anyio.CancelScope(shield=True):
+                    await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             raise _translate(exc) from None
 
@@ -261,8 +297,7 @@ class Store:
         return None if value is None else str(value)
 
     @staticmethod
-    async def set_meta(db: aiosqlite.Connection, items: Iterable[tuple[str, str | None]]
-                       ) -> None:
+    async def set_meta(db: Tx, items: Iterable[tuple[str, str | None]]) -> None:
         for key, value in items:
             if value is None:
                 await db.execute("DELETE FROM meta WHERE key = ?", (key,))
