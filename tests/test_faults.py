@@ -186,6 +186,8 @@ def test_restart_under_load(paths: Paths) -> None:
                 outcomes.append("ok")
             except BrokerUnavailable:
                 outcomes.append("unavailable")
+            except BrokerError as exc:  # shown by the assertion below, not lost in a thread
+                outcomes.append(f"{type(exc).__name__}: {exc.message}")
             time.sleep(0.005)
 
     thread = threading.Thread(target=runner)
