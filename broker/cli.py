@@ -685,6 +685,14 @@ def cmd_service_uninstall(args: argparse.Namespace, paths: Paths) -> int:
 # ------------------------------------------------------------------------ parser
 
 
+def _group_help(group: argparse.ArgumentParser) -> Callable[[argparse.Namespace, Paths], int]:
+    """A command group typed without its subcommand shows its own help (exit 2)."""
+    def show(args: argparse.Namespace, paths: Paths) -> int:
+        group.print_help(sys.stderr)
+        return EXIT_USAGE
+    return show
+
+
 class _Unused:
     """Stands in for the parser of a command this run does not use: building every
     command's arguments costs more than `status` itself, so only the chosen one is built."""
@@ -765,6 +773,7 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     env = sub.add_parser("env", help="manage environments (named sets of variables)")
+    env.set_defaults(func=_group_help(env))
     env_sub = env.add_subparsers(title="env commands", metavar="COMMAND")
     p = command("set", cmd_env_set, "create an environment or set variables in it", env_sub,
                 "env")
@@ -791,6 +800,7 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", required=True, metavar="FILE", help="manifest file, - for stdin")
 
     ctx = sub.add_parser("context", help="execution contexts: create, tokens, show, complete")
+    ctx.set_defaults(func=_group_help(ctx))
     ctx_sub = ctx.add_subparsers(title="context commands", metavar="COMMAND")
     p = command("create", cmd_context_create,
                 "merge spec < environments < runtime into a context; print its token",
@@ -836,6 +846,7 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     command("verify", cmd_audit_verify, "check the audit log's hash chain", audit_sub, "audit")
 
     svc = sub.add_parser("service", help="run the broker as a systemd/launchd user service")
+    svc.set_defaults(func=_group_help(svc))
     svc_sub = svc.add_subparsers(title="service commands", metavar="COMMAND")
     for name, func, help_ in (
             ("install", cmd_service_install, "write the user unit files (or plist) and say "
@@ -849,6 +860,7 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
             p.add_argument("--print", action="store_true", help="only print the files")
 
     key = sub.add_parser("key", help="manage the master key")
+    key.set_defaults(func=_group_help(key))
     key_sub = key.add_subparsers(title="key commands", metavar="COMMAND")
     command("rotate", cmd_key_rotate, "replace the master key and rewrap the data keys",
             key_sub, "key")
