@@ -381,10 +381,19 @@ def cmd_env_show(args: argparse.Namespace, paths: Paths) -> int:
     print(f"environment {env.name} ({len(env.data)} variables)")
     width = max((len(k) for k in env.data), default=0)
     for key, var in env.data.items():
-        shown = "********" if var.value is None else var.value
+        shown = "********" if var.value is None else _printable(var.value)
         marker = "  (secret)" if var.is_secret else ""
         print(f"  {key:<{width}}  {shown}{marker}")
     return EXIT_OK
+
+
+def _printable(value: str) -> str:
+    """A value as it can be shown on a terminal: control characters escaped, quoted."""
+    if value.isprintable():
+        return value
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
 
 
 def cmd_env_list(args: argparse.Namespace, paths: Paths) -> int:

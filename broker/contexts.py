@@ -24,8 +24,8 @@ import msgspec
 
 from .audit import Audit
 from .crypto import SealError, binding
-from .environments import Environments
-from .errors import AlreadyExists, Internal, NotFound, Unauthenticated
+from .environments import MAX_ENVIRONMENT_BYTES, Environments
+from .errors import AlreadyExists, Internal, NotFound, ResourceExhausted, Unauthenticated
 from .merge import merge
 from .protocol import (
     ContextSummary,
@@ -183,6 +183,10 @@ class Contexts:
         keys = merged.keys()
         keys_json = msgspec.json.encode(keys)
         plaintext = _VARS_ENCODER.encode(merged.variables)
+        if len(plaintext) > MAX_ENVIRONMENT_BYTES:
+            raise ResourceExhausted(
+                f"the merged context would hold {len(plaintext)} bytes, over the limit of "
+                f"{MAX_ENVIRONMENT_BYTES}; reference fewer or smaller environments")
         expires_at = now + request.ttl_s
         token = new_token()
         token_expires = min(now + request.token_ttl_s, expires_at)

@@ -11,12 +11,15 @@ import time
 from collections.abc import Iterable, Mapping
 
 from .crypto import SealError
-from .errors import Internal, NotFound
+from .errors import Internal, NotFound, ResourceExhausted
 from .protocol import EnvironmentSpec, EnvironmentSummary, Variable, VariableView
 from .store import Tx
 from .vault import Vault
 
-__all__ = ["EnvironmentRecord", "Environments"]
+__all__ = ["MAX_ENVIRONMENT_BYTES", "EnvironmentRecord", "Environments"]
+
+#: an environment (and a merged context) must fit in one reply frame with room to spare
+MAX_ENVIRONMENT_BYTES = 512 * 1024
 
 
 class EnvironmentRecord:
@@ -46,6 +49,7 @@ class Environments:
         async with self._vault.store.write() as db:
             env_id = await self._upsert(db, name)
             await self._write_variables(db, env_id, data.items())
+            await self._check_size(db, env_id, name)
 
     async def apply(self, specs: Iterable[EnvironmentSpec]) -> None:
         """Set each environment to exactly its data, all in one transaction."""
@@ -54,6 +58,7 @@ class Environments:
                 env_id = await self._upsert(db, spec.name)
                 await db.execute("DELETE FROM variables WHERE env_id = ?", (env_id,))
                 await self._write_variables(db, env_id, spec.data.items())
+                await self._check_size(db, env_id, spec.name)
 
     async def unset(self, name: str, keys: Iterable[str]) -> None:
         """Remove keys; raises NotFound (changing nothing) if any is not set."""
@@ -138,6 +143,18 @@ class Environments:
                 f"secret {key} of environment {env_name!r} cannot be opened: the store was "
                 "tampered with or damaged; set it again with `stigmer-broker env set`"
             ) from None
+
+    @staticmethod
+    async def _check_size(db: Tx, env_id: int, name: str) -> None:
+        rows = await db.fetchall(
+            "SELECT coalesce(sum(length(name) + coalesce(length(CAST(value AS BLOB)), 0) + "
+            "coalesce(length(sealed), 0)), 0) FROM variables WHERE env_id = ?", (env_id,))
+        size = int(rows[0][0]) if rows else 0
+        if size > MAX_ENVIRONMENT_BYTES:
+            raise ResourceExhausted(
+                f"environment {name!r} would hold {size} bytes, over the limit of "
+                f"{MAX_ENVIRONMENT_BYTES}; nothing was changed. Split it into several "
+                "environments")
 
     async def _upsert(self, db: Tx, name: str) -> int:
         now = time.time()

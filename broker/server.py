@@ -263,7 +263,12 @@ class Server:
             try:
                 reply = await self._answer(event, peer)
                 self._counters.requests += 1
-                await self._send(stream, conn, proto.send(reply))
+                try:
+                    data = proto.send(reply)
+                except ResourceExhausted as exc:  # a reply the client could not take
+                    reply = error_reply(event.id, exc)
+                    data = proto.send(reply)
+                await self._send(stream, conn, data)
             finally:
                 conn.busy = False
             if isinstance(reply, Error) and reply.code == ErrorCode.UNAUTHENTICATED:

@@ -371,3 +371,9 @@ def test_secret_prompt_on_a_terminal_does_not_echo(cli_broker: Paths) -> None:
     shown = json.loads(run_cli(cli_broker, "env", "show", "tty", "--reveal", "--json",
                                check=True).stdout)
     assert shown["data"]["TYPED"] == {"value": "typed-on-a-tty", "is_secret": True}
+
+
+def test_env_show_escapes_control_characters(cli_broker: Paths) -> None:
+    run_cli(cli_broker, "env", "set", "esc", "A=\x1b[2Jcleared", check=True)
+    shown = run_cli(cli_broker, "env", "show", "esc", check=True).stdout
+    assert "\x1b" not in shown and '"\\u001b[2Jcleared"' in shown

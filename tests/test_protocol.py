@@ -228,3 +228,13 @@ def test_random_valid_messages_round_trip_in_any_chunking(messages: list[Request
             got.append(event)
     expected = [Hello(id=0, version=1)] + [m for m in messages if not isinstance(m, Hello)]
     assert got == expected
+
+
+def test_sending_over_the_frame_limit_is_refused_locally() -> None:
+    from stigmer.broker.errors import ResourceExhausted
+
+    client = Connection(Role.CLIENT, max_frame_size=1000)
+    with pytest.raises(ResourceExhausted, match="over the frame limit"):
+        client.send(PutEnvironment(id=1, name="e", data={"A": Variable(value="x" * 2000)}))
+    assert client.state is State.AWAIT_HELLO  # nothing changed: the connection is usable
+    assert client.send(Hello(id=1, version=1))

@@ -250,3 +250,16 @@ async def test_concurrent_rotations_are_refused_not_interleaved(short_dir: Path)
         assert (await Environments(v).get("e", reveal=True)).data["S"].value == "keep-me"
     finally:
         await v.close()
+
+
+async def test_an_environment_too_big_for_a_reply_is_refused_whole(vault: Vault) -> None:
+    from stigmer.broker.environments import MAX_ENVIRONMENT_BYTES
+    from stigmer.broker.errors import ResourceExhausted
+
+    envs = Environments(vault)
+    chunk = {f"K{i}": Variable(value="x" * 100_000) for i in range(4)}
+    await envs.put("big", chunk)
+    more = {f"M{i}": secret("y" * 100_000) for i in range(2)}
+    with pytest.raises(ResourceExhausted, match=str(MAX_ENVIRONMENT_BYTES)):
+        await envs.put("big", more)
+    assert set((await envs.get("big", reveal=False)).data) == set(chunk)  # nothing changed

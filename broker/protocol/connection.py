@@ -31,6 +31,7 @@ from ..errors import (
     HandshakeRequired,
     InvalidArgument,
     ProtocolError,
+    ResourceExhausted,
     UnsupportedVersion,
 )
 from .framing import DEFAULT_MAX_FRAME_SIZE, HEADER_SIZE, FrameReader
@@ -234,12 +235,21 @@ class Connection:
     # -------------------------------------------------------------------- sending
 
     def send(self, message: Request | Response) -> bytes:
-        """Return the frame for ``message``, length prefix included."""
+        """Return the frame for ``message``, length prefix included.
+
+        Raises ResourceExhausted (changing nothing) when the message is over the
+        frame limit, which the peer would refuse.
+        """
         if self.state is State.ERROR and not isinstance(message, Error):
             raise self._error or ProtocolError("connection is in the ERROR state")
         buf = bytearray(HEADER_SIZE)
         _ENCODER.encode_into(message, buf, HEADER_SIZE)
-        buf[:HEADER_SIZE] = (len(buf) - HEADER_SIZE).to_bytes(HEADER_SIZE, "big")
+        size = len(buf) - HEADER_SIZE
+        if size > self._reader.max_frame_size:
+            raise ResourceExhausted(
+                f"{type(message).__name__} would be {size} bytes, over the frame limit of "
+                f"{self._reader.max_frame_size} bytes; send less at once")
+        buf[:HEADER_SIZE] = size.to_bytes(HEADER_SIZE, "big")
         return bytes(buf)
 
     # -------------------------------------------------------------------- helpers
