@@ -102,7 +102,8 @@ class Server:
         self._group_gid = group_gid
         self._uid = os.getuid()
         self._conns: set[_Conn] = set()
-        self._closing = False
+        self._stopping = False  # no more accepting
+        self._closing = False  # and connections end after their current request
         self._drained = anyio.Event()
         self._counters = counters
         self._refused = 0
@@ -118,6 +119,7 @@ class Server:
             task_status.started()
             await shutdown()
             log.info("stopping: no new connections, %d open", len(self._conns))
+            self._stopping = True
             accept_scope.cancel()
             await self._listener.aclose()
             self._closing = True
@@ -135,16 +137,24 @@ class Server:
             while True:
                 try:
                     stream = await self._listener.accept()
+                except anyio.ClosedResourceError:
+                    return  # closed by shutdown before its cancellation reached us
                 except (OSError, anyio.BrokenResourceError) as exc:
-                    # anyio reports accept()'s OSError as BrokenResourceError from it
+                    if self._stopping:
+                        return
+                    # anyio reports accept()'s OSError as BrokenResourceError from it. No
+                    # error of one connection (aborted, out of fds) may stop the daemon:
+                    # log once per episode and try again.
                     cause = exc if isinstance(exc, OSError) else exc.__cause__
-                    if isinstance(cause, OSError) and cause.errno in _OUT_OF_RESOURCES:
-                        if not starved:  # once per episode, not ten times a second
-                            log.warning("accept failed (%s); backing off", cause.strerror)
-                        starved = True
-                        await anyio.sleep(0.1)
-                        continue
-                    raise
+                    if not starved:
+                        reason = getattr(cause, "strerror", None) or type(cause).__name__
+                        if isinstance(cause, OSError) and cause.errno in _OUT_OF_RESOURCES:
+                            log.warning("accept failed (%s); backing off", reason)
+                        else:
+                            log.error("accept failed (%s); retrying", reason)
+                    starved = True
+                    await anyio.sleep(0.1)
+                    continue
                 if starved:
                     log.info("accepting connections again")
                     starved = False
@@ -178,9 +188,10 @@ class Server:
         reply = Connection(Role.SERVER).send(error_reply(0, ResourceExhausted(
             f"the broker has {self._limits.max_connections} connections open; retry later")))
         with anyio.move_on_after(1.0), contextlib.suppress(anyio.BrokenResourceError,
-                                                           anyio.ClosedResourceError):
+                                                           anyio.ClosedResourceError, OSError):
             await stream.send(reply)
-        await stream.aclose()
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            await stream.aclose()
 
     async def _run_connection(self, stream: anyio.abc.SocketStream, conn: _Conn) -> None:
         try:

@@ -111,6 +111,8 @@ class Service:
                         await self.audit.flush()
             except BrokerError as exc:  # disk full and the like: keep buffering, retry
                 log.warning("background write failed: %s", exc.message)
+            except Exception:  # a bug here must not take the daemon down with it
+                log.exception("background maintenance failed; retrying")
 
     async def close(self) -> None:
         """Write what is still buffered."""

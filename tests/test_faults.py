@@ -194,7 +194,7 @@ def test_restart_under_load(paths: Paths) -> None:
     thread.start()
     try:
         time.sleep(0.3)
-        assert daemon.stop() == 0
+        assert daemon.stop() == 0, daemon.stderr()[-4000:]
         time.sleep(0.3)
         daemon = Daemon(paths).start()
         time.sleep(0.3)
