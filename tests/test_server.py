@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 from conftest import NOBODY, RunningBroker, make_config, python_for_nobody, start_broker
 
@@ -269,3 +270,32 @@ async def test_peer_of_another_uid_is_refused_before_any_frame(broker: RunningBr
     os.chmod(broker.socket.parent, 0o700)
     async with AsyncClient(broker.socket) as client:
         assert (await client.status()).requests >= 0
+
+
+async def test_shutdown_survives_close_beating_cancellation(short_dir: Path) -> None:
+    """A client connecting just as shutdown closes the listener wakes the pending accept
+    after its socket is closed; anyio then raises ClosedResourceError there."""
+    from stigmer.broker.config import Limits
+    from stigmer.broker.listen import bind_unix_socket
+    from stigmer.broker.server import Server
+    from stigmer.broker.service import Counters
+
+    class NoRequests:
+        async def handle(self, request: object, peer: object) -> object:
+            raise AssertionError("no request expected")
+
+    for _ in range(20):
+        bound = bind_unix_socket(short_dir / "run" / "race.sock")
+        listener = await anyio.abc.SocketListener.from_socket(bound.sock)
+        server = Server(listener, NoRequests(), Limits(), Counters())  # type: ignore[arg-type]
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+        async def trigger() -> None:
+            await anyio.sleep(0.01)
+            client.connect(str(bound.path))  # the listener turns readable ...
+            await anyio.lowlevel.checkpoint()  # ... and its reader fires before shutdown closes it
+
+        with anyio.fail_after(5):
+            await server.serve(trigger)
+        client.close()
+        bound.remove()
