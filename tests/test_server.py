@@ -290,10 +290,10 @@ async def test_shutdown_survives_close_beating_cancellation(short_dir: Path) -> 
         server = Server(listener, NoRequests(), Limits(), Counters())  # type: ignore[arg-type]
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
-        async def trigger() -> None:
+        async def trigger(client: socket.socket = client, path: Path = bound.path) -> None:
             await anyio.sleep(0.01)
-            client.connect(str(bound.path))  # the listener turns readable ...
-            await anyio.lowlevel.checkpoint()  # ... and its reader fires before shutdown closes it
+            client.connect(str(path))  # the listener turns readable ...
+            await anyio.lowlevel.checkpoint()  # ... its reader fires, then shutdown closes it
 
         with anyio.fail_after(5):
             await server.serve(trigger)
