@@ -584,6 +584,13 @@ def cmd_context_complete(args: argparse.Namespace, paths: Paths) -> int:
     return EXIT_OK
 
 
+def cmd_context_release(args: argparse.Namespace, paths: Paths) -> int:
+    with _client(paths) as client:
+        client.release_context(args.token)
+    print("context released; its tokens are revoked")
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     command = list(args.command)
     if command and command[0] == "--":
@@ -842,6 +849,11 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = command("complete", cmd_context_complete, "delete a context and revoke its tokens",
                 ctx_sub, "context")
     p.add_argument("execution_id", metavar="EXEC_ID")
+
+    p = command("release", cmd_context_release,
+                "end the context your token opens (the runner's own complete)", ctx_sub,
+                "context")
+    p.add_argument("--token", help="execution token (default: $STIGMER_EXECUTION_TOKEN)")
 
     p = command("run", cmd_run, "fetch a context and exec COMMAND with its variables")
     p.add_argument("--token", help="execution token (default: $STIGMER_EXECUTION_TOKEN)")

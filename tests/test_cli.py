@@ -377,3 +377,14 @@ def test_env_show_escapes_control_characters(cli_broker: Paths) -> None:
     run_cli(cli_broker, "env", "set", "esc", "A=\x1b[2Jcleared", check=True)
     shown = run_cli(cli_broker, "env", "show", "esc", check=True).stdout
     assert "\x1b" not in shown and '"\\u001b[2Jcleared"' in shown
+
+
+def test_runner_releases_its_own_context(cli_broker: Paths) -> None:
+    token = run_cli(cli_broker, "context", "create", "rel", "--env", "A=1",
+                    check=True).stdout.strip()
+    env = cli_env(cli_broker, STIGMER_EXECUTION_TOKEN=token)
+    released = run_cli(cli_broker, "context", "release", env=env)
+    assert released.returncode == 0, released.stderr
+    again = run_cli(cli_broker, "context", "release", env=env)
+    assert again.returncode == 1 and "not valid" in again.stderr
+    assert run_cli(cli_broker, "context", "show", "rel").returncode == 1
