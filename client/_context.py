@@ -21,7 +21,7 @@ __all__ = ["ExecutionContext", "PlaceholderError"]
 
 _PLACEHOLDER = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_MASK = "***"  # also in _logfilter
+_MASK = "***"  # what a secret value shows as, here and in log records
 
 
 class PlaceholderError(InvalidArgument):

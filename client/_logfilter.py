@@ -7,9 +7,9 @@ import logging
 import re
 from collections.abc import Iterable
 
-__all__ = ["SecretFilter"]
+from ._context import _MASK
 
-_MASK = "***"
+__all__ = ["SecretFilter"]
 
 
 class SecretFilter(logging.Filter):
