@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench unasync clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,13 @@ lint: $(STAMP)
 	@ln -sfn ../../broker .typecheck/stigmer/broker
 	@ln -sfn ../../client .typecheck/stigmer/client
 	$(VENV)/bin/ruff check broker client tests $(wildcard bench/*.py)
+	$(PY) tests/unasync_client.py --check
 	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p stigmer.broker -p stigmer.client
 	$(VENV)/bin/mypy tests $(wildcard bench/*.py)
+
+## unasync: regenerate the blocking client from the async one
+unasync: $(STAMP)
+	$(PY) tests/unasync_client.py
 
 ## bench: fetch and CLI benchmarks against same-run baselines (bench/results.json)
 bench: $(STAMP)

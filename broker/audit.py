@@ -25,7 +25,7 @@ from collections.abc import Callable
 import msgspec
 
 from .protocol import AuditRecord
-from .store import Store
+from .store.sqlite import Store
 
 __all__ = ["GENESIS", "Audit", "record_hash"]
 

@@ -1,9 +1,10 @@
-"""Where the broker lives and what limits it keeps, resolved once at the edge.
+"""The daemon's frozen settings: its paths and the limits it keeps, resolved once at the edge.
 
 :func:`resolve_paths` is the only function that looks at environment variables,
 and it is handed them (the CLI passes ``os.environ``); everything after that
-reads the frozen :class:`Config`. The daemon and every client command resolve
-the socket the same way, so they always meet.
+reads the frozen :class:`Config`. The path rules themselves live in
+:mod:`stigmer.broker.protocol.paths`, so that a client resolves the socket
+exactly as the daemon does.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["Config", "Limits", "Paths", "resolve_paths", "MAX_SOCKET_PATH"]
+from .protocol.messages import SECRET_MASK
+from .protocol.paths import resolve_home, resolve_socket
 
-#: bytes in sockaddr_un.sun_path minus the terminating NUL (Linux 108, macOS 104)
-MAX_SOCKET_PATH = 103
+__all__ = ["Config", "Limits", "Paths", "resolve_paths"]
 
 
 class Paths(NamedTuple):
@@ -71,33 +72,15 @@ class Config(NamedTuple):
     notify_socket: str | None = None
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={'***' if name == 'env_key' and value else value!r}"
+        shown = ", ".join(f"{name}={SECRET_MASK if name == 'env_key' and value else repr(value)}"
                           for name, value in zip(self._fields, self, strict=True))
         return f"Config({shown})"
 
 
 def resolve_paths(environ: Mapping[str, str], *, home: str | None = None,
                   socket: str | None = None) -> Paths:
-    """Return the broker's paths: flags win over environment, environment over defaults.
-
-    Home: ``--home`` > ``STIGMER_HOME`` > ``~/.stigmer``.
-    Socket: ``--socket`` > ``STIGMER_BROKER_SOCKET`` >
-    ``$XDG_RUNTIME_DIR/stigmer/broker.sock`` > ``HOME/run/broker.sock``.
-    """
-    home_str = home or environ.get("STIGMER_HOME") or ""
-    if home_str:
-        home_path = Path(home_str).expanduser()
-    else:
-        user_home = environ.get("HOME") or str(Path.home())
-        home_path = Path(user_home) / ".stigmer"
-    home_path = home_path.absolute()
-
-    socket_str = socket or environ.get("STIGMER_BROKER_SOCKET") or ""
-    if socket_str:
-        socket_path = Path(socket_str).expanduser().absolute()
-    elif environ.get("XDG_RUNTIME_DIR"):
-        socket_path = Path(environ["XDG_RUNTIME_DIR"]).absolute() / "stigmer" / "broker.sock"
-    else:
-        socket_path = home_path / "run" / "broker.sock"
-    return Paths(home=home_path, socket=socket_path)
-
+    """Return the broker's paths: flags win over environment, environment over defaults
+    (the rules: :func:`~stigmer.broker.protocol.paths.resolve_home` and
+    :func:`~stigmer.broker.protocol.paths.resolve_socket`)."""
+    home_path = resolve_home(environ, home)
+    return Paths(home=home_path, socket=resolve_socket(environ, home_path, socket))

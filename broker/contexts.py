@@ -1,7 +1,7 @@
 """Execution contexts and their tokens: created merged and sealed, fetched from memory.
 
 Theory of operation: a context is merged once, at creation, and sealed as one
-record bound to ``("contexts", row id, execution id)``; later edits to its
+record at its :meth:`Place.context` (row id, execution id); later edits to its
 environments do not change it. The daemon keeps every live context in memory,
 *still sealed*, indexed by execution id and by token hash, and the store in
 step with it (each change is written first, then applied in memory). A fetch is
@@ -23,9 +23,7 @@ from collections.abc import Callable
 import msgspec
 
 from .audit import Audit
-from .crypto import SealError, binding
 from .environments import MAX_ENVIRONMENT_BYTES, Environments
-from .errors import AlreadyExists, Internal, NotFound, ResourceExhausted, Unauthenticated
 from .merge import merge
 from .protocol import (
     ContextSummary,
@@ -34,9 +32,12 @@ from .protocol import (
     TokenInfo,
     Variable,
 )
-from .server import Peer
+from .protocol.errors import AlreadyExists, Internal, NotFound, ResourceExhausted, Unauthenticated
+from .protocol.peer import Peer
+from .store.crypto import Place, SealError
+from .store.sqlite import Store
+from .store.vault import Vault
 from .tokens import NewToken, new_token, token_hash
-from .vault import Vault
 
 __all__ = ["Contexts", "Created", "Fetched"]
 
@@ -63,7 +64,7 @@ class _Context:
 
     def __post_init__(self) -> None:
         try:
-            self.bound = binding(self.sealed, ("contexts", self.row_id, self.execution_id))
+            self.bound = Vault.bind(self.sealed, Place.context(self.row_id, self.execution_id))
         except SealError:
             self.bound = b""  # a damaged envelope: every fetch of it fails cleanly
 
@@ -107,8 +108,9 @@ class Fetched:
 class Contexts:
     """Every live execution context, sealed in memory and in the store."""
 
-    def __init__(self, vault: Vault, environments: Environments, audit: Audit, *,
+    def __init__(self, store: Store, vault: Vault, environments: Environments, audit: Audit, *,
                  clock: Callable[[], float] = time.time) -> None:
+        self._store = store
         self._vault = vault
         self._environments = environments
         self._audit = audit
@@ -130,7 +132,7 @@ class Contexts:
     async def load(self) -> None:
         """Drop what expired while we were down, then index the rest in memory."""
         await self.sweep()
-        store = self._vault.store
+        store = self._store
         for row_id, execution_id, sealed, keys_json, created_at, expires_at in await store.read(
                 "SELECT id, execution_id, sealed, keys, created_at, expires_at FROM contexts"):
             self._index_context(row_id, execution_id, sealed, keys_json.encode(), created_at,
@@ -190,12 +192,11 @@ class Contexts:
         expires_at = now + request.ttl_s
         token = new_token()
         token_expires = min(now + request.token_ttl_s, expires_at)
-        data_keys = self._vault.data_keys
-        async with self._vault.store.write() as db:
+        async with self._store.write() as db:
             row_id = await db.insert(
                 "INSERT INTO contexts(execution_id, sealed, keys, created_at, expires_at) "
                 "VALUES (?, x'', ?, ?, ?)", (execution_id, keys_json.decode(), now, expires_at))
-            sealed = data_keys.seal(plaintext, ("contexts", row_id, execution_id))
+            sealed = self._vault.seal(plaintext, Place.context(row_id, execution_id))
             await db.execute("UPDATE contexts SET sealed = ? WHERE id = ?", (sealed, row_id))
             await db.execute(
                 "INSERT INTO tokens(id, hash, context_id, created_at, expires_at, max_uses) "
@@ -217,7 +218,7 @@ class Contexts:
         now = self._clock()
         token = new_token()
         expires_at = min(now + ttl_s, context.expires_at)
-        async with self._vault.store.write() as db:
+        async with self._store.write() as db:
             await db.execute(
                 "INSERT INTO tokens(id, hash, context_id, created_at, expires_at, max_uses) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -231,7 +232,7 @@ class Contexts:
     async def describe(self, execution_id: str
                        ) -> tuple[_Context, list[KeyInfo], list[TokenInfo]]:
         context = self._live(execution_id)
-        keys_json = await self._vault.store.read_one("SELECT keys FROM contexts WHERE id = ?",
+        keys_json = await self._store.read_one("SELECT keys FROM contexts WHERE id = ?",
                                                      (context.row_id,))
         now = self._clock()
         tokens = [TokenInfo(token_id=t.token_id, created_at=t.created_at,
@@ -264,7 +265,7 @@ class Contexts:
             raise Unauthenticated(UNAUTHENTICATED)
         context = entry.context
         try:
-            plaintext = self._vault.data_keys.open_bound(context.sealed, context.bound)
+            plaintext = self._vault.open_bound(context.sealed, context.bound)
         except SealError:
             self._record("fetch", "error", peer, context.execution_id, entry.token_id,
                          detail="sealed context does not open")
@@ -289,7 +290,7 @@ class Contexts:
     async def sweep(self) -> int:
         """Delete expired contexts and tokens from the store and memory; return how many."""
         now = self._clock()
-        store = self._vault.store
+        store = self._store
         expired = await store.read(
             "SELECT execution_id FROM contexts WHERE expires_at <= ?", (now,))
         stale_tokens = int(await store.read_one(
@@ -319,7 +320,7 @@ class Contexts:
 
     async def _delete(self, context: _Context, event: str, peer: Peer,
                       token_id: str = "") -> None:
-        async with self._vault.store.write() as db:
+        async with self._store.write() as db:
             await db.execute("DELETE FROM tokens WHERE context_id = ?", (context.row_id,))
             await db.execute("DELETE FROM contexts WHERE id = ?", (context.row_id,))
         for token in list(context.tokens.values()):

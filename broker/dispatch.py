@@ -1,9 +1,9 @@
 """Answering requests: one request in, one response out. No sockets here.
 
-:meth:`Service.handle` is the dispatcher the server calls for every request
-after the handshake checks; a request a runner-group peer may not make is
-refused here with ``permission_denied`` before anything else happens. Errors
-are raised as :mod:`.errors` classes and turned into error frames by the server.
+:meth:`Dispatcher.handle` is what the server calls for every request after the
+handshake checks; a request a runner-group peer may not make is refused here
+with ``permission_denied`` before anything else happens. Errors are raised as
+:mod:`.protocol.errors` classes and turned into error frames by the server.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from .audit import Audit
 from .config import Config
 from .contexts import Contexts
 from .environments import Environments
-from .errors import BrokerError, InvalidArgument, PermissionDenied
 from .protocol import (
     PROTOCOL_VERSION,
     ApplyEnvironments,
@@ -61,10 +60,12 @@ from .protocol import (
     VerifyAudit,
     Welcome,
 )
-from .server import Peer
-from .vault import Vault
+from .protocol.errors import BrokerError, InvalidArgument, PermissionDenied
+from .protocol.peer import Peer
+from .store.sqlite import Store
+from .store.vault import Vault
 
-__all__ = ["Counters", "Service"]
+__all__ = ["Counters", "Dispatcher"]
 
 log = logging.getLogger("stigmer.broker")
 
@@ -77,10 +78,10 @@ class Counters:
     connections: int = 0
 
 
-class Service:
-    """The broker's request handler."""
+class Dispatcher:
+    """The broker's request handler: routes each request to the domain object it is for."""
 
-    def __init__(self, config: Config, vault: Vault, counters: Counters, *,
+    def __init__(self, config: Config, store: Store, vault: Vault, counters: Counters, *,
                  request_shutdown: Callable[[], None]) -> None:
         self._config = config
         self._vault = vault
@@ -89,9 +90,9 @@ class Service:
         self._started = time.monotonic()
         self.socket_path = config.paths.socket  # the daemon sets the one it listens on
         self.activity = ""  # a long operation in progress, for status
-        self.environments = Environments(vault)
-        self.audit = Audit(vault.store)
-        self.contexts = Contexts(vault, self.environments, self.audit)
+        self.environments = Environments(store, vault)
+        self.audit = Audit(store)
+        self.contexts = Contexts(store, vault, self.environments, self.audit)
 
     async def start(self) -> None:
         """Load the audit chain's tail and the live contexts (dropping expired ones)."""
@@ -221,7 +222,7 @@ class Service:
             id=rid, version=__version__, pid=os.getpid(),
             uptime_s=round(time.monotonic() - self._started, 3),
             socket=str(self.socket_path), socket_mode=mode, store=str(paths.store),
-            key_source=self._vault.master.describe(), started_by=self._config.started_by,
+            key_source=self._vault.key_source(), started_by=self._config.started_by,
             unit=self._config.unit, activity=self.activity,
             environments=await self.environments.count(), contexts=contexts, tokens=tokens,
             requests=self._counters.requests, connections=self._counters.connections,

@@ -1,8 +1,8 @@
 """Environments: named sets of variables, secret values sealed, kept in the store.
 
-A secret's envelope is bound to ``("variables", environment id, variable name)``,
-and environment ids are never reused (AUTOINCREMENT), so a ciphertext moved to
-another variable or environment does not open.
+A secret's envelope is sealed at its :meth:`Place.variable` (environment id and
+variable name), and environment ids are never reused (AUTOINCREMENT), so a
+ciphertext moved to another variable or environment does not open.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 
-from .crypto import SealError
-from .errors import Internal, NotFound, ResourceExhausted
 from .protocol import EnvironmentSpec, EnvironmentSummary, Variable, VariableView
-from .store import Tx
-from .vault import Vault
+from .protocol.errors import Internal, NotFound, ResourceExhausted
+from .store.crypto import Place, SealError
+from .store.sqlite import Store, Tx
+from .store.vault import Vault
 
 __all__ = ["MAX_ENVIRONMENT_BYTES", "EnvironmentRecord", "Environments"]
 
@@ -36,24 +36,25 @@ class EnvironmentRecord:
 
 
 class Environments:
-    """Create, read, change and delete environments through the vault."""
+    """Create, read, change and delete environments; secrets sealed through the vault."""
 
-    def __init__(self, vault: Vault) -> None:
+    def __init__(self, store: Store, vault: Vault) -> None:
+        self._store = store
         self._vault = vault
 
     async def count(self) -> int:
-        return int(await self._vault.store.read_one("SELECT count(*) FROM environments") or 0)
+        return int(await self._store.read_one("SELECT count(*) FROM environments") or 0)
 
     async def put(self, name: str, data: Mapping[str, Variable]) -> None:
         """Create ``name`` if needed and set the given keys (others are kept)."""
-        async with self._vault.store.write() as db:
+        async with self._store.write() as db:
             env_id = await self._upsert(db, name)
             await self._write_variables(db, env_id, data.items())
             await self._check_size(db, env_id, name)
 
     async def apply(self, specs: Iterable[EnvironmentSpec]) -> None:
         """Set each environment to exactly its data, all in one transaction."""
-        async with self._vault.store.write() as db:
+        async with self._store.write() as db:
             for spec in specs:
                 env_id = await self._upsert(db, spec.name)
                 await db.execute("DELETE FROM variables WHERE env_id = ?", (env_id,))
@@ -63,7 +64,7 @@ class Environments:
     async def unset(self, name: str, keys: Iterable[str]) -> None:
         """Remove keys; raises NotFound (changing nothing) if any is not set."""
         wanted = sorted(set(keys))
-        async with self._vault.store.write() as db:
+        async with self._store.write() as db:
             env_id = await self._id(db, name)
             marks = ",".join("?" * len(wanted))
             present = {row[0] for row in await db.fetchall(
@@ -81,7 +82,7 @@ class Environments:
 
     async def delete(self, name: str) -> None:
         """Delete an environment and its variables; raises NotFound."""
-        async with self._vault.store.write() as db:
+        async with self._store.write() as db:
             env_id = await self._id(db, name)
             await db.execute("DELETE FROM variables WHERE env_id = ?", (env_id,))
             await db.execute("DELETE FROM environments WHERE id = ?", (env_id,))
@@ -92,7 +93,7 @@ class Environments:
         Raises NotFound, or Internal naming the variable when a sealed value does
         not open (tampered or damaged): other environments are unaffected.
         """
-        rows = await self._vault.store.read(
+        rows = await self._store.read(
             "SELECT id, created_at, updated_at FROM environments WHERE name = ?", (name,))
         if not rows:
             raise NotFound(f"environment {name!r} does not exist; `stigmer-broker env list` "
@@ -102,7 +103,7 @@ class Environments:
         return EnvironmentRecord(name, data, created_at, updated_at)
 
     async def values(self, env_id: int, name: str, *, reveal: bool) -> dict[str, VariableView]:
-        rows = await self._vault.store.read(
+        rows = await self._store.read(
             "SELECT name, is_secret, value, sealed FROM variables WHERE env_id = ? "
             "ORDER BY name", (env_id,))
         out: dict[str, VariableView] = {}
@@ -118,7 +119,7 @@ class Environments:
 
     async def resolve(self, name: str) -> dict[str, Variable]:
         """Return every variable of ``name`` with secrets opened (for contexts)."""
-        rows = await self._vault.store.read(
+        rows = await self._store.read(
             "SELECT id FROM environments WHERE name = ?", (name,))
         if not rows:
             raise NotFound(f"environment {name!r} does not exist")
@@ -126,7 +127,7 @@ class Environments:
         return {k: Variable(value=v.value or "", is_secret=v.is_secret) for k, v in views.items()}
 
     async def list(self) -> list[EnvironmentSummary]:
-        rows = await self._vault.store.read(
+        rows = await self._store.read(
             "SELECT e.name, count(v.name), coalesce(sum(v.is_secret), 0), e.updated_at "
             "FROM environments e LEFT JOIN variables v ON v.env_id = e.id "
             "GROUP BY e.id ORDER BY e.name")
@@ -137,7 +138,7 @@ class Environments:
 
     def _open(self, sealed: bytes, env_id: int, env_name: str, key: str) -> str:
         try:
-            return self._vault.data_keys.open(sealed, ("variables", env_id, key)).decode()
+            return self._vault.open(sealed, Place.variable(env_id, key)).decode()
         except (SealError, UnicodeDecodeError):
             raise Internal(
                 f"secret {key} of environment {env_name!r} cannot be opened: the store was "
@@ -174,12 +175,11 @@ class Environments:
 
     async def _write_variables(self, db: Tx, env_id: int,
                                items: Iterable[tuple[str, Variable]]) -> None:
-        keys = self._vault.data_keys
         for key, var in items:
             row: tuple[int, str, int, str | None, bytes | None]
             if var.is_secret:
                 row = (env_id, key, 1, None,
-                       keys.seal(var.value.encode(), ("variables", env_id, key)))
+                       self._vault.seal(var.value.encode(), Place.variable(env_id, key)))
             else:
                 row = (env_id, key, 0, var.value, None)
             await db.execute(

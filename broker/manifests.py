@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgument
 from .protocol import (
     MAX_NAME_LENGTH,
     NAME_PATTERN,
@@ -21,6 +20,7 @@ from .protocol import (
     SpecEntry,
     Variable,
 )
+from .protocol.errors import InvalidArgument
 
 __all__ = [
     "API_VERSION", "check_name", "check_var_name", "parse_assignment", "parse_duration",

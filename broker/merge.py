@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from .errors import FailedPrecondition
 from .protocol import KeyInfo, SpecEntry, Variable
+from .protocol.errors import FailedPrecondition
 
 __all__ = ["Merged", "merge"]
 

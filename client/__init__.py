@@ -2,15 +2,18 @@
 
 ``Client`` is blocking (a plain socket, no event loop, no thread);
 ``AsyncClient`` is its anyio twin, imported on first use so that
-``import stigmer.client`` stays cheap. Every error is a :class:`BrokerError`;
-each wire error code has its own class.
+``import stigmer.client`` stays cheap. The API is written once, in
+``_async/client.py``; ``_sync/client.py`` is generated from it. Every error is
+a :class:`BrokerError`; each wire error code has its own class. This package
+imports nothing of the daemon: only :mod:`stigmer.broker.protocol`.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from stigmer.broker.errors import (
+from stigmer.broker.protocol import SpecEntry, Variable
+from stigmer.broker.protocol.errors import (
     AlreadyExists,
     BrokerError,
     BrokerUnavailable,
@@ -27,14 +30,13 @@ from stigmer.broker.errors import (
     Unavailable,
     UnsupportedVersion,
 )
-from stigmer.broker.protocol import SpecEntry, Variable
 
 from ._common import TOKEN_VARIABLE, variables
 from ._context import ExecutionContext, PlaceholderError
-from ._sync import Client
+from ._sync.client import Client
 
 if TYPE_CHECKING:
-    from ._async import AsyncClient
+    from ._async.client import AsyncClient
     from ._logfilter import SecretFilter
 
 __all__ = [
@@ -48,7 +50,7 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     if name == "AsyncClient":
-        from ._async import AsyncClient
+        from ._async.client import AsyncClient
 
         return AsyncClient
     if name == "SecretFilter":

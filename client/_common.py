@@ -9,9 +9,10 @@ import stat
 from collections.abc import Mapping
 from typing import TypeVar
 
-from stigmer.broker.errors import BrokerUnavailable, InvalidArgument, error_from_code
-from stigmer.broker.peer import peer_credentials
 from stigmer.broker.protocol import Error, Response, Variable
+from stigmer.broker.protocol.errors import BrokerUnavailable, InvalidArgument, error_from_code
+from stigmer.broker.protocol.paths import resolve_home, resolve_socket
+from stigmer.broker.protocol.peer import peer_credentials
 
 __all__ = [
     "TOKEN_VARIABLE", "RequestIds", "check_peer", "check_socket_dir", "default_socket",
@@ -22,10 +23,9 @@ R = TypeVar("R", bound=Response)
 
 
 def default_socket(environ: Mapping[str, str] | None = None) -> str:
-    """The socket every stigmer-broker command uses (see stigmer.broker.config)."""
-    from stigmer.broker.config import resolve_paths
-
-    return str(resolve_paths(os.environ if environ is None else environ).socket)
+    """The socket every stigmer-broker command uses (the rule: stigmer.broker.protocol.paths)."""
+    env = os.environ if environ is None else environ
+    return str(resolve_socket(env, resolve_home(env)))
 
 
 def unavailable(path: str, reason: str) -> BrokerUnavailable:

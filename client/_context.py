@@ -11,8 +11,8 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from stigmer.broker.errors import InvalidArgument
-from stigmer.broker.protocol import Variable
+from stigmer.broker.protocol import SECRET_MASK, Variable
+from stigmer.broker.protocol.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from ._logfilter import SecretFilter
@@ -21,7 +21,6 @@ __all__ = ["ExecutionContext", "PlaceholderError"]
 
 _PLACEHOLDER = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_MASK = "***"  # what a secret value shows as, here and in log records
 
 
 class PlaceholderError(InvalidArgument):
@@ -50,7 +49,7 @@ class ExecutionContext(Mapping[str, str]):
         return len(self._values)
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{k!r}: '{_MASK}'" if k in self._secret else f"{k!r}: {v!r}"
+        shown = ", ".join(f"{k!r}: '{SECRET_MASK}'" if k in self._secret else f"{k!r}: {v!r}"
                           for k, v in self._values.items())
         return f"ExecutionContext(execution_id={self.execution_id!r}, {{{shown}}})"
 

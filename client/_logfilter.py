@@ -7,7 +7,7 @@ import logging
 import re
 from collections.abc import Iterable
 
-from ._context import _MASK
+from stigmer.broker.protocol import SECRET_MASK
 
 __all__ = ["SecretFilter"]
 
@@ -25,7 +25,7 @@ class SecretFilter(logging.Filter):
         return f"SecretFilter({len(self._values)} values)"
 
     def mask(self, text: str) -> str:
-        return self._pattern.sub(_MASK, text) if self._pattern else text
+        return self._pattern.sub(SECRET_MASK, text) if self._pattern else text
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self._pattern is None:

@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from stigmer.broker.config import Config, Limits, Paths
-from stigmer.broker.daemon import serve
+from stigmer.broker.daemon.lifecycle import serve
 
 # Subprocess brokers must never touch the machine's real keychain.
 os.environ["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"

@@ -12,8 +12,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from stigmer.broker.errors import BrokerError
     from stigmer.broker.protocol import CLOSED, NEED_DATA, Connection, Role
+    from stigmer.broker.protocol.errors import BrokerError
 
 MAX_FRAME = 4096
 

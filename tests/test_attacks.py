@@ -22,10 +22,10 @@ import pytest
 from conftest import Daemon, make_config, open_fds, run_cli, start_broker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sealed import open_sealed
 
 from stigmer.broker.config import Paths
-from stigmer.broker.errors import BrokerError, ProtocolError
-from stigmer.broker.peer import PeerCredentials
+from stigmer.broker.dispatch import Counters, Dispatcher
 from stigmer.broker.protocol import (
     REQUEST_TYPES,
     Connection,
@@ -37,9 +37,8 @@ from stigmer.broker.protocol import (
     State,
     frame,
 )
-from stigmer.broker.server import Peer
-from stigmer.broker.service import Counters, Service
-from stigmer.broker.vault import Vault
+from stigmer.broker.protocol.errors import BrokerError, ProtocolError
+from stigmer.broker.protocol.peer import Peer, PeerCredentials
 from stigmer.client import AsyncClient, Client, Unauthenticated, variables
 
 PEER = Peer(credentials=PeerCredentials(uid=0, gid=0, pid=1), admin=True)
@@ -63,27 +62,26 @@ bodies = st.builds(lambda op, fields: {"op": op, **fields}, st.sampled_from(OPS)
 
 
 @pytest.fixture(scope="module")
-def live_service() -> Iterator[tuple[anyio.from_thread.BlockingPortal, Service]]:
+def live_service() -> Iterator[tuple[anyio.from_thread.BlockingPortal, Dispatcher]]:
     import shutil
     import tempfile
 
     home = Path(tempfile.mkdtemp(prefix="sbf-", dir="/tmp"))
     with anyio.from_thread.start_blocking_portal() as portal:
-        vault = portal.call(lambda: Vault.open(home / "local.db", env_key=None,
-                                               key_file=home / "master.key",
-                                               use_keychain=False))
+        sealed = portal.call(lambda: open_sealed(home / "local.db"))
         config = make_config(Paths(home=home, socket=home / "s.sock"))
-        service = Service(config, vault, Counters(), request_shutdown=lambda: None)
+        service = Dispatcher(config, sealed.store, sealed.vault, Counters(),
+                             request_shutdown=lambda: None)
         portal.call(service.start)
         yield portal, service
         portal.call(service.close)
-        portal.call(vault.close)
+        portal.call(sealed.close)
     shutil.rmtree(home, ignore_errors=True)
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bodies, st.booleans(), st.integers(min_value=1, max_value=64))
-def test_fuzz_dispatcher(live_service: tuple[anyio.from_thread.BlockingPortal, Service],
+def test_fuzz_dispatcher(live_service: tuple[anyio.from_thread.BlockingPortal, Dispatcher],
                          body: dict[str, Any], admin: bool, chunk: int) -> None:
     portal, service = live_service
     try:

@@ -14,6 +14,7 @@ import pytest
 from conftest import cli_env, run_cli
 
 from stigmer.broker.config import Paths
+from stigmer.broker.protocol import SECRET_MASK
 
 
 def test_status_when_not_running(paths: Paths) -> None:
@@ -83,7 +84,7 @@ def test_environment_commands(cli_broker: Paths, short_dir: Path) -> None:
     shown = run_cli(p, "env", "show", "dev", check=True).stdout
     assert "sk-test-1" not in shown
     assert "postgres" not in shown
-    assert "********" in shown
+    assert SECRET_MASK in shown
     data = json.loads(run_cli(p, "env", "show", "dev", "--reveal", "--json", check=True).stdout)
     assert data["data"]["API_KEY"] == {"value": "sk-test-1", "is_secret": True}
     assert data["data"]["DB_URL"] == {"value": "postgres://x", "is_secret": True}
@@ -297,7 +298,8 @@ def test_context_create_flags(cli_broker: Paths, short_dir: Path) -> None:
 
 def test_serve_takes_the_env_key_out_of_its_environment(
         paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stigmer.broker import cli, daemon
+    from stigmer.broker import cli
+    from stigmer.broker.daemon import lifecycle
 
     seen: dict[str, object] = {}
 
@@ -306,7 +308,7 @@ def test_serve_takes_the_env_key_out_of_its_environment(
         seen["left_in_environ"] = "STIGMER_ENCRYPTION_KEY" in os.environ
         seen["repr"] = repr(config)
 
-    monkeypatch.setattr(daemon, "run", fake_run)
+    monkeypatch.setattr(lifecycle, "run", fake_run)
     monkeypatch.setenv("STIGMER_ENCRYPTION_KEY", "the-key-value")
     assert cli.main(["--home", str(paths.home), "--socket", str(paths.socket), "serve"]) == 0
     assert seen["config_key"] == "the-key-value"

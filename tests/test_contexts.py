@@ -16,20 +16,13 @@ import pytest
 from conftest import NOBODY, make_config, python_for_nobody, start_broker
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sealed import Sealed, open_sealed
 
 from stigmer.broker.audit import Audit
 from stigmer.broker.config import Config, Paths
 from stigmer.broker.contexts import Contexts
 from stigmer.broker.environments import Environments
-from stigmer.broker.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    Unauthenticated,
-)
 from stigmer.broker.merge import merge
-from stigmer.broker.peer import PeerCredentials
 from stigmer.broker.protocol import (
     Connection,
     CreateContext,
@@ -42,8 +35,14 @@ from stigmer.broker.protocol import (
     SpecEntry,
     Variable,
 )
-from stigmer.broker.server import Peer
-from stigmer.broker.vault import Vault
+from stigmer.broker.protocol.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
+from stigmer.broker.protocol.peer import Peer, PeerCredentials
 from stigmer.client import AsyncClient, ExecutionContext, PlaceholderError
 
 pytestmark = pytest.mark.anyio
@@ -107,14 +106,14 @@ class Clock:
 
 
 @pytest.fixture
-async def parts(short_dir: Path) -> AsyncIterator[tuple[Contexts, Environments, Clock, Vault]]:
-    vault = await Vault.open(short_dir / "local.db", env_key=None,
-                             key_file=short_dir / "master.key", use_keychain=False)
+async def parts(short_dir: Path) -> AsyncIterator[tuple[Contexts, Environments, Clock, Sealed]]:
+    vault = await open_sealed(short_dir / "local.db",
+                             key_file=short_dir / "master.key")
     clock = Clock()
-    envs = Environments(vault)
+    envs = vault.environments()
     audit = Audit(vault.store, clock=clock)
     await audit.load()
-    contexts = Contexts(vault, envs, audit, clock=clock)
+    contexts = Contexts(vault.store, vault.vault, envs, audit, clock=clock)
     await contexts.load()
     yield contexts, envs, clock, vault
     await audit.flush()
@@ -125,7 +124,7 @@ def create(execution_id: str = "exec-1", **kw: Any) -> CreateContext:
     return CreateContext(id=1, execution_id=execution_id, **kw)
 
 
-async def test_the_design_story(parts: tuple[Contexts, Environments, Clock, Vault]) -> None:
+async def test_the_design_story(parts: tuple[Contexts, Environments, Clock, Sealed]) -> None:
     contexts, envs, _clock, _ = parts
     await envs.put("base", {"LOG_LEVEL": Variable(value="info"),
                             "TIMEOUT": Variable(value="30s")})
@@ -150,7 +149,7 @@ async def test_the_design_story(parts: tuple[Contexts, Environments, Clock, Vaul
         contexts.fetch(created.token.token, PEER)
 
 
-async def test_creation_errors(parts: tuple[Contexts, Environments, Clock, Vault]) -> None:
+async def test_creation_errors(parts: tuple[Contexts, Environments, Clock, Sealed]) -> None:
     contexts, _envs, _, _ = parts
     with pytest.raises(NotFound, match="'nope'"):
         await contexts.create(create(environments=["nope"]), PEER)
@@ -163,7 +162,7 @@ async def test_creation_errors(parts: tuple[Contexts, Environments, Clock, Vault
 
 
 async def test_every_token_failure_looks_the_same(
-        parts: tuple[Contexts, Environments, Clock, Vault]) -> None:
+        parts: tuple[Contexts, Environments, Clock, Sealed]) -> None:
     contexts, _, clock, _ = parts
     short = await contexts.create(create("short", token_ttl_s=60), PEER)
     once = await contexts.create(create("once", max_uses=1), PEER)
@@ -180,7 +179,7 @@ async def test_every_token_failure_looks_the_same(
 
 
 async def test_tokens_open_only_their_context(
-        parts: tuple[Contexts, Environments, Clock, Vault]) -> None:
+        parts: tuple[Contexts, Environments, Clock, Sealed]) -> None:
     contexts, _, _, _ = parts
     a = await contexts.create(create("a", runtime={"V": Variable(value="a")}), PEER)
     b = await contexts.create(create("b", runtime={"V": Variable(value="b")}), PEER)
@@ -193,12 +192,12 @@ async def test_tokens_open_only_their_context(
 async def test_expired_contexts_are_swept_and_restart_keeps_live_ones(short_dir: Path) -> None:
     clock = Clock()
 
-    async def open_parts() -> tuple[Vault, Contexts, Audit]:
-        vault = await Vault.open(short_dir / "local.db", env_key=None,
-                                 key_file=short_dir / "master.key", use_keychain=False)
+    async def open_parts() -> tuple[Sealed, Contexts, Audit]:
+        vault = await open_sealed(short_dir / "local.db",
+                                 key_file=short_dir / "master.key")
         audit = Audit(vault.store, clock=clock)
         await audit.load()
-        contexts = Contexts(vault, Environments(vault), audit, clock=clock)
+        contexts = Contexts(vault.store, vault.vault, vault.environments(), audit, clock=clock)
         await contexts.load()
         return vault, contexts, audit
 
@@ -223,12 +222,12 @@ async def test_expired_contexts_are_swept_and_restart_keeps_live_ones(short_dir:
 
 
 async def test_uses_survive_a_restart(short_dir: Path) -> None:
-    async def open_parts() -> tuple[Vault, Contexts, Audit]:
-        vault = await Vault.open(short_dir / "local.db", env_key=None,
-                                 key_file=short_dir / "master.key", use_keychain=False)
+    async def open_parts() -> tuple[Sealed, Contexts, Audit]:
+        vault = await open_sealed(short_dir / "local.db",
+                                 key_file=short_dir / "master.key")
         audit = Audit(vault.store)
         await audit.load()
-        contexts = Contexts(vault, Environments(vault), audit)
+        contexts = Contexts(vault.store, vault.vault, vault.environments(), audit)
         await contexts.load()
         return vault, contexts, audit
 
@@ -248,7 +247,7 @@ async def test_uses_survive_a_restart(short_dir: Path) -> None:
 
 
 async def test_tampered_context_fails_alone(short_dir: Path,
-                                            parts: tuple[Contexts, Environments, Clock, Vault]
+                                            parts: tuple[Contexts, Environments, Clock, Sealed]
                                             ) -> None:
     contexts, _, _, vault = parts
     a = await contexts.create(create("a", runtime={"S": Variable(value="a", is_secret=True)}),
@@ -257,7 +256,7 @@ async def test_tampered_context_fails_alone(short_dir: Path,
                               PEER)
     sealed_b = await vault.store.read_one("SELECT sealed FROM contexts WHERE execution_id='b'")
     contexts._by_execution["a"].sealed = sealed_b  # what a swapped row loads as
-    from stigmer.broker.errors import Internal
+    from stigmer.broker.protocol.errors import Internal
 
     with pytest.raises(Internal, match="'a' cannot be opened"):
         contexts.fetch(a.token.token, PEER)
@@ -265,7 +264,7 @@ async def test_tampered_context_fails_alone(short_dir: Path,
 
 
 async def test_audit_chain_detects_tampering(short_dir: Path,
-                                             parts: tuple[Contexts, Environments, Clock, Vault]
+                                             parts: tuple[Contexts, Environments, Clock, Sealed]
                                              ) -> None:
     contexts, _, _, _vault = parts
     created = await contexts.create(create(), PEER)
@@ -414,7 +413,7 @@ def test_log_filter_masks_secrets_and_token(caplog: pytest.LogCaptureFixture) ->
 
 
 async def test_counted_fetches_keep_the_log_in_order(
-        parts: tuple[Contexts, Environments, Clock, Vault]) -> None:
+        parts: tuple[Contexts, Environments, Clock, Sealed]) -> None:
     contexts, _, _, _ = parts
     a = await contexts.create(create("a"), PEER)
     await contexts.create(create("b"), PEER)

@@ -6,9 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stigmer.broker.crypto import (
+from stigmer.broker.store.crypto import (
     NONCE_SIZE,
     DataKeys,
+    Place,
     SealError,
     key_id_of,
     new_key,
@@ -20,7 +21,7 @@ from stigmer.broker.crypto import (
 
 KEY = bytes(range(32))
 KID = key_id_of(KEY)
-PLACE = ("variables", 7, "API_KEY")
+PLACE = Place.variable(7, "API_KEY")
 
 
 @given(st.binary(max_size=4096))
@@ -30,12 +31,12 @@ def test_round_trip(data: bytes) -> None:
 
 
 @pytest.mark.parametrize("other", [
-    ("variables", 8, "API_KEY"),  # another environment
-    ("variables", 7, "OTHER"),  # another variable
-    ("contexts", 7, "API_KEY"),  # another table
-    ("variables", "7", "API_KEY"),  # same text, other type
+    Place.variable(8, "API_KEY"),  # another environment
+    Place.variable(7, "OTHER"),  # another variable
+    Place.context(7, "API_KEY"),  # another table
+    Place(("variables", "7", "API_KEY")),  # same text, other type
 ])
-def test_moved_ciphertext_does_not_open(other: tuple[str | int, ...]) -> None:
+def test_moved_ciphertext_does_not_open(other: Place) -> None:
     envelope = seal(KEY, KID, b"secret", PLACE)
     with pytest.raises(SealError):
         open_sealed({KID: KEY}, envelope, other)

@@ -11,13 +11,15 @@ import keyring
 import pytest
 from memkeyring import BrokenKeyring, MemoryKeyring, PlaintextKeyring
 
-from stigmer.broker.crypto import new_key
-from stigmer.broker.keys import (
+from stigmer.broker.store.crypto import new_key
+from stigmer.broker.store.keys import (
     KEYRING_SERVICE,
     KEYRING_USERNAME,
-    FileKey,
+    KeyFile,
     KeySourceError,
+    KeySourceKind,
     MasterKey,
+    key_sources,
     load_master_key,
 )
 
@@ -39,16 +41,17 @@ def b64(key: bytes) -> str:
 
 async def load(home: Path, env_key: str | None = None, *, keychain: bool = False,
                ids: frozenset[str] = frozenset()) -> MasterKey:
-    return await load_master_key(env_key=env_key, key_file=home / "master.key",
-                                 use_keychain=keychain, store_key_ids=ids)
+    sources = await key_sources(env_key=env_key, key_file=home / "master.key",
+                                use_keychain=keychain)
+    return await load_master_key(sources, store_key_ids=ids)
 
 
 async def test_generates_key_file_when_no_keychain(short_dir: Path) -> None:
     master = await load(short_dir)
-    assert master.source == "file"
+    assert master.source.kind is KeySourceKind.FILE
     path = short_dir / "master.key"
     assert (os.stat(path).st_mode & 0o777) == 0o600
-    assert FileKey(path).read() == master.key
+    assert KeyFile(path).read_now() == master.key
     again = await load(short_dir, ids=frozenset({master.id}))
     assert again.key == master.key
 
@@ -65,7 +68,7 @@ async def test_key_file_private_under_umask_000(short_dir: Path) -> None:
 async def test_generates_into_real_keychain(short_dir: Path,
                                             memory_keychain: MemoryKeyring) -> None:
     master = await load(short_dir, keychain=True)
-    assert master.source == "keychain"
+    assert master.source.kind is KeySourceKind.KEYCHAIN
     assert (KEYRING_SERVICE, KEYRING_USERNAME) in memory_keychain.entries
     assert not (short_dir / "master.key").exists()
 
@@ -77,7 +80,7 @@ async def test_plaintext_keyring_is_not_a_keychain(short_dir: Path) -> None:
         master = await load(short_dir, keychain=True)
     finally:
         keyring.set_keyring(previous)
-    assert master.source == "file"
+    assert master.source.kind is KeySourceKind.FILE
 
 
 async def test_broken_keychain_is_a_clear_error(short_dir: Path) -> None:
@@ -93,7 +96,7 @@ async def test_broken_keychain_is_a_clear_error(short_dir: Path) -> None:
 async def test_env_key_wins_and_is_checked(short_dir: Path) -> None:
     key = new_key()
     master = await load(short_dir, b64(key))
-    assert master.source == "env"
+    assert master.source.kind is KeySourceKind.ENV
     assert master.key == key
     assert not (short_dir / "master.key").exists()
 
@@ -111,7 +114,7 @@ async def test_bad_env_keys(short_dir: Path, value: str, message: str) -> None:
 
 async def test_sources_that_disagree_are_refused(short_dir: Path,
                                                  memory_keychain: MemoryKeyring) -> None:
-    FileKey(short_dir / "master.key").write(new_key())
+    KeyFile(short_dir / "master.key").write_now(new_key())
     with pytest.raises(KeySourceError, match="disagree"):
         await load(short_dir, b64(new_key()))
     memory_keychain.set_password(KEYRING_SERVICE, KEYRING_USERNAME, b64(new_key()))
@@ -121,14 +124,14 @@ async def test_sources_that_disagree_are_refused(short_dir: Path,
 
 async def test_agreeing_sources_are_fine(short_dir: Path) -> None:
     key = new_key()
-    FileKey(short_dir / "master.key").write(key)
-    assert (await load(short_dir, b64(key))).source == "env"
+    KeyFile(short_dir / "master.key").write_now(key)
+    assert (await load(short_dir, b64(key))).source.kind is KeySourceKind.ENV
 
 
 @pytest.mark.parametrize("problem", ["mode", "symlink", "owner", "size"])
 async def test_key_file_refusals(short_dir: Path, problem: str) -> None:
     path = short_dir / "master.key"
-    FileKey(path).write(new_key())
+    KeyFile(path).write_now(new_key())
     if problem == "mode":
         os.chmod(path, 0o640)
         match = "chmod 600"

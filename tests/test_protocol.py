@@ -7,13 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stigmer.broker.errors import (
-    ErrorCode,
-    HandshakeRequired,
-    InvalidArgument,
-    ProtocolError,
-    UnsupportedVersion,
-)
 from stigmer.broker.protocol import (
     CLOSED,
     NEED_DATA,
@@ -32,6 +25,13 @@ from stigmer.broker.protocol import (
     Welcome,
     error_reply,
     frame,
+)
+from stigmer.broker.protocol.errors import (
+    ErrorCode,
+    HandshakeRequired,
+    InvalidArgument,
+    ProtocolError,
+    UnsupportedVersion,
 )
 
 
@@ -231,7 +231,7 @@ def test_random_valid_messages_round_trip_in_any_chunking(messages: list[Request
 
 
 def test_sending_over_the_frame_limit_is_refused_locally() -> None:
-    from stigmer.broker.errors import ResourceExhausted
+    from stigmer.broker.protocol.errors import ResourceExhausted
 
     client = Connection(Role.CLIENT, max_frame_size=1000)
     with pytest.raises(ResourceExhausted, match="over the frame limit"):

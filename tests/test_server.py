@@ -14,9 +14,8 @@ import pytest
 from conftest import NOBODY, RunningBroker, make_config, python_for_nobody, start_broker
 
 from stigmer.broker.config import Paths
-from stigmer.broker.daemon import serve
-from stigmer.broker.errors import BrokerUnavailable, ErrorCode, ResourceExhausted
-from stigmer.broker.listen import AlreadyRunning, StartupError
+from stigmer.broker.daemon.lifecycle import serve
+from stigmer.broker.daemon.listen import AlreadyRunning
 from stigmer.broker.protocol import (
     CLOSED,
     NEED_DATA,
@@ -27,6 +26,12 @@ from stigmer.broker.protocol import (
     Response,
     Role,
     Welcome,
+)
+from stigmer.broker.protocol.errors import (
+    BrokerUnavailable,
+    ErrorCode,
+    ResourceExhausted,
+    StartupError,
 )
 from stigmer.client import AsyncClient, Client
 
@@ -276,9 +281,9 @@ async def test_shutdown_survives_close_beating_cancellation(short_dir: Path) -> 
     """A client connecting just as shutdown closes the listener wakes the pending accept
     after its socket is closed; anyio then raises ClosedResourceError there."""
     from stigmer.broker.config import Limits
-    from stigmer.broker.listen import bind_unix_socket
-    from stigmer.broker.server import Server
-    from stigmer.broker.service import Counters
+    from stigmer.broker.daemon.listen import bind_unix_socket
+    from stigmer.broker.daemon.server import Server
+    from stigmer.broker.dispatch import Counters
 
     class NoRequests:
         async def handle(self, request: object, peer: object) -> object:

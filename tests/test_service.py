@@ -15,8 +15,8 @@ import pytest
 from conftest import cli_env, run_cli
 
 from stigmer.broker.config import Paths
-from stigmer.broker.install import LAUNCHD, SYSTEMD, render
-from stigmer.broker.systemd import systemd_unit
+from stigmer.broker.daemon.install import LAUNCHD, SYSTEMD, render
+from stigmer.broker.daemon.systemd import systemd_unit
 from stigmer.client import Client
 
 EXEC = "/opt/stigmer venv/bin/stigmer-broker"

@@ -9,25 +9,23 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sealed import Sealed, open_sealed
 
-from stigmer.broker import vault as vault_module
-from stigmer.broker.environments import Environments
-from stigmer.broker.errors import Internal, NotFound
-from stigmer.broker.keys import FileKey
 from stigmer.broker.protocol import EnvironmentSpec, Variable
-from stigmer.broker.vault import Vault, VaultError
+from stigmer.broker.protocol.errors import Internal, NotFound, StartupError
+from stigmer.broker.store import vault as vault_module
+from stigmer.broker.store.keys import KeyFile
 
 pytestmark = pytest.mark.anyio
 SENTINEL = "SENTINEL-7f3a9c-secret"
 
 
-async def open_vault(home: Path, env_key: str | None = None) -> Vault:
-    return await Vault.open(home / "local.db", env_key=env_key, key_file=home / "master.key",
-                            use_keychain=False)
+async def open_vault(home: Path, env_key: str | None = None) -> Sealed:
+    return await open_sealed(home / "local.db", env_key=env_key)
 
 
 @pytest.fixture
-async def vault(short_dir: Path) -> AsyncIterator[Vault]:
+async def vault(short_dir: Path) -> AsyncIterator[Sealed]:
     v = await open_vault(short_dir)
     yield v
     await v.close()
@@ -39,15 +37,15 @@ def secret(value: str) -> Variable:
 
 async def test_round_trip_and_restart(short_dir: Path) -> None:
     v = await open_vault(short_dir)
-    envs = Environments(v)
+    envs = v.environments()
     await envs.put("dev", {"A": Variable(value="1"), "S": secret(SENTINEL)})
     await v.close()
     v = await open_vault(short_dir)
     try:
-        got = await Environments(v).get("dev", reveal=True)
+        got = await v.environments().get("dev", reveal=True)
         assert got.data["S"].value == SENTINEL
         assert got.data["A"].value == "1"
-        masked = await Environments(v).get("dev", reveal=False)
+        masked = await v.environments().get("dev", reveal=False)
         assert masked.data["S"].value is None
     finally:
         await v.close()
@@ -57,7 +55,7 @@ async def test_files_are_private_under_umask_000(short_dir: Path) -> None:
     old = os.umask(0)
     try:
         v = await open_vault(short_dir / "h")
-        await Environments(v).put("e", {"S": secret("x")})
+        await v.environments().put("e", {"S": secret("x")})
         names = sorted(p.name for p in (short_dir / "h").iterdir())
         modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in (short_dir / "h").iterdir()}
         await v.close()
@@ -67,20 +65,20 @@ async def test_files_are_private_under_umask_000(short_dir: Path) -> None:
     assert all(mode == 0o600 for mode in modes.values()), modes
 
 
-async def test_no_plaintext_secret_on_disk(short_dir: Path, vault: Vault) -> None:
-    envs = Environments(vault)
+async def test_no_plaintext_secret_on_disk(short_dir: Path, vault: Sealed) -> None:
+    envs = vault.environments()
     await envs.put("dev", {"S": secret(SENTINEL)})
     await envs.put("dev", {"T": secret(SENTINEL + "-2")})
     for path in short_dir.iterdir():
         assert SENTINEL.encode() not in path.read_bytes(), path
 
 
-async def test_deleted_secret_leaves_the_files_after_checkpoint(short_dir: Path,
-                                                                vault: Vault) -> None:
-    envs = Environments(vault)
+async def test_deleted_secret_leaves_the_files_after_checkpoint(short_dir: Path) -> None:
+    vault = await open_vault(short_dir)
+    envs = vault.environments()
     await envs.put("dev", {"S": Variable(value="PLAIN-SENTINEL-VALUE")})
     await envs.delete("dev")
-    await vault.store.checkpoint()
+    await vault.close()  # closing checkpoints the WAL into the database file
     for path in short_dir.iterdir():
         assert b"PLAIN-SENTINEL-VALUE" not in path.read_bytes(), path
 
@@ -92,7 +90,7 @@ def _db(short_dir: Path) -> sqlite3.Connection:
 @pytest.mark.parametrize("attack", ["swap_variables", "swap_environments", "flip", "truncate"])
 async def test_tampered_rows_fail_alone(short_dir: Path, attack: str) -> None:
     v = await open_vault(short_dir)
-    envs = Environments(v)
+    envs = v.environments()
     await envs.put("a", {"S1": secret("a-one"), "S2": secret("a-two")})
     await envs.put("b", {"S1": secret("b-one")})
     await envs.put("c", {"S1": secret("c-one")})
@@ -116,7 +114,7 @@ async def test_tampered_rows_fail_alone(short_dir: Path, attack: str) -> None:
             put("a", "S1", rows[("a", "S1")][:10])
     v = await open_vault(short_dir)
     try:
-        envs = Environments(v)
+        envs = v.environments()
         with pytest.raises(Internal, match="secret S1 of environment 'a' cannot be opened") as e:
             await envs.get("a", reveal=True)
         assert "a-one" not in str(e.value)
@@ -133,12 +131,12 @@ async def test_tampered_data_key_refuses_start(short_dir: Path) -> None:
     await v.close()
     with _db(short_dir) as db:
         db.execute("UPDATE data_keys SET wrapped = substr(wrapped, 1, 20)")
-    with pytest.raises(VaultError, match="tampered with or damaged"):
+    with pytest.raises(StartupError, match="tampered with or damaged"):
         await open_vault(short_dir)
 
 
-async def test_apply_is_all_or_nothing_and_replaces(vault: Vault) -> None:
-    envs = Environments(vault)
+async def test_apply_is_all_or_nothing_and_replaces(vault: Sealed) -> None:
+    envs = vault.environments()
     await envs.put("x", {"OLD": Variable(value="1")})
     await envs.apply([EnvironmentSpec(name="x", data={"NEW": secret("n")}),
                       EnvironmentSpec(name="y", data={})])
@@ -146,8 +144,8 @@ async def test_apply_is_all_or_nothing_and_replaces(vault: Vault) -> None:
     assert [e.name for e in await envs.list()] == ["x", "y"]
 
 
-async def test_unset_missing_key_changes_nothing(vault: Vault) -> None:
-    envs = Environments(vault)
+async def test_unset_missing_key_changes_nothing(vault: Sealed) -> None:
+    envs = vault.environments()
     await envs.put("x", {"A": Variable(value="1"), "B": Variable(value="2")})
     with pytest.raises(NotFound, match="C"):
         await envs.unset("x", ["A", "C"])
@@ -156,26 +154,26 @@ async def test_unset_missing_key_changes_nothing(vault: Vault) -> None:
 
 async def test_wrong_key_refused_before_rows(short_dir: Path) -> None:
     v = await open_vault(short_dir)
-    await Environments(v).put("e", {"S": secret("x")})
+    await v.environments().put("e", {"S": secret("x")})
     await v.close()
     (short_dir / "master.key").unlink()
-    FileKey(short_dir / "master.key").write(os.urandom(32))
-    with pytest.raises(VaultError, match="does not open the store"):
+    KeyFile(short_dir / "master.key").write_now(os.urandom(32))
+    with pytest.raises(StartupError, match="does not open the store"):
         await open_vault(short_dir)
 
 
 async def test_rotation_round_trip(short_dir: Path) -> None:
     v = await open_vault(short_dir)
-    await Environments(v).put("e", {"S": secret("keep-me")})
-    old_id = v.master.id
+    await v.environments().put("e", {"S": secret("keep-me")})
+    old_id = v.vault.key_id
     result = await v.rotate()
     assert result.key_id != old_id
     assert result.rewrapped == 1
     await v.close()
     v = await open_vault(short_dir)
     try:
-        assert v.master.id == result.key_id
-        assert (await Environments(v).get("e", reveal=True)).data["S"].value == "keep-me"
+        assert v.vault.key_id == result.key_id
+        assert (await v.environments().get("e", reveal=True)).data["S"].value == "keep-me"
     finally:
         await v.close()
 
@@ -188,11 +186,11 @@ class Boom(Exception):
 async def test_rotation_interrupted_then_rerun(short_dir: Path, step: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     v = await open_vault(short_dir)
-    await Environments(v).put("e", {"S": secret("keep-me")})
+    await v.environments().put("e", {"S": secret("keep-me")})
     if step == "before_store":
         async def fail_store(*args: object) -> None:
             raise Boom()
-        monkeypatch.setattr(vault_module, "store_master_key", fail_store)
+        monkeypatch.setattr(KeyFile, "write", fail_store)
     else:
         async def fail_finish(*args: object) -> None:
             raise Boom()
@@ -203,10 +201,10 @@ async def test_rotation_interrupted_then_rerun(short_dir: Path, step: str,
     monkeypatch.undo()
     v = await open_vault(short_dir)  # reopens with whichever key the file now holds
     try:
-        assert (await Environments(v).get("e", reveal=True)).data["S"].value == "keep-me"
+        assert (await v.environments().get("e", reveal=True)).data["S"].value == "keep-me"
         assert await v.store.meta("pending_master_key_id") is None
         await v.rotate()
-        assert (await Environments(v).get("e", reveal=True)).data["S"].value == "keep-me"
+        assert (await v.environments().get("e", reveal=True)).data["S"].value == "keep-me"
     finally:
         await v.close()
 
@@ -214,7 +212,7 @@ async def test_rotation_interrupted_then_rerun(short_dir: Path, step: str,
 async def test_env_key_rotation_explains_what_to_do(short_dir: Path) -> None:
     import base64
 
-    from stigmer.broker.errors import FailedPrecondition
+    from stigmer.broker.protocol.errors import FailedPrecondition
 
     v = await open_vault(short_dir, base64.b64encode(os.urandom(32)).decode())
     try:
@@ -227,10 +225,10 @@ async def test_env_key_rotation_explains_what_to_do(short_dir: Path) -> None:
 async def test_concurrent_rotations_are_refused_not_interleaved(short_dir: Path) -> None:
     import anyio
 
-    from stigmer.broker.errors import FailedPrecondition
+    from stigmer.broker.protocol.errors import FailedPrecondition
 
     v = await open_vault(short_dir)
-    await Environments(v).put("e", {"S": secret("keep-me")})
+    await v.environments().put("e", {"S": secret("keep-me")})
     outcomes: list[str] = []
 
     async def rotate() -> None:
@@ -247,16 +245,16 @@ async def test_concurrent_rotations_are_refused_not_interleaved(short_dir: Path)
     assert sorted(outcomes) == ["refused", "rotated"]
     v = await open_vault(short_dir)
     try:
-        assert (await Environments(v).get("e", reveal=True)).data["S"].value == "keep-me"
+        assert (await v.environments().get("e", reveal=True)).data["S"].value == "keep-me"
     finally:
         await v.close()
 
 
-async def test_an_environment_too_big_for_a_reply_is_refused_whole(vault: Vault) -> None:
+async def test_an_environment_too_big_for_a_reply_is_refused_whole(vault: Sealed) -> None:
     from stigmer.broker.environments import MAX_ENVIRONMENT_BYTES
-    from stigmer.broker.errors import ResourceExhausted
+    from stigmer.broker.protocol.errors import ResourceExhausted
 
-    envs = Environments(vault)
+    envs = vault.environments()
     chunk = {f"K{i}": Variable(value="x" * 100_000) for i in range(4)}
     await envs.put("big", chunk)
     more = {f"M{i}": secret("y" * 100_000) for i in range(2)}

@@ -1,4 +1,4 @@
-"""The daemon's lifecycle: harden the process, bind, open the vault, serve, shut down.
+"""The daemon's lifecycle: harden the process, bind, unlock the store, serve, shut down.
 
 :func:`serve` is the whole daemon as one coroutine, easy to run inside a test's
 event loop: it calls ``task_status.started()`` once the socket answers, and
@@ -11,47 +11,31 @@ requests finish within the grace period, close the store, remove the socket.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import grp
 import logging
 import os
-import resource
 import signal
 import socket
-import sys
 from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.abc
 
-from .config import Config
-from .listen import BoundSocket, StartupError, adopt_socket, bind_unix_socket
-from .peer import check_private_dir
+from ..config import Config
+from ..dispatch import Counters, Dispatcher
+from ..protocol.errors import StartupError
+from ..protocol.peer import check_private_dir
+from ..store.keys import key_sources
+from ..store.sqlite import Store
+from ..store.vault import Vault
+from .hardening import harden_process
+from .listen import BoundSocket, adopt_socket, bind_unix_socket
 from .server import Server
-from .service import Counters, Service
 from .systemd import Notifier
-from .vault import Vault, VaultError
 
-__all__ = ["harden_process", "run", "serve"]
+__all__ = ["run", "serve"]
 
 log = logging.getLogger("stigmer.broker")
-
-_PR_SET_DUMPABLE = 4
-
-
-def harden_process() -> None:
-    """No core dumps, and (Linux) not dumpable: no ptrace, no /proc/PID/mem or environ.
-
-    SIGXFSZ is ignored so that a file-size limit fails a write (reported to the
-    client as resource_exhausted) instead of killing the daemon.
-    """
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-            raise StartupError(f"prctl(PR_SET_DUMPABLE) failed: errno {ctypes.get_errno()}")
 
 
 def _prepare_home(config: Config) -> None:
@@ -81,7 +65,7 @@ def _group_gid(name: str | None) -> int | None:
 async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
                 listen_socket: socket.socket | None = None,
                 task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-    """Run the broker until shutdown. Raises StartupError when it cannot start.
+    """Run the broker until shutdown. Raises a StartupError when it cannot start.
 
     ``listen_socket`` is a socket inherited from the service manager; without
     one the broker binds ``config.paths.socket`` itself. Both behave the same.
@@ -95,20 +79,18 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
     else:
         bound = bind_unix_socket(config.paths.socket, group_gid=gid)
     try:
+        store = await Store.open(config.paths.store)
         try:
-            vault = await Vault.open(config.paths.store, env_key=config.env_key,
-                                     key_file=config.paths.key_file,
-                                     use_keychain=config.use_keyring)
-        except VaultError as exc:
-            raise StartupError(str(exc)) from None
-        try:
+            sources = await key_sources(env_key=config.env_key, key_file=config.paths.key_file,
+                                        use_keychain=config.use_keyring)
+            vault = await Vault.unlock(store, sources)
             listener = await anyio.abc.SocketListener.from_socket(bound.sock)
             counters = Counters()
             stop = anyio.Event()
-            service = Service(config, vault, counters, request_shutdown=stop.set)
-            service.socket_path = bound.path
-            await service.start()
-            server = Server(listener, service, config.limits, counters, group_gid=gid)
+            dispatcher = Dispatcher(config, store, vault, counters, request_shutdown=stop.set)
+            dispatcher.socket_path = bound.path
+            await dispatcher.start()
+            server = Server(listener, dispatcher, config.limits, counters, group_gid=gid)
 
             async def shutdown() -> None:
                 async with anyio.create_task_group() as tg:
@@ -122,22 +104,20 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
                     tg.cancel_scope.cancel()
 
             log.info("serving on %s (store %s, key %s, pid %d, started %s)", bound.path,
-                     config.paths.store, vault.master.describe(), os.getpid(), config.started_by)
+                     config.paths.store, vault.key_source(), os.getpid(), config.started_by)
             async with anyio.create_task_group() as background:
-                background.start_soon(service.maintain)
+                background.start_soon(dispatcher.maintain)
                 await server.serve(shutdown, task_status=_Started(task_status, notifier,
                                                                   bound.path))
                 background.cancel_scope.cancel()
             with anyio.CancelScope(shield=True):
-                await service.close()
+                await dispatcher.close()
             log.info("stopped")
         finally:
             with anyio.CancelScope(shield=True):
-                await vault.close()
+                await store.close()
     finally:
         bound.remove()
-
-
 
 
 def run(config: Config, *, ready_fd: int | None = None,

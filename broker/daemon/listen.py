@@ -17,14 +17,11 @@ import socket
 import stat
 from pathlib import Path
 
-from .config import MAX_SOCKET_PATH
-from .peer import check_private_dir, peer_credentials
+from ..protocol.errors import StartupError
+from ..protocol.paths import MAX_SOCKET_PATH
+from ..protocol.peer import check_private_dir, peer_credentials
 
-__all__ = ["AlreadyRunning", "BoundSocket", "StartupError", "adopt_socket", "bind_unix_socket"]
-
-
-class StartupError(Exception):
-    """The daemon cannot start; the message names the path, the problem and the fix."""
+__all__ = ["AlreadyRunning", "BoundSocket", "adopt_socket", "bind_unix_socket"]
 
 
 class AlreadyRunning(StartupError):

@@ -32,10 +32,8 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from .config import Limits
-from .errors import BrokerError, ErrorCode, ProtocolError, ResourceExhausted
-from .peer import PeerCredentials, peer_credentials
-from .protocol import (
+from ..config import Limits
+from ..protocol import (
     CLOSED,
     NEED_DATA,
     Connection,
@@ -45,32 +43,18 @@ from .protocol import (
     Role,
     error_reply,
 )
+from ..protocol.errors import BrokerError, ErrorCode, ProtocolError, ResourceExhausted
+from ..protocol.peer import Peer, PeerCredentials, peer_credentials
 
-__all__ = ["Counters", "Handler", "Peer", "Server"]
+__all__ = ["Counters", "Handler", "Server"]
 
 log = logging.getLogger("stigmer.broker")
 
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Peer:
-    """Who sent a request, and what they may ask for."""
-
-    credentials: PeerCredentials
-    admin: bool  # False for runner-group members: fetch only
-
-    @property
-    def uid(self) -> int:
-        return self.credentials.uid
-
-    @property
-    def pid(self) -> int | None:
-        return self.credentials.pid
-
-
 class Handler(Protocol):
-    """What the server needs of the service: answer one request for one peer."""
+    """What the server needs of the dispatcher: answer one request for one peer."""
 
     async def handle(self, request: Request, peer: Peer) -> Response: ...
 
@@ -80,7 +64,6 @@ class Counters(Protocol):
 
     requests: int
     connections: int
-
 
 
 @dataclasses.dataclass(eq=False, slots=True)

@@ -17,13 +17,15 @@ import os
 import socket
 from collections.abc import Mapping
 
+from ..protocol.errors import StartupError
+
 __all__ = ["LISTEN_FDS_START", "Notifier", "SystemdError", "inherited_socket",
            "systemd_unit"]
 
 LISTEN_FDS_START = 3
 
 
-class SystemdError(Exception):
+class SystemdError(StartupError):
     """The service manager's hand-over is not usable; the message says why."""
 
 
@@ -92,10 +94,6 @@ class Notifier:
 
     def __repr__(self) -> str:
         return f"Notifier({self._address!r})"
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._address)
 
     def notify(self, *lines: str) -> None:
         """Send ``lines`` (e.g. ``READY=1``) as one datagram; errors are ignored."""

@@ -1,8 +1,13 @@
-"""The stigmer-broker wire protocol, sans-IO: bytes in, messages out, bytes back.
+"""The stigmer-broker wire protocol: everything both sides of the socket share.
 
-This package has no networking code at all. It imports neither sockets nor an
-event loop nor ``os``; the daemon, the async client and the blocking client
-each own their socket and drive the same :class:`Connection`.
+Its core is sans-IO: :mod:`.framing`, :mod:`.messages`, :mod:`.connection` and
+:mod:`.errors` have no networking code at all and import neither sockets nor an
+event loop nor ``os`` (bytes in, messages out, bytes back); the daemon, the
+async client and the blocking client each own their socket and drive the same
+:class:`Connection`. Beside the core, two small stdlib modules hold the rules
+both sides apply to the socket itself: :mod:`.peer` (who is on the other end)
+and :mod:`.paths` (where the socket is). This package imports nothing else of
+``stigmer.broker``, and ``stigmer.client`` imports nothing but this package.
 """
 
 from .connection import CLOSED, NEED_DATA, Connection, Event, Role, State

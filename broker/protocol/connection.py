@@ -27,7 +27,7 @@ from typing import Any, Final
 
 import msgspec
 
-from ..errors import (
+from .errors import (
     HandshakeRequired,
     InvalidArgument,
     ProtocolError,

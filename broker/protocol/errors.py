@@ -2,10 +2,19 @@
 
 Every class carries the wire :class:`ErrorCode` it travels as, so turning an
 exception into an error frame is an attribute lookup (see
-``stigmer.broker.protocol.messages.error_reply``) and turning an error frame back
-into an exception is a dictionary lookup (:func:`error_from_code`). The daemon
-raises these, the clients raise the same classes, so a runner can write
-``except NotFound`` whichever side found the problem.
+:func:`stigmer.broker.protocol.messages.error_reply`, the one place that does
+it) and turning an error frame back into an exception is a dictionary lookup
+(:func:`error_from_code`). The daemon raises these, the clients raise the same
+classes, so a runner can write ``except NotFound`` whichever side found the
+problem.
+
+Start-up failures are :class:`StartupError`; each part of the daemon that can
+refuse to start defines its subclass beside its code (``StoreError``,
+``KeySourceError``, ``AlreadyRunning``, ``SystemdError``), and the CLI reports
+them all in one place. The CLI's own ``UsageError`` is an
+:class:`InvalidArgument`. One exception stays outside the tree on purpose:
+``SealError`` (``stigmer.broker.store.crypto``), the opaque failure to open a
+ciphertext, which the store layer always translates before it leaves.
 
 Messages are for people: they say what was wrong and what to do, and they never
 contain a secret value or a token.
@@ -28,6 +37,7 @@ __all__ = [
     "PermissionDenied",
     "ProtocolError",
     "ResourceExhausted",
+    "StartupError",
     "Unauthenticated",
     "Unavailable",
     "UnsupportedVersion",
@@ -138,6 +148,10 @@ class Unavailable(BrokerError):
 
 class BrokerUnavailable(Unavailable):
     """The client could not reach a broker on its socket."""
+
+
+class StartupError(Unavailable):
+    """The daemon cannot start; the message names the path, the problem and the fix."""
 
 
 class ProtocolError(BrokerError):

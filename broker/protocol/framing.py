@@ -8,7 +8,7 @@ whatever length it claims.
 
 from __future__ import annotations
 
-from ..errors import ErrorCode, ProtocolError
+from .errors import ErrorCode, ProtocolError
 
 __all__ = ["DEFAULT_MAX_FRAME_SIZE", "HEADER_SIZE", "FrameReader", "frame"]
 

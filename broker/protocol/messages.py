@@ -15,7 +15,7 @@ from typing import Annotated, ClassVar
 import msgspec
 from msgspec import Meta
 
-from ..errors import BrokerError, ErrorCode, UnsupportedVersion
+from .errors import BrokerError, ErrorCode, UnsupportedVersion
 
 __all__ = [
     "PROTOCOL_VERSION", "SUPPORTED_VERSIONS",
@@ -32,8 +32,11 @@ __all__ = [
     "Welcome", "Status", "Ok", "Environment", "EnvironmentList", "KeyRotated", "Error",
     "Variable", "VariableView", "EnvironmentSpec", "EnvironmentSummary",
     "NAME_PATTERN", "VAR_NAME_PATTERN", "MAX_NAME_LENGTH", "MAX_VALUE_LENGTH",
-    "error_reply", "AnyRequest", "AnyResponse",
+    "error_reply", "AnyRequest", "AnyResponse", "SECRET_MASK",
 ]
+
+#: what a secret value shows as wherever it is masked (reprs, the CLI, log records)
+SECRET_MASK = "***"  # noqa: S105 - a placeholder, not a password
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
@@ -66,7 +69,7 @@ class Variable(_Data, frozen=True):
     is_secret: bool = False
 
     def __repr__(self) -> str:
-        shown = "'***'" if self.is_secret else repr(self.value)
+        shown = f"'{SECRET_MASK}'" if self.is_secret else repr(self.value)
         return f"Variable(value={shown}, is_secret={self.is_secret})"
 
 
@@ -77,7 +80,8 @@ class VariableView(_Data, frozen=True):
     value: Value | None = None
 
     def __repr__(self) -> str:
-        shown = "'***'" if self.is_secret and self.value is not None else repr(self.value)
+        masked = self.is_secret and self.value is not None
+        shown = f"'{SECRET_MASK}'" if masked else repr(self.value)
         return f"VariableView(is_secret={self.is_secret}, value={shown})"
 
 
@@ -110,7 +114,8 @@ class SpecEntry(_Data, frozen=True):
     description: Text = ""
 
     def __repr__(self) -> str:
-        shown = "'***'" if self.is_secret and self.value is not None else repr(self.value)
+        masked = self.is_secret and self.value is not None
+        shown = f"'{SECRET_MASK}'" if masked else repr(self.value)
         return f"SpecEntry(value={shown}, is_secret={self.is_secret})"
 
 
@@ -160,7 +165,7 @@ class AuditRecord(_Data, frozen=True):
 
 def _masked_token(cls_name: str, fields: dict[str, object]) -> str:
     parts = ", ".join(f"{k}={v!r}" for k, v in fields.items())
-    return f"{cls_name}({parts}, token='***')"
+    return f"{cls_name}({parts}, token='{SECRET_MASK}')"
 
 
 # --------------------------------------------------------------------------- requests

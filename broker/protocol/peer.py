@@ -1,7 +1,9 @@
-"""Unix-socket trust checks shared by the daemon and the clients (stdlib only).
+"""Who is on the other end of a Unix socket, and whether a directory is private enough.
 
-Who is on the other end of a socket (:func:`peer_credentials`), and whether a
-socket's directory is private enough to trust (:func:`check_private_dir`).
+Shared by the daemon and the clients (stdlib only): the kernel's report of the
+peer (:func:`peer_credentials`), the daemon's view of a peer it serves
+(:class:`Peer`), and whether a socket's directory is private enough to trust
+(:func:`check_private_dir`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["PeerCredentials", "check_private_dir", "peer_credentials", "describe_mode"]
+__all__ = ["Peer", "PeerCredentials", "check_private_dir", "describe_mode", "peer_credentials"]
 
 
 class PeerCredentials(NamedTuple):
@@ -25,6 +27,21 @@ class PeerCredentials(NamedTuple):
     uid: int
     gid: int
     pid: int | None  # None where the platform does not say
+
+
+class Peer(NamedTuple):
+    """Who sent a request, and what they may ask for."""
+
+    credentials: PeerCredentials
+    admin: bool  # False for runner-group members: fetch only
+
+    @property
+    def uid(self) -> int:
+        return self.credentials.uid
+
+    @property
+    def pid(self) -> int | None:
+        return self.credentials.pid
 
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials:

@@ -8,18 +8,19 @@ Every ciphertext is an envelope::
 
     version (1 byte) | key id length (1 byte) | key id | nonce (12 bytes) | ciphertext+tag
 
-and is sealed with associated data naming its place (table, owning record,
-variable name) plus the key id, so a ciphertext copied to any other place, or
-relabelled with another key id, fails to open. Every failure to open, whatever
-the cause, is one :class:`SealError` that says nothing about which check failed
-and never carries the data.
+and is sealed with associated data naming its :class:`Place` (table, owning
+record, variable name) plus the key id, so a ciphertext copied to any other
+place, or relabelled with another key id, fails to open. Every failure to open,
+whatever the cause, is one :class:`SealError` that says nothing about which
+check failed and never carries the data; it is internal to the store layer,
+which translates it before it reaches a client.
 
-This module is one of two that import ``cryptography``'s hazmat layer (the other
-is :mod:`.keys`, for key ids).
+This is the only module that imports ``cryptography``'s hazmat layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -30,8 +31,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
-    "KEY_SIZE", "DataKeys", "SealError", "binding", "envelope_key_id", "key_id_of", "new_key",
-    "open_sealed", "seal", "unwrap_data_key", "wrap_data_key",
+    "KEY_SIZE", "DataKeys", "Place", "SealError", "binding", "envelope_key_id", "key_id_of",
+    "new_key", "open_sealed", "seal", "unwrap_data_key", "wrap_data_key",
 ]
 
 KEY_SIZE = 32
@@ -41,10 +42,40 @@ _AD_ENCODER = msgspec.msgpack.Encoder()
 
 
 class SealError(Exception):
-    """A sealed value could not be opened (wrong key, wrong place, or damaged)."""
+    """A sealed value could not be opened (wrong key, wrong place, or damaged).
+
+    Internal to the store layer (outside the BrokerError tree on purpose): callers
+    translate it into an error that names the record, never the data.
+    """
 
     def __init__(self) -> None:
         super().__init__("sealed data could not be opened")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Place:
+    """Where a sealed value lives; its ciphertext opens there and nowhere else.
+
+    The convention, defined here once: a place names its table, its owning
+    record and, for a variable, its name. Build places with the constructors.
+    """
+
+    parts: tuple[str | int, ...]
+
+    @classmethod
+    def variable(cls, env_id: int, name: str) -> Place:
+        """A secret variable of an environment (environment ids are never reused)."""
+        return cls(("variables", env_id, name))
+
+    @classmethod
+    def context(cls, row_id: int, execution_id: str) -> Place:
+        """The sealed record of an execution context."""
+        return cls(("contexts", row_id, execution_id))
+
+    @classmethod
+    def data_key(cls, key_id: str) -> Place:
+        """A data key wrapped by the master key."""
+        return cls(("data_keys", key_id))
 
 
 def key_id_of(key: bytes) -> str:
@@ -56,11 +87,11 @@ def key_id_of(key: bytes) -> str:
     return hmac.new(key, b"stigmer-broker key id v1", hashlib.sha256).hexdigest()[:16]
 
 
-def _associated_data(place: tuple[str | int, ...], key_id: str) -> bytes:
-    return _AD_ENCODER.encode(("stigmer-broker", FORMAT_VERSION, *place, key_id))
+def _associated_data(place: Place, key_id: str) -> bytes:
+    return _AD_ENCODER.encode(("stigmer-broker", FORMAT_VERSION, *place.parts, key_id))
 
 
-def seal(key: bytes, key_id: str, plaintext: bytes, place: tuple[str | int, ...], *,
+def seal(key: bytes, key_id: str, plaintext: bytes, place: Place, *,
          nonce_source: Callable[[int], bytes] = os.urandom) -> bytes:
     """Return the envelope of ``plaintext`` sealed under ``key`` for ``place``.
 
@@ -88,8 +119,7 @@ def envelope_key_id(envelope: bytes) -> str:
         raise SealError() from None
 
 
-def open_sealed(keys: Mapping[str, bytes], envelope: bytes,
-                place: tuple[str | int, ...]) -> bytes:
+def open_sealed(keys: Mapping[str, bytes], envelope: bytes, place: Place) -> bytes:
     """Return the plaintext of ``envelope`` sealed for ``place`` under one of ``keys``.
 
     Raises SealError for any failure: unknown key, other place, damaged bytes.
@@ -120,15 +150,11 @@ class DataKeys:
     def __repr__(self) -> str:
         return f"DataKeys(active={self.active!r}, ids={sorted(self._keys)!r})"
 
-    @property
-    def ids(self) -> list[str]:
-        return sorted(self._keys)
-
-    def seal(self, plaintext: bytes, place: tuple[str | int, ...]) -> bytes:
+    def seal(self, plaintext: bytes, place: Place) -> bytes:
         """Seal under the active data key."""
         return seal(self._keys[self.active], self.active, plaintext, place)
 
-    def open(self, envelope: bytes, place: tuple[str | int, ...]) -> bytes:
+    def open(self, envelope: bytes, place: Place) -> bytes:
         """Open an envelope sealed by any of these keys. Raises SealError."""
         return self.open_bound(envelope, binding(envelope, place))
 
@@ -147,19 +173,19 @@ class DataKeys:
             raise SealError() from None
 
 
-def binding(envelope: bytes, place: tuple[str | int, ...]) -> bytes:
+def binding(envelope: bytes, place: Place) -> bytes:
     """Return the associated data that binds ``envelope`` to ``place``. Raises SealError."""
     return _associated_data(place, envelope_key_id(envelope))
 
 
 def wrap_data_key(master: bytes, master_id: str, data_key_id: str, data_key: bytes) -> bytes:
     """Seal a data key under the master key, bound to the data key's id."""
-    return seal(master, master_id, data_key, ("data_keys", data_key_id))
+    return seal(master, master_id, data_key, Place.data_key(data_key_id))
 
 
 def unwrap_data_key(master: bytes, master_id: str, data_key_id: str, wrapped: bytes) -> bytes:
     """Open a wrapped data key. Raises SealError."""
-    key = open_sealed({master_id: master}, wrapped, ("data_keys", data_key_id))
+    key = open_sealed({master_id: master}, wrapped, Place.data_key(data_key_id))
     if len(key) != KEY_SIZE:
         raise SealError()
     return key

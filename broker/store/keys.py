@@ -1,11 +1,13 @@
-"""Where the master key comes from, and the checks it must pass before it is used.
+"""Where the master key comes from: three sources behind one interface, and their checks.
 
-Sources, first that has a key wins: ``STIGMER_ENCRYPTION_KEY`` (handed in by
-the CLI, base64 of 32 bytes) > the OS keychain through ``keyring`` (service
-``stigmer``, name ``master-key``) > the key file ``HOME/master.key`` (base64,
-0600). When several have a key they must agree. When none has one and the
-store is new, 32 random bytes are generated and kept in the keychain if a real
-one is usable, else in the key file.
+Sources, in order, first that has a key wins: :class:`EnvKey`
+(``STIGMER_ENCRYPTION_KEY``, handed in by the CLI, base64 of 32 bytes) >
+:class:`Keychain` (the OS keychain through ``keyring``, service ``stigmer``,
+name ``master-key``) > :class:`KeyFile` (``HOME/master.key``, base64, 0600).
+Each is a :class:`KeySource`, as keyring's backends share one interface, and
+:func:`key_sources` builds the list. When several sources have a key they must
+agree. When none has one and the store is new, 32 random bytes are generated
+and kept in the first source that can store a key.
 
 keyring is blocking and may talk to D-Bus: every call to it goes through
 :class:`Keychain`, which runs it in a worker thread and turns keyring's errors
@@ -18,19 +20,22 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import enum
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio.to_thread
 
+from ..protocol.errors import StartupError
 from .crypto import KEY_SIZE, key_id_of, new_key
 
 __all__ = [
-    "ENV_KEY_ROTATION_HELP", "KEYRING_SERVICE", "KEYRING_USERNAME", "FileKey",
-    "KeySourceError", "Keychain", "MasterKey", "decode_key", "encode_key", "load_master_key",
-    "store_master_key",
+    "ENV_KEY_ROTATION_HELP", "KEYRING_SERVICE", "KEYRING_USERNAME", "EnvKey", "KeyFile",
+    "KeySource", "KeySourceError", "KeySourceKind", "Keychain", "MasterKey", "decode_key",
+    "encode_key", "key_sources", "load_master_key",
 ]
 
 KEYRING_SERVICE = "stigmer"
@@ -44,26 +49,49 @@ ENV_KEY_ROTATION_HELP = (
     "variable, then run `stigmer-broker key rotate`")
 
 
-class KeySourceError(Exception):
+class KeySourceError(StartupError):
     """A master-key source is unusable; the message names it and the fix."""
+
+
+class KeySourceKind(enum.Enum):
+    """The kinds of place a master key can come from."""
+
+    ENV = "env"
+    KEYCHAIN = "keychain"
+    FILE = "file"
+
+
+class KeySource(Protocol):
+    """One place a master key can be read from (and, for most, written to)."""
+
+    kind: KeySourceKind
+
+    def describe(self) -> str:
+        """Return where the key is, for people (``file (/home/u/.stigmer/master.key)``)."""
+        ...
+
+    async def read(self) -> bytes | None:
+        """Return the key, or None when this source holds none. Raises KeySourceError."""
+        ...
+
+    async def write(self, key: bytes) -> None:
+        """Store ``key`` durably, replacing the old one. Raises KeySourceError."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MasterKey:
-    """The master key and where it came from. Its repr never shows the key."""
+    """The master key and the source it came from. Its repr never shows the key."""
 
     key: bytes = dataclasses.field(repr=False)
-    source: str  # "env", "keychain" or "file"
-    detail: str  # backend name or file path, for status
+    source: KeySource
 
     @property
     def id(self) -> str:
         return key_id_of(self.key)
 
     def describe(self) -> str:
-        if self.source == "env":
-            return "env (STIGMER_ENCRYPTION_KEY)"
-        return f"{self.source} ({self.detail})"
+        return self.source.describe()
 
 
 def decode_key(text: str, where: str) -> bytes:
@@ -85,13 +113,48 @@ def encode_key(key: bytes) -> str:
     return base64.b64encode(key).decode("ascii")
 
 
-class FileKey:
+class EnvKey:
+    """``STIGMER_ENCRYPTION_KEY``, as the CLI handed it in; read-only."""
+
+    kind = KeySourceKind.ENV
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+
+    def __repr__(self) -> str:
+        return "EnvKey()"
+
+    def describe(self) -> str:
+        return "env (STIGMER_ENCRYPTION_KEY)"
+
+    async def read(self) -> bytes | None:
+        return decode_key(self._text, "STIGMER_ENCRYPTION_KEY")
+
+    async def write(self, key: bytes) -> None:
+        raise KeySourceError(ENV_KEY_ROTATION_HELP)
+
+
+class KeyFile:
     """The key file: private, ours, not a symlink; written atomically."""
+
+    kind = KeySourceKind.FILE
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def read(self) -> bytes | None:
+    def __repr__(self) -> str:
+        return f"KeyFile({str(self.path)!r})"
+
+    def describe(self) -> str:
+        return f"file ({self.path})"
+
+    async def read(self) -> bytes | None:
+        return self.read_now()
+
+    async def write(self, key: bytes) -> None:
+        await anyio.to_thread.run_sync(self.write_now, key)
+
+    def read_now(self) -> bytes | None:
         """Return the key, None when there is no file. Raises KeySourceError."""
         try:
             st = os.lstat(self.path)
@@ -118,7 +181,7 @@ class FileKey:
             text = "\0"
         return decode_key(text, f"key file {self.path}")
 
-    def write(self, key: bytes) -> None:
+    def write_now(self, key: bytes) -> None:
         """Replace the key file atomically; private from its first byte, durable on return."""
         directory = self.path.parent
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -144,15 +207,23 @@ class FileKey:
 class Keychain:
     """The OS keychain through keyring, each call in a worker thread."""
 
+    kind = KeySourceKind.KEYCHAIN
+
     def __init__(self, backend: Any) -> None:
         self._backend = backend
         self.name = f"{type(backend).__module__}.{type(backend).__name__}"
 
+    def __repr__(self) -> str:
+        return f"Keychain({self.name!r})"
+
     @classmethod
-    async def open(cls) -> Keychain | None:
+    async def find(cls) -> Keychain | None:
         """Return the usable keychain, or None when there is none (or only a plaintext one)."""
         backend = await anyio.to_thread.run_sync(_usable_backend)
         return None if backend is None else cls(backend)
+
+    def describe(self) -> str:
+        return f"keychain ({self.name})"
 
     async def read(self) -> bytes | None:
         try:
@@ -204,7 +275,20 @@ def _is_real(backend: Any) -> bool:
         return False
 
 
-async def load_master_key(*, env_key: str | None, key_file: Path, use_keychain: bool,
+async def key_sources(*, env_key: str | None, key_file: Path,
+                      use_keychain: bool) -> list[KeySource]:
+    """Return the sources to consult, in order: the variable, the keychain, the file."""
+    sources: list[KeySource] = []
+    if env_key is not None:
+        sources.append(EnvKey(env_key))
+    keychain = await Keychain.find() if use_keychain else None
+    if keychain is not None:
+        sources.append(keychain)
+    sources.append(KeyFile(key_file))
+    return sources
+
+
+async def load_master_key(sources: Sequence[KeySource], *,
                           store_key_ids: frozenset[str]) -> MasterKey:
     """Return the master key from the first source that has one.
 
@@ -213,17 +297,10 @@ async def load_master_key(*, env_key: str | None, key_file: Path, use_keychain: 
     accept is refused before any row is read. Raises KeySourceError.
     """
     found: list[MasterKey] = []
-    if env_key is not None:
-        found.append(MasterKey(decode_key(env_key, "STIGMER_ENCRYPTION_KEY"), "env", "env"))
-    keychain = await Keychain.open() if use_keychain else None
-    if keychain is not None:
-        key = await keychain.read()
+    for source in sources:
+        key = await source.read()
         if key is not None:
-            found.append(MasterKey(key, "keychain", keychain.name))
-    file_key = FileKey(key_file).read()
-    if file_key is not None:
-        found.append(MasterKey(file_key, "file", str(key_file)))
-
+            found.append(MasterKey(key, source))
     if len({m.key for m in found}) > 1:
         names = " and ".join(m.describe() for m in found)
         raise KeySourceError(
@@ -232,35 +309,21 @@ async def load_master_key(*, env_key: str | None, key_file: Path, use_keychain: 
     if found:
         master = found[0]
     elif store_key_ids:
+        where = ", ".join(s.describe() for s in sources)
         raise KeySourceError(
-            f"no master key found for the existing store (key id {sorted(store_key_ids)[0]}); "
-            f"restore {key_file} or STIGMER_ENCRYPTION_KEY, or the keychain entry "
-            f"'{KEYRING_SERVICE}/{KEYRING_USERNAME}'")
+            f"no master key found for the existing store (key id {sorted(store_key_ids)[0]}) "
+            f"in {where}; restore the key file or STIGMER_ENCRYPTION_KEY, or the keychain "
+            f"entry '{KEYRING_SERVICE}/{KEYRING_USERNAME}'")
     else:
+        writable = [s for s in sources if s.kind is not KeySourceKind.ENV]
+        if not writable:
+            raise KeySourceError("no master key source can store a new key")
         key = new_key()
-        if keychain is not None:
-            await keychain.write(key)
-            master = MasterKey(key, "keychain", keychain.name)
-        else:
-            FileKey(key_file).write(key)
-            master = MasterKey(key, "file", str(key_file))
+        await writable[0].write(key)
+        master = MasterKey(key, writable[0])
     if store_key_ids and master.id not in store_key_ids:
         raise KeySourceError(
             f"the master key from {master.describe()} does not open the store (its key id is "
             f"{master.id}, the store's is {sorted(store_key_ids)[0]}); use the key the store "
             "was created with")
     return master
-
-
-async def store_master_key(master: MasterKey, new_key_bytes: bytes, key_file: Path) -> MasterKey:
-    """Write a new master key to the source ``master`` came from; return it."""
-    if master.source == "keychain":
-        keychain = await Keychain.open()
-        if keychain is None:
-            raise KeySourceError("the keychain that holds the master key is not available now")
-        await keychain.write(new_key_bytes)
-        return MasterKey(new_key_bytes, "keychain", keychain.name)
-    if master.source == "file":
-        await anyio.to_thread.run_sync(FileKey(key_file).write, new_key_bytes)
-        return MasterKey(new_key_bytes, "file", str(key_file))
-    raise KeySourceError(ENV_KEY_ROTATION_HELP)

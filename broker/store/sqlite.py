@@ -1,4 +1,4 @@
-"""SQLite persistence of sealed rows: the one place that talks to the database.
+"""The SQLite backend: one connection, transactions, migrations, errors translated.
 
 Theory of operation: one aiosqlite connection, owned by the daemon, in WAL mode
 with ``synchronous=FULL`` (a write acknowledged to a client survives a power
@@ -6,11 +6,12 @@ cut) and ``secure_delete`` (deleted rows are overwritten, not left in free
 pages). Every write runs in :meth:`Store.write`, an explicit ``BEGIN IMMEDIATE``
 transaction; every sqlite error is translated there or in :meth:`Store.read`
 (disk full becomes ResourceExhausted, anything else Internal), so no
-"database is locked" or sqlite traceback reaches a client.
+"database is locked" or sqlite traceback reaches a client. This module is the
+only one that imports sqlite; the domain modules hand it their SQL.
 
 The store holds only what is safe on disk: non-secret values as they are,
-secret values as envelopes sealed by :mod:`.crypto`, data keys wrapped by the
-master key, and the master key's public id as a key check value. Schema
+secret values as envelopes sealed through :mod:`.vault`, data keys wrapped by
+the master key, and the master key's public id as a key check value. Schema
 versions are ``PRAGMA user_version``; :data:`MIGRATIONS` only moves forward.
 """
 
@@ -28,14 +29,14 @@ from typing import Any
 import aiosqlite
 import anyio
 
-from .errors import Internal, ResourceExhausted
+from ..protocol.errors import Internal, ResourceExhausted, StartupError
 
 __all__ = ["MIGRATIONS", "Store", "StoreError", "Tx"]
 
 log = logging.getLogger("stigmer.broker")
 
 
-class StoreError(Exception):
+class StoreError(StartupError):
     """The store cannot be opened; the message names the file and the fix."""
 
 
@@ -280,15 +281,6 @@ class Store:
         """Return the first column of the first row, or None."""
         rows = await self.read(sql, params)
         return rows[0][0] if rows else None
-
-    async def checkpoint(self) -> None:
-        """Move the WAL into the database file (so deleted data leaves the WAL too)."""
-        try:
-            async with self._lock:
-                with anyio.CancelScope(shield=True):
-                    await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            raise _translate(exc) from None
 
     # ------------------------------------------------------------------------ meta
 

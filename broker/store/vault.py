@@ -1,9 +1,11 @@
-"""The sealed store opened with its master key: data keys, key checks and rotation.
+"""The sealing boundary: the master key, the data keys it unwraps, sealing and rotation.
 
-Opening order (nothing is read from a row before the key is proven):
+Domain code seals and opens values at a :class:`~.crypto.Place` through
+:class:`Vault` and never sees a key. Unlocking order (nothing is read from a
+row before the key is proven):
 
-1. open the store and read the key ids it accepts (its key check values);
-2. load the master key from its source and refuse it unless its id is one of them
+1. read the key ids the (already opened) store accepts, its key check values;
+2. load the master key from its sources and refuse it unless its id is one of them
    (a new store accepts any key and records its id);
 3. unwrap the data keys, creating the first one for a new store;
 4. finish a rotation that was interrupted after the new key was stored.
@@ -24,31 +26,33 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import anyio
 import anyio.lowlevel
 
+from ..protocol.errors import FailedPrecondition, Internal, StartupError
 from .crypto import (
     DataKeys,
+    Place,
     SealError,
+    binding,
     key_id_of,
     new_key,
     unwrap_data_key,
     wrap_data_key,
 )
-from .errors import FailedPrecondition, Internal
 from .keys import (
     ENV_KEY_ROTATION_HELP,
+    KeySource,
     KeySourceError,
+    KeySourceKind,
     MasterKey,
     load_master_key,
-    store_master_key,
 )
-from .store import Store, StoreError
+from .sqlite import Store
 
-__all__ = ["Vault", "VaultError", "RotationResult"]
+__all__ = ["RotationResult", "Vault", "VaultError"]
 
 log = logging.getLogger("stigmer.broker")
 
@@ -56,7 +60,7 @@ _MASTER_ID = "master_key_id"
 _PENDING_ID = "pending_master_key_id"
 
 
-class VaultError(Exception):
+class VaultError(StartupError):
     """The store and key cannot be opened together; the message says why and what to do."""
 
 
@@ -68,51 +72,69 @@ class RotationResult:
 
 
 class Vault:
-    """Owns the store, the master key and the unwrapped data keys."""
+    """Seals and opens values at their place; owns the master key and the data keys."""
 
     def __init__(self, store: Store, master: MasterKey, data_keys: DataKeys) -> None:
-        self.store = store
-        self.master = master
-        self.data_keys = data_keys
+        self._store = store
+        self._master = master
+        self._data_keys = data_keys
         self._rotating = False
 
     @classmethod
-    async def open(cls, store_path: Path, *, env_key: str | None, key_file: Path,
-                   use_keychain: bool) -> Vault:
-        """Open store and key together. Raises VaultError with the reason and the fix."""
-        try:
-            store = await Store.open(store_path)
-        except StoreError as exc:
-            raise VaultError(str(exc)) from None
-        try:
-            master_id = await store.meta(_MASTER_ID)
-            pending_id = await store.meta(_PENDING_ID)
-            accepted = frozenset(i for i in (master_id, pending_id) if i)
-            try:
-                master = await load_master_key(env_key=env_key, key_file=key_file,
-                                               use_keychain=use_keychain,
-                                               store_key_ids=accepted)
-            except KeySourceError as exc:
-                raise VaultError(str(exc)) from None
-            if master_id is None:
-                async with store.write() as db:
-                    await Store.set_meta(db, [(_MASTER_ID, master.id)])
-                master_id = master.id
-            if pending_id is not None:
-                await _finish_rotation(store, master, master_id, pending_id)
-            data_keys = await _load_data_keys(store, master)
-            return cls(store, master, data_keys)
-        except BaseException:
-            await store.close()
-            raise
+    async def unlock(cls, store: Store, sources: Sequence[KeySource]) -> Vault:
+        """Prove the master key against ``store`` and unwrap its data keys.
 
-    async def close(self) -> None:
-        await self.store.close()
+        Raises KeySourceError or VaultError (both StartupErrors) with the reason
+        and the fix; the caller keeps ownership of ``store``.
+        """
+        master_id = await store.meta(_MASTER_ID)
+        pending_id = await store.meta(_PENDING_ID)
+        accepted = frozenset(i for i in (master_id, pending_id) if i)
+        master = await load_master_key(sources, store_key_ids=accepted)
+        if master_id is None:
+            async with store.write() as db:
+                await Store.set_meta(db, [(_MASTER_ID, master.id)])
+            master_id = master.id
+        if pending_id is not None:
+            await _finish_rotation(store, master, master_id, pending_id)
+        data_keys = await _load_data_keys(store, master)
+        return cls(store, master, data_keys)
+
+    @property
+    def key_id(self) -> str:
+        """The master key's public id (its key check value)."""
+        return self._master.id
+
+    def key_source(self) -> str:
+        """Where the master key is kept, for people."""
+        return self._master.describe()
+
+    # ------------------------------------------------------------------ sealing
+
+    def seal(self, plaintext: bytes, place: Place) -> bytes:
+        """Return ``plaintext`` sealed under the active data key, bound to ``place``."""
+        return self._data_keys.seal(plaintext, place)
+
+    def open(self, envelope: bytes, place: Place) -> bytes:
+        """Return the plaintext of an envelope sealed for ``place``. Raises SealError."""
+        return self._data_keys.open(envelope, place)
+
+    @staticmethod
+    def bind(envelope: bytes, place: Place) -> bytes:
+        """Return what :meth:`open_bound` needs to open ``envelope`` at ``place``, computed
+        once (the fetch path keeps one per context). Raises SealError."""
+        return binding(envelope, place)
+
+    def open_bound(self, envelope: bytes, bound: bytes) -> bytes:
+        """Open an envelope with its :meth:`bind` result. Raises SealError."""
+        return self._data_keys.open_bound(envelope, bound)
+
+    # ----------------------------------------------------------------- rotation
 
     async def rotate(self, progress: Callable[[int, int], None] | None = None
                      ) -> RotationResult:
         """Replace the master key (see the module docstring). Raises FailedPrecondition."""
-        if self.master.source == "env":
+        if self._master.source.kind is KeySourceKind.ENV:
             raise FailedPrecondition(ENV_KEY_ROTATION_HELP)
         if self._rotating:  # two at once would each store a key the other's wraps miss
             raise FailedPrecondition("a key rotation is already running; wait for it to end")
@@ -125,36 +147,38 @@ class Vault:
     async def _rotate(self, progress: Callable[[int, int], None] | None) -> RotationResult:
         new = new_key()
         new_id = key_id_of(new)
-        rows = await self.store.read("SELECT id, wrapped FROM data_keys ORDER BY id")
-        old_id = self.master.id
-        async with self.store.write() as db:
+        rows = await self._store.read("SELECT id, wrapped FROM data_keys ORDER BY id")
+        old_id = self._master.id
+        async with self._store.write() as db:
             for kid, wrapped in rows:
-                key = unwrap_data_key(self.master.key, old_id, kid, wrapped)
+                key = unwrap_data_key(self._master.key, old_id, kid, wrapped)
                 await db.execute("UPDATE data_keys SET wrapped_next = ? WHERE id = ?",
                                  (wrap_data_key(new, new_id, kid, key), kid))
             await Store.set_meta(db, [(_PENDING_ID, new_id)])
         await self._check_every_row(new, new_id, progress)
-        key_file = Path(self.master.detail) if self.master.source == "file" else Path()
         try:
-            self.master = await store_master_key(self.master, new, key_file)
+            await self._master.source.write(new)
         except KeySourceError as exc:
-            raise Internal(f"the new master key could not be stored: {exc}") from None
-        await _finish_rotation(self.store, self.master, old_id, new_id)
+            raise Internal(f"the new master key could not be stored: {exc.message}") from None
+        self._master = MasterKey(new, self._master.source)
+        await _finish_rotation(self._store, self._master, old_id, new_id)
         log.info("master key rotated: %d data keys rewrapped, key id %s", len(rows), new_id)
         return RotationResult(key_id=new_id, rewrapped=len(rows),
-                              key_source=self.master.describe())
+                              key_source=self._master.describe())
 
     async def _check_every_row(self, new: bytes, new_id: str,
                                progress: Callable[[int, int], None] | None) -> None:
-        rows = await self.store.read("SELECT id, wrapped_next FROM data_keys")
+        rows = await self._store.read("SELECT id, wrapped_next FROM data_keys")
         keys = {kid: unwrap_data_key(new, new_id, kid, wrapped) for kid, wrapped in rows}
-        candidate = DataKeys(keys, self.data_keys.active)
-        sealed = await self.store.read(
+        candidate = DataKeys(keys, self._data_keys.active)
+        sealed = await self._store.read(
             "SELECT 'variables', env_id, name, sealed FROM variables WHERE is_secret = 1 "
             "UNION ALL SELECT 'contexts', id, execution_id, sealed FROM contexts")
         for done, (table, row_id, name, envelope) in enumerate(sealed, start=1):
             try:
-                candidate.open(envelope, (table, row_id, name))
+                place = (Place.variable(row_id, name) if table == "variables"
+                         else Place.context(row_id, name))
+                candidate.open(envelope, place)
             except SealError:
                 log.warning("a sealed %s row does not open (%s, %s); it was unreadable "
                             "before the rotation too", table, row_id, name)

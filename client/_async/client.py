@@ -1,18 +1,14 @@
-"""The async client (anyio): the same protocol object as the blocking client."""
+"""The client API, written once: this file is the source, ``client/_sync/client.py`` its
+generated blocking twin (``make unasync``). Keep it free of anyio: every wait goes
+through the transport, which each side writes for itself."""
 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
-import anyio
-import anyio.abc
-from anyio.abc import SocketAttribute
-
-from stigmer.broker.errors import BrokerUnavailable
 from stigmer.broker.protocol import (
     CLOSED,
     NEED_DATA,
@@ -60,8 +56,9 @@ from stigmer.broker.protocol import (
     VerifyAudit,
     Welcome,
 )
+from stigmer.broker.protocol.errors import BrokerUnavailable
 
-from ._common import (
+from .._common import (
     RequestIds,
     check_peer,
     check_socket_dir,
@@ -70,7 +67,8 @@ from ._common import (
     token_from,
     unavailable,
 )
-from ._context import ExecutionContext
+from .._context import ExecutionContext
+from .transport import AsyncLock, AsyncSocket
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -81,61 +79,39 @@ R = TypeVar("R", bound=Response)
 
 
 class AsyncClient:
-    """An async connection to the broker. Use as ``async with AsyncClient() as c``.
+    """A connection to the local broker; use it as a context manager.
 
-    Same checks, errors and methods as :class:`stigmer.client.Client`. One
-    request at a time per client; open one client per concurrent task.
+    ``socket_path`` defaults to the socket every stigmer-broker command uses
+    (``STIGMER_BROKER_SOCKET``, ``$XDG_RUNTIME_DIR/stigmer/broker.sock``, ...).
+    ``timeout`` bounds each wait for the broker. Requests from several threads
+    or tasks take turns on the one connection. Raises BrokerUnavailable when no
+    trustworthy broker answers there.
     """
 
     def __init__(self, socket_path: str | Path | None = None, *, timeout: float = 30.0) -> None:
         self.socket_path = os.fspath(socket_path) if socket_path else default_socket()
         self.timeout = timeout
-        self._stream: anyio.abc.SocketStream | None = None
+        self.server_version = ""
+        self._sock: AsyncSocket | None = None
         self._conn = Connection(Role.CLIENT)
         self._ids = RequestIds()
-        self._lock = anyio.Lock()
-        self.server_version = ""
+        self._lock = AsyncLock()
 
     def __repr__(self) -> str:
-        return f"AsyncClient(socket_path={self.socket_path!r})"
+        return f"{type(self).__name__}(socket_path={self.socket_path!r})"
+
+    # ------------------------------------------------------------------ lifecycle
 
     async def connect(self) -> None:
-        """Connect, check who serves the socket, and shake hands."""
-        if self._stream is not None:
-            return
-        path = self.socket_path
-        dir_owner = check_socket_dir(path)
-        try:
-            with anyio.fail_after(self.timeout):
-                stream = await anyio.connect_unix(path)
-        except FileNotFoundError:
-            raise unavailable(path, "no socket there") from None
-        except ConnectionRefusedError:
-            raise unavailable(path, "connection refused") from None
-        except TimeoutError:
-            raise unavailable(path, "connect timed out") from None
-        except OSError as exc:
-            raise unavailable(path, exc.strerror or type(exc).__name__) from None
-        raw: socket.socket = stream.extra(SocketAttribute.raw_socket)
-        try:
-            check_peer(raw, path, dir_owner)
-        except BaseException:
-            await stream.aclose()
-            raise
-        self._stream = stream
-        try:
-            welcome = expect(await self._roundtrip(
-                Hello(id=self._ids(), version=PROTOCOL_VERSION, client="stigmer.client")),
-                Welcome)
-        except BaseException:
-            await self.aclose()
-            raise
-        self.server_version = welcome.server_version
+        """Connect, check who serves the socket, and shake hands (once)."""
+        async with self._lock:
+            await self._connect()
 
     async def aclose(self) -> None:
-        if self._stream is not None:
-            stream, self._stream = self._stream, None
-            await stream.aclose()
+        """Close the connection; the next request opens a new one."""
+        if self._sock is not None:
+            sock, self._sock = self._sock, None
+            await sock.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -145,83 +121,119 @@ class AsyncClient:
                         tb: TracebackType | None) -> None:
         await self.aclose()
 
+    async def _connect(self) -> None:
+        if self._sock is not None:
+            return
+        path = self.socket_path
+        dir_owner = check_socket_dir(path)
+        try:
+            sock = await AsyncSocket.connect(path, self.timeout)
+        except FileNotFoundError:
+            raise unavailable(path, "no socket there") from None
+        except ConnectionRefusedError:
+            raise unavailable(path, "connection refused") from None
+        except TimeoutError:
+            raise unavailable(path, "connect timed out") from None
+        except OSError as exc:
+            raise unavailable(path, exc.strerror or type(exc).__name__) from None
+        try:
+            check_peer(sock.raw, path, dir_owner)
+        except BaseException:
+            await sock.aclose()
+            raise
+        self._sock = sock
+        try:
+            welcome = expect(await self._roundtrip(
+                Hello(id=self._ids(), version=PROTOCOL_VERSION, client="stigmer.client")),
+                Welcome)
+        except BaseException:
+            await self.aclose()
+            raise
+        self.server_version = welcome.server_version
+
+    # ------------------------------------------------------------------- requests
+
     async def call(self, request: Request, kind: type[R]) -> R:
         """Send one request and return its reply as ``kind``; raise its error."""
-        await self.connect()
-        return expect(await self._roundtrip(request), kind)
+        async with self._lock:
+            await self._connect()
+            return expect(await self._roundtrip(request), kind)
 
     async def _roundtrip(self, request: Request) -> Response:
-        async with self._lock:
-            stream = self._stream
-            if stream is None:
-                raise BrokerUnavailable(f"not connected to the broker on {self.socket_path}")
-            try:
-                with anyio.fail_after(self.timeout):
-                    await stream.send(self._conn.send(request))
-                    while True:
-                        event = self._conn.next_event()
-                        if event is NEED_DATA:
-                            try:
-                                data = await stream.receive(65536)
-                            except anyio.EndOfStream:
-                                data = b""
-                            self._conn.receive_data(data)
-                            continue
-                        if event is CLOSED:
-                            raise BrokerUnavailable(
-                                f"the broker on {self.socket_path} closed the connection")
-                        assert isinstance(event, Response)
-                        if event.id in (request.id, 0):
-                            return event
-            except TimeoutError:
-                await self.aclose()
-                raise BrokerUnavailable(f"the broker on {self.socket_path} did not answer "
-                                        f"within {self.timeout:g}s") from None
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                await self.aclose()
-                raise BrokerUnavailable(f"lost the connection to the broker on "
-                                        f"{self.socket_path}: {exc}") from None
+        sock = self._sock
+        if sock is None:
+            raise BrokerUnavailable(f"not connected to the broker on {self.socket_path}")
+        try:
+            await sock.send_all(self._conn.send(request), self.timeout)
+            while True:
+                event = self._conn.next_event()
+                if event is NEED_DATA:
+                    self._conn.receive_data(await sock.receive(self.timeout))
+                    continue
+                if event is CLOSED:
+                    raise BrokerUnavailable(
+                        f"the broker on {self.socket_path} closed the connection")
+                assert isinstance(event, Response)
+                if event.id in (request.id, 0):  # else a late answer to one we gave up on
+                    return event
+        except TimeoutError:
+            await self.aclose()
+            raise BrokerUnavailable(f"the broker on {self.socket_path} did not answer within "
+                                    f"{self.timeout:g}s") from None
+        except OSError as exc:
+            await self.aclose()
+            raise BrokerUnavailable(f"lost the connection to the broker on "
+                                    f"{self.socket_path}: {exc.strerror or exc}") from None
 
-    # ---------------------------------------------------------------- the API
+    # ------------------------------------------------------------------- the API
 
     async def status(self) -> Status:
+        """Return the broker's status."""
         return await self.call(GetStatus(id=self._ids()), Status)
 
     async def shutdown(self) -> None:
+        """Ask the broker to stop gracefully."""
         await self.call(Shutdown(id=self._ids()), Ok)
 
     async def put_environment(self, name: str, data: Mapping[str, Variable]) -> Environment:
+        """Create ``name`` or merge ``data`` into it; return it with secrets masked."""
         return await self.call(PutEnvironment(id=self._ids(), name=name, data=dict(data)),
                                Environment)
 
     async def get_environment(self, name: str, *, reveal: bool = False) -> Environment:
+        """Return an environment; secret values are None unless ``reveal``."""
         return await self.call(GetEnvironment(id=self._ids(), name=name, reveal=reveal),
                                Environment)
 
     async def list_environments(self) -> list[EnvironmentSummary]:
+        """Return a summary of every environment, by name."""
         return (await self.call(ListEnvironments(id=self._ids()), EnvironmentList)).environments
 
     async def unset_variables(self, name: str, keys: Iterable[str]) -> Environment:
+        """Remove ``keys`` from an environment (all or none); return what is left."""
         return await self.call(UnsetVariables(id=self._ids(), name=name, keys=list(keys)),
                                Environment)
 
     async def delete_environment(self, name: str) -> None:
+        """Delete an environment and its variables."""
         await self.call(DeleteEnvironment(id=self._ids(), name=name), Ok)
 
     async def apply_environments(self, specs: Iterable[EnvironmentSpec]) -> None:
+        """Set each environment to exactly its data, all or nothing."""
         await self.call(ApplyEnvironments(id=self._ids(), environments=list(specs)), Ok)
 
     async def rotate_key(self) -> KeyRotated:
+        """Replace the master key; may take a while on a large store."""
         return await self.call(RotateKey(id=self._ids()), KeyRotated)
 
     # ----------------------------------------------------------- execution contexts
 
     async def create_context(self, execution_id: str, *,
-                       env_spec: Mapping[str, SpecEntry] | None = None,
-                       environments: Iterable[str] = (),
-                       runtime: Mapping[str, Variable] | None = None,
-                       ttl_s: float = 86400.0, token_ttl_s: float = 900.0,
-                       max_uses: int | None = None) -> ContextCreated:
+                             env_spec: Mapping[str, SpecEntry] | None = None,
+                             environments: Iterable[str] = (),
+                             runtime: Mapping[str, Variable] | None = None,
+                             ttl_s: float = 86400.0, token_ttl_s: float = 900.0,
+                             max_uses: int | None = None) -> ContextCreated:
         """Merge spec defaults < environments (in order) < runtime into a new context.
 
         Returns it with its first token (shown only here). Raises AlreadyExists,
@@ -234,16 +246,18 @@ class AsyncClient:
         return await self.call(request, ContextCreated)
 
     async def issue_token(self, execution_id: str, *, ttl_s: float = 900.0,
-                    max_uses: int | None = None) -> TokenIssued:
+                          max_uses: int | None = None) -> TokenIssued:
         """Issue another token for a live context."""
-        return await self.call(IssueToken(id=self._ids(), execution_id=execution_id, ttl_s=ttl_s,
-                                   max_uses=max_uses), TokenIssued)
+        return await self.call(IssueToken(id=self._ids(), execution_id=execution_id,
+                                          ttl_s=ttl_s, max_uses=max_uses), TokenIssued)
 
     async def get_context(self, execution_id: str) -> ContextInfo:
         """Describe a live context: keys, provenance, expiry, tokens (never values)."""
-        return await self.call(GetContext(id=self._ids(), execution_id=execution_id), ContextInfo)
+        return await self.call(GetContext(id=self._ids(), execution_id=execution_id),
+                               ContextInfo)
 
     async def list_contexts(self) -> list[ContextSummary]:
+        """Return a summary of every live context."""
         return (await self.call(ListContexts(id=self._ids()), ContextList)).contexts
 
     async def complete_context(self, execution_id: str) -> None:
@@ -256,17 +270,18 @@ class AsyncClient:
         Raises Unauthenticated for any token that does not open a live context.
         """
         reply = await self.call(FetchContext(id=self._ids(), token=token_from(token)),
-                             ContextFetched)
+                                ContextFetched)
         return ExecutionContext(reply.execution_id, reply.expires_at, reply.variables)
 
     async def release_context(self, token: str | None = None) -> None:
         """End the context ``token`` belongs to (a runner done with its execution)."""
         await self.call(ReleaseContext(id=self._ids(), token=token_from(token)), Ok)
 
-    async def audit(self, execution_id: str | None = None, limit: int = 100) -> list[AuditRecord]:
+    async def audit(self, execution_id: str | None = None, limit: int = 100
+                    ) -> list[AuditRecord]:
         """Return the newest audit records, oldest first."""
-        return (await self.call(ListAudit(id=self._ids(), execution_id=execution_id, limit=limit),
-                               AuditLog)).records
+        return (await self.call(ListAudit(id=self._ids(), execution_id=execution_id,
+                                          limit=limit), AuditLog)).records
 
     async def verify_audit(self) -> AuditVerified:
         """Check the audit log's hash chain."""

@@ -1,14 +1,15 @@
-"""The blocking client: a plain socket, no event loop, no thread."""
+# Generated from client/_async/client.py by `make unasync`: do not edit.
+"""The client API, written once: this file is the source, ``client/_sync/client.py`` its
+generated blocking twin (``make unasync``). Keep it free of anyio: every wait goes
+through the transport, which each side writes for itself."""
 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
-from stigmer.broker.errors import BrokerUnavailable
 from stigmer.broker.protocol import (
     CLOSED,
     NEED_DATA,
@@ -56,8 +57,9 @@ from stigmer.broker.protocol import (
     VerifyAudit,
     Welcome,
 )
+from stigmer.broker.protocol.errors import BrokerUnavailable
 
-from ._common import (
+from .._common import (
     RequestIds,
     check_peer,
     check_socket_dir,
@@ -66,7 +68,8 @@ from ._common import (
     token_from,
     unavailable,
 )
-from ._context import ExecutionContext
+from .._context import ExecutionContext
+from .transport import SyncLock, SyncSocket
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -77,96 +80,103 @@ R = TypeVar("R", bound=Response)
 
 
 class Client:
-    """A blocking connection to the broker. Use as a context manager.
+    """A connection to the local broker; use it as a context manager.
 
     ``socket_path`` defaults to the socket every stigmer-broker command uses
     (``STIGMER_BROKER_SOCKET``, ``$XDG_RUNTIME_DIR/stigmer/broker.sock``, ...).
-    Raises BrokerUnavailable when no trustworthy broker answers there.
+    ``timeout`` bounds each wait for the broker. Requests from several threads
+    or tasks take turns on the one connection. Raises BrokerUnavailable when no
+    trustworthy broker answers there.
     """
 
     def __init__(self, socket_path: str | Path | None = None, *, timeout: float = 30.0) -> None:
         self.socket_path = os.fspath(socket_path) if socket_path else default_socket()
         self.timeout = timeout
-        self._sock: socket.socket | None = None
+        self.server_version = ""
+        self._sock: SyncSocket | None = None
         self._conn = Connection(Role.CLIENT)
         self._ids = RequestIds()
-        self.server_version = ""
+        self._lock = SyncLock()
 
     def __repr__(self) -> str:
-        return f"Client(socket_path={self.socket_path!r})"
+        return f"{type(self).__name__}(socket_path={self.socket_path!r})"
 
     # ------------------------------------------------------------------ lifecycle
 
     def connect(self) -> None:
-        """Connect, check who serves the socket, and shake hands."""
-        if self._sock is not None:
-            return
-        path = self.socket_path
-        dir_owner = check_socket_dir(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(path)
-        except FileNotFoundError:
-            sock.close()
-            raise unavailable(path, "no socket there") from None
-        except ConnectionRefusedError:
-            sock.close()
-            raise unavailable(path, "connection refused") from None
-        except OSError as exc:
-            sock.close()
-            raise unavailable(path, exc.strerror or type(exc).__name__) from None
-        try:
-            check_peer(sock, path, dir_owner)
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
-        try:
-            welcome = expect(self._roundtrip(Hello(id=self._ids(), version=PROTOCOL_VERSION,
-                                                   client="stigmer.client")), Welcome)
-        except BaseException:
-            self.close()
-            raise
-        self.server_version = welcome.server_version
+        """Connect, check who serves the socket, and shake hands (once)."""
+        with self._lock:
+            self._connect()
 
     def close(self) -> None:
+        """Close the connection; the next request opens a new one."""
         if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+            sock, self._sock = self._sock, None
+            sock.close()
 
     def __enter__(self) -> Client:
         self.connect()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+                        tb: TracebackType | None) -> None:
         self.close()
+
+    def _connect(self) -> None:
+        if self._sock is not None:
+            return
+        path = self.socket_path
+        dir_owner = check_socket_dir(path)
+        try:
+            sock = SyncSocket.connect(path, self.timeout)
+        except FileNotFoundError:
+            raise unavailable(path, "no socket there") from None
+        except ConnectionRefusedError:
+            raise unavailable(path, "connection refused") from None
+        except TimeoutError:
+            raise unavailable(path, "connect timed out") from None
+        except OSError as exc:
+            raise unavailable(path, exc.strerror or type(exc).__name__) from None
+        try:
+            check_peer(sock.raw, path, dir_owner)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        try:
+            welcome = expect(self._roundtrip(
+                Hello(id=self._ids(), version=PROTOCOL_VERSION, client="stigmer.client")),
+                Welcome)
+        except BaseException:
+            self.close()
+            raise
+        self.server_version = welcome.server_version
 
     # ------------------------------------------------------------------- requests
 
     def call(self, request: Request, kind: type[R]) -> R:
         """Send one request and return its reply as ``kind``; raise its error."""
-        self.connect()
-        return expect(self._roundtrip(request), kind)
+        with self._lock:
+            self._connect()
+            return expect(self._roundtrip(request), kind)
 
     def _roundtrip(self, request: Request) -> Response:
         sock = self._sock
-        assert sock is not None
+        if sock is None:
+            raise BrokerUnavailable(f"not connected to the broker on {self.socket_path}")
         try:
-            sock.sendall(self._conn.send(request))
+            sock.send_all(self._conn.send(request), self.timeout)
             while True:
                 event = self._conn.next_event()
                 if event is NEED_DATA:
-                    self._conn.receive_data(sock.recv(65536))
+                    self._conn.receive_data(sock.receive(self.timeout))
                     continue
                 if event is CLOSED:
                     raise BrokerUnavailable(
                         f"the broker on {self.socket_path} closed the connection")
                 assert isinstance(event, Response)
-                if event.id not in (request.id, 0):
-                    continue  # a late answer to a request we gave up on
-                return event
+                if event.id in (request.id, 0):  # else a late answer to one we gave up on
+                    return event
         except TimeoutError:
             self.close()
             raise BrokerUnavailable(f"the broker on {self.socket_path} did not answer within "
@@ -174,9 +184,9 @@ class Client:
         except OSError as exc:
             self.close()
             raise BrokerUnavailable(f"lost the connection to the broker on "
-                                    f"{self.socket_path}: {exc.strerror}") from None
+                                    f"{self.socket_path}: {exc.strerror or exc}") from None
 
-    # ---------------------------------------------------------------- the API
+    # ------------------------------------------------------------------- the API
 
     def status(self) -> Status:
         """Return the broker's status."""
@@ -188,19 +198,25 @@ class Client:
 
     def put_environment(self, name: str, data: Mapping[str, Variable]) -> Environment:
         """Create ``name`` or merge ``data`` into it; return it with secrets masked."""
-        return self.call(PutEnvironment(id=self._ids(), name=name, data=dict(data)), Environment)
+        return self.call(PutEnvironment(id=self._ids(), name=name, data=dict(data)),
+                               Environment)
 
     def get_environment(self, name: str, *, reveal: bool = False) -> Environment:
         """Return an environment; secret values are None unless ``reveal``."""
-        return self.call(GetEnvironment(id=self._ids(), name=name, reveal=reveal), Environment)
+        return self.call(GetEnvironment(id=self._ids(), name=name, reveal=reveal),
+                               Environment)
 
     def list_environments(self) -> list[EnvironmentSummary]:
-        return self.call(ListEnvironments(id=self._ids()), EnvironmentList).environments
+        """Return a summary of every environment, by name."""
+        return (self.call(ListEnvironments(id=self._ids()), EnvironmentList)).environments
 
     def unset_variables(self, name: str, keys: Iterable[str]) -> Environment:
-        return self.call(UnsetVariables(id=self._ids(), name=name, keys=list(keys)), Environment)
+        """Remove ``keys`` from an environment (all or none); return what is left."""
+        return self.call(UnsetVariables(id=self._ids(), name=name, keys=list(keys)),
+                               Environment)
 
     def delete_environment(self, name: str) -> None:
+        """Delete an environment and its variables."""
         self.call(DeleteEnvironment(id=self._ids(), name=name), Ok)
 
     def apply_environments(self, specs: Iterable[EnvironmentSpec]) -> None:
@@ -214,11 +230,11 @@ class Client:
     # ----------------------------------------------------------- execution contexts
 
     def create_context(self, execution_id: str, *,
-                       env_spec: Mapping[str, SpecEntry] | None = None,
-                       environments: Iterable[str] = (),
-                       runtime: Mapping[str, Variable] | None = None,
-                       ttl_s: float = 86400.0, token_ttl_s: float = 900.0,
-                       max_uses: int | None = None) -> ContextCreated:
+                             env_spec: Mapping[str, SpecEntry] | None = None,
+                             environments: Iterable[str] = (),
+                             runtime: Mapping[str, Variable] | None = None,
+                             ttl_s: float = 86400.0, token_ttl_s: float = 900.0,
+                             max_uses: int | None = None) -> ContextCreated:
         """Merge spec defaults < environments (in order) < runtime into a new context.
 
         Returns it with its first token (shown only here). Raises AlreadyExists,
@@ -231,16 +247,18 @@ class Client:
         return self.call(request, ContextCreated)
 
     def issue_token(self, execution_id: str, *, ttl_s: float = 900.0,
-                    max_uses: int | None = None) -> TokenIssued:
+                          max_uses: int | None = None) -> TokenIssued:
         """Issue another token for a live context."""
-        return self.call(IssueToken(id=self._ids(), execution_id=execution_id, ttl_s=ttl_s,
-                                   max_uses=max_uses), TokenIssued)
+        return self.call(IssueToken(id=self._ids(), execution_id=execution_id,
+                                          ttl_s=ttl_s, max_uses=max_uses), TokenIssued)
 
     def get_context(self, execution_id: str) -> ContextInfo:
         """Describe a live context: keys, provenance, expiry, tokens (never values)."""
-        return self.call(GetContext(id=self._ids(), execution_id=execution_id), ContextInfo)
+        return self.call(GetContext(id=self._ids(), execution_id=execution_id),
+                               ContextInfo)
 
     def list_contexts(self) -> list[ContextSummary]:
+        """Return a summary of every live context."""
         return (self.call(ListContexts(id=self._ids()), ContextList)).contexts
 
     def complete_context(self, execution_id: str) -> None:
@@ -253,17 +271,18 @@ class Client:
         Raises Unauthenticated for any token that does not open a live context.
         """
         reply = self.call(FetchContext(id=self._ids(), token=token_from(token)),
-                             ContextFetched)
+                                ContextFetched)
         return ExecutionContext(reply.execution_id, reply.expires_at, reply.variables)
 
     def release_context(self, token: str | None = None) -> None:
         """End the context ``token`` belongs to (a runner done with its execution)."""
         self.call(ReleaseContext(id=self._ids(), token=token_from(token)), Ok)
 
-    def audit(self, execution_id: str | None = None, limit: int = 100) -> list[AuditRecord]:
+    def audit(self, execution_id: str | None = None, limit: int = 100
+                    ) -> list[AuditRecord]:
         """Return the newest audit records, oldest first."""
-        return (self.call(ListAudit(id=self._ids(), execution_id=execution_id, limit=limit),
-                               AuditLog)).records
+        return (self.call(ListAudit(id=self._ids(), execution_id=execution_id,
+                                          limit=limit), AuditLog)).records
 
     def verify_audit(self) -> AuditVerified:
         """Check the audit log's hash chain."""

@@ -1,0 +1,46 @@
+"""The audit commands: audit, audit verify."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .common import EXIT_FAILED, EXIT_OK, connect
+from .render import error, print_json, when
+
+if TYPE_CHECKING:
+    import argparse
+
+    from ..config import Paths
+
+__all__ = ["cmd_audit", "cmd_audit_verify"]
+
+
+def cmd_audit(args: argparse.Namespace, paths: Paths) -> int:
+    from ..manifests import check_name
+
+    execution_id = check_name(args.execution, "--execution") if args.execution else None
+    with connect(paths) as client:
+        records = client.audit(execution_id, args.limit)
+    if args.json:
+        import msgspec
+
+        print_json(msgspec.to_builtins(records))
+        return EXIT_OK
+    for r in records:
+        who = f"uid {r.peer_uid} pid {r.peer_pid}" if r.peer_uid is not None else "broker"
+        token = f" {r.token_id}" if r.token_id else ""
+        detail = f" ({r.detail})" if r.detail else ""
+        print(f"{r.seq:>6}  {when(r.at)}  {r.event:<18} {r.outcome:<8} "
+              f"{r.execution_id or '-'}{token}  {who}{detail}")
+    return EXIT_OK
+
+
+def cmd_audit_verify(args: argparse.Namespace, paths: Paths) -> int:
+    with connect(paths) as client:
+        result = client.verify_audit()
+    if result.ok:
+        print(f"audit chain intact ({result.records} records)")
+        return EXIT_OK
+    error(f"audit chain broken at record {result.first_broken}: {result.reason}")
+    return EXIT_FAILED
+

@@ -1,0 +1,142 @@
+"""The execution-context commands: context create/token/show/list/complete/release, run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from ..protocol.errors import InvalidArgument
+from .common import EXIT_OK, UsageError, connect
+from .inputs import collect_variables, read_text
+from .render import error, key_json, print_json, when
+
+if TYPE_CHECKING:
+    import argparse
+
+    from ..config import Paths
+
+__all__ = ["cmd_context_complete", "cmd_context_create", "cmd_context_list",
+           "cmd_context_release", "cmd_context_show", "cmd_context_token", "cmd_run"]
+
+
+def cmd_context_create(args: argparse.Namespace, paths: Paths) -> int:
+    from ..manifests import check_name, parse_duration, read_env_spec
+
+    execution_id = check_name(args.execution_id, "execution id")
+    environments = [check_name(e, "--environment") for e in args.environment or []]
+    spec = read_env_spec(read_text(args.spec, "--spec"), args.spec) if args.spec else {}
+    runtime = collect_variables(args.env or [], args.secret or [], args.env_file,
+                                pair_flag="--env")
+    ttl = parse_duration(args.ttl, "--ttl")
+    token_ttl = parse_duration(args.token_ttl, "--token-ttl")
+    with connect(paths) as client:
+        created = client.create_context(execution_id, env_spec=spec, environments=environments,
+                                        runtime=runtime, ttl_s=ttl, token_ttl_s=token_ttl,
+                                        max_uses=args.max_uses)
+    if args.json:
+        print_json({"execution_id": created.execution_id, "token": created.token,
+                     "token_id": created.token_id, "expires_at": created.expires_at,
+                     "token_expires_at": created.token_expires_at,
+                     "keys": [key_json(k) for k in created.keys]})
+    else:
+        print(created.token)
+    return EXIT_OK
+
+
+def cmd_context_token(args: argparse.Namespace, paths: Paths) -> int:
+    from ..manifests import check_name, parse_duration
+
+    with connect(paths) as client:
+        issued = client.issue_token(check_name(args.execution_id, "execution id"),
+                                    ttl_s=parse_duration(args.ttl, "--ttl"),
+                                    max_uses=args.max_uses)
+    print(issued.token)
+    return EXIT_OK
+
+
+def cmd_context_show(args: argparse.Namespace, paths: Paths) -> int:
+    from ..manifests import check_name
+
+    with connect(paths) as client:
+        info = client.get_context(check_name(args.execution_id, "execution id"))
+    if args.json:
+        print_json({"execution_id": info.execution_id, "created_at": info.created_at,
+                     "expires_at": info.expires_at, "keys": [key_json(k) for k in info.keys],
+                     "tokens": [{"token_id": t.token_id, "created_at": t.created_at,
+                                 "expires_at": t.expires_at, "uses": t.uses,
+                                 "uses_left": None if t.max_uses is None
+                                 else max(t.max_uses - t.uses, 0)} for t in info.tokens]})
+        return EXIT_OK
+    print(f"context {info.execution_id} (expires {when(info.expires_at)})")
+    width = max((len(k.key) for k in info.keys), default=0)
+    for k in info.keys:
+        print(f"  {k.key:<{width}}  {'secret' if k.is_secret else 'plain ':<6}  from {k.source}")
+    print(f"tokens ({len(info.tokens)} live):")
+    for t in info.tokens:
+        left = "unlimited" if t.max_uses is None else f"{max(t.max_uses - t.uses, 0)} uses left"
+        print(f"  {t.token_id}  expires {when(t.expires_at)}, used {t.uses}, {left}")
+    return EXIT_OK
+
+
+def cmd_context_list(args: argparse.Namespace, paths: Paths) -> int:
+    with connect(paths) as client:
+        contexts = client.list_contexts()
+    if args.json:
+        print_json([{"execution_id": c.execution_id, "created_at": c.created_at,
+                      "expires_at": c.expires_at, "keys": c.keys, "secrets": c.secrets,
+                      "tokens": c.tokens} for c in contexts])
+        return EXIT_OK
+    if not contexts:
+        print("no live contexts")
+    for c in contexts:
+        print(f"{c.execution_id}  {c.keys} keys ({c.secrets} secret), {c.tokens} tokens, "
+              f"expires {when(c.expires_at)}")
+    return EXIT_OK
+
+
+def cmd_context_complete(args: argparse.Namespace, paths: Paths) -> int:
+    from ..manifests import check_name
+
+    with connect(paths) as client:
+        client.complete_context(check_name(args.execution_id, "execution id"))
+    print(f"context {args.execution_id} completed; its tokens are revoked")
+    return EXIT_OK
+
+
+def cmd_context_release(args: argparse.Namespace, paths: Paths) -> int:
+    with connect(paths) as client:
+        client.release_context(args.token)
+    print("context released; its tokens are revoked")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("run needs a command: stigmer-broker run [--token T] -- COMMAND [ARGS]")
+    with connect(paths) as client:
+        context = client.fetch_context(args.token)
+    env = dict(os.environ)
+    env.pop("STIGMER_EXECUTION_TOKEN", None)
+    env.update(context.as_env())
+    unpassable = sorted(k for k, v in context.items() if "\0" in v)
+    if unpassable:
+        raise InvalidArgument(f"{', '.join(unpassable)} contain(s) a NUL byte, which no "
+                              "environment can carry; read them with stigmer.client instead")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(command[0], command, env)  # noqa: S606 - the user's own command
+    except FileNotFoundError:
+        error(f"command not found: {command[0]}")
+        return 127
+    except PermissionError:
+        error(f"command not executable: {command[0]}")
+        return 126
+    except OSError as exc:
+        error(f"cannot run {command[0]}: {exc.strerror}")
+        return 126
+

@@ -1,0 +1,159 @@
+"""The daemon's commands: serve, start, stop, status."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..protocol.errors import BrokerUnavailable
+from .common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, connect
+from .render import duration, error, print_json
+
+if TYPE_CHECKING:
+    import argparse
+
+    from ..config import Paths
+
+__all__ = ["cmd_serve", "cmd_start", "cmd_status", "cmd_stop"]
+
+
+def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
+    """Serve in the foreground; a StartupError reaches :func:`.main.main`, which reports it."""
+    import logging
+
+    from ..config import Config
+    from ..daemon.lifecycle import run
+    from ..daemon.systemd import inherited_socket, systemd_unit
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    env_key = os.environ.pop("STIGMER_ENCRYPTION_KEY", None)
+    listen_socket = inherited_socket(os.environ)
+    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for our children
+    notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
+    unit = ""
+    if os.environ.get("INVOCATION_ID"):
+        try:
+            unit = systemd_unit(Path("/proc/self/cgroup").read_text())
+        except OSError:
+            unit = ""
+    if listen_socket is not None:
+        started_by = "socket-activated"
+    elif unit or os.environ.get("XPC_SERVICE_NAME", "0") != "0":
+        started_by = "service"
+    else:
+        started_by = "manual"
+    config = Config(paths=paths, allow_group=args.allow_group, env_key=env_key,
+                    started_by=started_by, unit=unit, notify_socket=notify_socket)
+    run(config, ready_fd=args.ready_fd, listen_socket=listen_socket)
+    return EXIT_OK
+
+
+def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
+    import subprocess
+
+    try:
+        with connect(paths) as client:
+            status = client.status()
+        print(f"already running (pid {status.pid}) on {paths.socket}")
+        return EXIT_OK
+    except BrokerUnavailable:
+        pass
+    paths.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log_fd = os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                     0o600)
+    read_fd, write_fd = os.pipe()
+    command = [sys.executable, "-m", "stigmer.broker", "serve", "--home", str(paths.home),
+               "--socket", str(paths.socket), "--ready-fd", str(write_fd)]
+    if args.allow_group:
+        command += ["--allow-group", args.allow_group]
+    try:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_fd,
+                                stderr=log_fd, pass_fds=(write_fd,), start_new_session=True,
+                                close_fds=True)
+    finally:
+        os.close(write_fd)
+        os.close(log_fd)
+    with os.fdopen(read_fd, "rb") as ready:
+        signal_ = ready.read(6)  # "ready\n", or EOF when the daemon failed to start
+    if signal_ != b"ready\n":
+        proc.wait(timeout=10)
+        reason = _last_error_line(paths.log_file) or f"it exited with status {proc.returncode}"
+        error(f"the broker did not start: {reason} (log: {paths.log_file})")
+        return EXIT_FAILED
+    print(paths.socket)
+    return EXIT_OK
+
+
+def _last_error_line(log_file: Path) -> str:
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines[-50:]):
+        if "error:" in line:
+            return line.split("error:", 1)[1].strip()
+    return ""
+
+
+def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
+    try:
+        with connect(paths) as client:
+            pid = client.status().pid
+            client.shutdown()
+    except BrokerUnavailable:
+        print(f"not running (socket {paths.socket})")
+        return EXIT_OK
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"stopped (pid {pid})")
+            return EXIT_OK
+        except PermissionError:
+            break
+        time.sleep(0.05)
+    error(f"the broker (pid {pid}) did not exit within {args.timeout:g}s")
+    return EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
+    try:
+        with connect(paths) as client:
+            status = client.status()
+    except BrokerUnavailable:
+        if args.json:
+            print_json({"running": False, "socket": str(paths.socket)})
+        else:
+            print(f"not running (socket {paths.socket})")
+        return EXIT_NOT_RUNNING
+    import msgspec
+
+    if args.json:
+        data = msgspec.to_builtins(status)
+        data.pop("id", None)
+        data.pop("op", None)
+        print_json({"running": True, **data})
+        return EXIT_OK
+    unit = f", unit {status.unit}" if status.unit else ""
+    print(f"stigmer-broker {status.version} running (pid {status.pid}, up "
+          f"{duration(status.uptime_s)}, started: {status.started_by}{unit})")
+    rows = [
+        ("socket", f"{status.socket} ({status.socket_mode})"),
+        ("store", status.store),
+        ("key source", status.key_source),
+        ("environments", str(status.environments)),
+        ("contexts", str(status.contexts)),
+        ("tokens", str(status.tokens)),
+        ("requests", str(status.requests)),
+        ("connections", str(status.connections)),
+    ]
+    for label, value in rows:
+        print(f"  {label:<13}{value}")
+    return EXIT_OK
+

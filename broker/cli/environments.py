@@ -1,0 +1,106 @@
+"""The environment commands: env set/show/list/unset/delete, and apply."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from ..protocol.messages import SECRET_MASK
+from .common import EXIT_OK, UsageError, connect
+from .inputs import collect_variables, read_text
+from .render import print_json, printable
+
+if TYPE_CHECKING:
+    import argparse
+
+    from ..config import Paths
+
+__all__ = ["cmd_apply", "cmd_env_delete", "cmd_env_list", "cmd_env_set", "cmd_env_show",
+           "cmd_env_unset"]
+
+
+def cmd_env_set(args: argparse.Namespace, paths: Paths) -> int:
+    from ..manifests import check_name
+
+    name = check_name(args.name, "environment name")
+    data = collect_variables(args.pairs, args.secret or [], args.env_file)
+    if not data:
+        raise UsageError("nothing to set: give KEY=VALUE, --secret KEY or --env-file FILE")
+    with connect(paths) as client:
+        env = client.put_environment(name, data)
+    secret_count = sum(1 for v in data.values() if v.is_secret)
+    print(f"environment {env.name}: set {len(data)} variable(s) ({secret_count} secret), "
+          f"{len(env.data)} in all")
+    return EXIT_OK
+
+
+def cmd_env_show(args: argparse.Namespace, paths: Paths) -> int:
+    from ..manifests import check_name
+
+    with connect(paths) as client:
+        env = client.get_environment(check_name(args.name, "environment name"),
+                                     reveal=args.reveal)
+    if args.json:
+        print_json({"name": env.name, "created_at": env.created_at,
+                     "updated_at": env.updated_at,
+                     "data": {k: {"value": v.value, "is_secret": v.is_secret}
+                              for k, v in env.data.items()}})
+        return EXIT_OK
+    print(f"environment {env.name} ({len(env.data)} variables)")
+    width = max((len(k) for k in env.data), default=0)
+    for key, var in env.data.items():
+        shown = SECRET_MASK if var.value is None else printable(var.value)
+        marker = "  (secret)" if var.is_secret else ""
+        print(f"  {key:<{width}}  {shown}{marker}")
+    return EXIT_OK
+
+
+def cmd_env_list(args: argparse.Namespace, paths: Paths) -> int:
+    with connect(paths) as client:
+        envs = client.list_environments()
+    if args.json:
+        print_json([{"name": e.name, "variables": e.variables, "secrets": e.secrets,
+                      "updated_at": e.updated_at} for e in envs])
+        return EXIT_OK
+    if not envs:
+        print("no environments (create one with `stigmer-broker env set NAME KEY=VALUE`)")
+        return EXIT_OK
+    width = max(len(e.name) for e in envs)
+    for e in envs:
+        print(f"{e.name:<{width}}  {e.variables} variables, {e.secrets} secret")
+    return EXIT_OK
+
+
+def cmd_env_unset(args: argparse.Namespace, paths: Paths) -> int:
+    from ..manifests import check_name, check_var_name
+
+    keys = [check_var_name(k) for k in args.keys]
+    with connect(paths) as client:
+        env = client.unset_variables(check_name(args.name, "environment name"), keys)
+    print(f"environment {env.name}: removed {len(keys)} variable(s), {len(env.data)} left")
+    return EXIT_OK
+
+
+def cmd_env_delete(args: argparse.Namespace, paths: Paths) -> int:
+    from ..manifests import check_name
+
+    with connect(paths) as client:
+        client.delete_environment(check_name(args.name, "environment name"))
+    print(f"environment {args.name} deleted")
+    return EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace, paths: Paths) -> int:
+    from ..manifests import read_environment_manifests
+
+    if args.file == "-":
+        text, source = sys.stdin.read(), "<stdin>"
+    else:
+        text, source = read_text(args.file, "-f"), args.file
+    specs = read_environment_manifests(text, source)
+    with connect(paths) as client:
+        client.apply_environments(specs)
+    for spec in specs:
+        print(f"environment/{spec.name} applied ({len(spec.data)} variables)")
+    return EXIT_OK
+

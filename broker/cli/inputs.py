@@ -1,0 +1,80 @@
+"""Input from people: secret prompts, variables from flags and files, text files."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..protocol.errors import InvalidArgument
+from .common import UsageError
+from .render import warn
+
+if TYPE_CHECKING:
+    from ..protocol import Variable
+
+__all__ = ["collect_variables", "read_secret_value", "read_text"]
+
+
+def read_secret_value(key: str) -> str:
+    """Prompt without echo on a terminal; read one line from stdin otherwise."""
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass(f"{key}: ")
+    line = sys.stdin.readline()
+    if not line:
+        raise UsageError(f"--secret {key}: no value on standard input (one line per key)")
+    return line.rstrip("\r\n")
+
+
+def collect_variables(pairs: Sequence[str], secrets: Sequence[str], env_file: str | None,
+                      *, pair_flag: str = "KEY=VALUE") -> dict[str, Variable]:
+    """Merge --env-file (secret), KEY=VALUE pairs and --secret flags into wire variables.
+
+    The command line wins over the file; a key given twice on the command line is
+    a usage error. Values from --env-file are stored as secrets.
+    """
+    from ..manifests import parse_assignment, read_env_file
+    from ..protocol import Variable
+
+    from_file = read_env_file(env_file) if env_file else {}
+    out: dict[str, Variable] = {k: Variable(value=v, is_secret=True) for k, v in
+                                from_file.items()}
+    given: set[str] = set()
+
+    def add(key: str, value: str, secret: bool) -> None:
+        if key in given:
+            raise UsageError(f"{key} is given twice on the command line")
+        given.add(key)
+        out[key] = Variable(value=value, is_secret=secret)
+
+    for text in pairs:
+        add(*parse_assignment(text, pair_flag), secret=False)
+    inline_secret = False
+    for text in secrets:
+        if "=" in text:
+            inline_secret = True
+            add(*parse_assignment(text, "--secret"), secret=True)
+        else:
+            from ..manifests import check_var_name
+
+            key = check_var_name(text, "--secret")
+            if key in given:
+                raise UsageError(f"{key} is given twice on the command line")
+            add(key, read_secret_value(key), secret=True)
+    if inline_secret:
+        warn("a secret given as --secret KEY=VALUE is visible to other processes and kept in "
+             "shell history; prefer --secret KEY (prompt or stdin) or --env-file")
+    return out
+
+
+def read_text(path: str, flag: str) -> str:
+    """Return a UTF-8 file's text; raise InvalidArgument naming the flag when it cannot."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise InvalidArgument(f"{flag} {path}: cannot be read ({reason})") from None
+

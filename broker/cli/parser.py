@@ -1,0 +1,232 @@
+"""The argument parser: every command, its flags and its help, built lazily.
+
+Only the chosen command's arguments are built (building them all costs more
+than ``status`` itself); the others appear in the help as names only.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from .. import __version__
+from .audit import cmd_audit, cmd_audit_verify
+from .common import EXIT_USAGE, PROG
+from .contexts import (
+    cmd_context_complete,
+    cmd_context_create,
+    cmd_context_list,
+    cmd_context_release,
+    cmd_context_show,
+    cmd_context_token,
+    cmd_run,
+)
+from .daemon import cmd_serve, cmd_start, cmd_status, cmd_stop
+from .environments import (
+    cmd_apply,
+    cmd_env_delete,
+    cmd_env_list,
+    cmd_env_set,
+    cmd_env_show,
+    cmd_env_unset,
+)
+from .keys import cmd_key_rotate
+from .service import cmd_service_install, cmd_service_uninstall
+
+if TYPE_CHECKING:
+    import argparse
+
+    from ..config import Paths
+
+__all__ = ["build_parser"]
+
+Command = Callable[["argparse.Namespace", "Paths"], int]
+
+
+def _group_help(group: argparse.ArgumentParser) -> Callable[[argparse.Namespace, Paths], int]:
+    """A command group typed without its subcommand shows its own help (exit 2)."""
+    def show(args: argparse.Namespace, paths: Paths) -> int:
+        group.print_help(sys.stderr)
+        return EXIT_USAGE
+    return show
+
+
+class _Unused:
+    """Stands in for the parser of a command this run does not use: building every
+    command's arguments costs more than `status` itself, so only the chosen one is built."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def add_mutually_exclusive_group(self) -> _Unused:
+        return self
+
+    def add_subparsers(self, **kwargs: Any) -> _Unused:
+        return self
+
+    def add_parser(self, *args: Any, **kwargs: Any) -> _Unused:
+        return self
+
+
+def _chosen(argv: Sequence[str]) -> list[str]:
+    """The command words in ``argv`` (``["env", "set"]``), skipping global options."""
+    words: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--home", "--socket"):
+            skip = True
+        elif arg == "--":
+            break
+        elif not arg.startswith("-"):
+            words.append(arg)
+    return words
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    import argparse  # here, not at the top: `status` never needs it
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            self.print_usage(sys.stderr)
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    words = _chosen(argv)
+
+    def wanted(*path: str) -> bool:
+        return not words or words[:len(path)] == list(path) or words == list(path[:-1])
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", default=argparse.SUPPRESS,
+                        help="broker home (default: $STIGMER_HOME or ~/.stigmer)")
+    common.add_argument("--socket", default=argparse.SUPPRESS,
+                        help="socket path (default: $STIGMER_BROKER_SOCKET, "
+                             "$XDG_RUNTIME_DIR/stigmer/broker.sock or HOME/run/broker.sock)")
+    parser = _Parser(prog=PROG, description="The local secret broker for agent runners.",
+                     parents=[common])
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(name: str, func: Callable[[argparse.Namespace, Paths], int], help_: str,
+                parent: Any = sub, group: str = "") -> Any:
+        if not wanted(*([group] if group else []), name):
+            parent.add_parser(name, help=help_, add_help=False)
+            return _Unused()
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_,
+                                                       parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = command("serve", cmd_serve, "run the broker in the foreground (logs to stderr)")
+    p.add_argument("--allow-group", metavar="GROUP",
+                   help="let members of GROUP connect to fetch contexts (nothing else)")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
+    p = command("start", cmd_start, "start the broker in the background if it is not running")
+    p.add_argument("--allow-group", metavar="GROUP", help="as for serve")
+    p = command("stop", cmd_stop, "stop the running broker gracefully")
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for it to exit")
+    p = command("status", cmd_status, "show whether the broker runs, and its figures")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    env = sub.add_parser("env", help="manage environments (named sets of variables)")
+    env.set_defaults(func=_group_help(env))
+    env_sub = env.add_subparsers(title="env commands", metavar="COMMAND")
+    p = command("set", cmd_env_set, "create an environment or set variables in it", env_sub,
+                "env")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help="plain variables")
+    p.add_argument("--secret", action="append", metavar="KEY[=VALUE]",
+                   help="a secret; without =VALUE it is prompted for (or read from stdin)")
+    p.add_argument("--env-file", metavar="FILE", help="read variables (as secrets) from a .env "
+                   "file; the command line wins")
+    p = command("show", cmd_env_show, "show an environment (secrets masked)", env_sub, "env")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--reveal", action="store_true", help="show secret values")
+    p.add_argument("--json", action="store_true")
+    p = command("list", cmd_env_list, "list environments", env_sub, "env")
+    p.add_argument("--json", action="store_true")
+    p = command("unset", cmd_env_unset, "remove variables from an environment", env_sub,
+                "env")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("keys", nargs="+", metavar="KEY")
+    p = command("delete", cmd_env_delete, "delete an environment", env_sub, "env")
+    p.add_argument("name", metavar="NAME")
+
+    p = command("apply", cmd_apply, "apply Environment manifests (YAML, one or more documents)")
+    p.add_argument("-f", "--file", required=True, metavar="FILE", help="manifest file, - for stdin")
+
+    ctx = sub.add_parser("context", help="execution contexts: create, tokens, show, complete")
+    ctx.set_defaults(func=_group_help(ctx))
+    ctx_sub = ctx.add_subparsers(title="context commands", metavar="COMMAND")
+    p = command("create", cmd_context_create,
+                "merge spec < environments < runtime into a context; print its token",
+                ctx_sub, "context")
+    p.add_argument("execution_id", metavar="EXEC_ID")
+    p.add_argument("--environment", action="append", metavar="NAME",
+                   help="an environment to merge, in order (repeatable)")
+    p.add_argument("--spec", metavar="FILE", help="Agent/Workflow manifest or bare env_spec map "
+                   "(YAML or JSON)")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="a runtime variable")
+    p.add_argument("--secret", action="append", metavar="KEY[=VALUE]",
+                   help="a runtime secret; without =VALUE it is prompted for (or read from stdin)")
+    p.add_argument("--env-file", metavar="FILE", help="runtime variables (as secrets) from a "
+                   ".env file; --env/--secret win")
+    p.add_argument("--ttl", default="24h", help="context lifetime (default 24h)")
+    p.add_argument("--token-ttl", default="15m", help="token lifetime (default 15m)")
+    p.add_argument("--max-uses", type=int, metavar="N", help="fetches the token allows")
+    p.add_argument("--json", action="store_true")
+    p = command("token", cmd_context_token, "issue another token for a context", ctx_sub,
+                "context")
+    p.add_argument("execution_id", metavar="EXEC_ID")
+    p.add_argument("--ttl", default="15m", help="token lifetime (default 15m)")
+    p.add_argument("--max-uses", type=int, metavar="N")
+    p = command("show", cmd_context_show, "keys, provenance, expiry and tokens (no values)",
+                ctx_sub, "context")
+    p.add_argument("execution_id", metavar="EXEC_ID")
+    p.add_argument("--json", action="store_true")
+    p = command("list", cmd_context_list, "list live contexts", ctx_sub, "context")
+    p.add_argument("--json", action="store_true")
+    p = command("complete", cmd_context_complete, "delete a context and revoke its tokens",
+                ctx_sub, "context")
+    p.add_argument("execution_id", metavar="EXEC_ID")
+
+    p = command("release", cmd_context_release,
+                "end the context your token opens (the runner's own complete)", ctx_sub,
+                "context")
+    p.add_argument("--token", help="execution token (default: $STIGMER_EXECUTION_TOKEN)")
+
+    p = command("run", cmd_run, "fetch a context and exec COMMAND with its variables")
+    p.add_argument("--token", help="execution token (default: $STIGMER_EXECUTION_TOKEN)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS]")
+
+    p = command("audit", cmd_audit, "show the audit log")
+    p.add_argument("--execution", metavar="ID", help="only this execution's records")
+    p.add_argument("--limit", type=int, default=100, help="newest N records (default 100)")
+    p.add_argument("--json", action="store_true")
+    audit_sub = p.add_subparsers(title="audit commands", metavar="COMMAND")
+    command("verify", cmd_audit_verify, "check the audit log's hash chain", audit_sub, "audit")
+
+    svc = sub.add_parser("service", help="run the broker as a systemd/launchd user service")
+    svc.set_defaults(func=_group_help(svc))
+    svc_sub = svc.add_subparsers(title="service commands", metavar="COMMAND")
+    for name, func, help_ in (
+            ("install", cmd_service_install, "write the user unit files (or plist) and say "
+                                             "how to enable them"),
+            ("uninstall", cmd_service_uninstall, "remove the files install writes")):
+        p = command(name, func, help_, svc_sub, "service")
+        which = p.add_mutually_exclusive_group()
+        which.add_argument("--systemd", action="store_true", help="systemd user units")
+        which.add_argument("--launchd", action="store_true", help="a launchd user agent")
+        if name == "install":
+            p.add_argument("--print", action="store_true", help="only print the files")
+
+    key = sub.add_parser("key", help="manage the master key")
+    key.set_defaults(func=_group_help(key))
+    key_sub = key.add_subparsers(title="key commands", metavar="COMMAND")
+    command("rotate", cmd_key_rotate, "replace the master key and rewrap the data keys",
+            key_sub, "key")
+    return parser
+

@@ -1,0 +1,30 @@
+"""Process hardening, applied once before the daemon touches a key."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import resource
+import signal
+import sys
+
+from ..protocol.errors import StartupError
+
+__all__ = ["harden_process"]
+
+_PR_SET_DUMPABLE = 4
+
+
+def harden_process() -> None:
+    """No core dumps, and (Linux) not dumpable: no ptrace, no /proc/PID/mem or environ.
+
+    SIGXFSZ is ignored so that a file-size limit fails a write (reported to the
+    client as resource_exhausted) instead of killing the daemon. Raises
+    StartupError when the kernel refuses.
+    """
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            raise StartupError(f"prctl(PR_SET_DUMPABLE) failed: errno {ctypes.get_errno()}")
