@@ -41,6 +41,8 @@ from stigmer.broker.protocol.errors import BrokerError, ProtocolError
 from stigmer.broker.protocol.peer import Peer, PeerCredentials
 from stigmer.client import AsyncClient, Client, Unauthenticated, variables
 
+pytestmark = pytest.mark.slow
+
 PEER = Peer(credentials=PeerCredentials(uid=0, gid=0, pid=1), admin=True)
 RUNNER = Peer(credentials=PeerCredentials(uid=1000, gid=1000, pid=2), admin=False)
 
