@@ -11,11 +11,15 @@ if TYPE_CHECKING:
 
     from ..config import Paths
 
-__all__ = ["EXIT_FAILED", "EXIT_NOT_RUNNING", "EXIT_OK", "EXIT_USAGE", "PROG", "UsageError",
-           "connect"]
+__all__ = ["BROKER_VARIABLES", "EXIT_FAILED", "EXIT_NOT_RUNNING", "EXIT_OK", "EXIT_USAGE",
+           "KEY_VARIABLE", "PROG", "UsageError", "connect"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 PROG = "stigmer-broker"
+
+KEY_VARIABLE = "STIGMER_ENCRYPTION_KEY"
+#: variables the broker reads for its own secrets: never passed on to a child command
+BROKER_VARIABLES = (KEY_VARIABLE, "STIGMER_EXECUTION_TOKEN")
 
 
 class UsageError(InvalidArgument):

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..protocol.errors import BrokerUnavailable
-from .common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, connect
+from ..protocol.errors import BrokerUnavailable, StartupError
+from .common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, KEY_VARIABLE, UsageError, connect
 from .render import duration, error, print_json
 
 if TYPE_CHECKING:
     import argparse
 
     from ..config import Paths
+    from ..daemon.homelock import Holder
 
 __all__ = ["cmd_serve", "cmd_start", "cmd_status", "cmd_stop"]
 
@@ -30,7 +33,9 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    env_key = os.environ.pop("STIGMER_ENCRYPTION_KEY", None)
+    env_key = os.environ.pop(KEY_VARIABLE, None)
+    if args.key_fd is not None:
+        env_key = _read_key_fd(args.key_fd)
     listen_socket = inherited_socket(os.environ)
     for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # not for our children
@@ -53,7 +58,52 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     return EXIT_OK
 
 
+def _serving_home_elsewhere(paths: Paths) -> Holder | None:
+    """The daemon that holds this home's lock, when it listens on another socket."""
+    from ..daemon.homelock import holder
+
+    found = holder(paths.home)
+    return found if found is not None and found.socket != str(paths.socket) else None
+
+
+def _open_log(paths: Paths) -> int:
+    """Open ``HOME/broker.log`` for appending, only after the home proved private, and
+    never through a symbolic link. Raises UsageError naming the problem."""
+    from ..protocol.peer import check_private_dir
+
+    home = paths.home
+    if not os.path.lexists(home):
+        home.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(home, 0o700)
+    problem = check_private_dir(home)
+    if problem:
+        raise StartupError(f"refusing broker home {home}: it {problem}")
+    try:
+        return os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                       | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        reason = "it is a symbolic link; remove it" if exc.errno == errno.ELOOP \
+            else exc.strerror
+        raise StartupError(f"refusing log file {paths.log_file}: {reason}") from None
+
+
+def _read_key_fd(fd: int) -> str:
+    """Return the master key ``start`` wrote to pipe ``fd`` (and close it)."""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+    except OSError as exc:
+        raise UsageError(f"--key-fd {fd}: cannot be read ({exc.strerror})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return b"".join(chunks).decode("utf-8", "surrogateescape")
+
+
 def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
+    """Start ``serve`` in the background; the master key, if it comes from the
+    environment, reaches the daemon through a pipe, never through its environment."""
     import subprocess
 
     try:
@@ -63,21 +113,28 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
         return EXIT_OK
     except BrokerUnavailable:
         pass
-    paths.home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    log_fd = os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                     0o600)
+    log_fd = _open_log(paths)
     read_fd, write_fd = os.pipe()
     command = [sys.executable, "-m", "stigmer.broker", "serve", "--home", str(paths.home),
                "--socket", str(paths.socket), "--ready-fd", str(write_fd)]
     if args.allow_group:
         command += ["--allow-group", args.allow_group]
+    env = dict(os.environ)
+    pass_fds = [write_fd]
+    key = env.pop(KEY_VARIABLE, None)
+    if key is not None:
+        key_read, key_write = os.pipe()
+        os.write(key_write, key.encode("utf-8", "surrogateescape"))  # 45 bytes: fits the pipe
+        os.close(key_write)
+        command += ["--key-fd", str(key_read)]
+        pass_fds.append(key_read)
     try:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_fd,
-                                stderr=log_fd, pass_fds=(write_fd,), start_new_session=True,
-                                close_fds=True)
+                                stderr=log_fd, pass_fds=pass_fds, start_new_session=True,
+                                close_fds=True, env=env)
     finally:
-        os.close(write_fd)
-        os.close(log_fd)
+        for fd in (*pass_fds, log_fd):
+            os.close(fd)
     with os.fdopen(read_fd, "rb") as ready:
         signal_ = ready.read(6)  # "ready\n", or EOF when the daemon failed to start
     if signal_ != b"ready\n":
@@ -127,6 +184,13 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         with connect(paths) as client:
             status = client.status()
     except BrokerUnavailable:
+        elsewhere = _serving_home_elsewhere(paths)
+        if elsewhere is not None:
+            # our socket variable points elsewhere than the daemon of this home listens
+            note = (f"note: the broker of home {paths.home} listens on {elsewhere.socket}, "
+                    f"not on {paths.socket}; set STIGMER_BROKER_SOCKET={elsewhere.socket}")
+            print(note, file=sys.stderr)
+            return cmd_status(args, paths._replace(socket=Path(elsewhere.socket)))
         if args.json:
             print_json({"running": False, "socket": str(paths.socket)})
         else:

@@ -123,6 +123,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--allow-group", metavar="GROUP",
                    help="let members of GROUP connect to fetch contexts (nothing else)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--key-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
     p = command("start", cmd_start, "start the broker in the background if it is not running")
     p.add_argument("--allow-group", metavar="GROUP", help="as for serve")

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -29,6 +30,7 @@ from ..store.keys import key_sources
 from ..store.sqlite import Store
 from ..store.vault import Vault
 from .hardening import harden_process
+from .homelock import lock_home
 from .listen import BoundSocket, adopt_socket, bind_unix_socket
 from .server import Server
 from .systemd import Notifier
@@ -73,11 +75,18 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
     _prepare_home(config)
     gid = _group_gid(config.allow_group)
     notifier = Notifier(config.notify_socket)
+    name = listen_socket.getsockname() if listen_socket is not None else None
+    where = Path(name) if isinstance(name, str) and name else config.paths.socket
+    home_lock = lock_home(config.paths.home, where)  # one daemon per store, whatever socket
     bound: BoundSocket
-    if listen_socket is not None:
-        bound = adopt_socket(listen_socket, group_gid=gid)
-    else:
-        bound = bind_unix_socket(config.paths.socket, group_gid=gid)
+    try:
+        if listen_socket is not None:
+            bound = adopt_socket(listen_socket, group_gid=gid)
+        else:
+            bound = bind_unix_socket(config.paths.socket, group_gid=gid)
+    except BaseException:
+        home_lock.release()
+        raise
     try:
         store = await Store.open(config.paths.store)
         try:
@@ -118,6 +127,7 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
                 await store.close()
     finally:
         bound.remove()
+        home_lock.release()
 
 
 def run(config: Config, *, ready_fd: int | None = None,

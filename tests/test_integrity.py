@@ -1,0 +1,152 @@
+"""The store's promises under probes from outside: one daemon per home, no committed write
+reported as failed, durable use counts, and the master key kept from processes it must
+never reach. Each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from conftest import Daemon, RunningBroker, cli_env, run_cli
+
+from stigmer.broker.config import Paths
+from stigmer.client import AsyncClient, Client, Unauthenticated, variables
+
+SENTINEL_KEY = base64.b64encode(b"K" * 32).decode()
+
+
+def _other_socket(paths: Paths) -> Paths:
+    """The same home reached through another socket (another $XDG_RUNTIME_DIR, say)."""
+    other = paths.socket.parent.parent / "run2" / "b.sock"
+    return paths._replace(socket=other)
+
+
+def test_a_second_daemon_on_the_same_home_is_refused_and_names_the_first(
+        paths: Paths) -> None:
+    run_cli(paths, "start", check=True)
+    try:
+        first_pid = json.loads(run_cli(paths, "status", "--json", check=True).stdout)["pid"]
+        other = _other_socket(paths)
+        second = run_cli(other, "start")
+        assert second.returncode == 1, second.stdout
+        assert f"pid {first_pid}" in second.stderr
+        assert f"STIGMER_BROKER_SOCKET={paths.socket}" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert not other.socket.exists()
+
+        status = run_cli(other, "status")  # the "wrong" socket finds the daemon via the home
+        assert status.returncode == 0, status.stderr
+        assert f"pid {first_pid}" in status.stdout
+        assert f"listens on {paths.socket}" in status.stderr
+    finally:
+        run_cli(paths, "stop")
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_creates_under_fetch_load_never_fail_after_committing(
+        broker: RunningBroker) -> None:
+    async with AsyncClient(broker.socket) as admin:
+        await admin.put_environment("e", variables({"A": "1"}, {"S": "x"}))
+        token = (await admin.create_context("hot", environments=["e"])).token
+    stop = anyio.Event()
+    fetched = 0
+
+    async def fetcher() -> None:
+        nonlocal fetched
+        async with AsyncClient(broker.socket) as client:
+            while not stop.is_set():
+                await client.fetch_context(token)
+                fetched += 1
+
+    tokens: list[str] = []
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(fetcher)
+        async with AsyncClient(broker.socket) as creator:
+            for n in range(2000):  # every create answers, and with its token
+                tokens.append((await creator.create_context(f"x-{n}", ttl_s=600)).token)
+        stop.set()
+    assert len(set(tokens)) == 2000 and fetched > 0
+    async with AsyncClient(broker.socket) as client:
+        verified = await client.verify_audit()
+        assert verified.ok, verified.reason
+        await client.fetch_context(tokens[-1])
+
+
+@pytest.mark.slow
+def test_a_max_uses_token_stays_used_across_a_crash(paths: Paths) -> None:
+    for _ in range(5):
+        with Daemon(paths) as daemon:
+            with Client(paths.socket) as client:
+                token = client.create_context(f"once-{time.monotonic_ns()}",
+                                              max_uses=1).token
+                client.fetch_context(token)
+            daemon.kill()  # SIGKILL right after the one allowed fetch was answered
+        with Daemon(paths), Client(paths.socket) as client, \
+                pytest.raises(Unauthenticated):
+            client.fetch_context(token)
+
+
+def test_run_keeps_the_master_key_and_token_from_the_command(cli_broker: Paths) -> None:
+    token = run_cli(cli_broker, "context", "create", "keyless", "--env", "A=1",
+                    check=True).stdout.strip()
+    env = cli_env(cli_broker, STIGMER_ENCRYPTION_KEY=SENTINEL_KEY,
+                  STIGMER_EXECUTION_TOKEN=token)
+    result = run_cli(cli_broker, "run", "--", "env", env=env, check=True)
+    assert "A=1" in result.stdout.splitlines()
+    assert SENTINEL_KEY not in result.stdout
+    assert token not in result.stdout
+
+
+def test_start_hands_the_env_key_over_outside_the_daemons_environment(paths: Paths) -> None:
+    if os.getuid() != 0:
+        pytest.skip("reading a non-dumpable daemon's environ needs root")
+    env = cli_env(paths, STIGMER_ENCRYPTION_KEY=SENTINEL_KEY)
+    run_cli(paths, "start", env=env, check=True)
+    try:
+        status = json.loads(run_cli(paths, "status", "--json", env=env, check=True).stdout)
+        assert status["key_source"].startswith("env")
+        environ = Path(f"/proc/{status['pid']}/environ").read_bytes()
+        assert b"STIGMER_ENCRYPTION_KEY" not in environ
+        assert SENTINEL_KEY.encode() not in environ
+        cmdline = Path(f"/proc/{status['pid']}/cmdline").read_bytes()
+        assert SENTINEL_KEY.encode() not in cmdline
+    finally:
+        run_cli(paths, "stop", env=env)
+
+
+def test_start_does_not_follow_a_planted_log_symlink(paths: Paths, short_dir: Path) -> None:
+    os.makedirs(paths.home, mode=0o700)
+    target = short_dir / "victim.txt"
+    target.write_text("untouched\n")
+    (paths.home / "broker.log").symlink_to(target)
+    result = run_cli(paths, "start")
+    assert result.returncode == 1
+    assert "symbolic link" in result.stderr and "Traceback" not in result.stderr
+    assert target.read_text() == "untouched\n"
+    assert not paths.socket.exists()
+
+
+def test_start_checks_the_home_before_writing_into_it(paths: Paths) -> None:
+    os.makedirs(paths.home, mode=0o700)
+    os.chmod(paths.home, 0o777)
+    result = run_cli(paths, "start")
+    assert result.returncode == 1
+    assert "refusing broker home" in result.stderr
+    assert not (paths.home / "broker.log").exists()
+
+
+def test_a_killed_daemon_leaves_no_lock_behind(paths: Paths) -> None:
+    with Daemon(paths) as daemon:
+        os.kill(daemon.pid, signal.SIGKILL)
+        assert daemon.proc is not None
+        daemon.proc.wait()
+    with Daemon(paths), Client(paths.socket) as client:
+        assert client.status().pid > 0
