@@ -19,15 +19,20 @@ event and outcome.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable
 
+import anyio
 import msgspec
 
 from .protocol import AuditRecord
+from .protocol.errors import BrokerError
 from .store.sqlite import Store
 
 __all__ = ["GENESIS", "Audit", "record_hash"]
+
+log = logging.getLogger("stigmer.broker")
 
 GENESIS = "0" * 64
 _ENC = msgspec.msgpack.Encoder()
@@ -54,13 +59,9 @@ class Audit:
         self._pending: list[_Pending] = []
         self._counted: dict[tuple[str, str, str, int | None, int | None], list[float]] = {}
         self._uses: dict[str, int] = {}
-        self._last_seq = 0
-        self._last_hash = GENESIS
-
-    async def load(self) -> None:
-        rows = await self._store.read("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-        if rows:
-            self._last_seq, self._last_hash = int(rows[0][0]), str(rows[0][1])
+        # One flush at a time: each numbers its records from where the last one ended,
+        # so two interleaved flushes would give two records the same sequence number.
+        self._flushing = anyio.Lock()
 
     def record(self, event: str, outcome: str, *, execution_id: str = "", token_id: str = "",
                peer_uid: int | None = None, peer_pid: int | None = None,
@@ -89,7 +90,7 @@ class Audit:
         self._counted.clear()
 
     def count_use(self, token_id: str, uses: int) -> None:
-        """Remember a bounded token's use count for the next flush."""
+        """Remember an unbounded token's use count for the next flush."""
         self._uses[token_id] = uses
 
     @property
@@ -97,24 +98,43 @@ class Audit:
         return len(self._pending) + len(self._counted) + len(self._uses)
 
     async def flush(self) -> None:
-        """Write every buffered record and use count in one transaction."""
+        """Write every buffered record and use count in one transaction.
+
+        On failure the records stay buffered, in order, for the next flush.
+        """
+        async with self._flushing:
+            await self._flush()
+
+    async def flush_after_write(self) -> None:
+        """Flush after a write that has committed: a failure here is logged and retried
+        by the next flush, never reported to the client whose write succeeded."""
+        try:
+            await self.flush()
+        except BrokerError as exc:
+            log.warning("audit records stay buffered (%d): %s", self.pending, exc.message)
+
+    async def _flush(self) -> None:
         self._close_counts()
         if not self._pending and not self._uses:
             return
         pending, self._pending = self._pending, []
         uses, self._uses = self._uses, {}
-        seq, prev = self._last_seq, self._last_hash
-        rows = []
-        for at, event, outcome, execution_id, token_id, peer_uid, peer_pid, detail in pending:
-            seq += 1
-            rec = AuditRecord(seq=seq, at=at, event=event, outcome=outcome,
-                              execution_id=execution_id, token_id=token_id, peer_uid=peer_uid,
-                              peer_pid=peer_pid, detail=detail)
-            prev = record_hash(prev, rec)
-            rows.append((rec.seq, rec.at, rec.event, rec.outcome, rec.execution_id,
-                         rec.token_id, rec.peer_uid, rec.peer_pid, rec.detail, prev))
         try:
             async with self._store.write() as db:
+                # numbered inside the transaction that writes them, from the chain's
+                # last committed record
+                last = await db.fetchall("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+                seq, prev = (int(last[0][0]), str(last[0][1])) if last else (0, GENESIS)
+                rows = []
+                for at, event, outcome, execution_id, token_id, peer_uid, peer_pid, detail \
+                        in pending:
+                    seq += 1
+                    rec = AuditRecord(seq=seq, at=at, event=event, outcome=outcome,
+                                      execution_id=execution_id, token_id=token_id,
+                                      peer_uid=peer_uid, peer_pid=peer_pid, detail=detail)
+                    prev = record_hash(prev, rec)
+                    rows.append((rec.seq, rec.at, rec.event, rec.outcome, rec.execution_id,
+                                 rec.token_id, rec.peer_uid, rec.peer_pid, rec.detail, prev))
                 await db.executemany(
                     "INSERT INTO audit(seq, at, event, outcome, execution_id, token_id, "
                     "peer_uid, peer_pid, detail, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -126,7 +146,6 @@ class Audit:
             for tid, n in uses.items():
                 self._uses.setdefault(tid, n)
             raise
-        self._last_seq, self._last_hash = seq, prev
 
     async def list(self, execution_id: str | None, limit: int) -> list[AuditRecord]:
         """Return the newest ``limit`` records (of one execution), oldest first."""

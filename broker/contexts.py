@@ -95,11 +95,16 @@ class Created:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Fetched:
-    """An opened context: ``plaintext`` is the msgpack of its ``dict[str, Variable]``."""
+    """An opened context: ``plaintext`` is the msgpack of its ``dict[str, Variable]``.
+
+    ``pending_use`` is the token whose use must be made durable (:meth:`Contexts.persist_use`)
+    before the reply may leave: set for tokens with max-uses.
+    """
 
     execution_id: str
     expires_at: float
     plaintext: bytes = dataclasses.field(repr=False)
+    pending_use: _Token | None = dataclasses.field(default=None, repr=False)
 
     def variables(self) -> dict[str, Variable]:
         return _VARS_DECODER.decode(self.plaintext)
@@ -208,7 +213,7 @@ class Contexts:
         self._record("context.created", "ok", peer, execution_id,
                      detail=f"{len(keys)} keys, expires {expires_at:.0f}")
         self._record("token.issued", "ok", peer, execution_id, token.token_id)
-        await self._audit.flush()
+        await self._audit.flush_after_write()
         return Created(execution_id, expires_at, token, token_expires, keys)
 
     async def issue(self, execution_id: str, ttl_s: float, max_uses: int | None,
@@ -226,7 +231,7 @@ class Contexts:
         self._index_token(_Token(token.token_id, token.hash, context, now, expires_at, max_uses,
                                  0))
         self._record("token.issued", "ok", peer, execution_id, token.token_id)
-        await self._audit.flush()
+        await self._audit.flush_after_write()
         return token, expires_at
 
     async def describe(self, execution_id: str
@@ -272,10 +277,29 @@ class Contexts:
             raise Internal(f"the context of execution {context.execution_id!r} cannot be "
                            "opened (tampered with or damaged); create it again") from None
         entry.uses += 1
-        self._audit.count_use(entry.token_id, entry.uses)
         self._audit.count_fetch("granted", context.execution_id, entry.token_id, peer.uid,
                                 peer.pid)
-        return Fetched(context.execution_id, context.expires_at, plaintext)
+        if entry.max_uses is None:
+            self._audit.count_use(entry.token_id, entry.uses)  # batched: nothing rides on it
+            return Fetched(context.execution_id, context.expires_at, plaintext)
+        return Fetched(context.execution_id, context.expires_at, plaintext, entry)
+
+    async def persist_use(self, fetched: Fetched) -> None:
+        """Make a bounded token's use durable; on failure give the use back and raise.
+
+        A use counted only in memory would come back after a crash, and a
+        ``--max-uses 1`` token would open twice.
+        """
+        token = fetched.pending_use
+        if token is None:
+            return
+        try:
+            async with self._store.write() as db:
+                await db.execute("UPDATE tokens SET uses = max(uses, ?) WHERE id = ?",
+                                 (token.uses, token.token_id))
+        except BaseException:
+            token.uses -= 1
+            raise
 
     async def release(self, token: str, peer: Peer) -> None:
         """End the context a (still valid) token belongs to."""
@@ -327,7 +351,7 @@ class Contexts:
             self._record("token.revoked", "ok", peer, context.execution_id, token.token_id)
         self._forget(context)
         self._record(event, "ok", peer, context.execution_id, token_id)
-        await self._audit.flush()
+        await self._audit.flush_after_write()
 
     def _forget(self, context: _Context) -> None:
         if self._by_execution.get(context.execution_id) is context:

@@ -95,8 +95,7 @@ class Dispatcher:
         self.contexts = Contexts(store, vault, self.environments, self.audit)
 
     async def start(self) -> None:
-        """Load the audit chain's tail and the live contexts (dropping expired ones)."""
-        await self.audit.load()
+        """Load the live contexts (dropping expired ones)."""
         await self.contexts.load()
 
     async def maintain(self, *, flush_interval: float = 0.2, sweep_interval: float = 10.0) -> None:
@@ -133,6 +132,8 @@ class Dispatcher:
         match request:  # the runner's fetch first: it is the hot path
             case FetchContext(token=token):
                 fetched = self.contexts.fetch(token, peer)
+                if fetched.pending_use is not None:  # max-uses: durable before the reply
+                    await self.contexts.persist_use(fetched)
                 return ContextFetchedRaw(id=rid, execution_id=fetched.execution_id,
                                          expires_at=fetched.expires_at,
                                          variables=msgspec.Raw(fetched.plaintext))

@@ -112,7 +112,6 @@ async def parts(short_dir: Path) -> AsyncIterator[tuple[Contexts, Environments, 
     clock = Clock()
     envs = vault.environments()
     audit = Audit(vault.store, clock=clock)
-    await audit.load()
     contexts = Contexts(vault.store, vault.vault, envs, audit, clock=clock)
     await contexts.load()
     yield contexts, envs, clock, vault
@@ -196,7 +195,6 @@ async def test_expired_contexts_are_swept_and_restart_keeps_live_ones(short_dir:
         vault = await open_sealed(short_dir / "local.db",
                                  key_file=short_dir / "master.key")
         audit = Audit(vault.store, clock=clock)
-        await audit.load()
         contexts = Contexts(vault.store, vault.vault, vault.environments(), audit, clock=clock)
         await contexts.load()
         return vault, contexts, audit
@@ -226,7 +224,6 @@ async def test_uses_survive_a_restart(short_dir: Path) -> None:
         vault = await open_sealed(short_dir / "local.db",
                                  key_file=short_dir / "master.key")
         audit = Audit(vault.store)
-        await audit.load()
         contexts = Contexts(vault.store, vault.vault, vault.environments(), audit)
         await contexts.load()
         return vault, contexts, audit

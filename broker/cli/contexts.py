@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..protocol.errors import InvalidArgument
-from .common import EXIT_OK, UsageError, connect
+from .common import BROKER_VARIABLES, EXIT_OK, UsageError, connect
 from .inputs import collect_variables, read_text
 from .render import error, key_json, print_json, when
 
@@ -119,8 +119,7 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
         raise UsageError("run needs a command: stigmer-broker run [--token T] -- COMMAND [ARGS]")
     with connect(paths) as client:
         context = client.fetch_context(args.token)
-    env = dict(os.environ)
-    env.pop("STIGMER_EXECUTION_TOKEN", None)
+    env = {k: v for k, v in os.environ.items() if k not in BROKER_VARIABLES}
     env.update(context.as_env())
     unpassable = sorted(k for k, v in context.items() if "\0" in v)
     if unpassable:
