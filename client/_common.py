@@ -9,13 +9,26 @@ import stat
 from collections.abc import Mapping
 from typing import TypeVar
 
-from stigmer.broker.protocol import Error, Response, Variable
+from stigmer.broker.protocol import (
+    Error,
+    FetchContext,
+    GetContext,
+    GetEnvironment,
+    GetStatus,
+    ListAudit,
+    ListContexts,
+    ListEnvironments,
+    Response,
+    Variable,
+    VerifyAudit,
+)
 from stigmer.broker.protocol.errors import BrokerUnavailable, InvalidArgument, error_from_code
 from stigmer.broker.protocol.paths import resolve_home, resolve_socket
 from stigmer.broker.protocol.peer import peer_credentials
 
 __all__ = [
-    "TOKEN_VARIABLE", "RequestIds", "check_peer", "check_socket_dir", "default_socket",
+    "RETRY_SAFE", "TOKEN_VARIABLE", "ClosedBeforeReply", "RequestIds", "check_peer",
+    "check_socket_dir", "default_socket",
     "expect", "token_from", "unavailable", "variables",
 ]
 
@@ -26,6 +39,16 @@ def default_socket(environ: Mapping[str, str] | None = None) -> str:
     """The socket every stigmer-broker command uses (the rule: stigmer.broker.protocol.paths)."""
     env = os.environ if environ is None else environ
     return str(resolve_socket(env, resolve_home(env)))
+
+
+#: requests a client may send again on a fresh connection when the old one was closed
+#: before any reply arrived: reads and fetches, never writes
+RETRY_SAFE = (FetchContext, GetStatus, GetEnvironment, ListEnvironments, GetContext,
+              ListContexts, ListAudit, VerifyAudit)
+
+
+class ClosedBeforeReply(BrokerUnavailable):
+    """The connection was found closed before any byte of the reply arrived."""
 
 
 def unavailable(path: str, reason: str) -> BrokerUnavailable:

@@ -56,9 +56,11 @@ from stigmer.broker.protocol import (
     VerifyAudit,
     Welcome,
 )
-from stigmer.broker.protocol.errors import BrokerUnavailable
+from stigmer.broker.protocol.errors import BrokerUnavailable, ProtocolError
 
 from .._common import (
+    RETRY_SAFE,
+    ClosedBeforeReply,
     RequestIds,
     check_peer,
     check_socket_dir,
@@ -142,6 +144,7 @@ class AsyncClient:
             await sock.aclose()
             raise
         self._sock = sock
+        self._conn = Connection(Role.CLIENT)  # a new socket always starts a new protocol state
         try:
             welcome = expect(await self._roundtrip(
                 Hello(id=self._ids(), version=PROTOCOL_VERSION, client="stigmer.client")),
@@ -154,25 +157,39 @@ class AsyncClient:
     # ------------------------------------------------------------------- requests
 
     async def call(self, request: Request, kind: type[R]) -> R:
-        """Send one request and return its reply as ``kind``; raise its error."""
+        """Send one request and return its reply as ``kind``; raise its error.
+
+        A request that is safe to repeat (a read or a fetch) and found the
+        connection already closed (a broker restart, its idle timeout) is sent
+        once more on a fresh connection; a write is never repeated blindly.
+        """
         async with self._lock:
             await self._connect()
-            return expect(await self._roundtrip(request), kind)
+            try:
+                reply = await self._roundtrip(request)
+            except ClosedBeforeReply:
+                if not isinstance(request, RETRY_SAFE):
+                    raise
+                await self._connect()
+                reply = await self._roundtrip(request)
+            return expect(reply, kind)
 
     async def _roundtrip(self, request: Request) -> Response:
         sock = self._sock
         if sock is None:
             raise BrokerUnavailable(f"not connected to the broker on {self.socket_path}")
+        replied = False
         try:
             await sock.send_all(self._conn.send(request), self.timeout)
             while True:
                 event = self._conn.next_event()
                 if event is NEED_DATA:
-                    self._conn.receive_data(await sock.receive(self.timeout))
+                    data = await sock.receive(self.timeout)
+                    replied = replied or bool(data)
+                    self._conn.receive_data(data)
                     continue
                 if event is CLOSED:
-                    raise BrokerUnavailable(
-                        f"the broker on {self.socket_path} closed the connection")
+                    raise ConnectionResetError(0, "the broker closed the connection")
                 assert isinstance(event, Response)
                 if event.id in (request.id, 0):  # else a late answer to one we gave up on
                     return event
@@ -182,8 +199,13 @@ class AsyncClient:
                                     f"{self.timeout:g}s") from None
         except OSError as exc:
             await self.aclose()
-            raise BrokerUnavailable(f"lost the connection to the broker on "
-                                    f"{self.socket_path}: {exc.strerror or exc}") from None
+            message = (f"lost the connection to the broker on {self.socket_path}: "
+                       f"{exc.strerror or exc}")
+            raise (BrokerUnavailable(message) if replied else ClosedBeforeReply(message)
+                   ) from None
+        except ProtocolError:
+            await self.aclose()  # the stream cannot continue; the next call starts afresh
+            raise
 
     # ------------------------------------------------------------------- the API
 

@@ -57,9 +57,11 @@ from stigmer.broker.protocol import (
     VerifyAudit,
     Welcome,
 )
-from stigmer.broker.protocol.errors import BrokerUnavailable
+from stigmer.broker.protocol.errors import BrokerUnavailable, ProtocolError
 
 from .._common import (
+    RETRY_SAFE,
+    ClosedBeforeReply,
     RequestIds,
     check_peer,
     check_socket_dir,
@@ -143,6 +145,7 @@ class Client:
             sock.close()
             raise
         self._sock = sock
+        self._conn = Connection(Role.CLIENT)  # a new socket always starts a new protocol state
         try:
             welcome = expect(self._roundtrip(
                 Hello(id=self._ids(), version=PROTOCOL_VERSION, client="stigmer.client")),
@@ -155,25 +158,39 @@ class Client:
     # ------------------------------------------------------------------- requests
 
     def call(self, request: Request, kind: type[R]) -> R:
-        """Send one request and return its reply as ``kind``; raise its error."""
+        """Send one request and return its reply as ``kind``; raise its error.
+
+        A request that is safe to repeat (a read or a fetch) and found the
+        connection already closed (a broker restart, its idle timeout) is sent
+        once more on a fresh connection; a write is never repeated blindly.
+        """
         with self._lock:
             self._connect()
-            return expect(self._roundtrip(request), kind)
+            try:
+                reply = self._roundtrip(request)
+            except ClosedBeforeReply:
+                if not isinstance(request, RETRY_SAFE):
+                    raise
+                self._connect()
+                reply = self._roundtrip(request)
+            return expect(reply, kind)
 
     def _roundtrip(self, request: Request) -> Response:
         sock = self._sock
         if sock is None:
             raise BrokerUnavailable(f"not connected to the broker on {self.socket_path}")
+        replied = False
         try:
             sock.send_all(self._conn.send(request), self.timeout)
             while True:
                 event = self._conn.next_event()
                 if event is NEED_DATA:
-                    self._conn.receive_data(sock.receive(self.timeout))
+                    data = sock.receive(self.timeout)
+                    replied = replied or bool(data)
+                    self._conn.receive_data(data)
                     continue
                 if event is CLOSED:
-                    raise BrokerUnavailable(
-                        f"the broker on {self.socket_path} closed the connection")
+                    raise ConnectionResetError(0, "the broker closed the connection")
                 assert isinstance(event, Response)
                 if event.id in (request.id, 0):  # else a late answer to one we gave up on
                     return event
@@ -183,8 +200,13 @@ class Client:
                                     f"{self.timeout:g}s") from None
         except OSError as exc:
             self.close()
-            raise BrokerUnavailable(f"lost the connection to the broker on "
-                                    f"{self.socket_path}: {exc.strerror or exc}") from None
+            message = (f"lost the connection to the broker on {self.socket_path}: "
+                       f"{exc.strerror or exc}")
+            raise (BrokerUnavailable(message) if replied else ClosedBeforeReply(message)
+                   ) from None
+        except ProtocolError:
+            self.close()  # the stream cannot continue; the next call starts afresh
+            raise
 
     # ------------------------------------------------------------------- the API
 
