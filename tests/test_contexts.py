@@ -303,8 +303,9 @@ async def test_repeated_bad_tokens_close_the_connection(broker: Any) -> None:
                 await client.fetch_context("stg_wrong")
         from stigmer.client import BrokerUnavailable
 
-        with pytest.raises(BrokerUnavailable):
-            await client.status()
+        with pytest.raises(BrokerUnavailable):  # cut: a write finds it closed (not retried)
+            await client.issue_token("nothing")
+        await client.status()  # and the client goes on, on a fresh connection
     async with AsyncClient(broker.socket) as other:  # others are unaffected
         await other.status()
 
