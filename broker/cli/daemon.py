@@ -68,16 +68,10 @@ def _serving_home_elsewhere(paths: Paths) -> Holder | None:
 
 def _open_log(paths: Paths) -> int:
     """Open ``HOME/broker.log`` for appending, only after the home proved private, and
-    never through a symbolic link. Raises UsageError naming the problem."""
-    from ..protocol.peer import check_private_dir
+    never through a symbolic link. Raises StartupError naming the problem."""
+    from ..daemon.homelock import prepare_home
 
-    home = paths.home
-    if not os.path.lexists(home):
-        home.parent.mkdir(parents=True, exist_ok=True)
-        os.mkdir(home, 0o700)
-    problem = check_private_dir(home)
-    if problem:
-        raise StartupError(f"refusing broker home {home}: it {problem}")
+    prepare_home(paths.home)
     try:
         return os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
                        | os.O_NOFOLLOW, 0o600)

@@ -1,5 +1,6 @@
-"""One daemon per home: an exclusive ``flock`` on ``HOME/broker.lock``, held for the
-daemon's whole life, that also says who holds it.
+"""The broker's home: created private and checked (:func:`prepare_home`), and held by one
+daemon: an exclusive ``flock`` on ``HOME/broker.lock`` for the daemon's whole life, that
+also says who holds it.
 
 The socket path depends on the caller's environment (``$XDG_RUNTIME_DIR`` differs
 between a desktop shell, cron, ssh and sudo), so a lock beside the socket cannot
@@ -18,10 +19,24 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..protocol.errors import StartupError
+from ..protocol.peer import check_private_dir
 
-__all__ = ["HomeLock", "Holder", "lock_home", "holder"]
+__all__ = ["HomeLock", "Holder", "holder", "lock_home", "prepare_home"]
 
 LOCK_NAME = "broker.lock"
+
+
+def prepare_home(home: Path) -> None:
+    """Create ``home`` (0700) if it is missing; raise StartupError unless it is private."""
+    if not os.path.lexists(home):
+        try:
+            home.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(home, 0o700)
+        except OSError as exc:
+            raise StartupError(f"cannot create broker home {home}: {exc.strerror}") from None
+    problem = check_private_dir(home)
+    if problem:
+        raise StartupError(f"refusing broker home {home}: it {problem}")
 
 
 class Holder(NamedTuple):

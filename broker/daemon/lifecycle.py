@@ -25,12 +25,11 @@ import anyio.abc
 from ..config import Config
 from ..dispatch import Counters, Dispatcher
 from ..protocol.errors import StartupError
-from ..protocol.peer import check_private_dir
 from ..store.keys import key_sources
 from ..store.sqlite import Store
 from ..store.vault import Vault
 from .hardening import harden_process
-from .homelock import lock_home
+from .homelock import lock_home, prepare_home
 from .listen import BoundSocket, adopt_socket, bind_unix_socket
 from .server import Server
 from .systemd import Notifier
@@ -38,19 +37,6 @@ from .systemd import Notifier
 __all__ = ["run", "serve"]
 
 log = logging.getLogger("stigmer.broker")
-
-
-def _prepare_home(config: Config) -> None:
-    home = config.paths.home
-    if not os.path.lexists(home):
-        try:
-            home.parent.mkdir(parents=True, exist_ok=True)
-            os.mkdir(home, 0o700)
-        except OSError as exc:
-            raise StartupError(f"cannot create broker home {home}: {exc.strerror}") from None
-    problem = check_private_dir(home)
-    if problem:
-        raise StartupError(f"refusing broker home {home}: it {problem}")
 
 
 def _group_gid(name: str | None) -> int | None:
@@ -72,7 +58,7 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
     ``listen_socket`` is a socket inherited from the service manager; without
     one the broker binds ``config.paths.socket`` itself. Both behave the same.
     """
-    _prepare_home(config)
+    prepare_home(config.paths.home)
     gid = _group_gid(config.allow_group)
     notifier = Notifier(config.notify_socket)
     name = listen_socket.getsockname() if listen_socket is not None else None
