@@ -152,18 +152,24 @@ def _only(mapping: Mapping[str, Any], allowed: Iterable[str], where: str) -> Non
         raise InvalidArgument(f"{where}: unknown field {unknown[0]!r}")
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[dhms])+|\d+(?:\.\d+)?")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([dhms]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+YEAR = 366 * 86400.0
 
 
-def parse_duration(text: str, flag: str) -> float:
-    """Return seconds for ``30s``, ``15m``, ``2h``, ``1d`` (a bare number is seconds)."""
-    match = _DURATION.fullmatch(text.strip())
-    seconds = float(match.group(1)) * _UNITS[match.group(2)] if match else 0.0
+def parse_duration(text: str, flag: str, *, longest: float = YEAR) -> float:
+    """Return seconds for ``30s``, ``15m``, ``2h``, ``1d`` or compounds such as ``1h30m``
+    (a bare number is seconds)."""
+    value = text.strip()
+    if not _DURATION.fullmatch(value):
+        raise InvalidArgument(f"{flag} {text!r} is not a duration: use e.g. 30s, 15m, 1h30m, 2d")
+    seconds = sum(float(n) * _UNITS[unit] for n, unit in _DURATION_PART.findall(value))
     if seconds <= 0:
-        raise InvalidArgument(f"{flag} {text!r} is not a duration: use e.g. 30s, 15m, 2h, 1d")
-    if seconds > 366 * 86400:
-        raise InvalidArgument(f"{flag} {text!r} is longer than a year")
+        raise InvalidArgument(f"{flag} {text!r} is zero, which would end it at once: give a "
+                              "positive duration such as 30s")
+    if seconds > longest:
+        raise InvalidArgument(f"{flag} {text!r} is longer than {longest / 86400:.0f} days")
     return seconds
 
 
