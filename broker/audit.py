@@ -1,48 +1,86 @@
-"""The append-only, hash-chained audit log.
+"""The audit log: append-only, chained with a key, its head anchored outside the store.
 
-Each record's hash is SHA-256 over the previous record's hash and the record's
-own fields, so changing, removing or reordering any record breaks the chain
-from there on; ``verify`` names the first record that does not fit.
+Each record's link is an HMAC, under a key derived from the store's data key (so
+only the master key reaches it), over the previous link and the record's own
+fields: changing, removing or reordering a record breaks the chain from there
+on, and someone who can write the database but has no key cannot rebuild it.
+Removing the newest records leaves a valid chain, so after each flush the head
+(sequence number and link) is written to an anchor file outside the database
+(:mod:`.store.anchor`); ``verify`` names the first record that does not fit,
+and a head that went backwards. Records from before the chain was keyed keep
+their plain SHA-256 links and may only come first.
 
 Records are buffered in memory and written in one transaction by :meth:`flush`
 (the daemon flushes every fraction of a second and right after each admin
-change), so the fetch hot path never waits for the disk. Fetches are counted,
-not written one by one: within a flush interval, the fetches of one token by
-one process with one outcome become one record whose detail says how many
-(``count=N``), so a runner hammering the socket costs a row per interval rather
-than a row per request. Other events close the open counts first, so the log
-stays in order. Use counters of tokens ride in the same transaction. Records
-never hold a value or a token: only execution ids, token ids, peer uid/pid,
-event and outcome.
+change), so the fetch hot path never waits for the disk. Fetches and every
+denied request are counted, not written one by one: within a flush interval,
+equal events (one token, one process, one outcome) become one record whose
+detail says how many (``count=N``), so a peer hammering the socket costs a row
+per interval rather than a row per request. Other events close the open counts
+first, so the log stays in order. Use counters of tokens ride in the same
+transaction. Records never hold a value or a token: only execution ids, token
+ids, peer uid/pid, event and outcome.
+
+Retention (:meth:`prune`) removes records older than a cut-off behind a
+checkpoint record, chained like any other, that names the last removed record
+and its link: the chain stays verifiable from there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
 from .protocol import AuditRecord
 from .protocol.errors import BrokerError
-from .store.sqlite import Store
+from .store.anchor import Head, HeadAnchor
+from .store.sqlite import Store, Tx
+from .store.vault import Vault
 
-__all__ = ["GENESIS", "Audit", "record_hash"]
+__all__ = ["CHECKPOINT", "GENESIS", "Audit", "Verified"]
 
 log = logging.getLogger("stigmer.broker")
 
 GENESIS = "0" * 64
+CHECKPOINT = "audit.checkpoint"
+_CHECKPOINT_DETAIL = re.compile(r"removed records through (\d+) \(link (\S+)\)")
 _ENC = msgspec.msgpack.Encoder()
+_COLUMNS = "seq, at, event, outcome, execution_id, token_id, peer_uid, peer_pid, detail, hash"
 
 
-def record_hash(prev: str, r: AuditRecord) -> str:
-    """Return the chain hash of ``r`` following ``prev``."""
+def _body(r: AuditRecord) -> bytes:
+    return _ENC.encode((r.seq, r.at, r.event, r.outcome, r.execution_id, r.token_id,
+                        r.peer_uid, r.peer_pid, r.detail))
+
+
+def _legacy_link(prev: str, r: AuditRecord) -> str:
+    """The plain SHA-256 link of records written before the chain was keyed."""
     body = _ENC.encode((prev, r.seq, r.at, r.event, r.outcome, r.execution_id, r.token_id,
                         r.peer_uid, r.peer_pid, r.detail))
     return hashlib.sha256(body).hexdigest()
+
+
+class Verified(msgspec.Struct, frozen=True):
+    """What :meth:`Audit.verify` found: ``reason`` is empty when all is well."""
+
+    records: int
+    first_broken: int | None = None
+    reason: str = ""
+    #: the seq the head anchor names (None: no anchor, removal at the tail is not checked)
+    anchored: int | None = None
+    #: records up to this seq were removed by retention, behind a checkpoint
+    removed_through: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.reason
 
 
 # (at, event, outcome, execution_id, token_id, peer_uid, peer_pid, detail): a plain tuple,
@@ -53,11 +91,17 @@ _Pending = tuple[float, str, str, str, str, int | None, int | None, str]
 class Audit:
     """Buffers audit records and writes them, chained, to the store."""
 
-    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, vault: Vault, *, anchor: HeadAnchor | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._store = store
+        self._vault = vault
+        self._anchor = anchor
+        self._anchor_frozen = False
+        self._head: Head | None = None  # the head this process last anchored
         self._clock = clock
         self._pending: list[_Pending] = []
-        self._counted: dict[tuple[str, str, str, int | None, int | None], list[float]] = {}
+        self._counted: dict[tuple[str, str, str, str, int | None, int | None, str],
+                            list[float]] = {}
         self._uses: dict[str, int] = {}
         # One flush at a time: each numbers its records from where the last one ended,
         # so two interleaved flushes would give two records the same sequence number.
@@ -71,10 +115,12 @@ class Audit:
         self._pending.append((self._clock(), event, outcome, execution_id, token_id, peer_uid,
                               peer_pid, detail))
 
-    def count_fetch(self, outcome: str, execution_id: str, token_id: str,
-                    peer_uid: int | None, peer_pid: int | None) -> None:
-        """Count one fetch; equal ones within a flush interval share a record."""
-        key = (outcome, execution_id, token_id, peer_uid, peer_pid)
+    def count(self, event: str, outcome: str, *, execution_id: str = "", token_id: str = "",
+              peer_uid: int | None = None, peer_pid: int | None = None,
+              detail: str = "") -> None:
+        """Count one event (a fetch, a denied request); equal ones within a flush interval
+        share a record."""
+        key = (event, outcome, execution_id, token_id, peer_uid, peer_pid, detail)
         seen = self._counted.get(key)
         if seen is None:
             self._counted[key] = [self._clock(), 1]
@@ -84,9 +130,11 @@ class Audit:
     def _close_counts(self) -> None:
         if not self._counted:
             return
-        for (outcome, execution_id, token_id, uid, pid), (at, count) in self._counted.items():
-            self._pending.append((at, "fetch", outcome, execution_id, token_id, uid, pid,
-                                  f"count={int(count)}" if count > 1 else ""))
+        for (event, outcome, execution_id, token_id, uid, pid, detail), (at, n) in \
+                self._counted.items():
+            shown = " ".join(part for part in (detail, f"count={int(n)}" if n > 1 else "")
+                             if part)
+            self._pending.append((at, event, outcome, execution_id, token_id, uid, pid, shown))
         self._counted.clear()
 
     def count_use(self, token_id: str, uses: int) -> None:
@@ -121,24 +169,7 @@ class Audit:
         uses, self._uses = self._uses, {}
         try:
             async with self._store.write() as db:
-                # numbered inside the transaction that writes them, from the chain's
-                # last committed record
-                last = await db.fetchall("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-                seq, prev = (int(last[0][0]), str(last[0][1])) if last else (0, GENESIS)
-                rows = []
-                for at, event, outcome, execution_id, token_id, peer_uid, peer_pid, detail \
-                        in pending:
-                    seq += 1
-                    rec = AuditRecord(seq=seq, at=at, event=event, outcome=outcome,
-                                      execution_id=execution_id, token_id=token_id,
-                                      peer_uid=peer_uid, peer_pid=peer_pid, detail=detail)
-                    prev = record_hash(prev, rec)
-                    rows.append((rec.seq, rec.at, rec.event, rec.outcome, rec.execution_id,
-                                 rec.token_id, rec.peer_uid, rec.peer_pid, rec.detail, prev))
-                await db.executemany(
-                    "INSERT INTO audit(seq, at, event, outcome, execution_id, token_id, "
-                    "peer_uid, peer_pid, detail, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows)
+                head = await self._append(db, pending)
                 await db.executemany("UPDATE tokens SET uses = ? WHERE id = ?",
                                      [(n, tid) for tid, n in uses.items()])
         except BaseException:
@@ -146,32 +177,161 @@ class Audit:
             for tid, n in uses.items():
                 self._uses.setdefault(tid, n)
             raise
+        await self._anchor_head(head)
+
+    async def _append(self, db: Tx, pending: list[_Pending]) -> Head | None:
+        """Chain and insert ``pending`` inside ``db``; return the new head. Records are
+        numbered here, inside the transaction that writes them, from the last committed."""
+        last = await db.fetchall("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        seq, link = (int(last[0][0]), str(last[0][1])) if last else (0, GENESIS)
+        if self._head is not None and self._head != (seq, link) and not self._anchor_frozen:
+            self._frozen(f"the audit log's newest record changed behind the broker's back "
+                         f"(record {self._head.seq} was the head; now {seq} is)")
+        rows = []
+        for at, event, outcome, execution_id, token_id, peer_uid, peer_pid, detail in pending:
+            seq += 1
+            rec = AuditRecord(seq=seq, at=at, event=event, outcome=outcome,
+                              execution_id=execution_id, token_id=token_id, peer_uid=peer_uid,
+                              peer_pid=peer_pid, detail=detail)
+            link = self._vault.chain(link, _body(rec))
+            rows.append((seq, at, event, outcome, execution_id, token_id, peer_uid, peer_pid,
+                         detail, link))
+        await db.executemany(f"INSERT INTO audit({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+        return Head(seq, link) if rows else None
+
+    async def anchor(self) -> None:
+        """At start: check the store's chain still reaches the anchored head, then anchor
+        the current one. From then on the anchor file exists (and marks this home as one a
+        broker with keyed chains has run on).
+
+        When the chain does not reach the anchor (its newest records were removed or
+        rewritten), the anchor is left as it is, so ``audit verify`` keeps saying so, and
+        is not updated again until someone removes it.
+        """
+        if self._anchor is None:
+            return
+        last = await self._store.read("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        current = Head(int(last[0][0]), str(last[0][1])) if last else Head(0, GENESIS)
+        try:
+            anchored = self._anchor.read()
+        except ValueError as exc:
+            self._frozen(str(exc))
+            return
+        if anchored is not None and anchored.seq > 0:
+            link = await self._store.read_one("SELECT hash FROM audit WHERE seq = ?",
+                                              (anchored.seq,))
+            if link != anchored.link and not (link is None and current.seq >= anchored.seq):
+                self._frozen(f"the audit log does not reach the head anchored in "
+                             f"{self._anchor.path} (record {anchored.seq}): records were "
+                             "removed or rewritten")
+                return
+        self._head = current
+        await self._anchor.write(current)
+
+    def _frozen(self, why: str) -> None:
+        log.error("%s; `stigmer-broker audit verify` reports it, and the anchor is no longer "
+                  "updated until it is removed", why)
+        self._anchor_frozen = True
+
+    async def _anchor_head(self, head: Head | None) -> None:
+        if head is not None and self._anchor is not None and not self._anchor_frozen:
+            self._head = head
+            await self._anchor.write(head)
+
+    async def prune(self, older_than: float) -> int:
+        """Remove the records made before ``older_than`` (a time), behind a checkpoint
+        record that names the last one removed and its link; return how many.
+
+        Only a chain that verifies is cut: a checkpoint vouches for what it replaces, so
+        cutting a tampered chain would launder the tampering.
+        """
+        verified = await self.verify()
+        if not verified.ok:
+            log.error("audit retention skipped: the chain does not verify (%s); the records "
+                      "are kept as evidence", verified.reason)
+            return 0
+        async with self._flushing:
+            await self._flush()
+            async with self._store.write() as db:
+                rows = await db.fetchall(
+                    "SELECT seq, hash FROM audit WHERE seq <= (SELECT max(seq) FROM audit "
+                    "WHERE at < ?) ORDER BY seq DESC LIMIT 1", (older_than,))
+                if not rows:
+                    return 0
+                through, link = int(rows[0][0]), str(rows[0][1])
+                first = await db.fetchall("SELECT min(seq) FROM audit")
+                head = await self._append(db, [(
+                    self._clock(), CHECKPOINT, "ok", "", "", None, None,
+                    f"removed records through {through} (link {link})")])
+                await db.execute("DELETE FROM audit WHERE seq <= ?", (through,))
+            await self._anchor_head(head)
+        removed = through - int(first[0][0]) + 1
+        log.info("audit retention removed %d records (through %d)", removed, through)
+        return removed
 
     async def list(self, execution_id: str | None, limit: int) -> list[AuditRecord]:
         """Return the newest ``limit`` records (of one execution), oldest first."""
         await self.flush()
         where, params = ("WHERE execution_id = ?", (execution_id,)) if execution_id else ("", ())
         rows = await self._store.read(
-            "SELECT seq, at, event, outcome, execution_id, token_id, peer_uid, peer_pid, "
-            f"detail, hash FROM audit {where} ORDER BY seq DESC LIMIT ?", (*params, limit))
-        return [AuditRecord(seq=r[0], at=r[1], event=r[2], outcome=r[3], execution_id=r[4],
-                            token_id=r[5], peer_uid=r[6], peer_pid=r[7], detail=r[8],
-                            hash=r[9]) for r in reversed(rows)]
+            f"SELECT {_COLUMNS} FROM audit {where} ORDER BY seq DESC LIMIT ?", (*params, limit))
+        return [AuditRecord(*r) for r in reversed(rows)]
 
-    async def verify(self) -> tuple[int, int | None, str]:
-        """Return (records checked, seq of the first broken record or None, reason)."""
+    async def verify(self) -> Verified:
+        """Check the chain from its first record (or its retention checkpoint) to the head,
+        and the head against its anchor."""
         await self.flush()
-        rows = await self._store.read(
-            "SELECT seq, at, event, outcome, execution_id, token_id, peer_uid, peer_pid, "
-            "detail, hash FROM audit ORDER BY seq")
-        prev, expected_seq = GENESIS, 1
-        for n, r in enumerate(rows):
-            rec = AuditRecord(seq=r[0], at=r[1], event=r[2], outcome=r[3], execution_id=r[4],
-                              token_id=r[5], peer_uid=r[6], peer_pid=r[7], detail=r[8])
-            if rec.seq != expected_seq:
-                return n, expected_seq, f"record {expected_seq} is missing"
-            digest = record_hash(prev, rec)
-            if digest != r[9]:
-                return n, rec.seq, f"record {rec.seq} does not match its hash"
-            prev, expected_seq = digest, expected_seq + 1
-        return len(rows), None, ""
+        rows = await self._store.read(f"SELECT {_COLUMNS} FROM audit ORDER BY seq")
+        records = [AuditRecord(*r) for r in rows]
+        removed = records[0].seq - 1 if records else 0
+        prev = GENESIS
+        if removed:
+            prev = _checkpointed(records, removed) or ""
+            if not prev:
+                return Verified(0, 1, f"records 1 to {removed} are missing and no checkpoint "
+                                "covers their removal")
+        keyed = False
+        for n, rec in enumerate(records):
+            if rec.seq != removed + n + 1:
+                return Verified(n, removed + n + 1, f"record {removed + n + 1} is missing")
+            if ":" in rec.hash:
+                keyed = True
+                ok = self._vault.chain_ok(prev, _body(rec), rec.hash)
+            else:  # written before the chain was keyed: only ever before every keyed one
+                ok = not keyed and _legacy_link(prev, rec) == rec.hash
+            if not ok:
+                return Verified(n, rec.seq, f"record {rec.seq} does not match its link")
+            prev = rec.hash
+            if n % 2000 == 1999:
+                await anyio.lowlevel.checkpoint()  # a long chain must not stall fetches
+        return self._check_anchor(records, removed)
+
+    def _check_anchor(self, records: Sequence[AuditRecord], removed: int) -> Verified:
+        n = len(records)
+        if self._anchor is None:
+            return Verified(n, removed_through=removed)
+        try:
+            head = self._anchor.read()
+        except ValueError as exc:
+            return Verified(n, None, str(exc), removed_through=removed)
+        if head is None:
+            return Verified(n, removed_through=removed)
+        last = records[-1].seq if records else removed
+        if head.seq > last:
+            return Verified(n, last + 1, f"records {last + 1} to {head.seq} are missing: the "
+                            f"head anchor {self._anchor.path} names record {head.seq}",
+                            anchored=head.seq, removed_through=removed)
+        if head.seq > removed and records[head.seq - removed - 1].hash != head.link:
+            return Verified(n, head.seq, f"record {head.seq} differs from the head anchor "
+                            f"{self._anchor.path}", anchored=head.seq, removed_through=removed)
+        return Verified(n, anchored=head.seq, removed_through=removed)
+
+
+def _checkpointed(records: list[AuditRecord], through: int) -> str | None:
+    """Return the link of record ``through`` as a checkpoint among ``records`` states it."""
+    for rec in records:
+        if rec.event == CHECKPOINT:
+            match = _CHECKPOINT_DETAIL.fullmatch(rec.detail)
+            if match and int(match[1]) == through:
+                return match[2]
+    return None

@@ -16,7 +16,9 @@ from typing import NamedTuple
 from .protocol.messages import SECRET_MASK
 from .protocol.paths import resolve_home, resolve_socket
 
-__all__ = ["Config", "Limits", "Paths", "resolve_paths"]
+__all__ = ["DEFAULT_AUDIT_RETENTION_S", "Config", "Limits", "Paths", "resolve_paths"]
+
+DEFAULT_AUDIT_RETENTION_S = 90 * 86400.0
 
 
 class Paths(NamedTuple):
@@ -36,6 +38,11 @@ class Paths(NamedTuple):
     @property
     def log_file(self) -> Path:
         return self.home / "broker.log"
+
+    @property
+    def audit_anchor(self) -> Path:
+        """The audit chain's head, kept outside the store (beside the key file)."""
+        return self.home / "audit.head"
 
 
 class Limits(NamedTuple):
@@ -70,6 +77,9 @@ class Config(NamedTuple):
     unit: str = ""
     #: where to send sd_notify readiness (NOTIFY_SOCKET), if anywhere
     notify_socket: str | None = None
+    #: audit records older than this many seconds are removed (behind a checkpoint);
+    #: None keeps them forever
+    audit_retention_s: float | None = DEFAULT_AUDIT_RETENTION_S
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={SECRET_MASK if name == 'env_key' and value else repr(value)}"

@@ -12,11 +12,17 @@ Decrypted values exist only while a fetch reply is being built.
 Every way a token can fail (unknown, expired, revoked, used up, context gone)
 gives the same Unauthenticated answer, so a token reveals nothing about which
 contexts exist.
+
+Context and token rows carry a MAC (:class:`Row`), checked when they are loaded:
+a token row inserted, re-pointed or extended by someone without the key is
+never indexed, so it opens nothing, and a context row that fails is refused by
+name until it is completed. Memory is authoritative while the daemon runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 
@@ -34,12 +40,14 @@ from .protocol import (
 )
 from .protocol.errors import AlreadyExists, Internal, NotFound, ResourceExhausted, Unauthenticated
 from .protocol.peer import Peer
-from .store.crypto import Place, SealError
-from .store.sqlite import Store
-from .store.vault import Vault
+from .store.crypto import Place, Row, SealError
+from .store.sqlite import Store, Tx
+from .store.vault import Vault, log_refused, tampered
 from .tokens import NewToken, new_token, token_hash
 
 __all__ = ["Contexts", "Created", "Fetched"]
+
+log = logging.getLogger("stigmer.broker")
 
 _VARS_ENCODER = msgspec.msgpack.Encoder()
 _VARS_DECODER = msgspec.msgpack.Decoder(dict[str, Variable])
@@ -69,6 +77,13 @@ class _Context:
             self.bound = b""  # a damaged envelope: every fetch of it fails cleanly
 
 
+def _new_context(row_id: int, execution_id: str, sealed: bytes, keys: list[KeyInfo],
+                 created_at: float, expires_at: float) -> _Context:
+    # the keys are kept as counts only: `show` reads them from the store
+    return _Context(row_id, execution_id, sealed, len(keys),
+                    sum(1 for k in keys if k.is_secret), created_at, expires_at)
+
+
 @dataclasses.dataclass(eq=False, slots=True)
 class _Token:
     token_id: str
@@ -82,6 +97,10 @@ class _Token:
     def usable(self, now: float) -> bool:
         return (self.expires_at > now and self.context.expires_at > now
                 and (self.max_uses is None or self.uses < self.max_uses))
+
+    def row(self) -> Row:
+        return Row.token(self.token_id, self.hash, self.context.row_id, self.created_at,
+                         self.expires_at, self.max_uses, self.uses)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -122,6 +141,7 @@ class Contexts:
         self._clock = clock
         self._by_execution: dict[str, _Context] = {}
         self._by_hash: dict[bytes, _Token] = {}
+        self._refused: dict[str, int] = {}  # execution id -> row id of a row failing its MAC
 
     # --------------------------------------------------------------------- counts
 
@@ -135,29 +155,52 @@ class Contexts:
     # ----------------------------------------------------------------- start-up
 
     async def load(self) -> None:
-        """Drop what expired while we were down, then index the rest in memory."""
+        """Drop what expired while we were down, then index the rest in memory; a row
+        that fails its MAC is logged and not indexed."""
         await self.sweep()
         store = self._store
-        for row_id, execution_id, sealed, keys_json, created_at, expires_at in await store.read(
-                "SELECT id, execution_id, sealed, keys, created_at, expires_at FROM contexts"):
-            self._index_context(row_id, execution_id, sealed, keys_json.encode(), created_at,
-                                expires_at)
+        vault = self._vault
+        for row_id, execution_id, sealed, keys_json, created_at, expires_at, mac in \
+                await store.read("SELECT id, execution_id, sealed, keys, created_at, "
+                                 "expires_at, mac FROM contexts"):
+            if vault.check(Row.context(row_id, execution_id, created_at, expires_at, keys_json,
+                                       sealed), mac):
+                self._by_execution[execution_id] = _new_context(
+                    row_id, execution_id, sealed, _KEYS_DECODER.decode(keys_json), created_at,
+                    expires_at)
+            else:
+                log_refused(f"the context of execution {execution_id!r}")
+                self._refused[execution_id] = row_id
         by_row = {c.row_id: c for c in self._by_execution.values()}
-        for tid, hash_, context_id, created_at, expires_at, max_uses, uses in await store.read(
-                "SELECT id, hash, context_id, created_at, expires_at, max_uses, uses "
-                "FROM tokens"):
+        for tid, hash_, context_id, created_at, expires_at, max_uses, uses, mac in \
+                await store.read("SELECT id, hash, context_id, created_at, expires_at, "
+                                 "max_uses, uses, mac FROM tokens"):
             context = by_row.get(context_id)
-            if context is not None:
-                self._index_token(_Token(tid, hash_, context, created_at, expires_at, max_uses,
-                                         uses))
+            if context is None:
+                continue
+            token = _Token(tid, hash_, context, created_at, expires_at, max_uses, uses)
+            if vault.check(token.row(), mac):
+                self._index_token(token)
+            else:
+                log_refused(f"token {tid} of execution {context.execution_id!r}")
 
-    def _index_context(self, row_id: int, execution_id: str, sealed: bytes, keys_json: bytes,
-                       created_at: float, expires_at: float) -> _Context:
-        keys = _KEYS_DECODER.decode(keys_json)  # kept as counts only: `show` reads the store
-        context = _Context(row_id, execution_id, sealed, len(keys),
-                           sum(1 for k in keys if k.is_secret), created_at, expires_at)
-        self._by_execution[execution_id] = context
-        return context
+    async def authenticate_unchecked(self) -> int:
+        """Authenticate every row that has no MAC yet; return how many. Only for the start
+        that migrates a store written before rows carried MACs."""
+        async with self._store.write() as db:
+            contexts = await db.fetchall(
+                "SELECT id, execution_id, created_at, expires_at, keys, sealed FROM contexts "
+                "WHERE mac IS NULL")
+            for row in contexts:
+                await db.execute("UPDATE contexts SET mac = ? WHERE id = ?",
+                                 (self._vault.mac(Row.context(*row)), row[0]))
+            tokens = await db.fetchall(
+                "SELECT id, hash, context_id, created_at, expires_at, max_uses, uses "
+                "FROM tokens WHERE mac IS NULL")
+            for row in tokens:
+                await db.execute("UPDATE tokens SET mac = ? WHERE id = ?",
+                                 (self._vault.mac(Row.token(*row)), row[0]))
+        return len(contexts) + len(tokens)
 
     def _index_token(self, token: _Token) -> None:
         token.context.tokens[token.token_id] = token
@@ -173,6 +216,7 @@ class Contexts:
         """
         now = self._clock()
         execution_id = request.execution_id
+        self._check_not_refused(execution_id)
         existing = self._by_execution.get(execution_id)
         if existing is not None:
             if existing.expires_at > now:
@@ -202,14 +246,16 @@ class Contexts:
                 "INSERT INTO contexts(execution_id, sealed, keys, created_at, expires_at) "
                 "VALUES (?, x'', ?, ?, ?)", (execution_id, keys_json.decode(), now, expires_at))
             sealed = self._vault.seal(plaintext, Place.context(row_id, execution_id))
-            await db.execute("UPDATE contexts SET sealed = ? WHERE id = ?", (sealed, row_id))
-            await db.execute(
-                "INSERT INTO tokens(id, hash, context_id, created_at, expires_at, max_uses) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (token.token_id, token.hash, row_id, now, token_expires, request.max_uses))
-        context = self._index_context(row_id, execution_id, sealed, keys_json, now, expires_at)
-        self._index_token(_Token(token.token_id, token.hash, context, now, token_expires,
-                                 request.max_uses, 0))
+            mac = self._vault.mac(Row.context(row_id, execution_id, now, expires_at,
+                                              keys_json.decode(), sealed))
+            await db.execute("UPDATE contexts SET sealed = ?, mac = ? WHERE id = ?",
+                             (sealed, mac, row_id))
+            context = _new_context(row_id, execution_id, sealed, keys, now, expires_at)
+            entry = _Token(token.token_id, token.hash, context, now, token_expires,
+                           request.max_uses, 0)
+            await self._insert_token(db, entry)
+        self._by_execution[execution_id] = context
+        self._index_token(entry)
         self._record("context.created", "ok", peer, execution_id,
                      detail=f"{len(keys)} keys, expires {expires_at:.0f}")
         self._record("token.issued", "ok", peer, execution_id, token.token_id)
@@ -223,13 +269,10 @@ class Contexts:
         now = self._clock()
         token = new_token()
         expires_at = min(now + ttl_s, context.expires_at)
+        entry = _Token(token.token_id, token.hash, context, now, expires_at, max_uses, 0)
         async with self._store.write() as db:
-            await db.execute(
-                "INSERT INTO tokens(id, hash, context_id, created_at, expires_at, max_uses) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (token.token_id, token.hash, context.row_id, now, expires_at, max_uses))
-        self._index_token(_Token(token.token_id, token.hash, context, now, expires_at, max_uses,
-                                 0))
+            await self._insert_token(db, entry)
+        self._index_token(entry)
         self._record("token.issued", "ok", peer, execution_id, token.token_id)
         await self._audit.flush_after_write()
         return token, expires_at
@@ -237,14 +280,19 @@ class Contexts:
     async def describe(self, execution_id: str
                        ) -> tuple[_Context, list[KeyInfo], list[TokenInfo]]:
         context = self._live(execution_id)
-        keys_json = await self._store.read_one("SELECT keys FROM contexts WHERE id = ?",
-                                                     (context.row_id,))
+        rows = await self._store.read("SELECT keys, mac FROM contexts WHERE id = ?",
+                                      (context.row_id,))
+        keys_json, mac = rows[0] if rows else ("[]", None)
+        if not self._vault.check(Row.context(context.row_id, execution_id, context.created_at,
+                                             context.expires_at, keys_json, context.sealed), mac):
+            raise tampered(f"the key summary of execution {execution_id!r}",
+                           "complete the context and create it again")
         now = self._clock()
         tokens = [TokenInfo(token_id=t.token_id, created_at=t.created_at,
                             expires_at=t.expires_at, uses=t.uses, max_uses=t.max_uses)
                   for t in sorted(context.tokens.values(), key=lambda t: t.created_at)
                   if t.usable(now)]
-        return context, _KEYS_DECODER.decode(str(keys_json or "[]")), tokens
+        return context, _KEYS_DECODER.decode(keys_json), tokens
 
     def summaries(self) -> list[ContextSummary]:
         now = self._clock()
@@ -255,7 +303,17 @@ class Contexts:
                 if c.expires_at > now]
 
     async def complete(self, execution_id: str, peer: Peer) -> None:
-        """Delete a context and revoke its tokens. Raises NotFound."""
+        """Delete a context and revoke its tokens (also a context refused for failing its
+        integrity check: that is the way out). Raises NotFound."""
+        row_id = self._refused.pop(execution_id, None)
+        if row_id is not None:
+            async with self._store.write() as db:
+                await db.execute("DELETE FROM tokens WHERE context_id = ?", (row_id,))
+                await db.execute("DELETE FROM contexts WHERE id = ?", (row_id,))
+            self._record("context.completed", "ok", peer, execution_id,
+                         detail="row had failed its integrity check")
+            await self._audit.flush_after_write()
+            return
         await self._delete(self._live(execution_id), "context.completed", peer)
 
     # -------------------------------------------------------------------- runner
@@ -265,8 +323,10 @@ class Contexts:
         entry = self._by_hash.get(token_hash(token))
         now = self._clock()
         if entry is None or not entry.usable(now):
-            self._audit.count_fetch("denied", entry.context.execution_id if entry else "",
-                                    entry.token_id if entry else "", peer.uid, peer.pid)
+            self._audit.count("fetch", "denied",
+                              execution_id=entry.context.execution_id if entry else "",
+                              token_id=entry.token_id if entry else "", peer_uid=peer.uid,
+                              peer_pid=peer.pid)
             raise Unauthenticated(UNAUTHENTICATED)
         context = entry.context
         try:
@@ -277,8 +337,8 @@ class Contexts:
             raise Internal(f"the context of execution {context.execution_id!r} cannot be "
                            "opened (tampered with or damaged); create it again") from None
         entry.uses += 1
-        self._audit.count_fetch("granted", context.execution_id, entry.token_id, peer.uid,
-                                peer.pid)
+        self._audit.count("fetch", "granted", execution_id=context.execution_id,
+                          token_id=entry.token_id, peer_uid=peer.uid, peer_pid=peer.pid)
         if entry.max_uses is None:
             self._audit.count_use(entry.token_id, entry.uses)  # batched: nothing rides on it
             return Fetched(context.execution_id, context.expires_at, plaintext)
@@ -294,9 +354,9 @@ class Contexts:
         if token is None:
             return
         try:
-            async with self._store.write() as db:
-                await db.execute("UPDATE tokens SET uses = max(uses, ?) WHERE id = ?",
-                                 (token.uses, token.token_id))
+            async with self._store.write() as db:  # the count now, not when the fetch ran
+                await db.execute("UPDATE tokens SET uses = ?, mac = ? WHERE id = ?",
+                                 (token.uses, self._vault.mac(token.row()), token.token_id))
         except BaseException:
             token.uses -= 1
             raise
@@ -305,7 +365,8 @@ class Contexts:
         """End the context a (still valid) token belongs to."""
         entry = self._by_hash.get(token_hash(token))
         if entry is None or not entry.usable(self._clock()):
-            self._record("context.released", "denied", peer)
+            self._audit.count("context.released", "denied", peer_uid=peer.uid,
+                              peer_pid=peer.pid)
             raise Unauthenticated(UNAUTHENTICATED)
         await self._delete(entry.context, "context.completed", peer, entry.token_id)
 
@@ -325,6 +386,7 @@ class Contexts:
                                  "(SELECT id FROM contexts WHERE expires_at <= ?)", (now, now))
                 await db.execute("DELETE FROM contexts WHERE expires_at <= ?", (now,))
         for (execution_id,) in expired:
+            self._refused.pop(execution_id, None)
             self._record("context.expired", "ok", None, execution_id)
         for context in [c for c in self._by_execution.values() if c.expires_at <= now]:
             self._forget(context)
@@ -335,7 +397,20 @@ class Contexts:
 
     # ------------------------------------------------------------------- helpers
 
+    async def _insert_token(self, db: Tx, token: _Token) -> None:
+        await db.execute(
+            "INSERT INTO tokens(id, hash, context_id, created_at, expires_at, max_uses, mac) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (token.token_id, token.hash, token.context.row_id, token.created_at,
+             token.expires_at, token.max_uses, self._vault.mac(token.row())))
+
+    def _check_not_refused(self, execution_id: str) -> None:
+        if execution_id in self._refused:
+            raise tampered(f"the stored context of execution {execution_id!r}",
+                           f"`stigmer-broker context complete {execution_id}` removes it")
+
     def _live(self, execution_id: str) -> _Context:
+        self._check_not_refused(execution_id)
         context = self._by_execution.get(execution_id)
         if context is None or context.expires_at <= self._clock():
             raise NotFound(f"execution {execution_id!r} has no live context; "

@@ -62,7 +62,8 @@ from .protocol import (
 )
 from .protocol.errors import BrokerError, InvalidArgument, PermissionDenied
 from .protocol.peer import Peer
-from .store.sqlite import Store
+from .store.anchor import HeadAnchor
+from .store.sqlite import ROW_MACS_SINCE, Store, StoreError
 from .store.vault import Vault
 
 __all__ = ["Counters", "Dispatcher"]
@@ -90,17 +91,41 @@ class Dispatcher:
         self._started = time.monotonic()
         self.socket_path = config.paths.socket  # the daemon sets the one it listens on
         self.activity = ""  # a long operation in progress, for status
+        self._store = store
+        self._anchor = HeadAnchor(config.paths.audit_anchor, journal=bool(config.unit))
         self.environments = Environments(store, vault)
-        self.audit = Audit(store)
+        self.audit = Audit(store, vault, anchor=self._anchor)
         self.contexts = Contexts(store, vault, self.environments, self.audit)
 
     async def start(self) -> None:
-        """Load the live contexts (dropping expired ones)."""
+        """Authenticate the rows of a store written before rows carried MACs (only on the
+        start that migrates it), then load the live contexts (dropping expired ones)."""
+        if 0 < self._store.migrated_from < ROW_MACS_SINCE:
+            if self._anchor.exists():
+                raise StoreError(
+                    f"store {self._store.path} has an old schema, but a newer broker already "
+                    f"ran on this home ({self._anchor.path} exists): the store was replaced "
+                    "by an older file. If you restored a backup on purpose, remove "
+                    f"{self._anchor.path} and start again")
+            rows = (await self.environments.authenticate_unchecked()
+                    + await self.contexts.authenticate_unchecked())
+            log.info("authenticated %d rows of a store written before rows carried MACs",
+                     rows)
+        elif self._store.migrated_from == 0 and self._anchor.exists():
+            kept = self._anchor.path.with_name(self._anchor.path.name + ".replaced")
+            os.replace(self._anchor.path, kept)
+            log.warning("a new store was created where an audit head anchor existed; the old "
+                        "anchor is kept as %s", kept)
         await self.contexts.load()
+        await self.audit.anchor()
+        await self._retain()
 
-    async def maintain(self, *, flush_interval: float = 0.2, sweep_interval: float = 10.0) -> None:
-        """Run forever: flush buffered audit records, sweep expired contexts."""
+    async def maintain(self, *, flush_interval: float = 0.2, sweep_interval: float = 10.0,
+                       retention_interval: float = 3600.0) -> None:
+        """Run forever: flush buffered audit records, sweep expired contexts, apply the
+        audit retention, give free pages back."""
         next_sweep = time.monotonic() + sweep_interval
+        next_retention = time.monotonic() + retention_interval
         while True:
             await anyio.sleep(flush_interval)
             try:
@@ -109,10 +134,19 @@ class Dispatcher:
                     next_sweep = time.monotonic() + sweep_interval
                     if await self.contexts.sweep():
                         await self.audit.flush()
+                        await self._store.reclaim()
+                if time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + retention_interval
+                    await self._retain()
             except BrokerError as exc:  # disk full and the like: keep buffering, retry
                 log.warning("background write failed: %s", exc.message)
             except Exception:  # a bug here must not take the daemon down with it
                 log.exception("background maintenance failed; retrying")
+
+    async def _retain(self) -> None:
+        retention = self._config.audit_retention_s
+        if retention is not None and await self.audit.prune(time.time() - retention):
+            await self._store.reclaim()
 
     async def close(self) -> None:
         """Write what is still buffered."""
@@ -125,6 +159,8 @@ class Dispatcher:
     async def handle(self, request: Request, peer: Peer) -> Response:
         """Return the response to ``request``; raise a BrokerError to refuse it."""
         if request.admin and not peer.admin:
+            self.audit.count("request", "denied", peer_uid=peer.uid, peer_pid=peer.pid,
+                             detail=f"op={type(request).__name__}")
             raise PermissionDenied(
                 f"{type(request).__name__} is for the broker's owner; runner-group members "
                 "may only fetch contexts")
@@ -146,6 +182,7 @@ class Dispatcher:
                 return Ok(id=rid)
             case PutEnvironment(name=name, data=data):
                 await self.environments.put(name, data)
+                await self._changed("environment.set", peer, name, sorted(data))
                 return await self._environment(rid, name, reveal=False)
             case GetEnvironment(name=name, reveal=reveal):
                 return await self._environment(rid, name, reveal=reveal)
@@ -153,15 +190,19 @@ class Dispatcher:
                 return EnvironmentList(id=rid, environments=await self.environments.list())
             case UnsetVariables(name=name, keys=keys):
                 await self.environments.unset(name, keys)
+                await self._changed("environment.unset", peer, name, sorted(keys))
                 return await self._environment(rid, name, reveal=False)
             case DeleteEnvironment(name=name):
                 await self.environments.delete(name)
+                await self._changed("environment.deleted", peer, name)
                 return Ok(id=rid)
             case ApplyEnvironments(environments=specs):
                 names = [s.name for s in specs]
                 if len(set(names)) != len(names):
                     raise InvalidArgument("the same environment appears twice in one apply")
                 await self.environments.apply(specs)
+                for spec in specs:
+                    await self._changed("environment.applied", peer, spec.name, sorted(spec.data))
                 return Ok(id=rid)
             case RotateKey():
                 def progress(done: int, total: int) -> None:
@@ -172,6 +213,7 @@ class Dispatcher:
                     result = await self._vault.rotate(progress)
                 finally:
                     self.activity = ""
+                await self._changed("key.rotated", peer, f"key id {result.key_id}")
                 return KeyRotated(id=rid, key_id=result.key_id, rewrapped=result.rewrapped,
                                   key_source=result.key_source)
             case CreateContext():
@@ -202,10 +244,19 @@ class Dispatcher:
             case ListAudit(execution_id=execution_id, limit=limit):
                 return AuditLog(id=rid, records=await self.audit.list(execution_id, limit))
             case VerifyAudit():
-                count, broken, reason = await self.audit.verify()
-                return AuditVerified(id=rid, ok=broken is None, records=count,
-                                     first_broken=broken, reason=reason)
+                verified = await self.audit.verify()
+                return AuditVerified(id=rid, ok=verified.ok, records=verified.records,
+                                     first_broken=verified.first_broken, reason=verified.reason,
+                                     anchored=verified.anchored,
+                                     removed_through=verified.removed_through)
         raise InvalidArgument(f"{type(request).__name__} is not a request this broker serves")
+
+    async def _changed(self, event: str, peer: Peer, what: str,
+                       keys: list[str] | None = None) -> None:
+        """Audit an owner's change (names and keys only, never a value)."""
+        detail = f"{what}: {', '.join(keys)}" if keys else what
+        self.audit.record(event, "ok", peer_uid=peer.uid, peer_pid=peer.pid, detail=detail)
+        await self.audit.flush_after_write()
 
     async def _environment(self, rid: int, name: str, *, reveal: bool) -> Environment:
         record = await self.environments.get(name, reveal=reveal)

@@ -2,24 +2,36 @@
 
 A secret's envelope is sealed at its :meth:`Place.variable` (environment id and
 variable name), and environment ids are never reused (AUTOINCREMENT), so a
-ciphertext moved to another variable or environment does not open.
+ciphertext moved to another variable or environment does not open. The rows
+around it are authenticated (:class:`Row`): an environment's MAC covers its id,
+its name and the names of its variables, and each variable's MAC covers its
+flag and value or envelope. Every read checks them, and a change refuses to
+build on an environment that fails (``apply`` and ``delete`` replace it).
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import msgspec
 
 from .protocol import EnvironmentSpec, EnvironmentSummary, Variable, VariableView
 from .protocol.errors import Internal, NotFound, ResourceExhausted
-from .store.crypto import Place, SealError
+from .store.crypto import Place, Row, SealError
 from .store.sqlite import Store, Tx
-from .store.vault import Vault
+from .store.vault import Vault, tampered
 
 __all__ = ["MAX_ENVIRONMENT_BYTES", "EnvironmentRecord", "Environments"]
 
 #: an environment (and a merged context) must fit in one reply frame with room to spare
 MAX_ENVIRONMENT_BYTES = 512 * 1024
+
+log = logging.getLogger("stigmer.broker")
+_NAMES = msgspec.json.Decoder(list[str])
+_VARIABLE_COLUMNS = "name, is_secret, value, sealed, mac"
 
 
 class EnvironmentRecord:
@@ -48,24 +60,24 @@ class Environments:
     async def put(self, name: str, data: Mapping[str, Variable]) -> None:
         """Create ``name`` if needed and set the given keys (others are kept)."""
         async with self._store.write() as db:
-            env_id = await self._upsert(db, name)
+            env_id = await self._upsert(db, name, check=True)
             await self._write_variables(db, env_id, data.items())
-            await self._check_size(db, env_id, name)
+            await self._finish(db, env_id, name)
 
     async def apply(self, specs: Iterable[EnvironmentSpec]) -> None:
         """Set each environment to exactly its data, all in one transaction."""
         async with self._store.write() as db:
             for spec in specs:
-                env_id = await self._upsert(db, spec.name)
+                env_id = await self._upsert(db, spec.name, check=False)  # replaced whole
                 await db.execute("DELETE FROM variables WHERE env_id = ?", (env_id,))
                 await self._write_variables(db, env_id, spec.data.items())
-                await self._check_size(db, env_id, spec.name)
+                await self._finish(db, env_id, spec.name)
 
     async def unset(self, name: str, keys: Iterable[str]) -> None:
         """Remove keys; raises NotFound (changing nothing) if any is not set."""
         wanted = sorted(set(keys))
         async with self._store.write() as db:
-            env_id = await self._id(db, name)
+            env_id = await self._checked_id(db, name)
             marks = ",".join("?" * len(wanted))
             present = {row[0] for row in await db.fetchall(
                 f"SELECT name FROM variables WHERE env_id = ? AND name IN ({marks})",
@@ -77,11 +89,11 @@ class Environments:
             await db.execute(
                 f"DELETE FROM variables WHERE env_id = ? AND name IN ({marks})",
                 (env_id, *wanted))
-            await db.execute("UPDATE environments SET updated_at = ? WHERE id = ?",
-                             (time.time(), env_id))
+            await self._finish(db, env_id, name)
 
     async def delete(self, name: str) -> None:
-        """Delete an environment and its variables; raises NotFound."""
+        """Delete an environment and its variables (also one that fails its integrity
+        check: that is the way out); raises NotFound."""
         async with self._store.write() as db:
             env_id = await self._id(db, name)
             await db.execute("DELETE FROM variables WHERE env_id = ?", (env_id,))
@@ -94,20 +106,22 @@ class Environments:
         not open (tampered or damaged): other environments are unaffected.
         """
         rows = await self._store.read(
-            "SELECT id, created_at, updated_at FROM environments WHERE name = ?", (name,))
+            "SELECT id, created_at, updated_at, mac FROM environments WHERE name = ?", (name,))
         if not rows:
             raise NotFound(f"environment {name!r} does not exist; `stigmer-broker env list` "
                            "shows the ones that do")
-        env_id, created_at, updated_at = rows[0]
-        data = await self.values(env_id, name, reveal=reveal)
+        env_id, created_at, updated_at, mac = rows[0]
+        data = await self._values(env_id, name, mac, reveal=reveal)
         return EnvironmentRecord(name, data, created_at, updated_at)
 
-    async def values(self, env_id: int, name: str, *, reveal: bool) -> dict[str, VariableView]:
+    async def _values(self, env_id: int, name: str, mac: bytes | None, *,
+                      reveal: bool) -> dict[str, VariableView]:
         rows = await self._store.read(
-            "SELECT name, is_secret, value, sealed FROM variables WHERE env_id = ? "
-            "ORDER BY name", (env_id,))
+            f"SELECT {_VARIABLE_COLUMNS} FROM variables WHERE env_id = ? ORDER BY name",
+            (env_id,))
+        self._check(env_id, name, mac, rows)
         out: dict[str, VariableView] = {}
-        for key, is_secret, value, sealed in rows:
+        for key, is_secret, value, sealed, _ in rows:
             if not is_secret:
                 out[key] = VariableView(is_secret=False, value=value)
             elif not reveal:
@@ -120,21 +134,58 @@ class Environments:
     async def resolve(self, name: str) -> dict[str, Variable]:
         """Return every variable of ``name`` with secrets opened (for contexts)."""
         rows = await self._store.read(
-            "SELECT id FROM environments WHERE name = ?", (name,))
+            "SELECT id, mac FROM environments WHERE name = ?", (name,))
         if not rows:
             raise NotFound(f"environment {name!r} does not exist")
-        views = await self.values(rows[0][0], name, reveal=True)
+        views = await self._values(rows[0][0], name, rows[0][1], reveal=True)
         return {k: Variable(value=v.value or "", is_secret=v.is_secret) for k, v in views.items()}
 
     async def list(self) -> list[EnvironmentSummary]:
+        """Every environment whose name checks (one that does not is logged and left out;
+        reading it names the problem)."""
         rows = await self._store.read(
-            "SELECT e.name, count(v.name), coalesce(sum(v.is_secret), 0), e.updated_at "
+            "SELECT e.id, e.name, e.mac, json_group_array(v.name) FILTER (WHERE v.name IS NOT "
+            "NULL), count(v.name), coalesce(sum(v.is_secret), 0), e.updated_at "
             "FROM environments e LEFT JOIN variables v ON v.env_id = e.id "
             "GROUP BY e.id ORDER BY e.name")
-        return [EnvironmentSummary(name=n, variables=c, secrets=s, updated_at=u)
-                for n, c, s, u in rows]
+        out = []
+        for env_id, name, mac, names, count, secrets, updated_at in rows:
+            if self._vault.check(Row.environment(env_id, name, _NAMES.decode(names)), mac):
+                out.append(EnvironmentSummary(name=name, variables=count, secrets=secrets,
+                                              updated_at=updated_at))
+            else:
+                log.error("environment %r failed its integrity check and is left out of the "
+                          "list", name)
+        return out
+
+    async def authenticate_unchecked(self) -> int:
+        """Authenticate every row that has no MAC yet; return how many. Only for the start
+        that migrates a store written before rows carried MACs."""
+        async with self._store.write() as db:
+            envs = await db.fetchall("SELECT id, name FROM environments WHERE mac IS NULL")
+            variables = await db.fetchall(
+                f"SELECT env_id, {_VARIABLE_COLUMNS} FROM variables WHERE mac IS NULL")
+            for env_id, key, is_secret, value, sealed, _ in variables:
+                await db.execute(
+                    "UPDATE variables SET mac = ? WHERE env_id = ? AND name = ?",
+                    (self._vault.mac(Row.variable(env_id, key, is_secret, value, sealed)),
+                     env_id, key))
+            for env_id, name in envs:
+                await self._authenticate(db, env_id, name)
+        return len(envs) + len(variables)
 
     # ------------------------------------------------------------------ helpers
+
+    def _check(self, env_id: int, name: str, mac: bytes | None, variables: Sequence[Any]) -> None:
+        """Raise (and log) unless the environment row and each variable row check."""
+        vault = self._vault
+        if not vault.check(Row.environment(env_id, name, (v[0] for v in variables)), mac):
+            raise tampered(f"environment {name!r}",
+                           "set it again with `stigmer-broker apply`, or delete it")
+        for key, is_secret, value, sealed, var_mac in variables:
+            if not vault.check(Row.variable(env_id, key, is_secret, value, sealed), var_mac):
+                raise tampered(f"variable {key} of environment {name!r}",
+                               "set it again with `stigmer-broker env set`")
 
     def _open(self, sealed: bytes, env_id: int, env_name: str, key: str) -> str:
         try:
@@ -157,12 +208,39 @@ class Environments:
                 f"{MAX_ENVIRONMENT_BYTES}; nothing was changed. Split it into several "
                 "environments")
 
-    async def _upsert(self, db: Tx, name: str) -> int:
+    async def _upsert(self, db: Tx, name: str, *, check: bool) -> int:
+        """Return the id of ``name``, created if missing; with ``check``, an existing one
+        must pass its integrity check first (a change must not re-authenticate it)."""
+        if check:
+            rows = await db.fetchall("SELECT id FROM environments WHERE name = ?", (name,))
+            if rows:
+                return await self._checked_id(db, name)
         now = time.time()
         await db.execute(
             "INSERT INTO environments(name, created_at, updated_at) VALUES (?, ?, ?) "
             "ON CONFLICT(name) DO UPDATE SET updated_at = excluded.updated_at", (name, now, now))
         return await self._id(db, name)
+
+    async def _checked_id(self, db: Tx, name: str) -> int:
+        env_id = await self._id(db, name)
+        mac = (await db.fetchall("SELECT mac FROM environments WHERE id = ?", (env_id,)))[0][0]
+        self._check(env_id, name, mac, await db.fetchall(
+            f"SELECT {_VARIABLE_COLUMNS} FROM variables WHERE env_id = ?", (env_id,)))
+        return env_id
+
+    async def _finish(self, db: Tx, env_id: int, name: str) -> None:
+        """After a change: check the size, note the time, re-authenticate the row."""
+        await self._check_size(db, env_id, name)
+        await db.execute("UPDATE environments SET updated_at = ? WHERE id = ?",
+                         (time.time(), env_id))
+        await self._authenticate(db, env_id, name)
+
+    async def _authenticate(self, db: Tx, env_id: int, name: str) -> None:
+        """Store the MAC of the environment row over its current variables."""
+        names = [r[0] for r in await db.fetchall(
+            "SELECT name FROM variables WHERE env_id = ?", (env_id,))]
+        await db.execute("UPDATE environments SET mac = ? WHERE id = ?",
+                         (self._vault.mac(Row.environment(env_id, name, names)), env_id))
 
     @staticmethod
     async def _id(db: Tx, name: str) -> int:
@@ -176,14 +254,16 @@ class Environments:
     async def _write_variables(self, db: Tx, env_id: int,
                                items: Iterable[tuple[str, Variable]]) -> None:
         for key, var in items:
-            row: tuple[int, str, int, str | None, bytes | None]
+            value: str | None = None
+            sealed: bytes | None = None
             if var.is_secret:
-                row = (env_id, key, 1, None,
-                       self._vault.seal(var.value.encode(), Place.variable(env_id, key)))
+                sealed = self._vault.seal(var.value.encode(), Place.variable(env_id, key))
             else:
-                row = (env_id, key, 0, var.value, None)
+                value = var.value
+            mac = self._vault.mac(Row.variable(env_id, key, var.is_secret, value, sealed))
             await db.execute(
-                "INSERT INTO variables(env_id, name, is_secret, value, sealed) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(env_id, name) DO UPDATE SET "
+                "INSERT INTO variables(env_id, name, is_secret, value, sealed, mac) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(env_id, name) DO UPDATE SET "
                 "is_secret = excluded.is_secret, value = excluded.value, "
-                "sealed = excluded.sealed", row)
+                "sealed = excluded.sealed, mac = excluded.mac",
+                (env_id, key, int(var.is_secret), value, sealed, mac))

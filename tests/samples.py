@@ -113,7 +113,8 @@ SAMPLES: dict[str, Request | Response] = {
         seq=1, at=1700000000.0, event="fetch", outcome="granted", execution_id="exec-1",
         token_id="tok_0123456789ab", peer_uid=1000, peer_pid=4242, hash="ab" * 32)]),
     "AuditVerified": AuditVerified(id=20, ok=False, records=7, first_broken=5,
-                                   reason="record 5 does not match its hash"),
+                                   reason="record 5 does not match its link", anchored=7,
+                                   removed_through=0),
     "Error": Error(id=11, code="unsupported_version", message="speak version 1",
                    supported_versions=[1]),
 }

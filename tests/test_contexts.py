@@ -111,7 +111,7 @@ async def parts(short_dir: Path) -> AsyncIterator[tuple[Contexts, Environments, 
                              key_file=short_dir / "master.key")
     clock = Clock()
     envs = vault.environments()
-    audit = Audit(vault.store, clock=clock)
+    audit = Audit(vault.store, vault.vault, clock=clock)
     contexts = Contexts(vault.store, vault.vault, envs, audit, clock=clock)
     await contexts.load()
     yield contexts, envs, clock, vault
@@ -194,7 +194,7 @@ async def test_expired_contexts_are_swept_and_restart_keeps_live_ones(short_dir:
     async def open_parts() -> tuple[Sealed, Contexts, Audit]:
         vault = await open_sealed(short_dir / "local.db",
                                  key_file=short_dir / "master.key")
-        audit = Audit(vault.store, clock=clock)
+        audit = Audit(vault.store, vault.vault, clock=clock)
         contexts = Contexts(vault.store, vault.vault, vault.environments(), audit, clock=clock)
         await contexts.load()
         return vault, contexts, audit
@@ -223,7 +223,7 @@ async def test_uses_survive_a_restart(short_dir: Path) -> None:
     async def open_parts() -> tuple[Sealed, Contexts, Audit]:
         vault = await open_sealed(short_dir / "local.db",
                                  key_file=short_dir / "master.key")
-        audit = Audit(vault.store)
+        audit = Audit(vault.store, vault.vault)
         contexts = Contexts(vault.store, vault.vault, vault.environments(), audit)
         await contexts.load()
         return vault, contexts, audit
@@ -267,8 +267,8 @@ async def test_audit_chain_detects_tampering(short_dir: Path,
     for _ in range(3):
         contexts.fetch(created.token.token, PEER)
     audit = contexts._audit
-    count, broken, _ = await audit.verify()
-    assert count == 3 and broken is None  # created, issued, and the three fetches counted
+    verified = await audit.verify()
+    assert verified.records == 3 and verified.ok  # created, issued, the three fetches counted
     records = await audit.list(None, 10)
     assert (records[2].event, records[2].detail) == ("fetch", "count=3")
     with sqlite3.connect(short_dir / "local.db") as db:
@@ -276,8 +276,8 @@ async def test_audit_chain_detects_tampering(short_dir: Path,
             db.execute("UPDATE audit SET outcome = 'denied' WHERE seq = 2")
         db.execute("DROP TRIGGER audit_no_update")
         db.execute("UPDATE audit SET outcome = 'denied' WHERE seq = 2")
-    count, broken, reason = await audit.verify()
-    assert broken == 2 and "record 2" in reason
+    verified = await audit.verify()
+    assert verified.first_broken == 2 and "record 2" in verified.reason
     records = await audit.list(None, 100)
     assert all(created.token.token not in msgspec.json.encode(r).decode() for r in records)
 
@@ -425,7 +425,7 @@ async def test_counted_fetches_keep_the_log_in_order(
     assert tail == [("fetch", "granted", "a", "count=2"), ("fetch", "denied", "", ""),
                     ("token.revoked", "ok", "b", ""), ("context.completed", "ok", "b", ""),
                     ("fetch", "granted", "a", "")]
-    assert (await contexts._audit.verify())[1] is None
+    assert (await contexts._audit.verify()).ok
 
 
 RUNNER_PEER = Peer(credentials=PeerCredentials(uid=1000, gid=1000, pid=77), admin=False)

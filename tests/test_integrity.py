@@ -150,3 +150,68 @@ def test_a_killed_daemon_leaves_no_lock_behind(paths: Paths) -> None:
         daemon.proc.wait()
     with Daemon(paths), Client(paths.socket) as client:
         assert client.status().pid > 0
+
+
+# ------------------------------------------------------------ audit growth (item 6)
+
+
+@pytest.mark.anyio
+async def test_denied_requests_of_every_kind_are_counted_not_written_one_by_one(
+        short_dir: Path) -> None:
+    from sealed import open_sealed
+
+    from stigmer.broker.config import Config
+    from stigmer.broker.dispatch import Counters, Dispatcher
+    from stigmer.broker.protocol import PutEnvironment, ReleaseContext
+    from stigmer.broker.protocol.errors import PermissionDenied
+    from stigmer.broker.protocol.errors import Unauthenticated as Denied
+    from stigmer.broker.protocol.peer import Peer, PeerCredentials
+
+    paths = Paths(home=short_dir, socket=short_dir / "b.sock")
+    sealed = await open_sealed(paths.store)
+    try:
+        dispatcher = Dispatcher(Config(paths=paths), sealed.store, sealed.vault, Counters(),
+                                request_shutdown=lambda: None)
+        await dispatcher.start()
+        runner = Peer(credentials=PeerCredentials(uid=1000, gid=1000, pid=77), admin=False)
+        for n in range(2000):  # a runner-group member hammering with bad requests
+            with pytest.raises(Denied):
+                await dispatcher.handle(ReleaseContext(id=n + 1, token="stg_bad"), runner)
+            with pytest.raises(PermissionDenied):
+                await dispatcher.handle(PutEnvironment(id=n + 1, name="x", data={}), runner)
+        await dispatcher.audit.flush()
+        records = await dispatcher.audit.list(None, 100)
+        assert [(r.event, r.outcome, r.detail) for r in records] == [
+            ("context.released", "denied", "count=2000"),
+            ("request", "denied", "op=PutEnvironment count=2000")]
+    finally:
+        await sealed.close()
+
+
+@pytest.mark.anyio
+async def test_swept_contexts_give_their_space_back(short_dir: Path) -> None:
+    from sealed import open_sealed
+
+    sealed = await open_sealed(short_dir / "local.db")
+    store = sealed.store
+    try:
+        big = os.urandom(4000).hex()
+        async with store.write() as db:
+            for n in range(2000):
+                await db.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (f"k{n}", big))
+        pages = int(await store.read_one("PRAGMA page_count"))
+        async with store.write() as db:
+            await db.execute("DELETE FROM meta WHERE key LIKE 'k%'")
+        assert await store.reclaim() > 1000  # that many pages were free...
+        assert int(await store.read_one("PRAGMA freelist_count")) < 16  # ...and now are not
+        assert int(await store.read_one("PRAGMA page_count")) < pages // 4
+    finally:
+        await sealed.close()
+
+
+@pytest.mark.parametrize("value", ["1h", "0s", "soon"])
+def test_audit_retention_must_be_a_day_or_more(paths: Paths, value: str) -> None:
+    result = run_cli(paths, "serve", "--audit-retention", value)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "--audit-retention" in result.stderr
+    assert not paths.store.exists()

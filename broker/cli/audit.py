@@ -39,8 +39,17 @@ def cmd_audit_verify(args: argparse.Namespace, paths: Paths) -> int:
     with connect(paths) as client:
         result = client.verify_audit()
     if result.ok:
-        print(f"audit chain intact ({result.records} records)")
+        removed = (f", records through {result.removed_through} removed by retention behind "
+                   "a checkpoint" if result.removed_through else "")
+        print(f"audit chain intact ({result.records} records{removed})")
+        if result.anchored is None:
+            print("no head anchor yet: removal of the newest records is not checked")
+        else:
+            print(f"head anchored at record {result.anchored}")
         return EXIT_OK
+    if result.first_broken is None:
+        error(f"audit chain not verified: {result.reason}")
+        return EXIT_FAILED
     error(f"audit chain broken at record {result.first_broken}: {result.reason}")
     return EXIT_FAILED
 

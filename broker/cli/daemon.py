@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..protocol.errors import BrokerUnavailable, StartupError
+from ..protocol.errors import BrokerUnavailable, InvalidArgument, StartupError
 from .common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, KEY_VARIABLE, UsageError, connect
 from .render import duration, error, print_json
 
@@ -31,6 +31,7 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     from ..daemon.lifecycle import run
     from ..daemon.systemd import inherited_socket, systemd_unit
 
+    retention = _retention(args.audit_retention)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env_key = os.environ.pop(KEY_VARIABLE, None)
@@ -53,9 +54,26 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     else:
         started_by = "manual"
     config = Config(paths=paths, allow_group=args.allow_group, env_key=env_key,
-                    started_by=started_by, unit=unit, notify_socket=notify_socket)
+                    started_by=started_by, unit=unit, notify_socket=notify_socket,
+                    audit_retention_s=retention)
     run(config, ready_fd=args.ready_fd, listen_socket=listen_socket)
     return EXIT_OK
+
+
+def _retention(text: str) -> float | None:
+    """``--audit-retention``: a duration of at least a day, or ``forever``."""
+    from ..manifests import parse_duration
+
+    if text.strip() == "forever":
+        return None
+    try:
+        seconds = parse_duration(text, "--audit-retention", longest=100 * 366 * 86400.0)
+    except InvalidArgument as exc:
+        raise UsageError(exc.message) from None
+    if seconds < 86400:
+        raise UsageError(f"--audit-retention {text!r} is under a day: audit records are what "
+                         "you read after an incident; keep them at least 1d")
+    return seconds
 
 
 def _serving_home_elsewhere(paths: Paths) -> Holder | None:
@@ -113,6 +131,9 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
                "--socket", str(paths.socket), "--ready-fd", str(write_fd)]
     if args.allow_group:
         command += ["--allow-group", args.allow_group]
+    if args.audit_retention:
+        _retention(args.audit_retention)  # a mistake is reported here, not in the log
+        command += ["--audit-retention", args.audit_retention]
     env = dict(os.environ)
     pass_fds = [write_fd]
     key = env.pop(KEY_VARIABLE, None)

@@ -124,9 +124,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                    help="let members of GROUP connect to fetch contexts (nothing else)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--key-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--audit-retention", metavar="DURATION", default="90d",
+                   help="remove audit records older than this, behind a checkpoint that keeps "
+                        "the chain verifiable (default 90d; 'forever' keeps them all)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
     p = command("start", cmd_start, "start the broker in the background if it is not running")
     p.add_argument("--allow-group", metavar="GROUP", help="as for serve")
+    p.add_argument("--audit-retention", metavar="DURATION", help="as for serve")
     p = command("stop", cmd_stop, "stop the running broker gracefully")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for it to exit")
     p = command("status", cmd_status, "show whether the broker runs, and its figures")

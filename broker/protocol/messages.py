@@ -444,12 +444,17 @@ class AuditLog(Response, frozen=True, kw_only=True):
 
 
 class AuditVerified(Response, frozen=True, kw_only=True):
-    """Answer to VerifyAudit: ``first_broken`` is the seq of the first bad record."""
+    """Answer to VerifyAudit: ``first_broken`` is the seq of the first bad record, ``reason``
+    says what is wrong (also when no single record is to blame)."""
 
     ok: bool
     records: Count
     first_broken: int | None = None
     reason: str = ""
+    #: the seq the head anchor names (None: no anchor, so removal at the tail is unchecked)
+    anchored: int | None = None
+    #: records up to this seq were removed by the audit retention, behind a checkpoint
+    removed_through: int = 0
 
 
 class Error(Response, frozen=True, kw_only=True):

@@ -15,6 +15,14 @@ whatever the cause, is one :class:`SealError` that says nothing about which
 check failed and never carries the data; it is internal to the store layer,
 which translates it before it reaches a client.
 
+Rows that say *which* ciphertext a name or a token reaches (an environment's
+name, a variable's flag and plain value, a token's hash, context and expiry) are
+authenticated too: each carries a MAC over its :class:`Row` under a key derived
+(HKDF, its own purpose label) from a data key, and so only reachable through the
+master key. Deriving from the data key rather than the master key means a master
+key rotation, which rewraps the data keys, re-authenticates every row (and the
+audit chain) without rewriting them, with the rotation's own crash safety.
+
 This is the only module that imports ``cryptography``'s hazmat layer.
 """
 
@@ -24,21 +32,26 @@ import dataclasses
 import hashlib
 import hmac
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
-    "KEY_SIZE", "DataKeys", "Place", "SealError", "binding", "envelope_key_id", "key_id_of",
+    "KEY_SIZE", "DataKeys", "Place", "Row", "SealError", "binding", "envelope_key_id", "key_id_of",
     "new_key", "open_sealed", "seal", "unwrap_data_key", "wrap_data_key",
 ]
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
+_MAC_SIZE = 32  # HMAC-SHA256
 FORMAT_VERSION = 1
 _AD_ENCODER = msgspec.msgpack.Encoder()
+_ROW_MAC_LABEL = b"stigmer-broker row mac v1"
+_CHAIN_LABEL = b"stigmer-broker audit chain v1"
 
 
 class SealError(Exception):
@@ -76,6 +89,45 @@ class Place:
     def data_key(cls, key_id: str) -> Place:
         """A data key wrapped by the master key."""
         return cls(("data_keys", key_id))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Row:
+    """What a security-relevant row says, as the tuple its MAC covers.
+
+    The convention, defined here once: a row names its table first, then every
+    column that decides what the row grants. Build rows with the constructors.
+    """
+
+    parts: tuple[str | int | float | bytes | bool | tuple[str, ...] | None, ...] = \
+        dataclasses.field(repr=False)
+
+    @classmethod
+    def environment(cls, env_id: int, name: str, variables: Iterable[str]) -> Row:
+        """An environment's name, its id, and the names of its variables (so a variable
+        row removed or added behind the broker's back is seen)."""
+        return cls(("environments", env_id, name, tuple(sorted(variables))))
+
+    @classmethod
+    def variable(cls, env_id: int, name: str, is_secret: bool, value: str | None,
+                 sealed: bytes | None) -> Row:
+        """A variable: its name, secret flag, plain value or envelope."""
+        return cls(("variables", env_id, name, bool(is_secret), value, sealed))
+
+    @classmethod
+    def context(cls, row_id: int, execution_id: str, created_at: float, expires_at: float,
+                keys: str, sealed: bytes) -> Row:
+        """A context: its execution id, lifetime, key summary and envelope."""
+        return cls(("contexts", row_id, execution_id, created_at, expires_at, keys, sealed))
+
+    @classmethod
+    def token(cls, token_id: str, hash_: bytes, context_id: int, created_at: float,
+              expires_at: float, max_uses: int | None, uses: int) -> Row:
+        """A token: its hash, context, lifetime and bound. The use count of a bounded
+        token is covered too (each use is written durably anyway); an unlimited token's
+        count is not (it changes in batches and grants nothing)."""
+        return cls(("tokens", token_id, hash_, context_id, created_at, expires_at, max_uses,
+                    uses if max_uses is not None else None))
 
 
 def key_id_of(key: bytes) -> str:
@@ -145,6 +197,8 @@ class DataKeys:
             raise ValueError("the active data key must be among the keys")
         self._keys = dict(keys)
         self._ciphers = {kid: AESGCM(key) for kid, key in self._keys.items()}  # made once
+        self._row_macs = {kid: _derive(key, _ROW_MAC_LABEL) for kid, key in self._keys.items()}
+        self._chain_macs = {kid: _derive(key, _CHAIN_LABEL) for kid, key in self._keys.items()}
         self.active = active
 
     def __repr__(self) -> str:
@@ -171,6 +225,52 @@ class DataKeys:
                                   envelope[start + NONCE_SIZE:], bound)
         except (InvalidTag, ValueError):
             raise SealError() from None
+
+
+    def mac(self, row: Row) -> bytes:
+        """Return the MAC of ``row`` under the active data key (its id in front)."""
+        return _tagged(self.active,
+                       _hmac(self._row_macs[self.active], _AD_ENCODER.encode(row.parts)))
+
+    def check(self, row: Row, mac: bytes | None) -> bool:
+        """Return whether ``mac`` is a MAC of ``row`` under any of these keys."""
+        if not mac or len(mac) != 1 + mac[0] + _MAC_SIZE:
+            return False
+        try:
+            key = self._row_macs.get(mac[1:1 + mac[0]].decode("ascii"))
+        except UnicodeDecodeError:
+            return False
+        return key is not None and hmac.compare_digest(
+            mac[1 + mac[0]:], _hmac(key, _AD_ENCODER.encode(row.parts)))
+
+    def chain(self, prev: str, body: bytes) -> str:
+        """Return the audit chain link after ``prev`` for ``body``: ``<key id>:<hex MAC>``."""
+        mac = _hmac(self._chain_macs[self.active], _chain_input(prev, body))
+        return f"{self.active}:{mac.hex()}"
+
+    def chain_ok(self, prev: str, body: bytes, link: str) -> bool:
+        """Return whether ``link`` is the audit chain link after ``prev`` for ``body``."""
+        kid, _, mac = link.partition(":")
+        key = self._chain_macs.get(kid)
+        return key is not None and hmac.compare_digest(
+            mac.encode(), _hmac(key, _chain_input(prev, body)).hex().encode())
+
+
+def _derive(key: bytes, label: bytes) -> bytes:
+    return HKDF(algorithm=SHA256(), length=KEY_SIZE, salt=None, info=label).derive(key)
+
+
+def _hmac(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def _tagged(key_id: str, mac: bytes) -> bytes:
+    kid = key_id.encode("ascii")
+    return bytes((len(kid),)) + kid + mac
+
+
+def _chain_input(prev: str, body: bytes) -> bytes:
+    return _AD_ENCODER.encode((prev, body))
 
 
 def binding(envelope: bytes, place: Place) -> bytes:

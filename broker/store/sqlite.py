@@ -31,7 +31,7 @@ import anyio
 
 from ..protocol.errors import Internal, ResourceExhausted, StartupError
 
-__all__ = ["MIGRATIONS", "Store", "StoreError", "Tx"]
+__all__ = ["MIGRATIONS", "ROW_MACS_SINCE", "Store", "StoreError", "Tx"]
 
 log = logging.getLogger("stigmer.broker")
 
@@ -107,7 +107,24 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     """,
+    # 3: a MAC on every row that decides what a name or a token reaches (rows of older
+    # stores are authenticated once, by the start that migrates them); audit records
+    # leave only behind a later checkpoint record (retention)
+    """
+    ALTER TABLE environments ADD COLUMN mac BLOB;
+    ALTER TABLE variables ADD COLUMN mac BLOB;
+    ALTER TABLE contexts ADD COLUMN mac BLOB;
+    ALTER TABLE tokens ADD COLUMN mac BLOB;
+    CREATE INDEX audit_checkpoints ON audit(event, seq);
+    DROP TRIGGER audit_no_delete;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        WHEN NOT EXISTS (SELECT 1 FROM audit WHERE event = 'audit.checkpoint' AND seq > old.seq)
+        BEGIN SELECT RAISE(ABORT, 'audit records are removed only behind a checkpoint'); END;
+    """,
 )
+
+#: the first schema version whose rows carry MACs
+ROW_MACS_SINCE = 3
 
 
 def _private(path: Path) -> None:
@@ -164,6 +181,8 @@ class Store:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
         self.path = path
+        #: the schema version found on disk when this process opened it (0: a new store)
+        self.migrated_from = len(MIGRATIONS)
         # One connection serves every task: a lock keeps one task's transaction from
         # interleaving with another's statements (and readers from seeing it half done).
         self._lock = anyio.Lock()
@@ -193,6 +212,8 @@ class Store:
         db = self._db
         try:
             await db.execute("PRAGMA busy_timeout = 10000")
+            # before the first table exists (a new store); older stores convert below
+            await db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             row = await (await db.execute("PRAGMA journal_mode = WAL")).fetchone()
             if row is None or str(row[0]).lower() != "wal":
                 raise StoreError(f"cannot put store {self.path} in WAL mode")
@@ -205,6 +226,9 @@ class Store:
                     f"store {self.path} failed its integrity check ({check[0][0]}); restore it "
                     "from a backup")
             await self._migrate()
+            row = await (await db.execute("PRAGMA auto_vacuum")).fetchone()
+            if row is not None and int(row[0]) != 2:  # once: a store made before version 3
+                await db.execute("VACUUM")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}; is it a stigmer store?"
                              ) from None
@@ -215,6 +239,7 @@ class Store:
     async def _migrate(self) -> None:
         row = await (await self._db.execute("PRAGMA user_version")).fetchone()
         version = int(row[0]) if row else 0
+        self.migrated_from = version
         if version > len(MIGRATIONS):
             raise StoreError(
                 f"store {self.path} has schema version {version}, newer than this broker "
@@ -281,6 +306,20 @@ class Store:
         """Return the first column of the first row, or None."""
         rows = await self.read(sql, params)
         return rows[0][0] if rows else None
+
+    async def reclaim(self, *, min_free_pages: int = 256) -> int:
+        """Give free pages back to the file system once there are many (after a large
+        sweep or a retention cut); return how many pages were free."""
+        async with self._lock:
+            with anyio.CancelScope(shield=True):
+                try:
+                    row = await (await self._db.execute("PRAGMA freelist_count")).fetchone()
+                    free = int(row[0]) if row else 0
+                    if free >= min_free_pages:  # a page per step: a script steps it out
+                        await self._db.executescript("PRAGMA incremental_vacuum;")
+                except sqlite3.Error as exc:
+                    raise _translate(exc) from None
+        return free
 
     # ------------------------------------------------------------------------ meta
 

@@ -17,7 +17,8 @@ in the key's source (an atomic file replace or one keychain write); (d) swap
 the wraps and retire the old id, commit. Killed before (c), the old key still
 opens everything and the pending wraps are dropped on start; killed after (c),
 step (d) is redone on start with the new key. A second ``key rotate`` simply
-runs again.
+runs again. Row MACs and the audit chain are keyed by keys derived from the data
+keys, so rewrapping the data keys carries them over unchanged.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..protocol.errors import FailedPrecondition, Internal, StartupError
 from .crypto import (
     DataKeys,
     Place,
+    Row,
     SealError,
     binding,
     key_id_of,
@@ -52,7 +54,7 @@ from .keys import (
 )
 from .sqlite import Store
 
-__all__ = ["RotationResult", "Vault", "VaultError"]
+__all__ = ["RotationResult", "Vault", "VaultError", "log_refused", "tampered"]
 
 log = logging.getLogger("stigmer.broker")
 
@@ -62,6 +64,18 @@ _PENDING_ID = "pending_master_key_id"
 
 class VaultError(StartupError):
     """The store and key cannot be opened together; the message says why and what to do."""
+
+
+def log_refused(what: str) -> None:
+    """Log that a row failed its MAC check and is refused (alone)."""
+    log.error("%s failed its integrity check and is refused", what)
+
+
+def tampered(what: str, fix: str) -> Internal:
+    """Log and return the error for a row whose MAC does not check (refused alone)."""
+    log_refused(what)
+    return Internal(f"{what} failed its integrity check: the store was changed by someone "
+                    f"without the key, or damaged; {fix}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -128,6 +142,25 @@ class Vault:
     def open_bound(self, envelope: bytes, bound: bytes) -> bytes:
         """Open an envelope with its :meth:`bind` result. Raises SealError."""
         return self._data_keys.open_bound(envelope, bound)
+
+    # ----------------------------------------------------------- authenticating
+
+    def mac(self, row: Row) -> bytes:
+        """Return the MAC that authenticates ``row`` (stored beside it)."""
+        return self._data_keys.mac(row)
+
+    def check(self, row: Row, mac: bytes | None) -> bool:
+        """Return whether ``mac`` authenticates ``row``: False means the row was written by
+        someone without the key (or damaged) and must not be served."""
+        return self._data_keys.check(row, mac)
+
+    def chain(self, prev: str, body: bytes) -> str:
+        """Return the keyed audit chain link that follows ``prev`` for ``body``."""
+        return self._data_keys.chain(prev, body)
+
+    def chain_ok(self, prev: str, body: bytes, link: str) -> bool:
+        """Return whether ``link`` is the keyed chain link after ``prev`` for ``body``."""
+        return self._data_keys.chain_ok(prev, body, link)
 
     # ----------------------------------------------------------------- rotation
 

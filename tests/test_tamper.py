@@ -1,0 +1,283 @@
+"""Someone who can write the database file, but holds no key, changes what it says.
+
+Each probe stops a real broker, edits ``local.db`` with plain sqlite3 as such
+a person would, starts the broker again and checks that the change is refused
+(for that record alone, naming it) and never served. Each failed on the code
+before rows and the audit chain carried MACs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from conftest import make_config, start_broker
+
+from stigmer.broker.config import Paths
+from stigmer.broker.store.sqlite import MIGRATIONS
+from stigmer.client import AsyncClient, BrokerError, Unauthenticated, variables
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def running(paths: Paths) -> AsyncIterator[AsyncClient]:
+    """A broker served in this loop, and a client of it; stopped on exit."""
+    async with anyio.create_task_group() as tg:
+        broker = await start_broker(tg, make_config(paths))
+        try:
+            async with AsyncClient(broker.socket) as client:
+                yield client
+        finally:
+            broker.stop.set()
+
+
+def edit(paths: Paths, *statements: str) -> None:
+    """Change the store behind the broker's back (it is stopped), as plain SQL can."""
+    with sqlite3.connect(paths.store) as db:
+        for sql in statements:
+            db.execute(sql)
+
+
+async def two_environments(client: AsyncClient) -> None:
+    await client.put_environment("prod", variables({"MODE": "prod"}, {"S": "prod-secret"}))
+    await client.put_environment("dev", variables({"MODE": "dev"}, {"S": "dev-secret"}))
+
+
+async def refused(call: Callable[[], object], name: str) -> str:
+    """``call`` fails naming ``name`` and an integrity check, without any value."""
+    with pytest.raises(BrokerError) as caught:
+        await call()  # type: ignore[misc]
+    message = caught.value.message
+    assert name in message and "integrity check" in message, message
+    assert "prod-secret" not in message and "dev-secret" not in message
+    return message
+
+
+async def test_swapped_environment_names_are_refused(paths: Paths) -> None:
+    async with running(paths) as client:
+        await two_environments(client)
+    edit(paths, "UPDATE environments SET name = 'tmp' WHERE name = 'prod'",
+         "UPDATE environments SET name = 'prod' WHERE name = 'dev'",
+         "UPDATE environments SET name = 'dev' WHERE name = 'tmp'")
+    async with running(paths) as client:
+        await refused(lambda: client.get_environment("prod", reveal=True), "'prod'")
+        await refused(lambda: client.create_context("x", environments=["prod"]), "'prod'")
+        assert await client.list_environments() == []
+
+
+async def test_a_re_pointed_token_opens_nothing(paths: Paths) -> None:
+    async with running(paths) as client:
+        await two_environments(client)
+        token = (await client.create_context("a", environments=["dev"])).token
+        other = (await client.create_context("b", environments=["prod"])).token
+    edit(paths, "UPDATE tokens SET context_id = (SELECT id FROM contexts WHERE "
+                "execution_id = 'b') WHERE context_id = (SELECT id FROM contexts WHERE "
+                "execution_id = 'a')")
+    async with running(paths) as client:
+        with pytest.raises(Unauthenticated):
+            await client.fetch_context(token)
+        assert (await client.fetch_context(other))["S"] == "prod-secret"  # refused alone
+
+
+@pytest.mark.parametrize("mac", ["copied", "none"])
+async def test_a_minted_token_opens_nothing(paths: Paths, mac: str) -> None:
+    async with running(paths) as client:
+        await two_environments(client)
+        await client.create_context("a", environments=["prod"])
+    mine = "stg_" + "m" * 43
+    digest = hashlib.sha256(mine.encode()).hexdigest()
+    edit(paths, "INSERT INTO tokens(id, hash, context_id, created_at, expires_at, max_uses, "
+                f"uses, mac) SELECT 'tok_mine', x'{digest}', context_id, created_at, "
+                f"expires_at, max_uses, 0, {'mac' if mac == 'copied' else 'NULL'} FROM tokens")
+    async with running(paths) as client:
+        with pytest.raises(Unauthenticated):
+            await client.fetch_context(mine)
+
+
+async def test_extended_expiry_and_reset_uses_are_refused(paths: Paths) -> None:
+    async with running(paths) as client:
+        await two_environments(client)
+        once = (await client.create_context("a", environments=["prod"], max_uses=1)).token
+        await client.fetch_context(once)
+        short = (await client.create_context("b", environments=["prod"], ttl_s=60)).token
+    edit(paths, "UPDATE tokens SET uses = 0",  # the used-up token, fresh again
+         "UPDATE contexts SET expires_at = expires_at + 1e6 WHERE execution_id = 'b'")
+    async with running(paths) as client:
+        with pytest.raises(Unauthenticated):
+            await client.fetch_context(once)
+        with pytest.raises(Unauthenticated):
+            await client.fetch_context(short)
+        await refused(lambda: client.get_context("b"), "'b'")
+        await client.complete_context("b")  # the way out: remove it, then create it again
+        await client.create_context("b", environments=["prod"])
+
+
+async def test_a_cleared_secret_flag_is_refused(paths: Paths) -> None:
+    async with running(paths) as client:
+        await two_environments(client)
+    edit(paths, "UPDATE variables SET is_secret = 0, value = 'shown', sealed = NULL "
+                "WHERE name = 'S' AND env_id = (SELECT id FROM environments WHERE name = 'dev')")
+    async with running(paths) as client:
+        await refused(lambda: client.get_environment("dev"), "S of environment 'dev'")
+        await refused(lambda: client.create_context("x", environments=["dev"]), "'dev'")
+        assert (await client.get_environment("prod", reveal=True)).data["S"].value \
+            == "prod-secret"
+
+
+@pytest.mark.parametrize("change", [
+    "UPDATE variables SET value = 'evil' WHERE name = 'MODE'",
+    "DELETE FROM variables WHERE name = 'MODE'",
+    "INSERT INTO variables(env_id, name, is_secret, value) SELECT id, 'EXTRA', 0, 'x' "
+    "FROM environments",
+])
+async def test_edited_plain_values_are_refused(paths: Paths, change: str) -> None:
+    async with running(paths) as client:
+        await client.put_environment("dev", variables({"MODE": "dev"}))
+    edit(paths, change)
+    async with running(paths) as client:
+        await refused(lambda: client.get_environment("dev"), "'dev'")
+        # a change does not re-authenticate it; a whole replacement does
+        await refused(lambda: client.put_environment("dev", variables({"B": "1"})), "'dev'")
+        await client.delete_environment("dev")
+        await client.put_environment("dev", variables({"MODE": "dev"}))
+        assert (await client.get_environment("dev")).data["MODE"].value == "dev"
+
+
+# ---------------------------------------------------------------- the audit chain
+
+
+async def _some_audit(paths: Paths) -> None:
+    async with running(paths) as client:
+        await two_environments(client)
+        token = (await client.create_context("a", environments=["prod"])).token
+        for _ in range(3):
+            await client.fetch_context(token)
+        await client.complete_context("a")
+        assert (await client.verify_audit()).ok
+
+
+def _unprotect(db: sqlite3.Connection) -> None:
+    db.execute("DROP TRIGGER audit_no_update")
+    db.execute("DROP TRIGGER audit_no_delete")
+
+
+async def test_a_rewritten_audit_chain_is_detected(paths: Paths) -> None:
+    await _some_audit(paths)
+    with sqlite3.connect(paths.store) as db:  # granted becomes denied, and the chain is
+        _unprotect(db)                        # recomputed as plain SHA-256 links
+        db.execute("UPDATE audit SET outcome = 'denied' WHERE event = 'fetch'")
+        from stigmer.broker.audit import GENESIS, _legacy_link
+        from stigmer.broker.protocol import AuditRecord
+
+        prev = GENESIS
+        for row in db.execute("SELECT * FROM audit ORDER BY seq").fetchall():
+            rec = AuditRecord(*row)
+            prev = _legacy_link(prev, rec)
+            db.execute("UPDATE audit SET hash = ? WHERE seq = ?", (prev, rec.seq))
+    async with running(paths) as client:
+        verified = await client.verify_audit()
+        assert not verified.ok and verified.first_broken is not None, verified
+
+
+async def test_removing_the_newest_records_is_detected(paths: Paths) -> None:
+    await _some_audit(paths)
+    with sqlite3.connect(paths.store) as db:
+        _unprotect(db)
+        head = db.execute("SELECT max(seq) FROM audit").fetchone()[0]
+        db.execute("DELETE FROM audit WHERE seq > ?", (head - 2,))
+    async with running(paths) as client:
+        verified = await client.verify_audit()
+        assert not verified.ok, verified
+        assert verified.first_broken == head - 1 and "head anchor" in verified.reason
+
+
+async def test_retention_removes_old_records_behind_a_checkpoint(paths: Paths) -> None:
+    await _some_audit(paths)
+    from sealed import open_sealed
+
+    from stigmer.broker.audit import Audit
+    from stigmer.broker.store.anchor import HeadAnchor
+
+    sealed = await open_sealed(paths.store)
+    try:
+        audit = Audit(sealed.store, sealed.vault, anchor=HeadAnchor(paths.audit_anchor))
+        before = (await audit.verify()).records
+        records = await audit.list(None, 100)
+        cut = records[3].at  # the first three go
+        removed = await audit.prune(cut)
+        assert removed == 3
+        verified = await audit.verify()
+        assert verified.ok, verified
+        assert verified.removed_through == 3 and verified.records == before - 3 + 1
+        with sqlite3.connect(paths.store) as db:  # one more record quietly removed
+            db.execute("DROP TRIGGER audit_no_delete")
+            db.execute("DELETE FROM audit WHERE seq = 4")
+        assert not (await audit.verify()).ok
+    finally:
+        await sealed.close()
+
+
+async def test_a_forged_checkpoint_is_detected(paths: Paths) -> None:
+    await _some_audit(paths)
+    with sqlite3.connect(paths.store) as db:
+        _unprotect(db)
+        link = db.execute("SELECT hash FROM audit WHERE seq = 2").fetchone()[0]
+        head = db.execute("SELECT max(seq) FROM audit").fetchone()[0]
+        db.execute("INSERT INTO audit VALUES (?, 0, 'audit.checkpoint', 'ok', '', '', NULL, "
+                   "NULL, ?, 'dk-x:00')", (head + 1, f"removed records through 2 (link {link})"))
+        db.execute("DELETE FROM audit WHERE seq <= 2")
+    async with running(paths) as client:
+        assert not (await client.verify_audit()).ok
+
+
+# ------------------------------------------------------------- older stores
+
+
+def _as_schema_2(paths: Paths) -> None:
+    """Turn the store back into what a broker before row MACs wrote."""
+    with sqlite3.connect(paths.store) as db:
+        for table in ("environments", "variables", "contexts", "tokens"):
+            db.execute(f"ALTER TABLE {table} DROP COLUMN mac")
+        db.execute("DROP INDEX audit_checkpoints")
+        db.execute("DROP TRIGGER audit_no_delete")
+        db.execute("CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit "
+                   "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END")
+        db.execute("PRAGMA user_version = 2")
+    assert len(MIGRATIONS) == 3
+
+
+async def test_a_store_from_before_row_macs_is_authenticated_once(paths: Paths) -> None:
+    async with running(paths) as client:
+        await two_environments(client)
+        token = (await client.create_context("a", environments=["prod"])).token
+    _as_schema_2(paths)
+    paths.audit_anchor.unlink()  # that broker wrote no anchor
+    async with running(paths) as client:  # the migrating start adopts every row
+        assert (await client.fetch_context(token))["S"] == "prod-secret"
+        assert (await client.get_environment("dev", reveal=True)).data["S"].value \
+            == "dev-secret"
+    edit(paths, "UPDATE variables SET mac = NULL WHERE name = 'MODE'")
+    async with running(paths) as client:  # and never again
+        await refused(lambda: client.get_environment("dev"), "'dev'")
+
+
+async def test_an_older_store_in_place_of_a_newer_one_is_refused(paths: Paths) -> None:
+    async with running(paths) as client:
+        await two_environments(client)
+    _as_schema_2(paths)  # the anchor of the newer broker is still there
+    from stigmer.broker.daemon.lifecycle import serve
+    from stigmer.broker.store.sqlite import StoreError
+
+    with pytest.raises(StoreError, match="replaced by an older file"):
+        await serve(make_config(paths))
+
+
+async def test_the_anchor_file_is_private(paths: Paths) -> None:
+    await _some_audit(paths)
+    assert Path(paths.audit_anchor).stat().st_mode & 0o777 == 0o600
