@@ -67,8 +67,10 @@ class Config(NamedTuple):
     paths: Paths
     limits: Limits = Limits()
     allow_group: str | None = None
-    #: base64 master key handed over by the CLI from STIGMER_ENCRYPTION_KEY (never in repr)
+    #: base64 master key handed over by the CLI from STIGMER_ENCRYPTION_KEY or a systemd
+    #: credential (never in repr), and where it came from, for people
     env_key: str | None = None
+    env_key_origin: str = "STIGMER_ENCRYPTION_KEY"
     #: keyring backend use: False forces the key file (tests, headless hosts)
     use_keyring: bool = True
     #: "manual", "service" (systemd/launchd) or "socket-activated"

@@ -215,3 +215,22 @@ def test_audit_retention_must_be_a_day_or_more(paths: Paths, value: str) -> None
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "--audit-retention" in result.stderr
     assert not paths.store.exists()
+
+
+def test_the_service_takes_the_key_from_a_systemd_credential(paths: Paths,
+                                                             short_dir: Path) -> None:
+    credentials = short_dir / "creds"
+    credentials.mkdir(mode=0o700)
+    (credentials / "stigmer-master-key").write_text(SENTINEL_KEY + "\n")
+    env = cli_env(paths, CREDENTIALS_DIRECTORY=str(credentials))
+    with Daemon(paths, env=env) as daemon:
+        status = json.loads(run_cli(paths, "status", "--json", check=True).stdout)
+        assert status["key_source"] == "systemd credential stigmer-master-key"
+        environ = Path(f"/proc/{daemon.pid}/environ").read_bytes()
+        assert SENTINEL_KEY.encode() not in environ
+    # the store took that key: the same key from the variable opens it, another does not
+    with Daemon(paths, env=cli_env(paths, STIGMER_ENCRYPTION_KEY=SENTINEL_KEY)):
+        pass
+    other = base64.b64encode(b"O" * 32).decode()
+    result = run_cli(paths, "serve", env=cli_env(paths, STIGMER_ENCRYPTION_KEY=other))
+    assert result.returncode == 1 and "Traceback" not in result.stderr

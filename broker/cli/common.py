@@ -12,12 +12,14 @@ if TYPE_CHECKING:
     from ..config import Paths
 
 __all__ = ["BROKER_VARIABLES", "EXIT_FAILED", "EXIT_NOT_RUNNING", "EXIT_OK", "EXIT_USAGE",
-           "KEY_VARIABLE", "PROG", "UsageError", "connect"]
+           "KEY_CREDENTIAL", "KEY_VARIABLE", "PROG", "UsageError", "connect"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 PROG = "stigmer-broker"
 
 KEY_VARIABLE = "STIGMER_ENCRYPTION_KEY"
+#: the systemd credential (``LoadCredential=stigmer-master-key:PATH``) that holds the key
+KEY_CREDENTIAL = "stigmer-master-key"
 #: variables the broker reads for its own secrets: never passed on to a child command
 BROKER_VARIABLES = (KEY_VARIABLE, "STIGMER_EXECUTION_TOKEN")
 

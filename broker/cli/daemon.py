@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..protocol.errors import BrokerUnavailable, InvalidArgument, StartupError
-from .common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, KEY_VARIABLE, UsageError, connect
+from .common import (
+    EXIT_FAILED,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    KEY_CREDENTIAL,
+    KEY_VARIABLE,
+    UsageError,
+    connect,
+)
 from .render import duration, error, print_json
 
 if TYPE_CHECKING:
@@ -35,8 +43,13 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env_key = os.environ.pop(KEY_VARIABLE, None)
+    origin = KEY_VARIABLE
     if args.key_fd is not None:
         env_key = _read_key_fd(args.key_fd)
+    credentials = os.environ.pop("CREDENTIALS_DIRECTORY", None)
+    if env_key is None and credentials:
+        env_key = _read_credential(Path(credentials) / KEY_CREDENTIAL)
+        origin = f"systemd credential {KEY_CREDENTIAL}"
     listen_socket = inherited_socket(os.environ)
     for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # not for our children
@@ -54,10 +67,21 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     else:
         started_by = "manual"
     config = Config(paths=paths, allow_group=args.allow_group, env_key=env_key,
-                    started_by=started_by, unit=unit, notify_socket=notify_socket,
-                    audit_retention_s=retention)
+                    env_key_origin=origin, started_by=started_by, unit=unit,
+                    notify_socket=notify_socket, audit_retention_s=retention)
     run(config, ready_fd=args.ready_fd, listen_socket=listen_socket)
     return EXIT_OK
+
+
+def _read_credential(path: Path) -> str | None:
+    """The master key systemd loaded for us (``LoadCredential=``), if it did."""
+    try:
+        return path.read_text(encoding="ascii", errors="replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StartupError(f"cannot read the systemd credential {path}: {exc.strerror}"
+                           ) from None
 
 
 def _retention(text: str) -> float | None:

@@ -77,7 +77,8 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
         store = await Store.open(config.paths.store)
         try:
             sources = await key_sources(env_key=config.env_key, key_file=config.paths.key_file,
-                                        use_keychain=config.use_keyring)
+                                        use_keychain=config.use_keyring,
+                                        env_key_origin=config.env_key_origin)
             vault = await Vault.unlock(store, sources)
             listener = await anyio.abc.SocketListener.from_socket(bound.sock)
             counters = Counters()

@@ -33,14 +33,17 @@ from ..protocol.errors import StartupError
 from .crypto import KEY_SIZE, key_id_of, new_key
 
 __all__ = [
-    "ENV_KEY_ROTATION_HELP", "KEYRING_SERVICE", "KEYRING_USERNAME", "EnvKey", "KeyFile",
-    "KeySource", "KeySourceError", "KeySourceKind", "Keychain", "MasterKey", "decode_key",
-    "encode_key", "key_sources", "load_master_key",
+    "ENV_KEY_ROTATION_HELP", "ENV_ORIGIN", "KEYRING_SERVICE", "KEYRING_USERNAME", "EnvKey",
+    "KeyFile", "KeySource", "KeySourceError", "KeySourceKind", "Keychain", "MasterKey",
+    "decode_key", "encode_key", "key_sources", "load_master_key",
 ]
 
 KEYRING_SERVICE = "stigmer"
 KEYRING_USERNAME = "master-key"
 
+
+#: where a key handed in comes from, unless the CLI says otherwise
+ENV_ORIGIN = "STIGMER_ENCRYPTION_KEY"
 
 ENV_KEY_ROTATION_HELP = (
     "the master key comes from STIGMER_ENCRYPTION_KEY, which the broker cannot change. To "
@@ -114,24 +117,34 @@ def encode_key(key: bytes) -> str:
 
 
 class EnvKey:
-    """``STIGMER_ENCRYPTION_KEY``, as the CLI handed it in; read-only."""
+    """A key handed in from outside, as the CLI read it: ``STIGMER_ENCRYPTION_KEY`` or a
+    systemd credential (``LoadCredential=``); read-only."""
 
     kind = KeySourceKind.ENV
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, origin: str = ENV_ORIGIN) -> None:
         self._text = text
+        self.origin = origin
 
     def __repr__(self) -> str:
-        return "EnvKey()"
+        return f"EnvKey(origin={self.origin!r})"
 
     def describe(self) -> str:
-        return "env (STIGMER_ENCRYPTION_KEY)"
+        if self.origin == ENV_ORIGIN:
+            return f"env ({ENV_ORIGIN})"
+        return self.origin
 
     async def read(self) -> bytes | None:
-        return decode_key(self._text, "STIGMER_ENCRYPTION_KEY")
+        return decode_key(self._text, self.origin)
 
     async def write(self, key: bytes) -> None:
-        raise KeySourceError(ENV_KEY_ROTATION_HELP)
+        if self.origin == ENV_ORIGIN:
+            raise KeySourceError(ENV_KEY_ROTATION_HELP)
+        raise KeySourceError(
+            f"the master key comes from the {self.origin}, which the broker cannot change. "
+            "To rotate: stop the broker, copy the key into the key file (mode 0600), start "
+            "the broker without the credential, run `stigmer-broker key rotate`, then load "
+            "the new key file as the credential")
 
 
 class KeyFile:
@@ -275,12 +288,13 @@ def _is_real(backend: Any) -> bool:
         return False
 
 
-async def key_sources(*, env_key: str | None, key_file: Path,
-                      use_keychain: bool) -> list[KeySource]:
-    """Return the sources to consult, in order: the variable, the keychain, the file."""
+async def key_sources(*, env_key: str | None, key_file: Path, use_keychain: bool,
+                      env_key_origin: str = ENV_ORIGIN) -> list[KeySource]:
+    """Return the sources to consult, in order: the key handed in (the variable or a
+    systemd credential), the keychain, the file."""
     sources: list[KeySource] = []
     if env_key is not None:
-        sources.append(EnvKey(env_key))
+        sources.append(EnvKey(env_key, env_key_origin))
     keychain = await Keychain.find() if use_keychain else None
     if keychain is not None:
         sources.append(keychain)
