@@ -34,7 +34,7 @@ _VAR = re.compile(VAR_NAME_PATTERN)
 
 def check_name(name: str, what: str = "name") -> str:
     """Return ``name`` if it is a valid environment/execution name; raise otherwise."""
-    if not name or len(name) > MAX_NAME_LENGTH or not _NAME.match(name):
+    if not name or len(name) > MAX_NAME_LENGTH or not _NAME.fullmatch(name):
         raise InvalidArgument(
             f"{what} {name!r} is not valid: use letters, digits, '-', '_' and '.', at most "
             f"{MAX_NAME_LENGTH} characters")
@@ -43,7 +43,7 @@ def check_name(name: str, what: str = "name") -> str:
 
 def check_var_name(key: str, where: str = "") -> str:
     """Return ``key`` if it is a valid environment variable name; raise otherwise."""
-    if not _VAR.match(key) or len(key) > 255:
+    if not _VAR.fullmatch(key) or len(key) > 255:
         suffix = f" in {where}" if where else ""
         raise InvalidArgument(
             f"variable name {key!r}{suffix} is not valid: use letters, digits and '_', not "

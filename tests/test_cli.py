@@ -390,3 +390,12 @@ def test_runner_releases_its_own_context(cli_broker: Paths) -> None:
     again = run_cli(cli_broker, "context", "release", env=env)
     assert again.returncode == 1 and "not valid" in again.stderr
     assert run_cli(cli_broker, "context", "show", "rel").returncode == 1
+
+
+@pytest.mark.parametrize("args", [("env", "set", "prod\n", "A=1"),
+                                  ("env", "set", "prod", "GITHUB_TOKEN\n=x"),
+                                  ("context", "create", "exec-1\n", "--env", "A=1")])
+def test_the_cli_refuses_names_with_a_trailing_newline(paths: Paths,
+                                                       args: tuple[str, ...]) -> None:
+    result = run_cli(paths, *args)
+    assert result.returncode in (1, 2) and "is not valid" in result.stderr, result.stderr

@@ -238,3 +238,15 @@ def test_sending_over_the_frame_limit_is_refused_locally() -> None:
         client.send(PutEnvironment(id=1, name="e", data={"A": Variable(value="x" * 2000)}))
     assert client.state is State.AWAIT_HELLO  # nothing changed: the connection is usable
     assert client.send(Hello(id=1, version=1))
+
+
+@pytest.mark.parametrize("name", ["prod\n", "exec-1\n"])
+def test_names_with_a_trailing_newline_are_refused_on_the_wire(name: str) -> None:
+    from stigmer.broker.protocol import GetEnvironment, PutEnvironment, Variable
+
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"id": 1, "name": name}, GetEnvironment)
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"id": 1, "name": "e", "data": {"GITHUB_TOKEN\n": {"value": "x"}}},
+                        PutEnvironment)
+    assert Variable(value="x")

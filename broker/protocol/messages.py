@@ -41,8 +41,8 @@ SECRET_MASK = "***"  # noqa: S105 - a placeholder, not a password
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 
-NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
-VAR_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+NAME_PATTERN = r"^[A-Za-z0-9._-]+\Z"  # \Z, not $: $ also matches before a final newline
+VAR_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*\Z"
 MAX_NAME_LENGTH = 253
 MAX_VAR_NAME_LENGTH = 255
 MAX_VALUE_LENGTH = 128 * 1024
