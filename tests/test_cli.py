@@ -265,7 +265,7 @@ def test_context_create_flags(cli_broker: Paths, short_dir: Path) -> None:
     r = run_cli(p, "context", "create", "c1", "--env", "A=1", "--env", "A=2")
     assert r.returncode == 2 and "A is given twice" in r.stderr
     r = run_cli(p, "context", "create", "c1", "--ttl", "soon")
-    assert r.returncode == 1 and "not a duration" in r.stderr
+    assert r.returncode == 2 and "not a duration" in r.stderr
     r = run_cli(p, "context", "create", "c1", "--environment", "missing")
     assert r.returncode == 1 and "'missing' does not exist" in r.stderr
     bare = short_dir / "spec.json"
@@ -399,3 +399,13 @@ def test_the_cli_refuses_names_with_a_trailing_newline(paths: Paths,
                                                        args: tuple[str, ...]) -> None:
     result = run_cli(paths, *args)
     assert result.returncode in (1, 2) and "is not valid" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("args", [("env", "set", "dev", "LOG_LEVEL"),
+                                  ("env", "unset", "dev", "1BAD"),
+                                  ("context", "create", "c1", "--ttl", "0s"),
+                                  ("context", "token", "bad name")])
+def test_usage_mistakes_exit_2(paths: Paths, args: tuple[str, ...]) -> None:
+    result = run_cli(paths, *args)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .common import EXIT_FAILED, EXIT_OK, connect
+from .common import EXIT_FAILED, EXIT_OK, connect, name_arg
 from .render import error, print_json, when
 
 if TYPE_CHECKING:
@@ -16,9 +16,8 @@ __all__ = ["cmd_audit", "cmd_audit_verify"]
 
 
 def cmd_audit(args: argparse.Namespace, paths: Paths) -> int:
-    from ..manifests import check_name
 
-    execution_id = check_name(args.execution, "--execution") if args.execution else None
+    execution_id = name_arg(args.execution, "--execution") if args.execution else None
     with connect(paths) as client:
         records = client.audit(execution_id, args.limit)
     if args.json:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..protocol.errors import InvalidArgument
@@ -12,7 +14,8 @@ if TYPE_CHECKING:
     from ..config import Paths
 
 __all__ = ["BROKER_VARIABLES", "EXIT_FAILED", "EXIT_NOT_RUNNING", "EXIT_OK", "EXIT_USAGE",
-           "KEY_CREDENTIAL", "KEY_VARIABLE", "PROG", "UsageError", "connect"]
+           "KEY_CREDENTIAL", "KEY_VARIABLE", "PROG", "UsageError", "assignment_arg", "connect",
+           "duration_arg", "name_arg", "var_arg"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 PROG = "stigmer-broker"
@@ -26,6 +29,49 @@ BROKER_VARIABLES = (KEY_VARIABLE, "STIGMER_EXECUTION_TOKEN")
 
 class UsageError(InvalidArgument):
     """A mistake in how the command was called (exit 2)."""
+
+
+@contextlib.contextmanager
+def _usage() -> Iterator[None]:
+    """A value typed on the command line that does not check is a usage mistake."""
+    try:
+        yield
+    except InvalidArgument as exc:
+        if isinstance(exc, UsageError):
+            raise
+        raise UsageError(exc.message) from None
+
+
+def name_arg(text: str, what: str) -> str:
+    """An environment or execution name given as an argument."""
+    from ..manifests import check_name
+
+    with _usage():
+        return check_name(text, what)
+
+
+def var_arg(text: str, flag: str = "") -> str:
+    """A variable name given as an argument."""
+    from ..manifests import check_var_name
+
+    with _usage():
+        return check_var_name(text, flag)
+
+
+def duration_arg(text: str, flag: str, **limits: float) -> float:
+    """A duration given as an argument."""
+    from ..manifests import parse_duration
+
+    with _usage():
+        return parse_duration(text, flag, **limits)
+
+
+def assignment_arg(text: str, flag: str) -> tuple[str, str]:
+    """A KEY=VALUE given as an argument."""
+    from ..manifests import parse_assignment
+
+    with _usage():
+        return parse_assignment(text, flag)
 
 
 def connect(paths: Paths) -> Client:

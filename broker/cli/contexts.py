@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..protocol.errors import InvalidArgument
-from .common import BROKER_VARIABLES, EXIT_OK, UsageError, connect
+from .common import BROKER_VARIABLES, EXIT_OK, UsageError, connect, duration_arg, name_arg
 from .inputs import collect_variables, read_text
 from .render import error, key_json, print_json, when
 
@@ -21,15 +21,15 @@ __all__ = ["cmd_context_complete", "cmd_context_create", "cmd_context_list",
 
 
 def cmd_context_create(args: argparse.Namespace, paths: Paths) -> int:
-    from ..manifests import check_name, parse_duration, read_env_spec
+    from ..manifests import read_env_spec
 
-    execution_id = check_name(args.execution_id, "execution id")
-    environments = [check_name(e, "--environment") for e in args.environment or []]
+    execution_id = name_arg(args.execution_id, "execution id")
+    environments = [name_arg(e, "--environment") for e in args.environment or []]
     spec = read_env_spec(read_text(args.spec, "--spec"), args.spec) if args.spec else {}
     runtime = collect_variables(args.env or [], args.secret or [], args.env_file,
                                 pair_flag="--env")
-    ttl = parse_duration(args.ttl, "--ttl")
-    token_ttl = parse_duration(args.token_ttl, "--token-ttl")
+    ttl = duration_arg(args.ttl, "--ttl")
+    token_ttl = duration_arg(args.token_ttl, "--token-ttl")
     with connect(paths) as client:
         created = client.create_context(execution_id, env_spec=spec, environments=environments,
                                         runtime=runtime, ttl_s=ttl, token_ttl_s=token_ttl,
@@ -45,21 +45,20 @@ def cmd_context_create(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_context_token(args: argparse.Namespace, paths: Paths) -> int:
-    from ..manifests import check_name, parse_duration
 
+    execution_id = name_arg(args.execution_id, "execution id")
+    ttl = duration_arg(args.ttl, "--ttl")
     with connect(paths) as client:
-        issued = client.issue_token(check_name(args.execution_id, "execution id"),
-                                    ttl_s=parse_duration(args.ttl, "--ttl"),
-                                    max_uses=args.max_uses)
+        issued = client.issue_token(execution_id, ttl_s=ttl, max_uses=args.max_uses)
     print(issued.token)
     return EXIT_OK
 
 
 def cmd_context_show(args: argparse.Namespace, paths: Paths) -> int:
-    from ..manifests import check_name
 
+    execution_id = name_arg(args.execution_id, "execution id")
     with connect(paths) as client:
-        info = client.get_context(check_name(args.execution_id, "execution id"))
+        info = client.get_context(execution_id)
     if args.json:
         print_json({"execution_id": info.execution_id, "created_at": info.created_at,
                      "expires_at": info.expires_at, "keys": [key_json(k) for k in info.keys],
@@ -96,10 +95,10 @@ def cmd_context_list(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_context_complete(args: argparse.Namespace, paths: Paths) -> int:
-    from ..manifests import check_name
 
+    execution_id = name_arg(args.execution_id, "execution id")
     with connect(paths) as client:
-        client.complete_context(check_name(args.execution_id, "execution id"))
+        client.complete_context(execution_id)
     print(f"context {args.execution_id} completed; its tokens are revoked")
     return EXIT_OK
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..protocol.errors import BrokerUnavailable, InvalidArgument, StartupError
+from ..protocol.errors import BrokerUnavailable, StartupError
 from .common import (
     EXIT_FAILED,
     EXIT_NOT_RUNNING,
@@ -19,6 +19,7 @@ from .common import (
     KEY_VARIABLE,
     UsageError,
     connect,
+    duration_arg,
 )
 from .render import duration, error, print_json
 
@@ -86,14 +87,9 @@ def _read_credential(path: Path) -> str | None:
 
 def _retention(text: str) -> float | None:
     """``--audit-retention``: a duration of at least a day, or ``forever``."""
-    from ..manifests import parse_duration
-
     if text.strip() == "forever":
         return None
-    try:
-        seconds = parse_duration(text, "--audit-retention", longest=100 * 366 * 86400.0)
-    except InvalidArgument as exc:
-        raise UsageError(exc.message) from None
+    seconds = duration_arg(text, "--audit-retention", longest=100 * 366 * 86400.0)
     if seconds < 86400:
         raise UsageError(f"--audit-retention {text!r} is under a day: audit records are what "
                          "you read after an incident; keep them at least 1d")

@@ -6,7 +6,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..protocol.messages import SECRET_MASK
-from .common import EXIT_OK, UsageError, connect
+from .common import EXIT_OK, UsageError, connect, name_arg, var_arg
 from .inputs import collect_variables, read_text
 from .render import print_json, printable
 
@@ -20,9 +20,8 @@ __all__ = ["cmd_apply", "cmd_env_delete", "cmd_env_list", "cmd_env_set", "cmd_en
 
 
 def cmd_env_set(args: argparse.Namespace, paths: Paths) -> int:
-    from ..manifests import check_name
 
-    name = check_name(args.name, "environment name")
+    name = name_arg(args.name, "environment name")
     data = collect_variables(args.pairs, args.secret or [], args.env_file)
     if not data:
         raise UsageError("nothing to set: give KEY=VALUE, --secret KEY or --env-file FILE")
@@ -35,11 +34,10 @@ def cmd_env_set(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_env_show(args: argparse.Namespace, paths: Paths) -> int:
-    from ..manifests import check_name
 
+    name = name_arg(args.name, "environment name")
     with connect(paths) as client:
-        env = client.get_environment(check_name(args.name, "environment name"),
-                                     reveal=args.reveal)
+        env = client.get_environment(name, reveal=args.reveal)
     if args.json:
         print_json({"name": env.name, "created_at": env.created_at,
                      "updated_at": env.updated_at,
@@ -72,20 +70,20 @@ def cmd_env_list(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_env_unset(args: argparse.Namespace, paths: Paths) -> int:
-    from ..manifests import check_name, check_var_name
 
-    keys = [check_var_name(k) for k in args.keys]
+    keys = [var_arg(k) for k in args.keys]
+    name = name_arg(args.name, "environment name")
     with connect(paths) as client:
-        env = client.unset_variables(check_name(args.name, "environment name"), keys)
+        env = client.unset_variables(name, keys)
     print(f"environment {env.name}: removed {len(keys)} variable(s), {len(env.data)} left")
     return EXIT_OK
 
 
 def cmd_env_delete(args: argparse.Namespace, paths: Paths) -> int:
-    from ..manifests import check_name
 
+    name = name_arg(args.name, "environment name")
     with connect(paths) as client:
-        client.delete_environment(check_name(args.name, "environment name"))
+        client.delete_environment(name)
     print(f"environment {args.name} deleted")
     return EXIT_OK
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..protocol.errors import InvalidArgument
-from .common import UsageError
+from .common import UsageError, assignment_arg, var_arg
 from .render import warn
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def collect_variables(pairs: Sequence[str], secrets: Sequence[str], env_file: st
     The command line wins over the file; a key given twice on the command line is
     a usage error. Values from --env-file are stored as secrets.
     """
-    from ..manifests import parse_assignment, read_env_file
+    from ..manifests import read_env_file
     from ..protocol import Variable
 
     from_file = read_env_file(env_file) if env_file else {}
@@ -51,16 +51,15 @@ def collect_variables(pairs: Sequence[str], secrets: Sequence[str], env_file: st
         out[key] = Variable(value=value, is_secret=secret)
 
     for text in pairs:
-        add(*parse_assignment(text, pair_flag), secret=False)
+        add(*assignment_arg(text, pair_flag), secret=False)
     inline_secret = False
     for text in secrets:
         if "=" in text:
             inline_secret = True
-            add(*parse_assignment(text, "--secret"), secret=True)
+            add(*assignment_arg(text, "--secret"), secret=True)
         else:
-            from ..manifests import check_var_name
 
-            key = check_var_name(text, "--secret")
+            key = var_arg(text, "--secret")
             if key in given:
                 raise UsageError(f"{key} is given twice on the command line")
             add(key, read_secret_value(key), secret=True)
