@@ -28,6 +28,7 @@ from stigmer.broker.protocol.errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    UnsafeSocket,
     UnsupportedVersion,
 )
 
@@ -43,8 +44,8 @@ __all__ = [
     "AlreadyExists", "AsyncClient", "BrokerError", "BrokerUnavailable", "Client", "ErrorCode",
     "FailedPrecondition", "HandshakeRequired", "Internal", "InvalidArgument", "NotFound",
     "PermissionDenied", "ProtocolError", "ResourceExhausted", "Unauthenticated", "Unavailable",
-    "UnsupportedVersion", "Variable", "variables", "ExecutionContext", "PlaceholderError",
-    "SecretFilter", "SpecEntry", "TOKEN_VARIABLE",
+    "UnsafeSocket", "UnsupportedVersion", "Variable", "variables", "ExecutionContext",
+    "PlaceholderError", "SecretFilter", "SpecEntry", "TOKEN_VARIABLE",
 ]
 
 

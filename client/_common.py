@@ -22,7 +22,12 @@ from stigmer.broker.protocol import (
     Variable,
     VerifyAudit,
 )
-from stigmer.broker.protocol.errors import BrokerUnavailable, InvalidArgument, error_from_code
+from stigmer.broker.protocol.errors import (
+    BrokerUnavailable,
+    InvalidArgument,
+    UnsafeSocket,
+    error_from_code,
+)
 from stigmer.broker.protocol.paths import resolve_home, resolve_socket
 from stigmer.broker.protocol.peer import peer_credentials
 
@@ -71,11 +76,11 @@ def check_socket_dir(path: str) -> int:
     except OSError as exc:
         raise unavailable(path, f"its directory cannot be read: {exc.strerror}") from None
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise BrokerUnavailable(f"refusing socket {path}: its directory is not a real "
+        raise UnsafeSocket(f"refusing socket {path}: its directory is not a real "
                                 "directory (a symlink?)")
     loose = stat.S_IMODE(st.st_mode) & 0o027
     if loose:
-        raise BrokerUnavailable(
+        raise UnsafeSocket(
             f"refusing socket {path}: its directory has mode {stat.S_IMODE(st.st_mode):04o}, "
             "so others could have replaced the socket; it must be 0700 (0750 for a runner "
             "group)")
@@ -87,10 +92,10 @@ def check_peer(sock: socket.socket, path: str, dir_owner: int) -> None:
     try:
         uid = peer_credentials(sock).uid
     except OSError:
-        raise BrokerUnavailable(f"refusing socket {path}: the server's identity cannot be "
+        raise UnsafeSocket(f"refusing socket {path}: the server's identity cannot be "
                                 "checked") from None
     if uid not in (os.getuid(), 0, dir_owner):
-        raise BrokerUnavailable(f"refusing socket {path}: it is served by uid {uid}, not by "
+        raise UnsafeSocket(f"refusing socket {path}: it is served by uid {uid}, not by "
                                 "you, root or the directory's owner")
 
 

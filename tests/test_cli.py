@@ -409,3 +409,28 @@ def test_usage_mistakes_exit_2(paths: Paths, args: tuple[str, ...]) -> None:
     result = run_cli(paths, *args)
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_status_into_a_closed_pipe_ends_quietly(cli_broker: Paths) -> None:
+    import shlex
+
+    command = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "stigmer.broker"))
+    for _ in range(10):
+        result = subprocess.run(["sh", "-c", f"{command} status --json | true; "
+                                 f"{command} env list | true"],
+                                capture_output=True, text=True, env=cli_env(cli_broker),
+                                timeout=60)
+        assert result.stderr == "", result.stderr
+
+
+def test_status_names_a_loose_socket_directory_instead_of_not_running(
+        cli_broker: Paths) -> None:
+    cli_broker.socket.parent.chmod(0o755)
+    try:
+        for args in (("status",), ("status", "--json"), ("env", "list")):
+            result = run_cli(cli_broker, *args)
+            assert result.returncode == 1, result
+            assert "not running" not in result.stdout
+            assert "mode 0755" in result.stderr and len(result.stderr.splitlines()) == 1
+    finally:
+        cli_broker.socket.parent.chmod(0o700)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..protocol.errors import BrokerUnavailable, StartupError
+from ..protocol.errors import BrokerUnavailable, StartupError, UnsafeSocket
 from .common import (
     EXIT_FAILED,
     EXIT_NOT_RUNNING,
@@ -218,6 +218,8 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
     try:
         with connect(paths) as client:
             status = client.status()
+    except UnsafeSocket:
+        raise  # not "not running": a broker may well run; the message says what to fix
     except BrokerUnavailable:
         elsewhere = _serving_home_elsewhere(paths)
         if elsewhere is not None:

@@ -14,13 +14,14 @@ mistake, 3 no broker is running (``status``, and client commands).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, NoReturn, cast
 
 from ..config import resolve_paths
-from ..protocol.errors import BrokerError, BrokerUnavailable
+from ..protocol.errors import BrokerError, BrokerUnavailable, UnsafeSocket
 from .common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_USAGE, UsageError
 from .daemon import cmd_status
 from .render import error
@@ -37,6 +38,10 @@ def entry() -> NoReturn:
     Module teardown would cost a short command like `status` a tenth of its time;
     nothing of ours needs it (the store is closed, sockets go with the process).
     """
+    if sys.argv[1:2] != ["serve"]:
+        # as standard CLIs do: `stigmer-broker status | head` ends quietly when head
+        # stops reading (the daemon keeps Python's SIG_IGN: a gone client must not kill it)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         code = main()
     except SystemExit as exc:  # argparse's --help, --version and usage errors
@@ -76,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         error(str(exc))
         return EXIT_USAGE
+    except UnsafeSocket as exc:  # a broker may run, but the socket cannot be trusted
+        error(exc.message)
+        return EXIT_FAILED
     except BrokerUnavailable as exc:
         error(exc.message)
         return EXIT_NOT_RUNNING

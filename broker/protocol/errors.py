@@ -40,6 +40,7 @@ __all__ = [
     "StartupError",
     "Unauthenticated",
     "Unavailable",
+    "UnsafeSocket",
     "UnsupportedVersion",
     "error_from_code",
 ]
@@ -148,6 +149,11 @@ class Unavailable(BrokerError):
 
 class BrokerUnavailable(Unavailable):
     """The client could not reach a broker on its socket."""
+
+
+class UnsafeSocket(BrokerUnavailable):
+    """The client refused the socket: its directory or its server cannot be trusted (a
+    broker may well be running; the message says what to fix)."""
 
 
 class StartupError(Unavailable):
