@@ -102,26 +102,16 @@ class Environments:
     async def get(self, name: str, *, reveal: bool) -> EnvironmentRecord:
         """Return an environment; secret values are None unless ``reveal``.
 
-        Raises NotFound, or Internal naming the variable when a sealed value does
-        not open (tampered or damaged): other environments are unaffected.
+        Raises NotFound, or Internal naming the environment or variable when a row
+        fails its integrity check or a sealed value does not open (tampered or
+        damaged): other environments are unaffected.
         """
-        rows = await self._store.read(
-            "SELECT id, created_at, updated_at, mac FROM environments WHERE name = ?", (name,))
-        if not rows:
+        env_id, created_at, updated_at, variables = await self._read(name)
+        if variables is None:
             raise NotFound(f"environment {name!r} does not exist; `stigmer-broker env list` "
                            "shows the ones that do")
-        env_id, created_at, updated_at, mac = rows[0]
-        data = await self._values(env_id, name, mac, reveal=reveal)
-        return EnvironmentRecord(name, data, created_at, updated_at)
-
-    async def _values(self, env_id: int, name: str, mac: bytes | None, *,
-                      reveal: bool) -> dict[str, VariableView]:
-        rows = await self._store.read(
-            f"SELECT {_VARIABLE_COLUMNS} FROM variables WHERE env_id = ? ORDER BY name",
-            (env_id,))
-        self._check(env_id, name, mac, rows)
         out: dict[str, VariableView] = {}
-        for key, is_secret, value, sealed, _ in rows:
+        for key, is_secret, value, sealed, _ in variables:
             if not is_secret:
                 out[key] = VariableView(is_secret=False, value=value)
             elif not reveal:
@@ -129,16 +119,30 @@ class Environments:
             else:
                 out[key] = VariableView(is_secret=True,
                                         value=self._open(sealed, env_id, name, key))
-        return out
+        return EnvironmentRecord(name, out, created_at, updated_at)
 
     async def resolve(self, name: str) -> dict[str, Variable]:
         """Return every variable of ``name`` with secrets opened (for contexts)."""
-        rows = await self._store.read(
-            "SELECT id, mac FROM environments WHERE name = ?", (name,))
-        if not rows:
+        env_id, _, _, variables = await self._read(name)
+        if variables is None:
             raise NotFound(f"environment {name!r} does not exist")
-        views = await self._values(rows[0][0], name, rows[0][1], reveal=True)
-        return {k: Variable(value=v.value or "", is_secret=v.is_secret) for k, v in views.items()}
+        return {key: Variable(value=self._open(sealed, env_id, name, key) if is_secret
+                              else value, is_secret=bool(is_secret))
+                for key, is_secret, value, sealed, _ in variables}
+
+    async def _read(self, name: str) -> tuple[int, float, float, list[Any] | None]:
+        """Return an environment's row and its variable rows, checked, read in one query
+        (two reads could straddle a change and look like tampering); None when missing."""
+        rows = await self._store.read(
+            "SELECT e.id, e.created_at, e.updated_at, e.mac, v.name, v.is_secret, v.value, "
+            "v.sealed, v.mac FROM environments e LEFT JOIN variables v ON v.env_id = e.id "
+            "WHERE e.name = ? ORDER BY v.name", (name,))
+        if not rows:
+            return 0, 0.0, 0.0, None
+        env_id, created_at, updated_at, mac = rows[0][:4]
+        variables = [row[4:] for row in rows if row[4] is not None]
+        self._check(env_id, name, mac, variables)
+        return env_id, created_at, updated_at, variables
 
     async def list(self) -> list[EnvironmentSummary]:
         """Every environment whose name checks (one that does not is logged and left out;
