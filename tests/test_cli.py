@@ -434,3 +434,31 @@ def test_status_names_a_loose_socket_directory_instead_of_not_running(
             assert "mode 0755" in result.stderr and len(result.stderr.splitlines()) == 1
     finally:
         cli_broker.socket.parent.chmod(0o700)
+
+
+def test_ctrl_d_at_the_secret_prompt_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import getpass
+
+    from stigmer.broker.cli.common import UsageError
+    from stigmer.broker.cli.inputs import read_secret_value
+
+    def eof(prompt: str) -> str:
+        raise EOFError
+
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(getpass, "getpass", eof)
+    with pytest.raises(UsageError, match="no value was entered"):
+        read_secret_value("API_KEY")
+
+
+def test_values_that_are_not_utf8_are_refused_in_one_line(cli_broker: Paths) -> None:
+    env = cli_env(cli_broker)
+    base = [sys.executable, "-m", "stigmer.broker"]
+    for args, stdin in (([b"env", b"set", b"d", b"A=\xffSENTINEL"], b""),
+                        ([b"env", b"set", b"d", b"--secret", b"K"], b"\xffSENTINEL\n"),
+                        ([b"context", b"create", b"x", b"--env", b"A=\xffSENTINEL"], b"")):
+        result = subprocess.run([*base, *args], input=stdin, capture_output=True, env=env,
+                                timeout=60)
+        assert result.returncode in (1, 2), result
+        assert b"Traceback" not in result.stderr and b"SENTINEL" not in result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr

@@ -250,3 +250,14 @@ def test_names_with_a_trailing_newline_are_refused_on_the_wire(name: str) -> Non
         msgspec.convert({"id": 1, "name": "e", "data": {"GITHUB_TOKEN\n": {"value": "x"}}},
                         PutEnvironment)
     assert Variable(value="x")
+
+
+def test_a_lone_surrogate_is_refused_without_the_value() -> None:
+    from stigmer.broker.protocol import Connection, FetchContext, Role
+    from stigmer.broker.protocol.errors import InvalidArgument
+
+    conn = Connection(Role.CLIENT)
+    with pytest.raises(InvalidArgument) as caught:
+        conn.send(FetchContext(id=1, token="stg_\udc80SENTINEL"))
+    assert "SENTINEL" not in str(caught.value)
+    assert caught.value.__context__ is None  # the UnicodeEncodeError held the whole token

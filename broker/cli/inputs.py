@@ -19,11 +19,17 @@ __all__ = ["collect_variables", "read_secret_value", "read_text"]
 
 def read_secret_value(key: str) -> str:
     """Prompt without echo on a terminal; read one line from stdin otherwise."""
-    if sys.stdin.isatty():
-        import getpass
+    try:
+        if sys.stdin.isatty():
+            import getpass
 
-        return getpass.getpass(f"{key}: ")
-    line = sys.stdin.readline()
+            return getpass.getpass(f"{key}: ")
+        line = sys.stdin.readline()
+    except EOFError:  # Ctrl-D at the prompt
+        raise UsageError(f"--secret {key}: no value was entered; nothing was changed") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--secret {key}: the value is not UTF-8 text; nothing was changed"
+                         ) from None
     if not line:
         raise UsageError(f"--secret {key}: no value on standard input (one line per key)")
     return line.rstrip("\r\n")

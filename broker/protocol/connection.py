@@ -238,12 +238,21 @@ class Connection:
         """Return the frame for ``message``, length prefix included.
 
         Raises ResourceExhausted (changing nothing) when the message is over the
-        frame limit, which the peer would refuse.
+        frame limit, which the peer would refuse, and InvalidArgument (without the
+        text) when it holds a string that cannot be encoded.
         """
         if self.state is State.ERROR and not isinstance(message, Error):
             raise self._error or ProtocolError("connection is in the ERROR state")
         buf = bytearray(HEADER_SIZE)
-        _ENCODER.encode_into(message, buf, HEADER_SIZE)
+        try:
+            _ENCODER.encode_into(message, buf, HEADER_SIZE)
+            unencodable = False
+        except UnicodeEncodeError:  # its .object holds the whole value: it must not survive
+            unencodable = True
+        if unencodable:  # raised outside the handler, so not even __context__ keeps it
+            raise InvalidArgument(
+                f"{type(message).__name__} holds text that is not valid Unicode (a lone "
+                "surrogate, as from undecodable bytes); give values as UTF-8 text")
         size = len(buf) - HEADER_SIZE
         if size > self._reader.max_frame_size:
             raise ResourceExhausted(
