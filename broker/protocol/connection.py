@@ -184,14 +184,18 @@ class Connection:
     def _decode(self, body: bytes) -> Request | Response:
         try:
             message: Request | Response = self._decoder.decode(body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            # every way bytes can fail to be a message is one answer: an Error frame
+            reason = (str(exc) if isinstance(exc, msgspec.DecodeError)
+                      else "a string is not valid UTF-8" if isinstance(exc, UnicodeDecodeError)
+                      else "it is nested too deeply")
             try:
                 request_id = _ID_DECODER.decode(body).id
-            except (msgspec.DecodeError, OverflowError):
+            except (msgspec.DecodeError, OverflowError, UnicodeDecodeError, RecursionError):
                 request_id = 0
             if not 0 <= request_id < 2**63:
                 request_id = 0
-            raise self._fail(ProtocolError(f"malformed message: {exc}",
+            raise self._fail(ProtocolError(f"malformed message: {reason}",
                                            request_id=request_id)) from None
         return message
 
