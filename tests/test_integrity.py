@@ -234,3 +234,53 @@ def test_the_service_takes_the_key_from_a_systemd_credential(paths: Paths,
     other = base64.b64encode(b"O" * 32).decode()
     result = run_cli(paths, "serve", env=cli_env(paths, STIGMER_ENCRYPTION_KEY=other))
     assert result.returncode == 1 and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ the daemon's log
+
+
+def test_the_log_escapes_what_a_peer_controls() -> None:
+    import logging
+
+    from stigmer.broker.daemon.logs import OneLineFormatter
+
+    record = logging.LogRecord("stigmer.broker", logging.INFO, __file__, 1,
+                               "protocol error from pid %s: %s", (7, "op 'x'\n2026-01-01 "
+                               "ERROR forged line \x1b[2J"), None)
+    line = OneLineFormatter("%(message)s").format(record)
+    assert "\n" not in line and "\x1b" not in line
+    assert "\\n2026-01-01 ERROR forged line \\x1b[2J" in line
+
+
+def test_a_flood_of_one_cause_is_capped() -> None:
+    import logging
+
+    from stigmer.broker.daemon.logs import PerCause
+
+    cap = PerCause(burst=20, window=0.2)
+
+    def rec(n: int) -> logging.LogRecord:
+        return logging.LogRecord("b", logging.INFO, __file__, 1, "bad frame from pid %s",
+                                 (n,), None)
+
+    passed = sum(cap.filter(rec(n)) for n in range(10_000))
+    assert passed == 20
+    other = logging.LogRecord("b", logging.INFO, __file__, 1, "another cause", (), None)
+    assert cap.filter(other)  # other causes are not held back
+    time.sleep(0.25)
+    late = rec(0)
+    assert cap.filter(late) and "9980 more like it" in late.getMessage()
+
+
+def test_a_daemon_flooded_by_bad_peers_keeps_its_log_small(paths: Paths) -> None:
+    import socket
+
+    with Daemon(paths) as daemon:
+        for _ in range(400):  # each sends a frame the daemon logs a protocol error about
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(paths.socket))
+                body = b"\x82\xa2op\xa5Hel\xff\xfe\xa2id\x01"
+                s.sendall(len(body).to_bytes(4, "big") + body)
+                s.recv(4096)
+        lines = daemon.stderr().splitlines()
+    assert len(lines) < 80, len(lines)

@@ -34,15 +34,13 @@ __all__ = ["cmd_serve", "cmd_start", "cmd_status", "cmd_stop"]
 
 def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     """Serve in the foreground; a StartupError reaches :func:`.main.main`, which reports it."""
-    import logging
-
     from ..config import Config
     from ..daemon.lifecycle import run
+    from ..daemon.logs import configure as configure_logging
     from ..daemon.systemd import inherited_socket, systemd_unit
 
     retention = _retention(args.audit_retention)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose=args.verbose)
     env_key = os.environ.pop(KEY_VARIABLE, None)
     origin = KEY_VARIABLE
     if args.key_fd is not None:

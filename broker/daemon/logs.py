@@ -1,0 +1,66 @@
+"""The daemon's log: one line per record, peer-controlled text escaped, floods capped.
+
+A peer controls some of what the daemon logs (an op name inside a protocol
+error, say). :class:`OneLineFormatter` escapes every control character in the
+message, so a newline or a terminal escape sequence cannot forge a line or
+repaint a terminal. :class:`PerCause` lets at most ``burst`` records of one
+cause (its message template and level) through per ``window`` seconds, then
+says once how many it held back, so one peer cannot grow the log without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+__all__ = ["OneLineFormatter", "PerCause", "configure"]
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# C0 and C1 controls and DEL, but not the space: each becomes a visible escape
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+class OneLineFormatter(logging.Formatter):
+    """Formats the message on one line with control characters escaped (a traceback,
+    added by :meth:`logging.Logger.exception`, still follows on its own lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_ESCAPES)
+        return super().formatMessage(record)
+
+
+class PerCause(logging.Filter):
+    """At most ``burst`` records per cause per ``window`` seconds."""
+
+    def __init__(self, burst: int = 20, window: float = 10.0) -> None:
+        super().__init__()
+        self._burst = burst
+        self._window = window
+        self._seen: dict[tuple[object, int], list[float]] = {}  # cause -> [start, count]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        cause = (record.msg, record.levelno)
+        seen = self._seen.get(cause)
+        if seen is None or now - seen[0] >= self._window:
+            held = int(seen[1]) - self._burst if seen is not None else 0
+            if len(self._seen) > 10_000:  # causes are templates: few; but stay bounded
+                self._seen.clear()
+            self._seen[cause] = [now, 1]
+            if held > 0:
+                record.msg = f"{record.msg} [and {held} more like it in the last window]"
+            return True
+        seen[1] += 1
+        return seen[1] <= self._burst
+
+
+def configure(*, verbose: bool) -> None:
+    """Send the daemon's log to stderr, one escaped line per record, floods capped."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(_FORMAT))
+    handler.addFilter(PerCause())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
