@@ -264,3 +264,30 @@ async def test_an_environment_too_big_for_a_reply_is_refused_whole(vault: Sealed
     with pytest.raises(ResourceExhausted, match=str(MAX_ENVIRONMENT_BYTES)):
         await envs.put("big", more)
     assert set((await envs.get("big", reveal=False)).data) == set(chunk)  # nothing changed
+
+
+async def test_a_failed_start_writes_no_key_id(short_dir: Path) -> None:
+    import base64
+    import sqlite3
+
+    v = await open_vault(short_dir)
+    await v.environments().put("e", {"S": secret("x")})
+    await v.close()
+    with sqlite3.connect(short_dir / "local.db") as db:  # the key check value is lost
+        db.execute("DELETE FROM meta WHERE key = 'master_key_id'")
+    key_file = short_dir / "master.key"
+    right = key_file.read_bytes()
+    key_file.unlink()  # the wrong key is the only one offered
+    wrong = base64.b64encode(os.urandom(32)).decode()
+    with pytest.raises(StartupError):
+        await open_vault(short_dir, env_key=wrong)
+    key_file.write_bytes(right)
+    key_file.chmod(0o600)
+    with sqlite3.connect(short_dir / "local.db") as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'master_key_id'").fetchall() == []
+    v = await open_vault(short_dir)  # the right key still opens it, and is recorded
+    try:
+        assert (await v.environments().get("e", reveal=True)).data["S"].value == "x"
+        assert await v.store.meta("master_key_id") == v.vault.key_id
+    finally:
+        await v.close()

@@ -105,13 +105,12 @@ class Vault:
         pending_id = await store.meta(_PENDING_ID)
         accepted = frozenset(i for i in (master_id, pending_id) if i)
         master = await load_master_key(sources, store_key_ids=accepted)
-        if master_id is None:
+        if pending_id is not None:
+            await _finish_rotation(store, master, master_id or master.id, pending_id)
+        data_keys = await _load_data_keys(store, master)  # a wrong key fails here...
+        if master_id is None:  # ...before its id is recorded: a failed start writes nothing
             async with store.write() as db:
                 await Store.set_meta(db, [(_MASTER_ID, master.id)])
-            master_id = master.id
-        if pending_id is not None:
-            await _finish_rotation(store, master, master_id, pending_id)
-        data_keys = await _load_data_keys(store, master)
         return cls(store, master, data_keys)
 
     @property
