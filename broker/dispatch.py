@@ -118,14 +118,13 @@ class Dispatcher:
                         "anchor is kept as %s", kept)
         await self.contexts.load()
         await self.audit.anchor()
-        await self._retain()
 
     async def maintain(self, *, flush_interval: float = 0.2, sweep_interval: float = 10.0,
                        retention_interval: float = 3600.0) -> None:
         """Run forever: flush buffered audit records, sweep expired contexts, apply the
         audit retention, give free pages back."""
         next_sweep = time.monotonic() + sweep_interval
-        next_retention = time.monotonic() + retention_interval
+        next_retention = time.monotonic()  # the first cut runs soon, not in start-up
         while True:
             await anyio.sleep(flush_interval)
             try:
@@ -136,7 +135,7 @@ class Dispatcher:
                         await self.audit.flush()
                         await self._store.reclaim()
                 if time.monotonic() >= next_retention:
-                    next_retention = time.monotonic() + retention_interval
+                    next_retention = time.monotonic()  # the first cut runs soon, not in start-up
                     await self._retain()
             except BrokerError as exc:  # disk full and the like: keep buffering, retry
                 log.warning("background write failed: %s", exc.message)
