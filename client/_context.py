@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from stigmer.broker.protocol import SECRET_MASK, Variable
 from stigmer.broker.protocol.errors import InvalidArgument
@@ -54,6 +54,17 @@ class ExecutionContext(Mapping[str, str]):
         return f"ExecutionContext(execution_id={self.execution_id!r}, {{{shown}}})"
 
     __str__ = __repr__
+
+    def __reduce__(self) -> NoReturn:
+        # A pickle is plaintext on disk or on a queue: pass the execution id instead.
+        raise TypeError("ExecutionContext holds secret values and cannot be pickled; keep it "
+                        "in memory, or pass its execution id and fetch it where it is needed")
+
+    def __copy__(self) -> ExecutionContext:
+        return self  # read-only
+
+    def __deepcopy__(self, memo: object) -> ExecutionContext:
+        return self
 
     def is_secret(self, key: str) -> bool:
         """Return whether ``key`` holds a secret. Raises KeyError for an unknown key."""

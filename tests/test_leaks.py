@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import json
+import logging
 import os
+import pickle
 import secrets
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import cli_env, run_cli
 
 from stigmer.broker.config import Paths
+from stigmer.broker.protocol import ContextCreated, FetchContext, TokenIssued, Variable
+from stigmer.client import ExecutionContext
 
 # Made at run time, so no source file or editor buffer can hold them.
 SENTINELS = {way: f"SENTINEL-{way.lower()}-{secrets.token_hex(8)}"
@@ -114,3 +121,71 @@ def test_rotation_killed_at_random_moments_loses_nothing(paths: Paths) -> None:
         assert {k: v["value"] for k, v in data.items()} == values
     assert run_cli(paths, "key", "rotate").returncode == 0
     run_cli(paths, "stop", check=True)
+
+
+# ------------------------------------------------------------ client-side leaks
+
+PEM = "-----BEGIN KEY-----\nMIIsentinel\\x\"q'uote\n-----END KEY-----"
+JSON_SECRET = '{"client_secret": "sentinel-json-77"}'
+
+
+def _leak_context() -> ExecutionContext:
+    return ExecutionContext("e1", 0.0, {
+        "PEM": Variable(value=PEM, is_secret=True),
+        "CRED": Variable(value=JSON_SECRET, is_secret=True),
+        "PLAIN": Variable(value="visible")})
+
+
+def _logged(ctx: ExecutionContext, emit: Callable[[logging.Logger], None]) -> str:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s %(user)s %(payload)s"))
+    handler.addFilter(ctx.log_filter())
+    logger = logging.getLogger("stigmer-leak-test")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        emit(logger)
+    finally:
+        logger.removeHandler(handler)
+    return stream.getvalue()
+
+
+def _no_fragment(text: str) -> None:
+    for fragment in ("MIIsentinel", "sentinel-json-77"):
+        assert fragment not in text, text
+
+
+def test_the_log_filter_masks_extra_fields() -> None:
+    ctx = _leak_context()
+    text = _logged(ctx, lambda log: log.warning(
+        "login", extra={"user": ctx["CRED"], "payload": {"pem": ctx["PEM"], "n": 1}}))
+    _no_fragment(text)
+    assert "login" in text
+
+
+def test_the_log_filter_masks_escaped_spellings() -> None:
+    ctx = _leak_context()
+    text = _logged(ctx, lambda log: log.warning(
+        "%r %s %s", ctx["PEM"], json.dumps({"k": ctx["PEM"]}), json.dumps(ctx["CRED"]),
+        extra={"user": "-", "payload": [ctx["PEM"]]}))
+    _no_fragment(text)
+    assert text.count("***") >= 4
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _leak_context(),
+    lambda: Variable(value="sentinel-pickle", is_secret=True),
+    lambda: ContextCreated(id=1, execution_id="e", expires_at=0.0, token="stg_sentinel",
+                           token_id="t", token_expires_at=0.0, keys=[]),
+    lambda: TokenIssued(id=1, execution_id="e", token="stg_sentinel", token_id="t",
+                        expires_at=0.0),
+    lambda: FetchContext(id=1, token="stg_sentinel"),
+], ids=["context", "variable", "created", "token", "fetch"])
+def test_secret_holders_refuse_to_be_pickled(make: Callable[[], object]) -> None:
+    value = make()
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        with pytest.raises(TypeError, match="cannot be pickled") as info:
+            pickle.dumps(value, protocol)
+        assert "sentinel" not in str(info.value)
+    assert copy.deepcopy(value) is value and copy.copy(value) == value

@@ -10,7 +10,7 @@ talking to a version that does not know them.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, NoReturn, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -56,6 +56,22 @@ VarName = Annotated[
 Value = Annotated[str, Meta(max_length=MAX_VALUE_LENGTH)]
 Text = Annotated[str, Meta(max_length=4096)]
 Count = Annotated[int, Meta(ge=0)]
+_T = TypeVar("_T")
+
+
+def _refuse_pickle(self: object) -> NoReturn:
+    """``__reduce__`` of the messages that hold a secret value or a token.
+
+    A pickle is plaintext on disk or on a queue, so these refuse to become one.
+    ``copy.deepcopy`` also goes through ``__reduce__``; they are immutable, so
+    :func:`_same` stands in for it.
+    """
+    raise TypeError(f"{type(self).__name__} holds secret values or a token and cannot be "
+                    "pickled; keep it in memory, or store the execution id instead")
+
+
+def _same(self: _T, memo: object = None) -> _T:
+    return self
 
 
 class _Data(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -68,6 +84,9 @@ class Variable(_Data, frozen=True):
     value: Value
     is_secret: bool = False
 
+    __reduce__ = _refuse_pickle
+    __deepcopy__ = _same
+
     def __repr__(self) -> str:
         shown = f"'{SECRET_MASK}'" if self.is_secret else repr(self.value)
         return f"Variable(value={shown}, is_secret={self.is_secret})"
@@ -78,6 +97,9 @@ class VariableView(_Data, frozen=True):
 
     is_secret: bool
     value: Value | None = None
+
+    __reduce__ = _refuse_pickle
+    __deepcopy__ = _same
 
     def __repr__(self) -> str:
         masked = self.is_secret and self.value is not None
@@ -112,6 +134,9 @@ class SpecEntry(_Data, frozen=True):
     value: Value | None = None
     is_secret: bool = False
     description: Text = ""
+
+    __reduce__ = _refuse_pickle
+    __deepcopy__ = _same
 
     def __repr__(self) -> str:
         masked = self.is_secret and self.value is not None
@@ -278,6 +303,9 @@ class FetchContext(Request, frozen=True, kw_only=True):
     token: Token
     admin: ClassVar[bool] = False
 
+    __reduce__ = _refuse_pickle
+    __deepcopy__ = _same
+
     def __repr__(self) -> str:
         return _masked_token("FetchContext", {"id": self.id})
 
@@ -287,6 +315,9 @@ class ReleaseContext(Request, frozen=True, kw_only=True):
 
     token: Token
     admin: ClassVar[bool] = False
+
+    __reduce__ = _refuse_pickle
+    __deepcopy__ = _same
 
     def __repr__(self) -> str:
         return _masked_token("ReleaseContext", {"id": self.id})
@@ -377,6 +408,9 @@ class ContextCreated(Response, frozen=True, kw_only=True):
     token_expires_at: float
     keys: list[KeyInfo]
 
+    __reduce__ = _refuse_pickle
+    __deepcopy__ = _same
+
     def __repr__(self) -> str:
         return _masked_token("ContextCreated", {"id": self.id,
                                                 "execution_id": self.execution_id,
@@ -390,6 +424,9 @@ class TokenIssued(Response, frozen=True, kw_only=True):
     token: str
     token_id: str
     expires_at: float
+
+    __reduce__ = _refuse_pickle
+    __deepcopy__ = _same
 
     def __repr__(self) -> str:
         return _masked_token("TokenIssued", {"id": self.id, "execution_id": self.execution_id,
@@ -432,6 +469,9 @@ class ContextFetchedRaw(Response, frozen=True, kw_only=True, tag="ContextFetched
     execution_id: str
     expires_at: float
     variables: msgspec.Raw
+
+    __reduce__ = _refuse_pickle
+    __deepcopy__ = _same
 
     def __repr__(self) -> str:
         return f"ContextFetchedRaw(id={self.id}, execution_id={self.execution_id!r}, ...)"
