@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import msgspec
 import msgspec.inspect as mi
 import pytest
+from google.protobuf import descriptor_pb2
+from grpc_tools import protoc
 from samples import SAMPLES
 
 from stigmer.broker.protocol import (
@@ -21,7 +22,8 @@ from stigmer.broker.protocol import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO = ROOT / "proto" / "stigmer" / "broker" / "v1" / "broker.proto"
+PROTO_ROOT = ROOT / "proto"
+PROTO = PROTO_ROOT / "stigmer" / "broker" / "v1" / "broker.proto"
 VECTORS = ROOT / "proto" / "vectors.json"
 ALL_TYPES: tuple[type[msgspec.Struct], ...] = (*REQUEST_TYPES, *RESPONSE_TYPES, *RECORD_TYPES)
 
@@ -53,16 +55,37 @@ def test_golden_vectors_decode_to_the_samples(name: str) -> None:
     assert conn.next_event() == SAMPLES[name]
 
 
-def _proto_messages() -> dict[str, dict[str, str]]:
-    text = re.sub(r"//[^\n]*", "", PROTO.read_text())
-    messages: dict[str, dict[str, str]] = {}
-    for name, body in re.findall(r"message (\w+) \{(.*?)\}", text, re.S):
-        fields = {}
-        for label, type_, field in re.findall(
-                r"^\s*(optional |repeated )?(map<\w+, ?\w+>|\w+) (\w+) = \d+;", body, re.M):
-            fields[field] = (label.strip() + " " if label else "") + type_.replace(" ", "")
-        messages[name] = fields
-    return messages
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> descriptor_pb2.FileDescriptorProto:
+    """The .proto as protoc itself reads it (grpcio-tools bundles protoc)."""
+    out = tmp_path_factory.mktemp("proto") / "broker.pb"
+    status = protoc.main(["protoc", f"-I{PROTO_ROOT}", f"--descriptor_set_out={out}",
+                          str(PROTO)])
+    assert status == 0, "protoc rejected broker.proto (its errors are printed above)"
+    files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    assert [f.name for f in files] == ["stigmer/broker/v1/broker.proto"]
+    return files[0]
+
+
+_FD = descriptor_pb2.FieldDescriptorProto
+_SCALARS = {_FD.TYPE_INT64: "int64", _FD.TYPE_STRING: "string", _FD.TYPE_BOOL: "bool",
+            _FD.TYPE_DOUBLE: "double"}
+
+
+def _declared_type(field: _FD, nested: dict[str, descriptor_pb2.DescriptorProto]) -> str:
+    """A descriptor field, spelled like :func:`_proto_type` spells a msgspec field."""
+    if field.type == _FD.TYPE_MESSAGE:
+        name = field.type_name.rsplit(".", 1)[-1]
+        entry = nested.get(name)
+        if entry is not None and entry.options.map_entry:
+            key, value = (_declared_type(f, nested) for f in entry.field)
+            return f"map<{key},{value}>"
+        base = name
+    else:
+        base = _SCALARS[field.type]
+    if field.label == _FD.LABEL_REPEATED:
+        return "repeated " + base
+    return "optional " + base if field.proto3_optional else base
 
 
 def _proto_type(t: mi.Type) -> str:
@@ -80,21 +103,31 @@ def _proto_type(t: mi.Type) -> str:
             mi.FloatType: "double"}[type(t)]
 
 
-def test_proto_declares_the_same_messages_and_fields() -> None:
-    declared = _proto_messages()
+def test_proto_declares_the_same_messages_fields_numbers_and_types(
+        compiled: descriptor_pb2.FileDescriptorProto) -> None:
+    declared = {m.name: m for m in compiled.message_type}
     assert set(declared) == {t.__name__ for t in ALL_TYPES}
     for cls in ALL_TYPES:
         info = mi.type_info(cls)
         assert isinstance(info, mi.StructType)
-        ours = {f.name: _proto_type(f.type) for f in info.fields}
-        assert declared[cls.__name__] == ours, cls.__name__
+        message = declared[cls.__name__]
+        nested = {n.name: n for n in message.nested_type}
+        theirs = {f.name: (f.number, _declared_type(f, nested)) for f in message.field}
+        # Numbers follow the struct's field order, so a field added last keeps the rest.
+        ours = {f.name: (number, _proto_type(f.type))
+                for number, f in enumerate(info.fields, start=1)}
+        assert theirs == ours, cls.__name__
 
 
-def test_proto_service_has_one_rpc_per_request() -> None:
-    text = PROTO.read_text()
-    rpcs = re.findall(r"rpc (\w+)\((\w+)\)", text)
-    assert {name for name, _ in rpcs} == {t.__name__ for t in REQUEST_TYPES}
-    assert all(name == arg for name, arg in rpcs)
+def test_proto_service_has_one_rpc_per_request(
+        compiled: descriptor_pb2.FileDescriptorProto) -> None:
+    [service] = compiled.service
+    prefix = f".{compiled.package}."
+    rpcs = {m.name: (m.input_type, m.output_type) for m in service.method}
+    assert set(rpcs) == {t.__name__ for t in REQUEST_TYPES}
+    for name, (request, reply) in rpcs.items():
+        assert request == prefix + name
+        assert reply.removeprefix(prefix) in {t.__name__ for t in RESPONSE_TYPES}
 
 
 def test_wire_keys_are_the_field_names() -> None:
