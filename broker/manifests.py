@@ -7,10 +7,13 @@ the broker or prints.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from .protocol import (
     MAX_NAME_LENGTH,
@@ -60,24 +63,84 @@ def parse_assignment(text: str, flag: str) -> tuple[str, str]:
 
 
 def read_env_file(path: str) -> dict[str, str]:
-    """Return the variables of a .env file (comments, quotes, ``export`` allowed)."""
-    from dotenv import dotenv_values
+    """Return the variables of a .env file (comments, quotes, ``export`` allowed).
 
+    All or nothing: a line that is not ``KEY=VALUE``, a key without a value or a
+    key given twice refuses the whole file, naming the line.
+    """
+    from dotenv.parser import parse_stream
+
+    flag = f"--env-file {path}"
     file = Path(path)
-    if not file.is_file():
-        raise InvalidArgument(f"--env-file {path}: no such file")
+    if file.is_dir():
+        raise InvalidArgument(f"{flag}: is a directory; give a .env file")
     try:
-        raw = dotenv_values(file, interpolate=False)
+        with file.open(encoding="utf-8") as stream:
+            bindings = list(parse_stream(stream))
+    except FileNotFoundError:
+        raise InvalidArgument(f"{flag}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"--env-file {path}: cannot be read ({type(exc).__name__})"
-                              ) from None
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise InvalidArgument(f"{flag}: cannot be read ({reason})") from None
     out: dict[str, str] = {}
-    for key, value in raw.items():
-        check_var_name(key, f"--env-file {path}")
-        if value is None:
-            raise InvalidArgument(f"--env-file {path}: {key} has no value (write {key}=...)")
-        out[key] = value
+    lines: dict[str, int] = {}
+    for binding in bindings:
+        line = binding.original.line
+        if binding.error:
+            raise InvalidArgument(f"{flag}: line {line} is not KEY=VALUE; nothing was "
+                                  "imported (fix or remove that line)")
+        key = binding.key
+        if key is None:  # a comment or a blank line
+            continue
+        check_var_name(key, f"{flag} line {line}")
+        if binding.value is None:
+            raise InvalidArgument(f"{flag}: line {line}: {key} has no value (write {key}=...)")
+        if key in out:
+            raise InvalidArgument(f"{flag}: line {line} sets {key} again (first set on line "
+                                  f"{lines[key]}); keep one")
+        out[key], lines[key] = binding.value, line
     return out
+
+
+class _Entry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    value: str
+    is_secret: bool = False
+    description: str = ""
+
+
+class _Data(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Entries stay raw here and are converted one by one, so that an error can
+    # name the key (msgspec spells a dict key's path as "[...]").
+    data: dict[str, Any] = {}
+    description: str = ""
+
+
+class _Metadata(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+    description: str = ""
+
+
+class _EnvironmentManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
+                           rename={"api_version": "apiVersion"}):
+    api_version: str
+    kind: str
+    metadata: _Metadata
+    spec: _Data = _Data()
+
+
+class _SpecEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    value: str | None = None  # none: the key is required
+    is_secret: bool = False
+    description: str = ""
+
+
+class _Workflow(msgspec.Struct, frozen=True):
+    """An Agent or Workflow manifest: only ``spec.env_spec`` matters here."""
+
+    kind: str
+    spec: dict[str, Any] = {}
 
 
 def read_environment_manifests(text: str, source: str) -> list[EnvironmentSpec]:
@@ -86,14 +149,7 @@ def read_environment_manifests(text: str, source: str) -> list[EnvironmentSpec]:
     Raises InvalidArgument naming the document and field at the first mistake;
     the caller applies nothing then.
     """
-    import yaml
-
-    try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise InvalidArgument(f"{source}: not valid YAML{where}") from None
+    documents = [d for d in _load_yaml(text, source, every=True) if d is not None]
     if not documents:
         raise InvalidArgument(f"{source}: no documents found")
     specs = [_environment(doc, f"{source} document {n}") for n, doc in
@@ -107,49 +163,118 @@ def read_environment_manifests(text: str, source: str) -> list[EnvironmentSpec]:
 
 
 def _environment(doc: Any, where: str) -> EnvironmentSpec:
-    doc = _mapping(doc, where)
-    _only(doc, {"apiVersion", "kind", "metadata", "spec"}, where)
+    if not isinstance(doc, dict):
+        raise InvalidArgument(f"{where} must be a mapping")
     if doc.get("apiVersion") != API_VERSION:
         raise InvalidArgument(f"{where}: apiVersion must be {API_VERSION!r}, got "
                               f"{doc.get('apiVersion')!r}")
     if doc.get("kind") != "Environment":
         raise InvalidArgument(f"{where}: kind {doc.get('kind')!r} is not supported here "
                               "(only Environment)")
-    metadata = _mapping(doc.get("metadata"), f"{where} metadata")
-    _only(metadata, {"name", "labels", "annotations", "description"}, f"{where} metadata")
-    name = metadata.get("name")
-    if not isinstance(name, str):
-        raise InvalidArgument(f"{where}: metadata.name is required")
-    check_name(name, f"{where}: metadata.name")
-    spec = _mapping(doc.get("spec", {}), f"{where} spec")
-    _only(spec, {"data", "description"}, f"{where} spec")
-    data = _mapping(spec.get("data", {}), f"{where} spec.data")
+    manifest = _convert(doc, _EnvironmentManifest, where, "")
+    check_name(manifest.metadata.name, f"{where}: metadata.name")
     variables: dict[str, Variable] = {}
-    for key, entry in data.items():
-        field = f"{where} spec.data.{key}"
-        check_var_name(str(key), where)
-        entry = _mapping(entry, field)
-        _only(entry, {"value", "is_secret", "description"}, field)
-        value = entry.get("value")
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise InvalidArgument(f"{field}.value must be a string")
-        is_secret = entry.get("is_secret", False)
-        if not isinstance(is_secret, bool):
-            raise InvalidArgument(f"{field}.is_secret must be true or false")
-        variables[str(key)] = Variable(value=str(value), is_secret=is_secret)
-    return EnvironmentSpec(name=name, data=variables)
+    for key, raw in manifest.spec.data.items():
+        check_var_name(key, where)
+        entry = _convert(raw, _Entry, where, f"spec.data.{key}")
+        variables[key] = Variable(value=entry.value, is_secret=entry.is_secret)
+    return EnvironmentSpec(name=manifest.metadata.name, data=variables)
 
 
-def _mapping(value: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise InvalidArgument(f"{where} must be a mapping")
-    return value
+_T = TypeVar("_T")
+_MSGSPEC_ERROR = re.compile(r"(?P<what>.*?)(?: - at `(?P<at>[^`]*)`(?: in `(?P<in>[^`]*)`)?)?")
 
 
-def _only(mapping: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
-    unknown = sorted(set(map(str, mapping)) - set(allowed))
-    if unknown:
-        raise InvalidArgument(f"{where}: unknown field {unknown[0]!r}")
+def _convert(raw: Any, into: type[_T], where: str, path: str) -> _T:
+    """``msgspec.convert`` with its error told in the manifest's own terms."""
+    try:
+        return msgspec.convert(raw, into, strict=True)
+    except msgspec.ValidationError as exc:
+        raise InvalidArgument(f"{where}: {_explain(str(exc), path)}") from None
+
+
+def _explain(error: str, base: str) -> str:
+    """Turn ``Expected `str`, got `int` - at `$.spec.data[...].value``` into
+    ``spec.data.PORT.value must be a string: quote it``."""
+    match = _MSGSPEC_ERROR.fullmatch(error)
+    assert match is not None  # the pattern matches any text
+    what, at, inside = match["what"], match["at"] or "$", match["in"]
+
+    def field(path: str) -> str:
+        tail = path.removeprefix("$").lstrip(".")
+        return ".".join(p for p in (base, tail) if p) or "the document"
+
+    if at == "key" and inside:
+        return f"the keys of {field(inside)} must be strings"
+    name = field(at)
+    if found := re.fullmatch(r"Object contains unknown field `(.*)`", what):
+        return f"unknown field {found[1]!r}" + (f" in {name}" if name != "the document" else "")
+    if found := re.fullmatch(r"Object missing required field `(.*)`", what):
+        parent = "" if name == "the document" else name + "."
+        return f"{parent}{found[1]} is required"
+    if found := re.fullmatch(r"Expected `(.*?)`, got `(.*)`", what):
+        expected, got = found[1], found[2]
+        if expected.startswith("str"):
+            return (f"{name} must be a string, not {got}: quote it (YAML reads true, false and "
+                    "null as other types)")
+        if expected == "bool":
+            return f"{name} must be true or false, not {got}"
+        if expected == "object":
+            return f"{name} must be a mapping, not {got}"
+        return f"{name} must be {expected}, not {got}"
+    return f"{name}: {what.replace('`', chr(39))}"
+
+
+def _load_yaml(text: str, source: str, *, every: bool) -> list[Any]:
+    """Parse YAML as written: every scalar is a string except true/false and null, so
+    01234, 12:30, 0x1F and 1.10 stay what they look like; a duplicate key or an alias
+    is an error naming its line."""
+    import yaml
+
+    loader = _strict_loader()(text)
+    try:
+        if every:
+            return list(iter(loader.get_data, None)) if loader.check_data() else []
+        return [loader.get_single_data()]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        reason = f": {problem}" if problem else ""
+        raise InvalidArgument(f"{source}: not valid YAML{where}{reason}") from None
+    finally:
+        loader.dispose()
+
+
+@functools.cache
+def _strict_loader() -> type[Any]:
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.composer.ComposerError(
+                    None, None, "aliases (*name) are not allowed here: write the value out",
+                    self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[object] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    StrictLoader.yaml_implicit_resolvers = {}  # none of SafeLoader's, then only these two
+    StrictLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+        list("tTfF"))
+    StrictLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:null", re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""])
+    return StrictLoader
 
 
 _DURATION = re.compile(r"(?:\d+(?:\.\d+)?[dhms])+|\d+(?:\.\d+)?")
@@ -176,39 +301,25 @@ def parse_duration(text: str, flag: str, *, longest: float = YEAR) -> float:
 def read_env_spec(text: str, source: str) -> dict[str, SpecEntry]:
     """Return the env_spec of an Agent/Workflow manifest (``spec.env_spec.data``) or of a
     bare ``{KEY: {value?, is_secret?, description?}}`` map, in YAML or JSON."""
-    import yaml
-
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise InvalidArgument(f"--spec {source}: not valid YAML or JSON") from None
-    doc = _mapping(doc, f"--spec {source}")
+    where = f"--spec {source}"
+    doc = _load_yaml(text, where, every=False)[0]
+    if not isinstance(doc, dict):
+        raise InvalidArgument(f"{where} must be a mapping")
     if "kind" in doc or "spec" in doc:
         kind = doc.get("kind")
         if kind not in ("Agent", "Workflow"):
-            raise InvalidArgument(f"--spec {source}: kind {kind!r} has no env_spec "
+            raise InvalidArgument(f"{where}: kind {kind!r} has no env_spec "
                                   "(use an Agent or Workflow manifest, or a bare map)")
-        spec = _mapping(doc.get("spec", {}), f"--spec {source} spec")
-        env_spec = _mapping(spec.get("env_spec", {}), f"--spec {source} spec.env_spec")
-        _only(env_spec, {"data", "description"}, f"--spec {source} spec.env_spec")
-        data = _mapping(env_spec.get("data", {}), f"--spec {source} spec.env_spec.data")
-        where = f"--spec {source} spec.env_spec.data"
+        spec = _convert(doc, _Workflow, where, "").spec
+        env_spec = _convert(spec.get("env_spec", {}), _Data, where, "spec.env_spec")
+        data, path = env_spec.data, "spec.env_spec.data"
     else:
-        data, where = doc, f"--spec {source}"
+        data, path = doc, ""
     out: dict[str, SpecEntry] = {}
-    for key, entry in data.items():
-        check_var_name(str(key), where)
-        field = f"{where}.{key}"
-        entry = _mapping(entry if entry is not None else {}, field)
-        _only(entry, {"value", "is_secret", "description"}, field)
-        value = entry.get("value")
-        if value is not None and (isinstance(value, bool) or
-                                  not isinstance(value, str | int | float)):
-            raise InvalidArgument(f"{field}.value must be a string")
-        is_secret = entry.get("is_secret", False)
-        if not isinstance(is_secret, bool):
-            raise InvalidArgument(f"{field}.is_secret must be true or false")
-        description = entry.get("description", "")
-        out[str(key)] = SpecEntry(value=None if value is None else str(value),
-                                  is_secret=is_secret, description=str(description or ""))
+    for key, raw in _convert(data, dict[str, Any], where, path).items():
+        check_var_name(key, where)
+        entry = _convert({} if raw is None else raw, _SpecEntry, where,
+                         f"{path}.{key}" if path else key)
+        out[key] = SpecEntry(value=entry.value, is_secret=entry.is_secret,
+                             description=entry.description)
     return out
