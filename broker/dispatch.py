@@ -25,6 +25,7 @@ from .contexts import Contexts
 from .environments import Environments
 from .protocol import (
     PROTOCOL_VERSION,
+    Applied,
     ApplyEnvironments,
     AuditLog,
     AuditVerified,
@@ -195,14 +196,16 @@ class Dispatcher:
                 await self.environments.delete(name)
                 await self._changed("environment.deleted", peer, name)
                 return Ok(id=rid)
-            case ApplyEnvironments(environments=specs):
+            case ApplyEnvironments(environments=specs, dry_run=dry_run):
                 names = [s.name for s in specs]
                 if len(set(names)) != len(names):
                     raise InvalidArgument("the same environment appears twice in one apply")
-                await self.environments.apply(specs)
-                for spec in specs:
-                    await self._changed("environment.applied", peer, spec.name, sorted(spec.data))
-                return Ok(id=rid)
+                changes = await self.environments.apply(specs, dry_run=dry_run)
+                if not dry_run:
+                    for spec in specs:
+                        await self._changed("environment.applied", peer, spec.name,
+                                            sorted(spec.data))
+                return Applied(id=rid, changes=changes, dry_run=dry_run)
             case RotateKey():
                 def progress(done: int, total: int) -> None:
                     self.activity = f"key rotation: {done} of {total} sealed values checked"

@@ -18,7 +18,13 @@ from typing import Any
 
 import msgspec
 
-from .protocol import EnvironmentSpec, EnvironmentSummary, Variable, VariableView
+from .protocol import (
+    EnvironmentChange,
+    EnvironmentSpec,
+    EnvironmentSummary,
+    Variable,
+    VariableView,
+)
 from .protocol.errors import Internal, NotFound, ResourceExhausted
 from .store.crypto import Place, Row, SealError
 from .store.sqlite import Store, Tx
@@ -64,14 +70,43 @@ class Environments:
             await self._write_variables(db, env_id, data.items())
             await self._finish(db, env_id, name)
 
-    async def apply(self, specs: Iterable[EnvironmentSpec]) -> None:
-        """Set each environment to exactly its data, all in one transaction."""
+    async def apply(self, specs: Iterable[EnvironmentSpec], *,
+                    dry_run: bool = False) -> list[EnvironmentChange]:
+        """Set each environment to exactly its data, all in one transaction; return what
+        changed (with ``dry_run``, what would, writing nothing)."""
+        changes = []
         async with self._store.write() as db:
             for spec in specs:
+                changes.append(await self._change(db, spec))
+                if dry_run:
+                    continue
                 env_id = await self._upsert(db, spec.name, check=False)  # replaced whole
                 await db.execute("DELETE FROM variables WHERE env_id = ?", (env_id,))
                 await self._write_variables(db, env_id, spec.data.items())
                 await self._finish(db, env_id, spec.name)
+        return changes
+
+    async def _change(self, db: Tx, spec: EnvironmentSpec) -> EnvironmentChange:
+        """Compare an environment with what ``spec`` would make it (key names only). A
+        value that does not open (damaged or tampered) counts as changed."""
+        ids = await db.fetchall("SELECT id FROM environments WHERE name = ?", (spec.name,))
+        if not ids:
+            return EnvironmentChange(name=spec.name, created=True, added=sorted(spec.data),
+                                     changed=[], removed=[])
+        env_id = ids[0][0]
+        old: dict[str, Variable | None] = {}
+        for key, is_secret, value, sealed, _ in await db.fetchall(
+                f"SELECT {_VARIABLE_COLUMNS} FROM variables WHERE env_id = ?", (env_id,)):
+            try:
+                value = self._open(sealed, env_id, spec.name, key) if is_secret else value
+                old[key] = Variable(value=value, is_secret=bool(is_secret))
+            except Internal:
+                old[key] = None
+        return EnvironmentChange(
+            name=spec.name, created=False,
+            added=sorted(spec.data.keys() - old.keys()),
+            changed=sorted(k for k in spec.data.keys() & old.keys() if spec.data[k] != old[k]),
+            removed=sorted(old.keys() - spec.data.keys()))
 
     async def unset(self, name: str, keys: Iterable[str]) -> None:
         """Remove keys; raises NotFound (changing nothing) if any is not set."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from stigmer.broker.protocol import (
+    Applied,
     ApplyEnvironments,
     AuditLog,
     AuditRecord,
@@ -16,6 +17,7 @@ from stigmer.broker.protocol import (
     CreateContext,
     DeleteEnvironment,
     Environment,
+    EnvironmentChange,
     EnvironmentList,
     EnvironmentSpec,
     EnvironmentSummary,
@@ -76,6 +78,8 @@ SAMPLES: dict[str, Request | Response] = {
         created_at=1700000000.0, updated_at=1700000001.5),
     "EnvironmentList": EnvironmentList(id=6, environments=[EnvironmentSummary(
         name="dev", variables=2, secrets=1, updated_at=1700000001.5)]),
+    "Applied": Applied(id=9, dry_run=True, changes=[EnvironmentChange(
+        name="prod", created=False, added=["REGION"], changed=["TOKEN"], removed=["OLD"])]),
     "KeyRotated": KeyRotated(id=10, key_id="0123456789abcdef", rewrapped=1,
                              key_source="file (/h/master.key)"),
     "CreateContext": CreateContext(

@@ -122,6 +122,7 @@ def test_command_line_wins_over_env_file(cli_broker: Paths, short_dir: Path) -> 
     (["env", "set", "e", "A=1", "A=2"], "A is given twice"),
     (["env", "set", "e"], "nothing to set"),
     (["env", "set", "e", "--env-file", "/nonexistent.env"], "no such file"),
+    (["env", "set", "e", "--env-file", "/tmp"], "is a directory"),
     (["apply", "-f", "/nonexistent.yaml"], "cannot be read"),
 ])
 def test_user_mistakes_are_one_line(cli_broker: Paths, args: list[str], message: str) -> None:
@@ -167,6 +168,33 @@ def test_apply_manifests(cli_broker: Paths, short_dir: Path) -> None:
     staging = json.loads(run_cli(cli_broker, "env", "show", "staging", "--json",
                                  check=True).stdout)["data"]
     assert staging == {"PORT": {"value": "8080", "is_secret": False}}
+
+
+def test_apply_prints_key_changes_and_dry_run_changes_nothing(cli_broker: Paths,
+                                                              short_dir: Path) -> None:
+    run_cli(cli_broker, "env", "set", "prod", "REGION=us-east-1", "ADDED_BY_HAND=1",
+            check=True)
+    run_cli(cli_broker, "env", "set", "prod", "--secret", "TOKEN", input="tok-123\n",
+            check=True)
+    f = short_dir / "m.yaml"
+    f.write_text(MANIFESTS)
+    r = run_cli(cli_broker, "apply", "-f", str(f), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "environment/prod: changed REGION; removed ADDED_BY_HAND",
+        "environment/staging: created: added PORT",
+        "dry run: nothing was changed"]
+    assert "tok-123" not in r.stdout and "eu-west-1" not in r.stdout
+    listed = json.loads(run_cli(cli_broker, "env", "list", "--json", check=True).stdout)
+    assert [e["name"] for e in listed] == ["prod"]
+    r = run_cli(cli_broker, "apply", "-f", str(f), "--json")
+    assert json.loads(r.stdout) == {"dry_run": False, "changes": [
+        {"name": "prod", "created": False, "added": [], "changed": ["REGION"],
+         "removed": ["ADDED_BY_HAND"]},
+        {"name": "staging", "created": True, "added": ["PORT"], "changed": [], "removed": []}]}
+    r = run_cli(cli_broker, "apply", "-f", str(f))
+    assert r.stdout.splitlines() == ["environment/prod: unchanged",
+                                     "environment/staging: unchanged"]
 
 
 @pytest.mark.parametrize(("bad", "message"), [

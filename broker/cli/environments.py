@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import argparse
 
     from ..config import Paths
+    from ..protocol import EnvironmentChange
 
 __all__ = ["cmd_apply", "cmd_env_delete", "cmd_env_list", "cmd_env_set", "cmd_env_show",
            "cmd_env_unset"]
@@ -97,8 +98,25 @@ def cmd_apply(args: argparse.Namespace, paths: Paths) -> int:
         text, source = read_text(args.file, "-f"), args.file
     specs = read_environment_manifests(text, source)
     with connect(paths) as client:
-        client.apply_environments(specs)
-    for spec in specs:
-        print(f"environment/{spec.name} applied ({len(spec.data)} variables)")
+        changes = client.apply_environments(specs, dry_run=args.dry_run)
+    if args.json:
+        print_json({"dry_run": args.dry_run, "changes": [
+            {"name": c.name, "created": c.created, "added": c.added, "changed": c.changed,
+             "removed": c.removed} for c in changes]})
+        return EXIT_OK
+    for change in changes:
+        print(f"environment/{change.name}: {describe_change(change)}")
+    if args.dry_run:
+        print("dry run: nothing was changed")
     return EXIT_OK
+
+
+def describe_change(change: EnvironmentChange) -> str:
+    """``created: added A, B`` or ``added A; changed B; removed C`` or ``unchanged``."""
+    parts = [f"{verb} {', '.join(keys)}" for verb, keys in
+             (("added", change.added), ("changed", change.changed),
+              ("removed", change.removed)) if keys]
+    if change.created:
+        return "created" + (f": {'; '.join(parts)}" if parts else " (empty)")
+    return "; ".join(parts) or "unchanged"
 

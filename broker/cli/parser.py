@@ -162,6 +162,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     p = command("apply", cmd_apply, "apply Environment manifests (YAML, one or more documents)")
     p.add_argument("-f", "--file", required=True, metavar="FILE", help="manifest file, - for stdin")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the keys each environment would gain, change and lose; change "
+                        "nothing")
+    p.add_argument("--json", action="store_true", help="print the changes as JSON")
 
     ctx = sub.add_parser("context", help="execution contexts: create, tokens, show, complete")
     ctx.set_defaults(func=_group_help(ctx))

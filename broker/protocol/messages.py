@@ -25,11 +25,12 @@ __all__ = [
     "ContextCreated", "TokenIssued", "ContextInfo", "ContextList", "ContextFetched",
     "ContextFetchedRaw",
     "AuditLog", "AuditVerified",
-    "SpecEntry", "KeyInfo", "TokenInfo", "ContextSummary", "AuditRecord",
+    "SpecEntry", "KeyInfo", "TokenInfo", "ContextSummary", "AuditRecord", "EnvironmentChange",
     "Hello", "GetStatus", "Shutdown",
     "PutEnvironment", "GetEnvironment", "ListEnvironments", "UnsetVariables",
     "DeleteEnvironment", "ApplyEnvironments", "RotateKey",
-    "Welcome", "Status", "Ok", "Environment", "EnvironmentList", "KeyRotated", "Error",
+    "Welcome", "Status", "Ok", "Environment", "EnvironmentList", "Applied", "KeyRotated",
+    "Error",
     "Variable", "VariableView", "EnvironmentSpec", "EnvironmentSummary",
     "NAME_PATTERN", "VAR_NAME_PATTERN", "MAX_NAME_LENGTH", "MAX_VALUE_LENGTH",
     "error_reply", "AnyRequest", "AnyResponse", "SECRET_MASK",
@@ -162,6 +163,16 @@ class TokenInfo(_Data, frozen=True):
     max_uses: int | None = None
 
 
+class EnvironmentChange(_Data, frozen=True):
+    """What an apply does to one environment: key names only, never values."""
+
+    name: str
+    created: bool
+    added: list[str]
+    changed: list[str]  # a different value, or a change between plain and secret
+    removed: list[str]
+
+
 class ContextSummary(_Data, frozen=True):
     """One row of ``ListContexts``."""
 
@@ -252,9 +263,14 @@ class DeleteEnvironment(Request, frozen=True, kw_only=True):
 
 
 class ApplyEnvironments(Request, frozen=True, kw_only=True):
-    """Set several environments to exactly the data given, all or nothing."""
+    """Set several environments to exactly the data given, all or nothing.
+
+    The reply lists what changed; with ``dry_run`` it lists what would, and
+    nothing is written.
+    """
 
     environments: Annotated[list[EnvironmentSpec], Meta(min_length=1, max_length=1024)]
+    dry_run: bool = False
 
 
 class RotateKey(Request, frozen=True, kw_only=True):
@@ -390,6 +406,13 @@ class EnvironmentList(Response, frozen=True, kw_only=True):
     environments: list[EnvironmentSummary]
 
 
+class Applied(Response, frozen=True, kw_only=True):
+    """Answer to ApplyEnvironments: one change per environment, in the request's order."""
+
+    changes: list[EnvironmentChange]
+    dry_run: bool
+
+
 class KeyRotated(Response, frozen=True, kw_only=True):
     """Answer to RotateKey."""
 
@@ -512,12 +535,12 @@ REQUEST_TYPES: tuple[type[Request], ...] = (
     ListAudit, VerifyAudit,
 )
 RESPONSE_TYPES: tuple[type[Response], ...] = (
-    Welcome, Status, Ok, Environment, EnvironmentList, KeyRotated, ContextCreated, TokenIssued,
-    ContextInfo, ContextList, ContextFetched, AuditLog, AuditVerified, Error,
+    Welcome, Status, Ok, Environment, EnvironmentList, Applied, KeyRotated, ContextCreated,
+    TokenIssued, ContextInfo, ContextList, ContextFetched, AuditLog, AuditVerified, Error,
 )
 RECORD_TYPES: tuple[type[msgspec.Struct], ...] = (
     Variable, VariableView, EnvironmentSpec, EnvironmentSummary, SpecEntry, KeyInfo, TokenInfo,
-    ContextSummary, AuditRecord,
+    EnvironmentChange, ContextSummary, AuditRecord,
 )
 
 AnyRequest = (
@@ -527,8 +550,9 @@ AnyRequest = (
     | ListAudit | VerifyAudit
 )
 AnyResponse = (
-    Welcome | Status | Ok | Environment | EnvironmentList | KeyRotated | ContextCreated
-    | TokenIssued | ContextInfo | ContextList | ContextFetched | AuditLog | AuditVerified | Error
+    Welcome | Status | Ok | Environment | EnvironmentList | Applied | KeyRotated
+    | ContextCreated | TokenIssued | ContextInfo | ContextList | ContextFetched | AuditLog
+    | AuditVerified | Error
 )
 
 

@@ -13,6 +13,7 @@ from stigmer.broker.protocol import (
     CLOSED,
     NEED_DATA,
     PROTOCOL_VERSION,
+    Applied,
     ApplyEnvironments,
     AuditLog,
     AuditRecord,
@@ -27,6 +28,7 @@ from stigmer.broker.protocol import (
     CreateContext,
     DeleteEnvironment,
     Environment,
+    EnvironmentChange,
     EnvironmentList,
     EnvironmentSpec,
     EnvironmentSummary,
@@ -240,9 +242,13 @@ class AsyncClient:
         """Delete an environment and its variables."""
         await self.call(DeleteEnvironment(id=self._ids(), name=name), Ok)
 
-    async def apply_environments(self, specs: Iterable[EnvironmentSpec]) -> None:
-        """Set each environment to exactly its data, all or nothing."""
-        await self.call(ApplyEnvironments(id=self._ids(), environments=list(specs)), Ok)
+    async def apply_environments(self, specs: Iterable[EnvironmentSpec], *,
+                                 dry_run: bool = False) -> list[EnvironmentChange]:
+        """Set each environment to exactly its data, all or nothing; return what changed
+        (key names only). With ``dry_run``, return what would change and write nothing."""
+        reply = await self.call(ApplyEnvironments(id=self._ids(), environments=list(specs),
+                                                  dry_run=dry_run), Applied)
+        return reply.changes
 
     async def rotate_key(self) -> KeyRotated:
         """Replace the master key; may take a while on a large store."""

@@ -14,6 +14,7 @@ from stigmer.broker.protocol import (
     CLOSED,
     NEED_DATA,
     PROTOCOL_VERSION,
+    Applied,
     ApplyEnvironments,
     AuditLog,
     AuditRecord,
@@ -28,6 +29,7 @@ from stigmer.broker.protocol import (
     CreateContext,
     DeleteEnvironment,
     Environment,
+    EnvironmentChange,
     EnvironmentList,
     EnvironmentSpec,
     EnvironmentSummary,
@@ -241,9 +243,13 @@ class Client:
         """Delete an environment and its variables."""
         self.call(DeleteEnvironment(id=self._ids(), name=name), Ok)
 
-    def apply_environments(self, specs: Iterable[EnvironmentSpec]) -> None:
-        """Set each environment to exactly its data, all or nothing."""
-        self.call(ApplyEnvironments(id=self._ids(), environments=list(specs)), Ok)
+    def apply_environments(self, specs: Iterable[EnvironmentSpec], *,
+                                 dry_run: bool = False) -> list[EnvironmentChange]:
+        """Set each environment to exactly its data, all or nothing; return what changed
+        (key names only). With ``dry_run``, return what would change and write nothing."""
+        reply = self.call(ApplyEnvironments(id=self._ids(), environments=list(specs),
+                                                  dry_run=dry_run), Applied)
+        return reply.changes
 
     def rotate_key(self) -> KeyRotated:
         """Replace the master key; may take a while on a large store."""
