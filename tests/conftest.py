@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -122,6 +123,21 @@ def python_for_nobody() -> str:
         if ok:
             return candidate
     pytest.skip("no Python interpreter here that uid 65534 may execute")
+
+
+def cli_for_nobody() -> list[str]:
+    """The command line of `stigmer-broker` for uid 65534 (this checkout's packages added
+    to an interpreter it may run); skips when that uid cannot import the checkout."""
+    python = python_for_nobody()
+    launcher = ("import site, sys, runpy; site.addsitedir(sys.argv.pop(1)); "
+                "sys.argv[0] = 'stigmer-broker'; "
+                "runpy.run_module('stigmer.broker', run_name='__main__')")
+    command = [python, "-c", launcher, sysconfig.get_paths()["purelib"]]
+    probe = subprocess.run([*command, "--version"], user=NOBODY, group=NOBODY, extra_groups=[],
+                           capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"uid {NOBODY} cannot import this checkout: {probe.stderr.strip()[-200:]}")
+    return command
 
 
 class Daemon:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, run_cli
+from conftest import NOBODY, cli_env, cli_for_nobody, run_cli
 
 from stigmer.broker.config import Paths
 from stigmer.broker.protocol import SECRET_MASK
@@ -490,3 +490,22 @@ def test_values_that_are_not_utf8_are_refused_in_one_line(cli_broker: Paths) -> 
         assert result.returncode in (1, 2), result
         assert b"Traceback" not in result.stderr and b"SENTINEL" not in result.stderr
         assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_allow_group_the_user_is_not_in_is_one_line(short_dir: Path) -> None:
+    """`serve --allow-group G` by a user outside G used to die with a PermissionError
+    traceback from chown."""
+    cli = cli_for_nobody()
+    home = short_dir / "h"
+    home.mkdir(mode=0o700)
+    os.chown(home, NOBODY, NOBODY)
+    os.chmod(short_dir, 0o755)
+    paths = Paths(home=home, socket=home / "run" / "b.sock")
+    env = cli_env(paths)
+    r = subprocess.run([*cli, "serve", "--allow-group", "root"],
+                       user=NOBODY, group=NOBODY, extra_groups=[], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "--allow-group root: user" in r.stderr and "is not a member" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

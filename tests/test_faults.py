@@ -10,13 +10,12 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import NOBODY, Daemon, cli_env, python_for_nobody, run_cli
+from conftest import NOBODY, Daemon, cli_env, cli_for_nobody, run_cli
 
 from stigmer.broker.config import Paths
 from stigmer.client import (
@@ -208,16 +207,8 @@ def test_restart_under_load(paths: Paths) -> None:
 
 
 def test_daemon_memory_and_environ_are_closed_to_its_own_user(short_dir: Path) -> None:
-    python = python_for_nobody()
-    site_dir = sysconfig.get_paths()["purelib"]
-    launcher = ("import site, sys, runpy; site.addsitedir(sys.argv.pop(1)); "
-                "sys.argv[0] = 'stigmer-broker'; "
-                "runpy.run_module('stigmer.broker', run_name='__main__')")
-    probe = subprocess.run([python, "-c", launcher, site_dir, "--version"], user=NOBODY,
-                           group=NOBODY, extra_groups=[], capture_output=True, text=True,
-                           timeout=60)
-    if probe.returncode != 0:
-        pytest.skip(f"uid {NOBODY} cannot import this checkout: {probe.stderr.strip()[-200:]}")
+    cli = cli_for_nobody()
+    python = cli[0]
     os.chmod(short_dir, 0o711)
     home = short_dir / "nobody"
     home.mkdir(mode=0o700)
@@ -225,7 +216,7 @@ def test_daemon_memory_and_environ_are_closed_to_its_own_user(short_dir: Path) -
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home),
            "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
            "SENTINEL_IN_ENVIRON": "visible-if-dumpable"}
-    daemon = subprocess.Popen([python, "-c", launcher, site_dir, "serve", "--home",
+    daemon = subprocess.Popen([*cli, "serve", "--home",
                                str(home / "h"), "--socket", str(home / "run" / "b.sock")],
                               user=NOBODY, group=NOBODY, extra_groups=[], env=env,
                               stderr=subprocess.PIPE, text=True)

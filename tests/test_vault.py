@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
 import stat
 from collections.abc import AsyncIterator
@@ -291,3 +292,36 @@ async def test_a_failed_start_writes_no_key_id(short_dir: Path) -> None:
         assert await v.store.meta("master_key_id") == v.vault.key_id
     finally:
         await v.close()
+
+
+async def test_a_damaged_store_file_is_one_clear_error(short_dir: Path) -> None:
+    """Bytes flipped anywhere in the file: the store opens (the rows' MACs catch damage to
+    values) or refuses with a StoreError, never another exception, e.g. the
+    UnicodeDecodeError that a quick_check report in damaged text used to raise."""
+    from stigmer.broker.store.sqlite import Store, StoreError
+
+    v = await open_vault(short_dir)
+    await v.environments().apply([EnvironmentSpec(name=f"env-{i}-ü", data={
+        "K": Variable(value=f"välue-{i}")}) for i in range(200)])
+    await v.close()
+    pristine = (short_dir / "local.db").read_bytes()
+    damaged = short_dir / "damaged.db"
+    refused, messages = 0, []
+    for seed in range(120):
+        rng = random.Random(seed)
+        data = bytearray(pristine)
+        for _ in range(rng.choice((1, 5, 20))):
+            data[rng.randrange(100, len(data))] = rng.choice((0xFF, 0xFE, 0xC3,
+                                                              rng.randrange(256)))
+        damaged.write_bytes(bytes(data))
+        try:
+            store = await Store.open(damaged)
+        except StoreError as exc:
+            refused += 1
+            messages.append(str(exc))
+        else:
+            await store.close()
+        for suffix in ("-wal", "-shm"):
+            damaged.with_name(damaged.name + suffix).unlink(missing_ok=True)
+    assert refused > 10
+    assert not [m for m in messages if "\n" in m]

@@ -14,6 +14,7 @@ import contextlib
 import grp
 import logging
 import os
+import pwd
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -40,14 +41,30 @@ log = logging.getLogger("stigmer.broker")
 
 
 def _group_gid(name: str | None) -> int | None:
+    """The gid of ``--allow-group``; the broker's user must be in it to give it the socket."""
     if name is None:
         return None
     try:
-        return grp.getgrnam(name).gr_gid
+        gid = grp.getgrnam(name).gr_gid
     except KeyError:
-        if name.isdigit():
-            return int(name)
-        raise StartupError(f"--allow-group {name}: no such group") from None
+        if not name.isdigit():
+            raise StartupError(f"--allow-group {name}: no such group") from None
+        gid = int(name)
+    if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+        user = pwd.getpwuid(os.geteuid()).pw_name if _has_passwd_entry() else str(os.geteuid())
+        raise StartupError(
+            f"--allow-group {name}: user {user} is not a member, so it cannot give the socket "
+            f"to that group; add it (sudo usermod -aG {name} {user}, then log in again) or "
+            "choose a group it is in")
+    return gid
+
+
+def _has_passwd_entry() -> bool:
+    try:
+        pwd.getpwuid(os.geteuid())
+    except KeyError:
+        return False
+    return True
 
 
 async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[object]] | None = None,

@@ -104,7 +104,7 @@ def bind_unix_socket(path: Path, *, group_gid: int | None = None,
         finally:
             os.umask(old_umask)
         if group_gid is not None:
-            os.chown(path, -1, group_gid)
+            _chgrp(path, group_gid)
         os.chmod(path, sock_mode)
         sock.listen(backlog)
         return BoundSocket(sock=sock, path=path, inode=os.lstat(path).st_ino,
@@ -126,7 +126,7 @@ def _ensure_private_dir(directory: Path, mode: int, group_gid: int | None) -> No
                 f"cannot create socket directory {directory}: {exc.strerror}") from None
         else:
             if group_gid is not None:
-                os.chown(directory, -1, group_gid)
+                _chgrp(directory, group_gid)
             os.chmod(directory, mode)
     allowed = 0o050 if group_gid is not None else 0
     problem = check_private_dir(directory, allowed_group_bits=allowed)
@@ -135,8 +135,16 @@ def _ensure_private_dir(directory: Path, mode: int, group_gid: int | None) -> No
     if group_gid is not None:
         st = os.lstat(directory)
         if st.st_gid != group_gid or stat.S_IMODE(st.st_mode) != mode:
-            os.chown(directory, -1, group_gid)
+            _chgrp(directory, group_gid)
             os.chmod(directory, mode)
+
+
+def _chgrp(path: Path, gid: int) -> None:
+    try:
+        os.chown(path, -1, gid)
+    except OSError as exc:
+        raise StartupError(f"--allow-group: cannot give {path} to group {gid}: {exc.strerror} "
+                           "(the broker's user must be a member of the group)") from None
 
 
 def _take_lock(path: Path) -> int:

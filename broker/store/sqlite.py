@@ -220,18 +220,25 @@ class Store:
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("PRAGMA secure_delete = ON")
             await db.execute("PRAGMA foreign_keys = ON")
-            check = [tuple(r) for r in await (await db.execute("PRAGMA quick_check")).fetchall()]
-            if check != [("ok",)]:
+            # As bytes: a damaged page can put any bytes into the report.
+            check = [bytes(r[0]).decode("utf-8", "backslashreplace") for r in await (
+                await db.execute("SELECT CAST(quick_check AS BLOB) FROM pragma_quick_check")
+            ).fetchall()]
+            if check != ["ok"]:
                 raise StoreError(
-                    f"store {self.path} failed its integrity check ({check[0][0]}); restore it "
-                    "from a backup")
+                    f"store {self.path} failed its integrity check ({check[0][:200]!r}); "
+                    "restore it from a backup")
             await self._migrate()
             row = await (await db.execute("PRAGMA auto_vacuum")).fetchone()
             if row is not None and int(row[0]) != 2:  # once: a store made before version 3
                 await db.execute("VACUUM")
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"cannot open store {self.path}: {exc}; is it a stigmer store?"
-                             ) from None
+            reason = " ".join(str(exc).split())[:200]  # sqlite may quote damaged SQL
+            raise StoreError(f"cannot open store {self.path}: {reason}; is it a stigmer "
+                             "store? Restore it from a backup") from None
+        except UnicodeDecodeError:  # text sqlite hands back from a damaged schema or page
+            raise StoreError(f"cannot open store {self.path}: it is damaged (text that is not "
+                             "UTF-8); restore it from a backup") from None
         for suffix in ("-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(self.path.with_name(self.path.name + suffix), 0o600)
