@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import TypeVar
 
 from stigmer.broker.protocol import (
+    MAX_VALUE_LENGTH,
     Error,
     FetchContext,
     GetContext,
@@ -19,6 +20,7 @@ from stigmer.broker.protocol import (
     ListContexts,
     ListEnvironments,
     Response,
+    SpecEntry,
     Variable,
     VerifyAudit,
 )
@@ -33,7 +35,7 @@ from stigmer.broker.protocol.peer import peer_credentials
 
 __all__ = [
     "RETRY_SAFE", "TOKEN_VARIABLE", "ClosedBeforeReply", "RequestIds", "check_peer",
-    "check_socket_dir", "default_socket",
+    "check_socket_dir", "checked_values", "default_socket",
     "expect", "token_from", "unavailable", "variables",
 ]
 
@@ -118,6 +120,20 @@ def variables(plain: Mapping[str, str] | None = None,
             raise InvalidArgument(f"{k} is given both as a plain and as a secret variable")
         out[k] = Variable(value=v, is_secret=True)
     return out
+
+
+V = TypeVar("V", Variable, SpecEntry)
+
+
+def checked_values(data: Mapping[str, V], where: str) -> dict[str, V]:
+    """Return ``data`` as a dict; raise naming the variable whose value is too long
+    (the broker would only say that some value is)."""
+    for key, var in data.items():
+        if var.value is not None and len(var.value) > MAX_VALUE_LENGTH:
+            raise InvalidArgument(
+                f"the value of {key} ({where}) is {len(var.value)} characters long, over the "
+                f"limit of {MAX_VALUE_LENGTH}; keep large files elsewhere and pass their path")
+    return dict(data)
 
 
 TOKEN_VARIABLE = "STIGMER_EXECUTION_TOKEN"  # noqa: S105 - a variable name

@@ -439,6 +439,44 @@ def test_usage_mistakes_exit_2(paths: Paths, args: tuple[str, ...]) -> None:
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (("context", "create", "c1", "--max-uses", "0"), "--max-uses must be at least 1"),
+    (("context", "token", "c1", "--max-uses", "many"), "--max-uses must be a whole number"),
+    (("context", "token", "c1", "--max-uses", str(2**40)), "--max-uses must be at most"),
+    (("audit", "--limit", "0"), "--limit must be at least 1"),
+    (("run", "--", "true"), "give --token TOKEN or set STIGMER_EXECUTION_TOKEN"),
+    (("context", "release"), "give --token TOKEN or set STIGMER_EXECUTION_TOKEN"),
+])
+def test_mistakes_are_told_in_the_flags_typed(paths: Paths, args: tuple[str, ...],
+                                              message: str) -> None:
+    """Not `malformed message: Expected int >= 1 - at $.max_uses`, not `token=`; and
+    before any broker is asked (none runs here)."""
+    result = run_cli(paths, *args)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert message in result.stderr and "token=" not in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [("env", "set", "e", "--secret", "K"),
+                                  ("context", "create", "c1", "--secret", "K")])
+def test_no_secret_is_asked_for_while_no_broker_answers(paths: Paths,
+                                                         args: tuple[str, ...]) -> None:
+    result = run_cli(paths, *args, input="")  # old: "no value on standard input", exit 2
+    assert result.returncode == 3, result.stderr
+    assert "stigmer-broker start" in result.stderr
+
+
+def test_an_oversized_value_is_named(cli_broker: Paths, short_dir: Path) -> None:
+    from stigmer.broker.protocol import MAX_VALUE_LENGTH
+
+    env_file = short_dir / "big.env"
+    env_file.write_text(f"SMALL=1\nHUGE_BLOB={'x' * (MAX_VALUE_LENGTH + 1)}\n")
+    result = run_cli(cli_broker, "env", "set", "e", "--env-file", str(env_file))
+    assert result.returncode == 1
+    assert "the value of HUGE_BLOB (environment e) is" in result.stderr, result.stderr
+    assert "xxxx" not in result.stderr
+
+
 def test_status_into_a_closed_pipe_ends_quietly(cli_broker: Paths) -> None:
     import shlex
 

@@ -134,7 +134,7 @@ def test_unknown_fields_are_rejected() -> None:
     server = Connection(Role.SERVER)
     body = msgspec.msgpack.encode({"op": "Hello", "id": 1, "version": 1, "extra": True})
     server.receive_data(frame(body))
-    with pytest.raises(ProtocolError):
+    with pytest.raises(InvalidArgument, match="unknown field extra"):
         server.next_event()
 
 
@@ -144,7 +144,7 @@ def test_limits_in_types() -> None:
     body = msgspec.msgpack.encode({"op": "PutEnvironment", "id": 2, "name": "bad name",
                                    "data": {}})
     pair.server.receive_data(frame(body))
-    with pytest.raises(ProtocolError):
+    with pytest.raises(InvalidArgument, match="name has characters that are not allowed"):
         pair.server.next_event()
 
 
@@ -261,3 +261,41 @@ def test_a_lone_surrogate_is_refused_without_the_value() -> None:
         conn.send(FetchContext(id=1, token="stg_\udc80SENTINEL"))
     assert "SENTINEL" not in str(caught.value)
     assert caught.value.__context__ is None  # the UnicodeEncodeError held the whole token
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"op": "IssueToken", "execution_id": "x", "ttl_s": 60.0, "max_uses": 0},
+     "max_uses must be at least 1"),
+    ({"op": "IssueToken", "execution_id": "x", "ttl_s": 0.0}, "ttl_s must be more than 0"),
+    ({"op": "IssueToken", "execution_id": "bad name", "ttl_s": 1.0},
+     "execution_id has characters that are not allowed"),
+    ({"op": "PutEnvironment", "name": "e", "data": {"A": {"value": 3}}},
+     "data.*.value must be text, not a whole number"),
+    ({"op": "IssueToken"}, "execution_id is required"),
+    ({"op": "FetchContext", "token": ""}, "token must not be empty"),
+])
+def test_out_of_bounds_fields_are_told_by_name_and_keep_the_connection(
+        fields: dict[str, object], message: str) -> None:
+    from stigmer.broker.protocol import Connection, GetStatus, Role, frame
+    from stigmer.broker.protocol.errors import InvalidArgument
+
+    conn = Connection(Role.SERVER)
+    conn.state = conn.state.READY
+    conn.receive_data(frame(msgspec.msgpack.encode({**fields, "id": 7})))
+    with pytest.raises(InvalidArgument) as caught:
+        conn.next_event()
+    assert caught.value.message == message and caught.value.request_id == 7
+    conn.receive_data(frame(msgspec.msgpack.encode({"op": "GetStatus", "id": 8})))
+    assert conn.next_event() == GetStatus(id=8)
+
+
+def test_the_client_names_an_oversized_value() -> None:
+    from stigmer.broker.protocol import MAX_VALUE_LENGTH, SpecEntry
+    from stigmer.broker.protocol.errors import InvalidArgument
+    from stigmer.client._common import checked_values
+
+    fine = {"A": Variable(value="x" * MAX_VALUE_LENGTH)}
+    assert checked_values(fine, "runtime") == fine
+    assert checked_values({"S": SpecEntry()}, "env_spec") == {"S": SpecEntry()}
+    with pytest.raises(InvalidArgument, match=r"the value of BIG \(runtime\) is 131073 "):
+        checked_values({"BIG": Variable(value="y" * (MAX_VALUE_LENGTH + 1))}, "runtime")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .common import EXIT_FAILED, EXIT_OK, connect, name_arg
+from .common import EXIT_FAILED, EXIT_OK, connect, count_arg, name_arg
 from .render import error, print_json, when
 
 if TYPE_CHECKING:
@@ -18,8 +18,9 @@ __all__ = ["cmd_audit", "cmd_audit_verify"]
 def cmd_audit(args: argparse.Namespace, paths: Paths) -> int:
 
     execution_id = name_arg(args.execution, "--execution") if args.execution else None
+    limit = count_arg(args.limit, "--limit", 1, 10000) or 100
     with connect(paths) as client:
-        records = client.audit(execution_id, args.limit)
+        records = client.audit(execution_id, limit)
     if args.json:
         import msgspec
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -14,8 +15,9 @@ if TYPE_CHECKING:
     from ..config import Paths
 
 __all__ = ["BROKER_VARIABLES", "EXIT_FAILED", "EXIT_NOT_RUNNING", "EXIT_OK", "EXIT_USAGE",
-           "KEY_CREDENTIAL", "KEY_VARIABLE", "PROG", "UsageError", "assignment_arg", "connect",
-           "duration_arg", "name_arg", "var_arg"]
+           "KEY_CREDENTIAL", "KEY_VARIABLE", "PROG", "UsageError", "assignment_arg",
+           "check_broker", "connect", "count_arg", "duration_arg", "name_arg", "token_arg",
+           "var_arg"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 PROG = "stigmer-broker"
@@ -72,6 +74,38 @@ def assignment_arg(text: str, flag: str) -> tuple[str, str]:
 
     with _usage():
         return parse_assignment(text, flag)
+
+
+def count_arg(text: str | None, flag: str, low: int, high: int) -> int | None:
+    """A whole number given as an argument (None when the flag was not given)."""
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{flag} must be a whole number, not {text!r}") from None
+    if value < low:
+        raise UsageError(f"{flag} must be at least {low}")
+    if value > high:
+        raise UsageError(f"{flag} must be at most {high}")
+    return value
+
+
+def token_arg(text: str | None) -> str:
+    """The execution token: --token, else $STIGMER_EXECUTION_TOKEN."""
+    from stigmer.client import TOKEN_VARIABLE
+
+    token = text or os.environ.get(TOKEN_VARIABLE, "")
+    if not token:
+        raise UsageError(f"no execution token: give --token TOKEN or set {TOKEN_VARIABLE}")
+    return token
+
+
+def check_broker(paths: Paths) -> None:
+    """Raise BrokerUnavailable now, before a prompt makes someone type a secret for
+    nothing (the request itself connects again once the input is complete)."""
+    with connect(paths):
+        pass
 
 
 def connect(paths: Paths) -> Client:

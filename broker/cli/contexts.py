@@ -7,7 +7,17 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..protocol.errors import InvalidArgument
-from .common import BROKER_VARIABLES, EXIT_OK, UsageError, connect, duration_arg, name_arg
+from .common import (
+    BROKER_VARIABLES,
+    EXIT_OK,
+    UsageError,
+    check_broker,
+    connect,
+    count_arg,
+    duration_arg,
+    name_arg,
+    token_arg,
+)
 from .inputs import collect_variables, read_text
 from .render import error, key_json, print_json, when
 
@@ -15,6 +25,9 @@ if TYPE_CHECKING:
     import argparse
 
     from ..config import Paths
+
+#: the most fetches one token may allow (the protocol's bound)
+MAX_USES = 2**31
 
 __all__ = ["cmd_context_complete", "cmd_context_create", "cmd_context_list",
            "cmd_context_release", "cmd_context_show", "cmd_context_token", "cmd_run"]
@@ -26,14 +39,15 @@ def cmd_context_create(args: argparse.Namespace, paths: Paths) -> int:
     execution_id = name_arg(args.execution_id, "execution id")
     environments = [name_arg(e, "--environment") for e in args.environment or []]
     spec = read_env_spec(read_text(args.spec, "--spec"), args.spec) if args.spec else {}
-    runtime = collect_variables(args.env or [], args.secret or [], args.env_file,
-                                pair_flag="--env")
     ttl = duration_arg(args.ttl, "--ttl")
     token_ttl = duration_arg(args.token_ttl, "--token-ttl")
+    max_uses = count_arg(args.max_uses, "--max-uses", 1, MAX_USES)
+    runtime = collect_variables(args.env or [], args.secret or [], args.env_file,
+                                pair_flag="--env", before_prompt=lambda: check_broker(paths))
     with connect(paths) as client:
         created = client.create_context(execution_id, env_spec=spec, environments=environments,
                                         runtime=runtime, ttl_s=ttl, token_ttl_s=token_ttl,
-                                        max_uses=args.max_uses)
+                                        max_uses=max_uses)
     if args.json:
         print_json({"execution_id": created.execution_id, "token": created.token,
                      "token_id": created.token_id, "expires_at": created.expires_at,
@@ -48,8 +62,9 @@ def cmd_context_token(args: argparse.Namespace, paths: Paths) -> int:
 
     execution_id = name_arg(args.execution_id, "execution id")
     ttl = duration_arg(args.ttl, "--ttl")
+    max_uses = count_arg(args.max_uses, "--max-uses", 1, MAX_USES)
     with connect(paths) as client:
-        issued = client.issue_token(execution_id, ttl_s=ttl, max_uses=args.max_uses)
+        issued = client.issue_token(execution_id, ttl_s=ttl, max_uses=max_uses)
     print(issued.token)
     return EXIT_OK
 
@@ -104,8 +119,9 @@ def cmd_context_complete(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_context_release(args: argparse.Namespace, paths: Paths) -> int:
+    token = token_arg(args.token)
     with connect(paths) as client:
-        client.release_context(args.token)
+        client.release_context(token)
     print("context released; its tokens are revoked")
     return EXIT_OK
 
@@ -116,8 +132,9 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
         command = command[1:]
     if not command:
         raise UsageError("run needs a command: stigmer-broker run [--token T] -- COMMAND [ARGS]")
+    token = token_arg(args.token)
     with connect(paths) as client:
-        context = client.fetch_context(args.token)
+        context = client.fetch_context(token)
     env = {k: v for k, v in os.environ.items() if k not in BROKER_VARIABLES}
     env.update(context.as_env())
     unpassable = sorted(k for k, v in context.items() if "\0" in v)

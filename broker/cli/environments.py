@@ -6,7 +6,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..protocol.messages import SECRET_MASK
-from .common import EXIT_OK, UsageError, connect, name_arg, var_arg
+from .common import EXIT_OK, UsageError, check_broker, connect, name_arg, var_arg
 from .inputs import collect_variables, read_text
 from .render import print_json, printable
 
@@ -23,7 +23,8 @@ __all__ = ["cmd_apply", "cmd_env_delete", "cmd_env_list", "cmd_env_set", "cmd_en
 def cmd_env_set(args: argparse.Namespace, paths: Paths) -> int:
 
     name = name_arg(args.name, "environment name")
-    data = collect_variables(args.pairs, args.secret or [], args.env_file)
+    data = collect_variables(args.pairs, args.secret or [], args.env_file,
+                             before_prompt=lambda: check_broker(paths))
     if not data:
         raise UsageError("nothing to set: give KEY=VALUE, --secret KEY or --env-file FILE")
     with connect(paths) as client:

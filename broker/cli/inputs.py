@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,11 +36,14 @@ def read_secret_value(key: str) -> str:
 
 
 def collect_variables(pairs: Sequence[str], secrets: Sequence[str], env_file: str | None,
-                      *, pair_flag: str = "KEY=VALUE") -> dict[str, Variable]:
+                      *, pair_flag: str = "KEY=VALUE",
+                      before_prompt: Callable[[], None] = lambda: None) -> dict[str, Variable]:
     """Merge --env-file (secret), KEY=VALUE pairs and --secret flags into wire variables.
 
     The command line wins over the file; a key given twice on the command line is
-    a usage error. Values from --env-file are stored as secrets.
+    a usage error. Values from --env-file are stored as secrets. Every argument is
+    checked before anything is read from the user, and ``before_prompt`` runs once
+    before the first secret is read (the CLI checks that the broker answers).
     """
     from ..manifests import read_env_file
     from ..protocol import Variable
@@ -59,16 +62,20 @@ def collect_variables(pairs: Sequence[str], secrets: Sequence[str], env_file: st
     for text in pairs:
         add(*assignment_arg(text, pair_flag), secret=False)
     inline_secret = False
+    prompted: list[str] = []
     for text in secrets:
         if "=" in text:
             inline_secret = True
             add(*assignment_arg(text, "--secret"), secret=True)
         else:
-
             key = var_arg(text, "--secret")
-            if key in given:
+            if key in given or key in prompted:
                 raise UsageError(f"{key} is given twice on the command line")
-            add(key, read_secret_value(key), secret=True)
+            prompted.append(key)
+    if prompted:
+        before_prompt()
+    for key in prompted:
+        add(key, read_secret_value(key), secret=True)
     if inline_secret:
         warn("a secret given as --secret KEY=VALUE is visible to other processes and kept in "
              "shell history; prefer --secret KEY (prompt or stdin) or --env-file")

@@ -185,13 +185,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                    ".env file; --env/--secret win")
     p.add_argument("--ttl", default="24h", help="context lifetime (default 24h)")
     p.add_argument("--token-ttl", default="15m", help="token lifetime (default 15m)")
-    p.add_argument("--max-uses", type=int, metavar="N", help="fetches the token allows")
+    p.add_argument("--max-uses", metavar="N", help="fetches the token allows (at least 1)")
     p.add_argument("--json", action="store_true")
     p = command("token", cmd_context_token, "issue another token for a context", ctx_sub,
                 "context")
     p.add_argument("execution_id", metavar="EXEC_ID")
     p.add_argument("--ttl", default="15m", help="token lifetime (default 15m)")
-    p.add_argument("--max-uses", type=int, metavar="N")
+    p.add_argument("--max-uses", metavar="N", help="fetches the token allows (at least 1)")
     p = command("show", cmd_context_show, "keys, provenance, expiry and tokens (no values)",
                 ctx_sub, "context")
     p.add_argument("execution_id", metavar="EXEC_ID")
@@ -213,7 +213,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     p = command("audit", cmd_audit, "show the audit log")
     p.add_argument("--execution", metavar="ID", help="only this execution's records")
-    p.add_argument("--limit", type=int, default=100, help="newest N records (default 100)")
+    p.add_argument("--limit", default="100", help="newest N records (default 100)")
     p.add_argument("--json", action="store_true")
     audit_sub = p.add_subparsers(title="audit commands", metavar="COMMAND")
     command("verify", cmd_audit_verify, "check the audit log's hash chain", audit_sub, "audit")

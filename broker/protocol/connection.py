@@ -23,6 +23,7 @@ retry. Those errors carry the request id, and the server answers them with
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any, Final
 
 import msgspec
@@ -184,19 +185,22 @@ class Connection:
     def _decode(self, body: bytes) -> Request | Response:
         try:
             message: Request | Response = self._decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            if self.role is not Role.SERVER or "`$.op`" in str(exc):  # not a request we know
+                raise self._fail(ProtocolError(f"malformed message: {exc}",
+                                               request_id=_request_id(body))) from None
+            # A well-formed request with a field out of bounds: the peer's mistake, told
+            # in its own field names; the connection stays usable.
+            invalid = InvalidArgument(explain_invalid(str(exc)))
+            invalid.request_id = _request_id(body)
+            raise invalid from None
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             # every way bytes can fail to be a message is one answer: an Error frame
             reason = (str(exc) if isinstance(exc, msgspec.DecodeError)
                       else "a string is not valid UTF-8" if isinstance(exc, UnicodeDecodeError)
                       else "it is nested too deeply")
-            try:
-                request_id = _ID_DECODER.decode(body).id
-            except (msgspec.DecodeError, OverflowError, UnicodeDecodeError, RecursionError):
-                request_id = 0
-            if not 0 <= request_id < 2**63:
-                request_id = 0
             raise self._fail(ProtocolError(f"malformed message: {reason}",
-                                           request_id=request_id)) from None
+                                           request_id=_request_id(body))) from None
         return message
 
     def _on_request(self, request: Request) -> None:
@@ -284,3 +288,54 @@ class Connection:
         if self.state is State.ERROR:
             raise self._error or ProtocolError("connection is in the ERROR state")
 
+
+
+def _request_id(body: bytes) -> int:
+    """The id of a message that did not decode, so that the Error frame answers it (0
+    when even that cannot be read)."""
+    try:
+        request_id = _ID_DECODER.decode(body).id
+    except (msgspec.DecodeError, OverflowError, UnicodeDecodeError, RecursionError):
+        return 0
+    return request_id if 0 <= request_id < 2**63 else 0
+
+
+_VALIDATION = re.compile(
+    r"(?P<what>.*?)(?: - at `\$\.?(?P<at>[^`]*)`)?(?: in `\$\.?(?P<in>[^`]*)`)?")
+_RULES = ((re.compile(r"of length >= 1"), "must not be empty"),
+          (re.compile(r"of length <= (\d+)"), "must be at most {0} long"),
+          (re.compile(r"of length >= (\d+)"), "must be at least {0} long"),
+          (re.compile(r">= (-?[\d.]+)"), "must be at least {0}"),
+          (re.compile(r"<= (-?[\d.]+)"), "must be at most {0}"),
+          (re.compile(r"> (-?[\d.]+)"), "must be more than {0}"),
+          (re.compile(r"< (-?[\d.]+)"), "must be less than {0}"),
+          (re.compile(r"matching regex"), "has characters that are not allowed"))
+_KINDS = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false",
+          "array": "a list", "object": "a map", "null": "empty"}
+
+
+def explain_invalid(error: str) -> str:
+    """Tell a msgspec validation error in the request's field names:
+    ``Expected `int` >= 1 - at `$.max_uses``` becomes ``max_uses must be at least 1``.
+    A dict key's place is spelled ``*`` (``data.*.value``): msgspec does not say which."""
+    match = _VALIDATION.fullmatch(error)
+    assert match is not None  # every part is optional
+    what = match["what"]
+    field = (match["at"] or "").replace("[...]", ".*") or "the request"
+    if match["at"] == "key" and match["in"]:
+        return f"the keys of {match['in']} must be text"
+    if found := re.fullmatch(r"Object missing required field `(.*)`", what):
+        return f"{found[1]} is required" + (f" in {field}" if match["at"] else "")
+    if found := re.fullmatch(r"Object contains unknown field `(.*)`", what):
+        return f"unknown field {found[1]}" + (f" in {field}" if match["at"] else "")
+    if found := re.fullmatch(r"Expected `([^`]*)`(?:, got `([^`]*)`)?(.*)", what):
+        kind, got, rule = found[1], found[2], found[3].strip()
+        if got:
+            return f"{field} must be {_KINDS.get(kind, kind)}, not {_KINDS.get(got, got)}"
+        for pattern, text in _RULES:
+            if (rule_match := pattern.search(rule)) is not None:
+                unit = " characters" if kind == "str" and "long" in text else \
+                    " items" if "long" in text else ""
+                told = text.format(*(n.removesuffix(".0") for n in rule_match.groups()))
+                return f"{field} {told.replace(' long', unit)}"
+    return f"{field} is not valid: {what.replace('`', '')}"

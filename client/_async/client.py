@@ -66,6 +66,7 @@ from .._common import (
     RequestIds,
     check_peer,
     check_socket_dir,
+    checked_values,
     default_socket,
     expect,
     token_from,
@@ -221,7 +222,8 @@ class AsyncClient:
 
     async def put_environment(self, name: str, data: Mapping[str, Variable]) -> Environment:
         """Create ``name`` or merge ``data`` into it; return it with secrets masked."""
-        return await self.call(PutEnvironment(id=self._ids(), name=name, data=dict(data)),
+        return await self.call(PutEnvironment(id=self._ids(), name=name,
+                                              data=checked_values(data, f"environment {name}")),
                                Environment)
 
     async def get_environment(self, name: str, *, reveal: bool = False) -> Environment:
@@ -246,7 +248,10 @@ class AsyncClient:
                                  dry_run: bool = False) -> list[EnvironmentChange]:
         """Set each environment to exactly its data, all or nothing; return what changed
         (key names only). With ``dry_run``, return what would change and write nothing."""
-        reply = await self.call(ApplyEnvironments(id=self._ids(), environments=list(specs),
+        specs = list(specs)
+        for spec in specs:
+            checked_values(spec.data, f"environment {spec.name}")
+        reply = await self.call(ApplyEnvironments(id=self._ids(), environments=specs,
                                                   dry_run=dry_run), Applied)
         return reply.changes
 
@@ -268,8 +273,9 @@ class AsyncClient:
         NotFound (an environment) or FailedPrecondition (required keys missing).
         """
         request = CreateContext(id=self._ids(), execution_id=execution_id,
-                                env_spec=dict(env_spec or {}), environments=list(environments),
-                                runtime=dict(runtime or {}), ttl_s=ttl_s,
+                                env_spec=checked_values(env_spec or {}, "env_spec"),
+                                environments=list(environments),
+                                runtime=checked_values(runtime or {}, "runtime"), ttl_s=ttl_s,
                                 token_ttl_s=token_ttl_s, max_uses=max_uses)
         return await self.call(request, ContextCreated)
 
