@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import signal
+import stat
 import time
 from pathlib import Path
 
@@ -284,3 +285,50 @@ def test_a_daemon_flooded_by_bad_peers_keeps_its_log_small(paths: Paths) -> None
                 s.recv(4096)
         lines = daemon.stderr().splitlines()
     assert len(lines) < 80, len(lines)
+
+
+def test_the_log_file_rotates_at_its_cap_and_stays_private(short_dir: Path) -> None:
+    import logging
+
+    from stigmer.broker.daemon.logs import configure
+
+    log_file = short_dir / "broker.log"
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure(verbose=False, log_file=log_file, max_bytes=4096, backups=2)
+        for n in range(2000):
+            logging.getLogger("stigmer.broker").info(f"cause {n}: {'x' * 40}")  # one each
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    files = sorted(p.name for p in short_dir.iterdir())
+    assert files == ["broker.log", "broker.log.1", "broker.log.2"]
+    for name in files:
+        st = (short_dir / name).stat()
+        assert st.st_size <= 4096 and stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_start_logs_to_a_rotating_broker_log(paths: Paths) -> None:
+    run_cli(paths, "start", check=True)
+    try:
+        run_cli(paths, "status", check=True)
+        cmdline = Path(f"/proc/{json.loads(run_cli(paths, 'status', '--json').stdout)['pid']}"
+                       "/cmdline").read_bytes().split(b"\0")
+        assert b"--log-file" in cmdline
+    finally:
+        run_cli(paths, "stop", check=True)
+    assert "serving on" in paths.log_file.read_text()
+    assert stat.S_IMODE(paths.log_file.stat().st_mode) == 0o600
+
+
+def test_serve_refuses_a_log_file_symlink(paths: Paths, short_dir: Path) -> None:
+    target = short_dir / "elsewhere"
+    target.write_text("")
+    paths.home.mkdir(mode=0o700, exist_ok=True)
+    (paths.home / "planted.log").symlink_to(target)
+    result = run_cli(paths, "serve", "--log-file", str(paths.home / "planted.log"))
+    assert result.returncode == 1 and "symbolic link" in result.stderr
+    assert "Traceback" not in result.stderr and target.read_text() == ""

@@ -40,7 +40,8 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     from ..daemon.systemd import inherited_socket, systemd_unit
 
     retention = _retention(args.audit_retention)
-    configure_logging(verbose=args.verbose)
+    log_file = Path(args.log_file) if args.log_file else None
+    configure_logging(verbose=args.verbose, log_file=log_file)
     env_key = os.environ.pop(KEY_VARIABLE, None)
     origin = KEY_VARIABLE
     if args.key_fd is not None:
@@ -145,8 +146,11 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
         pass
     log_fd = _open_log(paths)
     read_fd, write_fd = os.pipe()
+    # The daemon writes (and rotates) broker.log itself; its stderr goes there too, for
+    # what is said before logging is set up (a start-up error that `start` reports).
     command = [sys.executable, "-m", "stigmer.broker", "serve", "--home", str(paths.home),
-               "--socket", str(paths.socket), "--ready-fd", str(write_fd)]
+               "--socket", str(paths.socket), "--ready-fd", str(write_fd),
+               "--log-file", str(paths.log_file)]
     if args.allow_group:
         command += ["--allow-group", args.allow_group]
     if args.audit_retention:

@@ -123,6 +123,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--allow-group", metavar="GROUP",
                    help="let members of GROUP connect to fetch contexts (nothing else)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--log-file", metavar="FILE",
+                   help="log to FILE, rotated at 10 MiB keeping 3 old files (default: stderr)")
     p.add_argument("--key-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--audit-retention", metavar="DURATION", default="90d",
                    help="remove audit records older than this, behind a checkpoint that keeps "

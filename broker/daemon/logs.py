@@ -6,15 +6,29 @@ message, so a newline or a terminal escape sequence cannot forge a line or
 repaint a terminal. :class:`PerCause` lets at most ``burst`` records of one
 cause (its message template and level) through per ``window`` seconds, then
 says once how many it held back, so one peer cannot grow the log without bound.
+A daemon started with ``start`` writes ``HOME/broker.log`` through
+:class:`PrivateRotatingLog`, which rotates it at a size cap.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
+import logging.handlers
+import os
 import sys
 import time
+from pathlib import Path
 
-__all__ = ["OneLineFormatter", "PerCause", "configure"]
+from ..protocol.errors import StartupError
+
+__all__ = ["LOG_BACKUPS", "LOG_MAX_BYTES", "OneLineFormatter", "PerCause",
+           "PrivateRotatingLog", "configure"]
+
+#: broker.log rotates at this size, keeping this many old files (broker.log.1 ...)
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 3
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # C0 and C1 controls and DEL, but not the space: each becomes a visible escape
@@ -56,9 +70,29 @@ class PerCause(logging.Filter):
         return seen[1] <= self._burst
 
 
-def configure(*, verbose: bool) -> None:
-    """Send the daemon's log to stderr, one escaped line per record, floods capped."""
-    handler = logging.StreamHandler(sys.stderr)
+class PrivateRotatingLog(logging.handlers.RotatingFileHandler):
+    """A size-capped log file, each file created 0600 and never through a symlink."""
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o600)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
+def configure(*, verbose: bool, log_file: Path | None = None,
+              max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> None:
+    """Send the daemon's log to stderr, or to ``log_file`` rotated at ``max_bytes``; one
+    escaped line per record, floods capped."""
+    handler: logging.Handler
+    if log_file is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        try:
+            handler = PrivateRotatingLog(log_file, maxBytes=max_bytes, backupCount=backups,
+                                         encoding="utf-8", errors="backslashreplace")
+        except OSError as exc:
+            reason = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            raise StartupError(f"cannot open log file {log_file}: {reason}") from None
     handler.setFormatter(OneLineFormatter(_FORMAT))
     handler.addFilter(PerCause())
     root = logging.getLogger()
