@@ -49,7 +49,8 @@ class Limits(NamedTuple):
     """Every limit the daemon enforces, in one place, set by keyword."""
 
     max_frame_size: int = 1024 * 1024
-    max_connections: int = 256
+    max_connections: int = 1024  # lowered at start to fit the open-file limit
+    max_connections_per_uid: int = 64  # for uids other than the owner's and root's
     handshake_timeout: float = 5.0  # from accept until Hello is in
     frame_timeout: float = 10.0  # from a frame's first byte until its last
     idle_timeout: float = 300.0  # between requests on a greeted connection

@@ -35,7 +35,7 @@ from stigmer.broker.protocol.peer import peer_credentials
 
 __all__ = [
     "RETRY_SAFE", "TOKEN_VARIABLE", "ClosedBeforeReply", "RequestIds", "check_peer",
-    "check_socket_dir", "checked_values", "default_socket",
+    "check_socket_dir", "checked_values", "closed_by_peer", "default_socket",
     "expect", "token_from", "unavailable", "variables",
 ]
 
@@ -87,6 +87,22 @@ def check_socket_dir(path: str) -> int:
             "so others could have replaced the socket; it must be 0700 (0750 for a runner "
             "group)")
     return st.st_uid
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Return whether the broker has already closed this idle connection (its idle
+    timeout, a restart, or an eviction to make room): a request sent on it would be
+    lost, and the caller could not tell whether it was carried out."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # with a timeout, Python would wait for data before the recv
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False  # open, nothing to read: the normal case
+    except OSError:
+        return True  # reset
+    finally:
+        sock.settimeout(timeout)
 
 
 def check_peer(sock: socket.socket, path: str, dir_owner: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +20,15 @@ import anyio
 import anyio.from_thread
 import msgspec
 import pytest
-from conftest import Daemon, make_config, open_fds, run_cli, start_broker
+from conftest import (
+    NOBODY,
+    Daemon,
+    make_config,
+    open_fds,
+    python_for_nobody,
+    run_cli,
+    start_broker,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sealed import open_sealed
@@ -326,3 +335,83 @@ def test_swapped_context_rows_fail_alone(paths: Paths) -> None:
         assert runner.fetch_context(b)["S"] == "secret-b"
         assert "context of execution 'a' failed its integrity check" in daemon.stderr()
         assert "Traceback" not in daemon.stderr()
+
+
+_STALLER = """
+import socket, sys
+path, hello, count = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3])
+held = []
+for n in range(count):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        if n % 2:
+            s.sendall(hello)  # half say Hello and idle, half never finish it
+    except OSError:
+        continue
+    held.append(s)
+print("holding", flush=True)
+sys.stdin.readline()
+alive = 0
+for s in held:
+    try:
+        alive += s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        alive += 1
+    except OSError:
+        pass
+print(alive, flush=True)
+"""
+
+
+@pytest.mark.anyio
+async def test_stalled_peers_cannot_lock_out_the_owner_or_the_runners(paths: Paths) -> None:
+    """300 stalled connections from a runner-group uid and 300 from the owner's own uid,
+    renewed as they are evicted: the owner's status and a runner's fetches still get
+    through, fetch p99 well under a second, and the runner uid holds at most its cap."""
+    import grp
+
+    from stigmer.broker.config import Config
+
+    python = python_for_nobody()
+    base = make_config(paths, max_connections=256, max_connections_per_uid=64)
+    config = Config(paths=base.paths, limits=base.limits, use_keyring=False,
+                    allow_group=grp.getgrgid(NOBODY).gr_name)
+    async with anyio.create_task_group() as tg:
+        running = await start_broker(tg, config)
+        os.chmod(paths.socket.parent.parent, 0o755)
+        async with AsyncClient(running.socket) as admin:
+            token = (await admin.create_context("x", runtime=variables({"A": "1"}))).token
+        staller = await anyio.to_thread.run_sync(lambda: subprocess.Popen(
+            [python, "-c", _STALLER, str(running.socket), HELLO.hex(), "300"], user=NOBODY,
+            group=NOBODY, extra_groups=[], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True))
+        assert staller.stdout is not None and staller.stdin is not None
+        assert await anyio.to_thread.run_sync(staller.stdout.readline) == "holding\n"
+        own: list[socket.socket] = []
+        for n in range(300):  # the owner's uid has no per-uid cap: these hit the global one
+            s = await anyio.to_thread.run_sync(connect, running.socket)
+            if n % 2:
+                s.sendall(HELLO)
+            own.append(s)
+
+        def runner() -> list[float]:
+            latencies = []
+            for _ in range(200):
+                started = time.perf_counter()
+                with Client(running.socket) as c:  # a new connection each time: the worst
+                    assert c.fetch_context(token)["A"] == "1"
+                latencies.append(time.perf_counter() - started)
+            return latencies
+
+        latencies = sorted(await anyio.to_thread.run_sync(runner))
+        p99 = latencies[int(len(latencies) * 0.99) - 1]
+        assert p99 < 0.5, f"fetch p99 {p99 * 1000:.0f} ms"
+        async with AsyncClient(running.socket) as admin:
+            assert (await admin.status()).connections <= 256
+        alive = await anyio.to_thread.run_sync(
+            lambda: staller.communicate("\n", timeout=30)[0])
+        assert int(alive.split()[-1]) <= 64
+        for s in own:
+            s.close()
+        running.stop.set()

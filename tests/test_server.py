@@ -6,6 +6,7 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -30,7 +31,6 @@ from stigmer.broker.protocol import (
 from stigmer.broker.protocol.errors import (
     BrokerUnavailable,
     ErrorCode,
-    ResourceExhausted,
     StartupError,
 )
 from stigmer.client import AsyncClient, Client
@@ -161,25 +161,57 @@ async def test_slow_and_silent_clients_are_reaped(paths: Paths) -> None:
         running.stop.set()
 
 
-async def test_connection_limit_refuses_the_excess(paths: Paths) -> None:
-    config = make_config(paths, max_connections=3)
+def _open_to_broker(sock: socket.socket) -> bool:
+    """Whether the broker still holds this connection (it may have sent a reply)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+async def _wait_closed(sock: socket.socket) -> None:
+    with anyio.fail_after(5):
+        while _open_to_broker(sock):
+            await anyio.sleep(0.02)
+
+
+async def test_at_the_limit_the_unfinished_then_the_idlest_are_evicted(paths: Paths) -> None:
+    """The issue's lock-out: stalled connections filled the limit and everyone else got
+    resource_exhausted. Now a newcomer evicts the oldest connection without a Hello,
+    then the one idle longest; an evicted client reconnects on its next call."""
+    config = make_config(paths, max_connections=4)
     async with anyio.create_task_group() as tg:
         running = await start_broker(tg, config)
-        held = [await AsyncClient(running.socket).__aenter__() for _ in range(3)]
-        with pytest.raises(ResourceExhausted, match="3 connections open"):
-            async with AsyncClient(running.socket) as extra:
-                await extra.status()
-        await held[0].aclose()
-        with anyio.fail_after(5):
-            while True:
-                try:
-                    async with AsyncClient(running.socket) as again:
-                        await again.status()
-                    break
-                except Exception:
-                    await anyio.sleep(0.05)
-        for c in held[1:]:
-            await c.aclose()
+
+        def raw() -> socket.socket:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(running.socket))
+            return s
+
+        stalled_first = await anyio.to_thread.run_sync(raw)
+        stalled_second = await anyio.to_thread.run_sync(raw)
+        idlest = await AsyncClient(running.socket).__aenter__()
+        recent = await AsyncClient(running.socket).__aenter__()
+        await idlest.status()
+        await recent.status()
+        newcomers = []
+        for stalled in (stalled_first, stalled_second):  # each one more than the limit
+            newcomers.append(await AsyncClient(running.socket).__aenter__())
+            await newcomers[-1].status()
+            await _wait_closed(stalled)
+        assert _open_to_broker(recent._sock.raw)  # type: ignore[union-attr]
+        newcomers.append(await AsyncClient(running.socket).__aenter__())
+        await newcomers[-1].status()  # none without Hello is left: the idlest goes
+        assert idlest._sock is not None
+        await _wait_closed(idlest._sock.raw)
+        assert _open_to_broker(recent._sock.raw)  # type: ignore[union-attr]
+        assert (await idlest.status()).connections == 4  # reconnected on its own
+        for client in (idlest, recent, *newcomers):
+            await client.aclose()
+        stalled_first.close()
+        stalled_second.close()
         running.stop.set()
 
 
@@ -325,3 +357,19 @@ async def test_malformed_frames_get_an_error_frame_and_no_traceback(
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
     async with AsyncClient(broker.socket) as client:
         await client.status()
+
+
+def test_the_open_file_limit_is_raised_and_sizes_the_connection_limit() -> None:
+    script = (
+        "import resource\n"
+        "from stigmer.broker.config import Limits\n"
+        "from stigmer.broker.daemon.hardening import raise_open_file_limit\n"
+        "from stigmer.broker.daemon.lifecycle import _fit_to_open_files\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard))\n"
+        "print(_fit_to_open_files(Limits()).max_connections)\n"
+        "print(raise_open_file_limit() == resource.getrlimit(resource.RLIMIT_NOFILE)[0]"
+        " == min(hard, 1 << 20))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert out == ["136", "True"]  # 200 files less the 64 kept for the store and logs

@@ -10,7 +10,7 @@ import sys
 
 from ..protocol.errors import StartupError
 
-__all__ = ["harden_process"]
+__all__ = ["harden_process", "raise_open_file_limit"]
 
 _PR_SET_DUMPABLE = 4
 
@@ -28,3 +28,18 @@ def harden_process() -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
             raise StartupError(f"prctl(PR_SET_DUMPABLE) failed: errno {ctypes.get_errno()}")
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one (each connection holds one);
+    return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20  # what Linux allows at most (fs.nr_open's default)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # keep what we have; the connection limit is sized from it
+    return int(soft)

@@ -15,6 +15,7 @@ import grp
 import logging
 import os
 import pwd
+import resource
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -23,13 +24,13 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from ..config import Config
+from ..config import Config, Limits
 from ..dispatch import Counters, Dispatcher
 from ..protocol.errors import StartupError
 from ..store.keys import key_sources
 from ..store.sqlite import Store
 from ..store.vault import Vault
-from .hardening import harden_process
+from .hardening import harden_process, raise_open_file_limit
 from .homelock import lock_home, prepare_home
 from .listen import BoundSocket, adopt_socket, bind_unix_socket
 from .server import Server
@@ -57,6 +58,22 @@ def _group_gid(name: str | None) -> int | None:
             f"to that group; add it (sudo usermod -aG {name} {user}, then log in again) or "
             "choose a group it is in")
     return gid
+
+
+#: open files kept for the store, the log, the listener and the like
+_RESERVED_FILES = 64
+
+
+def _fit_to_open_files(limits: Limits) -> Limits:
+    """Lower ``max_connections`` so that every connection can have its file."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return limits
+    room = max(int(soft) - _RESERVED_FILES, 8)
+    if room >= limits.max_connections:
+        return limits
+    log.warning("serving at most %d connections: the open-file limit is %d", room, soft)
+    return limits._replace(max_connections=room)
 
 
 def _has_passwd_entry() -> bool:
@@ -103,7 +120,8 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
             dispatcher = Dispatcher(config, store, vault, counters, request_shutdown=stop.set)
             dispatcher.socket_path = bound.path
             await dispatcher.start()
-            server = Server(listener, dispatcher, config.limits, counters, group_gid=gid)
+            server = Server(listener, dispatcher, _fit_to_open_files(config.limits), counters,
+                            group_gid=gid)
 
             async def shutdown() -> None:
                 async with anyio.create_task_group() as tg:
@@ -143,6 +161,7 @@ def run(config: Config, *, ready_fd: int | None = None,
     """
     os.umask(0o077)
     harden_process()
+    raise_open_file_limit()
     options: dict[str, object] = {}
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: F401

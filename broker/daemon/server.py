@@ -11,6 +11,13 @@ the connection, enforced by one watchdog task that cancels overdue
 connections, so the request path pays for no cancel scope of its own.
 Whatever a client does costs at most its own connection.
 
+Room: at ``max_connections``, a new connection evicts first the oldest one
+that has not finished its Hello, then the one idle longest; only when every
+connection has a request in flight is it refused. No uid but the broker's
+owner and root may hold more than ``max_connections_per_uid``: beyond that a
+new one evicts that uid's own. So peers that connect and stall cannot lock
+out the owner's ``status``/``stop`` or the runners.
+
 Shutdown, once the trigger fires: stop accepting, close idle connections, let
 requests in flight finish within ``shutdown_grace``, then cancel the rest.
 """
@@ -25,7 +32,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 import anyio
@@ -69,9 +76,17 @@ class Counters(Protocol):
 @dataclasses.dataclass(eq=False, slots=True)
 class _Conn:
     scope: anyio.CancelScope
+    uid: int
+    since: float  # time.monotonic() of the accept, then of the last request answered
+    greeted: bool = False
     busy: bool = False
     deadline: float = math.inf  # time.monotonic() by which the current wait must end
     timed_out: bool = False
+    evicted: bool = False
+
+    def eviction_order(self) -> tuple[bool, float]:
+        """Sorts first the connection to evict first: not greeted, then the oldest/idlest."""
+        return self.greeted, self.since
 
 
 class Server:
@@ -91,6 +106,8 @@ class Server:
         self._counters = counters
         self._refused = 0
         self._refusal_logged = -math.inf
+        self._evicted = 0
+        self._eviction_logged = -math.inf
 
     async def serve(self, shutdown: Callable[[], Awaitable[object]], *,
                     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -141,13 +158,42 @@ class Server:
                 if starved:
                     log.info("accepting connections again")
                     starved = False
-                if len(self._conns) >= self._limits.max_connections:
+                uid = _uid_of(stream)
+                if not self._make_room(uid):
                     tg.start_soon(self._refuse, stream)
                     continue
-                conn = _Conn(scope=anyio.CancelScope())
+                conn = _Conn(scope=anyio.CancelScope(), uid=uid, since=time.monotonic())
                 self._conns.add(conn)
                 self._counters.connections = len(self._conns)
                 tg.start_soon(self._run_connection, stream, conn)
+
+    def _make_room(self, uid: int) -> bool:
+        """Evict a connection if one more from ``uid`` would pass a limit; return whether
+        there is room (False: every candidate has a request in flight)."""
+        limits = self._limits
+        if uid not in (self._uid, 0):
+            mine = [c for c in self._conns if c.uid == uid]
+            if len(mine) >= limits.max_connections_per_uid and not self._evict(mine):
+                return False
+        if len(self._conns) >= limits.max_connections:
+            return self._evict(self._conns)
+        return True
+
+    def _evict(self, candidates: Iterable[_Conn]) -> bool:
+        idle = [c for c in candidates if not c.busy]
+        if not idle:
+            return False
+        victim = min(idle, key=_Conn.eviction_order)
+        victim.evicted = True
+        victim.scope.cancel()
+        self._conns.discard(victim)  # its room is free now; its task ends on its own
+        now = time.monotonic()
+        self._evicted += 1
+        if now - self._eviction_logged >= 1.0:
+            log.warning("evicted %d idle or unfinished connection(s) to make room (%d open)",
+                        self._evicted, len(self._conns))
+            self._eviction_logged, self._evicted = now, 0
+        return True
 
     async def _watchdog(self) -> None:
         """Cancel every connection whose current wait is past its deadline."""
@@ -189,7 +235,7 @@ class Server:
         except Exception:
             log.exception("connection handler failed")
         finally:
-            if conn.timed_out:
+            if conn.timed_out and not conn.evicted:
                 log.info("closed a connection that timed out (slow, silent or not reading)")
             self._conns.discard(conn)
             self._counters.connections = len(self._conns)
@@ -253,6 +299,7 @@ class Server:
                 continue
             assert isinstance(event, Request)
             frame_deadline = None
+            conn.greeted = proto.version is not None
             conn.busy = True
             try:
                 reply = await self._answer(event, peer)
@@ -265,6 +312,7 @@ class Server:
                 await self._send(stream, conn, data)
             finally:
                 conn.busy = False
+                conn.since = time.monotonic()
             if isinstance(reply, Error) and reply.code == ErrorCode.UNAUTHENTICATED:
                 auth_failures += 1
                 if auth_failures >= limits.max_auth_failures:
@@ -287,6 +335,15 @@ class Server:
         conn.deadline = time.monotonic() + self._limits.frame_timeout
         await stream.send(data)
         conn.deadline = math.inf
+
+
+def _uid_of(stream: anyio.abc.SocketStream) -> int:
+    """The peer's uid, for the per-uid limit (-1 when the kernel cannot say: such a
+    connection is refused by the peer check anyway)."""
+    try:
+        return peer_credentials(stream.extra(SocketAttribute.raw_socket)).uid
+    except OSError:
+        return -1
 
 
 def _in_group(creds: PeerCredentials, gid: int) -> bool:

@@ -67,6 +67,7 @@ from .._common import (
     check_peer,
     check_socket_dir,
     checked_values,
+    closed_by_peer,
     default_socket,
     expect,
     token_from,
@@ -128,7 +129,9 @@ class AsyncClient:
 
     async def _connect(self) -> None:
         if self._sock is not None:
-            return
+            if not closed_by_peer(self._sock.raw):
+                return
+            await self.aclose()  # closed while idle: start afresh before sending anything
         path = self.socket_path
         dir_owner = check_socket_dir(path)
         try:

@@ -68,6 +68,7 @@ from .._common import (
     check_peer,
     check_socket_dir,
     checked_values,
+    closed_by_peer,
     default_socket,
     expect,
     token_from,
@@ -129,7 +130,9 @@ class Client:
 
     def _connect(self) -> None:
         if self._sock is not None:
-            return
+            if not closed_by_peer(self._sock.raw):
+                return
+            self.close()  # closed while idle: start afresh before sending anything
         path = self.socket_path
         dir_owner = check_socket_dir(path)
         try:
