@@ -8,13 +8,18 @@ Welcome in state ready``, forever.
 
 from __future__ import annotations
 
+import socket
+import threading
+from pathlib import Path
+
 import anyio
 import anyio.to_thread
 import pytest
 from conftest import Daemon, RunningBroker, make_config, start_broker
 
 from stigmer.broker.config import Paths
-from stigmer.client import AsyncClient, BrokerUnavailable, Client, NotFound, Unauthenticated
+from stigmer.broker.protocol import NEED_DATA, Connection, Hello, Role, Welcome
+from stigmer.client import AsyncClient, BrokerUnavailable, Client, Unauthenticated
 
 
 def test_both_clients_survive_a_broker_restart(paths: Paths) -> None:
@@ -80,13 +85,65 @@ async def test_both_clients_reconnect_after_the_cut_for_bad_tokens(
 
 
 @pytest.mark.anyio
-async def test_a_write_is_not_repeated_on_a_closed_connection(broker: RunningBroker) -> None:
+async def test_a_write_goes_out_on_a_fresh_connection_when_the_old_one_was_closed(
+        broker: RunningBroker) -> None:
+    """The broker cut the connection (three bad tokens) before the write was sent: the
+    client sees that and sends it on a new connection, once."""
     async with AsyncClient(broker.socket) as client:
         for _ in range(3):
             with pytest.raises(Unauthenticated):
                 await client.fetch_context("stg_not-a-token")
-        with pytest.raises(BrokerUnavailable):  # the broker had already cut the connection
-            await client.create_context("maybe")
-        with pytest.raises(NotFound):  # and the create was not sent again behind our back
-            await client.get_context("maybe")
+        await client.create_context("after-the-cut")
+        assert (await client.get_context("after-the-cut")).execution_id == "after-the-cut"
 
+
+class CutAfterSending:
+    """A stand-in broker that greets, then closes each connection on the first request
+    it receives, unanswered: whether that request was carried out is unknowable."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.received: list[str] = []
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._listener.bind(str(path))
+        self._listener.listen()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            with sock:
+                conn = Connection(Role.SERVER)
+                while True:
+                    event = conn.next_event()
+                    if event is NEED_DATA:
+                        conn.receive_data(sock.recv(65536))
+                        continue
+                    if isinstance(event, Hello):
+                        sock.sendall(conn.send(Welcome(id=event.id, version=1,
+                                                       server_version="cut")))
+                        continue
+                    self.received.append(type(event).__name__)
+                    break  # closed, unanswered
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_write_cut_after_sending_is_not_repeated_and_a_read_is(paths: Paths) -> None:
+    server = CutAfterSending(paths.socket)
+    try:
+        with Client(paths.socket) as client:
+            with pytest.raises(BrokerUnavailable):
+                client.create_context("maybe")
+            assert server.received == ["CreateContext"]  # sent once, never again
+            with pytest.raises(BrokerUnavailable):
+                client.status()
+            assert server.received == ["CreateContext", "GetStatus", "GetStatus"]  # retried
+    finally:
+        server.close()
