@@ -269,13 +269,20 @@ class Audit:
         log.info("audit retention removed %d records (through %d)", removed, through)
         return removed
 
-    async def list(self, execution_id: str | None, limit: int) -> list[AuditRecord]:
-        """Return the newest ``limit`` records (of one execution), oldest first."""
+    async def list(self, execution_id: str | None, limit: int, *,
+                   before: int | None = None) -> tuple[list[AuditRecord], bool]:
+        """Return the newest ``limit`` records (of one execution) older than ``before``,
+        newest first, and whether older ones follow."""
         await self.flush()
-        where, params = ("WHERE execution_id = ?", (execution_id,)) if execution_id else ("", ())
+        clauses = ["seq < ?"]
+        params: list[object] = [before if before is not None else 2**63 - 1]
+        if execution_id:
+            clauses.append("execution_id = ?")
+            params.append(execution_id)
         rows = await self._store.read(
-            f"SELECT {_COLUMNS} FROM audit {where} ORDER BY seq DESC LIMIT ?", (*params, limit))
-        return [AuditRecord(*r) for r in reversed(rows)]
+            f"SELECT {_COLUMNS} FROM audit WHERE {' AND '.join(clauses)} ORDER BY seq DESC "
+            "LIMIT ?", (*params, limit + 1))
+        return [AuditRecord(*r) for r in rows[:limit]], len(rows) > limit
 
     async def verify(self) -> Verified:
         """Check the chain from its first record (or its retention checkpoint) to the head,

@@ -294,13 +294,21 @@ class Contexts:
                   if t.usable(now)]
         return context, _KEYS_DECODER.decode(keys_json), tokens
 
-    def summaries(self) -> list[ContextSummary]:
+    def summaries(self, *, after: str = "",
+                  limit: int = 1000) -> tuple[list[ContextSummary], bool]:
+        """Up to ``limit`` live contexts by execution id, from the first after ``after``,
+        and whether more follow."""
         now = self._clock()
-        return [ContextSummary(execution_id=c.execution_id, created_at=c.created_at,
-                               expires_at=c.expires_at, keys=c.n_keys, secrets=c.n_secrets,
-                               tokens=sum(1 for t in c.tokens.values() if t.usable(now)))
-                for c in sorted(self._by_execution.values(), key=lambda c: c.execution_id)
-                if c.expires_at > now]
+        ids = sorted(e for e, c in self._by_execution.items() if c.expires_at > now and e > after)
+        page = ids[:limit]
+        out = []
+        for execution_id in page:
+            c = self._by_execution[execution_id]
+            out.append(ContextSummary(
+                execution_id=execution_id, created_at=c.created_at, expires_at=c.expires_at,
+                keys=c.n_keys, secrets=c.n_secrets,
+                tokens=sum(1 for t in c.tokens.values() if t.usable(now))))
+        return out, len(ids) > limit
 
     async def complete(self, execution_id: str, peer: Peer) -> None:
         """Delete a context and revoke its tokens (also a context refused for failing its

@@ -13,7 +13,8 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import anyio
 import msgspec
@@ -70,6 +71,9 @@ from .store.vault import Vault
 __all__ = ["Counters", "Dispatcher"]
 
 log = logging.getLogger("stigmer.broker")
+_ENCODER = msgspec.msgpack.Encoder()
+_R = TypeVar("_R", bound=Response)
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(slots=True)
@@ -92,6 +96,7 @@ class Dispatcher:
         self._started = time.monotonic()
         self.socket_path = config.paths.socket  # the daemon sets the one it listens on
         self.activity = ""  # a long operation in progress, for status
+        self._largest_reply = config.limits.max_frame_size - 1024  # a page's bound
         self._store = store
         self._anchor = HeadAnchor(config.paths.audit_anchor, journal=bool(config.unit))
         self.environments = Environments(store, vault)
@@ -186,8 +191,11 @@ class Dispatcher:
                 return await self._environment(rid, name, reveal=False)
             case GetEnvironment(name=name, reveal=reveal):
                 return await self._environment(rid, name, reveal=reveal)
-            case ListEnvironments():
-                return EnvironmentList(id=rid, environments=await self.environments.list())
+            case ListEnvironments(page_size=size, page_token=after):
+                envs, more = await self.environments.list(after=after, limit=size)
+                return self._page(lambda n, token: EnvironmentList(
+                    id=rid, environments=envs[:n], next_page_token=token),
+                    envs, more, lambda e: e.name)
             case UnsetVariables(name=name, keys=keys):
                 await self.environments.unset(name, keys)
                 await self._changed("environment.unset", peer, name, sorted(keys))
@@ -235,16 +243,26 @@ class Dispatcher:
                 return ContextInfo(id=rid, execution_id=execution_id,
                                    created_at=context.created_at, expires_at=context.expires_at,
                                    keys=key_infos, tokens=token_infos)
-            case ListContexts():
-                return ContextList(id=rid, contexts=self.contexts.summaries())
+            case ListContexts(page_size=size, page_token=after):
+                contexts, more = self.contexts.summaries(after=after, limit=size)
+                return self._page(lambda n, token: ContextList(
+                    id=rid, contexts=contexts[:n], next_page_token=token),
+                    contexts, more, lambda c: c.execution_id)
             case CompleteContext(execution_id=execution_id):
                 await self.contexts.complete(execution_id, peer)
                 return Ok(id=rid)
             case ReleaseContext(token=token):
                 await self.contexts.release(token, peer)
                 return Ok(id=rid)
-            case ListAudit(execution_id=execution_id, limit=limit):
-                return AuditLog(id=rid, records=await self.audit.list(execution_id, limit))
+            case ListAudit(execution_id=execution_id, limit=limit, page_token=token):
+                if token and not token.isdigit():
+                    raise InvalidArgument("page_token is not one this broker gave; start "
+                                          "again without it")
+                newest, more = await self.audit.list(
+                    execution_id, limit, before=int(token) if token else None)
+                return self._page(lambda n, next_token: AuditLog(
+                    id=rid, records=newest[:n][::-1], next_page_token=next_token),
+                    newest, more, lambda r: str(r.seq))
             case VerifyAudit():
                 verified = await self.audit.verify()
                 return AuditVerified(id=rid, ok=verified.ok, records=verified.records,
@@ -252,6 +270,19 @@ class Dispatcher:
                                      anchored=verified.anchored,
                                      removed_through=verified.removed_through)
         raise InvalidArgument(f"{type(request).__name__} is not a request this broker serves")
+
+    def _page(self, reply: Callable[[int, str], _R], entries: Sequence[_T], more: bool,
+              key: Callable[[_T], str]) -> _R:
+        """The reply holding as many of ``entries`` as fit in one frame (all, unless they
+        are large: audit details, say), with the token of the page that follows."""
+        count = len(entries)
+        while True:
+            following = key(entries[count - 1]) if count and (more or count < len(entries)) \
+                else ""
+            page = reply(count, following)
+            if count <= 1 or len(_ENCODER.encode(page)) <= self._largest_reply:
+                return page
+            count //= 2
 
     async def _changed(self, event: str, peer: Peer, what: str,
                        keys: list[str] | None = None) -> None:

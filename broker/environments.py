@@ -179,14 +179,18 @@ class Environments:
         self._check(env_id, name, mac, variables)
         return env_id, created_at, updated_at, variables
 
-    async def list(self) -> list[EnvironmentSummary]:
-        """Every environment whose name checks (one that does not is logged and left out;
-        reading it names the problem)."""
+    async def list(self, *, after: str = "",
+                   limit: int = 1000) -> tuple[list[EnvironmentSummary], bool]:
+        """Up to ``limit`` environments by name, from the first after ``after``, and whether
+        more follow. One whose name does not check is logged and left out (reading it
+        names the problem)."""
         rows = await self._store.read(
             "SELECT e.id, e.name, e.mac, json_group_array(v.name) FILTER (WHERE v.name IS NOT "
             "NULL), count(v.name), coalesce(sum(v.is_secret), 0), e.updated_at "
-            "FROM environments e LEFT JOIN variables v ON v.env_id = e.id "
-            "GROUP BY e.id ORDER BY e.name")
+            "FROM environments e LEFT JOIN variables v ON v.env_id = e.id WHERE e.name > ? "
+            "GROUP BY e.id ORDER BY e.name LIMIT ?", (after, limit + 1))
+        more = len(rows) > limit
+        rows = rows[:limit]
         out = []
         for env_id, name, mac, names, count, secrets, updated_at in rows:
             if self._vault.check(Row.environment(env_id, name, _NAMES.decode(names)), mac):
@@ -195,7 +199,7 @@ class Environments:
             else:
                 log.error("environment %r failed its integrity check and is left out of the "
                           "list", name)
-        return out
+        return out, more
 
     async def authenticate_unchecked(self) -> int:
         """Authenticate every row that has no MAC yet; return how many. Only for the start

@@ -90,11 +90,11 @@ SAMPLES: dict[str, Request | Response] = {
         ttl_s=3600.0, token_ttl_s=60.0, max_uses=3),
     "IssueToken": IssueToken(id=13, execution_id="exec-1", ttl_s=60.0),
     "GetContext": GetContext(id=14, execution_id="exec-1"),
-    "ListContexts": ListContexts(id=15),
+    "ListContexts": ListContexts(id=15, page_size=100, page_token="exec-0"),
     "CompleteContext": CompleteContext(id=16, execution_id="exec-1"),
     "FetchContext": FetchContext(id=17, token="stg_" + "A" * 43),
     "ReleaseContext": ReleaseContext(id=18, token="stg_" + "A" * 43),
-    "ListAudit": ListAudit(id=19, execution_id="exec-1", limit=10),
+    "ListAudit": ListAudit(id=19, execution_id="exec-1", limit=10, page_token="42"),
     "VerifyAudit": VerifyAudit(id=20),
     "ContextCreated": ContextCreated(
         id=12, execution_id="exec-1", expires_at=1700003600.0, token="stg_" + "A" * 43,

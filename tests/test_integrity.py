@@ -181,7 +181,7 @@ async def test_denied_requests_of_every_kind_are_counted_not_written_one_by_one(
             with pytest.raises(PermissionDenied):
                 await dispatcher.handle(PutEnvironment(id=n + 1, name="x", data={}), runner)
         await dispatcher.audit.flush()
-        records = await dispatcher.audit.list(None, 100)
+        records = (await dispatcher.audit.list(None, 100))[0]
         assert [(r.event, r.outcome, r.detail) for r in records] == [
             ("context.released", "denied", "count=2000"),
             ("request", "denied", "op=PutEnvironment count=2000")]

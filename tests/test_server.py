@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -12,7 +13,14 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 import pytest
-from conftest import NOBODY, RunningBroker, make_config, python_for_nobody, start_broker
+from conftest import (
+    NOBODY,
+    RunningBroker,
+    cli_env,
+    make_config,
+    python_for_nobody,
+    start_broker,
+)
 
 from stigmer.broker.config import Paths
 from stigmer.broker.daemon.lifecycle import serve
@@ -33,7 +41,7 @@ from stigmer.broker.protocol.errors import (
     ErrorCode,
     StartupError,
 )
-from stigmer.client import AsyncClient, Client
+from stigmer.client import AsyncClient, Client, variables
 
 pytestmark = pytest.mark.anyio
 
@@ -373,3 +381,36 @@ def test_the_open_file_limit_is_raised_and_sizes_the_connection_limit() -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=60, check=True).stdout.split()
     assert out == ["136", "True"]  # 200 files less the 64 kept for the store and logs
+
+
+async def test_listings_come_in_pages_that_fit_a_frame(paths: Paths) -> None:
+    """With ~12k live contexts `context list` failed with a 7.4 MB reply, and so did
+    `audit --limit 10000`. Here frames are 64 KiB, so 1,200 contexts (and their audit
+    records) are already more than one reply could carry."""
+    config = make_config(paths, max_frame_size=64 * 1024)
+    async with anyio.create_task_group() as tg:
+        running = await start_broker(tg, config)
+        async with AsyncClient(running.socket) as client:
+            for n in range(1200):
+                await client.create_context(f"exec-{n:05d}", runtime=variables({"A": "1"}))
+            await client.put_environment("big", variables({"NOTE": "x"}))
+            listed = await client.list_contexts()
+            assert [c.execution_id for c in listed] == [f"exec-{n:05d}" for n in range(1200)]
+            paged = [c.execution_id async for c in client.iter_contexts(page_size=7)]
+            assert paged == [c.execution_id for c in listed]
+            records = await client.audit(limit=1150)
+            assert len(records) == 1150
+            seqs = [r.seq for r in records]
+            assert seqs == list(range(seqs[0], seqs[0] + 1150))  # the newest, oldest first
+            assert records[-1].event == "environment.set"
+            assert [e.name for e in await client.list_environments()] == ["big"]
+        running.stop.set()
+    env = cli_env(paths)
+    async with anyio.create_task_group() as tg:
+        running = await start_broker(tg, config)
+        result = await anyio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "stigmer.broker", "context", "list", "--json"], env=env,
+            capture_output=True, text=True, timeout=60))
+        assert result.returncode == 0, result.stderr
+        assert len(json.loads(result.stdout)) == 1200
+        running.stop.set()

@@ -208,7 +208,7 @@ async def test_retention_removes_old_records_behind_a_checkpoint(paths: Paths) -
     try:
         audit = Audit(sealed.store, sealed.vault, anchor=HeadAnchor(paths.audit_anchor))
         before = (await audit.verify()).records
-        records = await audit.list(None, 100)
+        records = (await audit.list(None, 100))[0]
         cut = records[3].at  # the first three go
         removed = await audit.prune(cut)
         assert removed == 3

@@ -145,7 +145,7 @@ async def test_apply_is_all_or_nothing_and_replaces(vault: Sealed) -> None:
     await envs.apply([EnvironmentSpec(name="x", data={"NEW": secret("n")}),
                       EnvironmentSpec(name="y", data={})])
     assert set((await envs.get("x", reveal=False)).data) == {"NEW"}
-    assert [e.name for e in await envs.list()] == ["x", "y"]
+    assert [e.name for e in (await envs.list())[0]] == ["x", "y"]
 
 
 async def test_unset_missing_key_changes_nothing(vault: Sealed) -> None:

@@ -18,7 +18,7 @@ __all__ = ["cmd_audit", "cmd_audit_verify"]
 def cmd_audit(args: argparse.Namespace, paths: Paths) -> int:
 
     execution_id = name_arg(args.execution, "--execution") if args.execution else None
-    limit = count_arg(args.limit, "--limit", 1, 10000) or 100
+    limit = count_arg(args.limit, "--limit", 1, 10_000_000) or 100
     with connect(paths) as client:
         records = client.audit(execution_id, limit)
     if args.json:

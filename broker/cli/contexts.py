@@ -19,7 +19,7 @@ from .common import (
     token_arg,
 )
 from .inputs import collect_variables, read_text
-from .render import error, key_json, print_json, when
+from .render import error, key_json, print_json, print_json_array, when
 
 if TYPE_CHECKING:
     import argparse
@@ -94,18 +94,20 @@ def cmd_context_show(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_context_list(args: argparse.Namespace, paths: Paths) -> int:
-    with connect(paths) as client:
-        contexts = client.list_contexts()
-    if args.json:
-        print_json([{"execution_id": c.execution_id, "created_at": c.created_at,
-                      "expires_at": c.expires_at, "keys": c.keys, "secrets": c.secrets,
-                      "tokens": c.tokens} for c in contexts])
-        return EXIT_OK
-    if not contexts:
+    with connect(paths) as client:  # printed page by page, as the pages arrive
+        contexts = client.iter_contexts()
+        if args.json:
+            print_json_array({"execution_id": c.execution_id, "created_at": c.created_at,
+                              "expires_at": c.expires_at, "keys": c.keys,
+                              "secrets": c.secrets, "tokens": c.tokens} for c in contexts)
+            return EXIT_OK
+        shown = 0
+        for c in contexts:
+            print(f"{c.execution_id}  {c.keys} keys ({c.secrets} secret), {c.tokens} tokens, "
+                  f"expires {when(c.expires_at)}")
+            shown += 1
+    if not shown:
         print("no live contexts")
-    for c in contexts:
-        print(f"{c.execution_id}  {c.keys} keys ({c.secrets} secret), {c.tokens} tokens, "
-              f"expires {when(c.expires_at)}")
     return EXIT_OK
 
 

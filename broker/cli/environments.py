@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from ..protocol.messages import SECRET_MASK
 from .common import EXIT_OK, UsageError, check_broker, connect, name_arg, var_arg
 from .inputs import collect_variables, read_text
-from .render import print_json, printable
+from .render import print_json, print_json_array, printable
 
 if TYPE_CHECKING:
     import argparse
@@ -56,18 +56,18 @@ def cmd_env_show(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_env_list(args: argparse.Namespace, paths: Paths) -> int:
-    with connect(paths) as client:
-        envs = client.list_environments()
-    if args.json:
-        print_json([{"name": e.name, "variables": e.variables, "secrets": e.secrets,
-                      "updated_at": e.updated_at} for e in envs])
-        return EXIT_OK
-    if not envs:
+    with connect(paths) as client:  # printed page by page, as the pages arrive
+        envs = client.iter_environments()
+        if args.json:
+            print_json_array({"name": e.name, "variables": e.variables, "secrets": e.secrets,
+                              "updated_at": e.updated_at} for e in envs)
+            return EXIT_OK
+        shown = 0
+        for e in envs:
+            print(f"{e.name:<24}  {e.variables} variables, {e.secrets} secret")
+            shown += 1
+    if not shown:
         print("no environments (create one with `stigmer-broker env set NAME KEY=VALUE`)")
-        return EXIT_OK
-    width = max(len(e.name) for e in envs)
-    for e in envs:
-        print(f"{e.name:<{width}}  {e.variables} variables, {e.secrets} secret")
     return EXIT_OK
 
 

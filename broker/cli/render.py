@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from .common import PROG
 
-__all__ = ["duration", "error", "key_json", "print_json", "printable", "warn", "when"]
+__all__ = ["duration", "error", "key_json", "print_json", "print_json_array", "printable",
+           "warn", "when"]
 
 
 def error(message: str) -> None:
@@ -35,6 +37,19 @@ def print_json(data: object) -> None:
     import json
 
     print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def print_json_array(items: Iterable[object]) -> None:
+    """Print a JSON array one element at a time, as a listing's pages arrive (the same
+    text ``print_json`` gives the whole list)."""
+    import json
+
+    first = True
+    for item in items:
+        text = json.dumps(item, indent=2, sort_keys=True).replace("\n", "\n  ")
+        print(("[\n  " if first else ",\n  ") + text, end="")
+        first = False
+    print("[]" if first else "\n]")
 
 
 def printable(value: str) -> str:

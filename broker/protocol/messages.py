@@ -32,7 +32,7 @@ __all__ = [
     "Welcome", "Status", "Ok", "Environment", "EnvironmentList", "Applied", "KeyRotated",
     "Error",
     "Variable", "VariableView", "EnvironmentSpec", "EnvironmentSummary",
-    "NAME_PATTERN", "VAR_NAME_PATTERN", "MAX_NAME_LENGTH", "MAX_VALUE_LENGTH",
+    "NAME_PATTERN", "VAR_NAME_PATTERN", "MAX_NAME_LENGTH", "MAX_VALUE_LENGTH", "MAX_PAGE_SIZE",
     "error_reply", "AnyRequest", "AnyResponse", "SECRET_MASK",
 ]
 
@@ -245,8 +245,18 @@ class GetEnvironment(Request, frozen=True, kw_only=True):
     reveal: bool = False
 
 
+#: most entries in one page of a listing: a page must fit in a frame with room to spare
+MAX_PAGE_SIZE = 1000
+PageSize = Annotated[int, Meta(ge=1, le=MAX_PAGE_SIZE)]
+#: where the previous page ended, as the broker said (empty: the first page)
+PageToken = Annotated[str, Meta(max_length=256)]
+
+
 class ListEnvironments(Request, frozen=True, kw_only=True):
-    """List environment names with counts."""
+    """List environment names with counts, a page at a time."""
+
+    page_size: PageSize = 500
+    page_token: PageToken = ""
 
 
 class UnsetVariables(Request, frozen=True, kw_only=True):
@@ -304,7 +314,10 @@ class GetContext(Request, frozen=True, kw_only=True):
 
 
 class ListContexts(Request, frozen=True, kw_only=True):
-    """List live contexts."""
+    """List live contexts, a page at a time."""
+
+    page_size: PageSize = 500
+    page_token: PageToken = ""
 
 
 class CompleteContext(Request, frozen=True, kw_only=True):
@@ -340,10 +353,12 @@ class ReleaseContext(Request, frozen=True, kw_only=True):
 
 
 class ListAudit(Request, frozen=True, kw_only=True):
-    """Read the newest audit records, optionally of one execution."""
+    """Read audit records newest first, a page of at most ``limit`` at a time, optionally
+    of one execution (each page's records are oldest first)."""
 
     execution_id: Name | None = None
-    limit: Annotated[int, Meta(ge=1, le=10000)] = 100
+    limit: PageSize = 100
+    page_token: PageToken = ""
 
 
 class VerifyAudit(Request, frozen=True, kw_only=True):
@@ -401,9 +416,11 @@ class Environment(Response, frozen=True, kw_only=True):
 
 
 class EnvironmentList(Response, frozen=True, kw_only=True):
-    """Answer to ListEnvironments, sorted by name."""
+    """Answer to ListEnvironments, sorted by name; ``next_page_token`` asks for the next
+    page (empty: this was the last)."""
 
     environments: list[EnvironmentSummary]
+    next_page_token: str = ""
 
 
 class Applied(Response, frozen=True, kw_only=True):
@@ -467,9 +484,11 @@ class ContextInfo(Response, frozen=True, kw_only=True):
 
 
 class ContextList(Response, frozen=True, kw_only=True):
-    """Answer to ListContexts, sorted by execution id."""
+    """Answer to ListContexts, sorted by execution id; ``next_page_token`` asks for the
+    next page (empty: this was the last)."""
 
     contexts: list[ContextSummary]
+    next_page_token: str = ""
 
 
 class ContextFetched(Response, frozen=True, kw_only=True):
@@ -501,9 +520,11 @@ class ContextFetchedRaw(Response, frozen=True, kw_only=True, tag="ContextFetched
 
 
 class AuditLog(Response, frozen=True, kw_only=True):
-    """Audit records, oldest first."""
+    """Audit records, oldest first; ``next_page_token`` asks for the page of older ones
+    (empty: there are none)."""
 
     records: list[AuditRecord]
+    next_page_token: str = ""
 
 
 class AuditVerified(Response, frozen=True, kw_only=True):

@@ -5,12 +5,13 @@ through the transport, which each side writes for itself."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
 from stigmer.broker.protocol import (
     CLOSED,
+    MAX_PAGE_SIZE,
     NEED_DATA,
     PROTOCOL_VERSION,
     Applied,
@@ -235,8 +236,20 @@ class AsyncClient:
                                Environment)
 
     async def list_environments(self) -> list[EnvironmentSummary]:
-        """Return a summary of every environment, by name."""
-        return (await self.call(ListEnvironments(id=self._ids()), EnvironmentList)).environments
+        """Return a summary of every environment, by name (all pages)."""
+        return [env async for env in self.iter_environments()]
+
+    async def iter_environments(self, page_size: int = 500) -> AsyncIterator[EnvironmentSummary]:
+        """Yield a summary of every environment, by name, asking for a page at a time."""
+        token = ""
+        while True:
+            page = await self.call(ListEnvironments(id=self._ids(), page_size=page_size,
+                                                    page_token=token), EnvironmentList)
+            for env in page.environments:
+                yield env
+            token = page.next_page_token
+            if not token:
+                return
 
     async def unset_variables(self, name: str, keys: Iterable[str]) -> Environment:
         """Remove ``keys`` from an environment (all or none); return what is left."""
@@ -294,8 +307,20 @@ class AsyncClient:
                                ContextInfo)
 
     async def list_contexts(self) -> list[ContextSummary]:
-        """Return a summary of every live context."""
-        return (await self.call(ListContexts(id=self._ids()), ContextList)).contexts
+        """Return a summary of every live context, by execution id (all pages)."""
+        return [context async for context in self.iter_contexts()]
+
+    async def iter_contexts(self, page_size: int = 500) -> AsyncIterator[ContextSummary]:
+        """Yield a summary of every live context, by execution id, a page at a time."""
+        token = ""
+        while True:
+            page = await self.call(ListContexts(id=self._ids(), page_size=page_size,
+                                                page_token=token), ContextList)
+            for context in page.contexts:
+                yield context
+            token = page.next_page_token
+            if not token:
+                return
 
     async def complete_context(self, execution_id: str) -> None:
         """Delete a context and revoke its tokens."""
@@ -316,9 +341,20 @@ class AsyncClient:
 
     async def audit(self, execution_id: str | None = None, limit: int = 100
                     ) -> list[AuditRecord]:
-        """Return the newest audit records, oldest first."""
-        return (await self.call(ListAudit(id=self._ids(), execution_id=execution_id,
-                                          limit=limit), AuditLog)).records
+        """Return the newest ``limit`` audit records (of one execution), oldest first,
+        asking for as many pages as that takes."""
+        pages: list[list[AuditRecord]] = []
+        token, wanted = "", limit
+        while wanted > 0:
+            page = await self.call(ListAudit(id=self._ids(), execution_id=execution_id,
+                                             limit=min(wanted, MAX_PAGE_SIZE), page_token=token),
+                                   AuditLog)
+            pages.append(page.records)
+            wanted -= len(page.records)
+            token = page.next_page_token
+            if not token:
+                break
+        return [record for page in reversed(pages) for record in page]
 
     async def verify_audit(self) -> AuditVerified:
         """Check the audit log's hash chain."""

@@ -6,12 +6,13 @@ through the transport, which each side writes for itself."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
 from stigmer.broker.protocol import (
     CLOSED,
+    MAX_PAGE_SIZE,
     NEED_DATA,
     PROTOCOL_VERSION,
     Applied,
@@ -236,8 +237,20 @@ class Client:
                                Environment)
 
     def list_environments(self) -> list[EnvironmentSummary]:
-        """Return a summary of every environment, by name."""
-        return (self.call(ListEnvironments(id=self._ids()), EnvironmentList)).environments
+        """Return a summary of every environment, by name (all pages)."""
+        return [env for env in self.iter_environments()]
+
+    def iter_environments(self, page_size: int = 500) -> Iterator[EnvironmentSummary]:
+        """Yield a summary of every environment, by name, asking for a page at a time."""
+        token = ""
+        while True:
+            page = self.call(ListEnvironments(id=self._ids(), page_size=page_size,
+                                                    page_token=token), EnvironmentList)
+            for env in page.environments:
+                yield env
+            token = page.next_page_token
+            if not token:
+                return
 
     def unset_variables(self, name: str, keys: Iterable[str]) -> Environment:
         """Remove ``keys`` from an environment (all or none); return what is left."""
@@ -295,8 +308,20 @@ class Client:
                                ContextInfo)
 
     def list_contexts(self) -> list[ContextSummary]:
-        """Return a summary of every live context."""
-        return (self.call(ListContexts(id=self._ids()), ContextList)).contexts
+        """Return a summary of every live context, by execution id (all pages)."""
+        return [context for context in self.iter_contexts()]
+
+    def iter_contexts(self, page_size: int = 500) -> Iterator[ContextSummary]:
+        """Yield a summary of every live context, by execution id, a page at a time."""
+        token = ""
+        while True:
+            page = self.call(ListContexts(id=self._ids(), page_size=page_size,
+                                                page_token=token), ContextList)
+            for context in page.contexts:
+                yield context
+            token = page.next_page_token
+            if not token:
+                return
 
     def complete_context(self, execution_id: str) -> None:
         """Delete a context and revoke its tokens."""
@@ -317,9 +342,20 @@ class Client:
 
     def audit(self, execution_id: str | None = None, limit: int = 100
                     ) -> list[AuditRecord]:
-        """Return the newest audit records, oldest first."""
-        return (self.call(ListAudit(id=self._ids(), execution_id=execution_id,
-                                          limit=limit), AuditLog)).records
+        """Return the newest ``limit`` audit records (of one execution), oldest first,
+        asking for as many pages as that takes."""
+        pages: list[list[AuditRecord]] = []
+        token, wanted = "", limit
+        while wanted > 0:
+            page = self.call(ListAudit(id=self._ids(), execution_id=execution_id,
+                                             limit=min(wanted, MAX_PAGE_SIZE), page_token=token),
+                                   AuditLog)
+            pages.append(page.records)
+            wanted -= len(page.records)
+            token = page.next_page_token
+            if not token:
+                break
+        return [record for page in reversed(pages) for record in page]
 
     def verify_audit(self) -> AuditVerified:
         """Check the audit log's hash chain."""
