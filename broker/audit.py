@@ -272,7 +272,7 @@ class Audit:
     async def list(self, execution_id: str | None, limit: int, *,
                    before: int | None = None) -> tuple[list[AuditRecord], bool]:
         """Return the newest ``limit`` records (of one execution) older than ``before``,
-        newest first, and whether older ones follow."""
+        oldest first, and whether older ones follow."""
         await self.flush()
         clauses = ["seq < ?"]
         params: list[object] = [before if before is not None else 2**63 - 1]
@@ -282,7 +282,7 @@ class Audit:
         rows = await self._store.read(
             f"SELECT {_COLUMNS} FROM audit WHERE {' AND '.join(clauses)} ORDER BY seq DESC "
             "LIMIT ?", (*params, limit + 1))
-        return [AuditRecord(*r) for r in rows[:limit]], len(rows) > limit
+        return [AuditRecord(*r) for r in reversed(rows[:limit])], len(rows) > limit
 
     async def verify(self) -> Verified:
         """Check the chain from its first record (or its retention checkpoint) to the head,
