@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import msgspec
 
 from .audit import Audit
 from .environments import MAX_ENVIRONMENT_BYTES, Environments
+from .grants import canonical_grants, matching_selector
 from .merge import merge
 from .protocol import (
     ContextSummary,
@@ -38,7 +41,15 @@ from .protocol import (
     TokenInfo,
     Variable,
 )
-from .protocol.errors import AlreadyExists, Internal, NotFound, ResourceExhausted, Unauthenticated
+from .protocol.errors import (
+    AlreadyExists,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from .protocol.peer import Peer
 from .store.crypto import Place, Row, SealError
 from .store.sqlite import Store, Tx
@@ -52,9 +63,18 @@ log = logging.getLogger("stigmer.broker")
 _VARS_ENCODER = msgspec.msgpack.Encoder()
 _VARS_DECODER = msgspec.msgpack.Decoder(dict[str, Variable])
 _KEYS_DECODER = msgspec.json.Decoder(list[KeyInfo])
+_RUNNERS_ENCODER = msgspec.json.Encoder()
+_RUNNERS_DECODER = msgspec.json.Decoder(list[str])
 
 UNAUTHENTICATED = ("the execution token is not valid (unknown, expired, revoked or used up); "
                    "ask the control side for a new one")
+
+
+#: the one refusal of a fetch or release by execution id, whatever the cause (no such
+#: context, no grant, another uid or binary, expired, completed, used up): the same words
+#: for every execution id, so that it tells nothing
+NOT_GRANTED = ("no live context of that execution id is open to this process; check the id, "
+               "and the --runner selectors the context was created with")
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -67,6 +87,7 @@ class _Context:
     created_at: float
     expires_at: float
     tokens: dict[str, _Token] = dataclasses.field(default_factory=dict, repr=False)
+    grant: _Token | None = dataclasses.field(default=None, repr=False)  # runner selectors
 
     bound: bytes = b""  # associated data binding ``sealed`` to this context, made once
 
@@ -93,6 +114,7 @@ class _Token:
     expires_at: float
     max_uses: int | None
     uses: int
+    runners: tuple[str, ...] = ()  # a grant: who may open the context by execution id
 
     def usable(self, now: float) -> bool:
         return (self.expires_at > now and self.context.expires_at > now
@@ -100,16 +122,20 @@ class _Token:
 
     def row(self) -> Row:
         return Row.token(self.token_id, self.hash, self.context.row_id, self.created_at,
-                         self.expires_at, self.max_uses, self.uses)
+                         self.expires_at, self.max_uses, self.uses, self.runners_json())
+
+    def runners_json(self) -> str | None:
+        return _RUNNERS_ENCODER.encode(list(self.runners)).decode() if self.runners else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Created:
     execution_id: str
     expires_at: float
-    token: NewToken
+    token: NewToken | None
     token_expires_at: float
     keys: list[KeyInfo]
+    runners: list[str]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -172,17 +198,21 @@ class Contexts:
                 log_refused(f"the context of execution {execution_id!r}")
                 self._refused[execution_id] = row_id
         by_row = {c.row_id: c for c in self._by_execution.values()}
-        for tid, hash_, context_id, created_at, expires_at, max_uses, uses, mac in \
+        for tid, hash_, context_id, created_at, expires_at, max_uses, uses, runners, mac in \
                 await store.read("SELECT id, hash, context_id, created_at, expires_at, "
-                                 "max_uses, uses, mac FROM tokens"):
+                                 "max_uses, uses, runners, mac FROM tokens"):
             context = by_row.get(context_id)
             if context is None:
                 continue
-            token = _Token(tid, hash_, context, created_at, expires_at, max_uses, uses)
-            if vault.check(token.row(), mac):
-                self._index_token(token)
+            token = _Token(tid, hash_, context, created_at, expires_at, max_uses, uses,
+                           tuple(_RUNNERS_DECODER.decode(runners)) if runners else ())
+            if not vault.check(token.row(), mac):
+                log_refused(f"{'runner grant' if runners else 'token'} {tid} of execution "
+                            f"{context.execution_id!r}")
+            elif token.runners:
+                context.grant = token
             else:
-                log_refused(f"token {tid} of execution {context.execution_id!r}")
+                self._index_token(token)
 
     async def authenticate_unchecked(self) -> int:
         """Authenticate every row that has no MAC yet; return how many. Only for the start
@@ -216,6 +246,11 @@ class Contexts:
         """
         now = self._clock()
         execution_id = request.execution_id
+        runners = canonical_grants(request.runners, owner_uid=os.getuid())
+        with_token = request.token if request.token is not None else not runners
+        if not with_token and not runners:
+            raise InvalidArgument("a context needs a token or a runner grant (--runner), "
+                                  "or no one could open it")
         self._check_not_refused(execution_id)
         existing = self._by_execution.get(execution_id)
         if existing is not None:
@@ -239,8 +274,8 @@ class Contexts:
                 f"the merged context would hold {len(plaintext)} bytes, over the limit of "
                 f"{MAX_ENVIRONMENT_BYTES}; reference fewer or smaller environments")
         expires_at = now + request.ttl_s
-        token = new_token()
-        token_expires = min(now + request.token_ttl_s, expires_at)
+        token = new_token() if with_token else None
+        token_expires = min(now + request.token_ttl_s, expires_at) if token else 0.0
         async with self._store.write() as db:
             row_id = await db.insert(
                 "INSERT INTO contexts(execution_id, sealed, keys, created_at, expires_at) "
@@ -251,16 +286,26 @@ class Contexts:
             await db.execute("UPDATE contexts SET sealed = ?, mac = ? WHERE id = ?",
                              (sealed, mac, row_id))
             context = _new_context(row_id, execution_id, sealed, keys, now, expires_at)
-            entry = _Token(token.token_id, token.hash, context, now, token_expires,
-                           request.max_uses, 0)
-            await self._insert_token(db, entry)
+            entry = None
+            if token is not None:
+                entry = _Token(token.token_id, token.hash, context, now, token_expires,
+                               request.max_uses, 0)
+                await self._insert_token(db, entry)
+            if runners:  # a token row that no token opens: a random hash, never handed out
+                grant_id = new_token()
+                context.grant = _Token("g" + grant_id.token_id, grant_id.hash, context, now,
+                                       expires_at, request.max_uses, 0, tuple(runners))
+                await self._insert_token(db, context.grant)
         self._by_execution[execution_id] = context
-        self._index_token(entry)
+        if entry is not None:
+            self._index_token(entry)
         self._record("context.created", "ok", peer, execution_id,
-                     detail=f"{len(keys)} keys, expires {expires_at:.0f}")
-        self._record("token.issued", "ok", peer, execution_id, token.token_id)
+                     detail=f"{len(keys)} keys, expires {expires_at:.0f}"
+                     + (f", runners {'; '.join(runners)}" if runners else ""))
+        if token is not None:
+            self._record("token.issued", "ok", peer, execution_id, token.token_id)
         await self._audit.flush_after_write()
-        return Created(execution_id, expires_at, token, token_expires, keys)
+        return Created(execution_id, expires_at, token, token_expires, keys, runners)
 
     async def issue(self, execution_id: str, ttl_s: float, max_uses: int | None,
                     peer: Peer) -> tuple[NewToken, float]:
@@ -279,6 +324,8 @@ class Contexts:
 
     async def describe(self, execution_id: str
                        ) -> tuple[_Context, list[KeyInfo], list[TokenInfo]]:
+        """A live context, its key summary and its usable tokens (``context.grant`` holds
+        its runner selectors)."""
         context = self._live(execution_id)
         rows = await self._store.read("SELECT keys, mac FROM contexts WHERE id = ?",
                                       (context.row_id,))
@@ -352,6 +399,59 @@ class Contexts:
             return Fetched(context.execution_id, context.expires_at, plaintext)
         return Fetched(context.execution_id, context.expires_at, plaintext, entry)
 
+    def fetch_granted(self, execution_id: str, peer: Peer) -> Fetched:
+        """Return the variables of a context granted to the calling process (attested
+        now). Raises the same PermissionDenied for every reason it cannot."""
+        grant, selector, who = self._granted(execution_id, peer, "fetch")
+        context = grant.context
+        try:
+            plaintext = self._vault.open_bound(context.sealed, context.bound)
+        except SealError:
+            self._record("fetch", "error", peer, execution_id, grant.token_id,
+                         detail="sealed context does not open")
+            raise Internal(f"the context of execution {execution_id!r} cannot be opened "
+                           "(tampered with or damaged); create it again") from None
+        grant.uses += 1
+        self._audit.count("fetch", "granted", execution_id=execution_id,
+                          token_id=grant.token_id, peer_uid=peer.uid, peer_pid=peer.pid,
+                          detail=f"runner {selector}; {who}")
+        if grant.max_uses is None:
+            self._audit.count_use(grant.token_id, grant.uses)
+            return Fetched(execution_id, context.expires_at, plaintext)
+        return Fetched(execution_id, context.expires_at, plaintext, grant)
+
+    async def release_granted(self, execution_id: str, peer: Peer) -> None:
+        """End a context granted to the calling process (the runner's own complete)."""
+        grant = self._granted(execution_id, peer, "context.released")[0]
+        await self._delete(grant.context, "context.completed", peer, grant.token_id)
+
+    def _granted(self, execution_id: str, peer: Peer, event: str) -> tuple[_Token, str, str]:
+        """The grant of ``execution_id`` that the calling process satisfies, the selector
+        it matched and who it is; the audit says why when there is none, the caller only
+        learns that there is none."""
+        context = self._by_execution.get(execution_id)
+        grant = context.grant if context is not None else None
+        if grant is None:
+            self._deny(event, execution_id, peer, "no live context with runner grants")
+        if not grant.usable(self._clock()):
+            self._deny(event, execution_id, peer, "expired or used up")
+        if peer.process is None:
+            self._deny(event, execution_id, peer, "the process cannot be attested")
+        try:
+            attested = peer.process.attest()
+        except LookupError as exc:
+            self._deny(event, execution_id, peer, str(exc))
+        who = f"uid {attested.uid} pid {attested.pid} exe {attested.exe or '?'}"
+        selector = matching_selector(grant.runners, attested)
+        if selector is None:
+            self._deny(event, execution_id, peer, f"no selector matches {who}")
+        return grant, selector, who
+
+    def _deny(self, event: str, execution_id: str, peer: Peer, reason: str) -> NoReturn:
+        self._audit.count(event, "denied", execution_id=execution_id, peer_uid=peer.uid,
+                          peer_pid=peer.pid, detail=reason)
+        raise PermissionDenied(NOT_GRANTED)
+
     async def persist_use(self, fetched: Fetched) -> None:
         """Make a bounded token's use durable; on failure give the use back and raise.
 
@@ -407,10 +507,11 @@ class Contexts:
 
     async def _insert_token(self, db: Tx, token: _Token) -> None:
         await db.execute(
-            "INSERT INTO tokens(id, hash, context_id, created_at, expires_at, max_uses, mac) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO tokens(id, hash, context_id, created_at, expires_at, max_uses, "
+            "runners, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (token.token_id, token.hash, token.context.row_id, token.created_at,
-             token.expires_at, token.max_uses, self._vault.mac(token.row())))
+             token.expires_at, token.max_uses, token.runners_json(),
+             self._vault.mac(token.row())))
 
     def _check_not_refused(self, execution_id: str) -> None:
         if execution_id in self._refused:

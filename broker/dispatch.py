@@ -171,8 +171,13 @@ class Dispatcher:
                 "may only fetch contexts")
         rid = request.id
         match request:  # the runner's fetch first: it is the hot path
-            case FetchContext(token=token):
-                fetched = self.contexts.fetch(token, peer)
+            case FetchContext(token=token, execution_id=execution_id):
+                if token is not None:
+                    fetched = self.contexts.fetch(token, peer)
+                elif execution_id is not None:
+                    fetched = self.contexts.fetch_granted(execution_id, peer)
+                else:
+                    raise InvalidArgument("give a token or an execution id")
                 if fetched.pending_use is not None:  # max-uses: durable before the reply
                     await self.contexts.persist_use(fetched)
                 return ContextFetchedRaw(id=rid, execution_id=fetched.execution_id,
@@ -228,11 +233,13 @@ class Dispatcher:
                                   key_source=result.key_source)
             case CreateContext():
                 created = await self.contexts.create(request, peer)
+                first = created.token
                 return ContextCreated(id=rid, execution_id=created.execution_id,
-                                      expires_at=created.expires_at, token=created.token.token,
-                                      token_id=created.token.token_id,
+                                      expires_at=created.expires_at,
+                                      token=first.token if first else "",
+                                      token_id=first.token_id if first else "",
                                       token_expires_at=created.token_expires_at,
-                                      keys=created.keys)
+                                      keys=created.keys, runners=created.runners)
             case IssueToken(execution_id=execution_id, ttl_s=ttl_s, max_uses=max_uses):
                 issued, expires_at = await self.contexts.issue(execution_id, ttl_s, max_uses,
                                                                peer)
@@ -240,9 +247,12 @@ class Dispatcher:
                                    token_id=issued.token_id, expires_at=expires_at)
             case GetContext(execution_id=execution_id):
                 context, key_infos, token_infos = await self.contexts.describe(execution_id)
+                grant = context.grant
                 return ContextInfo(id=rid, execution_id=execution_id,
                                    created_at=context.created_at, expires_at=context.expires_at,
-                                   keys=key_infos, tokens=token_infos)
+                                   keys=key_infos, tokens=token_infos,
+                                   runners=list(grant.runners) if grant else [],
+                                   runner_uses=grant.uses if grant else 0)
             case ListContexts(page_size=size, page_token=after):
                 contexts, more = self.contexts.summaries(after=after, limit=size)
                 return self._page(lambda n, token: ContextList(
@@ -251,15 +261,21 @@ class Dispatcher:
             case CompleteContext(execution_id=execution_id):
                 await self.contexts.complete(execution_id, peer)
                 return Ok(id=rid)
-            case ReleaseContext(token=token):
-                await self.contexts.release(token, peer)
+            case ReleaseContext(token=token, execution_id=execution_id):
+                if token is not None:
+                    await self.contexts.release(token, peer)
+                elif execution_id is not None:
+                    await self.contexts.release_granted(execution_id, peer)
+                else:
+                    raise InvalidArgument("give a token or an execution id")
                 return Ok(id=rid)
             case ListAudit(execution_id=execution_id, limit=limit, page_token=token):
                 if token and not token.isdigit():
                     raise InvalidArgument("page_token is not one this broker gave; start "
                                           "again without it")
-                newest, more = await self.audit.list(
+                records, more = await self.audit.list(
                     execution_id, limit, before=int(token) if token else None)
+                newest = records[::-1]
                 return self._page(lambda n, next_token: AuditLog(
                     id=rid, records=newest[:n][::-1], next_page_token=next_token),
                     newest, more, lambda r: str(r.seq))

@@ -32,7 +32,7 @@ from stigmer.broker.protocol.errors import (
     UnsupportedVersion,
 )
 
-from ._common import TOKEN_VARIABLE, variables
+from ._common import EXECUTION_VARIABLE, TOKEN_VARIABLE, variables
 from ._context import ExecutionContext, PlaceholderError
 from ._sync.client import Client
 
@@ -45,7 +45,7 @@ __all__ = [
     "FailedPrecondition", "HandshakeRequired", "Internal", "InvalidArgument", "NotFound",
     "PermissionDenied", "ProtocolError", "ResourceExhausted", "Unauthenticated", "Unavailable",
     "UnsafeSocket", "UnsupportedVersion", "Variable", "variables", "ExecutionContext",
-    "PlaceholderError", "SecretFilter", "SpecEntry", "TOKEN_VARIABLE",
+    "PlaceholderError", "SecretFilter", "SpecEntry", "TOKEN_VARIABLE", "EXECUTION_VARIABLE",
 ]
 
 

@@ -36,7 +36,7 @@ from stigmer.broker.protocol.peer import peer_credentials
 __all__ = [
     "RETRY_SAFE", "TOKEN_VARIABLE", "ClosedBeforeReply", "RequestIds", "check_peer",
     "check_socket_dir", "checked_values", "closed_by_peer", "default_socket",
-    "expect", "token_from", "unavailable", "variables",
+    "EXECUTION_VARIABLE", "credential_from", "expect", "unavailable", "variables",
 ]
 
 R = TypeVar("R", bound=Response)
@@ -153,16 +153,23 @@ def checked_values(data: Mapping[str, V], where: str) -> dict[str, V]:
 
 
 TOKEN_VARIABLE = "STIGMER_EXECUTION_TOKEN"  # noqa: S105 - a variable name
+EXECUTION_VARIABLE = "STIGMER_EXECUTION_ID"
 
 
-def token_from(token: str | None) -> str:
-    """Return ``token``, or the one in ``$STIGMER_EXECUTION_TOKEN``; raise if neither."""
-    if token:
-        return token
-    env_token = os.environ.get(TOKEN_VARIABLE, "")
-    if not env_token:
-        raise InvalidArgument(f"no execution token: pass token= or set {TOKEN_VARIABLE}")
-    return env_token
+def credential_from(token: str | None, execution_id: str | None
+                    ) -> tuple[str | None, str | None]:
+    """What opens the context: the token or execution id given, else
+    ``$STIGMER_EXECUTION_TOKEN``, else ``$STIGMER_EXECUTION_ID``; raise if none."""
+    if token and execution_id:
+        raise InvalidArgument("give a token or an execution id, not both")
+    if token or execution_id:
+        return token or None, execution_id or None
+    if env_token := os.environ.get(TOKEN_VARIABLE, ""):
+        return env_token, None
+    if env_execution := os.environ.get(EXECUTION_VARIABLE, ""):
+        return None, env_execution
+    raise InvalidArgument(f"no execution token or execution id: pass token= or "
+                          f"execution_id=, or set {TOKEN_VARIABLE} or {EXECUTION_VARIABLE}")
 
 
 class RequestIds:

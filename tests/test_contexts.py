@@ -20,7 +20,7 @@ from sealed import Sealed, open_sealed
 
 from stigmer.broker.audit import Audit
 from stigmer.broker.config import Config, Paths
-from stigmer.broker.contexts import Contexts
+from stigmer.broker.contexts import Contexts, Created
 from stigmer.broker.environments import Environments
 from stigmer.broker.merge import merge
 from stigmer.broker.protocol import (
@@ -123,6 +123,12 @@ def create(execution_id: str = "exec-1", **kw: Any) -> CreateContext:
     return CreateContext(id=1, execution_id=execution_id, **kw)
 
 
+def tok(created: Created) -> str:
+    """The first token of a context created with one."""
+    assert created.token is not None
+    return created.token.token
+
+
 async def test_the_design_story(parts: tuple[Contexts, Environments, Clock, Sealed]) -> None:
     contexts, envs, _clock, _ = parts
     await envs.put("base", {"LOG_LEVEL": Variable(value="info"),
@@ -133,19 +139,19 @@ async def test_the_design_story(parts: tuple[Contexts, Environments, Clock, Seal
             "MODEL": SpecEntry(value="small")}
     created = await contexts.create(create(env_spec=spec, environments=["base", "prod"],
                                            runtime={"MODEL": Variable(value="large")}), PEER)
-    assert created.token.token.startswith("stg_") and len(created.token.token) == 47
+    assert tok(created).startswith("stg_") and len(tok(created)) == 47
     provenance = {k.key: k.source for k in created.keys}
     assert provenance == {"LOG_LEVEL": "environment:prod", "TIMEOUT": "environment:base",
                           "GITHUB_TOKEN": "environment:prod", "MODEL": "runtime"}
-    fetched = contexts.fetch(created.token.token, PEER)
+    fetched = contexts.fetch(tok(created), PEER)
     assert {k: v.value for k, v in fetched.variables().items()} == {
         "LOG_LEVEL": "warn", "TIMEOUT": "30s", "GITHUB_TOKEN": "ghp_x", "MODEL": "large"}
     # frozen at creation
     await envs.put("prod", {"LOG_LEVEL": Variable(value="error")})
-    assert contexts.fetch(created.token.token, PEER).variables()["LOG_LEVEL"].value == "warn"
+    assert contexts.fetch(tok(created), PEER).variables()["LOG_LEVEL"].value == "warn"
     await contexts.complete("exec-1", PEER)
     with pytest.raises(Unauthenticated):
-        contexts.fetch(created.token.token, PEER)
+        contexts.fetch(tok(created), PEER)
 
 
 async def test_creation_errors(parts: tuple[Contexts, Environments, Clock, Sealed]) -> None:
@@ -167,10 +173,10 @@ async def test_every_token_failure_looks_the_same(
     once = await contexts.create(create("once", max_uses=1), PEER)
     gone = await contexts.create(create("gone"), PEER)
     await contexts.complete("gone", PEER)
-    contexts.fetch(once.token.token, PEER)
+    contexts.fetch(tok(once), PEER)
     clock.now += 61
     messages = set()
-    for token in (short.token.token, once.token.token, gone.token.token, "stg_unknown", "x"):
+    for token in (tok(short), tok(once), tok(gone), "stg_unknown", "x"):
         with pytest.raises(Unauthenticated) as info:
             contexts.fetch(token, PEER)
         messages.add(info.value.message)
@@ -183,8 +189,8 @@ async def test_tokens_open_only_their_context(
     a = await contexts.create(create("a", runtime={"V": Variable(value="a")}), PEER)
     b = await contexts.create(create("b", runtime={"V": Variable(value="b")}), PEER)
     extra, _ = await contexts.issue("a", 60, None, PEER)
-    assert contexts.fetch(a.token.token, PEER).variables()["V"].value == "a"
-    assert contexts.fetch(b.token.token, PEER).variables()["V"].value == "b"
+    assert contexts.fetch(tok(a), PEER).variables()["V"].value == "a"
+    assert contexts.fetch(tok(b), PEER).variables()["V"].value == "b"
     assert contexts.fetch(extra.token, PEER).execution_id == "a"
 
 
@@ -211,7 +217,7 @@ async def test_expired_contexts_are_swept_and_restart_keeps_live_ones(short_dir:
     await vault.close()
     vault, contexts, audit = await open_parts()
     try:
-        assert contexts.fetch(long.token.token, PEER).execution_id == "long"
+        assert contexts.fetch(tok(long), PEER).execution_id == "long"
         events = [r.event for r in (await audit.list(None, 100))[0]]
         assert "context.expired" in events
     finally:
@@ -231,12 +237,12 @@ async def test_uses_survive_a_restart(short_dir: Path) -> None:
     vault, contexts, audit = await open_parts()
     created = await contexts.create(create(max_uses=2), PEER)
     for _ in range(2):  # as the dispatcher does: a bounded use is durable before the reply
-        await contexts.persist_use(contexts.fetch(created.token.token, PEER))
+        await contexts.persist_use(contexts.fetch(tok(created), PEER))
     await vault.close()
     vault, contexts, audit = await open_parts()
     try:
         with pytest.raises(Unauthenticated):
-            contexts.fetch(created.token.token, PEER)
+            contexts.fetch(tok(created), PEER)
     finally:
         await audit.flush()
         await vault.close()
@@ -255,8 +261,8 @@ async def test_tampered_context_fails_alone(short_dir: Path,
     from stigmer.broker.protocol.errors import Internal
 
     with pytest.raises(Internal, match="'a' cannot be opened"):
-        contexts.fetch(a.token.token, PEER)
-    assert contexts.fetch(b.token.token, PEER).variables()["S"].value == "b"
+        contexts.fetch(tok(a), PEER)
+    assert contexts.fetch(tok(b), PEER).variables()["S"].value == "b"
 
 
 async def test_audit_chain_detects_tampering(short_dir: Path,
@@ -265,7 +271,7 @@ async def test_audit_chain_detects_tampering(short_dir: Path,
     contexts, _, _, _vault = parts
     created = await contexts.create(create(), PEER)
     for _ in range(3):
-        contexts.fetch(created.token.token, PEER)
+        contexts.fetch(tok(created), PEER)
     audit = contexts._audit
     verified = await audit.verify()
     assert verified.records == 3 and verified.ok  # created, issued, the three fetches counted
@@ -279,7 +285,7 @@ async def test_audit_chain_detects_tampering(short_dir: Path,
     verified = await audit.verify()
     assert verified.first_broken == 2 and "record 2" in verified.reason
     records = (await audit.list(None, 100))[0]
-    assert all(created.token.token not in msgspec.json.encode(r).decode() for r in records)
+    assert all(tok(created) not in msgspec.json.encode(r).decode() for r in records)
 
 
 # ------------------------------------------------------- through the real socket
@@ -412,12 +418,12 @@ async def test_counted_fetches_keep_the_log_in_order(
     contexts, _, _, _ = parts
     a = await contexts.create(create("a"), PEER)
     await contexts.create(create("b"), PEER)
-    contexts.fetch(a.token.token, PEER)
-    contexts.fetch(a.token.token, PEER)
+    contexts.fetch(tok(a), PEER)
+    contexts.fetch(tok(a), PEER)
     with pytest.raises(Unauthenticated):
         contexts.fetch("stg_wrong", RUNNER_PEER)
     await contexts.complete("b", PEER)
-    contexts.fetch(a.token.token, PEER)
+    contexts.fetch(tok(a), PEER)
     records = (await contexts._audit.list(None, 100))[0]
     tail = [(r.event, r.outcome, r.execution_id, r.detail) for r in records[4:]]
     assert tail == [("fetch", "granted", "a", "count=2"), ("fetch", "denied", "", ""),

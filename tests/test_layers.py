@@ -16,7 +16,7 @@ import unasync_client
 from stigmer.client import AsyncClient, Client
 
 ROOT = Path(__file__).resolve().parent.parent
-DOMAIN = {"environments", "contexts", "merge", "tokens", "audit", "manifests"}
+DOMAIN = {"environments", "contexts", "merge", "tokens", "grants", "audit", "manifests"}
 
 
 def _layer(module: str) -> str | None:
@@ -148,9 +148,10 @@ def test_the_two_clients_offer_the_same_api() -> None:
     assert {renamed.get(n, n) for n in asynchronous} == set(sync)
     for name, member in asynchronous.items():
         twin = sync[renamed.get(name, name)]
-        assert inspect.iscoroutinefunction(member), name
+        assert inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member), name
         assert inspect.getdoc(member) == inspect.getdoc(twin), name
-        a_sig = str(inspect.signature(member)).replace("AsyncClient", "Client")
+        a_sig = str(inspect.signature(member)).replace("AsyncClient", "Client").replace(
+            "AsyncIterator", "Iterator")
         assert a_sig == str(inspect.signature(twin)), name
     assert inspect.getdoc(AsyncClient) == inspect.getdoc(Client)
 

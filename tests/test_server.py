@@ -380,7 +380,7 @@ def test_the_open_file_limit_is_raised_and_sizes_the_connection_limit() -> None:
         " == min(hard, 1 << 20))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=60, check=True).stdout.split()
-    assert out == ["136", "True"]  # 200 files less the 64 kept for the store and logs
+    assert out == ["45", "True"]  # 200 files less the 64 kept for the store and logs, / 3
 
 
 async def test_listings_come_in_pages_that_fit_a_frame(paths: Paths) -> None:

@@ -64,12 +64,16 @@ def _group_gid(name: str | None) -> int | None:
 _RESERVED_FILES = 64
 
 
+#: files one connection holds: its socket, and the pinned peer's /proc directory and pidfd
+_FILES_PER_CONNECTION = 3
+
+
 def _fit_to_open_files(limits: Limits) -> Limits:
-    """Lower ``max_connections`` so that every connection can have its file."""
+    """Lower ``max_connections`` so that every connection can have its files."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
         return limits
-    room = max(int(soft) - _RESERVED_FILES, 8)
+    room = max((int(soft) - _RESERVED_FILES) // _FILES_PER_CONNECTION, 8)
     if room >= limits.max_connections:
         return limits
     log.warning("serving at most %d connections: the open-file limit is %d", room, soft)

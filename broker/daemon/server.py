@@ -52,6 +52,7 @@ from ..protocol import (
 )
 from ..protocol.errors import BrokerError, ErrorCode, ProtocolError, ResourceExhausted
 from ..protocol.peer import Peer, PeerCredentials, peer_credentials
+from .attest import ProcessPin
 
 __all__ = ["Counters", "Handler", "Server"]
 
@@ -228,7 +229,11 @@ class Server:
                 async with stream:
                     peer = self._check_peer(stream)
                     if peer is not None:
-                        await self._converse(stream, conn, peer)
+                        try:
+                            await self._converse(stream, conn, peer)
+                        finally:
+                            assert isinstance(peer.process, ProcessPin)
+                            peer.process.close()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream,
                 ConnectionError):
             pass  # the client went away; nothing of ours is lost
@@ -250,9 +255,9 @@ class Server:
             log.warning("connection refused: peer credentials unavailable")
             return None
         if creds.uid in (self._uid, 0):
-            return Peer(credentials=creds, admin=True)
+            return Peer(credentials=creds, admin=True, process=ProcessPin(raw, creds))
         if self._group_gid is not None and _in_group(creds, self._group_gid):
-            return Peer(credentials=creds, admin=False)
+            return Peer(credentials=creds, admin=False, process=ProcessPin(raw, creds))
         log.warning("connection refused: uid %d (pid %s) is not allowed", creds.uid, creds.pid)
         return None
 

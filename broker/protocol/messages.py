@@ -296,7 +296,14 @@ class CreateContext(Request, frozen=True, kw_only=True):
     runtime: Annotated[dict[VarName, Variable], Meta(max_length=MAX_VARIABLES)] = {}
     ttl_s: Seconds = 86400.0
     token_ttl_s: Seconds = 900.0
-    max_uses: Uses | None = None
+    max_uses: Uses | None = None  # for the token, and for fetches by the runners granted
+    #: who may open the context by its execution id alone: selectors such as
+    #: "group:stigmer-runners" or "user:runner,exe:/usr/bin/python3" (all terms must
+    #: match); several are alternatives
+    runners: Annotated[list[Annotated[str, Meta(min_length=1, max_length=4096)]],
+                       Meta(max_length=64)] = []
+    #: issue a token too (the default without runners)
+    token: bool | None = None
 
 
 class IssueToken(Request, frozen=True, kw_only=True):
@@ -327,9 +334,11 @@ class CompleteContext(Request, frozen=True, kw_only=True):
 
 
 class FetchContext(Request, frozen=True, kw_only=True):
-    """A runner presents its token and receives the context's variables."""
+    """A runner presents its token, or the execution id of a context granted to its
+    process, and receives the context's variables."""
 
-    token: Token
+    token: Token | None = None
+    execution_id: Name | None = None
     admin: ClassVar[bool] = False
 
     __reduce__ = _refuse_pickle
@@ -340,9 +349,11 @@ class FetchContext(Request, frozen=True, kw_only=True):
 
 
 class ReleaseContext(Request, frozen=True, kw_only=True):
-    """A runner ends its own context with its token."""
+    """A runner ends its own context: by its token, or by the execution id of a context
+    granted to its process."""
 
-    token: Token
+    token: Token | None = None
+    execution_id: Name | None = None
     admin: ClassVar[bool] = False
 
     __reduce__ = _refuse_pickle
@@ -439,7 +450,8 @@ class KeyRotated(Response, frozen=True, kw_only=True):
 
 
 class ContextCreated(Response, frozen=True, kw_only=True):
-    """A new context and its first token (shown once: only its hash is kept)."""
+    """A new context and its first token (shown once: only its hash is kept). Without a
+    token (a context for granted runners only) ``token`` and ``token_id`` are empty."""
 
     execution_id: str
     expires_at: float
@@ -447,6 +459,7 @@ class ContextCreated(Response, frozen=True, kw_only=True):
     token_id: str
     token_expires_at: float
     keys: list[KeyInfo]
+    runners: list[str] = []  # the grants as stored: names resolved
 
     __reduce__ = _refuse_pickle
     __deepcopy__ = _same
@@ -481,6 +494,8 @@ class ContextInfo(Response, frozen=True, kw_only=True):
     expires_at: float
     keys: list[KeyInfo]
     tokens: list[TokenInfo]
+    runners: list[str] = []  # who may open it by execution id (selectors, names resolved)
+    runner_uses: int = 0  # fetches by those runners so far
 
 
 class ContextList(Response, frozen=True, kw_only=True):

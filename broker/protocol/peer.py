@@ -13,12 +13,14 @@ import socket
 import stat
 import struct
 import sys
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["Peer", "PeerCredentials", "check_private_dir", "describe_mode", "peer_credentials"]
+__all__ = ["Attestation", "Attestor", "Peer", "PeerCredentials", "check_private_dir",
+           "describe_mode", "peer_credentials"]
 
 
 class PeerCredentials(NamedTuple):
@@ -29,11 +31,31 @@ class PeerCredentials(NamedTuple):
     pid: int | None  # None where the platform does not say
 
 
+class Attestation(NamedTuple):
+    """The calling process as the daemon found it, pinned against pid reuse: its uid and
+    primary group from the connection, its supplementary groups and its binary."""
+
+    uid: int
+    gid: int
+    groups: frozenset[int]
+    pid: int
+    exe: str  # the path /proc/PID/exe names; "" when it cannot be read
+    sha256: Callable[[], str]  # the running binary's digest, computed on demand
+
+
+class Attestor(Protocol):
+    """Describes the process on a connection, or raises LookupError when it cannot
+    (it exited, its pid was reused, or /proc is not readable)."""
+
+    def attest(self) -> Attestation: ...
+
+
 class Peer(NamedTuple):
     """Who sent a request, and what they may ask for."""
 
     credentials: PeerCredentials
     admin: bool  # False for runner-group members: fetch only
+    process: Attestor | None = None  # set by the daemon for each connection
 
     @property
     def uid(self) -> int:

@@ -122,12 +122,15 @@ class Row:
 
     @classmethod
     def token(cls, token_id: str, hash_: bytes, context_id: int, created_at: float,
-              expires_at: float, max_uses: int | None, uses: int) -> Row:
+              expires_at: float, max_uses: int | None, uses: int,
+              runners: str | None = None) -> Row:
         """A token: its hash, context, lifetime and bound. The use count of a bounded
         token is covered too (each use is written durably anyway); an unlimited token's
-        count is not (it changes in batches and grants nothing)."""
-        return cls(("tokens", token_id, hash_, context_id, created_at, expires_at, max_uses,
-                    uses if max_uses is not None else None))
+        count is not (it changes in batches and grants nothing). A runner grant (a token
+        row that no token opens) adds its selectors; rows without keep their old MAC."""
+        parts = ("tokens", token_id, hash_, context_id, created_at, expires_at, max_uses,
+                 uses if max_uses is not None else None)
+        return cls(parts if runners is None else (*parts, runners))
 
 
 def key_id_of(key: bytes) -> str:

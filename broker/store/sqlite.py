@@ -121,6 +121,11 @@ MIGRATIONS: tuple[str, ...] = (
         WHEN NOT EXISTS (SELECT 1 FROM audit WHERE event = 'audit.checkpoint' AND seq > old.seq)
         BEGIN SELECT RAISE(ABORT, 'audit records are removed only behind a checkpoint'); END;
     """,
+    # 4: runner grants: a token row that no token opens, holding the selectors (JSON) of
+    # the processes that may open its context by execution id
+    """
+    ALTER TABLE tokens ADD COLUMN runners TEXT;
+    """,
 )
 
 #: the first schema version whose rows carry MACs

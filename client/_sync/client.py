@@ -70,9 +70,9 @@ from .._common import (
     check_socket_dir,
     checked_values,
     closed_by_peer,
+    credential_from,
     default_socket,
     expect,
-    token_from,
     unavailable,
 )
 from .._context import ExecutionContext
@@ -283,17 +283,22 @@ class Client:
                              environments: Iterable[str] = (),
                              runtime: Mapping[str, Variable] | None = None,
                              ttl_s: float = 86400.0, token_ttl_s: float = 900.0,
-                             max_uses: int | None = None) -> ContextCreated:
+                             max_uses: int | None = None, runners: Iterable[str] = (),
+                             token: bool | None = None) -> ContextCreated:
         """Merge spec defaults < environments (in order) < runtime into a new context.
 
-        Returns it with its first token (shown only here). Raises AlreadyExists,
-        NotFound (an environment) or FailedPrecondition (required keys missing).
+        ``runners`` are selectors of the processes that may open it by its execution id
+        (``"group:stigmer-runners"``, ``"user:runner,exe:/usr/bin/python3"``). A token
+        is issued unless runners are given (``token=True`` issues one as well); it is
+        shown only here. Raises AlreadyExists, NotFound (an environment),
+        FailedPrecondition (required keys missing) or InvalidArgument (a selector).
         """
         request = CreateContext(id=self._ids(), execution_id=execution_id,
                                 env_spec=checked_values(env_spec or {}, "env_spec"),
                                 environments=list(environments),
                                 runtime=checked_values(runtime or {}, "runtime"), ttl_s=ttl_s,
-                                token_ttl_s=token_ttl_s, max_uses=max_uses)
+                                token_ttl_s=token_ttl_s, max_uses=max_uses,
+                                runners=list(runners), token=token)
         return self.call(request, ContextCreated)
 
     def issue_token(self, execution_id: str, *, ttl_s: float = 900.0,
@@ -327,18 +332,27 @@ class Client:
         """Delete a context and revoke its tokens."""
         self.call(CompleteContext(id=self._ids(), execution_id=execution_id), Ok)
 
-    def fetch_context(self, token: str | None = None) -> ExecutionContext:
-        """Return the context ``token`` opens (default: ``$STIGMER_EXECUTION_TOKEN``).
+    def fetch_context(self, token: str | None = None, *,
+                            execution_id: str | None = None) -> ExecutionContext:
+        """Return the context ``token`` opens, or the context of ``execution_id`` when it
+        was granted to this process (``context create --runner``). With neither:
+        ``$STIGMER_EXECUTION_TOKEN``, else ``$STIGMER_EXECUTION_ID``.
 
-        Raises Unauthenticated for any token that does not open a live context.
+        Raises Unauthenticated for any token that does not open a live context, and
+        PermissionDenied, the same for every reason, when the execution id does not.
         """
-        reply = self.call(FetchContext(id=self._ids(), token=token_from(token)),
-                                ContextFetched)
+        token, execution_id = credential_from(token, execution_id)
+        reply = self.call(FetchContext(id=self._ids(), token=token,
+                                             execution_id=execution_id), ContextFetched)
         return ExecutionContext(reply.execution_id, reply.expires_at, reply.variables)
 
-    def release_context(self, token: str | None = None) -> None:
-        """End the context ``token`` belongs to (a runner done with its execution)."""
-        self.call(ReleaseContext(id=self._ids(), token=token_from(token)), Ok)
+    def release_context(self, token: str | None = None, *,
+                              execution_id: str | None = None) -> None:
+        """End the context ``token`` (or the grant of ``execution_id``) opens: a runner
+        done with its execution. The defaults are those of :meth:`fetch_context`."""
+        token, execution_id = credential_from(token, execution_id)
+        self.call(ReleaseContext(id=self._ids(), token=token,
+                                       execution_id=execution_id), Ok)
 
     def audit(self, execution_id: str | None = None, limit: int = 100
                     ) -> list[AuditRecord]:

@@ -1,0 +1,120 @@
+"""Runner grants: who may open a context by its execution id alone.
+
+A grant is a list of selectors, alternatives to one another; a selector is one
+or more terms joined by commas, all of which must match the calling process:
+
+* ``user:NAME|UID``: the peer's uid (from SO_PEERCRED);
+* ``group:NAME|GID``: its primary or one of its supplementary groups;
+* ``exe:/abs/path`` or ``exe:/abs/path@sha256:HEX``: the binary the process runs
+  (``/proc/PID/exe``), and optionally that binary's SHA-256;
+* ``self``: the broker owner's uid.
+
+Names are resolved once, when the context is created, and the canonical text
+(``user:1001,exe:/usr/bin/python3.11``) is what the store keeps and MACs. The
+calling process is described by an :class:`~.protocol.peer.Attestation`, read
+by the daemon (:mod:`.daemon.attest`); matching is pure.
+"""
+
+from __future__ import annotations
+
+import functools
+import grp
+import hmac
+import pwd
+import re
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+from .protocol.errors import InvalidArgument
+from .protocol.peer import Attestation
+
+__all__ = ["Term", "canonical_grants", "matching_selector", "parse_selector"]
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+class Term(NamedTuple):
+    """One condition: ``kind`` is user, group or exe; ``digest`` only for exe."""
+
+    kind: str
+    value: int | str
+    digest: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "exe" and self.digest:
+            return f"exe:{self.value}@sha256:{self.digest}"
+        return f"{self.kind}:{self.value}"
+
+
+def parse_selector(text: str, *, owner_uid: int) -> tuple[Term, ...]:
+    """Parse and resolve one ``--runner`` value; raise InvalidArgument naming the term."""
+    terms = []
+    for raw in text.split(","):
+        term = raw.strip()
+        kind, _, value = term.partition(":")
+        if term == "self":
+            terms.append(Term("user", owner_uid))
+        elif kind == "user" and value:
+            terms.append(Term("user", _resolve(value, "user", lambda n: pwd.getpwnam(n).pw_uid)))
+        elif kind == "group" and value:
+            terms.append(Term("group", _resolve(value, "group",
+                                               lambda n: grp.getgrnam(n).gr_gid)))
+        elif kind == "exe" and value:
+            path, _, digest = value.partition("@")
+            if not path.startswith("/") or "\0" in path:
+                raise InvalidArgument(f"--runner {term!r}: exe: needs an absolute path")
+            if digest:
+                hexdigest = digest.removeprefix("sha256:").lower()
+                if not digest.startswith("sha256:") or not _DIGEST.fullmatch(hexdigest):
+                    raise InvalidArgument(f"--runner {term!r}: write the digest as "
+                                          "@sha256:HEX (64 hex digits; `sha256sum PATH`)")
+                digest = hexdigest
+            terms.append(Term("exe", path, digest))
+        else:
+            raise InvalidArgument(
+                f"--runner {term!r} is not a selector: use user:NAME|UID, group:NAME|GID, "
+                "exe:/abs/path[@sha256:HEX] or self, joined by commas when all must match")
+    return tuple(terms)
+
+
+def canonical_grants(texts: Iterable[str], *, owner_uid: int) -> list[str]:
+    """The selectors as the store keeps them: names resolved, duplicates dropped."""
+    out: list[str] = []
+    for text in texts:
+        canonical = ",".join(map(str, parse_selector(text, owner_uid=owner_uid)))
+        if canonical not in out:
+            out.append(canonical)
+    return out
+
+
+def matching_selector(grants: Iterable[str], peer: Attestation) -> str | None:
+    """The first stored selector that the attested process satisfies, or None."""
+    for selector in grants:
+        if all(_matches(term, peer) for term in _stored_terms(selector)):
+            return selector
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _stored_terms(selector: str) -> tuple[Term, ...]:
+    """A stored (canonical) selector's terms: no names, no ``self``; parsed once."""
+    return parse_selector(selector, owner_uid=-1)
+
+
+def _matches(term: Term, peer: Attestation) -> bool:
+    if term.kind == "user":
+        return peer.uid == term.value
+    if term.kind == "group":
+        return term.value == peer.gid or term.value in peer.groups
+    if peer.exe != term.value:
+        return False
+    return not term.digest or hmac.compare_digest(peer.sha256(), term.digest)
+
+
+def _resolve(value: str, what: str, lookup: Callable[[str], int]) -> int:
+    if value.isdigit():
+        return int(value)
+    try:
+        return lookup(value)
+    except KeyError:
+        raise InvalidArgument(f"--runner {what}:{value}: no such {what} on this host") from None
