@@ -318,7 +318,7 @@ def main() -> None:
         worker(kind, target, token, int(count))
         return
 
-    from stigmer.client import Client
+    from stigmer.client import Client, variables
 
     n = 200 if args.smoke else 20000
     rounds = 4 if args.smoke else 10
@@ -342,15 +342,22 @@ def main() -> None:
             with Client(small_sock) as b, Client(floor_sock) as f, Client(big_sock) as g:
                 # a bounded token: each use is committed (fsync) before the reply leaves
                 bounded = b.issue_token("small-9", ttl_s=3600, max_uses=MAX_USES).token
+                # granted to this process (the broker's own uid): fetched by execution id
+                b.create_context("small-self", runtime=variables(*context_variables()),
+                                 ttl_s=3600, runners=["self"])
                 for c, t in ((b, token), (f, token), (g, big_token), (b, bounded)):
                     for _ in range(200 if not args.smoke else 20):
                         c.fetch_context(t)
+                for _ in range(200 if not args.smoke else 20):
+                    b.fetch_context(execution_id="small-self")
                 one = alternate({
                     "floor": lambda k: timed_calls(lambda: f.fetch_context(token), k),
                     "fetch": lambda k: timed_calls(lambda: b.fetch_context(token), k),
                     "fetch_10k": lambda k: timed_calls(lambda: g.fetch_context(big_token), k),
                     "fetch_max_uses": lambda k: timed_calls(lambda: b.fetch_context(bounded),
                                                             max(1, k // 10)),
+                    "fetch_identity": lambda k: timed_calls(
+                        lambda: b.fetch_context(execution_id="small-self"), k),
                 }, n, rounds)
             rows["one_client"] = one
             rows["ratio_fetch_p50_vs_floor"] = one["fetch"]["p50_us"] / one["floor"]["p50_us"]
@@ -358,6 +365,8 @@ def main() -> None:
                                                  / one["fetch"]["p50_us"])
             rows["ratio_fetch_max_uses_vs_unlimited_p50"] = (one["fetch_max_uses"]["p50_us"]
                                                              / one["fetch"]["p50_us"])
+            rows["ratio_fetch_identity_vs_token_p50"] = (one["fetch_identity"]["p50_us"]
+                                                         / one["fetch"]["p50_us"])
 
             per = max(1, n // concurrent)
             tput: dict[str, list[float]] = {"floor": [], "fetch": []}
@@ -430,6 +439,7 @@ def print_table(rows: dict[str, Any]) -> None:
         "ratio_fetch_throughput_vs_floor": ">= 0.6",
         "ratio_fetch_10k_vs_10_p50": "<= 1.1",
         "ratio_fetch_max_uses_vs_unlimited_p50": "reported (a durable write per use)",
+        "ratio_fetch_identity_vs_token_p50": "<= 1.2",
         "ratio_fetch_p50_vs_redis": "<= 1.0",
         "ratio_status_vs_python": "<= 3.0",
     }

@@ -127,7 +127,8 @@ def python_for_nobody() -> str:
 
 def cli_for_nobody() -> list[str]:
     """The command line of `stigmer-broker` for uid 65534 (this checkout's packages added
-    to an interpreter it may run); skips when that uid cannot import the checkout."""
+    to an interpreter it may run); skips when that uid cannot import the checkout. Other
+    users the tests create can run it too."""
     python = python_for_nobody()
     launcher = ("import site, sys, runpy; site.addsitedir(sys.argv.pop(1)); "
                 "sys.argv[0] = 'stigmer-broker'; "

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BROKER_VARIABLES", "EXIT_FAILED", "EXIT_NOT_RUNNING", "EXIT_OK", "EXIT_USAGE",
            "KEY_CREDENTIAL", "KEY_VARIABLE", "PROG", "UsageError", "assignment_arg",
-           "check_broker", "connect", "count_arg", "duration_arg", "name_arg", "token_arg",
-           "var_arg"]
+           "check_broker", "connect", "count_arg", "credential_arg", "duration_arg", "name_arg",
+           "runner_arg", "var_arg"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 PROG = "stigmer-broker"
@@ -91,14 +91,31 @@ def count_arg(text: str | None, flag: str, low: int, high: int) -> int | None:
     return value
 
 
-def token_arg(text: str | None) -> str:
-    """The execution token: --token, else $STIGMER_EXECUTION_TOKEN."""
-    from stigmer.client import TOKEN_VARIABLE
+def credential_arg(token: str | None, execution: str | None) -> tuple[str | None, str | None]:
+    """What opens the context: --token or --execution, else $STIGMER_EXECUTION_TOKEN,
+    else $STIGMER_EXECUTION_ID."""
+    from stigmer.client import EXECUTION_VARIABLE, TOKEN_VARIABLE
 
-    token = text or os.environ.get(TOKEN_VARIABLE, "")
-    if not token:
-        raise UsageError(f"no execution token: give --token TOKEN or set {TOKEN_VARIABLE}")
-    return token
+    if token and execution:
+        raise UsageError("give --token or --execution, not both")
+    if execution:
+        return None, name_arg(execution, "--execution")
+    if token := token or os.environ.get(TOKEN_VARIABLE, ""):
+        return token, None
+    if execution := os.environ.get(EXECUTION_VARIABLE, ""):
+        return None, name_arg(execution, EXECUTION_VARIABLE)
+    raise UsageError(f"no execution token: give --token TOKEN or set {TOKEN_VARIABLE} (or, "
+                     f"for a context granted to this process, --execution ID or "
+                     f"{EXECUTION_VARIABLE})")
+
+
+def runner_arg(text: str) -> str:
+    """A --runner selector, checked (names resolved) before the broker is asked."""
+    from ..grants import parse_selector
+
+    with _usage():
+        parse_selector(text, owner_uid=os.getuid())
+    return text
 
 
 def check_broker(paths: Paths) -> None:

@@ -14,9 +14,10 @@ from .common import (
     check_broker,
     connect,
     count_arg,
+    credential_arg,
     duration_arg,
     name_arg,
-    token_arg,
+    runner_arg,
 )
 from .inputs import collect_variables, read_text
 from .render import error, key_json, print_json, print_json_array, when
@@ -42,19 +43,26 @@ def cmd_context_create(args: argparse.Namespace, paths: Paths) -> int:
     ttl = duration_arg(args.ttl, "--ttl")
     token_ttl = duration_arg(args.token_ttl, "--token-ttl")
     max_uses = count_arg(args.max_uses, "--max-uses", 1, MAX_USES)
+    runners = [runner_arg(r) for r in args.runner or []]
+    if args.with_token and not runners:
+        raise UsageError("--with-token goes with --runner (without it a token is issued)")
     runtime = collect_variables(args.env or [], args.secret or [], args.env_file,
                                 pair_flag="--env", before_prompt=lambda: check_broker(paths))
     with connect(paths) as client:
         created = client.create_context(execution_id, env_spec=spec, environments=environments,
                                         runtime=runtime, ttl_s=ttl, token_ttl_s=token_ttl,
-                                        max_uses=max_uses)
+                                        max_uses=max_uses, runners=runners,
+                                        token=True if args.with_token else None)
     if args.json:
-        print_json({"execution_id": created.execution_id, "token": created.token,
-                     "token_id": created.token_id, "expires_at": created.expires_at,
-                     "token_expires_at": created.token_expires_at,
-                     "keys": [key_json(k) for k in created.keys]})
-    else:
+        print_json({"execution_id": created.execution_id, "token": created.token or None,
+                     "token_id": created.token_id or None, "expires_at": created.expires_at,
+                     "token_expires_at": created.token_expires_at if created.token else None,
+                     "keys": [key_json(k) for k in created.keys], "runners": created.runners})
+    elif created.token:
         print(created.token)
+    else:
+        print(f"context {created.execution_id} is open to runners "
+              f"{' | '.join(created.runners)} (no token)")
     return EXIT_OK
 
 
@@ -80,7 +88,8 @@ def cmd_context_show(args: argparse.Namespace, paths: Paths) -> int:
                      "tokens": [{"token_id": t.token_id, "created_at": t.created_at,
                                  "expires_at": t.expires_at, "uses": t.uses,
                                  "uses_left": None if t.max_uses is None
-                                 else max(t.max_uses - t.uses, 0)} for t in info.tokens]})
+                                 else max(t.max_uses - t.uses, 0)} for t in info.tokens],
+                     "runners": info.runners, "runner_uses": info.runner_uses})
         return EXIT_OK
     print(f"context {info.execution_id} (expires {when(info.expires_at)})")
     width = max((len(k.key) for k in info.keys), default=0)
@@ -90,6 +99,10 @@ def cmd_context_show(args: argparse.Namespace, paths: Paths) -> int:
     for t in info.tokens:
         left = "unlimited" if t.max_uses is None else f"{max(t.max_uses - t.uses, 0)} uses left"
         print(f"  {t.token_id}  expires {when(t.expires_at)}, used {t.uses}, {left}")
+    if info.runners:
+        print(f"runners (any of these, by execution id; fetched {info.runner_uses} times):")
+        for selector in info.runners:
+            print(f"  {selector}")
     return EXIT_OK
 
 
@@ -121,9 +134,9 @@ def cmd_context_complete(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_context_release(args: argparse.Namespace, paths: Paths) -> int:
-    token = token_arg(args.token)
+    token, execution = credential_arg(args.token, args.execution)
     with connect(paths) as client:
-        client.release_context(token)
+        client.release_context(token, execution_id=execution)
     print("context released; its tokens are revoked")
     return EXIT_OK
 
@@ -134,9 +147,9 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
         command = command[1:]
     if not command:
         raise UsageError("run needs a command: stigmer-broker run [--token T] -- COMMAND [ARGS]")
-    token = token_arg(args.token)
+    token, execution = credential_arg(args.token, args.execution)
     with connect(paths) as client:
-        context = client.fetch_context(token)
+        context = client.fetch_context(token, execution_id=execution)
     env = {k: v for k, v in os.environ.items() if k not in BROKER_VARIABLES}
     env.update(context.as_env())
     unpassable = sorted(k for k, v in context.items() if "\0" in v)

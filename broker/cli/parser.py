@@ -187,7 +187,15 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                    ".env file; --env/--secret win")
     p.add_argument("--ttl", default="24h", help="context lifetime (default 24h)")
     p.add_argument("--token-ttl", default="15m", help="token lifetime (default 15m)")
-    p.add_argument("--max-uses", metavar="N", help="fetches the token allows (at least 1)")
+    p.add_argument("--max-uses", metavar="N", help="fetches the token allows (at least 1); "
+                   "also bounds the fetches of the runners granted")
+    p.add_argument("--runner", action="append", metavar="SELECTOR",
+                   help="who may open the context by its execution id alone: user:NAME|UID, "
+                        "group:NAME|GID, exe:/abs/path[@sha256:HEX] or self; terms joined by "
+                        "commas must all match; repeat for alternatives. No token is issued "
+                        "then, unless --with-token")
+    p.add_argument("--with-token", action="store_true",
+                   help="with --runner: issue a token as well")
     p.add_argument("--json", action="store_true")
     p = command("token", cmd_context_token, "issue another token for a context", ctx_sub,
                 "context")
@@ -208,9 +216,15 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                 "end the context your token opens (the runner's own complete)", ctx_sub,
                 "context")
     p.add_argument("--token", help="execution token (default: $STIGMER_EXECUTION_TOKEN)")
+    p.add_argument("--execution", metavar="ID",
+                   help="or the execution id of a context granted to this process (default: "
+                        "$STIGMER_EXECUTION_ID)")
 
     p = command("run", cmd_run, "fetch a context and exec COMMAND with its variables")
     p.add_argument("--token", help="execution token (default: $STIGMER_EXECUTION_TOKEN)")
+    p.add_argument("--execution", metavar="ID",
+                   help="or the execution id of a context granted to this process (default: "
+                        "$STIGMER_EXECUTION_ID)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS]")
 
     p = command("audit", cmd_audit, "show the audit log")

@@ -1,0 +1,361 @@
+"""Contexts granted to a runner's identity: only the execution id passes through the
+workflow engine. Real processes, real uids (the tests run as root and create them)."""
+
+from __future__ import annotations
+
+import functools
+import grp
+import hashlib
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+from conftest import (
+    RunningBroker,
+    cli_env,
+    cli_for_nobody,
+    make_config,
+    python_for_nobody,
+    run_cli,
+    start_broker,
+)
+
+from stigmer.broker.config import Config, Paths
+from stigmer.broker.contexts import NOT_GRANTED
+from stigmer.broker.protocol import (
+    CompleteContext,
+    Connection,
+    Error,
+    FetchContext,
+    Hello,
+    ListContexts,
+    ReleaseContext,
+    Response,
+    Role,
+)
+from stigmer.client import AsyncClient, InvalidArgument, PermissionDenied, variables
+
+pytestmark = pytest.mark.anyio
+
+ALLOWED = "stgrunners"  # may connect (serve --allow-group)
+TEAM = "stgteam"  # what the grant names
+MEMBER, OUTSIDER = "stgrun1", "stgrun2"  # both in ALLOWED, only MEMBER in TEAM
+
+
+def _ensure_group(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
+        return grp.getgrnam(name).gr_gid
+
+
+def _ensure_user(name: str, groups: list[str]) -> pwd.struct_passwd:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/false",
+                        name], check=True, capture_output=True)
+    subprocess.run(["usermod", "-a", "-G", ",".join(groups), name], check=True,
+                   capture_output=True)
+    return pwd.getpwnam(name)
+
+
+@pytest.fixture(scope="module")
+def users() -> dict[str, pwd.struct_passwd]:
+    if os.getuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("creating users needs root and useradd")
+    _ensure_group(ALLOWED)
+    _ensure_group(TEAM)
+    return {MEMBER: _ensure_user(MEMBER, [ALLOWED, TEAM]),
+            OUTSIDER: _ensure_user(OUTSIDER, [ALLOWED])}
+
+
+def _frames(*messages: object) -> str:
+    client = Connection(Role.CLIENT)
+    return b"".join(client.send(m) for m in messages).hex()  # type: ignore[arg-type]
+
+
+# A stdlib-only peer: any interpreter can run it, as any user. It sends prepared frames
+# (optionally exec'ing another interpreter first, or handing the socket to a child and
+# exiting) and prints the reply bytes as hex.
+PEER = r"""
+import os, socket, sys, time
+path, hello, request, mode = sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3], sys.argv[4]
+def finish(s):
+    s.sendall(bytes.fromhex(request)); s.shutdown(socket.SHUT_WR)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    print(data.hex())
+if mode.startswith("fd:"):  # the exec'd half: the socket was inherited
+    inherited = socket.socket(fileno=int(mode[3:]))
+    inherited.settimeout(20)
+    finish(inherited)
+    sys.exit(0)
+s = socket.socket(socket.AF_UNIX); s.settimeout(20); s.connect(path)
+s.sendall(hello); time.sleep(0.2)
+if mode.startswith("exec:"):  # become another binary, keeping the connection
+    os.set_inheritable(s.fileno(), True)
+    os.execv(mode[5:], [mode[5:], "-c", sys.argv[5], path, "", request, f"fd:{s.fileno()}"])
+if mode == "orphan":  # hand the connection to a child and exit: the pinned process is gone
+    if os.fork() == 0:
+        time.sleep(0.5)
+        finish(s)
+        os._exit(0)
+    os._exit(0)
+finish(s)
+"""
+
+
+def _replies(hexdata: str) -> list[Response]:
+    conn = Connection(Role.CLIENT)
+    conn.receive_data(bytes.fromhex(hexdata.strip()))
+    conn.receive_data(b"")
+    out = []
+    while isinstance(event := conn.next_event(), Response):
+        out.append(event)
+    return out
+
+
+def _as(user: pwd.struct_passwd | None) -> dict[str, object]:
+    if user is None:
+        return {}
+    return {"user": user.pw_uid, "group": user.pw_gid,
+            "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid)}
+
+
+def fetch_raw(socket_path: Path, execution_id: str, *, python: str = sys.executable,
+              user: pwd.struct_passwd | None = None, mode: str = "plain",
+              env: dict[str, str] | None = None, request: object = None) -> Response:
+    """Fetch ``execution_id`` from a fresh process of ``python`` run as ``user``; return the
+    broker's answer to the fetch."""
+    if user is not None and python == sys.executable:
+        python = python_for_nobody()  # one other users may run (PEER needs only the stdlib)
+    hello = _frames(Hello(id=1, version=1))
+    wanted = request if request is not None else FetchContext(id=2, execution_id=execution_id)
+    conn = Connection(Role.CLIENT)
+    conn.send(Hello(id=1, version=1))
+    body = conn.send(wanted).hex()  # type: ignore[arg-type]
+    out = subprocess.run([python, "-c", PEER, str(socket_path), hello, body, mode, PEER],
+                         capture_output=True, text=True, timeout=60, env=env,
+                         **_as(user))  # type: ignore[call-overload]
+    assert out.returncode == 0, out.stderr
+    replies = _replies(out.stdout)
+    return replies[-1]
+
+
+def denied(reply: Response) -> bool:
+    return isinstance(reply, Error) and reply.code == "permission_denied" \
+        and reply.message == NOT_GRANTED
+
+
+def granted(reply: Response, value: str = "1") -> bool:
+    variables_ = getattr(reply, "variables", None)
+    return variables_ is not None and variables_["A"].value == value
+
+
+@pytest.fixture
+async def runner_broker(paths: Paths, users: object, short_dir: Path
+                        ) -> AsyncIterator[RunningBroker]:
+    base = make_config(paths)
+    config = Config(paths=base.paths, limits=base.limits, allow_group=ALLOWED,
+                    use_keyring=False)
+    async with anyio.create_task_group() as tg:
+        running = await start_broker(tg, config)
+        os.chmod(short_dir, 0o755)  # so the runners can reach the socket's directory
+        yield running
+        running.stop.set()
+
+
+async def _create(broker: RunningBroker, execution_id: str, *runners: str,
+                  **options: object) -> None:
+    async with AsyncClient(broker.socket) as client:
+        await client.create_context(execution_id, runtime=variables({"A": "1"}),
+                                    runners=list(runners), **options)  # type: ignore[arg-type]
+
+
+async def test_a_group_grant_opens_to_members_and_refuses_another_uid(
+        runner_broker: RunningBroker, users: dict[str, pwd.struct_passwd]) -> None:
+    await _create(runner_broker, "exec-g", f"group:{TEAM}")
+    member = await anyio.to_thread.run_sync(
+        lambda: fetch_raw(runner_broker.socket, "exec-g", user=users[MEMBER]))
+    assert granted(member), member
+    outsider = await anyio.to_thread.run_sync(
+        lambda: fetch_raw(runner_broker.socket, "exec-g", user=users[OUTSIDER]))
+    assert denied(outsider), outsider
+    async with AsyncClient(runner_broker.socket) as admin:
+        info = await admin.get_context("exec-g")
+        assert info.runners == [f"group:{grp.getgrnam(TEAM).gr_gid}"]
+        assert info.tokens == [] and info.runner_uses == 1
+        records = await admin.audit(execution_id="exec-g")
+    fetches = [r for r in records if r.event == "fetch"]
+    uid = users[MEMBER].pw_uid
+    assert any(r.outcome == "granted" and r.peer_uid == uid and "runner group:" in r.detail
+               and "exe /" in r.detail for r in fetches), fetches
+    assert any(r.outcome == "denied" and r.peer_uid == users[OUTSIDER].pw_uid
+               and "no selector matches" in r.detail for r in fetches), fetches
+
+
+async def test_exe_selectors_with_and_without_a_digest(runner_broker: RunningBroker,
+                                                       short_dir: Path) -> None:
+    me = os.path.realpath(sys.executable)
+    other = "/usr/bin/python3"
+    if not os.path.exists(other) or os.path.realpath(other) == me:
+        pytest.skip("needs a second Python binary")
+    await _create(runner_broker, "exec-exe", f"exe:{me}")
+    assert granted(await anyio.to_thread.run_sync(
+        lambda: fetch_raw(runner_broker.socket, "exec-exe")))
+    assert denied(await anyio.to_thread.run_sync(
+        lambda: fetch_raw(runner_broker.socket, "exec-exe", python=other)))
+
+    # a copy of the interpreter, pinned by digest, then replaced at the same path
+    copy = short_dir / "bin" / "agent-python"
+    copy.parent.mkdir()
+    shutil.copy2(me, copy)
+    digest = hashlib.sha256(copy.read_bytes()).hexdigest()
+    home = {**os.environ, "PYTHONHOME": sys.base_prefix}
+    await _create(runner_broker, "exec-digest", f"exe:{copy}@sha256:{digest}")
+    await _create(runner_broker, "exec-wrong", f"exe:{copy}@sha256:{'0' * 64}")
+    assert granted(await anyio.to_thread.run_sync(
+        lambda: fetch_raw(runner_broker.socket, "exec-digest", python=str(copy), env=home)))
+    assert denied(await anyio.to_thread.run_sync(
+        lambda: fetch_raw(runner_broker.socket, "exec-wrong", python=str(copy), env=home)))
+    replacement = copy.with_name("new")
+    shutil.copy2(other, replacement)
+    os.replace(replacement, copy)  # the same path now runs another binary
+    assert denied(await anyio.to_thread.run_sync(
+        lambda: fetch_raw(runner_broker.socket, "exec-digest", python=str(copy),
+                          env={**os.environ, "PYTHONHOME": "/usr"})))
+
+
+async def test_the_refusal_is_the_same_for_every_cause(
+        runner_broker: RunningBroker, users: dict[str, pwd.struct_passwd]) -> None:
+    me = os.path.realpath(sys.executable)
+    async with AsyncClient(runner_broker.socket) as admin:
+        await admin.create_context("tok-only", runtime=variables({"A": "1"}))
+        await admin.create_context("other-uid", runtime=variables({"A": "1"}),
+                                   runners=[f"user:{users[MEMBER].pw_uid}"])
+        await admin.create_context("other-exe", runtime=variables({"A": "1"}),
+                                   runners=["exe:/usr/bin/true"])
+        await admin.create_context("short", runtime=variables({"A": "1"}), ttl_s=0.5,
+                                   runners=[f"exe:{me}"])
+        await admin.create_context("done", runtime=variables({"A": "1"}),
+                                   runners=[f"exe:{me}"])
+        await admin.complete_context("done")
+    await anyio.sleep(0.6)
+    replies = []
+    for execution_id in ("unknown", "tok-only", "other-uid", "other-exe", "short", "done"):
+        user = users[OUTSIDER] if execution_id == "other-uid" else None
+        replies.append(await anyio.to_thread.run_sync(
+            functools.partial(fetch_raw, runner_broker.socket, execution_id, user=user)))
+    assert all(denied(r) for r in replies), replies
+    assert len({(r.code, r.message) for r in replies if isinstance(r, Error)}) == 1
+
+
+async def test_a_peer_that_execs_another_binary_is_attested_as_the_new_one(
+        runner_broker: RunningBroker) -> None:
+    me = os.path.realpath(sys.executable)
+    other = "/usr/bin/python3"
+    if not os.path.exists(other) or os.path.realpath(other) == me:
+        pytest.skip("needs a second Python binary")
+    await _create(runner_broker, "exec-pin", f"exe:{me}")
+    # connected (and said Hello) as the granted binary, then exec'd another one
+    assert denied(await anyio.to_thread.run_sync(
+        lambda: fetch_raw(runner_broker.socket, "exec-pin", mode=f"exec:{other}")))
+    # connected as the granted binary, handed the socket to a child and exited: the
+    # process the broker pinned is gone, whatever now has its pid
+    assert denied(await anyio.to_thread.run_sync(
+        lambda: fetch_raw(runner_broker.socket, "exec-pin", mode="orphan")))
+    assert granted(await anyio.to_thread.run_sync(
+        lambda: fetch_raw(runner_broker.socket, "exec-pin")))
+
+
+async def test_a_runner_may_fetch_and_release_its_grant_and_nothing_else(
+        runner_broker: RunningBroker, users: dict[str, pwd.struct_passwd]) -> None:
+    member = users[MEMBER]
+    await _create(runner_broker, "mine", f"user:{MEMBER}")
+    await _create(runner_broker, "theirs", "self")
+    for request in (ListContexts(id=2), CompleteContext(id=2, execution_id="theirs")):
+        reply = await anyio.to_thread.run_sync(
+            functools.partial(fetch_raw, runner_broker.socket, "", user=member,
+                              request=request))
+        assert isinstance(reply, Error) and reply.code == "permission_denied", reply
+    assert denied(await anyio.to_thread.run_sync(lambda: fetch_raw(
+        runner_broker.socket, "", user=member,
+        request=ReleaseContext(id=2, execution_id="theirs"))))
+    reply = await anyio.to_thread.run_sync(lambda: fetch_raw(
+        runner_broker.socket, "", user=member, request=ReleaseContext(id=2,
+                                                                      execution_id="mine")))
+    assert type(reply).__name__ == "Ok", reply
+    assert denied(await anyio.to_thread.run_sync(
+        lambda: fetch_raw(runner_broker.socket, "mine", user=member)))
+    async with AsyncClient(runner_broker.socket) as admin:
+        assert [c.execution_id for c in await admin.list_contexts()] == ["theirs"]
+
+
+async def test_max_uses_ttl_and_release_apply_to_identity_fetches(
+        runner_broker: RunningBroker) -> None:
+    async with AsyncClient(runner_broker.socket) as client:
+        created = await client.create_context("once", runtime=variables({"A": "1"}),
+                                              runners=["self"], max_uses=1)
+        assert created.token == "" and created.runners == [f"user:{os.getuid()}"]
+        assert (await client.fetch_context(execution_id="once"))["A"] == "1"
+        with pytest.raises(PermissionDenied):
+            await client.fetch_context(execution_id="once")
+        both = await client.create_context("both", runtime=variables({"A": "2"}),
+                                           runners=["self"], token=True)
+        assert (await client.fetch_context(both.token))["A"] == "2"
+        assert (await client.fetch_context(execution_id="both"))["A"] == "2"
+        await client.release_context(execution_id="both")
+        with pytest.raises(PermissionDenied):
+            await client.fetch_context(execution_id="both")
+        with pytest.raises(InvalidArgument, match="not a selector"):
+            await client.create_context("bad", runners=["uid:7"])
+        with pytest.raises(InvalidArgument, match="needs a token or a runner grant"):
+            await client.create_context("nobody-could", token=False)
+
+
+def test_the_cli_walkthrough_runner_under_its_own_uid(
+        paths: Paths, users: dict[str, pwd.struct_passwd], short_dir: Path) -> None:
+    """The README's "Runners under their own uid", as written (sudo -u is subprocess's
+    user=): serve --allow-group, create with --runner group:, run --execution."""
+    env = cli_env(paths)
+    daemon = subprocess.Popen([sys.executable, "-m", "stigmer.broker", "serve",
+                               "--allow-group", ALLOWED], env=env, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while run_cli(paths, "status").returncode != 0:
+            assert daemon.poll() is None and time.monotonic() < deadline, daemon.stderr
+            time.sleep(0.1)
+        os.chmod(short_dir, 0o755)
+        run_cli(paths, "env", "set", "prod", "A=from-prod", check=True)
+        out = run_cli(paths, "context", "create", "exec-42", "--environment", "prod",
+                      "--runner", f"group:{TEAM}", check=True).stdout
+        assert "exec-42" in out and "stg_" not in out
+        show = run_cli(paths, "context", "show", "exec-42", check=True).stdout
+        assert f"group:{grp.getgrnam(TEAM).gr_gid}" in show
+        runner_env = {**env, "STIGMER_EXECUTION_ID": "exec-42"}
+        member = users[MEMBER]
+        broker_cli = cli_for_nobody()  # `stigmer-broker` as another user may run it
+        cli = [*broker_cli, "run", "--", broker_cli[0], "-c",
+               "import os; print(os.environ['A'])"]
+        result = subprocess.run(cli, env=runner_env, capture_output=True, text=True,
+                                timeout=60, **_as(member))  # type: ignore[call-overload]
+        assert result.returncode == 0 and result.stdout.strip() == "from-prod", result.stderr
+        outsider = subprocess.run(cli, env=runner_env, capture_output=True, text=True,
+                                  timeout=60, **_as(users[OUTSIDER]))  # type: ignore[call-overload]
+        assert outsider.returncode == 1 and "is open to this process" not in outsider.stdout
+        assert "no live context of that execution id" in outsider.stderr
+    finally:
+        daemon.terminate()
+        daemon.communicate(timeout=30)
