@@ -20,7 +20,7 @@ from .common import (
     runner_arg,
 )
 from .inputs import collect_variables, read_text
-from .render import error, key_json, print_json, print_json_array, when
+from .render import error, key_json, print_json, print_json_array, warn, when
 
 if TYPE_CHECKING:
     import argparse
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 #: the most fetches one token may allow (the protocol's bound)
 MAX_USES = 2**31
 
-__all__ = ["cmd_context_complete", "cmd_context_create", "cmd_context_list",
+__all__ = ["cmd_context_complete", "cmd_context_create", "cmd_context_export", "cmd_context_list",
            "cmd_context_release", "cmd_context_show", "cmd_context_token", "cmd_run"]
 
 
@@ -138,6 +138,21 @@ def cmd_context_release(args: argparse.Namespace, paths: Paths) -> int:
     with connect(paths) as client:
         client.release_context(token, execution_id=execution)
     print("context released; its tokens are revoked")
+    return EXIT_OK
+
+
+def cmd_context_export(args: argparse.Namespace, paths: Paths) -> int:
+    """Print the context for ``eval`` (or a .env file, or JSON); values are quoted."""
+    from .shellquote import render
+
+    token, execution = credential_arg(args.token, args.execution)
+    with connect(paths) as client:
+        context = client.fetch_context(token, execution_id=execution)
+    text = render(context.as_env(), args.format)
+    warn("the exported values, secrets included, will be in the shell's environment (and "
+         "its children's); prefer `stigmer-broker run -- COMMAND`, which scopes them to one "
+         "command")
+    sys.stdout.write(text)
     return EXIT_OK
 
 

@@ -16,6 +16,7 @@ from .common import EXIT_USAGE, PROG
 from .contexts import (
     cmd_context_complete,
     cmd_context_create,
+    cmd_context_export,
     cmd_context_list,
     cmd_context_release,
     cmd_context_show,
@@ -215,6 +216,16 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = command("release", cmd_context_release,
                 "end the context your token opens (the runner's own complete)", ctx_sub,
                 "context")
+    p.add_argument("--token", help="execution token (default: $STIGMER_EXECUTION_TOKEN)")
+    p.add_argument("--execution", metavar="ID",
+                   help="or the execution id of a context granted to this process (default: "
+                        "$STIGMER_EXECUTION_ID)")
+
+    p = command("export", cmd_context_export,
+                "print the context for eval: eval \"$(stigmer-broker context export)\"",
+                ctx_sub, "context")
+    p.add_argument("--format", choices=("sh", "fish", "json", "dotenv"), default="sh",
+                   help="sh (default; also bash and zsh), fish, json or dotenv")
     p.add_argument("--token", help="execution token (default: $STIGMER_EXECUTION_TOKEN)")
     p.add_argument("--execution", metavar="ID",
                    help="or the execution id of a context granted to this process (default: "
