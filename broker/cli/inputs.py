@@ -14,7 +14,7 @@ from .render import warn
 if TYPE_CHECKING:
     from ..protocol import Variable
 
-__all__ = ["collect_variables", "read_secret_value", "read_text"]
+__all__ = ["collect_variables", "read_passphrase", "read_secret_value", "read_text"]
 
 
 def read_secret_value(key: str) -> str:
@@ -33,6 +33,31 @@ def read_secret_value(key: str) -> str:
     if not line:
         raise UsageError(f"--secret {key}: no value on standard input (one line per key)")
     return line.rstrip("\r\n")
+
+
+def read_passphrase(*, confirm: bool, shortest: int = 0) -> str:
+    """A passphrase: asked without echo on a terminal (twice with ``confirm``), or one
+    line from stdin for scripts."""
+    import getpass
+
+    try:
+        if not sys.stdin.isatty():
+            line = sys.stdin.readline()
+            if not line:
+                raise UsageError("no passphrase on standard input")
+            passphrase = line.rstrip("\r\n")
+        else:
+            passphrase = getpass.getpass("passphrase: ")
+            if confirm and getpass.getpass("passphrase again: ") != passphrase:
+                raise UsageError("the passphrases differ; nothing was written")
+    except EOFError:
+        raise UsageError("no passphrase was entered; nothing was written") from None
+    except UnicodeDecodeError:
+        raise UsageError("the passphrase is not UTF-8 text") from None
+    if len(passphrase) < shortest:
+        raise UsageError(f"the passphrase is shorter than {shortest} characters; a longer "
+                         "one (several words) resists guessing")
+    return passphrase
 
 
 def collect_variables(pairs: Sequence[str], secrets: Sequence[str], env_file: str | None,

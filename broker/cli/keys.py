@@ -1,20 +1,25 @@
-"""The master-key commands: key rotate."""
+"""The master-key commands: key rotate, key export, key import."""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..protocol.errors import BrokerError
-from .common import EXIT_OK, connect
+from ..protocol.errors import BrokerError, FailedPrecondition, InvalidArgument
+from .common import EXIT_OK, KEY_VARIABLE, UsageError, connect
+from .inputs import read_passphrase, read_text
 
 if TYPE_CHECKING:
     import argparse
 
     from ..config import Paths
     from ..protocol import KeyRotated
+    from ..store.keys import KeySource
 
-__all__ = ["cmd_key_rotate"]
+__all__ = ["cmd_key_export", "cmd_key_import", "cmd_key_rotate"]
 
 
 def cmd_key_rotate(args: argparse.Namespace, paths: Paths) -> int:
@@ -51,3 +56,105 @@ def cmd_key_rotate(args: argparse.Namespace, paths: Paths) -> int:
           f"rewrapped, kept in {result.key_source}")
     return EXIT_OK
 
+
+
+def cmd_key_export(args: argparse.Namespace, paths: Paths) -> int:
+    """Write the master key, wrapped under a passphrase, to a new file."""
+    import anyio
+
+    from ..store.backup import MIN_PASSPHRASE, write_backup
+    from ..store.crypto import key_id_of
+
+    out = Path(args.out)
+    if os.path.lexists(out):
+        raise UsageError(f"--out {out}: the file exists; choose a new name (nothing is "
+                         "overwritten)")
+    key = anyio.run(_current_key, paths)
+    passphrase = read_passphrase(confirm=True, shortest=MIN_PASSPHRASE)
+    text = write_backup(key, passphrase)
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError as exc:
+        raise InvalidArgument(f"--out {out}: cannot be created ({exc.strerror})") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    print(f"master key {key_id_of(key)} exported to {out}; keep the passphrase apart from "
+          "the file")
+    return EXIT_OK
+
+
+def cmd_key_import(args: argparse.Namespace, paths: Paths) -> int:
+    """Restore the master key from a backup into this home's key source."""
+    import anyio
+
+    from ..store.backup import parse_backup, read_backup
+    from ..store.sqlite import store_key_ids
+
+    source = args.file
+    text = read_text(source, "key import")
+    header, _ = parse_backup(text, source)
+    accepted = store_key_ids(paths.store)
+    if accepted and header["key_id"] not in accepted:
+        raise FailedPrecondition(
+            f"{source} holds key {header['key_id']}, but the store {paths.store} was made with "
+            f"key {sorted(accepted)[0]}; nothing was changed (import into a new home, or use "
+            "the backup of this store's key)")
+    key = read_backup(text, read_passphrase(confirm=False), source)
+    where, replaced = anyio.run(_install_key, paths, key)
+    if replaced:
+        print(f"the key that was in {replaced} did not open this store: moved aside",
+              file=sys.stderr)
+    state = "opens the store in" if accepted else "is the key of the new home"
+    print(f"master key {header['key_id']} imported into {where}; it {state} {paths.home}")
+    return EXIT_OK
+
+
+async def _key_sources(paths: Paths) -> list[KeySource]:
+    from ..store.keys import key_sources
+
+    return await key_sources(env_key=os.environ.get(KEY_VARIABLE), key_file=paths.key_file,
+                             use_keychain=True)
+
+
+async def _current_key(paths: Paths) -> bytes:
+    """The master key as the broker would load it for this home (all sources agree, and
+    it opens the store)."""
+    from ..store.keys import load_master_key
+    from ..store.sqlite import store_key_ids
+
+    sources = await _key_sources(paths)
+    if not [s for s in sources if await s.read() is not None]:
+        raise FailedPrecondition(f"no master key for {paths.home} in "
+                                 f"{', '.join(s.describe() for s in sources)}; nothing to "
+                                 "export")
+    master = await load_master_key(sources, store_key_ids=store_key_ids(paths.store))
+    return master.key
+
+
+async def _install_key(paths: Paths, key: bytes) -> tuple[str, str]:
+    """Put ``key`` where the broker will find it; return where, and where a different key
+    was moved aside from ("" when none was)."""
+    from ..store.keys import KeyFile, KeySourceKind
+
+    sources = await _key_sources(paths)
+    for source in sources:
+        held = await source.read()
+        if held == key:
+            return source.describe(), ""
+        if held is not None and source.kind is KeySourceKind.ENV:
+            raise FailedPrecondition(f"{KEY_VARIABLE} holds another key and would win over "
+                                     "the imported one; unset it and import again")
+    target = next(s for s in sources if s.kind is not KeySourceKind.ENV)
+    replaced = ""
+    if await target.read() is not None:
+        if not isinstance(target, KeyFile):  # the keychain entry is not ours to discard
+            raise FailedPrecondition(f"{target.describe()} holds another key; remove it "
+                                     "(after backing it up) and import again")
+        aside = target.path.with_name(f"{target.path.name}.replaced-{int(time.time())}")
+        os.replace(target.path, aside)
+        replaced = str(aside)
+    await target.write(key)
+    return target.describe(), replaced

@@ -32,7 +32,7 @@ from .environments import (
     cmd_env_show,
     cmd_env_unset,
 )
-from .keys import cmd_key_rotate
+from .keys import cmd_key_export, cmd_key_import, cmd_key_rotate
 from .service import cmd_service_install, cmd_service_uninstall
 
 if TYPE_CHECKING:
@@ -264,5 +264,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     key_sub = key.add_subparsers(title="key commands", metavar="COMMAND")
     command("rotate", cmd_key_rotate, "replace the master key and rewrap the data keys",
             key_sub, "key")
+    p = command("export", cmd_key_export,
+                "write the master key, wrapped under a passphrase (asked twice), to a new file",
+                key_sub, "key")
+    p.add_argument("--out", required=True, metavar="FILE", help="the backup file to create")
+    p = command("import", cmd_key_import,
+                "restore the master key from a backup (into a new home, or one whose store "
+                "it opens)", key_sub, "key")
+    p.add_argument("file", metavar="FILE")
     return parser
 

@@ -22,6 +22,7 @@ import logging
 import os
 import sqlite3
 import stat
+import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,12 @@ import anyio
 
 from ..protocol.errors import Internal, ResourceExhausted, StartupError
 
-__all__ = ["MIGRATIONS", "ROW_MACS_SINCE", "Store", "StoreError", "Tx"]
+__all__ = ["MASTER_KEY_ID", "MIGRATIONS", "PENDING_KEY_ID", "ROW_MACS_SINCE", "Store",
+           "StoreError", "Tx", "store_key_ids"]
+
+#: meta keys: the key check value of the master key, and of one a rotation is moving to
+MASTER_KEY_ID = "master_key_id"
+PENDING_KEY_ID = "pending_master_key_id"
 
 log = logging.getLogger("stigmer.broker")
 
@@ -360,3 +366,19 @@ def _translate(exc: sqlite3.Error) -> Exception:
     if code == sqlite3.SQLITE_BUSY:
         return Internal("the store is busy; retry")
     return Internal(f"the store failed ({type(exc).__name__}); see the broker's log")
+
+
+def store_key_ids(path: Path) -> frozenset[str]:
+    """The master key ids the store at ``path`` accepts (its key check values), read
+    without writing (the CLI may ask while the daemon runs); empty without a store."""
+    if not path.exists():
+        return frozenset()
+    uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+            rows = db.execute("SELECT value FROM meta WHERE key IN (?, ?)",
+                              (MASTER_KEY_ID, PENDING_KEY_ID)).fetchall()
+    except sqlite3.Error as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise StoreError(f"cannot read store {path}: {reason}") from None
+    return frozenset(str(r[0]) for r in rows)

@@ -52,14 +52,14 @@ from .keys import (
     MasterKey,
     load_master_key,
 )
-from .sqlite import Store
+from .sqlite import MASTER_KEY_ID, PENDING_KEY_ID, Store
 
 __all__ = ["RotationResult", "Vault", "VaultError", "log_refused", "tampered"]
 
 log = logging.getLogger("stigmer.broker")
 
-_MASTER_ID = "master_key_id"
-_PENDING_ID = "pending_master_key_id"
+_MASTER_ID = MASTER_KEY_ID
+_PENDING_ID = PENDING_KEY_ID
 
 
 class VaultError(StartupError):

@@ -1,0 +1,109 @@
+"""The master key's backup: wrapped under a passphrase, in a versioned, documented file.
+
+Format (``stigmer-broker key backup``, version 1): one JSON object,
+
+    {"format": "stigmer-broker key backup", "version": 1, "key_id": "<16 hex>",
+     "kdf": {"name": "scrypt", "n": 131072, "r": 8, "p": 1, "salt": "<base64, 16 bytes>"},
+     "cipher": "AES-256-GCM", "nonce": "<base64, 12 bytes>",
+     "ciphertext": "<base64: the 32-byte key, then the 16-byte tag>"}
+
+The passphrase is stretched with scrypt (memory-hard: 128 MiB at these
+parameters, about half a second) into the AES-256-GCM key. Every field but the
+ciphertext is the associated data, canonically encoded, so a changed parameter,
+salt or key id fails like a wrong passphrase. ``key_id`` is the key check value
+(:func:`.crypto.key_id_of`): it tells which store the key opens without the
+passphrase, and is checked again after decryption.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from ..protocol.errors import InvalidArgument
+from .crypto import key_id_of
+
+__all__ = ["FORMAT", "MIN_PASSPHRASE", "BackupError", "read_backup", "write_backup"]
+
+FORMAT = "stigmer-broker key backup"
+VERSION = 1
+MIN_PASSPHRASE = 12
+#: scrypt's cost: n=2**17, r=8 uses 128 MiB (OWASP's floor for scrypt is n=2**17, r=8, p=1)
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
+
+
+class BackupError(InvalidArgument):
+    """A backup file cannot be read or does not open (the message says which)."""
+
+
+def write_backup(key: bytes, passphrase: str, *, n: int = SCRYPT_N) -> str:
+    """Return the text of a backup of ``key`` under ``passphrase``."""
+    header: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "key_id": key_id_of(key),
+        "kdf": {"name": "scrypt", "n": n, "r": SCRYPT_R, "p": SCRYPT_P,
+                "salt": _b64(os.urandom(16))},
+        "cipher": "AES-256-GCM", "nonce": _b64(os.urandom(12))}
+    wrapping = _stretch(passphrase, header["kdf"])
+    ciphertext = AESGCM(wrapping).encrypt(base64.b64decode(header["nonce"]), key,
+                                          _associated(header))
+    return json.dumps({**header, "ciphertext": _b64(ciphertext)}, indent=2) + "\n"
+
+
+def read_backup(text: str, passphrase: str, where: str) -> bytes:
+    """Return the key a backup holds. Raises BackupError naming ``where``."""
+    header, ciphertext = parse_backup(text, where)
+    try:
+        key = AESGCM(_stretch(passphrase, header["kdf"])).decrypt(
+            base64.b64decode(header["nonce"]), ciphertext, _associated(header))
+    except InvalidTag:
+        raise BackupError(f"{where}: wrong passphrase, or the file was changed") from None
+    if key_id_of(key) != header["key_id"]:
+        raise BackupError(f"{where}: the key does not match its key id; the file was changed")
+    return key
+
+
+def parse_backup(text: str, where: str) -> tuple[dict[str, Any], bytes]:
+    """The header (everything but the ciphertext) and the ciphertext, checked for shape."""
+    try:
+        doc = json.loads(text)
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError
+        if doc.get("version") != VERSION:
+            raise BackupError(f"{where}: backup version {doc.get('version')!r} is not one this "
+                              f"stigmer-broker reads ({VERSION}); use a newer one")
+        kdf = doc["kdf"]
+        if kdf["name"] != "scrypt" or doc["cipher"] != "AES-256-GCM":
+            raise ValueError
+        if not all(isinstance(kdf[k], int) and kdf[k] > 0 for k in ("n", "r", "p")) \
+                or kdf["n"] > 2**20 or kdf["r"] > 32 or kdf["p"] > 16:
+            raise ValueError  # bounded: a crafted file must not exhaust memory
+        ciphertext = base64.b64decode(doc.pop("ciphertext"), validate=True)
+        base64.b64decode(kdf["salt"], validate=True)
+        base64.b64decode(doc["nonce"], validate=True)
+        if not isinstance(doc["key_id"], str):
+            raise ValueError
+    except BackupError:
+        raise
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise BackupError(f"{where}: not a stigmer-broker key backup (or damaged)") from None
+    return doc, ciphertext
+
+
+def _stretch(passphrase: str, kdf: dict[str, Any]) -> bytes:
+    return Scrypt(salt=base64.b64decode(kdf["salt"]), length=32, n=kdf["n"], r=kdf["r"],
+                  p=kdf["p"]).derive(passphrase.encode("utf-8", "surrogatepass"))
+
+
+def _associated(header: dict[str, Any]) -> bytes:
+    return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

@@ -1,0 +1,147 @@
+"""Master key backup: `key export` and `key import`, passphrases typed at a real terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import shutil
+import stat
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import cli_env, run_cli
+
+from stigmer.broker.config import Paths
+
+PASSPHRASE = "correct horse battery staple"
+
+
+def in_pty(paths: Paths, *args: str, answers: list[tuple[str, str]],
+           timeout: float = 120) -> tuple[int, str]:
+    """Run `stigmer-broker ARGS` on a new pseudo-terminal (its controlling tty, where
+    getpass asks), typing each answer after its prompt appears; return (status, output)."""
+    env = cli_env(paths)
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.execve(sys.executable, [sys.executable, "-m", "stigmer.broker", *args], env)  # noqa: S606
+    output, searched, pending = b"", 0, list(answers)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            if pending and (at := output.find(pending[0][0].encode(), searched)) >= 0:
+                searched = at + len(pending[0][0])
+                os.write(fd, pending.pop(0)[1].encode() + b"\n")
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+def export(paths: Paths, out: Path, first: str = PASSPHRASE,
+           second: str = PASSPHRASE) -> tuple[int, str]:
+    return in_pty(paths, "key", "export", "--out", str(out),
+                  answers=[("passphrase: ", first), ("passphrase again: ", second)])
+
+
+def import_(paths: Paths, backup: Path, passphrase: str = PASSPHRASE) -> tuple[int, str]:
+    return in_pty(paths, "key", "import", str(backup), answers=[("passphrase: ", passphrase)])
+
+
+@pytest.fixture
+def exported(cli_broker: Paths, short_dir: Path) -> tuple[Paths, Path]:
+    run_cli(cli_broker, "env", "set", "prod", "--secret", "API_KEY", input="s3cr3t-value\n",
+            check=True)
+    run_cli(cli_broker, "stop", check=True)
+    backup = short_dir / "key.backup"
+    status, output = export(cli_broker, backup)
+    assert status == 0, output
+    assert "exported to" in output and PASSPHRASE not in output  # no echo
+    return cli_broker, backup
+
+
+def test_the_backup_is_private_versioned_and_holds_no_key_in_the_clear(
+        exported: tuple[Paths, Path]) -> None:
+    paths, backup = exported
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    doc = json.loads(backup.read_text())
+    assert doc["format"] == "stigmer-broker key backup" and doc["version"] == 1
+    assert doc["kdf"]["name"] == "scrypt" and doc["kdf"]["n"] >= 2**17
+    assert doc["cipher"] == "AES-256-GCM"
+    assert paths.key_file.read_text().strip() not in backup.read_text()
+
+
+def test_import_into_a_new_home_opens_the_old_store(exported: tuple[Paths, Path],
+                                                     short_dir: Path) -> None:
+    old, backup = exported
+    new = Paths(home=short_dir / "restored", socket=short_dir / "run2" / "b.sock")
+    new.home.mkdir(mode=0o700)
+    shutil.copy2(old.store, new.store)  # the store from a backup, the key from ours
+    status, output = import_(new, backup)
+    assert status == 0, output
+    assert new.key_file.read_text() == old.key_file.read_text()
+    run_cli(new, "start", check=True)
+    try:
+        shown = json.loads(run_cli(new, "env", "show", "prod", "--reveal", "--json",
+                                   check=True).stdout)
+        assert shown["data"]["API_KEY"]["value"] == "s3cr3t-value"
+    finally:
+        run_cli(new, "stop")
+    empty = Paths(home=short_dir / "fresh", socket=short_dir / "run3" / "b.sock")
+    status, output = import_(empty, backup)  # no store yet: the key of a new home
+    assert status == 0 and empty.key_file.read_text() == old.key_file.read_text(), output
+
+
+def test_import_is_refused_where_the_store_has_another_key(exported: tuple[Paths, Path],
+                                                            short_dir: Path) -> None:
+    _, backup = exported
+    other = Paths(home=short_dir / "other", socket=short_dir / "run4" / "b.sock")
+    run_cli(other, "start", check=True)  # a store and key of its own
+    run_cli(other, "stop", check=True)
+    before = other.key_file.read_text()
+    status, output = import_(other, backup)
+    assert status == 1 and "nothing was changed" in output, output
+    assert "passphrase" not in output  # refused before asking
+    assert other.key_file.read_text() == before
+
+
+def test_wrong_passphrase_and_tampering_are_refused(exported: tuple[Paths, Path],
+                                                    short_dir: Path) -> None:
+    _, backup = exported
+    target = Paths(home=short_dir / "t", socket=short_dir / "run5" / "b.sock")
+    status, output = import_(target, backup, "not the passphrase at all")
+    assert status == 1 and "wrong passphrase" in output, output
+    assert not target.key_file.exists()
+    doc = json.loads(backup.read_text())
+    doc["kdf"]["n"] = 2**14  # cheaper to guess: must not open
+    tampered = short_dir / "tampered.backup"
+    tampered.write_text(json.dumps(doc))
+    status, output = import_(target, tampered)
+    assert status == 1 and "wrong passphrase, or the file was changed" in output, output
+    tampered.write_text("{not json")
+    result = run_cli(target, "key", "import", str(tampered))
+    assert result.returncode == 1 and "not a stigmer-broker key backup" in result.stderr
+    assert not target.key_file.exists()
+
+
+def test_export_mistakes_write_nothing(cli_broker: Paths, short_dir: Path) -> None:
+    out = short_dir / "k.backup"
+    status, output = export(cli_broker, out, second="something else entirely")
+    assert status == 2 and "the passphrases differ" in output and not out.exists(), output
+    status, output = export(cli_broker, out, first="short", second="short")
+    assert status == 2 and "shorter than 12" in output and not out.exists(), output
+    out.write_text("keep me")
+    status, output = export(cli_broker, out)
+    assert status == 2 and "the file exists" in output and out.read_text() == "keep me"
