@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import NOBODY, cli_env, cli_for_nobody, run_cli
@@ -547,3 +548,44 @@ def test_allow_group_the_user_is_not_in_is_one_line(short_dir: Path) -> None:
     assert "Traceback" not in r.stderr
     assert "--allow-group root: user" in r.stderr and "is not a member" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_every_command_speaks_json(paths: Paths, short_dir: Path) -> None:
+    """--json on every command, those that change things included: one JSON object (or
+    array, for listings) with the documented keys, and nothing else on stdout."""
+    def j(*args: str, input: str | None = None) -> Any:
+        result = run_cli(paths, *args, "--json", input=input)
+        assert result.returncode == 0, (args, result.stderr)
+        return json.loads(result.stdout)
+
+    assert j("start") == {"running": True, "started": True, "pid": ANY_INT,
+                          "socket": str(paths.socket)}
+    assert j("start")["started"] is False
+    assert j("env", "set", "e", "A=1", "--secret", "S", input="v\n") == {
+        "name": "e", "set": ["A", "S"], "secrets": 1, "variables": 2}
+    assert j("env", "unset", "e", "A") == {"name": "e", "removed": ["A"], "variables": 1}
+    created = j("context", "create", "c1", "--environment", "e")
+    token = j("context", "token", "c1", "--max-uses", "2")
+    assert set(token) == {"execution_id", "token", "token_id", "expires_at", "max_uses"}
+    assert token["max_uses"] == 2 and token["token"].startswith("stg_")
+    assert j("context", "release", "--token", created["token"]) == {
+        "released": True, "execution_id": None}
+    j("context", "create", "c2")
+    assert j("context", "complete", "c2") == {"execution_id": "c2", "completed": True}
+    assert j("env", "delete", "e") == {"name": "e", "deleted": True}
+    rotated = j("key", "rotate")
+    assert set(rotated) == {"key_id", "rewrapped", "key_source"}
+    verified = j("audit", "verify")
+    assert verified["ok"] is True and verified["records"] > 0
+    unit = j("service", "install", "--systemd", "--print")
+    assert unit["manager"] == "systemd" and unit["files"][0]["content"]
+    assert j("stop") == {"stopped": True, "pid": ANY_INT, "socket": str(paths.socket)}
+    assert j("stop") == {"stopped": False, "pid": None, "socket": str(paths.socket)}
+
+
+class _AnyInt:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, int) and not isinstance(other, bool)
+
+
+ANY_INT: Any = _AnyInt()

@@ -38,6 +38,11 @@ def cmd_audit(args: argparse.Namespace, paths: Paths) -> int:
 def cmd_audit_verify(args: argparse.Namespace, paths: Paths) -> int:
     with connect(paths) as client:
         result = client.verify_audit()
+    if args.json:
+        print_json({"ok": result.ok, "records": result.records,
+                    "first_broken": result.first_broken, "reason": result.reason,
+                    "anchored": result.anchored, "removed_through": result.removed_through})
+        return EXIT_OK if result.ok else EXIT_FAILED
     if result.ok:
         removed = (f", records through {result.removed_through} removed by retention behind "
                    "a checkpoint" if result.removed_through else "")

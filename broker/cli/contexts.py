@@ -73,6 +73,11 @@ def cmd_context_token(args: argparse.Namespace, paths: Paths) -> int:
     max_uses = count_arg(args.max_uses, "--max-uses", 1, MAX_USES)
     with connect(paths) as client:
         issued = client.issue_token(execution_id, ttl_s=ttl, max_uses=max_uses)
+    if args.json:
+        print_json({"execution_id": issued.execution_id, "token": issued.token,
+                    "token_id": issued.token_id, "expires_at": issued.expires_at,
+                    "max_uses": max_uses})
+        return EXIT_OK
     print(issued.token)
     return EXIT_OK
 
@@ -129,6 +134,9 @@ def cmd_context_complete(args: argparse.Namespace, paths: Paths) -> int:
     execution_id = name_arg(args.execution_id, "execution id")
     with connect(paths) as client:
         client.complete_context(execution_id)
+    if args.json:
+        print_json({"execution_id": execution_id, "completed": True})
+        return EXIT_OK
     print(f"context {args.execution_id} completed; its tokens are revoked")
     return EXIT_OK
 
@@ -137,6 +145,9 @@ def cmd_context_release(args: argparse.Namespace, paths: Paths) -> int:
     token, execution = credential_arg(args.token, args.execution)
     with connect(paths) as client:
         client.release_context(token, execution_id=execution)
+    if args.json:
+        print_json({"released": True, "execution_id": execution})
+        return EXIT_OK
     print("context released; its tokens are revoked")
     return EXIT_OK
 

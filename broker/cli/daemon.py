@@ -140,7 +140,11 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
     try:
         with connect(paths) as client:
             status = client.status()
-        print(f"already running (pid {status.pid}) on {paths.socket}")
+        if args.json:
+            print_json({"running": True, "started": False, "pid": status.pid,
+                        "socket": str(paths.socket)})
+        else:
+            print(f"already running (pid {status.pid}) on {paths.socket}")
         return EXIT_OK
     except BrokerUnavailable:
         pass
@@ -179,7 +183,11 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
         reason = _last_error_line(paths.log_file) or f"it exited with status {proc.returncode}"
         error(f"the broker did not start: {reason} (log: {paths.log_file})")
         return EXIT_FAILED
-    print(paths.socket)
+    if args.json:
+        print_json({"running": True, "started": True, "pid": proc.pid,
+                    "socket": str(paths.socket)})
+    else:
+        print(paths.socket)
     return EXIT_OK
 
 
@@ -200,14 +208,20 @@ def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
             pid = client.status().pid
             client.shutdown()
     except BrokerUnavailable:
-        print(f"not running (socket {paths.socket})")
+        if args.json:
+            print_json({"stopped": False, "pid": None, "socket": str(paths.socket)})
+        else:
+            print(f"not running (socket {paths.socket})")
         return EXIT_OK
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            print(f"stopped (pid {pid})")
+            if args.json:
+                print_json({"stopped": True, "pid": pid, "socket": str(paths.socket)})
+            else:
+                print(f"stopped (pid {pid})")
             return EXIT_OK
         except PermissionError:
             break

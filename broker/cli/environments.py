@@ -30,6 +30,10 @@ def cmd_env_set(args: argparse.Namespace, paths: Paths) -> int:
     with connect(paths) as client:
         env = client.put_environment(name, data)
     secret_count = sum(1 for v in data.values() if v.is_secret)
+    if args.json:
+        print_json({"name": env.name, "set": sorted(data), "secrets": secret_count,
+                    "variables": len(env.data)})
+        return EXIT_OK
     print(f"environment {env.name}: set {len(data)} variable(s) ({secret_count} secret), "
           f"{len(env.data)} in all")
     return EXIT_OK
@@ -77,6 +81,9 @@ def cmd_env_unset(args: argparse.Namespace, paths: Paths) -> int:
     name = name_arg(args.name, "environment name")
     with connect(paths) as client:
         env = client.unset_variables(name, keys)
+    if args.json:
+        print_json({"name": env.name, "removed": sorted(set(keys)), "variables": len(env.data)})
+        return EXIT_OK
     print(f"environment {env.name}: removed {len(keys)} variable(s), {len(env.data)} left")
     return EXIT_OK
 
@@ -86,6 +93,9 @@ def cmd_env_delete(args: argparse.Namespace, paths: Paths) -> int:
     name = name_arg(args.name, "environment name")
     with connect(paths) as client:
         client.delete_environment(name)
+    if args.json:
+        print_json({"name": name, "deleted": True})
+        return EXIT_OK
     print(f"environment {args.name} deleted")
     return EXIT_OK
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from ..protocol.errors import BrokerError, FailedPrecondition, InvalidArgument
 from .common import EXIT_OK, KEY_VARIABLE, UsageError, connect
 from .inputs import read_passphrase, read_text
+from .render import print_json
 
 if TYPE_CHECKING:
     import argparse
@@ -52,6 +53,10 @@ def cmd_key_rotate(args: argparse.Namespace, paths: Paths) -> int:
     if failures:
         raise failures[0]
     result = results[0]
+    if args.json:
+        print_json({"key_id": result.key_id, "rewrapped": result.rewrapped,
+                    "key_source": result.key_source})
+        return EXIT_OK
     print(f"master key rotated: new key id {result.key_id}, {result.rewrapped} data key(s) "
           f"rewrapped, kept in {result.key_source}")
     return EXIT_OK
@@ -81,6 +86,9 @@ def cmd_key_export(args: argparse.Namespace, paths: Paths) -> int:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    if args.json:
+        print_json({"key_id": key_id_of(key), "file": str(out)})
+        return EXIT_OK
     print(f"master key {key_id_of(key)} exported to {out}; keep the passphrase apart from "
           "the file")
     return EXIT_OK
@@ -104,6 +112,10 @@ def cmd_key_import(args: argparse.Namespace, paths: Paths) -> int:
             "the backup of this store's key)")
     key = read_backup(text, read_passphrase(confirm=False), source)
     where, replaced = anyio.run(_install_key, paths, key)
+    if args.json:
+        print_json({"key_id": header["key_id"], "installed_in": where,
+                    "moved_aside": replaced or None, "store_opens": bool(accepted)})
+        return EXIT_OK
     if replaced:
         print(f"the key that was in {replaced} did not open this store: moved aside",
               file=sys.stderr)

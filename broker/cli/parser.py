@@ -53,6 +53,10 @@ def _group_help(group: argparse.ArgumentParser) -> Callable[[argparse.Namespace,
     return show
 
 
+#: commands without --json: the daemon itself, and the two whose output is the context
+_NO_JSON = {("", "serve"), ("", "run"), ("context", "export")}
+
+
 class _Unused:
     """Stands in for the parser of a command this run does not use: building every
     command's arguments costs more than `status` itself, so only the chosen one is built."""
@@ -118,6 +122,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_,
                                                        parents=[common])
         p.set_defaults(func=func)
+        if (group, name) not in _NO_JSON:
+            p.add_argument("--json", action="store_true",
+                           help="print the result as one JSON object (shapes: README)")
         return p
 
     p = command("serve", cmd_serve, "run the broker in the foreground (logs to stderr)")
@@ -137,7 +144,6 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = command("stop", cmd_stop, "stop the running broker gracefully")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for it to exit")
     p = command("status", cmd_status, "show whether the broker runs, and its figures")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     env = sub.add_parser("env", help="manage environments (named sets of variables)")
     env.set_defaults(func=_group_help(env))
@@ -153,9 +159,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = command("show", cmd_env_show, "show an environment (secrets masked)", env_sub, "env")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--reveal", action="store_true", help="show secret values")
-    p.add_argument("--json", action="store_true")
     p = command("list", cmd_env_list, "list environments", env_sub, "env")
-    p.add_argument("--json", action="store_true")
     p = command("unset", cmd_env_unset, "remove variables from an environment", env_sub,
                 "env")
     p.add_argument("name", metavar="NAME")
@@ -168,7 +172,6 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the keys each environment would gain, change and lose; change "
                         "nothing")
-    p.add_argument("--json", action="store_true", help="print the changes as JSON")
 
     ctx = sub.add_parser("context", help="execution contexts: create, tokens, show, complete")
     ctx.set_defaults(func=_group_help(ctx))
@@ -197,7 +200,6 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                         "then, unless --with-token")
     p.add_argument("--with-token", action="store_true",
                    help="with --runner: issue a token as well")
-    p.add_argument("--json", action="store_true")
     p = command("token", cmd_context_token, "issue another token for a context", ctx_sub,
                 "context")
     p.add_argument("execution_id", metavar="EXEC_ID")
@@ -206,9 +208,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = command("show", cmd_context_show, "keys, provenance, expiry and tokens (no values)",
                 ctx_sub, "context")
     p.add_argument("execution_id", metavar="EXEC_ID")
-    p.add_argument("--json", action="store_true")
     p = command("list", cmd_context_list, "list live contexts", ctx_sub, "context")
-    p.add_argument("--json", action="store_true")
     p = command("complete", cmd_context_complete, "delete a context and revoke its tokens",
                 ctx_sub, "context")
     p.add_argument("execution_id", metavar="EXEC_ID")
@@ -241,7 +241,6 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = command("audit", cmd_audit, "show the audit log")
     p.add_argument("--execution", metavar="ID", help="only this execution's records")
     p.add_argument("--limit", default="100", help="newest N records (default 100)")
-    p.add_argument("--json", action="store_true")
     audit_sub = p.add_subparsers(title="audit commands", metavar="COMMAND")
     command("verify", cmd_audit_verify, "check the audit log's hash chain", audit_sub, "audit")
 
