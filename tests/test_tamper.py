@@ -242,6 +242,7 @@ async def test_a_forged_checkpoint_is_detected(paths: Paths) -> None:
 def _as_schema_2(paths: Paths) -> None:
     """Turn the store back into what a broker before row MACs wrote."""
     with sqlite3.connect(paths.store) as db:
+        db.execute("ALTER TABLE tokens DROP COLUMN runners")  # schema 4
         for table in ("environments", "variables", "contexts", "tokens"):
             db.execute(f"ALTER TABLE {table} DROP COLUMN mac")
         db.execute("DROP INDEX audit_checkpoints")
@@ -249,7 +250,7 @@ def _as_schema_2(paths: Paths) -> None:
         db.execute("CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit "
                    "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END")
         db.execute("PRAGMA user_version = 2")
-    assert len(MIGRATIONS) == 3
+    assert len(MIGRATIONS) == 4  # a new migration must be undone here too
 
 
 async def test_a_store_from_before_row_macs_is_authenticated_once(paths: Paths) -> None:
@@ -281,3 +282,19 @@ async def test_an_older_store_in_place_of_a_newer_one_is_refused(paths: Paths) -
 async def test_the_anchor_file_is_private(paths: Paths) -> None:
     await _some_audit(paths)
     assert Path(paths.audit_anchor).stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_schema_3_store_keeps_its_token_macs_across_migration_4(paths: Paths) -> None:
+    """Migration 4 adds runner grants to the tokens table; rows without one keep the MAC
+    they had, so an upgrade refuses nothing."""
+    async with running(paths) as client:
+        await two_environments(client)
+        token = (await client.create_context("a", environments=["prod"], max_uses=5)).token
+        await client.fetch_context(token)
+    with sqlite3.connect(paths.store) as db:
+        db.execute("ALTER TABLE tokens DROP COLUMN runners")
+        db.execute("PRAGMA user_version = 3")
+    async with running(paths) as client:
+        assert (await client.fetch_context(token))["S"] == "prod-secret"
+        info = await client.get_context("a")
+        assert info.tokens[0].uses == 2 and info.runners == []
