@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench unasync clean
+.PHONY: run test lint bench man unasync clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: $(STAMP)
 	$(PY) tests/unasync_client.py --check
 	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p stigmer.broker -p stigmer.client
 	$(VENV)/bin/mypy tests $(wildcard bench/*.py)
+
+## man: regenerate the man page from the argparse definitions
+man: $(STAMP)
+	$(PY) tests/make_manpage.py
 
 ## unasync: regenerate the blocking client from the async one
 unasync: $(STAMP)

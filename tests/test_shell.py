@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,94 @@ def test_export_follows_the_token_and_execution_id_rules(cli_broker: Paths) -> N
     env = cli_env(cli_broker, STIGMER_EXECUTION_ID="mine")
     result = run_cli(cli_broker, "context", "export", env=env)
     assert result.stdout == "export A='1'\n", result.stderr
+
+
+# ------------------------------------------------------------------ completion
+
+
+def _complete(paths: Paths, line: str, short_dir: Path) -> list[str]:
+    """Ask `stigmer-broker` for completions as the shell scripts do (argcomplete's
+    protocol: the command line in COMP_LINE, the answers in a file)."""
+    out = short_dir / "completions"
+    env = cli_env(paths, _ARGCOMPLETE="1", _ARGCOMPLETE_STDOUT_FILENAME=str(out),
+                  COMP_LINE=line, COMP_POINT=str(len(line)), _ARGCOMPLETE_IFS="\n")
+    subprocess.run([sys.executable, "-m", "stigmer.broker"], env=env, timeout=60,
+                   capture_output=True, check=False)
+    words = out.read_text().split("\n") if out.exists() else []
+    out.unlink(missing_ok=True)
+    return sorted(w.strip() for w in words if w.strip())
+
+
+def test_completion_offers_commands_flags_and_the_brokers_names(cli_broker: Paths,
+                                                                short_dir: Path) -> None:
+    run_cli(cli_broker, "env", "set", "prod", "A=1", check=True)
+    run_cli(cli_broker, "env", "set", "preview", "A=1", check=True)
+    run_cli(cli_broker, "context", "create", "exec-42", check=True)
+    assert _complete(cli_broker, "stigmer-broker con", short_dir) == ["context"]
+    assert _complete(cli_broker, "stigmer-broker env sh", short_dir) == ["show"]
+    assert _complete(cli_broker, "stigmer-broker env show pr", short_dir) == ["preview", "prod"]
+    assert _complete(cli_broker, "stigmer-broker context show ex", short_dir) == ["exec-42"]
+    assert "--execution" in _complete(cli_broker, "stigmer-broker run --exe", short_dir)
+    assert _complete(cli_broker, "stigmer-broker context create x --environment p",
+                     short_dir) == ["preview", "prod"]
+    run_cli(cli_broker, "stop", check=True)
+    started = time.monotonic()  # no broker: names are quietly left out, quickly
+    assert _complete(cli_broker, "stigmer-broker env show pr", short_dir) == []
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_scripts_load_in_their_shells(paths: Paths, shell: str,
+                                                  short_dir: Path) -> None:
+    result = run_cli(paths, "completion", shell)
+    assert result.returncode == 0 and "stigmer-broker" in result.stdout, result.stderr
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed")
+    script = short_dir / f"completion.{shell}"
+    script.write_text(result.stdout)
+    check = {"bash": f"source {script} && complete -p stigmer-broker",
+             "zsh": f"autoload -U compinit && compinit -u && source {script}",
+             "fish": f"source {script}; and complete -c stigmer-broker"}[shell]
+    loaded = subprocess.run([shell, "-c", check], capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr
+    if shell != "zsh":
+        assert "stigmer-broker" in loaded.stdout
+
+
+def test_bash_completes_through_the_script(cli_broker: Paths, short_dir: Path) -> None:
+    """The real bash function the script registers, called as bash calls it on TAB."""
+    run_cli(cli_broker, "env", "set", "prod", "A=1", check=True)
+    script = short_dir / "completion.bash"
+    script.write_text(run_cli(cli_broker, "completion", "bash", check=True).stdout)
+    shim = short_dir / "bin" / "stigmer-broker"
+    shim.parent.mkdir()
+    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m stigmer.broker \"$@\"\n")
+    shim.chmod(0o755)
+    env = cli_env(cli_broker, PATH=f"{shim.parent}:/usr/bin:/bin")
+    driver = (f"source {script}; COMP_WORDS=(stigmer-broker env show pr); COMP_CWORD=3; "
+              "COMP_LINE='stigmer-broker env show pr'; COMP_POINT=${#COMP_LINE}; "
+              "_python_argcomplete stigmer-broker pr show; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    result = subprocess.run(["bash", "-c", driver], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.split() == ["prod"], result.stderr
+
+
+# -------------------------------------------------------------------- man page
+
+
+def test_the_man_page_is_generated_current_and_printed() -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import make_manpage
+
+    assert make_manpage.main(["--check"]) == 0, "run `make man`"
+    page = subprocess.run([sys.executable, "-m", "stigmer.broker", "help", "--man"],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert page == make_manpage.TARGET.read_text()
+    assert page.startswith(".TH STIGMER\\-BROKER \"1\"")
+    for command in ("context export", "key import", "completion"):
+        assert command.replace(" ", " ") in page.replace("\\-", "-"), command
+    if shutil.which("man"):
+        rendered = subprocess.run(["man", "-l", "-"], input=page, capture_output=True,
+                                  text=True, timeout=60, env={"MANWIDTH": "80", "PATH":
+                                                              "/usr/bin:/bin"})
+        assert "stigmer-broker - the local secret broker" in rendered.stdout

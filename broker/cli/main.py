@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NoReturn, cast
 
 from ..config import resolve_paths
 from ..protocol.errors import BrokerError, BrokerUnavailable, UnsafeSocket
-from .common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_USAGE, UsageError
+from .common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, UsageError
 from .daemon import cmd_status
 from .render import error
 
@@ -57,6 +57,12 @@ def entry() -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "_ARGCOMPLETE" in os.environ:  # a shell asking for completions (argcomplete)
+        from .completion import complete
+        from .parser import build_parser
+
+        complete(build_parser())
+        return EXIT_OK  # complete() exits when it answered; here only outside completion
     fast = _status_fast_path(argv)
     if fast is not None:
         return fast

@@ -34,6 +34,7 @@ from .environments import (
 )
 from .keys import cmd_key_export, cmd_key_import, cmd_key_rotate
 from .service import cmd_service_install, cmd_service_uninstall
+from .shell import cmd_completion, cmd_help
 
 if TYPE_CHECKING:
     import argparse
@@ -53,8 +54,10 @@ def _group_help(group: argparse.ArgumentParser) -> Callable[[argparse.Namespace,
     return show
 
 
-#: commands without --json: the daemon itself, and the two whose output is the context
-_NO_JSON = {("", "serve"), ("", "run"), ("context", "export")}
+#: commands without --json: the daemon itself, the two whose output is the context, and
+#: the one whose output is a shell script
+_NO_JSON = {("", "serve"), ("", "run"), ("context", "export"), ("", "completion"),
+            ("", "help")}
 
 
 class _Unused:
@@ -257,6 +260,15 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         which.add_argument("--launchd", action="store_true", help="a launchd user agent")
         if name == "install":
             p.add_argument("--print", action="store_true", help="only print the files")
+
+    p = command("completion", cmd_completion,
+                "print the shell completion script: eval \"$(stigmer-broker completion bash)\"")
+    p.add_argument("shell", choices=("bash", "zsh", "fish"), metavar="SHELL",
+                   help="bash, zsh or fish")
+
+    p = command("help", cmd_help, "print this help, or with --man the man page")
+    p.add_argument("--man", action="store_true",
+                   help="print the man page (roff): stigmer-broker help --man | man -l -")
 
     key = sub.add_parser("key", help="manage the master key")
     key.set_defaults(func=_group_help(key))
