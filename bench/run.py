@@ -293,6 +293,37 @@ def wall_times(commands: dict[str, list[str]], runs: int, env: dict[str, str]
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def write_text_file(path: Path, size: int) -> None:
+    """``size`` bytes of log-like text (no secret in it: the scan finds nothing)."""
+    line = b"2026-11-22T08:00:00Z INFO worker step=42 status=ok latency_ms=12.5 msg=done\n"
+    block = line * ((1 << 20) // len(line) + 1)
+    with path.open("wb") as f:
+        written = 0
+        while written < size:
+            chunk = block[:size - written]
+            f.write(chunk)
+            written += len(chunk)
+
+
+def pipe_throughputs(commands: dict[str, list[str]], size: int, runs: int,
+                     env: dict[str, str]) -> dict[str, float]:
+    """Median MiB/s of each command's stdout, read to the end through a pipe, alternately."""
+    rates: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(runs):
+        for name, cmd in commands.items():
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL)
+            assert proc.stdout is not None
+            got, fd = 0, proc.stdout.fileno()
+            while chunk := os.read(fd, 1 << 20):
+                got += len(chunk)
+            proc.wait()
+            assert got == size, (name, got, size)
+            rates[name].append(size / (1 << 20) / (time.perf_counter() - t0))
+    return {name: round(statistics.median(v), 1) for name, v in rates.items()}
+
+
 def heavy_modules_loaded(env: dict[str, str]) -> list[str]:
     code = ("import sys, stigmer.client; print(','.join(sorted({m.split('.')[0] for m in "
             "sys.modules} & {'keyring', 'aiosqlite', 'cryptography', 'uvloop'})))")
@@ -407,6 +438,24 @@ def main() -> None:
             rows["import_client_adds_ms"] = cli["import stigmer.client"] - cli["python -c pass"]
             rows["ratio_status_vs_python"] = cli["stigmer-broker status"] / cli["python -c pass"]
             rows["client_import_loads"] = heavy_modules_loaded(env)
+
+            # `run` masking: the same `cat` of a large file, masked and --no-masking
+            run_env = {**env, "STIGMER_EXECUTION_TOKEN": token}
+            size = (1 << 30) if not args.smoke else (8 << 20)
+            big_file = tmp / "big.txt"
+            write_text_file(big_file, size)
+            run = [PY, "-m", "stigmer.broker", "run"]
+            masked = pipe_throughputs({
+                "masked": [*run, "--", "cat", str(big_file)],
+                "no_masking": [*run, "--no-masking", "--", "cat", str(big_file)],
+            }, size, 3 if not args.smoke else 1, run_env)
+            rows["run_masking_mib_per_s"] = masked
+            rows["ratio_run_masked_vs_unmasked_throughput"] = (masked["masked"]
+                                                               / masked["no_masking"])
+            rows["run_start_ms"] = wall_times({
+                "masked": [*run, "--", "true"],
+                "no_masking": [*run, "--no-masking", "--", "true"],
+            }, cli_runs, run_env)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
@@ -433,6 +482,10 @@ def print_table(rows: dict[str, Any]) -> None:
     print(f"create: {rows['create_contexts_per_s']:.0f} contexts/s (sealed, durable commit)")
     print("CLI wall time (median ms): " + ", ".join(f"{k} {v:.1f}"
                                                     for k, v in rows["cli_ms"].items()))
+    print("run, cat of a large file (MiB/s): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in rows["run_masking_mib_per_s"].items())
+        + "; run -- true (median ms): " + ", ".join(
+        f"{k} {v:.1f}" for k, v in rows["run_start_ms"].items()))
     print("ratios:")
     targets = {
         "ratio_fetch_p50_vs_floor": "<= 1.3",
@@ -440,6 +493,7 @@ def print_table(rows: dict[str, Any]) -> None:
         "ratio_fetch_10k_vs_10_p50": "<= 1.1",
         "ratio_fetch_max_uses_vs_unlimited_p50": "reported (a durable write per use)",
         "ratio_fetch_identity_vs_token_p50": "<= 1.2",
+        "ratio_run_masked_vs_unmasked_throughput": ">= 0.5",
         "ratio_fetch_p50_vs_redis": "<= 1.0",
         "ratio_status_vs_python": "<= 3.0",
     }

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -201,3 +202,62 @@ class Daemon:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class PtyProcess:
+    """A command on a new pseudo-terminal (its controlling tty), driven as a person at a
+    terminal would drive it: read what it shows, type, resize the window, signal it."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        import pty
+
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # pragma: no cover - the child
+            os.execve(argv[0], argv, env)  # noqa: S606
+        self.output = b""
+
+    def read_until(self, text: str, timeout: float = 30) -> str:
+        """Read until ``text`` has appeared; return everything read so far."""
+        import select
+
+        deadline = time.monotonic() + timeout
+        while text.encode() not in self.output:
+            assert time.monotonic() < deadline, f"no {text!r} in {self.output!r}"
+            ready, _, _ = select.select([self.fd], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except OSError:
+                    chunk = b""
+                assert chunk, f"the terminal closed before {text!r}: {self.output!r}"
+                self.output += chunk
+        return self.output.decode(errors="replace")
+
+    def write(self, data: str) -> None:
+        os.write(self.fd, data.encode())
+
+    def resize(self, rows: int, cols: int) -> None:
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("4H", rows, cols, 0, 0))
+
+    def wait(self, timeout: float = 30) -> tuple[int, str]:
+        """Read to the end; return (exit status, everything it showed)."""
+        import select
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.fd], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                self.output += chunk
+        os.close(self.fd)
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status), self.output.decode(errors="replace")

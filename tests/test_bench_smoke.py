@@ -22,7 +22,8 @@ def test_bench_smoke(short_dir: Path) -> None:
     for key in ("one_client", "concurrent", "create_contexts_per_s", "cli_ms",
                 "ratio_fetch_p50_vs_floor", "ratio_fetch_throughput_vs_floor",
                 "ratio_fetch_10k_vs_10_p50", "ratio_status_vs_python",
-                "ratio_fetch_max_uses_vs_unlimited_p50", "ratio_fetch_identity_vs_token_p50"):
+                "ratio_fetch_max_uses_vs_unlimited_p50", "ratio_fetch_identity_vs_token_p50",
+                "ratio_run_masked_vs_unmasked_throughput", "run_start_ms"):
         assert key in rows, key
     assert set(rows["one_client"]) == {"floor", "fetch", "fetch_10k", "fetch_max_uses",
                                        "fetch_identity"}

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, run_cli
+from conftest import PtyProcess, cli_env, run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stigmer.broker.config import Paths
 from stigmer.broker.manifests import read_env_file
@@ -192,3 +195,138 @@ def test_the_man_page_is_generated_current_and_printed() -> None:
                                   text=True, timeout=60, env={"MANWIDTH": "80", "PATH":
                                                               "/usr/bin:/bin"})
         assert "stigmer-broker - the local secret broker" in rendered.stdout
+
+
+# ------------------------------------------------------------------ masked run
+
+SECRET = "hunter2-sentinel-7f3a"
+
+
+@pytest.fixture
+def masked(cli_broker: Paths) -> tuple[Paths, dict[str, str]]:
+    """A broker with a context holding SECRET; the env a runner would have."""
+    with Client(cli_broker.socket) as client:
+        token = client.create_context("masked", runtime=variables(
+            {"PLAIN": "visible-value"}, {"SECRET": SECRET})).token
+    return cli_broker, cli_env(cli_broker, STIGMER_EXECUTION_TOKEN=token)
+
+
+def _run(env: dict[str, str], script: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "stigmer.broker", "run", *flags, "--",
+                           sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+SPLIT = ("import os, sys, time\n"
+         "s = os.environ['SECRET']\n"
+         "print('plain', os.environ['PLAIN'], flush=True)\n"
+         "sys.stdout.write(s[:5]); sys.stdout.flush(); time.sleep(0.3)\n"
+         "sys.stdout.write(s[5:] + '\\n'); sys.stdout.flush()\n"
+         "print('err', s, file=sys.stderr)\n"
+         "sys.exit(7)\n")
+
+
+def test_run_masks_secrets_in_both_streams_even_split_across_writes(
+        masked: tuple[Paths, dict[str, str]]) -> None:
+    _, env = masked
+    result = _run(env, SPLIT)
+    assert result.returncode == 7
+    assert SECRET not in result.stdout and SECRET not in result.stderr
+    assert "plain visible-value" in result.stdout
+    assert result.stdout.count("<concealed by stigmer>") == 1
+    assert "err <concealed by stigmer>" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["flag", "variable"])
+def test_no_masking_execs_as_before(masked: tuple[Paths, dict[str, str]], how: str) -> None:
+    _, env = masked
+    if how == "variable":
+        result = _run({**env, "STIGMER_RUN_NO_MASKING": "1"}, SPLIT)
+    else:
+        result = _run(env, SPLIT, "--no-masking")
+    assert result.returncode == 7 and SECRET in result.stdout
+
+
+def test_a_death_by_signal_is_128_plus_n_and_signals_are_passed_on(
+        masked: tuple[Paths, dict[str, str]]) -> None:
+    _, env = masked
+    assert _run(env, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)").returncode \
+        == 128 + 9
+    waiter = ("import signal, sys, time\n"
+              "def bye(n, f): print('got', n, flush=True); sys.exit(3)\n"
+              "signal.signal(signal.SIGTERM, bye)\n"
+              "print('ready', flush=True)\n"
+              "time.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "stigmer.broker", "run", "--",
+                             sys.executable, "-c", waiter], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 3 and f"got {int(signal.SIGTERM)}" in out
+
+
+def test_on_a_terminal_the_command_gets_one_with_stdin_and_window_size(
+        masked: tuple[Paths, dict[str, str]]) -> None:
+    _, env = masked
+    script = ("import os, signal, sys\n"
+              "print('tty', sys.stdin.isatty(), sys.stdout.isatty(), flush=True)\n"
+              "print('size', os.get_terminal_size().columns, flush=True)\n"
+              "line = input('type: ')\n"
+              "print('echo', line, os.environ['SECRET'], flush=True)\n"
+              "signal.signal(signal.SIGWINCH, lambda n, f: None)\n"
+              "signal.sigwait([signal.SIGWINCH])\n"
+              "print('resized', os.get_terminal_size().columns, flush=True)\n")
+    term = PtyProcess([sys.executable, "-m", "stigmer.broker", "run", "--", sys.executable,
+                       "-c", script], env)
+    term.resize(30, 100)
+    term.read_until("type: ")
+    term.write("hello there\r")
+    term.read_until("echo hello there")
+    term.resize(40, 123)  # the kernel sends SIGWINCH to `run`, which passes it on
+    status, shown = term.wait()
+    assert status == 0, shown
+    assert "tty True True" in shown and "resized 123" in shown
+    assert SECRET not in shown and "echo hello there <concealed by stigmer>" in shown
+
+
+def test_ctrl_c_at_the_terminal_reaches_the_command(masked: tuple[Paths, dict[str, str]]
+                                                    ) -> None:
+    _, env = masked
+    script = ("import time\n"
+              "try:\n"
+              "    print('waiting', flush=True); time.sleep(30)\n"
+              "except KeyboardInterrupt:\n"
+              "    print('interrupted', flush=True); raise SystemExit(5)\n")
+    term = PtyProcess([sys.executable, "-m", "stigmer.broker", "run", "--", sys.executable,
+                       "-c", script], env)
+    term.read_until("waiting")
+    term.write("\x03")  # Ctrl-C, through our raw terminal to the command's
+    status, shown = term.wait()
+    assert status == 5 and "interrupted" in shown, shown
+
+
+@settings(max_examples=300, deadline=None)
+@given(secrets=st.lists(st.text(alphabet="abc", min_size=1, max_size=6), min_size=1,
+                        max_size=4),
+       text=st.text(alphabet="abcx\n", max_size=80),
+       cuts=st.lists(st.integers(min_value=0, max_value=80), max_size=10))
+def test_masking_a_stream_in_any_chunks_equals_masking_it_whole(
+        secrets: list[str], text: str, cuts: list[int]) -> None:
+    import re
+
+    from stigmer.broker.cli.masking import MASK, Masker
+
+    ordered = sorted({s.encode() for s in secrets}, key=len, reverse=True)
+    whole = re.sub(b"|".join(map(re.escape, ordered)), MASK.replace(b"\\", b"\\\\"),
+                   text.encode())
+    data = text.encode()
+    masker = Masker(secrets)
+    out = b""
+    start = 0
+    for cut in sorted({min(c, len(data)) for c in cuts}):
+        out += masker.feed(data[start:cut])
+        start = cut
+    out += masker.feed(data[start:]) + masker.flush()
+    assert out == whole

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
     from ..config import Paths
 
+#: set to 1, `run` execs the command as it is, its output unmasked (as --no-masking)
+NO_MASKING_VARIABLE = "STIGMER_RUN_NO_MASKING"
 #: the most fetches one token may allow (the protocol's bound)
 MAX_USES = 2**31
 
@@ -182,9 +184,15 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     if unpassable:
         raise InvalidArgument(f"{', '.join(unpassable)} contain(s) a NUL byte, which no "
                               "environment can carry; read them with stigmer.client instead")
+    secrets = set(context.secret_values())
+    masking = not args.no_masking and os.environ.get(NO_MASKING_VARIABLE, "") != "1"
     sys.stdout.flush()
     sys.stderr.flush()
     try:
+        if masking and secrets:
+            from .child import run_masked
+
+            return run_masked(command, env, secrets)
         os.execvpe(command[0], command, env)  # noqa: S606 - the user's own command
     except FileNotFoundError:
         error(f"command not found: {command[0]}")

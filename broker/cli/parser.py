@@ -234,7 +234,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                    help="or the execution id of a context granted to this process (default: "
                         "$STIGMER_EXECUTION_ID)")
 
-    p = command("run", cmd_run, "fetch a context and exec COMMAND with its variables")
+    p = command("run", cmd_run, "fetch a context and run COMMAND with its variables, its "
+                "output masked")
+    p.add_argument("--no-masking", action="store_true",
+                   help="exec COMMAND as it is, its output unmasked (also "
+                        "STIGMER_RUN_NO_MASKING=1)")
     p.add_argument("--token", help="execution token (default: $STIGMER_EXECUTION_TOKEN)")
     p.add_argument("--execution", metavar="ID",
                    help="or the execution id of a context granted to this process (default: "
