@@ -330,3 +330,63 @@ def test_masking_a_stream_in_any_chunks_equals_masking_it_whole(
         start = cut
     out += masker.feed(data[start:]) + masker.flush()
     assert out == whole
+
+
+# -------------------------------------------------------------------- --mount
+
+READER = ("import json, os, sys, yaml\n"
+          "path = sys.argv[1]\n"
+          "target = os.readlink(path)\n"
+          "text = open(path).read()\n"
+          "try:\n"
+          "    open(path, 'w').write('x')\n"
+          "    writable = 'yes'\n"
+          "except OSError:\n"
+          "    writable = 'no'\n"
+          "print(json.dumps({'arg': path, 'target': target, 'text': text, "
+          "'writable': writable}))\n")
+
+
+@pytest.mark.parametrize("fmt", ["env", "json", "yaml"])
+def test_mount_gives_the_context_as_a_sealed_memory_file(masked: tuple[Paths, dict[str, str]],
+                                                         fmt: str, short_dir: Path) -> None:
+    import yaml
+
+    _, env = masked
+    result = subprocess.run([sys.executable, "-m", "stigmer.broker", "run", "--no-masking",
+                             "--mount", f"/etc/agent.{fmt}={fmt}", "--", sys.executable, "-c",
+                             READER, f"/etc/agent.{fmt}"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["arg"].startswith("/dev/fd/")  # substituted in the arguments
+    assert seen["target"].startswith("/memfd:stigmer-mount:agent.")  # never on disk
+    assert seen["writable"] == "no"  # sealed
+    if fmt == "json":
+        values = json.loads(seen["text"])
+    elif fmt == "yaml":
+        values = yaml.safe_load(seen["text"])
+    else:
+        file = short_dir / "mounted.env"
+        file.write_text(seen["text"])
+        values = read_env_file(str(file))
+    assert values == {"PLAIN": "visible-value", "SECRET": SECRET}
+
+
+def test_mount_values_that_yaml_would_change_stay_strings(cli_broker: Paths) -> None:
+    import yaml
+
+    tricky = {"OCTAL": "01234", "TIME": "12:30", "BOOL": "yes", "NULL": "null", "F": "1.10"}
+    with Client(cli_broker.socket) as client:
+        token = client.create_context("tricky", runtime=variables(tricky)).token
+    env = cli_env(cli_broker, STIGMER_EXECUTION_TOKEN=token)
+    result = subprocess.run([sys.executable, "-m", "stigmer.broker", "run", "--mount",
+                             "CFG=yaml", "--", "cat", "CFG"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout) == tricky
+
+
+def test_a_bad_mount_is_a_usage_error_before_anything_runs(paths: Paths) -> None:
+    result = run_cli(paths, "run", "--token", "stg_x", "--mount", "/x=toml", "--", "true")
+    assert result.returncode == 2 and "PATH=FORMAT" in result.stderr

@@ -176,6 +176,11 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     if not command:
         raise UsageError("run needs a command: stigmer-broker run [--token T] -- COMMAND [ARGS]")
     token, execution = credential_arg(args.token, args.execution)
+    mounts = []
+    if args.mount:
+        from .mounts import parse_mount
+
+        mounts = [parse_mount(text) for text in args.mount]
     with connect(paths) as client:
         context = client.fetch_context(token, execution_id=execution)
     env = {k: v for k, v in os.environ.items() if k not in BROKER_VARIABLES}
@@ -184,6 +189,12 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     if unpassable:
         raise InvalidArgument(f"{', '.join(unpassable)} contain(s) a NUL byte, which no "
                               "environment can carry; read them with stigmer.client instead")
+    if mounts:
+        from .mounts import open_mount, substitute
+
+        for mount in mounts:
+            open_mount(mount, context.as_env())
+        command = substitute(command, mounts)
     secrets = set(context.secret_values())
     masking = not args.no_masking and os.environ.get(NO_MASKING_VARIABLE, "") != "1"
     sys.stdout.flush()
