@@ -98,7 +98,7 @@ def test_environment_commands(cli_broker: Paths, short_dir: Path) -> None:
     r = run_cli(p, "env", "unset", "dev", "NOPE")
     assert r.returncode == 1
     assert "NOPE" in r.stderr
-    assert run_cli(p, "env", "delete", "dev").returncode == 0
+    assert run_cli(p, "env", "delete", "dev", "--yes").returncode == 0
     r = run_cli(p, "env", "show", "dev")
     assert r.returncode == 1
     assert "does not exist" in r.stderr
@@ -222,7 +222,7 @@ def test_apply_with_any_error_applies_nothing(cli_broker: Paths, short_dir: Path
 def test_key_rotate_keeps_everything(cli_broker: Paths) -> None:
     run_cli(cli_broker, "env", "set", "e", "--secret", "S", input="value-1\n", check=True)
     before = (cli_broker.home / "master.key").read_text()
-    r = run_cli(cli_broker, "key", "rotate")
+    r = run_cli(cli_broker, "key", "rotate", "--yes")
     assert r.returncode == 0, r.stderr
     assert (cli_broker.home / "master.key").read_text() != before
     run_cli(cli_broker, "stop", check=True)
@@ -277,7 +277,7 @@ def test_end_to_end_story(cli_broker: Paths, short_dir: Path) -> None:
                   " sys.exit(7)", env=env)
     assert ran.returncode == 7
     assert ran.stdout.split() == ["ghp_story", "debug", "large", "False"]
-    assert run_cli(p, "context", "complete", "exec-1").returncode == 0
+    assert run_cli(p, "context", "complete", "exec-1", "--yes").returncode == 0
     refused = run_cli(p, "run", "--", "true", env=env)
     assert refused.returncode == 1 and "not valid" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
@@ -571,9 +571,9 @@ def test_every_command_speaks_json(paths: Paths, short_dir: Path) -> None:
     assert j("context", "release", "--token", created["token"]) == {
         "released": True, "execution_id": None}
     j("context", "create", "c2")
-    assert j("context", "complete", "c2") == {"execution_id": "c2", "completed": True}
-    assert j("env", "delete", "e") == {"name": "e", "deleted": True}
-    rotated = j("key", "rotate")
+    assert j("context", "complete", "c2", "--yes") == {"execution_id": "c2", "completed": True}
+    assert j("env", "delete", "e", "--yes") == {"name": "e", "deleted": True}
+    rotated = j("key", "rotate", "--yes")
     assert set(rotated) == {"key_id", "rewrapped", "key_source"}
     verified = j("audit", "verify")
     assert verified["ok"] is True and verified["records"] > 0

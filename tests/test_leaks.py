@@ -80,9 +80,9 @@ def test_sentinels_never_reach_disk_logs_or_tmp(paths: Paths, short_dir: Path) -
                      ["audit", "--json"], ["status", "--json"]):
             out = run_cli(paths, *args, check=True).stdout
             assert not any(t in out for t in [*tokens, *SENTINELS.values()]), args
-        run_cli(paths, "key", "rotate", check=True)
-        run_cli(paths, "context", "complete", "exec-1", check=True)
-        run_cli(paths, "env", "delete", "prod", check=True)
+        run_cli(paths, "key", "rotate", "--yes", check=True)
+        run_cli(paths, "context", "complete", "exec-1", "--yes", check=True)
+        run_cli(paths, "env", "delete", "prod", "--yes", check=True)
         status = run_cli(paths, "status", check=True).stdout
         assert not any(s in status for s in SENTINELS.values())
     finally:
@@ -108,8 +108,8 @@ def test_rotation_killed_at_random_moments_loses_nothing(paths: Paths) -> None:
     rounds = 25
     for _ in range(rounds):
         pid = json.loads(run_cli(paths, "status", "--json", check=True).stdout)["pid"]
-        rotation = subprocess.Popen([sys.executable, "-m", "stigmer.broker", "key", "rotate"],
-                                    env=cli_env(paths), stdout=subprocess.DEVNULL,
+        rotation = subprocess.Popen([sys.executable, "-m", "stigmer.broker", "key", "rotate",
+                                     "--yes"], env=cli_env(paths), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.0, 0.25))
         os.kill(pid, signal.SIGKILL)
@@ -119,7 +119,7 @@ def test_rotation_killed_at_random_moments_loses_nothing(paths: Paths) -> None:
         data = json.loads(run_cli(paths, "env", "show", "big", "--reveal", "--json",
                                   check=True).stdout)["data"]
         assert {k: v["value"] for k, v in data.items()} == values
-    assert run_cli(paths, "key", "rotate").returncode == 0
+    assert run_cli(paths, "key", "rotate", "--yes").returncode == 0
     run_cli(paths, "stop", check=True)
 
 

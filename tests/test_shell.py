@@ -390,3 +390,61 @@ def test_mount_values_that_yaml_would_change_stay_strings(cli_broker: Paths) -> 
 def test_a_bad_mount_is_a_usage_error_before_anything_runs(paths: Paths) -> None:
     result = run_cli(paths, "run", "--token", "stg_x", "--mount", "/x=toml", "--", "true")
     assert result.returncode == 2 and "PATH=FORMAT" in result.stderr
+
+
+# ------------------------------------------------------- destructive commands confirm
+
+
+def _term(paths: Paths, *args: str) -> PtyProcess:
+    return PtyProcess([sys.executable, "-m", "stigmer.broker", *args], cli_env(paths))
+
+
+def test_destructive_commands_ask_on_a_terminal(cli_broker: Paths) -> None:
+    run_cli(cli_broker, "env", "set", "prod", "A=1", check=True)
+    term = _term(cli_broker, "env", "delete", "prod")
+    term.read_until("delete environment prod and its 1 variable(s)? [y/N] ")
+    term.write("n\r")
+    status, shown = term.wait()
+    assert status == 1 and "cancelled: nothing was changed" in shown
+    assert run_cli(cli_broker, "env", "show", "prod").returncode == 0  # still there
+    term = _term(cli_broker, "env", "delete", "prod")
+    term.read_until("[y/N] ")
+    term.write("y\r")
+    assert term.wait()[0] == 0
+    assert run_cli(cli_broker, "env", "show", "prod").returncode == 1
+
+    token = run_cli(cli_broker, "context", "create", "c1", check=True).stdout.strip()
+    term = _term(cli_broker, "context", "complete", "c1")
+    term.read_until("revoke its 1 live token(s)? [y/N] ")
+    term.write("\r")  # the default is no
+    assert term.wait()[0] == 1
+    assert run_cli(cli_broker, "context", "show", "c1").returncode == 0
+    run_cli(cli_broker, "context", "release", "--token", token, check=True)
+
+    term = _term(cli_broker, "key", "rotate")
+    term.read_until("replace the master key")
+    term.write("no\r")
+    assert term.wait()[0] == 1
+
+
+def test_without_a_terminal_destructive_commands_need_yes(cli_broker: Paths) -> None:
+    run_cli(cli_broker, "env", "set", "prod", "A=1", check=True)
+    run_cli(cli_broker, "context", "create", "c1", check=True)
+    for args in (("env", "delete", "prod"), ("context", "complete", "c1"), ("key", "rotate")):
+        result = run_cli(cli_broker, *args, input="y\n")  # a pipe is not someone answering
+        assert result.returncode == 2, (args, result.stderr)
+        assert "cannot be undone: confirm it with --yes" in result.stderr
+    assert run_cli(cli_broker, "env", "delete", "prod", "-y").returncode == 0
+    assert run_cli(cli_broker, "context", "complete", "c1", "-y").returncode == 0
+    with Client(cli_broker.socket) as client:  # a context with no live token: not asked
+        token = client.create_context("spent", max_uses=1).token
+        client.fetch_context(token)
+    assert run_cli(cli_broker, "context", "complete", "spent").returncode == 0
+
+
+def test_short_flags_e_and_s(cli_broker: Paths) -> None:
+    run_cli(cli_broker, "env", "set", "prod", "-s", "TOKEN", input="t0k\n", check=True)
+    token = run_cli(cli_broker, "context", "create", "c1", "--environment", "prod",
+                    "-e", "MODE=fast", "-s", "EXTRA=x", check=True).stdout.strip()
+    result = run_cli(cli_broker, "context", "export", "--format", "json", "--token", token)
+    assert json.loads(result.stdout) == {"TOKEN": "t0k", "MODE": "fast", "EXTRA": "x"}

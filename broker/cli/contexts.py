@@ -6,7 +6,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from ..protocol.errors import InvalidArgument
+from ..protocol.errors import InvalidArgument, NotFound
 from .common import (
     BROKER_VARIABLES,
     EXIT_OK,
@@ -19,7 +19,7 @@ from .common import (
     name_arg,
     runner_arg,
 )
-from .inputs import collect_variables, read_text
+from .inputs import collect_variables, confirm, read_text
 from .render import error, key_json, print_json, print_json_array, warn, when
 
 if TYPE_CHECKING:
@@ -135,6 +135,14 @@ def cmd_context_complete(args: argparse.Namespace, paths: Paths) -> int:
 
     execution_id = name_arg(args.execution_id, "execution id")
     with connect(paths) as client:
+        try:
+            info = client.get_context(execution_id)
+        except NotFound:
+            info = None  # complete says so (or removes a context that fails its check)
+        if info is not None and (info.tokens or info.runners):
+            confirm(f"complete {execution_id}: delete it and revoke its {len(info.tokens)} "
+                    f"live token(s){' and runner grant' if info.runners else ''}?",
+                    yes=args.yes, command="context complete")
         client.complete_context(execution_id)
     if args.json:
         print_json({"execution_id": execution_id, "completed": True})

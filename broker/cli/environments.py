@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..protocol.messages import SECRET_MASK
 from .common import EXIT_OK, UsageError, check_broker, connect, name_arg, var_arg
-from .inputs import collect_variables, read_text
+from .inputs import collect_variables, confirm, read_text
 from .render import print_json, print_json_array, printable
 
 if TYPE_CHECKING:
@@ -92,6 +92,9 @@ def cmd_env_delete(args: argparse.Namespace, paths: Paths) -> int:
 
     name = name_arg(args.name, "environment name")
     with connect(paths) as client:
+        variables = len(client.get_environment(name).data)  # NotFound before asking
+        confirm(f"delete environment {name} and its {variables} variable(s)?", yes=args.yes,
+                command="env delete")
         client.delete_environment(name)
     if args.json:
         print_json({"name": name, "deleted": True})

@@ -14,7 +14,8 @@ from .render import warn
 if TYPE_CHECKING:
     from ..protocol import Variable
 
-__all__ = ["collect_variables", "read_passphrase", "read_secret_value", "read_text"]
+__all__ = ["collect_variables", "confirm", "read_passphrase", "read_secret_value",
+           "read_text"]
 
 
 def read_secret_value(key: str) -> str:
@@ -33,6 +34,25 @@ def read_secret_value(key: str) -> str:
     if not line:
         raise UsageError(f"--secret {key}: no value on standard input (one line per key)")
     return line.rstrip("\r\n")
+
+
+class Cancelled(InvalidArgument):
+    """The person at the terminal said no (exit 1: nothing was changed)."""
+
+
+def confirm(question: str, *, yes: bool, command: str) -> None:
+    """Ask ``question`` on the terminal before something that cannot be undone; with
+    ``--yes`` do not ask. Without a terminal to ask on, refuse unless ``--yes``."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"{command} cannot be undone: confirm it with --yes (there is no "
+                         "terminal to ask on)")
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
+    if answer.strip().lower() not in ("y", "yes"):
+        raise Cancelled("cancelled: nothing was changed")
 
 
 def read_passphrase(*, confirm: bool, shortest: int = 0) -> str:

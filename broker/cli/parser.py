@@ -155,7 +155,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                 "env")
     p.add_argument("name", metavar="NAME")
     p.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help="plain variables")
-    p.add_argument("--secret", action="append", metavar="KEY[=VALUE]",
+    p.add_argument("-s", "--secret", action="append", metavar="KEY[=VALUE]",
                    help="a secret; without =VALUE it is prompted for (or read from stdin)")
     p.add_argument("--env-file", metavar="FILE", help="read variables (as secrets) from a .env "
                    "file; the command line wins")
@@ -169,6 +169,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("keys", nargs="+", metavar="KEY")
     p = command("delete", cmd_env_delete, "delete an environment", env_sub, "env")
     p.add_argument("name", metavar="NAME")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
 
     p = command("apply", cmd_apply, "apply Environment manifests (YAML, one or more documents)")
     p.add_argument("-f", "--file", required=True, metavar="FILE", help="manifest file, - for stdin")
@@ -187,8 +188,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                    help="an environment to merge, in order (repeatable)")
     p.add_argument("--spec", metavar="FILE", help="Agent/Workflow manifest or bare env_spec map "
                    "(YAML or JSON)")
-    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="a runtime variable")
-    p.add_argument("--secret", action="append", metavar="KEY[=VALUE]",
+    p.add_argument("-e", "--env", action="append", metavar="KEY=VALUE",
+                   help="a runtime variable")
+    p.add_argument("-s", "--secret", action="append", metavar="KEY[=VALUE]",
                    help="a runtime secret; without =VALUE it is prompted for (or read from stdin)")
     p.add_argument("--env-file", metavar="FILE", help="runtime variables (as secrets) from a "
                    ".env file; --env/--secret win")
@@ -215,6 +217,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = command("complete", cmd_context_complete, "delete a context and revoke its tokens",
                 ctx_sub, "context")
     p.add_argument("execution_id", metavar="EXEC_ID")
+    p.add_argument("-y", "--yes", action="store_true",
+                   help="do not ask for confirmation (asked when it has live tokens)")
 
     p = command("release", cmd_context_release,
                 "end the context your token opens (the runner's own complete)", ctx_sub,
@@ -281,8 +285,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     key = sub.add_parser("key", help="manage the master key")
     key.set_defaults(func=_group_help(key))
     key_sub = key.add_subparsers(title="key commands", metavar="COMMAND")
-    command("rotate", cmd_key_rotate, "replace the master key and rewrap the data keys",
-            key_sub, "key")
+    p = command("rotate", cmd_key_rotate, "replace the master key and rewrap the data keys",
+                key_sub, "key")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     p = command("export", cmd_key_export,
                 "write the master key, wrapped under a passphrase (asked twice), to a new file",
                 key_sub, "key")
