@@ -40,6 +40,11 @@ class Paths(NamedTuple):
         return self.home / "broker.log"
 
     @property
+    def key_backup_record(self) -> Path:
+        """When the master key was last exported (`key export`), and which key."""
+        return self.home / "key-backup.json"
+
+    @property
     def audit_anchor(self) -> Path:
         """The audit chain's head, kept outside the store (beside the key file)."""
         return self.home / "audit.head"

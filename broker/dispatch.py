@@ -65,6 +65,7 @@ from .protocol import (
 from .protocol.errors import BrokerError, InvalidArgument, PermissionDenied
 from .protocol.peer import Peer
 from .store.anchor import HeadAnchor
+from .store.backup import backed_up_at
 from .store.sqlite import ROW_MACS_SINCE, Store, StoreError
 from .store.vault import Vault
 
@@ -327,4 +328,10 @@ class Dispatcher:
             unit=self._config.unit, activity=self.activity,
             environments=await self.environments.count(), contexts=contexts, tokens=tokens,
             requests=self._counters.requests, connections=self._counters.connections,
+            key_backed_up_at=self.key_backed_up_at(),
         )
+
+    def key_backed_up_at(self) -> float | None:
+        """When the current master key was exported, or None (never, or before a
+        rotation)."""
+        return backed_up_at(self._config.paths.key_backup_record, self._vault.key_id)

@@ -145,3 +145,23 @@ def test_export_mistakes_write_nothing(cli_broker: Paths, short_dir: Path) -> No
     out.write_text("keep me")
     status, output = export(cli_broker, out)
     assert status == 2 and "the file exists" in output and out.read_text() == "keep me"
+
+
+def test_start_serve_and_status_say_when_the_key_has_no_backup(paths: Paths,
+                                                                short_dir: Path) -> None:
+    started = run_cli(paths, "start")
+    assert started.returncode == 0
+    hint = "has no backup since it was made or rotated: `stigmer-broker key export"
+    assert hint in started.stderr and "file (" in started.stderr
+    assert hint in paths.log_file.read_text()  # the daemon (serve) said it too
+    status = run_cli(paths, "status")
+    assert "key backup   none since the key was made or rotated" in status.stdout
+    assert hint in status.stderr
+    assert json.loads(run_cli(paths, "status", "--json").stdout)["key_backed_up_at"] is None
+    assert export(paths, short_dir / "k.backup")[0] == 0
+    status = run_cli(paths, "status")
+    assert hint not in status.stderr and "key backup   20" in status.stdout
+    assert json.loads(run_cli(paths, "status", "--json").stdout)["key_backed_up_at"] > 0
+    run_cli(paths, "key", "rotate", "--yes", check=True)  # a new key: no backup of it yet
+    assert hint in run_cli(paths, "status").stderr
+    run_cli(paths, "stop", check=True)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..protocol.errors import BrokerUnavailable, StartupError, UnsafeSocket
+from ..protocol.errors import BrokerError, BrokerUnavailable, StartupError, UnsafeSocket
 from .common import (
     EXIT_FAILED,
     EXIT_NOT_RUNNING,
@@ -21,7 +21,7 @@ from .common import (
     connect,
     duration_arg,
 )
-from .render import duration, error, print_json
+from .render import duration, error, print_json, warn, when
 
 if TYPE_CHECKING:
     import argparse
@@ -188,6 +188,12 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
                     "socket": str(paths.socket)})
     else:
         print(paths.socket)
+    with contextlib.suppress(BrokerError), connect(paths) as client:
+        status = client.status()
+        if status.key_backed_up_at is None:
+            from ..store.backup import no_backup_line
+
+            warn(no_backup_line(status.key_source))
     return EXIT_OK
 
 
@@ -269,8 +275,14 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         ("tokens", str(status.tokens)),
         ("requests", str(status.requests)),
         ("connections", str(status.connections)),
+        ("key backup", when(status.key_backed_up_at) if status.key_backed_up_at
+         else "none since the key was made or rotated"),
     ]
     for label, value in rows:
         print(f"  {label:<13}{value}")
+    if status.key_backed_up_at is None:
+        from ..store.backup import no_backup_line
+
+        warn(no_backup_line(status.key_source))
     return EXIT_OK
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..protocol.errors import BrokerError, FailedPrecondition, InvalidArgument
 from .common import EXIT_OK, KEY_VARIABLE, UsageError, connect
-from .inputs import read_passphrase, read_text
+from .inputs import confirm, read_passphrase, read_text
 from .render import print_json
 
 if TYPE_CHECKING:
@@ -26,6 +26,8 @@ __all__ = ["cmd_key_export", "cmd_key_import", "cmd_key_rotate"]
 def cmd_key_rotate(args: argparse.Namespace, paths: Paths) -> int:
     import threading
 
+    confirm("replace the master key (the old one will no longer open the store; back the new "
+            "one up with `key export`)?", yes=args.yes, command="key rotate")
     print("rotating the master key (rewrapping data keys, checking every sealed value)...",
           file=sys.stderr)
     results: list[KeyRotated] = []
@@ -67,7 +69,7 @@ def cmd_key_export(args: argparse.Namespace, paths: Paths) -> int:
     """Write the master key, wrapped under a passphrase, to a new file."""
     import anyio
 
-    from ..store.backup import MIN_PASSPHRASE, write_backup
+    from ..store.backup import MIN_PASSPHRASE, record_backup, write_backup
     from ..store.crypto import key_id_of
 
     out = Path(args.out)
@@ -86,6 +88,7 @@ def cmd_key_export(args: argparse.Namespace, paths: Paths) -> int:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    record_backup(paths.key_backup_record, key_id_of(key), out.resolve())
     if args.json:
         print_json({"key_id": key_id_of(key), "file": str(out)})
         return EXIT_OK

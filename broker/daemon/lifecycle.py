@@ -27,6 +27,7 @@ import anyio.abc
 from ..config import Config, Limits
 from ..dispatch import Counters, Dispatcher
 from ..protocol.errors import StartupError
+from ..store.backup import no_backup_line
 from ..store.keys import key_sources
 from ..store.sqlite import Store
 from ..store.vault import Vault
@@ -140,6 +141,8 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
 
             log.info("serving on %s (store %s, key %s, pid %d, started %s)", bound.path,
                      config.paths.store, vault.key_source(), os.getpid(), config.started_by)
+            if dispatcher.key_backed_up_at() is None:
+                log.warning("%s", no_backup_line(vault.key_source()))
             async with anyio.create_task_group() as background:
                 background.start_soon(dispatcher.maintain)
                 await server.serve(shutdown, task_status=_Started(task_status, notifier,

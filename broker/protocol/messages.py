@@ -411,6 +411,9 @@ class Status(Response, frozen=True, kw_only=True):
     connections: Count
     unit: str = ""  # the systemd unit, when run by systemd
     activity: str = ""  # a long operation under way (key rotation progress)
+    #: when the current master key was last exported (`key export`); none since it was
+    #: made or rotated: null
+    key_backed_up_at: float | None = None
 
 
 class Ok(Response, frozen=True, kw_only=True):

@@ -21,6 +21,8 @@ import base64
 import binascii
 import json
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -30,7 +32,8 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from ..protocol.errors import InvalidArgument
 from .crypto import key_id_of
 
-__all__ = ["FORMAT", "MIN_PASSPHRASE", "BackupError", "read_backup", "write_backup"]
+__all__ = ["FORMAT", "MIN_PASSPHRASE", "BackupError", "backed_up_at", "no_backup_line",
+           "read_backup", "record_backup", "write_backup"]
 
 FORMAT = "stigmer-broker key backup"
 VERSION = 1
@@ -94,6 +97,32 @@ def parse_backup(text: str, where: str) -> tuple[dict[str, Any], bytes]:
     except (ValueError, KeyError, TypeError, binascii.Error):
         raise BackupError(f"{where}: not a stigmer-broker key backup (or damaged)") from None
     return doc, ciphertext
+
+
+def record_backup(record: Path, key_id: str, file: Path) -> None:
+    """Note that the key ``key_id`` was exported (for `status`: a backup exists)."""
+    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"key_id": key_id, "at": time.time(), "file": str(file)}, f)
+    os.replace(tmp, record)
+
+
+def no_backup_line(key_source: str) -> str:
+    """What start, serve and status say while the current key has no backup."""
+    return (f"the master key is kept in {key_source} and has no backup since it was made or "
+            "rotated: `stigmer-broker key export --out FILE` makes one")
+
+
+def backed_up_at(record: Path, key_id: str) -> float | None:
+    """When the key ``key_id`` was last exported, or None: never, or only an older key
+    (before a rotation). The record only informs people; nothing depends on it."""
+    try:
+        doc = json.loads(record.read_text())
+        return float(doc["at"]) if doc.get("key_id") == key_id else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _stretch(passphrase: str, kdf: dict[str, Any]) -> bytes:
