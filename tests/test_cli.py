@@ -271,12 +271,14 @@ def test_end_to_end_story(cli_broker: Paths, short_dir: Path) -> None:
         "LOG_LEVEL": "runtime", "GITHUB_TOKEN": "environment:prod", "MODEL": "runtime"}
     assert token not in json.dumps(shown) and "ghp_story" not in json.dumps(shown)
     env = cli_env(p, STIGMER_EXECUTION_TOKEN=token)
-    ran = run_cli(p, "run", "--", sys.executable, "-c",
-                  "import os,sys; print(os.environ['GITHUB_TOKEN'], os.environ['LOG_LEVEL'],"
-                  " os.environ['MODEL'], 'STIGMER_EXECUTION_TOKEN' in os.environ);"
-                  " sys.exit(7)", env=env)
+    story = ("import os,sys; print(os.environ['GITHUB_TOKEN'], os.environ['LOG_LEVEL'],"
+             " os.environ['MODEL'], 'STIGMER_EXECUTION_TOKEN' in os.environ); sys.exit(7)")
+    ran = run_cli(p, "run", "--no-masking", "--", sys.executable, "-c", story, env=env)
     assert ran.returncode == 7
     assert ran.stdout.split() == ["ghp_story", "debug", "large", "False"]
+    masked = run_cli(p, "run", "--", sys.executable, "-c", story, env=env)  # the default
+    assert masked.returncode == 7 and "ghp_story" not in masked.stdout
+    assert masked.stdout.strip() == "<concealed by stigmer> debug large False"
     assert run_cli(p, "context", "complete", "exec-1", "--yes").returncode == 0
     refused = run_cli(p, "run", "--", "true", env=env)
     assert refused.returncode == 1 and "not valid" in refused.stderr
@@ -311,7 +313,8 @@ def test_context_create_flags(cli_broker: Paths, short_dir: Path) -> None:
     assert data["token_expires_at"] - data["expires_at"] < -3500
     token = run_cli(p, "context", "token", "c1", "--max-uses", "1", check=True).stdout.strip()
     env = cli_env(p)
-    fetched = run_cli(p, "run", "--token", token, "--", "sh", "-c", "echo $B", env=env)
+    fetched = run_cli(p, "run", "--no-masking", "--token", token, "--", "sh", "-c", "echo $B",
+                      env=env)
     assert fetched.stdout.strip() == "from-prompt"
     again = run_cli(p, "run", "--token", token, "--", "true", env=env)
     assert again.returncode == 1

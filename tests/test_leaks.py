@@ -72,7 +72,8 @@ def test_sentinels_never_reach_disk_logs_or_tmp(paths: Paths, short_dir: Path) -
                         check=True).stdout.strip()
         second = run_cli(paths, "context", "token", "exec-1", check=True).stdout.strip()
         tokens = [token, second]
-        ran = run_cli(paths, "run", "--token", token, "--", "sh", "-c", "echo $RUNTIME")
+        ran = run_cli(paths, "run", "--no-masking", "--token", token, "--", "sh", "-c",
+                      "echo $RUNTIME")
         assert ran.stdout.strip() == SENTINELS["RUNTIME"]
         for bad in (token[:-2] + "xx", "stg_nope"):
             assert run_cli(paths, "run", "--token", bad, "--", "true").returncode == 1
