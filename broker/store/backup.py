@@ -25,12 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
 from ..protocol.errors import InvalidArgument
-from .crypto import key_id_of
+
+# cryptography is imported where a key is wrapped or unwrapped: `status` reads
+# backed_up_at and no_backup_line from here and must stay light.
 
 __all__ = ["FORMAT", "MIN_PASSPHRASE", "BackupError", "backed_up_at", "no_backup_line",
            "read_backup", "record_backup", "write_backup"]
@@ -48,6 +46,10 @@ class BackupError(InvalidArgument):
 
 def write_backup(key: bytes, passphrase: str, *, n: int = SCRYPT_N) -> str:
     """Return the text of a backup of ``key`` under ``passphrase``."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from .crypto import key_id_of
+
     header: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "key_id": key_id_of(key),
         "kdf": {"name": "scrypt", "n": n, "r": SCRYPT_R, "p": SCRYPT_P,
@@ -61,6 +63,11 @@ def write_backup(key: bytes, passphrase: str, *, n: int = SCRYPT_N) -> str:
 
 def read_backup(text: str, passphrase: str, where: str) -> bytes:
     """Return the key a backup holds. Raises BackupError naming ``where``."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from .crypto import key_id_of
+
     header, ciphertext = parse_backup(text, where)
     try:
         key = AESGCM(_stretch(passphrase, header["kdf"])).decrypt(
@@ -126,6 +133,8 @@ def backed_up_at(record: Path, key_id: str) -> float | None:
 
 
 def _stretch(passphrase: str, kdf: dict[str, Any]) -> bytes:
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
     return Scrypt(salt=base64.b64decode(kdf["salt"]), length=32, n=kdf["n"], r=kdf["r"],
                   p=kdf["p"]).derive(passphrase.encode("utf-8", "surrogatepass"))
 
