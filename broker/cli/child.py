@@ -148,6 +148,9 @@ def _on_a_pty(command: Sequence[str], env: Mapping[str, str], secrets: set[str])
 def _through_pipes(command: Sequence[str], env: Mapping[str, str], secrets: set[str]) -> int:
     out_read, out_write = os.pipe2(os.O_CLOEXEC)
     err_read, err_write = os.pipe2(os.O_CLOEXEC)
+    for fd in (out_read, err_read):  # fewer, larger reads: the masking runs per read
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _CHUNK)
     report_read, report_write = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child

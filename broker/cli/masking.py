@@ -23,11 +23,14 @@ MASK = b"<concealed by stigmer>"
 class Masker:
     """Feed bytes in, get them back with every secret replaced by :data:`MASK`."""
 
-    __slots__ = ("_buffer", "_keep", "_pattern", "_secrets")
+    __slots__ = ("_buffer", "_by_first", "_keep", "_pattern", "_secrets")
 
     def __init__(self, secrets: Iterable[str]) -> None:
         values = sorted({s.encode() for s in secrets if s}, key=len, reverse=True)
         self._secrets = values
+        self._by_first: dict[bytes, list[bytes]] = {}
+        for value in values:
+            self._by_first.setdefault(value[:1], []).append(value)
         self._keep = len(values[0]) - 1 if values else 0
         self._pattern = re.compile(b"|".join(map(re.escape, values))) if values else None
         self._buffer = b""
@@ -45,12 +48,19 @@ class Masker:
 
     def _held_back(self, buffer: bytes) -> int:
         """The length of the longest end of ``buffer`` that a secret starts with (and
-        is longer than): those bytes wait to see whether the secret follows."""
-        for size in range(min(self._keep, len(buffer)), 0, -1):
-            end = buffer[-size:]
-            if any(len(s) > size and s.startswith(end) for s in self._secrets):
-                return size
-        return 0
+        is longer than): those bytes wait to see whether the secret follows. Only the
+        places where a secret's first byte occurs are tried."""
+        tail = buffer[-self._keep:] if self._keep else b""
+        longest = 0
+        for first, candidates in self._by_first.items():
+            at = tail.find(first)
+            while at != -1 and len(tail) - at > longest:
+                end = tail[at:]
+                if any(len(s) > len(end) and s.startswith(end) for s in candidates):
+                    longest = len(end)  # the earliest start is the longest end
+                    break
+                at = tail.find(first, at + 1)
+        return longest
 
     def flush(self) -> bytes:
         """Return what is held back (the stream ended)."""
