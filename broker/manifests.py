@@ -23,6 +23,7 @@ from .protocol import (
     SpecEntry,
     Variable,
 )
+from .protocol.connection import split_validation
 from .protocol.errors import InvalidArgument
 
 __all__ = [
@@ -182,7 +183,6 @@ def _environment(doc: Any, where: str) -> EnvironmentSpec:
 
 
 _T = TypeVar("_T")
-_MSGSPEC_ERROR = re.compile(r"(?P<what>.*?)(?: - at `(?P<at>[^`]*)`(?: in `(?P<in>[^`]*)`)?)?")
 
 
 def _convert(raw: Any, into: type[_T], where: str, path: str) -> _T:
@@ -196,13 +196,10 @@ def _convert(raw: Any, into: type[_T], where: str, path: str) -> _T:
 def _explain(error: str, base: str) -> str:
     """Turn ``Expected `str`, got `int` - at `$.spec.data[...].value``` into
     ``spec.data.PORT.value must be a string: quote it``."""
-    match = _MSGSPEC_ERROR.fullmatch(error)
-    assert match is not None  # the pattern matches any text
-    what, at, inside = match["what"], match["at"] or "$", match["in"]
+    what, at, inside = split_validation(error)
 
-    def field(path: str) -> str:
-        tail = path.removeprefix("$").lstrip(".")
-        return ".".join(p for p in (base, tail) if p) or "the document"
+    def field(path: str | None) -> str:
+        return ".".join(p for p in (base, path) if p) or "the document"
 
     if at == "key" and inside:
         return f"the keys of {field(inside)} must be strings"

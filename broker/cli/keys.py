@@ -155,16 +155,16 @@ async def _install_key(paths: Paths, key: bytes) -> tuple[str, str]:
     from ..store.keys import KeyFile, KeySourceKind
 
     sources = await _key_sources(paths)
+    held = {id(source): await source.read() for source in sources}  # each read once
     for source in sources:
-        held = await source.read()
-        if held == key:
+        if held[id(source)] == key:
             return source.describe(), ""
-        if held is not None and source.kind is KeySourceKind.ENV:
+        if held[id(source)] is not None and source.kind is KeySourceKind.ENV:
             raise FailedPrecondition(f"{KEY_VARIABLE} holds another key and would win over "
                                      "the imported one; unset it and import again")
     target = next(s for s in sources if s.kind is not KeySourceKind.ENV)
     replaced = ""
-    if await target.read() is not None:
+    if held[id(target)] is not None:
         if not isinstance(target, KeyFile):  # the keychain entry is not ours to discard
             raise FailedPrecondition(f"{target.describe()} holds another key; remove it "
                                      "(after backing it up) and import again")

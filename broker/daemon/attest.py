@@ -52,7 +52,8 @@ class ProcessPin:
         try:
             self._procfd = os.open(f"/proc/{creds.pid}", os.O_RDONLY | os.O_DIRECTORY
                                    | os.O_CLOEXEC)
-            self._start = _start_time(self._procfd)
+            if self._pidfd < 0:  # with a pidfd the start time is never compared
+                self._start = _start_time(self._procfd)
         except OSError:
             self.close()  # gone already, or no /proc: attest() refuses
 

@@ -159,14 +159,15 @@ class Server:
                 if starved:
                     log.info("accepting connections again")
                     starved = False
-                uid = _uid_of(stream)
+                creds = _credentials(stream)  # read once: the limits and the peer check
+                uid = creds.uid if creds is not None else -1
                 if not self._make_room(uid):
                     tg.start_soon(self._refuse, stream)
                     continue
                 conn = _Conn(scope=anyio.CancelScope(), uid=uid, since=time.monotonic())
                 self._conns.add(conn)
                 self._counters.connections = len(self._conns)
-                tg.start_soon(self._run_connection, stream, conn)
+                tg.start_soon(self._run_connection, stream, conn, creds)
 
     def _make_room(self, uid: int) -> bool:
         """Evict a connection if one more from ``uid`` would pass a limit; return whether
@@ -223,11 +224,12 @@ class Server:
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             await stream.aclose()
 
-    async def _run_connection(self, stream: anyio.abc.SocketStream, conn: _Conn) -> None:
+    async def _run_connection(self, stream: anyio.abc.SocketStream, conn: _Conn,
+                              creds: PeerCredentials | None) -> None:
         try:
             with conn.scope:
                 async with stream:
-                    peer = self._check_peer(stream)
+                    peer = self._check_peer(stream, creds)
                     if peer is not None:
                         try:
                             await self._converse(stream, conn, peer)
@@ -247,13 +249,12 @@ class Server:
             if self._closing and not self._conns:
                 self._drained.set()
 
-    def _check_peer(self, stream: anyio.abc.SocketStream) -> Peer | None:
-        raw: socket.socket = stream.extra(SocketAttribute.raw_socket)
-        try:
-            creds = peer_credentials(raw)
-        except OSError:
+    def _check_peer(self, stream: anyio.abc.SocketStream,
+                    creds: PeerCredentials | None) -> Peer | None:
+        if creds is None:
             log.warning("connection refused: peer credentials unavailable")
             return None
+        raw: socket.socket = stream.extra(SocketAttribute.raw_socket)
         if creds.uid in (self._uid, 0):
             return Peer(credentials=creds, admin=True, process=ProcessPin(raw, creds))
         if self._group_gid is not None and _in_group(creds, self._group_gid):
@@ -342,13 +343,13 @@ class Server:
         conn.deadline = math.inf
 
 
-def _uid_of(stream: anyio.abc.SocketStream) -> int:
-    """The peer's uid, for the per-uid limit (-1 when the kernel cannot say: such a
-    connection is refused by the peer check anyway)."""
+def _credentials(stream: anyio.abc.SocketStream) -> PeerCredentials | None:
+    """The peer as the kernel reports it, or None when it cannot say (such a connection
+    counts as uid -1 for the limits and is refused by the peer check)."""
     try:
-        return peer_credentials(stream.extra(SocketAttribute.raw_socket)).uid
+        return peer_credentials(stream.extra(SocketAttribute.raw_socket))
     except OSError:
-        return -1
+        return None
 
 
 def _in_group(creds: PeerCredentials, gid: int) -> bool:

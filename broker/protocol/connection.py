@@ -314,20 +314,27 @@ _KINDS = {"int": "a whole number", "float": "a number", "str": "text", "bool": "
           "array": "a list", "object": "a map", "null": "empty"}
 
 
+def split_validation(error: str) -> tuple[str, str | None, str | None]:
+    """A msgspec validation error as (what was wrong, where, inside what), the paths
+    without their ``$.``: ``("Expected `int` >= 1", "max_uses", None)``. Shared by
+    every place that tells such an error in its own terms."""
+    match = _VALIDATION.fullmatch(error)
+    assert match is not None  # every part is optional
+    return match["what"], match["at"], match["in"]
+
+
 def explain_invalid(error: str) -> str:
     """Tell a msgspec validation error in the request's field names:
     ``Expected `int` >= 1 - at `$.max_uses``` becomes ``max_uses must be at least 1``.
     A dict key's place is spelled ``*`` (``data.*.value``): msgspec does not say which."""
-    match = _VALIDATION.fullmatch(error)
-    assert match is not None  # every part is optional
-    what = match["what"]
-    field = (match["at"] or "").replace("[...]", ".*") or "the request"
-    if match["at"] == "key" and match["in"]:
-        return f"the keys of {match['in']} must be text"
+    what, at, inside = split_validation(error)
+    field = (at or "").replace("[...]", ".*") or "the request"
+    if at == "key" and inside:
+        return f"the keys of {inside} must be text"
     if found := re.fullmatch(r"Object missing required field `(.*)`", what):
-        return f"{found[1]} is required" + (f" in {field}" if match["at"] else "")
+        return f"{found[1]} is required" + (f" in {field}" if at else "")
     if found := re.fullmatch(r"Object contains unknown field `(.*)`", what):
-        return f"unknown field {found[1]}" + (f" in {field}" if match["at"] else "")
+        return f"unknown field {found[1]}" + (f" in {field}" if at else "")
     if found := re.fullmatch(r"Expected `([^`]*)`(?:, got `([^`]*)`)?(.*)", what):
         kind, got, rule = found[1], found[2], found[3].strip()
         if got:

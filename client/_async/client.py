@@ -5,7 +5,7 @@ through the transport, which each side writes for itself."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
@@ -83,6 +83,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncClient"]
 
 R = TypeVar("R", bound=Response)
+P = TypeVar("P", EnvironmentList, ContextList)  # the pages of a listing
 
 
 class AsyncClient:
@@ -241,15 +242,11 @@ class AsyncClient:
 
     async def iter_environments(self, page_size: int = 500) -> AsyncIterator[EnvironmentSummary]:
         """Yield a summary of every environment, by name, asking for a page at a time."""
-        token = ""
-        while True:
-            page = await self.call(ListEnvironments(id=self._ids(), page_size=page_size,
-                                                    page_token=token), EnvironmentList)
+        async for page in self._pages(
+                lambda token: ListEnvironments(id=self._ids(), page_size=page_size,
+                                               page_token=token), EnvironmentList):
             for env in page.environments:
                 yield env
-            token = page.next_page_token
-            if not token:
-                return
 
     async def unset_variables(self, name: str, keys: Iterable[str]) -> Environment:
         """Remove ``keys`` from an environment (all or none); return what is left."""
@@ -317,12 +314,19 @@ class AsyncClient:
 
     async def iter_contexts(self, page_size: int = 500) -> AsyncIterator[ContextSummary]:
         """Yield a summary of every live context, by execution id, a page at a time."""
-        token = ""
-        while True:
-            page = await self.call(ListContexts(id=self._ids(), page_size=page_size,
-                                                page_token=token), ContextList)
+        async for page in self._pages(
+                lambda token: ListContexts(id=self._ids(), page_size=page_size,
+                                           page_token=token), ContextList):
             for context in page.contexts:
                 yield context
+
+    async def _pages(self, request: Callable[[str], Request], kind: type[P]
+                     ) -> AsyncIterator[P]:
+        """Each page of a listing, following its page tokens to the last."""
+        token = ""
+        while True:
+            page = await self.call(request(token), kind)
+            yield page
             token = page.next_page_token
             if not token:
                 return

@@ -6,7 +6,7 @@ through the transport, which each side writes for itself."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Iterable, Mapping
+from collections.abc import Iterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
@@ -84,6 +84,7 @@ if TYPE_CHECKING:
 __all__ = ["Client"]
 
 R = TypeVar("R", bound=Response)
+P = TypeVar("P", EnvironmentList, ContextList)  # the pages of a listing
 
 
 class Client:
@@ -242,15 +243,11 @@ class Client:
 
     def iter_environments(self, page_size: int = 500) -> Iterator[EnvironmentSummary]:
         """Yield a summary of every environment, by name, asking for a page at a time."""
-        token = ""
-        while True:
-            page = self.call(ListEnvironments(id=self._ids(), page_size=page_size,
-                                                    page_token=token), EnvironmentList)
+        for page in self._pages(
+                lambda token: ListEnvironments(id=self._ids(), page_size=page_size,
+                                               page_token=token), EnvironmentList):
             for env in page.environments:
                 yield env
-            token = page.next_page_token
-            if not token:
-                return
 
     def unset_variables(self, name: str, keys: Iterable[str]) -> Environment:
         """Remove ``keys`` from an environment (all or none); return what is left."""
@@ -318,12 +315,19 @@ class Client:
 
     def iter_contexts(self, page_size: int = 500) -> Iterator[ContextSummary]:
         """Yield a summary of every live context, by execution id, a page at a time."""
-        token = ""
-        while True:
-            page = self.call(ListContexts(id=self._ids(), page_size=page_size,
-                                                page_token=token), ContextList)
+        for page in self._pages(
+                lambda token: ListContexts(id=self._ids(), page_size=page_size,
+                                           page_token=token), ContextList):
             for context in page.contexts:
                 yield context
+
+    def _pages(self, request: Callable[[str], Request], kind: type[P]
+                     ) -> Iterator[P]:
+        """Each page of a listing, following its page tokens to the last."""
+        token = ""
+        while True:
+            page = self.call(request(token), kind)
+            yield page
             token = page.next_page_token
             if not token:
                 return
