@@ -273,10 +273,11 @@ def test_on_a_terminal_the_command_gets_one_with_stdin_and_window_size(
     script = ("import os, signal, sys\n"
               "print('tty', sys.stdin.isatty(), sys.stdout.isatty(), flush=True)\n"
               "print('size', os.get_terminal_size().columns, flush=True)\n"
+              "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGWINCH])\n"
               "line = input('type: ')\n"
               "print('echo', line, os.environ['SECRET'], flush=True)\n"
-              "signal.signal(signal.SIGWINCH, lambda n, f: None)\n"
-              "signal.sigwait([signal.SIGWINCH])\n"
+              "while os.get_terminal_size().columns != 123:  # blocked before: none lost\n"
+              "    signal.sigwait([signal.SIGWINCH])\n"
               "print('resized', os.get_terminal_size().columns, flush=True)\n")
     term = PtyProcess([sys.executable, "-m", "stigmer.broker", "run", "--", sys.executable,
                        "-c", script], env)
