@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from pathlib import Path
 
 import anyio
@@ -147,3 +148,45 @@ def test_a_write_cut_after_sending_is_not_repeated_and_a_read_is(paths: Paths) -
             assert server.received == ["CreateContext", "GetStatus", "GetStatus"]  # retried
     finally:
         server.close()
+
+
+def test_the_blocking_client_waits_out_a_full_backlog(short_dir: Path) -> None:
+    """A burst fills the listen backlog: a Unix socket with a timeout then fails connect
+    with EAGAIN at once. The client waits (up to its timeout) for the broker to accept;
+    it used to give up with BrokerUnavailable."""
+    from stigmer.client._sync.transport import SyncSocket
+
+    path = short_dir / "full.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    fillers = []
+    for _ in range(8):  # until the backlog refuses
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(str(path))
+        except BlockingIOError:
+            s.close()
+            break
+        fillers.append(s)
+    accepted: list[socket.socket] = []
+
+    def accept_later() -> None:
+        time.sleep(0.3)
+        listener.settimeout(3)
+        for _ in range(len(fillers) + 1):
+            try:
+                accepted.append(listener.accept()[0])
+            except TimeoutError:
+                return
+
+    thread = threading.Thread(target=accept_later)
+    thread.start()
+    try:
+        sock = SyncSocket.connect(str(path), 5.0)
+        sock.close()
+    finally:
+        thread.join()
+        for s in (*fillers, *accepted, listener):
+            s.close()

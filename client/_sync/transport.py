@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 __all__ = ["SyncLock", "SyncSocket"]
 
@@ -25,8 +26,18 @@ class SyncSocket:
     def connect(cls, path: str, timeout: float) -> SyncSocket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
         try:
-            sock.connect(path)
+            while True:
+                try:
+                    sock.connect(path)
+                    break
+                except BlockingIOError:
+                    # A full listen backlog (a burst of connections): a Unix socket with
+                    # a timeout says EAGAIN at once instead of waiting. Wait, briefly.
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError("connect timed out") from None
+                    time.sleep(0.005)
         except BaseException:
             sock.close()
             raise
