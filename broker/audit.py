@@ -24,6 +24,12 @@ ids, peer uid/pid, event and outcome.
 Retention (:meth:`prune`) removes records older than a cut-off behind a
 checkpoint record, chained like any other, that names the last removed record
 and its link: the chain stays verifiable from there.
+
+In a fleet (several brokers on one PostgreSQL store) there is still one chain:
+each flush takes a store-wide lock before it reads the head and appends, so
+the brokers' records interleave but never fork it. Each broker anchors the
+head it last wrote in its own home; that is a lower bound the chain must still
+reach, whoever appended after it. Only one broker at a time applies retention.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import msgspec
 from .protocol import AuditRecord
 from .protocol.errors import BrokerError
 from .store.anchor import Head, HeadAnchor
-from .store.sqlite import Store, Tx
+from .store.backend import Store, Tx
 from .store.vault import Vault
 
 __all__ = ["CHECKPOINT", "GENESIS", "Audit", "Verified"]
@@ -137,9 +143,10 @@ class Audit:
             self._pending.append((at, event, outcome, execution_id, token_id, uid, pid, shown))
         self._counted.clear()
 
-    def count_use(self, token_id: str, uses: int) -> None:
-        """Remember an unbounded token's use count for the next flush."""
-        self._uses[token_id] = uses
+    def count_use(self, token_id: str) -> None:
+        """Count one use of an unbounded token, added to its stored count by the next
+        flush (an increment: other brokers of a fleet count the same token)."""
+        self._uses[token_id] = self._uses.get(token_id, 0) + 1
 
     @property
     def pending(self) -> int:
@@ -170,21 +177,24 @@ class Audit:
         try:
             async with self._store.write() as db:
                 head = await self._append(db, pending)
-                await db.executemany("UPDATE tokens SET uses = ? WHERE id = ?",
-                                     [(n, tid) for tid, n in uses.items()])
+                await db.executemany(
+                    "UPDATE tokens SET uses = uses + ? WHERE id = ? AND max_uses IS NULL",
+                    [(n, tid) for tid, n in uses.items()])
         except BaseException:
             self._pending[:0] = pending  # keep them for the next try, in order
             for tid, n in uses.items():
-                self._uses.setdefault(tid, n)
+                self._uses[tid] = self._uses.get(tid, 0) + n
             raise
         await self._anchor_head(head)
 
     async def _append(self, db: Tx, pending: list[_Pending]) -> Head | None:
         """Chain and insert ``pending`` inside ``db``; return the new head. Records are
         numbered here, inside the transaction that writes them, from the last committed."""
+        await db.lock("audit")  # one chain, whichever broker of a fleet appends to it
         last = await db.fetchall("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
         seq, link = (int(last[0][0]), str(last[0][1])) if last else (0, GENESIS)
-        if self._head is not None and self._head != (seq, link) and not self._anchor_frozen:
+        if self._head is not None and self._head != (seq, link) and not self._anchor_frozen \
+                and not self._store.shared:
             self._frozen(f"the audit log's newest record changed behind the broker's back "
                          f"(record {self._head.seq} was the head; now {seq} is)")
         rows = []
@@ -253,6 +263,8 @@ class Audit:
         async with self._flushing:
             await self._flush()
             async with self._store.write() as db:
+                if not await db.try_lock("retention"):
+                    return 0  # another broker of the fleet is cutting it right now
                 rows = await db.fetchall(
                     "SELECT seq, hash FROM audit WHERE seq <= (SELECT max(seq) FROM audit "
                     "WHERE at < ?) ORDER BY seq DESC LIMIT 1", (older_than,))

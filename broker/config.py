@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .protocol.messages import SECRET_MASK
-from .protocol.paths import resolve_home, resolve_socket
+from .protocol.paths import redact_url, resolve_home, resolve_socket
 
 __all__ = ["DEFAULT_AUDIT_RETENTION_S", "Config", "Limits", "Paths", "resolve_paths"]
 
@@ -88,11 +88,23 @@ class Config(NamedTuple):
     #: audit records older than this many seconds are removed (behind a checkpoint);
     #: None keeps them forever
     audit_retention_s: float | None = DEFAULT_AUDIT_RETENTION_S
+    #: a PostgreSQL URL (a fleet's shared store); None: the SQLite file in the home
+    store_url: str | None = None
+    #: how long a broker that lost its shared store keeps serving what it cached
+    stale_after_s: float = 30.0
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={SECRET_MASK if name == 'env_key' and value else repr(value)}"
+        shown = ", ".join(f"{name}={_shown(name, value)}"
                           for name, value in zip(self._fields, self, strict=True))
         return f"Config({shown})"
+
+
+def _shown(name: str, value: object) -> str:
+    if name == "env_key" and value:
+        return SECRET_MASK
+    if name == "store_url" and isinstance(value, str):
+        return repr(redact_url(value))
+    return repr(value)
 
 
 def resolve_paths(environ: Mapping[str, str], *, home: str | None = None,

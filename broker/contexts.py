@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import msgspec
 
@@ -49,10 +49,11 @@ from .protocol.errors import (
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
 )
 from .protocol.peer import Peer
+from .store.backend import Store, Tx
 from .store.crypto import Place, Row, SealError
-from .store.sqlite import Store, Tx
 from .store.vault import Vault, log_refused, tampered
 from .tokens import NewToken, new_token, token_hash
 
@@ -120,9 +121,10 @@ class _Token:
         return (self.expires_at > now and self.context.expires_at > now
                 and (self.max_uses is None or self.uses < self.max_uses))
 
-    def row(self) -> Row:
+    def row(self, uses: int | None = None) -> Row:
         return Row.token(self.token_id, self.hash, self.context.row_id, self.created_at,
-                         self.expires_at, self.max_uses, self.uses, self.runners_json())
+                         self.expires_at, self.max_uses, self.uses if uses is None else uses,
+                         self.runners_json())
 
     def runners_json(self) -> str | None:
         return _RUNNERS_ENCODER.encode(list(self.runners)).decode() if self.runners else None
@@ -142,25 +144,36 @@ class Created:
 class Fetched:
     """An opened context: ``plaintext`` is the msgpack of its ``dict[str, Variable]``.
 
-    ``pending_use`` is the token whose use must be made durable (:meth:`Contexts.persist_use`)
-    before the reply may leave: set for tokens with max-uses.
+    ``pending_use`` is the token whose use must be counted in the store
+    (:meth:`Contexts.persist_use`) before the reply may leave: set for tokens with
+    max-uses; ``detail`` is what the audit record of that use will say.
     """
 
     execution_id: str
     expires_at: float
     plaintext: bytes = dataclasses.field(repr=False)
     pending_use: _Token | None = dataclasses.field(default=None, repr=False)
+    detail: str = ""
 
     def variables(self) -> dict[str, Variable]:
         return _VARS_DECODER.decode(self.plaintext)
 
 
 class Contexts:
-    """Every live execution context, sealed in memory and in the store."""
+    """Every live execution context, sealed in memory and in the store.
+
+    With a store that other brokers share (:attr:`Store.shared`), memory is a
+    cache: a miss is looked up in the store once and cached, what another broker
+    revokes is dropped when the store says so (:meth:`heard`), everything is
+    dropped when the store may have missed saying so (:meth:`resync`), and
+    nothing cached is served once :meth:`Store.fresh_until` has passed.
+    """
 
     def __init__(self, store: Store, vault: Vault, environments: Environments, audit: Audit, *,
                  clock: Callable[[], float] = time.time) -> None:
         self._store = store
+        self._shared = store.shared
+        self._writable = True  # set by load(): a fleet's runner-host role may not write
         self._vault = vault
         self._environments = environments
         self._audit = audit
@@ -168,12 +181,23 @@ class Contexts:
         self._by_execution: dict[str, _Context] = {}
         self._by_hash: dict[bytes, _Token] = {}
         self._refused: dict[str, int] = {}  # execution id -> row id of a row failing its MAC
+        # bumped by every change heard from the store: a lookup that straddled one does
+        # not cache what it read
+        self._generation = 0
 
     # --------------------------------------------------------------------- counts
 
-    def live_counts(self) -> tuple[int, int]:
+    async def live_counts(self) -> tuple[int, int]:
         """Return (live contexts, live tokens)."""
         now = self._clock()
+        if self._shared:  # the fleet's, not this broker's cache
+            contexts = await self._store.read_one(
+                "SELECT count(*) FROM contexts WHERE expires_at > ?", (now,))
+            tokens = await self._store.read_one(
+                "SELECT count(*) FROM tokens t JOIN contexts c ON c.id = t.context_id WHERE "
+                "t.runners IS NULL AND t.expires_at > ? AND c.expires_at > ? AND "
+                "(t.max_uses IS NULL OR t.uses < t.max_uses)", (now, now))
+            return int(contexts or 0), int(tokens or 0)
         contexts = sum(1 for c in self._by_execution.values() if c.expires_at > now)
         tokens = sum(1 for t in self._by_hash.values() if t.usable(now))
         return contexts, tokens
@@ -181,38 +205,114 @@ class Contexts:
     # ----------------------------------------------------------------- start-up
 
     async def load(self) -> None:
-        """Drop what expired while we were down, then index the rest in memory; a row
-        that fails its MAC is logged and not indexed."""
+        """Drop what expired while we were down, then index the rest in memory (a shared
+        store's contexts are cached as they are asked for); a row that fails its MAC is
+        logged and not indexed."""
+        self._writable = await self._store.can_write()
         await self.sweep()
-        store = self._store
+        if not self._shared:
+            self._install(await self._read_contexts("1 = 1", ()))
+
+    async def _read_contexts(self, condition: str, params: tuple[Any, ...]) -> list[_Context]:
+        """The contexts matching ``condition`` (on ``contexts c``) with their tokens and
+        grant, read in one query and checked; a context row that fails its MAC is noted
+        in ``_refused``, a token row that fails is left out."""
+        rows = await self._store.read(
+            "SELECT c.id, c.execution_id, c.sealed, c.keys, c.created_at, c.expires_at, c.mac, "
+            "t.id, t.hash, t.created_at, t.expires_at, t.max_uses, t.uses, t.runners, t.mac "
+            f"FROM contexts c LEFT JOIN tokens t ON t.context_id = c.id WHERE {condition} "
+            "ORDER BY c.id", params)
         vault = self._vault
-        for row_id, execution_id, sealed, keys_json, created_at, expires_at, mac in \
-                await store.read("SELECT id, execution_id, sealed, keys, created_at, "
-                                 "expires_at, mac FROM contexts"):
-            if vault.check(Row.context(row_id, execution_id, created_at, expires_at, keys_json,
-                                       sealed), mac):
-                self._by_execution[execution_id] = _new_context(
-                    row_id, execution_id, sealed, _KEYS_DECODER.decode(keys_json), created_at,
-                    expires_at)
-            else:
-                log_refused(f"the context of execution {execution_id!r}")
-                self._refused[execution_id] = row_id
-        by_row = {c.row_id: c for c in self._by_execution.values()}
-        for tid, hash_, context_id, created_at, expires_at, max_uses, uses, runners, mac in \
-                await store.read("SELECT id, hash, context_id, created_at, expires_at, "
-                                 "max_uses, uses, runners, mac FROM tokens"):
-            context = by_row.get(context_id)
-            if context is None:
+        found: dict[int, _Context | None] = {}
+        for (row_id, execution_id, sealed, keys_json, created_at, expires_at, mac,
+             tid, hash_, t_created, t_expires, max_uses, uses, runners, t_mac) in rows:
+            if row_id not in found:
+                if vault.check(Row.context(row_id, execution_id, created_at, expires_at,
+                                           keys_json, sealed), mac):
+                    found[row_id] = _new_context(row_id, execution_id, sealed,
+                                                 _KEYS_DECODER.decode(keys_json), created_at,
+                                                 expires_at)
+                else:
+                    log_refused(f"the context of execution {execution_id!r}")
+                    self._refused[execution_id] = row_id
+                    found[row_id] = None
+            context = found[row_id]
+            if context is None or tid is None:
                 continue
-            token = _Token(tid, hash_, context, created_at, expires_at, max_uses, uses,
+            token = _Token(tid, hash_, context, t_created, t_expires, max_uses, uses,
                            tuple(_RUNNERS_DECODER.decode(runners)) if runners else ())
-            if not vault.check(token.row(), mac):
+            if not vault.check(token.row(), t_mac):
                 log_refused(f"{'runner grant' if runners else 'token'} {tid} of execution "
-                            f"{context.execution_id!r}")
+                            f"{execution_id!r}")
             elif token.runners:
                 context.grant = token
             else:
-                self._index_token(token)
+                context.tokens[token.token_id] = token
+        return [c for c in found.values() if c is not None]
+
+    def _install(self, contexts: list[_Context]) -> None:
+        for context in contexts:
+            old = self._by_execution.get(context.execution_id)
+            if old is not None:
+                self._forget(old)
+            self._by_execution[context.execution_id] = context
+            self._refused.pop(context.execution_id, None)
+            for token in context.tokens.values():
+                self._by_hash[token.hash] = token
+
+    async def _lookup(self, condition: str, params: tuple[Any, ...]) -> list[_Context]:
+        """Read contexts from a shared store and cache them, unless a change was heard
+        while they were read (then they serve this request only)."""
+        generation = self._generation
+        contexts = await self._read_contexts(condition, params)
+        if generation == self._generation:
+            self._install(contexts)
+        return contexts
+
+    async def _find(self, execution_id: str) -> _Context | None:
+        """The context of ``execution_id``: cached, or (shared store) looked up."""
+        context = self._by_execution.get(execution_id)
+        if context is None and self._shared:
+            found = await self._lookup("c.execution_id = ?", (execution_id,))
+            context = found[0] if found else None
+        return context
+
+    async def _find_token(self, hash_: bytes) -> _Token | None:
+        entry = self._by_hash.get(hash_)
+        if entry is None and self._shared:
+            for context in await self._lookup(
+                    "c.id = (SELECT context_id FROM tokens WHERE hash = ?)", (hash_,)):
+                entry = next((t for t in context.tokens.values() if t.hash == hash_), None)
+        return entry
+
+    def _check_fresh(self) -> None:
+        if time.monotonic() > self._store.fresh_until():
+            raise Unavailable(
+                "this broker has lost its store for longer than its staleness window, so it "
+                "no longer serves contexts: retry once the database is back, or use another "
+                "host")
+
+    # -------------------------------------------------------------- the fleet
+
+    def heard(self, message: str) -> None:
+        """Drop what another broker revoked (``ctx ROW_ID EXECUTION_ID``)."""
+        self._generation += 1
+        kind, _, rest = message.partition(" ")
+        if kind != "ctx":
+            return
+        row_id, _, execution_id = rest.partition(" ")
+        context = self._by_execution.get(execution_id)
+        if context is not None and str(context.row_id) == row_id:
+            self._forget(context)
+        self._refused.pop(execution_id, None)
+
+    async def resync(self) -> None:
+        """Drop the whole cache: changes may have gone unheard."""
+        self._generation += 1
+        for context in list(self._by_execution.values()):
+            self._forget(context)
+        self._by_hash.clear()
+        self._refused.clear()
 
     async def authenticate_unchecked(self) -> int:
         """Authenticate every row that has no MAC yet; return how many. Only for the start
@@ -251,8 +351,8 @@ class Contexts:
         if not with_token and not runners:
             raise InvalidArgument("a context needs a token or a runner grant (--runner), "
                                   "or no one could open it")
+        existing = await self._find(execution_id)
         self._check_not_refused(execution_id)
-        existing = self._by_execution.get(execution_id)
         if existing is not None:
             if existing.expires_at > now:
                 raise AlreadyExists(
@@ -279,7 +379,8 @@ class Contexts:
         async with self._store.write() as db:
             row_id = await db.insert(
                 "INSERT INTO contexts(execution_id, sealed, keys, created_at, expires_at) "
-                "VALUES (?, x'', ?, ?, ?)", (execution_id, keys_json.decode(), now, expires_at))
+                "VALUES (?, ?, ?, ?, ?) RETURNING id",
+                (execution_id, b"", keys_json.decode(), now, expires_at))
             sealed = self._vault.seal(plaintext, Place.context(row_id, execution_id))
             mac = self._vault.mac(Row.context(row_id, execution_id, now, expires_at,
                                               keys_json.decode(), sealed))
@@ -310,7 +411,7 @@ class Contexts:
     async def issue(self, execution_id: str, ttl_s: float, max_uses: int | None,
                     peer: Peer) -> tuple[NewToken, float]:
         """Issue another token for a live context; return it and its expiry."""
-        context = self._live(execution_id)
+        context = await self._live(execution_id)
         now = self._clock()
         token = new_token()
         expires_at = min(now + ttl_s, context.expires_at)
@@ -326,7 +427,12 @@ class Contexts:
                        ) -> tuple[_Context, list[KeyInfo], list[TokenInfo]]:
         """A live context, its key summary and its usable tokens (``context.grant`` holds
         its runner selectors)."""
-        context = self._live(execution_id)
+        if self._shared:  # fresh use counts: other brokers count too
+            found = await self._lookup("c.execution_id = ?", (execution_id,))
+            context = found[0] if found else await self._live(execution_id)
+            self._check_not_refused(execution_id)
+        else:
+            context = await self._live(execution_id)
         rows = await self._store.read("SELECT keys, mac FROM contexts WHERE id = ?",
                                       (context.row_id,))
         keys_json, mac = rows[0] if rows else ("[]", None)
@@ -341,16 +447,23 @@ class Contexts:
                   if t.usable(now)]
         return context, _KEYS_DECODER.decode(keys_json), tokens
 
-    def summaries(self, *, after: str = "",
-                  limit: int = 1000) -> tuple[list[ContextSummary], bool]:
+    async def summaries(self, *, after: str = "",
+                        limit: int = 1000) -> tuple[list[ContextSummary], bool]:
         """Up to ``limit`` live contexts by execution id, from the first after ``after``,
         and whether more follow."""
         now = self._clock()
-        ids = sorted(e for e, c in self._by_execution.items() if c.expires_at > now and e > after)
-        page = ids[:limit]
+        if self._shared:
+            contexts = await self._lookup(
+                "c.id IN (SELECT id FROM contexts WHERE expires_at > ? AND execution_id > ? "
+                "ORDER BY execution_id LIMIT ?)", (now, after, limit + 1))
+            live = {c.execution_id: c for c in contexts}
+        else:
+            live = {e: c for e, c in self._by_execution.items()
+                    if c.expires_at > now and e > after}
+        ids = sorted(live)
         out = []
-        for execution_id in page:
-            c = self._by_execution[execution_id]
+        for execution_id in ids[:limit]:
+            c = live[execution_id]
             out.append(ContextSummary(
                 execution_id=execution_id, created_at=c.created_at, expires_at=c.expires_at,
                 keys=c.n_keys, secrets=c.n_secrets,
@@ -360,22 +473,31 @@ class Contexts:
     async def complete(self, execution_id: str, peer: Peer) -> None:
         """Delete a context and revoke its tokens (also a context refused for failing its
         integrity check: that is the way out). Raises NotFound."""
+        await self._find(execution_id)
         row_id = self._refused.pop(execution_id, None)
         if row_id is not None:
             async with self._store.write() as db:
                 await db.execute("DELETE FROM tokens WHERE context_id = ?", (row_id,))
                 await db.execute("DELETE FROM contexts WHERE id = ?", (row_id,))
+                db.notify(f"ctx {row_id} {execution_id}")
             self._record("context.completed", "ok", peer, execution_id,
                          detail="row had failed its integrity check")
             await self._audit.flush_after_write()
             return
-        await self._delete(self._live(execution_id), "context.completed", peer)
+        await self._delete(await self._live(execution_id), "context.completed", peer)
 
     # -------------------------------------------------------------------- runner
 
-    def fetch(self, token: str, peer: Peer) -> Fetched:
-        """Return the variables the token opens. Raises Unauthenticated (always the same)."""
-        entry = self._by_hash.get(token_hash(token))
+    async def fetch(self, token: str, peer: Peer) -> Fetched:
+        """Return the variables the token opens. Raises Unauthenticated (always the same).
+
+        From memory, without awaiting anything, unless a shared store's cache misses."""
+        if self._shared:
+            self._check_fresh()
+        hash_ = token_hash(token)
+        entry = self._by_hash.get(hash_)
+        if entry is None and self._shared:
+            entry = await self._find_token(hash_)
         now = self._clock()
         if entry is None or not entry.usable(now):
             self._audit.count("fetch", "denied",
@@ -383,6 +505,19 @@ class Contexts:
                               token_id=entry.token_id if entry else "", peer_uid=peer.uid,
                               peer_pid=peer.pid)
             raise Unauthenticated(UNAUTHENTICATED)
+        return self._open(entry, peer)
+
+    async def fetch_granted(self, execution_id: str, peer: Peer) -> Fetched:
+        """Return the variables of a context granted to the calling process (attested
+        now). Raises the same PermissionDenied for every reason it cannot."""
+        if self._shared:
+            self._check_fresh()
+        grant, selector, who = await self._granted(execution_id, peer, "fetch")
+        return self._open(grant, peer, f"runner {selector}; {who}")
+
+    def _open(self, entry: _Token, peer: Peer, detail: str = "") -> Fetched:
+        """Open the context ``entry`` reaches; count the use of an unbounded token (a
+        bounded one is counted by :meth:`persist_use`)."""
         context = entry.context
         try:
             plaintext = self._vault.open_bound(context.sealed, context.bound)
@@ -391,45 +526,26 @@ class Contexts:
                          detail="sealed context does not open")
             raise Internal(f"the context of execution {context.execution_id!r} cannot be "
                            "opened (tampered with or damaged); create it again") from None
+        if entry.max_uses is not None:
+            return Fetched(context.execution_id, context.expires_at, plaintext, entry, detail)
         entry.uses += 1
         self._audit.count("fetch", "granted", execution_id=context.execution_id,
-                          token_id=entry.token_id, peer_uid=peer.uid, peer_pid=peer.pid)
-        if entry.max_uses is None:
-            self._audit.count_use(entry.token_id, entry.uses)  # batched: nothing rides on it
-            return Fetched(context.execution_id, context.expires_at, plaintext)
-        return Fetched(context.execution_id, context.expires_at, plaintext, entry)
-
-    def fetch_granted(self, execution_id: str, peer: Peer) -> Fetched:
-        """Return the variables of a context granted to the calling process (attested
-        now). Raises the same PermissionDenied for every reason it cannot."""
-        grant, selector, who = self._granted(execution_id, peer, "fetch")
-        context = grant.context
-        try:
-            plaintext = self._vault.open_bound(context.sealed, context.bound)
-        except SealError:
-            self._record("fetch", "error", peer, execution_id, grant.token_id,
-                         detail="sealed context does not open")
-            raise Internal(f"the context of execution {execution_id!r} cannot be opened "
-                           "(tampered with or damaged); create it again") from None
-        grant.uses += 1
-        self._audit.count("fetch", "granted", execution_id=execution_id,
-                          token_id=grant.token_id, peer_uid=peer.uid, peer_pid=peer.pid,
-                          detail=f"runner {selector}; {who}")
-        if grant.max_uses is None:
-            self._audit.count_use(grant.token_id, grant.uses)
-            return Fetched(execution_id, context.expires_at, plaintext)
-        return Fetched(execution_id, context.expires_at, plaintext, grant)
+                          token_id=entry.token_id, peer_uid=peer.uid, peer_pid=peer.pid,
+                          detail=detail)
+        self._audit.count_use(entry.token_id)  # batched: nothing rides on it
+        return Fetched(context.execution_id, context.expires_at, plaintext)
 
     async def release_granted(self, execution_id: str, peer: Peer) -> None:
         """End a context granted to the calling process (the runner's own complete)."""
-        grant = self._granted(execution_id, peer, "context.released")[0]
+        grant = (await self._granted(execution_id, peer, "context.released"))[0]
         await self._delete(grant.context, "context.completed", peer, grant.token_id)
 
-    def _granted(self, execution_id: str, peer: Peer, event: str) -> tuple[_Token, str, str]:
+    async def _granted(self, execution_id: str, peer: Peer,
+                       event: str) -> tuple[_Token, str, str]:
         """The grant of ``execution_id`` that the calling process satisfies, the selector
         it matched and who it is; the audit says why when there is none, the caller only
         learns that there is none."""
-        context = self._by_execution.get(execution_id)
+        context = await self._find(execution_id)
         grant = context.grant if context is not None else None
         if grant is None:
             self._deny(event, execution_id, peer, "no live context with runner grants")
@@ -452,26 +568,53 @@ class Contexts:
                           peer_pid=peer.pid, detail=reason)
         raise PermissionDenied(NOT_GRANTED)
 
-    async def persist_use(self, fetched: Fetched) -> None:
-        """Make a bounded token's use durable; on failure give the use back and raise.
+    async def persist_use(self, fetched: Fetched, peer: Peer) -> None:
+        """Count a bounded token's use in the store before the reply leaves, or refuse.
 
-        A use counted only in memory would come back after a crash, and a
-        ``--max-uses 1`` token would open twice.
+        The count is a conditional update of the stored row (compare and set, the
+        row's MAC with it), so a ``--max-uses N`` token opens at most N times however
+        many fetches race, on one broker or on many; a use counted only in memory would
+        come back after a crash.
         """
         token = fetched.pending_use
         if token is None:
             return
-        try:
-            async with self._store.write() as db:  # the count now, not when the fetch ran
-                await db.execute("UPDATE tokens SET uses = ?, mac = ? WHERE id = ?",
-                                 (token.uses, self._vault.mac(token.row()), token.token_id))
-        except BaseException:
-            token.uses -= 1
-            raise
+        assert token.max_uses is not None
+        execution_id = token.context.execution_id
+        while True:
+            expected = token.uses
+            if expected >= token.max_uses or not token.usable(self._clock()):
+                break
+            async with self._store.write() as db:
+                done = await db.fetchall(
+                    "UPDATE tokens SET uses = ?, mac = ? WHERE id = ? AND uses = ? "
+                    "RETURNING uses", (expected + 1, self._vault.mac(token.row(expected + 1)),
+                                       token.token_id, expected))
+                now = [] if done else await db.fetchall(
+                    "SELECT uses, mac FROM tokens WHERE id = ?", (token.token_id,))
+            if done:
+                token.uses = expected + 1
+                self._audit.count("fetch", "granted", execution_id=execution_id,
+                                  token_id=token.token_id, peer_uid=peer.uid, peer_pid=peer.pid,
+                                  detail=fetched.detail)
+                return
+            if not now:  # revoked meanwhile (by another broker of a fleet)
+                self._forget(token.context)
+                break
+            uses, mac = now[0]
+            if not self._vault.check(token.row(int(uses)), mac):
+                log_refused(f"token {token.token_id} of execution {execution_id!r}")
+                break
+            token.uses = int(uses)  # another fetch counted first: try again from its count
+        if token.runners:
+            self._deny("fetch", execution_id, peer, "used up")
+        self._audit.count("fetch", "denied", execution_id=execution_id,
+                          token_id=token.token_id, peer_uid=peer.uid, peer_pid=peer.pid)
+        raise Unauthenticated(UNAUTHENTICATED)
 
     async def release(self, token: str, peer: Peer) -> None:
         """End the context a (still valid) token belongs to."""
-        entry = self._by_hash.get(token_hash(token))
+        entry = await self._find_token(token_hash(token))
         if entry is None or not entry.usable(self._clock()):
             self._audit.count("context.released", "denied", peer_uid=peer.uid,
                               peer_pid=peer.pid)
@@ -481,18 +624,30 @@ class Contexts:
     # ------------------------------------------------------------------ lifetime
 
     async def sweep(self) -> int:
-        """Delete expired contexts and tokens from the store and memory; return how many."""
+        """Delete expired contexts and tokens from the store and memory; return how many.
+
+        In a fleet, one broker at a time sweeps the store (a store-wide lock; the others
+        skip their turn), and a broker whose role may not write only drops what expired
+        from its cache."""
         now = self._clock()
         store = self._store
-        expired = await store.read(
-            "SELECT execution_id FROM contexts WHERE expires_at <= ?", (now,))
-        stale_tokens = int(await store.read_one(
-            "SELECT count(*) FROM tokens WHERE expires_at <= ?", (now,)) or 0)
-        if expired or stale_tokens:
+        expired: list[Any] = []
+        stale_tokens = 0
+        if self._writable and (
+                await store.read_one("SELECT 1 FROM contexts WHERE expires_at <= ? LIMIT 1",
+                                     (now,))
+                or await store.read_one("SELECT 1 FROM tokens WHERE expires_at <= ? LIMIT 1",
+                                        (now,))):
             async with store.write() as db:
-                await db.execute("DELETE FROM tokens WHERE expires_at <= ? OR context_id IN "
-                                 "(SELECT id FROM contexts WHERE expires_at <= ?)", (now, now))
-                await db.execute("DELETE FROM contexts WHERE expires_at <= ?", (now,))
+                if await db.try_lock("sweep"):
+                    expired = await db.fetchall(
+                        "SELECT execution_id FROM contexts WHERE expires_at <= ?", (now,))
+                    stale_tokens = len(await db.fetchall(
+                        "SELECT id FROM tokens WHERE expires_at <= ?", (now,)))
+                    await db.execute("DELETE FROM tokens WHERE expires_at <= ? OR context_id "
+                                     "IN (SELECT id FROM contexts WHERE expires_at <= ?)",
+                                     (now, now))
+                    await db.execute("DELETE FROM contexts WHERE expires_at <= ?", (now,))
         for (execution_id,) in expired:
             self._refused.pop(execution_id, None)
             self._record("context.expired", "ok", None, execution_id)
@@ -518,9 +673,9 @@ class Contexts:
             raise tampered(f"the stored context of execution {execution_id!r}",
                            f"`stigmer-broker context complete {execution_id}` removes it")
 
-    def _live(self, execution_id: str) -> _Context:
+    async def _live(self, execution_id: str) -> _Context:
+        context = await self._find(execution_id)
         self._check_not_refused(execution_id)
-        context = self._by_execution.get(execution_id)
         if context is None or context.expires_at <= self._clock():
             raise NotFound(f"execution {execution_id!r} has no live context; "
                            "`stigmer-broker context list` shows the live ones")
@@ -531,6 +686,7 @@ class Contexts:
         async with self._store.write() as db:
             await db.execute("DELETE FROM tokens WHERE context_id = ?", (context.row_id,))
             await db.execute("DELETE FROM contexts WHERE id = ?", (context.row_id,))
+            db.notify(f"ctx {context.row_id} {context.execution_id}")
         for token in list(context.tokens.values()):
             self._record("token.revoked", "ok", peer, context.execution_id, token.token_id)
         self._forget(context)
@@ -541,13 +697,11 @@ class Contexts:
         if self._by_execution.get(context.execution_id) is context:
             del self._by_execution[context.execution_id]
         for token in context.tokens.values():
-            self._by_hash.pop(token.hash, None)
-        context.tokens.clear()
+            if self._by_hash.get(token.hash) is token:
+                del self._by_hash[token.hash]
 
     def _record(self, event: str, outcome: str, peer: Peer | None, execution_id: str = "",
                 token_id: str = "", detail: str = "") -> None:
         self._audit.record(event, outcome, execution_id=execution_id, token_id=token_id,
                            peer_uid=peer.uid if peer else None,
                            peer_pid=peer.pid if peer else None, detail=detail)
-
-

@@ -65,8 +65,8 @@ from .protocol import (
 from .protocol.errors import BrokerError, InvalidArgument, PermissionDenied
 from .protocol.peer import Peer
 from .store.anchor import HeadAnchor
+from .store.backend import MASTER_KEY_ID, Store, StoreError
 from .store.backup import backed_up_at
-from .store.sqlite import ROW_MACS_SINCE, Store, StoreError
 from .store.vault import Vault
 
 __all__ = ["Counters", "Dispatcher"]
@@ -107,10 +107,10 @@ class Dispatcher:
     async def start(self) -> None:
         """Authenticate the rows of a store written before rows carried MACs (only on the
         start that migrates it), then load the live contexts (dropping expired ones)."""
-        if 0 < self._store.migrated_from < ROW_MACS_SINCE:
+        if self._store.legacy_rows:
             if self._anchor.exists():
                 raise StoreError(
-                    f"store {self._store.path} has an old schema, but a newer broker already "
+                    f"store {self._store.describe()} has an old schema, but a newer broker already "
                     f"ran on this home ({self._anchor.path} exists): the store was replaced "
                     "by an older file. If you restored a backup on purpose, remove "
                     f"{self._anchor.path} and start again")
@@ -142,12 +142,22 @@ class Dispatcher:
                         await self.audit.flush()
                         await self._store.reclaim()
                 if time.monotonic() >= next_retention:
-                    next_retention = time.monotonic()  # the first cut runs soon, not in start-up
+                    next_retention = time.monotonic() + retention_interval
                     await self._retain()
             except BrokerError as exc:  # disk full and the like: keep buffering, retry
                 log.warning("background write failed: %s", exc.message)
             except Exception:  # a bug here must not take the daemon down with it
                 log.exception("background maintenance failed; retrying")
+
+    async def watch(self) -> None:
+        """Run forever: follow what other brokers of a fleet change in a shared store."""
+        await self._store.watch(self._heard, self.contexts.resync)
+
+    def _heard(self, message: str) -> None:
+        if message == "key":
+            log.warning("another broker of the fleet rotated the master key; this one keeps "
+                        "serving, but needs the new key before it next starts")
+        self.contexts.heard(message)
 
     async def _retain(self) -> None:
         retention = self._config.audit_retention_s
@@ -174,13 +184,13 @@ class Dispatcher:
         match request:  # the runner's fetch first: it is the hot path
             case FetchContext(token=token, execution_id=execution_id):
                 if token is not None:
-                    fetched = self.contexts.fetch(token, peer)
+                    fetched = await self.contexts.fetch(token, peer)
                 elif execution_id is not None:
-                    fetched = self.contexts.fetch_granted(execution_id, peer)
+                    fetched = await self.contexts.fetch_granted(execution_id, peer)
                 else:
                     raise InvalidArgument("give a token or an execution id")
-                if fetched.pending_use is not None:  # max-uses: durable before the reply
-                    await self.contexts.persist_use(fetched)
+                if fetched.pending_use is not None:  # max-uses: counted before the reply
+                    await self.contexts.persist_use(fetched, peer)
                 return ContextFetchedRaw(id=rid, execution_id=fetched.execution_id,
                                          expires_at=fetched.expires_at,
                                          variables=msgspec.Raw(fetched.plaintext))
@@ -255,7 +265,7 @@ class Dispatcher:
                                    runners=list(grant.runners) if grant else [],
                                    runner_uses=grant.uses if grant else 0)
             case ListContexts(page_size=size, page_token=after):
-                contexts, more = self.contexts.summaries(after=after, limit=size)
+                contexts, more = await self.contexts.summaries(after=after, limit=size)
                 return self._page(lambda n, token: ContextList(
                     id=rid, contexts=contexts[:n], next_page_token=token),
                     contexts, more, lambda c: c.execution_id)
@@ -314,8 +324,7 @@ class Dispatcher:
                            created_at=record.created_at, updated_at=record.updated_at)
 
     async def _status(self, rid: int) -> Status:
-        paths = self._config.paths
-        contexts, tokens = self.contexts.live_counts()
+        contexts, tokens = await self.contexts.live_counts()
         try:
             mode = f"{stat.S_IMODE(os.lstat(self.socket_path).st_mode):04o}"
         except OSError:
@@ -323,13 +332,28 @@ class Dispatcher:
         return Status(
             id=rid, version=__version__, pid=os.getpid(),
             uptime_s=round(time.monotonic() - self._started, 3),
-            socket=str(self.socket_path), socket_mode=mode, store=str(paths.store),
+            socket=str(self.socket_path), socket_mode=mode, store=self._store.describe(),
+            store_problem=await self._store_problem(),
             key_source=self._vault.key_source(), started_by=self._config.started_by,
             unit=self._config.unit, activity=self.activity,
             environments=await self.environments.count(), contexts=contexts, tokens=tokens,
             requests=self._counters.requests, connections=self._counters.connections,
             key_backed_up_at=self.key_backed_up_at(),
         )
+
+    async def _store_problem(self) -> str:
+        problem = self._store.problem()
+        if problem or not self._store.shared:
+            return problem
+        try:
+            fleet_key = await self._store.meta(MASTER_KEY_ID)
+        except BrokerError as exc:
+            return exc.message
+        if fleet_key is not None and fleet_key != self._vault.key_id:
+            return (f"another broker rotated the fleet's master key (now key id {fleet_key}); "
+                    f"this one holds key id {self._vault.key_id}: install the new key here "
+                    "before it restarts")
+        return ""
 
     def key_backed_up_at(self) -> float | None:
         """When the current master key was exported, or None (never, or before a

@@ -16,8 +16,6 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import msgspec
-
 from .protocol import (
     EnvironmentChange,
     EnvironmentSpec,
@@ -26,8 +24,8 @@ from .protocol import (
     VariableView,
 )
 from .protocol.errors import Internal, NotFound, ResourceExhausted
+from .store.backend import Store, Tx
 from .store.crypto import Place, Row, SealError
-from .store.sqlite import Store, Tx
 from .store.vault import Vault, tampered
 
 __all__ = ["MAX_ENVIRONMENT_BYTES", "EnvironmentRecord", "Environments"]
@@ -36,7 +34,6 @@ __all__ = ["MAX_ENVIRONMENT_BYTES", "EnvironmentRecord", "Environments"]
 MAX_ENVIRONMENT_BYTES = 512 * 1024
 
 log = logging.getLogger("stigmer.broker")
-_NAMES = msgspec.json.Decoder(list[str])
 _VARIABLE_COLUMNS = "name, is_secret, value, sealed, mac"
 
 
@@ -184,17 +181,21 @@ class Environments:
         """Up to ``limit`` environments by name, from the first after ``after``, and whether
         more follow. One whose name does not check is logged and left out (reading it
         names the problem)."""
-        rows = await self._store.read(
-            "SELECT e.id, e.name, e.mac, json_group_array(v.name) FILTER (WHERE v.name IS NOT "
-            "NULL), count(v.name), coalesce(sum(v.is_secret), 0), e.updated_at "
-            "FROM environments e LEFT JOIN variables v ON v.env_id = e.id WHERE e.name > ? "
-            "GROUP BY e.id ORDER BY e.name LIMIT ?", (after, limit + 1))
-        more = len(rows) > limit
-        rows = rows[:limit]
+        rows = await self._store.read(  # one query: two could straddle a change
+            "SELECT e.id, e.name, e.mac, e.updated_at, v.name, v.is_secret FROM (SELECT id, "
+            "name, mac, updated_at FROM environments WHERE name > ? ORDER BY name LIMIT ?) e "
+            "LEFT JOIN variables v ON v.env_id = e.id ORDER BY e.name", (after, limit + 1))
+        grouped: dict[str, tuple[int, bytes | None, float, list[tuple[str, int]]]] = {}
+        for env_id, name, mac, updated_at, key, is_secret in rows:
+            entry = grouped.setdefault(name, (env_id, mac, updated_at, []))
+            if key is not None:
+                entry[3].append((key, is_secret))
+        more = len(grouped) > limit
         out = []
-        for env_id, name, mac, names, count, secrets, updated_at in rows:
-            if self._vault.check(Row.environment(env_id, name, _NAMES.decode(names)), mac):
-                out.append(EnvironmentSummary(name=name, variables=count, secrets=secrets,
+        for name, (env_id, mac, updated_at, variables) in list(grouped.items())[:limit]:
+            if self._vault.check(Row.environment(env_id, name, (k for k, _ in variables)), mac):
+                out.append(EnvironmentSummary(name=name, variables=len(variables),
+                                              secrets=sum(1 for _, s in variables if s),
                                               updated_at=updated_at))
             else:
                 log.error("environment %r failed its integrity check and is left out of the "
@@ -241,10 +242,10 @@ class Environments:
 
     @staticmethod
     async def _check_size(db: Tx, env_id: int, name: str) -> None:
-        rows = await db.fetchall(
-            "SELECT coalesce(sum(length(name) + coalesce(length(CAST(value AS BLOB)), 0) + "
-            "coalesce(length(sealed), 0)), 0) FROM variables WHERE env_id = ?", (env_id,))
-        size = int(rows[0][0]) if rows else 0
+        rows = await db.fetchall("SELECT name, value, sealed FROM variables WHERE env_id = ?",
+                                 (env_id,))
+        size = sum(len(key) + (len(value.encode()) if value is not None else 0)
+                   + (len(sealed) if sealed is not None else 0) for key, value, sealed in rows)
         if size > MAX_ENVIRONMENT_BYTES:
             raise ResourceExhausted(
                 f"environment {name!r} would hold {size} bytes, over the limit of "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from stigmer.broker.environments import Environments
 from stigmer.broker.store.keys import key_sources
-from stigmer.broker.store.sqlite import Store
+from stigmer.broker.store.sqlite import SqliteStore
 from stigmer.broker.store.vault import RotationResult, Vault
 
 
@@ -15,7 +15,7 @@ from stigmer.broker.store.vault import RotationResult, Vault
 class Sealed:
     """An open store and its unlocked vault."""
 
-    store: Store
+    store: SqliteStore
     vault: Vault
 
     def environments(self) -> Environments:
@@ -31,7 +31,7 @@ class Sealed:
 async def open_sealed(db: Path, *, env_key: str | None = None,
                       key_file: Path | None = None) -> Sealed:
     """Open the store at ``db`` and unlock it (key file beside it unless ``key_file``)."""
-    store = await Store.open(db)
+    store = await SqliteStore.open(db)
     try:
         sources = await key_sources(env_key=env_key, key_file=key_file or db.parent / "master.key",
                                     use_keychain=False)

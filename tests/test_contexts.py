@@ -143,15 +143,15 @@ async def test_the_design_story(parts: tuple[Contexts, Environments, Clock, Seal
     provenance = {k.key: k.source for k in created.keys}
     assert provenance == {"LOG_LEVEL": "environment:prod", "TIMEOUT": "environment:base",
                           "GITHUB_TOKEN": "environment:prod", "MODEL": "runtime"}
-    fetched = contexts.fetch(tok(created), PEER)
+    fetched = await contexts.fetch(tok(created), PEER)
     assert {k: v.value for k, v in fetched.variables().items()} == {
         "LOG_LEVEL": "warn", "TIMEOUT": "30s", "GITHUB_TOKEN": "ghp_x", "MODEL": "large"}
     # frozen at creation
     await envs.put("prod", {"LOG_LEVEL": Variable(value="error")})
-    assert contexts.fetch(tok(created), PEER).variables()["LOG_LEVEL"].value == "warn"
+    assert (await contexts.fetch(tok(created), PEER)).variables()["LOG_LEVEL"].value == "warn"
     await contexts.complete("exec-1", PEER)
     with pytest.raises(Unauthenticated):
-        contexts.fetch(tok(created), PEER)
+        await contexts.fetch(tok(created), PEER)
 
 
 async def test_creation_errors(parts: tuple[Contexts, Environments, Clock, Sealed]) -> None:
@@ -173,12 +173,12 @@ async def test_every_token_failure_looks_the_same(
     once = await contexts.create(create("once", max_uses=1), PEER)
     gone = await contexts.create(create("gone"), PEER)
     await contexts.complete("gone", PEER)
-    contexts.fetch(tok(once), PEER)
+    await contexts.persist_use(await contexts.fetch(tok(once), PEER), PEER)
     clock.now += 61
     messages = set()
     for token in (tok(short), tok(once), tok(gone), "stg_unknown", "x"):
         with pytest.raises(Unauthenticated) as info:
-            contexts.fetch(token, PEER)
+            await contexts.fetch(token, PEER)
         messages.add(info.value.message)
     assert len(messages) == 1
 
@@ -189,9 +189,9 @@ async def test_tokens_open_only_their_context(
     a = await contexts.create(create("a", runtime={"V": Variable(value="a")}), PEER)
     b = await contexts.create(create("b", runtime={"V": Variable(value="b")}), PEER)
     extra, _ = await contexts.issue("a", 60, None, PEER)
-    assert contexts.fetch(tok(a), PEER).variables()["V"].value == "a"
-    assert contexts.fetch(tok(b), PEER).variables()["V"].value == "b"
-    assert contexts.fetch(extra.token, PEER).execution_id == "a"
+    assert (await contexts.fetch(tok(a), PEER)).variables()["V"].value == "a"
+    assert (await contexts.fetch(tok(b), PEER)).variables()["V"].value == "b"
+    assert (await contexts.fetch(extra.token, PEER)).execution_id == "a"
 
 
 async def test_expired_contexts_are_swept_and_restart_keeps_live_ones(short_dir: Path) -> None:
@@ -208,16 +208,16 @@ async def test_expired_contexts_are_swept_and_restart_keeps_live_ones(short_dir:
     vault, contexts, audit = await open_parts()
     await contexts.create(create("short", ttl_s=30), PEER)
     long = await contexts.create(create("long", ttl_s=3600, token_ttl_s=3600), PEER)
-    assert contexts.live_counts() == (2, 2)
+    assert await contexts.live_counts() == (2, 2)
     clock.now += 31
-    assert contexts.live_counts() == (1, 1)
+    assert await contexts.live_counts() == (1, 1)
     await contexts.sweep()
     await audit.flush()
     assert await vault.store.read_one("SELECT count(*) FROM contexts") == 1
     await vault.close()
     vault, contexts, audit = await open_parts()
     try:
-        assert contexts.fetch(tok(long), PEER).execution_id == "long"
+        assert (await contexts.fetch(tok(long), PEER)).execution_id == "long"
         events = [r.event for r in (await audit.list(None, 100))[0]]
         assert "context.expired" in events
     finally:
@@ -237,12 +237,12 @@ async def test_uses_survive_a_restart(short_dir: Path) -> None:
     vault, contexts, audit = await open_parts()
     created = await contexts.create(create(max_uses=2), PEER)
     for _ in range(2):  # as the dispatcher does: a bounded use is durable before the reply
-        await contexts.persist_use(contexts.fetch(tok(created), PEER))
+        await contexts.persist_use(await contexts.fetch(tok(created), PEER), PEER)
     await vault.close()
     vault, contexts, audit = await open_parts()
     try:
         with pytest.raises(Unauthenticated):
-            contexts.fetch(tok(created), PEER)
+            await contexts.fetch(tok(created), PEER)
     finally:
         await audit.flush()
         await vault.close()
@@ -261,8 +261,8 @@ async def test_tampered_context_fails_alone(short_dir: Path,
     from stigmer.broker.protocol.errors import Internal
 
     with pytest.raises(Internal, match="'a' cannot be opened"):
-        contexts.fetch(tok(a), PEER)
-    assert contexts.fetch(tok(b), PEER).variables()["S"].value == "b"
+        await contexts.fetch(tok(a), PEER)
+    assert (await contexts.fetch(tok(b), PEER)).variables()["S"].value == "b"
 
 
 async def test_audit_chain_detects_tampering(short_dir: Path,
@@ -271,7 +271,7 @@ async def test_audit_chain_detects_tampering(short_dir: Path,
     contexts, _, _, _vault = parts
     created = await contexts.create(create(), PEER)
     for _ in range(3):
-        contexts.fetch(tok(created), PEER)
+        await contexts.fetch(tok(created), PEER)
     audit = contexts._audit
     verified = await audit.verify()
     assert verified.records == 3 and verified.ok  # created, issued, the three fetches counted
@@ -418,12 +418,12 @@ async def test_counted_fetches_keep_the_log_in_order(
     contexts, _, _, _ = parts
     a = await contexts.create(create("a"), PEER)
     await contexts.create(create("b"), PEER)
-    contexts.fetch(tok(a), PEER)
-    contexts.fetch(tok(a), PEER)
+    await contexts.fetch(tok(a), PEER)
+    await contexts.fetch(tok(a), PEER)
     with pytest.raises(Unauthenticated):
-        contexts.fetch("stg_wrong", RUNNER_PEER)
+        await contexts.fetch("stg_wrong", RUNNER_PEER)
     await contexts.complete("b", PEER)
-    contexts.fetch(tok(a), PEER)
+    await contexts.fetch(tok(a), PEER)
     records = (await contexts._audit.list(None, 100))[0]
     tail = [(r.event, r.outcome, r.execution_id, r.detail) for r in records[4:]]
     assert tail == [("fetch", "granted", "a", "count=2"), ("fetch", "denied", "", ""),

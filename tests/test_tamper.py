@@ -273,7 +273,7 @@ async def test_an_older_store_in_place_of_a_newer_one_is_refused(paths: Paths) -
         await two_environments(client)
     _as_schema_2(paths)  # the anchor of the newer broker is still there
     from stigmer.broker.daemon.lifecycle import serve
-    from stigmer.broker.store.sqlite import StoreError
+    from stigmer.broker.store.backend import StoreError
 
     with pytest.raises(StoreError, match="replaced by an older file"):
         await serve(make_config(paths))

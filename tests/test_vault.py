@@ -298,7 +298,8 @@ async def test_a_damaged_store_file_is_one_clear_error(short_dir: Path) -> None:
     """Bytes flipped anywhere in the file: the store opens (the rows' MACs catch damage to
     values) or refuses with a StoreError, never another exception, e.g. the
     UnicodeDecodeError that a quick_check report in damaged text used to raise."""
-    from stigmer.broker.store.sqlite import Store, StoreError
+    from stigmer.broker.store.backend import StoreError
+    from stigmer.broker.store.sqlite import SqliteStore
 
     v = await open_vault(short_dir)
     await v.environments().apply([EnvironmentSpec(name=f"env-{i}-ü", data={
@@ -315,7 +316,7 @@ async def test_a_damaged_store_file_is_one_clear_error(short_dir: Path) -> None:
                                                               rng.randrange(256)))
         damaged.write_bytes(bytes(data))
         try:
-            store = await Store.open(damaged)
+            store = await SqliteStore.open(damaged)
         except StoreError as exc:
             refused += 1
             messages.append(str(exc))

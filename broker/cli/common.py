@@ -15,18 +15,20 @@ if TYPE_CHECKING:
     from ..config import Paths
 
 __all__ = ["BROKER_VARIABLES", "EXIT_FAILED", "EXIT_NOT_RUNNING", "EXIT_OK", "EXIT_USAGE",
-           "KEY_CREDENTIAL", "KEY_VARIABLE", "PROG", "UsageError", "assignment_arg",
-           "check_broker", "connect", "count_arg", "credential_arg", "duration_arg", "name_arg",
-           "runner_arg", "var_arg"]
+           "KEY_CREDENTIAL", "KEY_VARIABLE", "PROG", "STORE_VARIABLE", "UsageError",
+           "assignment_arg", "check_broker", "connect", "count_arg", "credential_arg",
+           "duration_arg", "name_arg", "runner_arg", "var_arg"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 PROG = "stigmer-broker"
 
 KEY_VARIABLE = "STIGMER_ENCRYPTION_KEY"
+#: the URL of a fleet's shared store (PostgreSQL)
+STORE_VARIABLE = "STIGMER_STORE_URL"
 #: the systemd credential (``LoadCredential=stigmer-master-key:PATH``) that holds the key
 KEY_CREDENTIAL = "stigmer-master-key"
 #: variables the broker reads for its own secrets: never passed on to a child command
-BROKER_VARIABLES = (KEY_VARIABLE, "STIGMER_EXECUTION_TOKEN")
+BROKER_VARIABLES = (KEY_VARIABLE, "STIGMER_EXECUTION_TOKEN", STORE_VARIABLE)
 
 
 class UsageError(InvalidArgument):

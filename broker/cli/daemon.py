@@ -17,6 +17,7 @@ from .common import (
     EXIT_OK,
     KEY_CREDENTIAL,
     KEY_VARIABLE,
+    STORE_VARIABLE,
     UsageError,
     connect,
     duration_arg,
@@ -40,6 +41,7 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     from ..daemon.systemd import inherited_socket, systemd_unit
 
     retention = _retention(args.audit_retention)
+    _store(args)  # a mistake is a usage error before anything starts
     log_file = Path(args.log_file) if args.log_file else None
     configure_logging(verbose=args.verbose, log_file=log_file)
     env_key = os.environ.pop(KEY_VARIABLE, None)
@@ -66,11 +68,30 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
         started_by = "service"
     else:
         started_by = "manual"
+    store_url, stale_after = _store(args)
+    os.environ.pop(STORE_VARIABLE, None)  # read once, here
     config = Config(paths=paths, allow_group=args.allow_group, env_key=env_key,
                     env_key_origin=origin, started_by=started_by, unit=unit,
-                    notify_socket=notify_socket, audit_retention_s=retention)
+                    notify_socket=notify_socket, audit_retention_s=retention,
+                    store_url=store_url, stale_after_s=stale_after)
     run(config, ready_fd=args.ready_fd, listen_socket=listen_socket)
     return EXIT_OK
+
+
+def _store(args: argparse.Namespace) -> tuple[str | None, float]:
+    """``--store``/``STIGMER_STORE_URL`` and ``--stale-after``, checked."""
+    from ..protocol.paths import resolve_store
+
+    try:
+        url = resolve_store(os.environ, args.store)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    stale_after = 30.0
+    if args.stale_after is not None:
+        if url is None:
+            raise UsageError("--stale-after is for a shared store: give --store too")
+        stale_after = duration_arg(args.stale_after, "--stale-after", longest=3600.0)
+    return url, stale_after
 
 
 def _read_credential(path: Path) -> str | None:
@@ -160,7 +181,12 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
     if args.audit_retention:
         _retention(args.audit_retention)  # a mistake is reported here, not in the log
         command += ["--audit-retention", args.audit_retention]
+    store_url, _ = _store(args)
+    if args.stale_after is not None:
+        command += ["--stale-after", args.stale_after]
     env = dict(os.environ)
+    if store_url is not None:
+        env[STORE_VARIABLE] = store_url  # not argv: the URL may hold a password
     pass_fds = [write_fd]
     key = env.pop(KEY_VARIABLE, None)
     if key is not None:
@@ -268,7 +294,8 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
           f"{duration(status.uptime_s)}, started: {status.started_by}{unit})")
     rows = [
         ("socket", f"{status.socket} ({status.socket_mode})"),
-        ("store", status.store),
+        ("store", status.store + (f" - {status.store_problem}" if status.store_problem
+                                  else "")),
         ("key source", status.key_source),
         ("environments", str(status.environments)),
         ("contexts", str(status.contexts)),

@@ -32,6 +32,7 @@ from .environments import (
     cmd_env_show,
     cmd_env_unset,
 )
+from .fleet import cmd_fleet_init
 from .keys import cmd_key_export, cmd_key_import, cmd_key_rotate
 from .service import cmd_service_install, cmd_service_uninstall
 from .shell import cmd_completion, cmd_help
@@ -141,9 +142,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                    help="remove audit records older than this, behind a checkpoint that keeps "
                         "the chain verifiable (default 90d; 'forever' keeps them all)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
+    _store_arguments(p)
     p = command("start", cmd_start, "start the broker in the background if it is not running")
     p.add_argument("--allow-group", metavar="GROUP", help="as for serve")
     p.add_argument("--audit-retention", metavar="DURATION", help="as for serve")
+    _store_arguments(p)
     p = command("stop", cmd_stop, "stop the running broker gracefully")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for it to exit")
     p = command("status", cmd_status, "show whether the broker runs, and its figures")
@@ -296,5 +299,34 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                 "restore the master key from a backup (into a new home, or one whose store "
                 "it opens)", key_sub, "key")
     p.add_argument("file", metavar="FILE")
+
+    fleet = sub.add_parser("fleet", help="brokers on many hosts sharing one PostgreSQL store")
+    fleet.set_defaults(func=_group_help(fleet))
+    fleet_sub = fleet.add_subparsers(title="fleet commands", metavar="COMMAND")
+    p = command("init", cmd_fleet_init,
+                "create a fleet's schema and its two roles (control, runner-host) in "
+                "PostgreSQL, or print the SQL that does", fleet_sub, "fleet")
+    p.add_argument("--print-sql", action="store_true",
+                   help="print the SQL (for psql as a superuser) instead of running it")
+    p.add_argument("--store", metavar="URL",
+                   help="an administrator's postgresql:// URL to run it with (default: "
+                        "$STIGMER_STORE_URL)")
+    p.add_argument("--schema", default="stigmer", help="the schema to hold the fleet's tables "
+                   "(default: stigmer)")
+    p.add_argument("--control-role", default="stigmer_control", metavar="ROLE",
+                   help="the role of brokers that may change things (default: stigmer_control)")
+    p.add_argument("--runner-role", default="stigmer_runner", metavar="ROLE",
+                   help="the role of runner hosts: fetch and count uses only (default: "
+                        "stigmer_runner)")
     return parser
+
+
+def _store_arguments(p: Any) -> None:
+    p.add_argument("--store", metavar="URL",
+                   help="a postgresql:// URL: share one store with the brokers of other hosts "
+                        "(default: $STIGMER_STORE_URL, else HOME/local.db). Keep the password "
+                        "out of it: PGPASSWORD or ~/.pgpass")
+    p.add_argument("--stale-after", metavar="DURATION",
+                   help="with --store: how long a broker that lost the database keeps serving "
+                        "the contexts it cached (default 30s)")
 

@@ -27,9 +27,9 @@ import anyio.abc
 from ..config import Config, Limits
 from ..dispatch import Counters, Dispatcher
 from ..protocol.errors import StartupError
+from ..store.backend import open_store
 from ..store.backup import no_backup_line
 from ..store.keys import key_sources
-from ..store.sqlite import Store
 from ..store.vault import Vault
 from .hardening import harden_process, raise_open_file_limit
 from .homelock import lock_home, prepare_home
@@ -113,7 +113,8 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
         home_lock.release()
         raise
     try:
-        store = await Store.open(config.paths.store)
+        store = await open_store(config.store_url, config.paths.store,
+                                 stale_after=config.stale_after_s)
         try:
             sources = await key_sources(env_key=config.env_key, key_file=config.paths.key_file,
                                         use_keychain=config.use_keyring,
@@ -140,11 +141,12 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
                     tg.cancel_scope.cancel()
 
             log.info("serving on %s (store %s, key %s, pid %d, started %s)", bound.path,
-                     config.paths.store, vault.key_source(), os.getpid(), config.started_by)
+                     store.describe(), vault.key_source(), os.getpid(), config.started_by)
             if dispatcher.key_backed_up_at() is None:
                 log.warning("%s", no_backup_line(vault.key_source()))
             async with anyio.create_task_group() as background:
                 background.start_soon(dispatcher.maintain)
+                background.start_soon(dispatcher.watch)
                 await server.serve(shutdown, task_status=_Started(task_status, notifier,
                                                                   bound.path))
                 background.cancel_scope.cancel()

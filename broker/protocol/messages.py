@@ -414,6 +414,8 @@ class Status(Response, frozen=True, kw_only=True):
     #: when the current master key was last exported (`key export`); none since it was
     #: made or rotated: null
     key_backed_up_at: float | None = None
+    #: what is wrong with the store right now (a fleet's database outage); empty if nothing
+    store_problem: str = ""
 
 
 class Ok(Response, frozen=True, kw_only=True):

@@ -1,4 +1,4 @@
-"""Where the broker's home and socket are: the one rule the daemon and every client share.
+"""Where the broker's home, socket and store are: the rules the daemon and every client share.
 
 Flags win over environment variables, environment variables over defaults.
 The mapping of variables is handed in (the CLI passes ``os.environ``), so the
@@ -8,10 +8,15 @@ always meet at the same path.
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["MAX_SOCKET_PATH", "resolve_home", "resolve_socket"]
+__all__ = ["MAX_SOCKET_PATH", "STORE_SCHEMES", "redact_url", "resolve_home", "resolve_socket",
+           "resolve_store"]
+
+#: the URL schemes of a shared (fleet) store
+STORE_SCHEMES = ("postgresql://", "postgres://")
 
 #: bytes in sockaddr_un.sun_path minus the terminating NUL (Linux 108, macOS 104)
 MAX_SOCKET_PATH = 103
@@ -35,3 +40,28 @@ def resolve_socket(environ: Mapping[str, str], home: Path, socket: str | None = 
     if environ.get("XDG_RUNTIME_DIR"):
         return Path(environ["XDG_RUNTIME_DIR"]).absolute() / "stigmer" / "broker.sock"
     return home / "run" / "broker.sock"
+
+
+def resolve_store(environ: Mapping[str, str], store: str | None = None) -> str | None:
+    """Return the shared store's URL: ``--store`` > ``STIGMER_STORE_URL``; None means the
+    embedded SQLite file in the home. Raises ValueError naming what is wrong."""
+    url = store or environ.get("STIGMER_STORE_URL") or None
+    if url is not None and not url.startswith(STORE_SCHEMES):
+        source = "--store" if store else "STIGMER_STORE_URL"
+        raise ValueError(f"{source} must be a postgresql:// URL (leave it unset for the "
+                         f"embedded store in the home), not {redact_url(url)!r}")
+    return url
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (in the user part or a ``password=`` parameter)."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}@{hostport}" if user else hostport
+    query = urllib.parse.urlencode(
+        [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+         if k.lower() not in ("password", "sslpassword")], safe="/:")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))

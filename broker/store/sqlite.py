@@ -3,8 +3,8 @@
 Theory of operation: one aiosqlite connection, owned by the daemon, in WAL mode
 with ``synchronous=FULL`` (a write acknowledged to a client survives a power
 cut) and ``secure_delete`` (deleted rows are overwritten, not left in free
-pages). Every write runs in :meth:`Store.write`, an explicit ``BEGIN IMMEDIATE``
-transaction; every sqlite error is translated there or in :meth:`Store.read`
+pages). Every write runs in :meth:`SqliteStore.write`, an explicit ``BEGIN IMMEDIATE``
+transaction; every sqlite error is translated there or in :meth:`SqliteStore.read`
 (disk full becomes ResourceExhausted, anything else Internal), so no
 "database is locked" or sqlite traceback reaches a client. This module is the
 only one that imports sqlite; the domain modules hand it their SQL.
@@ -19,31 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sqlite3
 import stat
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 import anyio
 
-from ..protocol.errors import Internal, ResourceExhausted, StartupError
+from ..protocol.errors import Internal, ResourceExhausted
+from .backend import MASTER_KEY_ID, PENDING_KEY_ID, StoreError
 
-__all__ = ["MASTER_KEY_ID", "MIGRATIONS", "PENDING_KEY_ID", "ROW_MACS_SINCE", "Store",
-           "StoreError", "Tx", "store_key_ids"]
-
-#: meta keys: the key check value of the master key, and of one a rotation is moving to
-MASTER_KEY_ID = "master_key_id"
-PENDING_KEY_ID = "pending_master_key_id"
+__all__ = ["MIGRATIONS", "ROW_MACS_SINCE", "SqliteStore", "SqliteTx", "store_key_ids"]
 
 log = logging.getLogger("stigmer.broker")
-
-
-class StoreError(StartupError):
-    """The store cannot be opened; the message names the file and the fix."""
 
 
 MIGRATIONS: tuple[str, ...] = (
@@ -155,8 +148,8 @@ def _private(path: Path) -> None:
             os.chmod(path, 0o600)
 
 
-class Tx:
-    """The statements of one write transaction.
+class SqliteTx:
+    """The statements of one write transaction (a :class:`~.backend.Tx`).
 
     Each statement runs to its end even when the task that issued it is cancelled
     (aiosqlite cannot take back work handed to its thread, and a cancelled wait
@@ -185,9 +178,20 @@ class Tx:
             rows = await self._db.execute_fetchall(sql, params)
         return list(rows)
 
+    async def lock(self, name: str) -> None:
+        """Nothing to do: ``BEGIN IMMEDIATE`` already excludes every other writer."""
 
-class Store:
-    """The broker's database. Use ``async with await Store.open(path)``."""
+    async def try_lock(self, name: str) -> bool:
+        return True
+
+    def notify(self, message: str) -> None:
+        """Nothing to do: no other broker opens this file (the home lock)."""
+
+
+class SqliteStore:
+    """The embedded store (a :class:`~.backend.Store`). Use ``await SqliteStore.open(path)``."""
+
+    shared = False
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
@@ -198,8 +202,28 @@ class Store:
         # interleaving with another's statements (and readers from seeing it half done).
         self._lock = anyio.Lock()
 
+    def describe(self) -> str:
+        return str(self.path)
+
+    @property
+    def legacy_rows(self) -> bool:
+        return 0 < self.migrated_from < ROW_MACS_SINCE
+
+    def problem(self) -> str:
+        return ""
+
+    def fresh_until(self) -> float:
+        return math.inf
+
+    async def watch(self, changed: Callable[[str], None],
+                    resync: Callable[[], Awaitable[None]]) -> None:
+        """Nothing to watch: this broker is the store's only writer."""
+
+    async def can_write(self) -> bool:
+        return True
+
     @classmethod
-    async def open(cls, path: Path) -> Store:
+    async def open(cls, path: Path) -> SqliteStore:
         """Open (creating if needed) and migrate the store. Raises StoreError."""
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _private(path)
@@ -277,20 +301,14 @@ class Store:
             await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         await self._db.close()
 
-    async def __aenter__(self) -> Store:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
     # ----------------------------------------------------------- the two boundaries
 
     @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[Tx]:
+    async def write(self) -> AsyncIterator[SqliteTx]:
         """One write transaction (BEGIN IMMEDIATE ... COMMIT), errors translated.
 
         Transactions are serialized; do not call :meth:`read` inside one (use the
-        :class:`Tx` it yields).
+        :class:`SqliteTx` it yields).
         """
         db = self._db
         async with self._lock:
@@ -300,7 +318,7 @@ class Store:
             except sqlite3.Error as exc:
                 raise _translate(exc) from None
             try:
-                yield Tx(db)
+                yield SqliteTx(db)
                 with anyio.CancelScope(shield=True):
                     await db.execute("COMMIT")
             except BaseException as exc:
@@ -344,15 +362,6 @@ class Store:
     async def meta(self, key: str) -> str | None:
         value = await self.read_one("SELECT value FROM meta WHERE key = ?", (key,))
         return None if value is None else str(value)
-
-    @staticmethod
-    async def set_meta(db: Tx, items: Iterable[tuple[str, str | None]]) -> None:
-        for key, value in items:
-            if value is None:
-                await db.execute("DELETE FROM meta WHERE key = ?", (key,))
-            else:
-                await db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) "
-                                 "DO UPDATE SET value = excluded.value", (key, value))
 
 
 def _translate(exc: sqlite3.Error) -> Exception:

@@ -33,6 +33,7 @@ import anyio
 import anyio.lowlevel
 
 from ..protocol.errors import FailedPrecondition, Internal, StartupError
+from .backend import MASTER_KEY_ID, PENDING_KEY_ID, Store, set_meta
 from .crypto import (
     DataKeys,
     Place,
@@ -52,7 +53,6 @@ from .keys import (
     MasterKey,
     load_master_key,
 )
-from .sqlite import MASTER_KEY_ID, PENDING_KEY_ID, Store
 
 __all__ = ["RotationResult", "Vault", "VaultError", "log_refused", "tampered"]
 
@@ -107,11 +107,9 @@ class Vault:
         master = await load_master_key(sources, store_key_ids=accepted)
         if pending_id is not None:
             await _finish_rotation(store, master, master_id or master.id, pending_id)
-        data_keys = await _load_data_keys(store, master)  # a wrong key fails here...
-        if master_id is None:  # ...before its id is recorded: a failed start writes nothing
-            async with store.write() as db:
-                await Store.set_meta(db, [(_MASTER_ID, master.id)])
-        return cls(store, master, data_keys)
+        if master_id is None:  # a new store (maybe another broker of a fleet is making it)
+            await _initialise(store, master)
+        return cls(store, master, await _load_data_keys(store, master))
 
     @property
     def key_id(self) -> str:
@@ -182,11 +180,15 @@ class Vault:
         rows = await self._store.read("SELECT id, wrapped FROM data_keys ORDER BY id")
         old_id = self._master.id
         async with self._store.write() as db:
+            await db.lock("keys")
+            if await db.fetchall("SELECT 1 FROM meta WHERE key = ?", (_PENDING_ID,)):
+                raise FailedPrecondition("another broker of the fleet is rotating the master "
+                                         "key; wait for it to end")
             for kid, wrapped in rows:
                 key = unwrap_data_key(self._master.key, old_id, kid, wrapped)
                 await db.execute("UPDATE data_keys SET wrapped_next = ? WHERE id = ?",
                                  (wrap_data_key(new, new_id, kid, key), kid))
-            await Store.set_meta(db, [(_PENDING_ID, new_id)])
+            await set_meta(db, [(_PENDING_ID, new_id)])
         await self._check_every_row(new, new_id, progress)
         try:
             await self._master.source.write(new)
@@ -220,6 +222,42 @@ class Vault:
                 await anyio.lowlevel.checkpoint()  # a big store must not stall fetches meanwhile
 
 
+async def _initialise(store: Store, master: MasterKey) -> None:
+    """Record the master key's id and make the first data key, once: brokers of a fleet
+    starting together on a new store take turns, and the later ones must hold the key
+    the first one recorded."""
+    async with store.write() as db:
+        await db.lock("keys")
+        recorded = await db.fetchall("SELECT value FROM meta WHERE key = ?", (_MASTER_ID,))
+        if recorded:
+            if str(recorded[0][0]) != master.id:
+                raise VaultError(
+                    f"the master key ({master.describe()}, id {master.id}) is not the key "
+                    f"of the store {store.describe()} (id {recorded[0][0]}), which another "
+                    "broker has just started with: every broker of a fleet needs the same "
+                    "key")
+            return
+        rows = await db.fetchall("SELECT id, wrapped FROM data_keys")
+        for kid, wrapped in rows:  # a wrong key fails here, before its id is recorded
+            try:
+                unwrap_data_key(master.key, master.id, kid, wrapped)
+            except SealError:
+                raise _unopenable(store, kid) from None
+        if not rows:
+            kid = "dk-" + secrets.token_hex(8)
+            await db.execute(
+                "INSERT INTO data_keys(id, wrapped, master_key_id, created_at, active) "
+                "VALUES (?, ?, ?, ?, 1)",
+                (kid, wrap_data_key(master.key, master.id, kid, new_key()), master.id,
+                 time.time()))
+        await set_meta(db, [(_MASTER_ID, master.id)])
+
+
+def _unopenable(store: Store, kid: str) -> VaultError:
+    return VaultError(f"data key {kid} in {store.describe()} does not open under the master "
+                      "key; the store was tampered with or damaged: restore it from a backup")
+
+
 async def _load_data_keys(store: Store, master: MasterKey) -> DataKeys:
     rows = await store.read(
         "SELECT id, wrapped, active FROM data_keys ORDER BY created_at, id")
@@ -229,21 +267,12 @@ async def _load_data_keys(store: Store, master: MasterKey) -> DataKeys:
         try:
             keys[kid] = unwrap_data_key(master.key, master.id, kid, wrapped)
         except SealError:
-            raise VaultError(
-                f"data key {kid} in {store.path} does not open under the master key; the "
-                "store was tampered with or damaged: restore it from a backup") from None
+            raise _unopenable(store, kid) from None
         if is_active:
             active = kid
     if not keys:
-        kid = "dk-" + secrets.token_hex(8)
-        key = new_key()
-        async with store.write() as db:
-            await db.execute(
-                "INSERT INTO data_keys(id, wrapped, master_key_id, created_at, active) "
-                "VALUES (?, ?, ?, ?, 1)",
-                (kid, wrap_data_key(master.key, master.id, kid, key), master.id, time.time()))
-        keys[kid] = key
-        active = kid
+        raise VaultError(f"the store {store.describe()} has a key check value but no data "
+                         "key; it was tampered with or damaged: restore it from a backup")
     return DataKeys(keys, active or next(iter(keys)))
 
 
@@ -253,17 +282,18 @@ async def _finish_rotation(store: Store, master: MasterKey, old_id: str, new_id:
         rows = await store.read("SELECT id, wrapped_next FROM data_keys")
         for kid, wrapped in rows:
             if wrapped is None:
-                raise VaultError(f"rotation state in {store.path} is inconsistent (data key "
+                raise VaultError(f"rotation state in {store.describe()} is inconsistent (data key "
                                  f"{kid} has no new wrap); restore the store from a backup")
             unwrap_data_key(master.key, new_id, kid, wrapped)  # proves it before retiring
         async with store.write() as db:
             await db.execute("UPDATE data_keys SET wrapped = wrapped_next, wrapped_next = NULL,"
                              " master_key_id = ?", (new_id,))
-            await Store.set_meta(db, [(_MASTER_ID, new_id), (_PENDING_ID, None)])
+            await set_meta(db, [(_MASTER_ID, new_id), (_PENDING_ID, None)])
+            db.notify("key")  # the other brokers of a fleet now hold an old key
         if old_id != new_id:
             log.info("finished master key rotation to key id %s", new_id)
     else:
         async with store.write() as db:
             await db.execute("UPDATE data_keys SET wrapped_next = NULL")
-            await Store.set_meta(db, [(_PENDING_ID, None)])
+            await set_meta(db, [(_PENDING_ID, None)])
         log.info("abandoned an unfinished master key rotation (the new key was never stored)")

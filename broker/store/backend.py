@@ -1,0 +1,148 @@
+"""The one interface both storage backends implement, and the choice between them.
+
+Domain code talks to a :class:`Store` and the :class:`Tx` of one of its write
+transactions, in the SQL both backends accept (``?`` placeholders, ``INSERT
+... RETURNING id``, ``ON CONFLICT ... DO UPDATE``). It never learns which
+backend it has, except through :attr:`Store.shared`: when several brokers work
+on one store (a PostgreSQL fleet), what a broker holds in memory is only a
+cache of it, and the store's :meth:`Store.watch` tells what changed elsewhere.
+
+:func:`open_store` picks the backend from the store location (``--store`` or
+``STIGMER_STORE_URL``): a ``postgresql://`` URL is the fleet backend, anything
+else the embedded SQLite file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..protocol.errors import StartupError
+
+__all__ = ["MASTER_KEY_ID", "PENDING_KEY_ID", "Store", "StoreError", "Tx", "open_store",
+           "set_meta"]
+
+#: meta keys: the key check value of the master key, and of one a rotation is moving to
+MASTER_KEY_ID = "master_key_id"
+PENDING_KEY_ID = "pending_master_key_id"
+
+
+class StoreError(StartupError):
+    """The store cannot be opened; the message names it and the fix."""
+
+
+class Tx(Protocol):
+    """The statements of one write transaction."""
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None: ...
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    async def insert(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run an ``INSERT ... RETURNING id`` and return the new row's id."""
+        ...
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]: ...
+
+    async def lock(self, name: str) -> None:
+        """Hold the store-wide lock ``name`` until this transaction ends (other brokers'
+        transactions that take it wait)."""
+        ...
+
+    async def try_lock(self, name: str) -> bool:
+        """Take the store-wide lock ``name`` until this transaction ends if no one holds
+        it; return whether it was taken."""
+        ...
+
+    def notify(self, message: str) -> None:
+        """Tell every other broker on this store ``message`` once this transaction
+        commits (nothing, if it rolls back)."""
+        ...
+
+
+class Store(Protocol):
+    """A broker's persistence: reads, serialized write transactions, and for a shared
+    store, what other brokers change."""
+
+    #: other brokers write this store too: memory is a cache of it
+    shared: bool
+    #: the schema version found when this process opened it (0: a new store)
+    migrated_from: int
+
+    def describe(self) -> str:
+        """Where the store is, for people and logs (never a password)."""
+        ...
+
+    @property
+    def legacy_rows(self) -> bool:
+        """Whether rows written before rows carried MACs may be present (this start
+        migrated such a store)."""
+        ...
+
+    def problem(self) -> str:
+        """What is wrong with the store right now (an outage), for status; empty when
+        nothing is."""
+        ...
+
+    def fresh_until(self) -> float:
+        """The ``time.monotonic()`` until which what a broker cached from this store may
+        still be served: infinite for a store no one else writes."""
+        ...
+
+    async def watch(self, changed: Callable[[str], None],
+                    resync: Callable[[], Awaitable[None]]) -> None:
+        """Run until cancelled, calling ``changed`` with each message another broker
+        :meth:`Tx.notify`-ed, and ``resync`` whenever messages may have been lost (a
+        dropped connection) once the store is reachable again. Returns at once for a
+        store no one else writes."""
+        ...
+
+    def write(self) -> AbstractAsyncContextManager[Tx]:
+        """One write transaction, errors translated to BrokerErrors."""
+        ...
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Run one query and return all rows, errors translated."""
+        ...
+
+    async def read_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Return the first column of the first row, or None."""
+        ...
+
+    async def meta(self, key: str) -> str | None: ...
+
+    async def can_write(self) -> bool:
+        """Whether this broker's credentials may change the store (not only fetch)."""
+        ...
+
+    async def reclaim(self, *, min_free_pages: int = 256) -> int:
+        """Give free space back after large deletions; return how much was free."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def set_meta(db: Tx, items: Iterable[tuple[str, str | None]]) -> None:
+    """Set (or, with None, remove) meta keys inside ``db``."""
+    for key, value in items:
+        if value is None:
+            await db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            await db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) "
+                             "DO UPDATE SET value = excluded.value", (key, value))
+
+
+async def open_store(location: str | None, default: Path, *,
+                     stale_after: float = 30.0) -> Store:
+    """Open and migrate the store at ``location`` (a PostgreSQL URL), or the SQLite file
+    ``default`` when it is None. ``stale_after`` is a shared store's staleness window:
+    how long a broker that lost it keeps serving what it cached. Raises StoreError."""
+    if location is not None:
+        from .postgres import PostgresStore
+
+        return await PostgresStore.open(location, stale_after=stale_after)
+    from .sqlite import SqliteStore
+
+    return await SqliteStore.open(default)
