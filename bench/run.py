@@ -340,6 +340,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results.json"))
     parser.add_argument("--floor-server", help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--fleet-only", action="store_true",
+                        help="only the fleet (PostgreSQL) rows, merged into --out")
     args = parser.parse_args()
     if args.floor_server:
         serve_floor(args.floor_server)
@@ -359,6 +361,19 @@ def main() -> None:
     rows: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     tmp = Path(tempfile.mkdtemp(prefix="sbb-", dir="/tmp"))
     os.chmod(tmp, 0o700)
+    sys.path.insert(0, str(HERE))
+    from fleet import fleet_rows  # type: ignore[import-not-found]
+
+    if args.fleet_only:
+        out = Path(args.out)
+        rows = json.loads(out.read_text()) if out.exists() else rows
+        try:
+            rows["fleet"] = fleet_rows(tmp, smoke=args.smoke)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        out.write_text(json.dumps(rows, indent=2) + "\n")
+        print(json.dumps(rows["fleet"], indent=2))
+        return
     try:
         small_home, big_home = tmp / "small", tmp / "big"
         small_sock, big_sock = tmp / "s" / "b.sock", tmp / "g" / "b.sock"
@@ -456,6 +471,7 @@ def main() -> None:
                 "masked": [*run, "--", "true"],
                 "no_masking": [*run, "--no-masking", "--", "true"],
             }, cli_runs, run_env)
+        rows["fleet"] = fleet_rows(tmp, smoke=args.smoke)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")

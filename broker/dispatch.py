@@ -324,7 +324,13 @@ class Dispatcher:
                            created_at=record.created_at, updated_at=record.updated_at)
 
     async def _status(self, rid: int) -> Status:
-        contexts, tokens = await self.contexts.live_counts()
+        try:  # figures from a shared store: none while it is out (store_problem says so)
+            contexts, tokens = await self.contexts.live_counts()
+            environments = await self.environments.count()
+        except BrokerError:
+            if not self._store.shared:
+                raise
+            contexts = tokens = environments = 0
         try:
             mode = f"{stat.S_IMODE(os.lstat(self.socket_path).st_mode):04o}"
         except OSError:
@@ -336,7 +342,7 @@ class Dispatcher:
             store_problem=await self._store_problem(),
             key_source=self._vault.key_source(), started_by=self._config.started_by,
             unit=self._config.unit, activity=self.activity,
-            environments=await self.environments.count(), contexts=contexts, tokens=tokens,
+            environments=environments, contexts=contexts, tokens=tokens,
             requests=self._counters.requests, connections=self._counters.connections,
             key_backed_up_at=self.key_backed_up_at(),
         )

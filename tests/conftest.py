@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
+from postgres import Server
 
 from stigmer.broker.config import Config, Limits, Paths
 from stigmer.broker.daemon.lifecycle import serve
@@ -48,8 +49,35 @@ def paths(short_dir: Path) -> Paths:
     return Paths(home=short_dir / "home", socket=short_dir / "run" / "b.sock")
 
 
-def make_config(paths: Paths, **limits: Any) -> Config:
-    return Config(paths=paths, limits=Limits(**limits), use_keyring=False)
+def make_config(paths: Paths, store_url: str | None = None, **limits: Any) -> Config:
+    return Config(paths=paths, limits=Limits(**limits), use_keyring=False,
+                  store_url=store_url)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Server]:
+    """The run's own PostgreSQL database (see tests/postgres.py)."""
+    server = Server()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def store_url(postgres: Server) -> Iterator[str]:
+    """A fresh, empty fleet store: a schema of its own in the run's database."""
+    schema = postgres.new_schema()
+    yield postgres.url(search_path=schema)
+    postgres.drop_schema(schema)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest) -> str | None:
+    """The behaviour suite runs against both backends: None is the embedded SQLite file,
+    a URL a fresh PostgreSQL store."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("store_url")
+    return url
 
 
 class RunningBroker:
@@ -72,17 +100,23 @@ async def start_broker(tg: anyio.abc.TaskGroup, config: Config) -> RunningBroker
 
 
 @pytest.fixture
-async def broker(paths: Paths) -> AsyncIterator[RunningBroker]:
+async def broker(paths: Paths, store: str | None) -> AsyncIterator[RunningBroker]:
     async with anyio.create_task_group() as tg:
-        running = await start_broker(tg, make_config(paths))
+        running = await start_broker(tg, make_config(paths, store))
         yield running
         running.stop.set()
+
+
+#: the PostgreSQL store of each home a test's CLI broker serves (none: SQLite)
+_STORES: dict[Path, str] = {}
 
 
 def cli_env(paths: Paths, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STIGMER_")}
     env.update(STIGMER_HOME=str(paths.home), STIGMER_BROKER_SOCKET=str(paths.socket),
                PYTHON_KEYRING_BACKEND="keyring.backends.fail.Keyring")
+    if paths.home in _STORES:  # as a user of a fleet host sets it once
+        env["STIGMER_STORE_URL"] = _STORES[paths.home]
     env.update(extra)
     return env
 
@@ -100,11 +134,14 @@ def run_cli(paths: Paths, *args: str, input: str | None = None, check: bool = Fa
 
 
 @pytest.fixture
-def cli_broker(paths: Paths) -> Iterator[Paths]:
+def cli_broker(paths: Paths, store: str | None) -> Iterator[Paths]:
     """A broker started with `stigmer-broker start`, stopped afterwards."""
+    if store is not None:
+        _STORES[paths.home] = store
     run_cli(paths, "start", check=True)
     yield paths
     run_cli(paths, "stop")
+    _STORES.pop(paths.home, None)
 
 
 NOBODY = 65534

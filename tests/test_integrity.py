@@ -332,3 +332,31 @@ def test_serve_refuses_a_log_file_symlink(paths: Paths, short_dir: Path) -> None
     result = run_cli(paths, "serve", "--log-file", str(paths.home / "planted.log"))
     assert result.returncode == 1 and "symbolic link" in result.stderr
     assert "Traceback" not in result.stderr and target.read_text() == ""
+
+
+@pytest.mark.anyio
+async def test_audit_retention_runs_once_per_interval(short_dir: Path) -> None:
+    """It ran on every flush after the first cut (its next time was set to now), each run
+    verifying the whole chain."""
+    from sealed import open_sealed
+
+    from stigmer.broker.config import Config
+    from stigmer.broker.dispatch import Counters, Dispatcher
+
+    sealed = await open_sealed(short_dir / "local.db")
+    config = Config(paths=Paths(home=short_dir, socket=short_dir / "s"), use_keyring=False)
+    dispatcher = Dispatcher(config, sealed.store, sealed.vault, Counters(),
+                            request_shutdown=lambda: None)
+    cuts = 0
+
+    async def counted() -> None:
+        nonlocal cuts
+        cuts += 1
+
+    dispatcher._retain = counted  # type: ignore[method-assign]
+    try:
+        with anyio.move_on_after(0.5):
+            await dispatcher.maintain(flush_interval=0.01, retention_interval=3600)
+    finally:
+        await sealed.close()
+    assert cuts == 1

@@ -61,6 +61,13 @@ def import_(paths: Paths, backup: Path, passphrase: str = PASSPHRASE) -> tuple[i
 
 
 @pytest.fixture
+def store() -> None:
+    """These tests move one home's SQLite file beside its key; a fleet's key moves the same
+    way, its store stays where it is."""
+    return None
+
+
+@pytest.fixture
 def exported(cli_broker: Paths, short_dir: Path) -> tuple[Paths, Path]:
     run_cli(cli_broker, "env", "set", "prod", "--secret", "API_KEY", input="s3cr3t-value\n",
             check=True)

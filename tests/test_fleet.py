@@ -1,0 +1,420 @@
+"""Fleet mode: several brokers (standing for hosts, each with its own home and socket) on
+one real PostgreSQL store.
+
+The tests that stop and restart PostgreSQL do it to a cluster of their own; the others
+work in a fresh schema of the run's database (tests/postgres.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from conftest import Daemon, RunningBroker, cli_env, make_config, run_cli, start_broker
+from postgres import Cluster, Server, psql, with_database
+
+from stigmer.broker.config import Config, Paths
+from stigmer.broker.daemon.lifecycle import serve
+from stigmer.broker.protocol.errors import StartupError
+from stigmer.broker.protocol.paths import redact_url
+from stigmer.broker.store.postgres import MIGRATIONS
+from stigmer.client import (
+    AsyncClient,
+    Client,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    Variable,
+)
+
+pytestmark = pytest.mark.anyio
+
+KEY = base64.b64encode(bytes(range(32))).decode()
+OTHER_KEY = base64.b64encode(bytes(range(1, 33))).decode()
+
+
+def host(root: Path, name: str) -> Paths:
+    (root / name).mkdir(mode=0o700, exist_ok=True)
+    return Paths(home=root / name / "home", socket=root / name / "run" / "b.sock")
+
+
+def fleet_config(root: Path, name: str, url: str, key: str = KEY) -> Config:
+    return make_config(host(root, name), url)._replace(env_key=key)
+
+
+class Fleet:
+    """Brokers A, B, C... served in the test's event loop, all on one store."""
+
+    def __init__(self, tg: anyio.abc.TaskGroup, root: Path, url: str) -> None:
+        self.tg = tg
+        self.root = root
+        self.url = url
+        self.brokers: dict[str, RunningBroker] = {}
+
+    async def add(self, name: str, url: str | None = None) -> RunningBroker:
+        running = await start_broker(self.tg, fleet_config(self.root, name, url or self.url))
+        self.brokers[name] = running
+        return running
+
+    def client(self, name: str) -> AsyncClient:
+        return AsyncClient(self.brokers[name].socket)
+
+    def stop(self) -> None:
+        for running in self.brokers.values():
+            running.stop.set()
+
+
+@pytest.fixture
+async def fleet(short_dir: Path, store_url: str) -> AsyncIterator[Fleet]:
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, store_url)
+        yield fleet
+        fleet.stop()
+
+
+async def seed(client: AsyncClient, execution_id: str = "exec-1", **kw: object) -> str:
+    await client.put_environment("prod", {"API_KEY": Variable(value="s3cret", is_secret=True),
+                                          "REGION": Variable(value="eu", is_secret=False)})
+    created = await client.create_context(execution_id, environments=["prod"], **kw)  # type: ignore[arg-type]
+    return created.token
+
+
+async def refused_within(client: AsyncClient, token: str, seconds: float) -> float:
+    """Fetch until the token is refused; return how long that took."""
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        try:
+            await client.fetch_context(token)
+        except Unauthenticated:
+            return time.monotonic() - start
+        await anyio.sleep(0.005)
+    raise AssertionError(f"still served after {seconds} s")
+
+
+async def test_created_on_a_is_fetched_on_b_and_c(fleet: Fleet) -> None:
+    for name in "abc":
+        await fleet.add(name)
+    async with fleet.client("a") as a:
+        token = await seed(a)
+    for name in "bc":
+        async with fleet.client(name) as client:
+            context = await client.fetch_context(token)
+            assert dict(context) == {"API_KEY": "s3cret", "REGION": "eu"}
+            assert (await client.get_context("exec-1")).execution_id == "exec-1"
+            assert [c.execution_id for c in await client.list_contexts()] == ["exec-1"]
+            assert [e.name for e in await client.list_environments()] == ["prod"]
+
+
+async def test_a_cached_fetch_does_not_touch_the_database(fleet: Fleet,
+                                                          store_url: str) -> None:
+    await fleet.add("a")
+    await fleet.add("b")
+    async with fleet.client("a") as a:
+        token = await seed(a)
+    async with fleet.client("b") as b:
+        await b.fetch_context(token)  # the miss: looked up once
+        before = _statements(store_url)
+        for _ in range(20):
+            await b.fetch_context(token)
+        assert _statements(store_url) == before
+
+
+def _statements(url: str) -> int:
+    """Statements PostgreSQL ran on tokens and contexts (pg_stat counters of the schema)."""
+    out = psql(url, "SELECT pg_stat_force_next_flush(); SELECT coalesce(sum(seq_scan + "
+               "coalesce(idx_scan, 0)), 0) FROM pg_stat_user_tables WHERE schemaname = "
+               "current_schema() AND relname IN ('tokens', 'contexts')")
+    return int(out.splitlines()[-1])
+
+
+async def test_completed_on_a_is_refused_on_b(fleet: Fleet) -> None:
+    await fleet.add("a")
+    await fleet.add("b")
+    async with fleet.client("a") as a, fleet.client("b") as b:
+        token = await seed(a)
+        await b.fetch_context(token)  # cached on B
+        await a.complete_context("exec-1")
+        assert await refused_within(b, token, 2.0) < 1.0
+        # and the runner's own release on B reaches A
+        token = (await a.create_context("exec-2", environments=["prod"])).token
+        await a.fetch_context(token)
+        await b.release_context(token)
+        await refused_within(a, token, 2.0)
+
+
+async def test_max_uses_is_exact_across_brokers(fleet: Fleet) -> None:
+    for name in "abc":
+        await fleet.add(name)
+    async with fleet.client("a") as a:
+        token = await seed(a, max_uses=5)
+    granted = 0
+    refused = 0
+
+    async def fetcher(name: str) -> None:
+        nonlocal granted, refused
+        async with fleet.client(name) as client:
+            for _ in range(3):
+                try:
+                    await client.fetch_context(token)
+                    granted += 1
+                except Unauthenticated:
+                    refused += 1
+
+    async with anyio.create_task_group() as tg:
+        for name in "abc":
+            for _ in range(8):
+                tg.start_soon(fetcher, name)
+    assert (granted, refused) == (5, 3 * 8 * 3 - 5)
+    async with fleet.client("b") as b:
+        assert (await b.get_context("exec-1")).tokens == []  # used up, so not listed
+
+
+async def test_brokers_migrating_a_fresh_database_at_once(short_dir: Path,
+                                                          store_url: str) -> None:
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, store_url)
+        async with anyio.create_task_group() as starting:
+            for name in "abcd":
+                starting.start_soon(fleet.add, name)
+        assert psql(store_url, "SELECT string_agg(version::text, ',') FROM stigmer_schema") \
+            == ",".join(str(n) for n in range(1, len(MIGRATIONS) + 1))
+        assert psql(store_url, "SELECT count(*) FROM data_keys") == "1"
+        async with fleet.client("d") as d:
+            token = await seed(d)
+        async with fleet.client("a") as a:
+            assert (await a.fetch_context(token))["API_KEY"] == "s3cret"
+        fleet.stop()
+
+
+async def test_a_broker_with_another_key_is_refused(fleet: Fleet, short_dir: Path) -> None:
+    await fleet.add("a")
+    with pytest.raises(StartupError, match="does not open the store"):
+        await serve(fleet_config(short_dir, "b", fleet.url, OTHER_KEY))
+
+
+async def test_a_newer_schema_is_refused_naming_both_versions(fleet: Fleet,
+                                                              short_dir: Path) -> None:
+    await fleet.add("a")
+    psql(fleet.url, "INSERT INTO stigmer_schema(version) VALUES (99)")
+    with pytest.raises(StartupError, match=f"version 99, newer than this broker knows "
+                                           f"\\({len(MIGRATIONS)}\\)"):
+        await serve(fleet_config(short_dir, "b", fleet.url))
+
+
+async def test_audit_chain_stays_one_with_concurrent_writers(fleet: Fleet) -> None:
+    for name in "abc":
+        await fleet.add(name)
+
+    async def writer(name: str) -> None:
+        async with fleet.client(name) as client:
+            for n in range(10):
+                await client.put_environment(f"{name}{n}", {"V": Variable(value="x")})
+
+    async with anyio.create_task_group() as tg:
+        for name in "abc":
+            tg.start_soon(writer, name)
+    for name in "abc":
+        async with fleet.client(name) as client:
+            verified = await client.verify_audit()
+            assert verified.ok, verified.reason
+            assert verified.records >= 30
+
+
+async def test_the_password_is_never_shown(short_dir: Path, postgres: Server,
+                                           store_url: str) -> None:
+    sentinel = "PW-SENTINEL-" + secrets.token_hex(4)
+    url = store_url.replace("://", f"://postgres:{sentinel}@", 1) if "@" not in store_url \
+        else store_url.replace("@", f":{sentinel}@", 1)
+    assert redact_url(url) != url and sentinel not in redact_url(url)
+    paths = host(short_dir, "a")
+    env = cli_env(paths, STIGMER_STORE_URL=url, STIGMER_ENCRYPTION_KEY=KEY)
+    with Daemon(paths, env=env) as daemon:
+        status = run_cli(paths, "status", "--json", env=env, check=True)
+        assert json.loads(status.stdout)["store"].startswith("postgresql://")
+        assert sentinel not in status.stdout
+        with open(f"/proc/{daemon.pid}/cmdline", "rb") as f:  # noqa: ASYNC230
+            assert sentinel.encode() not in f.read()
+    assert sentinel not in daemon.stderr()
+
+
+def test_a_bad_store_url_is_a_usage_error(paths: Paths) -> None:
+    result = run_cli(paths, "serve", "--store", "mysql://x/y")
+    assert result.returncode == 2
+    assert "must be a postgresql:// URL" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli(paths, "serve", "--stale-after", "5s")
+    assert result.returncode == 2 and "give --store too" in result.stderr
+
+
+def test_an_unreachable_store_is_one_clear_line(paths: Paths) -> None:
+    result = run_cli(paths, "serve", "--store", "postgresql://nobody:pw@127.0.0.1:1/x")
+    assert result.returncode != 0
+    assert "cannot reach the store postgresql://nobody@127.0.0.1:1/x" in result.stderr
+    assert "pw" not in result.stderr.replace("PostgreSQL", "")
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ the two roles
+
+
+@pytest.fixture
+def roles(postgres: Server) -> Iterator[tuple[str, str, str]]:
+    """A schema made by `fleet init` with roles of its own; (schema, control, runner)."""
+    suffix = secrets.token_hex(4)
+    names = (f"f_{suffix}", f"ctl_{suffix}", f"run_{suffix}")
+    yield names
+    schema, control, runner = names
+    postgres.drop_schema(schema)
+    for role in (control, runner):
+        psql(postgres.url(), f"DROP OWNED BY {role} CASCADE; DROP ROLE {role}", check=False)
+
+
+def _as(postgres: Server, role: str) -> str:
+    url = postgres.url()
+    if "user=postgres" in url:
+        return url.replace("user=postgres", f"user={role}")
+    return url.replace("://postgres@", f"://{role}@", 1)
+
+
+async def test_a_runner_host_role_fetches_and_is_refused_writes(
+        short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
+    schema, control, runner = roles
+    paths = host(short_dir, "admin")
+    init = run_cli(paths, "fleet", "init", "--store", postgres.url(), "--schema", schema,
+                   "--control-role", control, "--runner-role", runner)
+    assert init.returncode == 0, init.stderr
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, "")
+        await fleet.add("control", _as(postgres, control))
+        await fleet.add("runner", _as(postgres, runner))
+        async with fleet.client("control") as a, fleet.client("runner") as b:
+            token = await seed(a, max_uses=2)
+            assert (await b.fetch_context(token))["REGION"] == "eu"  # counted on B
+            await b.fetch_context(token)
+            with pytest.raises(Unauthenticated):
+                await a.fetch_context(token)  # two uses, fleet-wide
+            for attempt in (b.put_environment("x", {"V": Variable(value="1")}),
+                            b.create_context("e2", environments=["prod"]),
+                            b.complete_context("exec-1")):
+                with pytest.raises(PermissionDenied, match="serves fetches only"):
+                    await attempt
+            assert (await b.verify_audit()).ok
+        fleet.stop()
+
+
+async def test_the_printed_sql_makes_a_store_brokers_open(
+        short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
+    schema, control, runner = roles
+    sql = run_cli(host(short_dir, "x"), "fleet", "init", "--print-sql", "--schema", schema,
+                  "--control-role", control, "--runner-role", runner, check=True).stdout
+    subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", postgres.url()],  # noqa: ASYNC221
+                   input=sql, text=True, check=True, capture_output=True)
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, "")
+        await fleet.add("control", _as(postgres, control))
+        async with fleet.client("control") as a:
+            await seed(a)
+        fleet.stop()
+
+
+# ------------------------------------------------------------ database outages
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """A cluster of our own, to stop and restart."""
+    own = Cluster()
+    yield own
+    own.remove()
+
+
+@pytest.fixture
+def cluster_url(cluster: Cluster) -> Iterator[str]:
+    database = "stigmer_outage_" + secrets.token_hex(4)
+    psql(cluster.url, f"CREATE DATABASE {database}")
+    yield with_database(cluster.url, database)
+    cluster.start() if not _running(cluster) else None
+    psql(cluster.url, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)", check=False)
+
+
+def _running(cluster: Cluster) -> bool:
+    return os.path.exists(cluster.dir / ".s.PGSQL.5432")
+
+
+@pytest.mark.slow
+def test_cached_fetches_are_served_within_the_window_then_refused(
+        short_dir: Path, cluster: Cluster, cluster_url: str) -> None:
+    paths = host(short_dir, "a")
+    env = cli_env(paths, STIGMER_STORE_URL=cluster_url, STIGMER_ENCRYPTION_KEY=KEY)
+    with Daemon(paths, env=env, args=("--stale-after", "3s")) as daemon:
+        with Client(paths.socket) as client:
+            client.put_environment("prod", {"K": Variable(value="v", is_secret=True)})
+            token = client.create_context("e1", environments=["prod"]).token
+            client.fetch_context(token)
+            cluster.stop()
+            stopped = time.monotonic()
+            assert client.fetch_context(token)["K"] == "v"  # from the cache, in the window
+            started = time.monotonic()
+            with pytest.raises(Unavailable, match="unreachable"):
+                client.put_environment("x", {"V": Variable(value="1")})
+            assert time.monotonic() - started < 2.0  # a write fails at once
+            status = run_cli(paths, "status", env=env)
+            assert "unreachable" in status.stdout, status.stdout
+            while time.monotonic() - stopped < 4.0:
+                time.sleep(0.2)
+            with pytest.raises(Unavailable, match="staleness window"):
+                client.fetch_context(token)
+            cluster.start()
+            deadline = time.monotonic() + 20
+            while True:  # back with no restart: the listener reconnects with backoff
+                try:
+                    assert client.fetch_context(token)["K"] == "v"
+                    break
+                except Unavailable:
+                    assert time.monotonic() < deadline, daemon.stderr()
+                    time.sleep(0.2)
+            client.put_environment("x", {"V": Variable(value="1")})
+        assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_restarting_postgres_under_load_loses_no_acknowledged_write(
+        short_dir: Path, cluster: Cluster, cluster_url: str) -> None:
+    pa, pb = host(short_dir, "a"), host(short_dir, "b")
+    env_a = cli_env(pa, STIGMER_STORE_URL=cluster_url, STIGMER_ENCRYPTION_KEY=KEY)
+    env_b = cli_env(pb, STIGMER_STORE_URL=cluster_url, STIGMER_ENCRYPTION_KEY=KEY)
+    with Daemon(pa, env=env_a) as a, Daemon(pb, env=env_b) as b:
+        pids = (a.pid, b.pid)
+        acknowledged: dict[str, str] = {}
+        failures = 0
+        with Client(pa.socket) as ca, Client(pb.socket) as cb:
+            ca.put_environment("prod", {"K": Variable(value="v", is_secret=True)})
+            restarted = False
+            n = 0
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                n += 1
+                try:
+                    token = ca.create_context(f"e{n}", environments=["prod"]).token
+                    acknowledged[f"e{n}"] = token
+                    cb.fetch_context(token)
+                except Unavailable:
+                    failures += 1
+                if n == 20 and not restarted:
+                    cluster.restart()
+                    restarted = True
+                if restarted and len(acknowledged) >= 60:
+                    break
+            assert len(acknowledged) >= 60, (failures, a.stderr())
+            for execution_id, token in acknowledged.items():
+                assert cb.fetch_context(token).execution_id == execution_id
+        assert (a.pid, b.pid) == pids and a.proc is not None and a.proc.poll() is None
+        assert b.proc is not None and b.proc.poll() is None
