@@ -125,9 +125,12 @@ def create_contexts(sock: Path, count: int, prefix: str) -> tuple[str, float]:
 # --------------------------------------------------------------------- the floor
 
 
-def serve_floor(path: str) -> None:
-    """The floor: the same runtime (anyio, uvloop when present) and framing as the broker,
-    answering each frame with a pre-encoded reply of the broker's size, and nothing else."""
+def serve_floor(kind: str, path: str) -> None:
+    """A floor: a server that answers each frame (our framing) with a pre-encoded reply of
+    the broker's size, and nothing else. ``kind`` is how it serves: ``blocking`` (a thread
+    per connection, one recv/sendall loop), ``protocol`` (an asyncio.Protocol on uvloop:
+    the strict floor for a Python daemon) or ``anyio`` (anyio streams on uvloop, the
+    runtime the broker's connection tasks use)."""
     import anyio
     import msgspec
 
@@ -151,6 +154,61 @@ def serve_floor(path: str) -> None:
 
     welcome = split(Welcome(id=0, version=1, server_version="floor"))
     reply = split(ContextFetched(id=0, execution_id="floor", expires_at=0.0, variables=sample))
+
+    def answer(reader: Any, first: list[bool]) -> bytes:
+        out = b""
+        while (body := reader.next_body()) is not None:
+            head, tail = welcome if first[0] else reply
+            first[0] = False
+            frame = head + encode(id_of(body).id) + tail
+            out += len(frame).to_bytes(4, "big") + frame
+        return out
+
+    if kind == "blocking":
+        import threading
+
+        def serve_one(conn: socket.socket) -> None:
+            reader, first = FrameReader(), [True]
+            with conn:
+                while data := conn.recv(65536):
+                    reader.feed(data)
+                    if out := answer(reader, first):
+                        conn.sendall(out)
+
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        server.listen(128)
+        print("ready", flush=True)
+        while True:
+            conn, _ = server.accept()
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    if kind == "protocol":
+        import asyncio
+
+        class Floor(asyncio.Protocol):
+            def connection_made(self, transport: Any) -> None:
+                self.transport = transport
+                self.reader, self.first = FrameReader(), [True]
+
+            def data_received(self, data: bytes) -> None:
+                self.reader.feed(data)
+                if out := answer(self.reader, self.first):
+                    self.transport.write(out)
+
+        async def protocol_main() -> None:
+            loop = asyncio.get_running_loop()
+            server = await loop.create_unix_server(Floor, path)
+            print("ready", flush=True)
+            await server.serve_forever()
+
+        try:
+            import uvloop
+
+            uvloop.run(protocol_main())
+        except ImportError:
+            asyncio.run(protocol_main())
+        return
 
     async def handle(stream: Any) -> None:
         reader = FrameReader()
@@ -184,8 +242,8 @@ def serve_floor(path: str) -> None:
 
 
 @contextmanager
-def floor(path: Path) -> Iterator[None]:
-    proc = subprocess.Popen([PY, str(Path(__file__)), "--floor-server", str(path)],
+def floor(path: Path, kind: str = "anyio") -> Iterator[None]:
+    proc = subprocess.Popen([PY, str(Path(__file__)), "--floor-server", kind, str(path)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     proc.stdout.readline()
@@ -237,6 +295,76 @@ class RespClient:
                 rest += self.sock.recv(65536)
             return rest[:-2]
         return data
+
+
+@contextmanager
+def ssh_agent(path: Path) -> Iterator[bool]:
+    """A private ``ssh-agent -D -a PATH`` (a C daemon on a Unix socket), if installed."""
+    binary = shutil.which("ssh-agent")
+    if binary is None:
+        yield False
+        return
+    proc = subprocess.Popen([binary, "-D", "-a", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if path.exists():
+                break
+            time.sleep(0.02)
+        yield True
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def _recv_frame(sock: socket.socket) -> bytes:
+    return _recv_exact(sock, int.from_bytes(_recv_exact(sock, 4), "big"))
+
+
+class AgentClient:
+    """SSH2_AGENTC_REQUEST_IDENTITIES (11) over the agent's socket, the reply read whole."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+
+    def identities(self) -> bytes:
+        self.sock.sendall(b"\x00\x00\x00\x01\x0b")
+        return _recv_frame(self.sock)
+
+
+class RawFetch:
+    """A fetch with no client library: a pre-encoded request, the reply read, not decoded
+    (with :class:`stigmer.client.Client` beside it: the client's share of a fetch)."""
+
+    def __init__(self, path: Path, token: str) -> None:
+        import msgspec
+
+        from stigmer.broker.protocol import PROTOCOL_VERSION, FetchContext, Hello
+
+        def frame(message: Any) -> bytes:
+            body = msgspec.msgpack.encode(message)
+            return len(body).to_bytes(4, "big") + body
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.sock.sendall(frame(Hello(id=1, version=PROTOCOL_VERSION, client="bench")))
+        _recv_frame(self.sock)
+        self.request = frame(FetchContext(id=2, token=token))
+
+    def fetch(self) -> bytes:
+        self.sock.sendall(self.request)
+        return _recv_frame(self.sock)
 
 
 # -------------------------------------------------------------------- workers
@@ -338,13 +466,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny counts (for the tests)")
     parser.add_argument("--out", default=str(HERE / "results.json"))
-    parser.add_argument("--floor-server", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-server", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--fleet-only", action="store_true",
                         help="only the fleet (PostgreSQL) rows, merged into --out")
     args = parser.parse_args()
     if args.floor_server:
-        serve_floor(args.floor_server)
+        serve_floor(*args.floor_server)
         return
     if args.worker:
         kind, target, token, count = args.worker
@@ -377,27 +505,36 @@ def main() -> None:
     try:
         small_home, big_home = tmp / "small", tmp / "big"
         small_sock, big_sock = tmp / "s" / "b.sock", tmp / "g" / "b.sock"
-        floor_sock = tmp / "f" / "f.sock"
+        floor_sock = tmp / "f" / "f.sock"  # the strict floor: a uvloop asyncio.Protocol
+        blocking_sock = tmp / "f" / "k.sock"
+        anyio_sock = tmp / "f" / "a.sock"
         floor_sock.parent.mkdir(mode=0o700)
         with broker(small_home, small_sock) as env, broker(big_home, big_sock), \
-                floor(floor_sock):
+                floor(floor_sock, "protocol"), floor(blocking_sock, "blocking"), \
+                floor(anyio_sock, "anyio"):
             token, _ = create_contexts(small_sock, 10, "small")
             big_token, create_rate = create_contexts(big_sock, big, "big")
             rows["create_contexts_per_s"] = round(create_rate, 1)
 
-            with Client(small_sock) as b, Client(floor_sock) as f, Client(big_sock) as g:
+            with Client(small_sock) as b, Client(floor_sock) as f, Client(big_sock) as g, \
+                    Client(blocking_sock) as fk, Client(anyio_sock) as fa:
+                raw = RawFetch(small_sock, token)
                 # a bounded token: each use is committed (fsync) before the reply leaves
                 bounded = b.issue_token("small-9", ttl_s=3600, max_uses=MAX_USES).token
                 # granted to this process (the broker's own uid): fetched by execution id
                 b.create_context("small-self", runtime=variables(*context_variables()),
                                  ttl_s=3600, runners=["self"])
-                for c, t in ((b, token), (f, token), (g, big_token), (b, bounded)):
+                for c, t in ((b, token), (f, token), (g, big_token), (b, bounded),
+                             (fk, token), (fa, token)):
                     for _ in range(200 if not args.smoke else 20):
                         c.fetch_context(t)
                 for _ in range(200 if not args.smoke else 20):
                     b.fetch_context(execution_id="small-self")
                 one = alternate({
                     "floor": lambda k: timed_calls(lambda: f.fetch_context(token), k),
+                    "floor_blocking": lambda k: timed_calls(lambda: fk.fetch_context(token), k),
+                    "floor_anyio": lambda k: timed_calls(lambda: fa.fetch_context(token), k),
+                    "fetch_raw_client": lambda k: timed_calls(raw.fetch, k),
                     "fetch": lambda k: timed_calls(lambda: b.fetch_context(token), k),
                     "fetch_10k": lambda k: timed_calls(lambda: g.fetch_context(big_token), k),
                     "fetch_max_uses": lambda k: timed_calls(lambda: b.fetch_context(bounded),
@@ -406,7 +543,14 @@ def main() -> None:
                         lambda: b.fetch_context(execution_id="small-self"), k),
                 }, n, rounds)
             rows["one_client"] = one
+            # "floor" is the strict one: a uvloop asyncio.Protocol answering pre-encoded bytes
             rows["ratio_fetch_p50_vs_floor"] = one["fetch"]["p50_us"] / one["floor"]["p50_us"]
+            rows["ratio_fetch_p50_vs_blocking_floor"] = (one["fetch"]["p50_us"]
+                                                         / one["floor_blocking"]["p50_us"])
+            rows["ratio_fetch_p50_vs_anyio_floor"] = (one["fetch"]["p50_us"]
+                                                      / one["floor_anyio"]["p50_us"])
+            rows["client_share_of_fetch_p50_us"] = (one["fetch"]["p50_us"]
+                                                    - one["fetch_raw_client"]["p50_us"])
             rows["ratio_fetch_10k_vs_10_p50"] = (one["fetch_10k"]["p50_us"]
                                                  / one["fetch"]["p50_us"])
             rows["ratio_fetch_max_uses_vs_unlimited_p50"] = (one["fetch_max_uses"]["p50_us"]
@@ -427,6 +571,20 @@ def main() -> None:
             rows["daemon_rss_kib_10k_contexts" if not args.smoke else "daemon_rss_kib"] = \
                 rss_kib(daemon_pid(big_sock))
             rows["daemon_rss_kib_10_contexts"] = rss_kib(daemon_pid(small_sock))
+
+            with ssh_agent(tmp / "agent.sock") as have_agent:
+                if have_agent:
+                    agent = AgentClient(tmp / "agent.sock")
+                    with Client(small_sock) as b:
+                        peer = alternate({
+                            "ssh_agent_identities": lambda k: timed_calls(agent.identities, k),
+                            "fetch": lambda k: timed_calls(lambda: b.fetch_context(token), k),
+                        }, n, rounds)
+                    rows["peer_ssh_agent"] = peer
+                    rows["ratio_fetch_p50_vs_ssh_agent"] = (
+                        peer["fetch"]["p50_us"] / peer["ssh_agent_identities"]["p50_us"])
+                else:
+                    rows["peer_ssh_agent"] = "skipped: ssh-agent is not installed"
 
             with redis(tmp / "r.sock") as have_redis:
                 if have_redis:

@@ -25,6 +25,9 @@ def test_bench_smoke(short_dir: Path) -> None:
                 "ratio_fetch_max_uses_vs_unlimited_p50", "ratio_fetch_identity_vs_token_p50",
                 "ratio_run_masked_vs_unmasked_throughput", "run_start_ms"):
         assert key in rows, key
-    assert set(rows["one_client"]) == {"floor", "fetch", "fetch_10k", "fetch_max_uses",
-                                       "fetch_identity"}
+    assert set(rows["one_client"]) == {"floor", "floor_blocking", "floor_anyio",
+                                       "fetch_raw_client", "fetch", "fetch_10k",
+                                       "fetch_max_uses", "fetch_identity"}
+    assert "ratio_fetch_p50_vs_blocking_floor" in rows
+    assert "ratio_fetch_p50_vs_anyio_floor" in rows
     assert rows["client_import_loads"] == []

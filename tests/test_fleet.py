@@ -307,6 +307,8 @@ async def test_a_runner_host_role_fetches_and_is_refused_writes(
                 with pytest.raises(PermissionDenied, match="serves fetches only"):
                     await attempt
             assert (await b.verify_audit()).ok
+            status = await b.status()
+            assert (status.environments, status.store_problem) == (1, "")
         fleet.stop()
 
 
