@@ -233,7 +233,7 @@ def serve_floor(kind: str, path: str) -> None:
 
     options: dict[str, Any] = {}
     try:
-        import uvloop  # noqa: F401
+        import uvloop
 
         options["use_uvloop"] = True
     except ImportError:

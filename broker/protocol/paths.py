@@ -8,7 +8,6 @@ always meet at the same path.
 
 from __future__ import annotations
 
-import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -55,6 +54,8 @@ def resolve_store(environ: Mapping[str, str], store: str | None = None) -> str |
 
 def redact_url(url: str) -> str:
     """``url`` without its password (in the user part or a ``password=`` parameter)."""
+    import urllib.parse  # here: the client imports this module, and never needs it
+
     parts = urllib.parse.urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:

@@ -129,9 +129,9 @@ class AsyncClient:
                         tb: TracebackType | None) -> None:
         await self.aclose()
 
-    async def _connect(self) -> None:
+    async def _connect(self, *, probe: bool = True) -> None:
         if self._sock is not None:
-            if not closed_by_peer(self._sock.raw):
+            if not probe or not closed_by_peer(self._sock.raw):
                 return
             await self.aclose()  # closed while idle: start afresh before sending anything
         path = self.socket_path
@@ -172,7 +172,10 @@ class AsyncClient:
         once more on a fresh connection; a write is never repeated blindly.
         """
         async with self._lock:
-            await self._connect()
+            # Before a write, make sure the broker has not closed the idle connection (a
+            # write sent into a closed one could not be told apart from one carried out).
+            # A read needs no such check, which costs three system calls: it is sent again.
+            await self._connect(probe=not isinstance(request, RETRY_SAFE))
             try:
                 reply = await self._roundtrip(request)
             except ClosedBeforeReply:

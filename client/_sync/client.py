@@ -130,9 +130,9 @@ class Client:
                         tb: TracebackType | None) -> None:
         self.close()
 
-    def _connect(self) -> None:
+    def _connect(self, *, probe: bool = True) -> None:
         if self._sock is not None:
-            if not closed_by_peer(self._sock.raw):
+            if not probe or not closed_by_peer(self._sock.raw):
                 return
             self.close()  # closed while idle: start afresh before sending anything
         path = self.socket_path
@@ -173,7 +173,10 @@ class Client:
         once more on a fresh connection; a write is never repeated blindly.
         """
         with self._lock:
-            self._connect()
+            # Before a write, make sure the broker has not closed the idle connection (a
+            # write sent into a closed one could not be told apart from one carried out).
+            # A read needs no such check, which costs three system calls: it is sent again.
+            self._connect(probe=not isinstance(request, RETRY_SAFE))
             try:
                 reply = self._roundtrip(request)
             except ClosedBeforeReply:
