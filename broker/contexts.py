@@ -429,8 +429,7 @@ class Contexts:
         its runner selectors)."""
         if self._shared:  # fresh use counts: other brokers count too
             found = await self._lookup("c.execution_id = ?", (execution_id,))
-            context = found[0] if found else await self._live(execution_id)
-            self._check_not_refused(execution_id)
+            context = self._alive(execution_id, found[0] if found else None)
         else:
             context = await self._live(execution_id)
         rows = await self._store.read("SELECT keys, mac FROM contexts WHERE id = ?",
@@ -674,7 +673,9 @@ class Contexts:
                            f"`stigmer-broker context complete {execution_id}` removes it")
 
     async def _live(self, execution_id: str) -> _Context:
-        context = await self._find(execution_id)
+        return self._alive(execution_id, await self._find(execution_id))
+
+    def _alive(self, execution_id: str, context: _Context | None) -> _Context:
         self._check_not_refused(execution_id)
         if context is None or context.expires_at <= self._clock():
             raise NotFound(f"execution {execution_id!r} has no live context; "

@@ -29,6 +29,7 @@ from stigmer.broker.store.postgres import MIGRATIONS
 from stigmer.client import (
     AsyncClient,
     Client,
+    NotFound,
     PermissionDenied,
     Unauthenticated,
     Unavailable,
@@ -148,6 +149,16 @@ async def test_completed_on_a_is_refused_on_b(fleet: Fleet) -> None:
         await a.fetch_context(token)
         await b.release_context(token)
         await refused_within(a, token, 2.0)
+
+
+async def test_an_expired_context_is_not_shown_by_another_broker(fleet: Fleet) -> None:
+    await fleet.add("a")
+    await fleet.add("b")
+    async with fleet.client("a") as a, fleet.client("b") as b:
+        await seed(a, ttl_s=1.0)
+        await anyio.sleep(1.1)
+        with pytest.raises(NotFound):
+            await b.get_context("exec-1")
 
 
 async def test_max_uses_is_exact_across_brokers(fleet: Fleet) -> None:
