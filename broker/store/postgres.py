@@ -238,6 +238,8 @@ class PostgresStore:
         self._connect_timeout = connect_timeout
         self.channel = f"stigmer:{schema}"[:63]
         self._alive_at = time.monotonic()  # the pool just answered
+        self._reader: Any = None  # a pooled connection kept for reads when it is free
+        self._reader_wanted = True
         self._down_since: float | None = None  # wall clock, for status
         self._down_reason = ""
 
@@ -414,6 +416,29 @@ class PostgresStore:
                 return
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        conn = self._reader
+        if conn is not None:  # the fast path of a cache miss: a connection kept for reads
+            self._reader = None
+            try:
+                rows = await conn.fetch(_dialect(sql), *params)
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True):
+                    await self._pool.release(conn)  # the pool resets or replaces it
+                self._reader_wanted = True
+                if not isinstance(exc, _CONNECTION_ERRORS):
+                    if isinstance(exc, Exception):
+                        raise self._translate(exc) from None
+                    raise
+            else:
+                self._reader = conn
+                return [tuple(r) for r in rows]
+        elif self._reader_wanted:
+            self._reader_wanted = False
+            with contextlib.suppress(*_DATABASE_ERRORS):
+                self._reader = await self._pool.acquire()
+            self._reader_wanted = self._reader is None
+            if self._reader is not None:
+                return await self.read(sql, params)
         for attempt in (1, 2):
             try:
                 async with self._connection() as conn:
@@ -444,6 +469,10 @@ class PostgresStore:
         return 0
 
     async def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            with contextlib.suppress(*_DATABASE_ERRORS):
+                await self._pool.release(reader)
         with contextlib.suppress(*_DATABASE_ERRORS):
             with anyio.fail_after(5):
                 await self._pool.close()
