@@ -11,16 +11,15 @@ import asyncio
 import base64
 import os
 import secrets
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-PY = sys.executable
+#: bench/run.py's broker(home, sock, key=..., store_url=...)
+Broker = Callable[..., AbstractContextManager[dict[str, str]]]
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -56,22 +55,12 @@ def _select1(url: str, count: int) -> list[int]:
 
 
 @contextmanager
-def _broker(root: Path, name: str, key: str, url: str | None) -> Iterator[Path]:
+def _host(broker: Broker, root: Path, name: str, key: str, url: str | None) -> Iterator[Path]:
+    """A broker standing for one host: its own home and socket."""
     home, sock = root / name / "home", root / name / "run" / "b.sock"
     (root / name).mkdir(mode=0o700, parents=True)
-    env = {**os.environ, "STIGMER_HOME": str(home), "STIGMER_BROKER_SOCKET": str(sock),
-           "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
-           "STIGMER_ENCRYPTION_KEY": key}
-    env.pop("STIGMER_STORE_URL", None)
-    if url:
-        env["STIGMER_STORE_URL"] = url
-    subprocess.run([PY, "-m", "stigmer.broker", "start"], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
-    try:
+    with broker(home, sock, key=key, store_url=url):
         yield sock
-    finally:
-        subprocess.run([PY, "-m", "stigmer.broker", "stop"], env=env,
-                       stdout=subprocess.DEVNULL, check=False)
 
 
 def _p(values_ns: list[int], q: float) -> float:
@@ -79,7 +68,7 @@ def _p(values_ns: list[int], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))] / 1000
 
 
-def fleet_rows(tmp: Path, *, smoke: bool) -> dict[str, Any]:
+def fleet_rows(tmp: Path, broker: Broker, *, smoke: bool) -> dict[str, Any]:
     """The fleet rows of bench/results.json (empty, with the reason, without PostgreSQL)."""
     from stigmer.client import Client, Unauthenticated, variables
 
@@ -100,8 +89,8 @@ def fleet_rows(tmp: Path, *, smoke: bool) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     try:
         with ExitStack() as stack:
-            local = stack.enter_context(_broker(tmp / "fleet", "local", key, None))
-            socks = [stack.enter_context(_broker(tmp / "fleet", name, key, url))
+            local = stack.enter_context(_host(broker, tmp / "fleet", "local", key, None))
+            socks = [stack.enter_context(_host(broker, tmp / "fleet", name, key, url))
                      for name in ("a", "b", "c", "d")]
             a, b = Client(socks[0]), Client(socks[1])
             loc = Client(local)

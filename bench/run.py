@@ -11,6 +11,7 @@ compared run alternately, in rounds, and the table quotes medians and ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -79,10 +80,16 @@ def context_variables() -> tuple[dict[str, str], dict[str, str]]:
 
 
 @contextmanager
-def broker(home: Path, sock: Path) -> Iterator[dict[str, str]]:
+def broker(home: Path, sock: Path, *, key: str | None = None,
+           store_url: str | None = None) -> Iterator[dict[str, str]]:
+    """A daemon started with `stigmer-broker start` (its key in the home's key file unless
+    ``key``; the SQLite store unless ``store_url``), stopped afterwards."""
     env = {**os.environ, "STIGMER_HOME": str(home), "STIGMER_BROKER_SOCKET": str(sock),
            "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
-    env.pop("STIGMER_ENCRYPTION_KEY", None)
+    for name, value in (("STIGMER_ENCRYPTION_KEY", key), ("STIGMER_STORE_URL", store_url)):
+        env.pop(name, None)
+        if value is not None:
+            env[name] = value
     subprocess.run([PY, "-m", "stigmer.broker", "start"], env=env, check=True,
                    stdout=subprocess.DEVNULL)
     try:
@@ -258,14 +265,15 @@ def floor(path: Path, kind: str = "anyio") -> Iterator[None]:
 
 
 @contextmanager
-def redis(path: Path) -> Iterator[bool]:
-    binary = shutil.which("redis-server")
+def peer_server(binary_name: str, path: Path, *args: str) -> Iterator[bool]:
+    """A C server of another project on a private Unix socket at ``path`` (False when it
+    is not installed): ``args`` are its arguments."""
+    binary = shutil.which(binary_name)
     if binary is None:
         yield False
         return
-    proc = subprocess.Popen([binary, "--port", "0", "--unixsocket", str(path),
-                             "--unixsocketperm", "700", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         for _ in range(200):
             if path.exists():
@@ -275,6 +283,16 @@ def redis(path: Path) -> Iterator[bool]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def redis(path: Path) -> contextlib.AbstractContextManager[bool]:
+    return peer_server("redis-server", path, "--port", "0", "--unixsocket", str(path),
+                       "--unixsocketperm", "700", "--save", "", "--appendonly", "no")
+
+
+def ssh_agent(path: Path) -> contextlib.AbstractContextManager[bool]:
+    """A private ``ssh-agent -D -a PATH`` (a C daemon on a Unix socket)."""
+    return peer_server("ssh-agent", path, "-D", "-a", str(path))
 
 
 class RespClient:
@@ -295,26 +313,6 @@ class RespClient:
                 rest += self.sock.recv(65536)
             return rest[:-2]
         return data
-
-
-@contextmanager
-def ssh_agent(path: Path) -> Iterator[bool]:
-    """A private ``ssh-agent -D -a PATH`` (a C daemon on a Unix socket), if installed."""
-    binary = shutil.which("ssh-agent")
-    if binary is None:
-        yield False
-        return
-    proc = subprocess.Popen([binary, "-D", "-a", str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            if path.exists():
-                break
-            time.sleep(0.02)
-        yield True
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
@@ -496,7 +494,7 @@ def main() -> None:
         out = Path(args.out)
         rows = json.loads(out.read_text()) if out.exists() else rows
         try:
-            rows["fleet"] = fleet_rows(tmp, smoke=args.smoke)
+            rows["fleet"] = fleet_rows(tmp, broker, smoke=args.smoke)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         out.write_text(json.dumps(rows, indent=2) + "\n")
@@ -629,7 +627,7 @@ def main() -> None:
                 "masked": [*run, "--", "true"],
                 "no_masking": [*run, "--no-masking", "--", "true"],
             }, cli_runs, run_env)
-        rows["fleet"] = fleet_rows(tmp, smoke=args.smoke)
+        rows["fleet"] = fleet_rows(tmp, broker, smoke=args.smoke)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")

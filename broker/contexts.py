@@ -278,12 +278,17 @@ class Contexts:
         return context
 
     async def _find_token(self, hash_: bytes) -> _Token | None:
+        """The token of ``hash_``: cached, or (shared store) looked up."""
         entry = self._by_hash.get(hash_)
         if entry is None and self._shared:
-            for context in await self._lookup(
-                    "c.id = (SELECT context_id FROM tokens WHERE hash = ?)", (hash_,)):
-                entry = next((t for t in context.tokens.values() if t.hash == hash_), None)
+            entry = await self._lookup_token(hash_)
         return entry
+
+    async def _lookup_token(self, hash_: bytes) -> _Token | None:
+        for context in await self._lookup(
+                "c.id = (SELECT context_id FROM tokens WHERE hash = ?)", (hash_,)):
+            return next((t for t in context.tokens.values() if t.hash == hash_), None)
+        return None
 
     def _check_fresh(self) -> None:
         if time.monotonic() > self._store.fresh_until():
@@ -494,9 +499,9 @@ class Contexts:
         if self._shared:
             self._check_fresh()
         hash_ = token_hash(token)
-        entry = self._by_hash.get(hash_)
+        entry = self._by_hash.get(hash_)  # inline, not _find_token: this is the hot path
         if entry is None and self._shared:
-            entry = await self._find_token(hash_)
+            entry = await self._lookup_token(hash_)
         now = self._clock()
         if entry is None or not entry.usable(now):
             self._audit.count("fetch", "denied",
@@ -589,7 +594,7 @@ class Contexts:
                     "UPDATE tokens SET uses = ?, mac = ? WHERE id = ? AND uses = ? "
                     "RETURNING uses", (expected + 1, self._vault.mac(token.row(expected + 1)),
                                        token.token_id, expected))
-                now = [] if done else await db.fetchall(
+                current = [] if done else await db.fetchall(
                     "SELECT uses, mac FROM tokens WHERE id = ?", (token.token_id,))
             if done:
                 token.uses = expected + 1
@@ -597,10 +602,10 @@ class Contexts:
                                   token_id=token.token_id, peer_uid=peer.uid, peer_pid=peer.pid,
                                   detail=fetched.detail)
                 return
-            if not now:  # revoked meanwhile (by another broker of a fleet)
+            if not current:  # revoked meanwhile (by another broker of a fleet)
                 self._forget(token.context)
                 break
-            uses, mac = now[0]
+            uses, mac = current[0]
             if not self._vault.check(token.row(int(uses)), mac):
                 log_refused(f"token {token.token_id} of execution {execution_id!r}")
                 break

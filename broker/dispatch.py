@@ -154,9 +154,11 @@ class Dispatcher:
         await self._store.watch(self._heard, self.contexts.resync)
 
     def _heard(self, message: str) -> None:
-        if message == "key":
-            log.warning("another broker of the fleet rotated the master key; this one keeps "
-                        "serving, but needs the new key before it next starts")
+        kind, _, key_id = message.partition(" ")
+        if kind == "key" and key_id != self._vault.key_id:  # not our own rotation
+            log.warning("another broker of the fleet rotated the master key (now key id %s); "
+                        "this one keeps serving, but needs the new key before it next "
+                        "starts", key_id)
         self.contexts.heard(message)
 
     async def _retain(self) -> None:

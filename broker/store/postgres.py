@@ -238,8 +238,8 @@ class PostgresStore:
         self._connect_timeout = connect_timeout
         self.channel = f"stigmer:{schema}"[:63]
         self._alive_at = time.monotonic()  # the pool just answered
-        self._reader: Any = None  # a pooled connection kept for reads when it is free
-        self._reader_wanted = True
+        self._reader: Any = None  # a pooled connection kept for reads (see _read_kept)
+        self._reading = False
         self._down_since: float | None = None  # wall clock, for status
         self._down_reason = ""
 
@@ -416,41 +416,40 @@ class PostgresStore:
                 return
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        conn = self._reader
-        if conn is not None:  # the fast path of a cache miss: a connection kept for reads
-            self._reader = None
+        query = _dialect(sql)
+        for attempt in (1, 2):  # a connection the database dropped: once more, on another
             try:
-                rows = await conn.fetch(_dialect(sql), *params)
-            except BaseException as exc:
-                with anyio.CancelScope(shield=True):
-                    await self._pool.release(conn)  # the pool resets or replaces it
-                self._reader_wanted = True
-                if not isinstance(exc, _CONNECTION_ERRORS):
-                    if isinstance(exc, Exception):
-                        raise self._translate(exc) from None
-                    raise
-            else:
-                self._reader = conn
+                if self._reading:  # the connection kept for reads is busy: a pooled one
+                    async with self._connection() as conn:
+                        rows = await conn.fetch(query, *params)
+                else:
+                    rows = await self._read_kept(query, params)
                 return [tuple(r) for r in rows]
-        elif self._reader_wanted:
-            self._reader_wanted = False
-            with contextlib.suppress(*_DATABASE_ERRORS):
-                self._reader = await self._pool.acquire()
-            self._reader_wanted = self._reader is None
-            if self._reader is not None:
-                return await self.read(sql, params)
-        for attempt in (1, 2):
-            try:
-                async with self._connection() as conn:
-                    return [tuple(r) for r in await conn.fetch(_dialect(sql), *params)]
             except _CONNECTION_ERRORS as exc:
                 if attempt == 2:
                     raise self._translate(exc) from None
+            except BrokerError:
+                raise
             except Exception as exc:
-                if isinstance(exc, BrokerError):
-                    raise
                 raise self._translate(exc) from None
         raise AssertionError("unreachable")
+
+    async def _read_kept(self, query: str, params: Sequence[Any]) -> list[Any]:
+        """One query on the connection kept for reads: a cache miss is one read, and a
+        pool acquire and release cost about as much as the query."""
+        self._reading = True
+        try:
+            if self._reader is None:
+                self._reader = await self._pool.acquire()
+            return list(await self._reader.fetch(query, *params))
+        except BaseException:
+            reader, self._reader = self._reader, None
+            if reader is not None:  # broken, or cancelled mid-query: the pool sees to it
+                with anyio.CancelScope(shield=True):
+                    await self._pool.release(reader)
+            raise
+        finally:
+            self._reading = False
 
     async def read_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         rows = await self.read(sql, params)
