@@ -7,8 +7,9 @@ is allowed). Each wait has a deadline: the handshake must finish within
 ``handshake_timeout``, a frame that has started must finish within
 ``frame_timeout``, a greeted connection may stay idle ``idle_timeout``, and a
 reply must be taken within ``frame_timeout``. Deadlines are plain numbers on
-the connection, enforced by one watchdog task that cancels overdue
-connections, so the request path pays for no cancel scope of its own.
+the connection, enforced by one watchdog task that shuts the sockets of overdue
+connections down (their waits then end as if the peer had gone), so the request
+path pays for no cancel scope of its own.
 Whatever a client does costs at most its own connection.
 
 Room: at ``max_connections``, a new connection evicts first the oldest one
@@ -76,7 +77,7 @@ class Counters(Protocol):
 
 @dataclasses.dataclass(eq=False, slots=True)
 class _Conn:
-    scope: anyio.CancelScope
+    sock: socket.socket
     uid: int
     since: float  # time.monotonic() of the accept, then of the last request answered
     greeted: bool = False
@@ -84,6 +85,15 @@ class _Conn:
     deadline: float = math.inf  # time.monotonic() by which the current wait must end
     timed_out: bool = False
     evicted: bool = False
+
+    def end(self) -> None:
+        """End an idle or overdue connection: shut its socket down, so that the receive
+        or send it waits in returns (end of stream, broken pipe) and its task finishes
+        as if the peer had gone. Not a cancellation: cancelling a wait on a raw socket
+        races the loop's readiness callback in anyio, which then sets the result of a
+        cancelled future (InvalidStateError, once per connection, in the loop)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def eviction_order(self) -> tuple[bool, float]:
         """Sorts first the connection to evict first: not greeted, then the oldest/idlest."""
@@ -126,7 +136,7 @@ class Server:
             self._closing = True
             for conn in list(self._conns):
                 if not conn.busy:
-                    conn.scope.cancel()
+                    conn.end()
             if self._conns:
                 with anyio.move_on_after(self._limits.shutdown_grace):
                     await self._drained.wait()
@@ -164,7 +174,8 @@ class Server:
                 if not self._make_room(uid):
                     tg.start_soon(self._refuse, stream)
                     continue
-                conn = _Conn(scope=anyio.CancelScope(), uid=uid, since=time.monotonic())
+                conn = _Conn(sock=stream.extra(SocketAttribute.raw_socket), uid=uid,
+                                 since=time.monotonic())
                 self._conns.add(conn)
                 self._counters.connections = len(self._conns)
                 tg.start_soon(self._run_connection, stream, conn, creds)
@@ -187,7 +198,7 @@ class Server:
             return False
         victim = min(idle, key=_Conn.eviction_order)
         victim.evicted = True
-        victim.scope.cancel()
+        victim.end()
         self._conns.discard(victim)  # its room is free now; its task ends on its own
         now = time.monotonic()
         self._evicted += 1
@@ -207,7 +218,7 @@ class Server:
             for conn in self._conns:
                 if conn.deadline < now and not conn.timed_out:
                     conn.timed_out = True
-                    conn.scope.cancel()
+                    conn.end()
 
     async def _refuse(self, stream: anyio.abc.SocketStream) -> None:
         now = time.monotonic()
@@ -227,15 +238,14 @@ class Server:
     async def _run_connection(self, stream: anyio.abc.SocketStream, conn: _Conn,
                               creds: PeerCredentials | None) -> None:
         try:
-            with conn.scope:
-                async with stream:
-                    peer = self._check_peer(stream, creds)
-                    if peer is not None:
-                        try:
-                            await self._converse(stream, conn, peer)
-                        finally:
-                            assert isinstance(peer.process, ProcessPin)
-                            peer.process.close()
+            async with stream:
+                peer = self._check_peer(stream, creds)
+                if peer is not None:
+                    try:
+                        await self._converse(stream, conn, peer)
+                    finally:
+                        assert isinstance(peer.process, ProcessPin)
+                        peer.process.close()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream,
                 ConnectionError):
             pass  # the client went away; nothing of ours is lost
