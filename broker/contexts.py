@@ -492,24 +492,46 @@ class Contexts:
 
     # -------------------------------------------------------------------- runner
 
-    async def fetch(self, token: str, peer: Peer) -> Fetched:
-        """Return the variables the token opens. Raises Unauthenticated (always the same).
+    def fetch_now(self, token: str, peer: Peer) -> Fetched | None:
+        """:meth:`fetch`, when memory alone can answer it; None when it cannot (a shared
+        store's cache misses, or the token's uses are counted in the store first)."""
+        if self._shared:
+            self._check_fresh()
+        entry = self._by_hash.get(token_hash(token))
+        if (entry is None and self._shared) or (entry is not None and entry.max_uses is not None):
+            return None
+        return self._open_token(entry, peer)
 
-        From memory, without awaiting anything, unless a shared store's cache misses."""
+    async def fetch(self, token: str, peer: Peer) -> Fetched:
+        """Return the variables the token opens. Raises Unauthenticated (always the same)."""
         if self._shared:
             self._check_fresh()
         hash_ = token_hash(token)
-        entry = self._by_hash.get(hash_)  # inline, not _find_token: this is the hot path
+        entry = self._by_hash.get(hash_)
         if entry is None and self._shared:
             entry = await self._lookup_token(hash_)
-        now = self._clock()
-        if entry is None or not entry.usable(now):
+        return self._open_token(entry, peer)
+
+    def _open_token(self, entry: _Token | None, peer: Peer) -> Fetched:
+        if entry is None or not entry.usable(self._clock()):
             self._audit.count("fetch", "denied",
                               execution_id=entry.context.execution_id if entry else "",
                               token_id=entry.token_id if entry else "", peer_uid=peer.uid,
                               peer_pid=peer.pid)
             raise Unauthenticated(UNAUTHENTICATED)
         return self._open(entry, peer)
+
+    def fetch_granted_now(self, execution_id: str, peer: Peer) -> Fetched | None:
+        """:meth:`fetch_granted`, when memory alone can answer it; else None."""
+        if self._shared:
+            self._check_fresh()
+        context = self._by_execution.get(execution_id)
+        if (context is None and self._shared) or (
+                context is not None and context.grant is not None
+                and context.grant.max_uses is not None):
+            return None
+        grant, selector, who = self._grant_of(context, execution_id, peer, "fetch")
+        return self._open(grant, peer, f"runner {selector}; {who}")
 
     async def fetch_granted(self, execution_id: str, peer: Peer) -> Fetched:
         """Return the variables of a context granted to the calling process (attested
@@ -549,7 +571,10 @@ class Contexts:
         """The grant of ``execution_id`` that the calling process satisfies, the selector
         it matched and who it is; the audit says why when there is none, the caller only
         learns that there is none."""
-        context = await self._find(execution_id)
+        return self._grant_of(await self._find(execution_id), execution_id, peer, event)
+
+    def _grant_of(self, context: _Context | None, execution_id: str, peer: Peer,
+                  event: str) -> tuple[_Token, str, str]:
         grant = context.grant if context is not None else None
         if grant is None:
             self._deny(event, execution_id, peer, "no live context with runner grants")

@@ -174,6 +174,25 @@ class Dispatcher:
             log.error("could not write %d buffered audit records: %s", self.audit.pending,
                       exc.message)
 
+    def handle_now(self, request: Request, peer: Peer) -> Response | None:
+        """The response to ``request`` when memory alone gives it (a fetch the cache
+        answers, the handshake); None when it must wait (then :meth:`handle`)."""
+        if type(request) is FetchContext:  # the runner's fetch: the hot path
+            if request.token is not None:
+                fetched = self.contexts.fetch_now(request.token, peer)
+            elif request.execution_id is not None:
+                fetched = self.contexts.fetch_granted_now(request.execution_id, peer)
+            else:
+                return None
+            if fetched is None:
+                return None
+            return ContextFetchedRaw(id=request.id, execution_id=fetched.execution_id,
+                                     expires_at=fetched.expires_at,
+                                     variables=msgspec.Raw(fetched.plaintext))
+        if type(request) is Hello:
+            return Welcome(id=request.id, version=PROTOCOL_VERSION, server_version=__version__)
+        return None
+
     async def handle(self, request: Request, peer: Peer) -> Response:
         """Return the response to ``request``; raise a BrokerError to refuse it."""
         if request.admin and not peer.admin:

@@ -30,8 +30,10 @@ from stigmer.broker.protocol import (
     NEED_DATA,
     Connection,
     Error,
+    FetchContext,
     GetStatus,
     Hello,
+    IssueToken,
     Response,
     Role,
     Welcome,
@@ -326,13 +328,15 @@ async def test_shutdown_survives_close_beating_cancellation(short_dir: Path) -> 
     from stigmer.broker.dispatch import Counters
 
     class NoRequests:
+        def handle_now(self, request: object, peer: object) -> object:
+            raise AssertionError("no request expected")
+
         async def handle(self, request: object, peer: object) -> object:
             raise AssertionError("no request expected")
 
     for _ in range(20):
         bound = bind_unix_socket(short_dir / "run" / "race.sock")
-        listener = await anyio.abc.SocketListener.from_socket(bound.sock)
-        server = Server(listener, NoRequests(), Limits(), Counters())  # type: ignore[arg-type]
+        server = Server(bound.sock, NoRequests(), Limits(), Counters())  # type: ignore[arg-type]
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
         async def trigger(client: socket.socket = client, path: Path = bound.path) -> None:
@@ -414,3 +418,22 @@ async def test_listings_come_in_pages_that_fit_a_frame(paths: Paths) -> None:
         assert result.returncode == 0, result.stderr
         assert len(json.loads(result.stdout)) == 1200
         running.stop.set()
+
+
+async def test_pipelined_requests_are_answered_in_order(broker: RunningBroker) -> None:
+    """Requests sent at once, some answered from memory at once (Hello, a fetch, a bad
+    token) and some in a task (status, an issue that writes): the replies come back in
+    the order asked, each to its own id, and the end of stream closes after the last."""
+    async with AsyncClient(broker.socket) as admin:
+        token = (await admin.create_context("pipe", runtime=variables({"A": "1"}))).token
+    asked = [Hello(id=1, version=1), FetchContext(id=2, token=token), GetStatus(id=3),
+             FetchContext(id=4, token=token), IssueToken(id=5, execution_id="pipe"),
+             FetchContext(id=6, token="stg_" + "x" * 43), GetStatus(id=7),
+             FetchContext(id=8, token=token)]
+    replies, closed = await anyio.to_thread.run_sync(raw_exchange, broker.socket,
+                                                     frames(*asked))
+    assert [r.id for r in replies] == [m.id for m in asked]
+    kinds = [type(r).__name__ for r in replies]
+    assert kinds == ["Welcome", "ContextFetched", "Status", "ContextFetched", "TokenIssued",
+                     "Error", "Status", "ContextFetched"]
+    assert closed

@@ -120,13 +120,12 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
                                         use_keychain=config.use_keyring,
                                         env_key_origin=config.env_key_origin)
             vault = await Vault.unlock(store, sources)
-            listener = await anyio.abc.SocketListener.from_socket(bound.sock)
             counters = Counters()
             stop = anyio.Event()
             dispatcher = Dispatcher(config, store, vault, counters, request_shutdown=stop.set)
             dispatcher.socket_path = bound.path
             await dispatcher.start()
-            server = Server(listener, dispatcher, _fit_to_open_files(config.limits), counters,
+            server = Server(bound.sock, dispatcher, _fit_to_open_files(config.limits), counters,
                             group_gid=gid)
 
             async def shutdown() -> None:

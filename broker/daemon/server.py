@@ -1,16 +1,24 @@
 """Serving connections: accept, check the peer, read frames, answer, shut down in order.
 
-Theory of operation: one task per connection drives a sans-IO
-:class:`~stigmer.broker.protocol.Connection`. Before any byte is read the
-peer's uid is checked (our own, root, or a member of the runner group when one
-is allowed). Each wait has a deadline: the handshake must finish within
-``handshake_timeout``, a frame that has started must finish within
-``frame_timeout``, a greeted connection may stay idle ``idle_timeout``, and a
-reply must be taken within ``frame_timeout``. Deadlines are plain numbers on
-the connection, enforced by one watchdog task that shuts the sockets of overdue
-connections down (their waits then end as if the peer had gone), so the request
-path pays for no cancel scope of its own.
-Whatever a client does costs at most its own connection.
+Theory of operation: each connection is an :class:`asyncio.Protocol` (uvloop's
+where the daemon runs on it) driving a sans-IO
+:class:`~stigmer.broker.protocol.Connection`. Bytes arrive in ``data_received``;
+a request that can be answered from memory (a fetch the cache can open, the
+handshake) is answered right there, synchronously: parse, look up, open,
+encode, ``transport.write``, with no task switch. Any other request goes to a
+task of the server's task group; until it is answered the connection stops
+reading, so requests are answered in order, one at a time, and a client that
+pipelines cannot make the broker buffer more than one read of its bytes.
+When a reply fills the transport's write buffer, reading stops likewise until
+the client takes it.
+
+Before any byte is read the peer's uid is checked (our own, root, or a member
+of the runner group when one is allowed). Each wait has a deadline: the
+handshake must finish within ``handshake_timeout``, a frame that has started
+must finish within ``frame_timeout``, a greeted connection may stay idle
+``idle_timeout``, and a reply must be taken within ``frame_timeout``. Deadlines
+are plain numbers on the connection, enforced by one watchdog task that aborts
+overdue connections. Whatever a client does costs at most its own connection.
 
 Room: at ``max_connections``, a new connection evicts first the oldest one
 that has not finished its Hello, then the one idle longest; only when every
@@ -25,20 +33,17 @@ requests in flight finish within ``shutdown_grace``, then cancel the rest.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import errno
+import asyncio
 import logging
 import math
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Protocol
+from typing import Protocol, cast
 
 import anyio
 import anyio.abc
-from anyio.abc import SocketAttribute
 
 from ..config import Limits
 from ..protocol import (
@@ -59,11 +64,12 @@ __all__ = ["Counters", "Handler", "Server"]
 
 log = logging.getLogger("stigmer.broker")
 
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
 
 class Handler(Protocol):
     """What the server needs of the dispatcher: answer one request for one peer."""
+
+    def handle_now(self, request: Request, peer: Peer) -> Response | None:
+        """The response, when it can be had without waiting; else None (then ``handle``)."""
 
     async def handle(self, request: Request, peer: Peer) -> Response: ...
 
@@ -75,42 +81,18 @@ class Counters(Protocol):
     connections: int
 
 
-@dataclasses.dataclass(eq=False, slots=True)
-class _Conn:
-    sock: socket.socket
-    uid: int
-    since: float  # time.monotonic() of the accept, then of the last request answered
-    greeted: bool = False
-    busy: bool = False
-    deadline: float = math.inf  # time.monotonic() by which the current wait must end
-    timed_out: bool = False
-    evicted: bool = False
-
-    def end(self) -> None:
-        """End an idle or overdue connection: shut its socket down, so that the receive
-        or send it waits in returns (end of stream, broken pipe) and its task finishes
-        as if the peer had gone. Not a cancellation: cancelling a wait on a raw socket
-        races the loop's readiness callback in anyio, which then sets the result of a
-        cancelled future (InvalidStateError, once per connection, in the loop)."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-
-    def eviction_order(self) -> tuple[bool, float]:
-        """Sorts first the connection to evict first: not greeted, then the oldest/idlest."""
-        return self.greeted, self.since
-
-
 class Server:
-    """Accepts connections on one listener and answers them with one Handler."""
+    """Accepts connections on one listening socket and answers them with one Handler."""
 
-    def __init__(self, listener: anyio.abc.SocketListener, handler: Handler, limits: Limits,
+    def __init__(self, sock: socket.socket, handler: Handler, limits: Limits,
                  counters: Counters, *, group_gid: int | None = None) -> None:
-        self._listener = listener
+        self._sock = sock
         self._handler = handler
         self._limits = limits
         self._group_gid = group_gid
         self._uid = os.getuid()
-        self._conns: set[_Conn] = set()
+        self._conns: set[_Session] = set()  # those that count against the limits
+        self._tasks: anyio.abc.TaskGroup | None = None
         self._stopping = False  # no more accepting
         self._closing = False  # and connections end after their current request
         self._drained = anyio.Event()
@@ -123,62 +105,99 @@ class Server:
     async def serve(self, shutdown: Callable[[], Awaitable[object]], *,
                     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until ``shutdown()`` returns, then shut down in order."""
+        loop = asyncio.get_running_loop()
         async with anyio.create_task_group() as tg:
-            accept_scope = anyio.CancelScope()
-            tg.start_soon(self._accept_loop, tg, accept_scope)
+            self._tasks = tg
+            # the loop listens again with this backlog: the kernel caps it at somaxconn
+            listener = await loop.create_unix_server(lambda: _Session(self), sock=self._sock,
+                                                     backlog=socket.SOMAXCONN)
             tg.start_soon(self._watchdog)
             task_status.started()
-            await shutdown()
-            log.info("stopping: no new connections, %d open", len(self._conns))
-            self._stopping = True
-            accept_scope.cancel()
-            await self._listener.aclose()
-            self._closing = True
-            for conn in list(self._conns):
-                if not conn.busy:
-                    conn.end()
-            if self._conns:
-                with anyio.move_on_after(self._limits.shutdown_grace):
-                    await self._drained.wait()
-            tg.cancel_scope.cancel()
+            try:
+                await shutdown()
+                log.info("stopping: no new connections, %d open", len(self._conns))
+                self._stopping = True
+                listener.close()  # closes the listening socket; open connections stay
+                self._closing = True
+                for session in list(self._conns):
+                    if not session.busy:
+                        session.transport.close()
+                if self._conns:
+                    with anyio.move_on_after(self._limits.shutdown_grace):
+                        await self._drained.wait()
+            finally:  # cancelled from outside, too: nothing stays open
+                self._stopping = True
+                listener.close()
+                for session in list(self._conns):
+                    session.transport.abort()
+                tg.cancel_scope.cancel()
 
-    async def _accept_loop(self, tg: anyio.abc.TaskGroup, scope: anyio.CancelScope) -> None:
-        starved = False
-        with scope:
-            while True:
-                try:
-                    stream = await self._listener.accept()
-                except anyio.ClosedResourceError:
-                    return  # closed by shutdown before its cancellation reached us
-                except (OSError, anyio.BrokenResourceError) as exc:
-                    if self._stopping:
-                        return
-                    # anyio reports accept()'s OSError as BrokenResourceError from it. No
-                    # error of one connection (aborted, out of fds) may stop the daemon:
-                    # log once per episode and try again.
-                    cause = exc if isinstance(exc, OSError) else exc.__cause__
-                    if not starved:
-                        reason = getattr(cause, "strerror", None) or type(cause).__name__
-                        if isinstance(cause, OSError) and cause.errno in _OUT_OF_RESOURCES:
-                            log.warning("accept failed (%s); backing off", reason)
-                        else:
-                            log.error("accept failed (%s); retrying", reason)
-                    starved = True
-                    await anyio.sleep(0.1)
-                    continue
-                if starved:
-                    log.info("accepting connections again")
-                    starved = False
-                creds = _credentials(stream)  # read once: the limits and the peer check
-                uid = creds.uid if creds is not None else -1
-                if not self._make_room(uid):
-                    tg.start_soon(self._refuse, stream)
-                    continue
-                conn = _Conn(sock=stream.extra(SocketAttribute.raw_socket), uid=uid,
-                                 since=time.monotonic())
-                self._conns.add(conn)
-                self._counters.connections = len(self._conns)
-                tg.start_soon(self._run_connection, stream, conn, creds)
+    # ------------------------------------------------------------ the sessions' calls
+
+    def admit(self, session: _Session, creds: PeerCredentials | None) -> bool:
+        """Find room for a new connection and check its peer; False: it was turned away
+        (and is being closed)."""
+        transport = session.transport
+        if self._stopping:
+            transport.abort()
+            return False
+        uid = creds.uid if creds is not None else -1
+        if not self._make_room(uid):
+            self._refuse(session)
+            return False
+        session.uid = uid
+        peer = self._check_peer(session, creds)
+        if peer is None:
+            transport.close()
+            return False
+        session.peer = peer
+        self._conns.add(session)
+        self._counters.connections = len(self._conns)
+        return True
+
+    def spawn(self, session: _Session, request: Request) -> None:
+        """Answer ``request`` in a task (it must wait for the store or the keychain)."""
+        assert self._tasks is not None
+        self._tasks.start_soon(session.answer_later, request)
+
+    def answer_now(self, request: Request, peer: Peer) -> Response | None:
+        try:
+            return self._handler.handle_now(request, peer)
+        except BrokerError as exc:
+            return error_reply(request.id, exc)
+        except Exception:
+            log.exception("request %s failed", type(request).__name__)
+            return error_reply(request.id, RuntimeError())
+
+    async def answer(self, request: Request, peer: Peer) -> Response:
+        try:
+            return await self._handler.handle(request, peer)
+        except BrokerError as exc:
+            return error_reply(request.id, exc)
+        except Exception:
+            log.exception("request %s failed", type(request).__name__)
+            return error_reply(request.id, RuntimeError())
+
+    def answered(self) -> None:
+        self._counters.requests += 1
+
+    def lost(self, session: _Session) -> None:
+        if session.timed_out and not session.evicted:
+            log.info("closed a connection that timed out (slow, silent or not reading)")
+        self._conns.discard(session)
+        self._counters.connections = len(self._conns)
+        if self._closing and not self._conns:
+            self._drained.set()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    # --------------------------------------------------------------------- room
 
     def _make_room(self, uid: int) -> bool:
         """Evict a connection if one more from ``uid`` would pass a limit; return whether
@@ -192,14 +211,14 @@ class Server:
             return self._evict(self._conns)
         return True
 
-    def _evict(self, candidates: Iterable[_Conn]) -> bool:
+    def _evict(self, candidates: Iterable[_Session]) -> bool:
         idle = [c for c in candidates if not c.busy]
         if not idle:
             return False
-        victim = min(idle, key=_Conn.eviction_order)
+        victim = min(idle, key=_Session.eviction_order)
         victim.evicted = True
-        victim.end()
-        self._conns.discard(victim)  # its room is free now; its task ends on its own
+        victim.transport.abort()
+        self._conns.discard(victim)  # its room is free now
         now = time.monotonic()
         self._evicted += 1
         if now - self._eviction_logged >= 1.0:
@@ -208,19 +227,7 @@ class Server:
             self._eviction_logged, self._evicted = now, 0
         return True
 
-    async def _watchdog(self) -> None:
-        """Cancel every connection whose current wait is past its deadline."""
-        limits = self._limits
-        tick = min(max(min(limits.handshake_timeout, limits.frame_timeout) / 4, 0.02), 1.0)
-        while True:
-            await anyio.sleep(tick)
-            now = time.monotonic()
-            for conn in self._conns:
-                if conn.deadline < now and not conn.timed_out:
-                    conn.timed_out = True
-                    conn.end()
-
-    async def _refuse(self, stream: anyio.abc.SocketStream) -> None:
+    def _refuse(self, session: _Session) -> None:
         now = time.monotonic()
         self._refused += 1
         if now - self._refusal_logged >= 1.0:  # a flood gets a line a second, not a line each
@@ -229,137 +236,226 @@ class Server:
             self._refusal_logged, self._refused = now, 0
         reply = Connection(Role.SERVER).send(error_reply(0, ResourceExhausted(
             f"the broker has {self._limits.max_connections} connections open; retry later")))
-        with anyio.move_on_after(1.0), contextlib.suppress(anyio.BrokenResourceError,
-                                                           anyio.ClosedResourceError, OSError):
-            await stream.send(reply)
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            await stream.aclose()
+        session.transport.write(reply)  # a few bytes: the socket's buffer takes them
+        session.transport.close()
 
-    async def _run_connection(self, stream: anyio.abc.SocketStream, conn: _Conn,
-                              creds: PeerCredentials | None) -> None:
-        try:
-            async with stream:
-                peer = self._check_peer(stream, creds)
-                if peer is not None:
-                    try:
-                        await self._converse(stream, conn, peer)
-                    finally:
-                        assert isinstance(peer.process, ProcessPin)
-                        peer.process.close()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream,
-                ConnectionError):
-            pass  # the client went away; nothing of ours is lost
-        except Exception:
-            log.exception("connection handler failed")
-        finally:
-            if conn.timed_out and not conn.evicted:
-                log.info("closed a connection that timed out (slow, silent or not reading)")
-            self._conns.discard(conn)
-            self._counters.connections = len(self._conns)
-            if self._closing and not self._conns:
-                self._drained.set()
+    async def _watchdog(self) -> None:
+        """Abort every connection whose current wait is past its deadline."""
+        limits = self._limits
+        tick = min(max(min(limits.handshake_timeout, limits.frame_timeout) / 4, 0.02), 1.0)
+        while True:
+            await anyio.sleep(tick)
+            now = time.monotonic()
+            for session in list(self._conns):
+                if session.deadline < now and not session.timed_out:
+                    session.timed_out = True
+                    session.transport.abort()
 
-    def _check_peer(self, stream: anyio.abc.SocketStream,
-                    creds: PeerCredentials | None) -> Peer | None:
+    def _check_peer(self, session: _Session, creds: PeerCredentials | None) -> Peer | None:
         if creds is None:
             log.warning("connection refused: peer credentials unavailable")
             return None
-        raw: socket.socket = stream.extra(SocketAttribute.raw_socket)
+        sock = session.transport.get_extra_info("socket")
         if creds.uid in (self._uid, 0):
-            return Peer(credentials=creds, admin=True, process=ProcessPin(raw, creds))
+            return Peer(credentials=creds, admin=True, process=ProcessPin(sock, creds))
         if self._group_gid is not None and _in_group(creds, self._group_gid):
-            return Peer(credentials=creds, admin=False, process=ProcessPin(raw, creds))
+            return Peer(credentials=creds, admin=False, process=ProcessPin(sock, creds))
         log.warning("connection refused: uid %d (pid %s) is not allowed", creds.uid, creds.pid)
         return None
 
-    async def _converse(self, stream: anyio.abc.SocketStream, conn: _Conn, peer: Peer) -> None:
-        limits = self._limits
-        proto = Connection(Role.SERVER, max_frame_size=limits.max_frame_size)
-        handshake_deadline = time.monotonic() + limits.handshake_timeout
-        frame_deadline: float | None = None
-        auth_failures = 0
-        while True:
+
+class _Session(asyncio.Protocol):
+    """One connection: its protocol state, its peer, its deadline."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        limits = server.limits
+        self._proto = Connection(Role.SERVER, max_frame_size=limits.max_frame_size)
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
+        self.peer: Peer | None = None
+        self.uid = -1
+        self.since = time.monotonic()  # of the accept, then of the last request answered
+        self._handshake_deadline = self.since + limits.handshake_timeout
+        self._frame_deadline = math.inf
+        self.deadline = self._handshake_deadline  # by which the current wait must end
+        self.greeted = False
+        self.busy = False  # a request is being answered in a task
+        self._write_paused = False
+        self._reading = True
+        self._auth_failures = 0
+        self.timed_out = False
+        self.evicted = False
+        self._done = False  # closed or closing: nothing more is read or answered
+
+    def eviction_order(self) -> tuple[bool, float]:
+        """Sorts first the connection to evict first: not greeted, then the oldest/idlest."""
+        return self.greeted, self.since
+
+    # ----------------------------------------------------------- asyncio's calls
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        try:  # read once: the limits and the peer check
+            creds: PeerCredentials | None = peer_credentials(transport.get_extra_info("socket"))
+        except OSError:
+            creds = None  # counts as uid -1 for the limits; the peer check refuses it
+        try:
+            admitted = self._server.admit(self, creds)
+        except Exception:
+            self._crashed()
+            return
+        if not admitted:
+            self._done = True
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        try:
+            self._proto.receive_data(data)
+        except ProtocolError as exc:
+            self._fail(exc, 0)
+            return
+        self._pump()
+
+    def eof_received(self) -> bool:
+        if not self._done:
+            self._proto.receive_data(b"")
+            if not self.busy:
+                self._pump()
+        return True  # we close when the last answer is out
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self.deadline = time.monotonic() + self._server.limits.frame_timeout
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.deadline = math.inf
+        if not self.busy:
+            self._pump()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._done = True
+        if self.peer is not None:
+            assert isinstance(self.peer.process, ProcessPin)
+            self.peer.process.close()
+            self._server.lost(self)
+
+    # -------------------------------------------------------------------- the work
+
+    def _pump(self) -> None:
+        """Answer what is buffered, as far as it can be answered now; then wait to read."""
+        try:
+            self._answer_buffered()
+        except Exception:
+            self._crashed()
+
+    def _crashed(self) -> None:
+        """A bug of ours met by one connection: it costs that connection, not the daemon."""
+        log.exception("connection handler failed")
+        self._done = True
+        self.transport.abort()
+
+    def _answer_buffered(self) -> None:
+        proto, peer, server = self._proto, self.peer, self._server
+        assert peer is not None
+        while not self._done and not self.busy and not self._write_paused:
             try:
                 event = proto.next_event()
             except ProtocolError as exc:
-                log.info("protocol error from pid %s: %s", peer.pid, exc.message)
-                await self._send(stream, conn, proto.send(error_reply(exc.request_id, exc)))
+                self._fail(exc, exc.request_id)
                 return
             except BrokerError as exc:  # handshake refusals: connection stays usable
-                await self._send(stream, conn, proto.send(error_reply(exc.request_id, exc)))
+                self._write(proto.send(error_reply(exc.request_id, exc)))
                 continue
-            if event is CLOSED:
-                return
             if event is NEED_DATA:
-                now = time.monotonic()
-                if proto.buffered:
-                    frame_deadline = frame_deadline or now + limits.frame_timeout
-                    deadline = frame_deadline
-                else:
-                    frame_deadline = None
-                    deadline = now + limits.idle_timeout
-                if proto.version is None:
-                    deadline = min(deadline, handshake_deadline)
-                conn.deadline = deadline
-                try:
-                    data = await stream.receive(65536)
-                except anyio.EndOfStream:
-                    data = b""
-                conn.deadline = math.inf
-                try:
-                    proto.receive_data(data)
-                except ProtocolError as exc:
-                    log.info("protocol error from pid %s: %s", peer.pid, exc.message)
-                    await self._send(stream, conn, proto.send(error_reply(0, exc)))
-                    return
-                continue
-            assert isinstance(event, Request)
-            frame_deadline = None
-            conn.greeted = proto.version is not None
-            conn.busy = True
-            try:
-                reply = await self._answer(event, peer)
-                self._counters.requests += 1
-                try:
-                    data = proto.send(reply)
-                except ResourceExhausted as exc:  # a reply the client could not take
-                    reply = error_reply(event.id, exc)
-                    data = proto.send(reply)
-                await self._send(stream, conn, data)
-            finally:
-                conn.busy = False
-                conn.since = time.monotonic()
-            if isinstance(reply, Error) and reply.code == ErrorCode.UNAUTHENTICATED:
-                auth_failures += 1
-                if auth_failures >= limits.max_auth_failures:
-                    log.warning("closing connection of pid %s: %d failed token checks",
-                                peer.pid, auth_failures)
-                    return
-            if self._closing:
+                self._await_data()
                 return
+            if event is CLOSED:
+                self._close()
+                return
+            assert isinstance(event, Request)
+            self._frame_deadline = math.inf
+            self.greeted = proto.version is not None
+            reply = server.answer_now(event, peer)
+            if reply is None:
+                self.busy = True
+                self.deadline = math.inf
+                self._pause_reading()
+                server.spawn(self, event)
+                return
+            self._reply(event, reply)
 
-    async def _answer(self, request: Request, peer: Peer) -> Response:
+    async def answer_later(self, request: Request) -> None:
+        assert self.peer is not None
         try:
-            return await self._handler.handle(request, peer)
-        except BrokerError as exc:
-            return error_reply(request.id, exc)
-        except Exception:
-            log.exception("request %s failed", type(request).__name__)
-            return error_reply(request.id, RuntimeError())
+            reply = await self._server.answer(request, self.peer)
+        finally:
+            self.busy = False
+        if self._done:
+            return  # the client went away or was cut off; nothing of ours is lost
+        self._reply(request, reply)
+        self._pump()
 
-    async def _send(self, stream: anyio.abc.SocketStream, conn: _Conn, data: bytes) -> None:
-        conn.deadline = time.monotonic() + self._limits.frame_timeout
-        await stream.send(data)
-        conn.deadline = math.inf
+    def _reply(self, request: Request, reply: Response) -> None:
+        self._server.answered()
+        try:
+            data = self._proto.send(reply)
+        except ResourceExhausted as exc:  # a reply the client could not take
+            reply = error_reply(request.id, exc)
+            data = self._proto.send(reply)
+        self._write(data)
+        self.since = time.monotonic()
+        if isinstance(reply, Error) and reply.code == ErrorCode.UNAUTHENTICATED:
+            self._auth_failures += 1
+            if self._auth_failures >= self._server.limits.max_auth_failures:
+                assert self.peer is not None
+                log.warning("closing connection of pid %s: %d failed token checks",
+                            self.peer.pid, self._auth_failures)
+                self._close()
+                return
+        if self._server.closing:
+            self._close()
 
+    def _await_data(self) -> None:
+        """Set the deadline of the wait for more bytes and read again."""
+        limits = self._server.limits
+        now = time.monotonic()
+        if self._proto.buffered:
+            if self._frame_deadline == math.inf:
+                self._frame_deadline = now + limits.frame_timeout
+            deadline = self._frame_deadline
+        else:
+            self._frame_deadline = math.inf
+            deadline = now + limits.idle_timeout
+        if self._proto.version is None:
+            deadline = min(deadline, self._handshake_deadline)
+        self.deadline = deadline
+        if not self._reading:
+            self._reading = True
+            self.transport.resume_reading()
 
-def _credentials(stream: anyio.abc.SocketStream) -> PeerCredentials | None:
-    """The peer as the kernel reports it, or None when it cannot say (such a connection
-    counts as uid -1 for the limits and is refused by the peer check)."""
-    try:
-        return peer_credentials(stream.extra(SocketAttribute.raw_socket))
-    except OSError:
-        return None
+    def _pause_reading(self) -> None:
+        if self._reading and not self._done:
+            self._reading = False
+            self.transport.pause_reading()
+
+    def _fail(self, exc: ProtocolError, request_id: int) -> None:
+        assert self.peer is not None
+        log.info("protocol error from pid %s: %s", self.peer.pid, exc.message)
+        self._write(self._proto.send(error_reply(request_id, exc)))
+        self._close()
+
+    def _write(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _close(self) -> None:
+        """Close once what was written is out (the watchdog bounds how long that takes)."""
+        self._done = True
+        self.deadline = time.monotonic() + self._server.limits.frame_timeout
+        self.transport.close()
 
 
 def _in_group(creds: PeerCredentials, gid: int) -> bool:
