@@ -23,10 +23,12 @@ def test_bench_smoke(short_dir: Path) -> None:
                 "ratio_fetch_p50_vs_floor", "ratio_fetch_throughput_vs_floor",
                 "ratio_fetch_10k_vs_10_p50", "ratio_status_vs_python",
                 "ratio_fetch_max_uses_vs_unlimited_p50", "ratio_fetch_identity_vs_token_p50",
-                "ratio_run_masked_vs_unmasked_throughput", "run_start_ms"):
+                "ratio_run_masked_vs_unmasked_throughput", "run_start_ms",
+                "ratio_create_8_clients_vs_1", "ratio_import_client_vs_python",
+                "ratio_fetch_raw_client_p50_vs_floor_raw_client"):
         assert key in rows, key
     assert set(rows["one_client"]) == {"floor", "floor_blocking", "floor_anyio",
-                                       "fetch_raw_client", "fetch", "fetch_10k",
+                                       "floor_raw_client", "fetch_raw_client", "fetch", "fetch_10k",
                                        "fetch_max_uses", "fetch_identity"}
     assert "ratio_fetch_p50_vs_blocking_floor" in rows
     assert "ratio_fetch_p50_vs_anyio_floor" in rows

@@ -54,32 +54,37 @@ def test_sigkill_while_writing_loses_no_acknowledged_write(paths: Paths) -> None
         round_contexts: dict[str, str] = {}
         stop = threading.Event()
 
-        def writer(r: int = r, round_vars: dict[str, dict[str, str]] = round_vars,
+        def writer(w: int, r: int = r, round_vars: dict[str, dict[str, str]] = round_vars,
                    round_contexts: dict[str, str] = round_contexts,
                    stop: threading.Event = stop) -> None:
             try:
                 with Client(paths.socket, timeout=5) as c:
                     i = 0
                     while not stop.is_set():
-                        if i % 3:
-                            env, key, value = f"env-{r % 7}", f"K{r}_{i}", f"v-{r}-{i}"
+                        if (i + w) % 3:
+                            env, key, value = (f"env-{r % 7}", f"K{r}_{w}_{i}",
+                                               f"v-{r}-{w}-{i}")
                             c.put_environment(env, {key: Variable(value=value, is_secret=True)})
                             round_vars.setdefault(env, {})[key] = value
                         else:
-                            execution_id = f"exec-{r}-{i}"
+                            execution_id = f"exec-{r}-{w}-{i}"
                             created = c.create_context(execution_id, runtime=variables(
-                                {}, {"S": f"s-{r}-{i}"}), token_ttl_s=86400)
+                                {}, {"S": f"s-{r}-{w}-{i}"}), token_ttl_s=86400)
                             round_contexts[execution_id] = created.token
                         i += 1
             except BrokerError:
                 return  # the daemon died mid-request: that write was never acknowledged
 
-        thread = threading.Thread(target=writer)
-        thread.start()
+        # several writers at once: their writes share commits (group commit), and a kill
+        # lands in the middle of a group as often as between two
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+        for thread in threads:
+            thread.start()
         time.sleep(rng.uniform(0.0, 0.15))
         daemon.kill()
         stop.set()
-        thread.join(timeout=30)
+        for thread in threads:
+            thread.join(timeout=30)
         for env, kv in round_vars.items():
             acked_vars.setdefault(env, {}).update(kv)
         acked_contexts.update(round_contexts)

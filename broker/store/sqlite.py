@@ -188,6 +188,19 @@ class SqliteTx:
         """Nothing to do: no other broker opens this file (the home lock)."""
 
 
+class _Batch:
+    """The writes of one group-committed transaction: done once its COMMIT has run."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: Exception | None = None
+
+    def finish(self, error: Exception | None) -> None:
+        self.done, self.error = True, error
+
+
 class SqliteStore:
     """The embedded store (a :class:`~.backend.Store`). Use ``await SqliteStore.open(path)``."""
 
@@ -201,6 +214,8 @@ class SqliteStore:
         # One connection serves every task: a lock keeps one task's transaction from
         # interleaving with another's statements (and readers from seeing it half done).
         self._lock = anyio.Lock()
+        self._queued = 0  # writes waiting for the lock
+        self._batch: _Batch | None = None  # the transaction writes are joining
 
     def describe(self) -> str:
         return str(self.path)
@@ -305,33 +320,88 @@ class SqliteStore:
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[SqliteTx]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT), errors translated.
+        """One write, durable when the block exits, errors translated.
 
-        Transactions are serialized; do not call :meth:`read` inside one (use the
-        :class:`SqliteTx` it yields).
+        Writes that queue up while another commits share the next transaction and
+        its fsync (group commit): each runs in a savepoint of it, so one that fails
+        rolls back alone, and none returns before the shared COMMIT has finished (a
+        failed COMMIT fails them all). Writes are serialized; do not call
+        :meth:`read` inside one (use the :class:`SqliteTx` it yields).
         """
         db = self._db
-        async with self._lock:
+        self._queued += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._queued -= 1
+        batch: _Batch | None = None
+        try:
+            batch = await self._join_batch()
             try:
                 with anyio.CancelScope(shield=True):
-                    await db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise _translate(exc) from None
-            try:
+                    await db.execute("SAVEPOINT write")
                 yield SqliteTx(db)
                 with anyio.CancelScope(shield=True):
-                    await db.execute("COMMIT")
+                    await db.execute("RELEASE write")
             except BaseException as exc:
-                with anyio.CancelScope(shield=True), contextlib.suppress(sqlite3.Error):
-                    await db.execute("ROLLBACK")
+                await self._undo(batch)
                 if isinstance(exc, sqlite3.Error):
                     raise _translate(exc) from None
                 raise
+            if self._queued == 0:  # no write to wait for: commit now
+                await self._commit(batch)
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+        finally:
+            if batch is not None and batch is self._batch and self._queued == 0:
+                await self._commit(batch)  # a failed write that was the last one queued
+            self._lock.release()
+        if not batch.done:  # the writes queued behind this one join it; the last commits
+            # shielded: a write whose block has ended is as good as committed, as it was
+            # before groups (its caller goes on to apply it)
+            with anyio.CancelScope(shield=True):
+                async with self._lock:
+                    if not batch.done:  # they were cancelled before their turn
+                        await self._commit(batch)
+        if batch.error is not None:
+            raise batch.error
+
+    async def _join_batch(self) -> _Batch:
+        if self._batch is None:
+            with anyio.CancelScope(shield=True):
+                await self._db.execute("BEGIN IMMEDIATE")
+            self._batch = _Batch()
+        return self._batch
+
+    async def _undo(self, batch: _Batch) -> None:
+        """Roll back the failed write of ``batch``; when sqlite has rolled back the whole
+        transaction (a full disk can), the batch has failed."""
+        with anyio.CancelScope(shield=True), contextlib.suppress(sqlite3.Error):
+            await self._db.execute("ROLLBACK TO write")
+            await self._db.execute("RELEASE write")
+        if not self._db.in_transaction and not batch.done:
+            batch.finish(Internal("the store rolled back a transaction; retry"))
+            self._batch = None
+
+    async def _commit(self, batch: _Batch) -> None:
+        """COMMIT the open batch (the caller holds the lock)."""
+        error: Exception | None = None
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                error = _translate(exc)
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("ROLLBACK")
+        self._batch = None
+        batch.finish(error)
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """Run one query and return all rows, errors translated."""
         try:
             async with self._lock:
+                if self._batch is not None:  # never read what may not commit
+                    await self._commit(self._batch)
                 with anyio.CancelScope(shield=True):  # see Tx
                     rows = await self._db.execute_fetchall(sql, params)
         except sqlite3.Error as exc:
@@ -347,6 +417,8 @@ class SqliteStore:
         """Give free pages back to the file system once there are many (after a large
         sweep or a retention cut); return how many pages were free."""
         async with self._lock:
+            if self._batch is not None:
+                await self._commit(self._batch)
             with anyio.CancelScope(shield=True):
                 try:
                     row = await (await self._db.execute("PRAGMA freelist_count")).fetchone()
