@@ -36,8 +36,14 @@ class ExecutionContext(Mapping[str, str]):
                  variables: Mapping[str, Variable]) -> None:
         self.execution_id = execution_id
         self.expires_at = expires_at
-        self._values = {k: v.value for k, v in variables.items()}
-        self._secret = frozenset(k for k, v in variables.items() if v.is_secret)
+        values: dict[str, str] = {}
+        secret: list[str] = []
+        for key, variable in variables.items():  # one pass: every fetch builds one
+            values[key] = variable.value
+            if variable.is_secret:
+                secret.append(key)
+        self._values = values
+        self._secret = frozenset(secret)
 
     def __getitem__(self, key: str) -> str:
         return self._values[key]

@@ -23,6 +23,7 @@ retry. Those errors carry the request id, and the server answers them with
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from typing import Any, Final
 
@@ -300,16 +301,23 @@ def _request_id(body: bytes) -> int:
     return request_id if 0 <= request_id < 2**63 else 0
 
 
-_VALIDATION = re.compile(
-    r"(?P<what>.*?)(?: - at `\$\.?(?P<at>[^`]*)`)?(?: in `\$\.?(?P<in>[^`]*)`)?")
-_RULES = ((re.compile(r"of length >= 1"), "must not be empty"),
-          (re.compile(r"of length <= (\d+)"), "must be at most {0} long"),
-          (re.compile(r"of length >= (\d+)"), "must be at least {0} long"),
-          (re.compile(r">= (-?[\d.]+)"), "must be at least {0}"),
-          (re.compile(r"<= (-?[\d.]+)"), "must be at most {0}"),
-          (re.compile(r"> (-?[\d.]+)"), "must be more than {0}"),
-          (re.compile(r"< (-?[\d.]+)"), "must be less than {0}"),
-          (re.compile(r"matching regex"), "has characters that are not allowed"))
+@functools.cache
+def _patterns() -> tuple[re.Pattern[str], tuple[tuple[re.Pattern[str], str], ...]]:
+    """The patterns that read msgspec's validation errors, compiled on first use (an
+    error path: a client that never sends a bad field never pays for them)."""
+    validation = re.compile(
+        r"(?P<what>.*?)(?: - at `\$\.?(?P<at>[^`]*)`)?(?: in `\$\.?(?P<in>[^`]*)`)?")
+    rules = ((re.compile(r"of length >= 1"), "must not be empty"),
+             (re.compile(r"of length <= (\d+)"), "must be at most {0} long"),
+             (re.compile(r"of length >= (\d+)"), "must be at least {0} long"),
+             (re.compile(r">= (-?[\d.]+)"), "must be at least {0}"),
+             (re.compile(r"<= (-?[\d.]+)"), "must be at most {0}"),
+             (re.compile(r"> (-?[\d.]+)"), "must be more than {0}"),
+             (re.compile(r"< (-?[\d.]+)"), "must be less than {0}"),
+             (re.compile(r"matching regex"), "has characters that are not allowed"))
+    return validation, rules
+
+
 _KINDS = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false",
           "array": "a list", "object": "a map", "null": "empty"}
 
@@ -318,7 +326,7 @@ def split_validation(error: str) -> tuple[str, str | None, str | None]:
     """A msgspec validation error as (what was wrong, where, inside what), the paths
     without their ``$.``: ``("Expected `int` >= 1", "max_uses", None)``. Shared by
     every place that tells such an error in its own terms."""
-    match = _VALIDATION.fullmatch(error)
+    match = _patterns()[0].fullmatch(error)
     assert match is not None  # every part is optional
     return match["what"], match["at"], match["in"]
 
@@ -339,7 +347,7 @@ def explain_invalid(error: str) -> str:
         kind, got, rule = found[1], found[2], found[3].strip()
         if got:
             return f"{field} must be {_KINDS.get(kind, kind)}, not {_KINDS.get(got, got)}"
-        for pattern, text in _RULES:
+        for pattern, text in _patterns()[1]:
             if (rule_match := pattern.search(rule)) is not None:
                 unit = " characters" if kind == "str" and "long" in text else \
                     " items" if "long" in text else ""
