@@ -69,6 +69,34 @@ def alternate(cases: dict[str, Callable[[int], tuple[list[int], float]]], total:
     return {name: summary(lat[name], elapsed[name], len(lat[name])) for name in cases}
 
 
+@contextmanager
+def pinned(pids: list[int], cpu: int = 0) -> Iterator[bool]:
+    """Every thread of this process and of ``pids`` on one CPU, then back where they were.
+
+    On a small VM a wakeup that crosses CPUs costs tens of microseconds, and whether
+    it crosses is the scheduler's coin toss: pinned, a latency row is the work of the
+    client and the server alone. Yields False (and pins nothing) where the OS cannot.
+    """
+    if not hasattr(os, "sched_setaffinity") or not Path("/proc/self/task").is_dir():
+        yield False
+        return
+    everyone = [os.getpid(), *pids]
+    allowed = {pid: os.sched_getaffinity(pid) for pid in everyone}
+
+    def place(pid: int, cpus: set[int]) -> None:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                os.sched_setaffinity(int(tid), cpus)
+
+    for pid in everyone:
+        place(pid, {cpu})
+    try:
+        yield True
+    finally:
+        for pid in everyone:
+            place(pid, allowed[pid])
+
+
 # ---------------------------------------------------------------- the daemons
 
 
@@ -284,13 +312,14 @@ def serve_floor(kind: str, path: str) -> None:
 
 
 @contextmanager
-def floor(path: Path, kind: str = "anyio") -> Iterator[None]:
+def floor(path: Path, kind: str = "anyio") -> Iterator[int]:
+    """A floor server (see :func:`serve_floor`) on ``path``; yields its pid."""
     proc = subprocess.Popen([PY, str(Path(__file__)), "--floor-server", kind, str(path)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     proc.stdout.readline()
     try:
-        yield
+        yield proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -300,12 +329,12 @@ def floor(path: Path, kind: str = "anyio") -> Iterator[None]:
 
 
 @contextmanager
-def peer_server(binary_name: str, path: Path, *args: str) -> Iterator[bool]:
-    """A C server of another project on a private Unix socket at ``path`` (False when it
-    is not installed): ``args`` are its arguments."""
+def peer_server(binary_name: str, path: Path, *args: str) -> Iterator[int | None]:
+    """A C server of another project on a private Unix socket at ``path``; yields its pid
+    (None when it is not installed): ``args`` are its arguments."""
     binary = shutil.which(binary_name)
     if binary is None:
-        yield False
+        yield None
         return
     proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -314,18 +343,18 @@ def peer_server(binary_name: str, path: Path, *args: str) -> Iterator[bool]:
             if path.exists():
                 break
             time.sleep(0.02)
-        yield True
+        yield proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=10)
 
 
-def redis(path: Path) -> contextlib.AbstractContextManager[bool]:
+def redis(path: Path) -> contextlib.AbstractContextManager[int | None]:
     return peer_server("redis-server", path, "--port", "0", "--unixsocket", str(path),
                        "--unixsocketperm", "700", "--save", "", "--appendonly", "no")
 
 
-def ssh_agent(path: Path) -> contextlib.AbstractContextManager[bool]:
+def ssh_agent(path: Path) -> contextlib.AbstractContextManager[int | None]:
     """A private ``ssh-agent -D -a PATH`` (a C daemon on a Unix socket)."""
     return peer_server("ssh-agent", path, "-D", "-a", str(path))
 
@@ -398,6 +427,22 @@ class RawFetch:
     def fetch(self) -> bytes:
         self.sock.sendall(self.request)
         return _recv_frame(self.sock)
+
+
+def peer_rows(peer: str, row: str, cases: dict[str, Callable[[int], tuple[list[int], float]]],
+              pids: list[int], n: int, rounds: int) -> dict[str, Any]:
+    """A peer's rows (``peer_<peer>``, and pinned), and the fetch's ratios to its ``row``."""
+    free = alternate(cases, n, rounds)
+    with pinned(pids) as could:
+        on_one = alternate(cases, n, rounds) if could else {}
+    rows: dict[str, Any] = {f"peer_{peer}": free, f"peer_{peer}_pinned": on_one}
+    for suffix, got in (("", free), ("_pinned", on_one)):
+        if got:
+            rows[f"ratio_fetch_p50_vs_{peer}{suffix}"] = (got["fetch"]["p50_us"]
+                                                         / got[row]["p50_us"])
+            rows[f"ratio_fetch_raw_client_p50_vs_{peer}{suffix}"] = (
+                got["fetch_raw_client"]["p50_us"] / got[row]["p50_us"])
+    return rows
 
 
 # -------------------------------------------------------------------- workers
@@ -543,8 +588,11 @@ def main() -> None:
         anyio_sock = tmp / "f" / "a.sock"
         floor_sock.parent.mkdir(mode=0o700)
         with broker(small_home, small_sock) as env, broker(big_home, big_sock), \
-                floor(floor_sock, "protocol"), floor(blocking_sock, "blocking"), \
-                floor(anyio_sock, "anyio"):
+                floor(floor_sock, "protocol") as floor_pid, \
+                floor(blocking_sock, "blocking") as blocking_pid, \
+                floor(anyio_sock, "anyio") as anyio_pid:
+            servers = [daemon_pid(small_sock), daemon_pid(big_sock), floor_pid, blocking_pid,
+                       anyio_pid]
             token, _ = create_contexts(small_sock, 10, "small")
             big_token, create_rate = create_contexts(big_sock, big, "big")
             rows["create_contexts_per_s"] = round(create_rate, 1)
@@ -564,7 +612,7 @@ def main() -> None:
                         c.fetch_context(t)
                 for _ in range(200 if not args.smoke else 20):
                     b.fetch_context(execution_id="small-self")
-                one = alternate({
+                cases = {
                     "floor": lambda k: timed_calls(lambda: f.fetch_context(token), k),
                     "floor_blocking": lambda k: timed_calls(lambda: fk.fetch_context(token), k),
                     "floor_anyio": lambda k: timed_calls(lambda: fa.fetch_context(token), k),
@@ -576,8 +624,20 @@ def main() -> None:
                                                             max(1, k // 10)),
                     "fetch_identity": lambda k: timed_calls(
                         lambda: b.fetch_context(execution_id="small-self"), k),
-                }, n, rounds)
+                }
+                one = alternate(cases, n, rounds)
+                with pinned(servers) as could:  # the same, client and servers on one CPU
+                    one_pinned = alternate(cases, n, rounds) if could else {}
             rows["one_client"] = one
+            rows["one_client_pinned"] = one_pinned
+            if one_pinned:
+                rows["ratio_fetch_p50_vs_floor_pinned"] = (one_pinned["fetch"]["p50_us"]
+                                                           / one_pinned["floor"]["p50_us"])
+                rows["ratio_fetch_raw_client_p50_vs_floor_raw_client_pinned"] = (
+                    one_pinned["fetch_raw_client"]["p50_us"]
+                    / one_pinned["floor_raw_client"]["p50_us"])
+                rows["client_share_of_fetch_p50_us_pinned"] = (
+                    one_pinned["fetch"]["p50_us"] - one_pinned["fetch_raw_client"]["p50_us"])
             # "floor" is the strict one: a uvloop asyncio.Protocol answering pre-encoded bytes
             rows["ratio_fetch_p50_vs_floor"] = one["fetch"]["p50_us"] / one["floor"]["p50_us"]
             rows["ratio_fetch_p50_vs_blocking_floor"] = (one["fetch"]["p50_us"]
@@ -616,40 +676,29 @@ def main() -> None:
             rows["create_concurrency_per_s"] = creates
             rows["ratio_create_8_clients_vs_1"] = creates["8_clients"] / creates["1_client"]
 
-            with ssh_agent(tmp / "agent.sock") as have_agent:
-                if have_agent:
+            with ssh_agent(tmp / "agent.sock") as agent_pid:
+                if agent_pid:
                     agent = AgentClient(tmp / "agent.sock")
                     with Client(small_sock) as b:
-                        peer = alternate({
+                        rows.update(peer_rows("ssh_agent", "ssh_agent_identities", {
                             "ssh_agent_identities": lambda k: timed_calls(agent.identities, k),
                             "fetch": lambda k: timed_calls(lambda: b.fetch_context(token), k),
                             "fetch_raw_client": lambda k: timed_calls(raw.fetch, k),
-                        }, n, rounds)
-                    rows["peer_ssh_agent"] = peer
-                    rows["ratio_fetch_p50_vs_ssh_agent"] = (
-                        peer["fetch"]["p50_us"] / peer["ssh_agent_identities"]["p50_us"])
-                    rows["ratio_fetch_raw_client_p50_vs_ssh_agent"] = (
-                        peer["fetch_raw_client"]["p50_us"]
-                        / peer["ssh_agent_identities"]["p50_us"])
+                        }, [servers[0], agent_pid], n, rounds))
                 else:
                     rows["peer_ssh_agent"] = "skipped: ssh-agent is not installed"
 
-            with redis(tmp / "r.sock") as have_redis:
-                if have_redis:
+            with redis(tmp / "r.sock") as redis_pid:
+                if redis_pid:
                     r = RespClient(tmp / "r.sock")
                     r.command(b"SET", b"ctx", b"x" * 3000)
                     with Client(small_sock) as b:
-                        peer = alternate({
+                        rows.update(peer_rows("redis", "redis_get", {
                             "redis_get": lambda k: timed_calls(lambda: r.command(b"GET", b"ctx"),
                                                                k),
                             "fetch": lambda k: timed_calls(lambda: b.fetch_context(token), k),
                             "fetch_raw_client": lambda k: timed_calls(raw.fetch, k),
-                        }, n, rounds)
-                    rows["peer_redis"] = peer
-                    rows["ratio_fetch_p50_vs_redis"] = (peer["fetch"]["p50_us"]
-                                                        / peer["redis_get"]["p50_us"])
-                    rows["ratio_fetch_raw_client_p50_vs_redis"] = (
-                        peer["fetch_raw_client"]["p50_us"] / peer["redis_get"]["p50_us"])
+                        }, [servers[0], redis_pid], n, rounds))
                 else:
                     rows["peer_redis"] = "skipped: redis-server is not installed"
 
@@ -697,10 +746,14 @@ def print_table(rows: dict[str, Any]) -> None:
     print("fetch, one client (blocking Client, alternating rounds):")
     for name, s in rows["one_client"].items():
         line(name, s)
+    if rows.get("one_client_pinned"):
+        print("the same, the client and every server pinned to one CPU:")
+        for name, s in rows["one_client_pinned"].items():
+            line(name, s)
     c = rows["concurrent"]
     print(f"fetch, {c['clients']} client processes: floor {c['floor_per_s']:.0f}/s, "
           f"broker {c['fetch_per_s']:.0f}/s")
-    for peer in ("peer_redis", "peer_ssh_agent"):
+    for peer in ("peer_redis", "peer_redis_pinned", "peer_ssh_agent", "peer_ssh_agent_pinned"):
         if isinstance(rows.get(peer), dict):
             print(f"{peer} (same run, alternating):")
             for name, s in rows[peer].items():
@@ -719,7 +772,9 @@ def print_table(rows: dict[str, Any]) -> None:
     # "floor" is the strict one (a uvloop asyncio.Protocol), measured with the same client
     targets = {
         "ratio_fetch_p50_vs_floor": "<= 2.0; both with stigmer.client",
+        "ratio_fetch_p50_vs_floor_pinned": "<= 2.0; the same, on one CPU",
         "ratio_fetch_raw_client_p50_vs_floor_raw_client": "reported; the server alone",
+        "ratio_fetch_raw_client_p50_vs_floor_raw_client_pinned": "reported; on one CPU",
         "ratio_fetch_throughput_vs_floor": ">= 0.8",
         "ratio_fetch_10k_vs_10_p50": "<= 1.1",
         "ratio_fetch_max_uses_vs_unlimited_p50": "reported (a durable write per use)",
@@ -728,8 +783,12 @@ def print_table(rows: dict[str, Any]) -> None:
         "ratio_run_masked_vs_unmasked_throughput": ">= 0.5",
         "ratio_fetch_p50_vs_redis": "<= 2.0; stigmer.client vs a raw RESP client",
         "ratio_fetch_raw_client_p50_vs_redis": "reported; raw client vs raw client",
+        "ratio_fetch_p50_vs_redis_pinned": "<= 2.0; on one CPU",
+        "ratio_fetch_raw_client_p50_vs_redis_pinned": "reported; on one CPU",
         "ratio_fetch_p50_vs_ssh_agent": "< 1.0; stigmer.client vs a raw agent client",
         "ratio_fetch_raw_client_p50_vs_ssh_agent": "< 1.0; raw client vs raw client",
+        "ratio_fetch_p50_vs_ssh_agent_pinned": "< 1.0; on one CPU",
+        "ratio_fetch_raw_client_p50_vs_ssh_agent_pinned": "< 1.0; on one CPU",
         "ratio_import_client_vs_python": "<= 2.5",
         "ratio_status_vs_python": "reported",
     }
