@@ -437,3 +437,44 @@ async def test_pipelined_requests_are_answered_in_order(broker: RunningBroker) -
     assert kinds == ["Welcome", "ContextFetched", "Status", "ContextFetched", "TokenIssued",
                      "Error", "Status", "ContextFetched"]
     assert closed
+
+
+async def test_a_reply_that_cannot_be_encoded_costs_nothing_but_an_error_frame(
+        short_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reply answered in a task (not from memory) that cannot be encoded: the client
+    gets an error frame for it, its connection and the server go on. It used to raise
+    out of the task and take the whole server down with it."""
+    from stigmer.broker.config import Limits
+    from stigmer.broker.daemon.listen import bind_unix_socket
+    from stigmer.broker.daemon.server import Server
+    from stigmer.broker.dispatch import Counters
+    from stigmer.broker.protocol import Ok, Status
+
+    class Unencodable:
+        def handle_now(self, request: object, peer: object) -> object:
+            return Welcome(id=1, version=1, server_version="t") if isinstance(
+                request, Hello) else None
+
+        async def handle(self, request: GetStatus, peer: object) -> object:
+            if request.id == 2:  # a lone surrogate: no UTF-8 for it
+                return Status(id=2, version="\udcff", pid=1, uptime_s=0.0, socket="",
+                              socket_mode="", store="", key_source="", started_by="",
+                              environments=0, contexts=0, tokens=0, requests=0,
+                              connections=0)
+            return Ok(id=request.id)
+
+    bound = bind_unix_socket(short_dir / "run" / "u.sock")
+    server = Server(bound.sock, Unencodable(), Limits(), Counters())  # type: ignore[arg-type]
+    stop = anyio.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: server.serve(stop.wait, task_status=task_status))
+            replies, _ = await anyio.to_thread.run_sync(
+                raw_exchange, bound.path, frames(Hello(id=1, version=1), GetStatus(id=2),
+                                                 GetStatus(id=3)))
+            assert [type(r).__name__ for r in replies] == ["Welcome", "Error", "Ok"]
+            assert isinstance(replies[1], Error) and replies[1].code == ErrorCode.INVALID_ARGUMENT
+            assert "\udcff" not in replies[1].message
+            stop.set()
+    finally:
+        bound.remove()

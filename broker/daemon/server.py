@@ -395,14 +395,18 @@ class _Session(asyncio.Protocol):
             self.busy = False
         if self._done:
             return  # the client went away or was cut off; nothing of ours is lost
-        self._reply(request, reply)
+        try:
+            self._reply(request, reply)
+        except Exception:  # raised out of this task, it would end the server's task group
+            self._crashed()
+            return
         self._pump()
 
     def _reply(self, request: Request, reply: Response) -> None:
         self._server.answered()
         try:
             data = self._proto.send(reply)
-        except ResourceExhausted as exc:  # a reply the client could not take
+        except BrokerError as exc:  # a reply the client could not take, or not encodable
             reply = error_reply(request.id, exc)
             data = self._proto.send(reply)
         self._write(data)
