@@ -297,7 +297,7 @@ class _Session(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         try:  # read once: the limits and the peer check
             creds: PeerCredentials | None = peer_credentials(transport.get_extra_info("socket"))
-        except OSError:
+        except (OSError, AttributeError):  # no socket left to ask: the peer is gone
             creds = None  # counts as uid -1 for the limits; the peer check refuses it
         try:
             admitted = self._server.admit(self, creds)
