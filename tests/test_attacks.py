@@ -149,6 +149,48 @@ HELLO = Connection(Role.CLIENT).send(Hello(id=1, version=1))
 
 
 @pytest.mark.anyio
+async def test_a_client_that_asks_and_never_reads_is_cut_off(paths: Paths) -> None:
+    """Thousands of fetches sent at once and no reply read: the broker stops reading
+    once the replies fill the socket and its write buffer, cuts the connection when
+    the replies have not been taken within frame_timeout, and serves others meanwhile."""
+    config = make_config(paths, frame_timeout=1.0)
+    async with anyio.create_task_group() as tg:
+        running = await start_broker(tg, config)
+        async with AsyncClient(running.socket) as admin:
+            token = (await admin.create_context("x", runtime=variables(
+                {f"K{i}": "v" * 100 for i in range(30)}))).token
+        hog = await anyio.to_thread.run_sync(connect, running.socket)
+        conn = Connection(Role.CLIENT)
+        asks = HELLO + b"".join(conn.send(FetchContext(id=n, token=token))
+                                for n in range(2, 20002))  # 20,000 replies: ~80 MB
+
+        def flood() -> int:
+            hog.settimeout(0.5)
+            sent = 0
+            try:
+                while sent < len(asks):  # until the broker stops reading, or cuts us off
+                    sent += hog.send(asks[sent:sent + 65536])
+            except (TimeoutError, OSError):
+                pass
+            return sent
+
+        try:
+            sent = await anyio.to_thread.run_sync(flood)
+            assert sent < len(asks)  # the broker stopped reading: it did not buffer it all
+            async with AsyncClient(running.socket) as other:  # served meanwhile
+                assert len(await other.fetch_context(token)) == 30
+            with anyio.fail_after(10):
+                while True:
+                    async with AsyncClient(running.socket) as c:
+                        if (await c.status()).connections == 1:  # the hog is gone
+                            break
+                    await anyio.sleep(0.2)
+        finally:
+            hog.close()
+        running.stop.set()
+
+
+@pytest.mark.anyio
 async def test_slow_and_idle_clients_are_reaped_while_runners_work(paths: Paths) -> None:
     config = make_config(paths, handshake_timeout=1.0, frame_timeout=1.0, idle_timeout=1.5,
                          max_connections=512)
