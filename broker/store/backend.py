@@ -100,7 +100,9 @@ class Store(Protocol):
         ...
 
     def write(self) -> AbstractAsyncContextManager[Tx]:
-        """One write transaction, errors translated to BrokerErrors."""
+        """One write, all or nothing and durable once the block exits, errors translated
+        to BrokerErrors. (SQLite may commit writes that queue up together in one
+        transaction, each in a savepoint: still all or nothing, each.)"""
         ...
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:

@@ -3,8 +3,10 @@
 Theory of operation: one aiosqlite connection, owned by the daemon, in WAL mode
 with ``synchronous=FULL`` (a write acknowledged to a client survives a power
 cut) and ``secure_delete`` (deleted rows are overwritten, not left in free
-pages). Every write runs in :meth:`SqliteStore.write`, an explicit ``BEGIN IMMEDIATE``
-transaction; every sqlite error is translated there or in :meth:`SqliteStore.read`
+pages). Every write runs in :meth:`SqliteStore.write`, in a savepoint of an explicit
+``BEGIN IMMEDIATE`` transaction: writes that queue while one commits share the next
+transaction and its fsync (group commit), and none returns before that COMMIT has
+run. Every sqlite error is translated there or in :meth:`SqliteStore.read`
 (disk full becomes ResourceExhausted, anything else Internal), so no
 "database is locked" or sqlite traceback reaches a client. This module is the
 only one that imports sqlite; the domain modules hand it their SQL.
