@@ -506,11 +506,7 @@ class Contexts:
         """Return the variables the token opens. Raises Unauthenticated (always the same)."""
         if self._shared:
             self._check_fresh()
-        hash_ = token_hash(token)
-        entry = self._by_hash.get(hash_)
-        if entry is None and self._shared:
-            entry = await self._lookup_token(hash_)
-        return self._open_token(entry, peer)
+        return self._open_token(await self._find_token(token_hash(token)), peer)
 
     def _open_token(self, entry: _Token | None, peer: Peer) -> Fetched:
         if entry is None or not entry.usable(self._clock()):

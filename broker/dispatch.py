@@ -22,7 +22,7 @@ import msgspec
 from . import __version__
 from .audit import Audit
 from .config import Config
-from .contexts import Contexts
+from .contexts import Contexts, Fetched
 from .environments import Environments
 from .protocol import (
     PROTOCOL_VERSION,
@@ -184,13 +184,9 @@ class Dispatcher:
                 fetched = self.contexts.fetch_granted_now(request.execution_id, peer)
             else:
                 return None
-            if fetched is None:
-                return None
-            return ContextFetchedRaw(id=request.id, execution_id=fetched.execution_id,
-                                     expires_at=fetched.expires_at,
-                                     variables=msgspec.Raw(fetched.plaintext))
+            return None if fetched is None else _fetched_reply(request.id, fetched)
         if type(request) is Hello:
-            return Welcome(id=request.id, version=PROTOCOL_VERSION, server_version=__version__)
+            return _welcome(request.id)
         return None
 
     async def handle(self, request: Request, peer: Peer) -> Response:
@@ -212,11 +208,9 @@ class Dispatcher:
                     raise InvalidArgument("give a token or an execution id")
                 if fetched.pending_use is not None:  # max-uses: counted before the reply
                     await self.contexts.persist_use(fetched, peer)
-                return ContextFetchedRaw(id=rid, execution_id=fetched.execution_id,
-                                         expires_at=fetched.expires_at,
-                                         variables=msgspec.Raw(fetched.plaintext))
+                return _fetched_reply(rid, fetched)
             case Hello():
-                return Welcome(id=rid, version=PROTOCOL_VERSION, server_version=__version__)
+                return _welcome(rid)
             case GetStatus():
                 return await self._status(rid)
             case Shutdown():
@@ -386,3 +380,14 @@ class Dispatcher:
         """When the current master key was exported, or None (never, or before a
         rotation)."""
         return backed_up_at(self._config.paths.key_backup_record, self._vault.key_id)
+
+
+def _fetched_reply(rid: int, fetched: Fetched) -> ContextFetchedRaw:
+    """The reply to a fetch: the opened msgpack spliced in as it is."""
+    return ContextFetchedRaw(id=rid, execution_id=fetched.execution_id,
+                             expires_at=fetched.expires_at,
+                             variables=msgspec.Raw(fetched.plaintext))
+
+
+def _welcome(rid: int) -> Welcome:
+    return Welcome(id=rid, version=PROTOCOL_VERSION, server_version=__version__)

@@ -163,20 +163,14 @@ class Server:
     def answer_now(self, request: Request, peer: Peer) -> Response | None:
         try:
             return self._handler.handle_now(request, peer)
-        except BrokerError as exc:
-            return error_reply(request.id, exc)
-        except Exception:
-            log.exception("request %s failed", type(request).__name__)
-            return error_reply(request.id, RuntimeError())
+        except Exception as exc:
+            return _refusal(request, exc)
 
     async def answer(self, request: Request, peer: Peer) -> Response:
         try:
             return await self._handler.handle(request, peer)
-        except BrokerError as exc:
-            return error_reply(request.id, exc)
-        except Exception:
-            log.exception("request %s failed", type(request).__name__)
-            return error_reply(request.id, RuntimeError())
+        except Exception as exc:
+            return _refusal(request, exc)
 
     def answered(self) -> None:
         self._counters.requests += 1
@@ -313,7 +307,7 @@ class _Session(asyncio.Protocol):
         try:
             self._proto.receive_data(data)
         except ProtocolError as exc:
-            self._fail(exc, 0)
+            self._fail(exc)
             return
         self._pump()
 
@@ -364,7 +358,7 @@ class _Session(asyncio.Protocol):
             try:
                 event = proto.next_event()
             except ProtocolError as exc:
-                self._fail(exc, exc.request_id)
+                self._fail(exc)
                 return
             except BrokerError as exc:  # handshake refusals: connection stays usable
                 self._write(proto.send(error_reply(exc.request_id, exc)))
@@ -445,10 +439,10 @@ class _Session(asyncio.Protocol):
             self._reading = False
             self.transport.pause_reading()
 
-    def _fail(self, exc: ProtocolError, request_id: int) -> None:
+    def _fail(self, exc: ProtocolError) -> None:
         assert self.peer is not None
         log.info("protocol error from pid %s: %s", self.peer.pid, exc.message)
-        self._write(self._proto.send(error_reply(request_id, exc)))
+        self._write(self._proto.send(error_reply(exc.request_id, exc)))
         self._close()
 
     def _write(self, data: bytes) -> None:
@@ -460,6 +454,15 @@ class _Session(asyncio.Protocol):
         self._done = True
         self.deadline = time.monotonic() + self._server.limits.frame_timeout
         self.transport.close()
+
+
+def _refusal(request: Request, exc: Exception) -> Response:
+    """The error frame for a request the handler raised on: a BrokerError says what it
+    is; anything else is a bug of ours, logged, and the client learns only that."""
+    if isinstance(exc, BrokerError):
+        return error_reply(request.id, exc)
+    log.error("request %s failed", type(request).__name__, exc_info=exc)
+    return error_reply(request.id, RuntimeError())
 
 
 def _in_group(creds: PeerCredentials, gid: int) -> bool:

@@ -350,13 +350,11 @@ class SqliteStore:
                 if isinstance(exc, sqlite3.Error):
                     raise _translate(exc) from None
                 raise
-            if self._queued == 0:  # no write to wait for: commit now
-                await self._commit(batch)
         except sqlite3.Error as exc:
             raise _translate(exc) from None
         finally:
-            if batch is not None and batch is self._batch and self._queued == 0:
-                await self._commit(batch)  # a failed write that was the last one queued
+            if self._queued == 0:  # the last write queued commits the group, failed or not
+                await self._commit_open()
             self._lock.release()
         if not batch.done:  # the writes queued behind this one join it; the last commits
             # shielded: a write whose block has ended is as good as committed, as it was
@@ -385,6 +383,13 @@ class SqliteStore:
             batch.finish(Internal("the store rolled back a transaction; retry"))
             self._batch = None
 
+    async def _commit_open(self) -> None:
+        """COMMIT the group writes are joining, if one is open (the caller holds the
+        lock): before a read, so nothing reads what may not commit, and by the last
+        write of a group."""
+        if self._batch is not None:
+            await self._commit(self._batch)
+
     async def _commit(self, batch: _Batch) -> None:
         """COMMIT the open batch (the caller holds the lock)."""
         error: Exception | None = None
@@ -402,8 +407,7 @@ class SqliteStore:
         """Run one query and return all rows, errors translated."""
         try:
             async with self._lock:
-                if self._batch is not None:  # never read what may not commit
-                    await self._commit(self._batch)
+                await self._commit_open()
                 with anyio.CancelScope(shield=True):  # see Tx
                     rows = await self._db.execute_fetchall(sql, params)
         except sqlite3.Error as exc:
@@ -419,8 +423,7 @@ class SqliteStore:
         """Give free pages back to the file system once there are many (after a large
         sweep or a retention cut); return how many pages were free."""
         async with self._lock:
-            if self._batch is not None:
-                await self._commit(self._batch)
+            await self._commit_open()
             with anyio.CancelScope(shield=True):
                 try:
                     row = await (await self._db.execute("PRAGMA freelist_count")).fetchone()
