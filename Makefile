@@ -30,18 +30,18 @@ lint: $(STAMP)
 	@mkdir -p .typecheck/stigmer
 	@ln -sfn ../../broker .typecheck/stigmer/broker
 	@ln -sfn ../../client .typecheck/stigmer/client
-	$(VENV)/bin/ruff check broker client tests $(wildcard bench/*.py)
-	$(PY) tests/unasync_client.py --check
+	$(VENV)/bin/ruff check broker client tests scripts $(wildcard bench/*.py)
+	$(PY) scripts/unasync_client.py --check
 	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p stigmer.broker -p stigmer.client
-	$(VENV)/bin/mypy tests $(wildcard bench/*.py)
+	$(VENV)/bin/mypy tests scripts $(wildcard bench/*.py)
 
 ## man: regenerate the man page from the argparse definitions
 man: $(STAMP)
-	$(PY) tests/make_manpage.py
+	$(PY) scripts/make_manpage.py
 
 ## unasync: regenerate the blocking client from the async one
 unasync: $(STAMP)
-	$(PY) tests/unasync_client.py
+	$(PY) scripts/unasync_client.py
 
 ## bench: fetch and CLI benchmarks against same-run baselines (bench/results.json)
 bench: $(STAMP)
