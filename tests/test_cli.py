@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NOBODY, cli_env, cli_for_nobody, run_cli
+from conftest import NOBODY, Daemon, cli_env, cli_for_nobody, run_cli
 
 from stigmer.broker.config import Paths
 from stigmer.broker.protocol import SECRET_MASK
@@ -53,6 +53,20 @@ def test_start_status_stop(paths: Paths) -> None:
     assert "stopped" in stopped.stdout
     assert run_cli(paths, "status").returncode == 3
     assert not paths.socket.exists()
+
+
+def test_stop_returns_when_the_daemon_exits_though_nobody_reaps_it(paths: Paths) -> None:
+    """A daemon whose parent does not reap it (a container's init, a test runner) stays a
+    zombie with its pid: `stop` waits for the home lock, which the kernel drops at exit."""
+    daemon = Daemon(paths).start()  # our child: a zombie until we wait for it
+    try:
+        began = time.monotonic()
+        stopped = run_cli(paths, "stop", "--timeout", "5")
+        took = time.monotonic() - began
+        assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
+        assert took < 4, f"stop took {took:.1f}s"
+    finally:
+        daemon.stop()
 
 
 def test_start_failure_is_one_line(paths: Paths) -> None:

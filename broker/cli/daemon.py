@@ -235,9 +235,12 @@ def _last_error_line(log_file: Path) -> str:
 
 
 def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
+    from ..daemon.homelock import holder
+
     try:
         with connect(paths) as client:
             pid = client.status().pid
+            held = holder(paths.home)
             client.shutdown()
     except BrokerUnavailable:
         if args.json:
@@ -245,21 +248,45 @@ def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
         else:
             print(f"not running (socket {paths.socket})")
         return EXIT_OK
+    # The daemon of our home lets its lock go when it has closed the store, and the kernel
+    # drops it at exit however it ends; a pid alone stays "alive" as a zombie until its
+    # parent reaps it. A broker of another home (our socket variable points at it) is
+    # waited for by its pid.
+    if held is not None and held.pid == pid:
+        def gone() -> bool:
+            return holder(paths.home) is None
+    else:
+        def gone() -> bool:
+            return not _alive(pid)
     deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
+    while not gone():
+        if time.monotonic() >= deadline:
+            error(f"the broker (pid {pid}) did not exit within {args.timeout:g}s")
+            return EXIT_FAILED
+        time.sleep(0.01)
+    if args.json:
+        print_json({"stopped": True, "pid": pid, "socket": str(paths.socket)})
+    else:
+        print(f"stopped (pid {pid})")
+    return EXIT_OK
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process: a zombie (exited, not yet reaped) is not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:][:1] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): ask the kernel
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            if args.json:
-                print_json({"stopped": True, "pid": pid, "socket": str(paths.socket)})
-            else:
-                print(f"stopped (pid {pid})")
-            return EXIT_OK
+            return False
         except PermissionError:
-            break
-        time.sleep(0.05)
-    error(f"the broker (pid {pid}) did not exit within {args.timeout:g}s")
-    return EXIT_FAILED
+            return True
+        return True
 
 
 def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
