@@ -15,6 +15,10 @@ $(STAMP): $(PY) pyproject.toml
 	@# atheris (coverage-guided fuzzing) only where a wheel exists; its test skips elsewhere
 	$(PY) -m pip install --quiet --only-binary=:all: 'atheris>=2.3' \
 		|| echo "atheris: no wheel for this platform; the atheris fuzz test will be skipped"
+	@# the man page where `man stigmer-broker` finds it (a pip install puts it there itself;
+	@# an editable one does not): a link, so `make man` keeps it current
+	mkdir -p $(VENV)/share/man/man1
+	ln -sfn $(CURDIR)/broker/cli/stigmer-broker.1 $(VENV)/share/man/man1/stigmer-broker.1
 	touch $(STAMP)
 
 ## run: serve in the foreground on the default paths (Ctrl-C stops it)

@@ -406,7 +406,7 @@ class Contexts:
         if entry is not None:
             self._index_token(entry)
         self._record("context.created", "ok", peer, execution_id,
-                     detail=f"{len(keys)} keys, expires {expires_at:.0f}"
+                     detail=f"{len(keys)} key{'s' * (len(keys) != 1)}, expires {expires_at:.0f}"
                      + (f", runners {'; '.join(runners)}" if runners else ""))
         if token is not None:
             self._record("token.issued", "ok", peer, execution_id, token.token_id)

@@ -3,7 +3,8 @@ the shipped one is current (``--check``, run by the test suite).
 
 ``broker/cli/stigmer-broker.1`` ships in the package; ``stigmer-broker help --man``
 prints it. argparse-manpage (a test dependency) writes it, so the page says exactly
-what ``--help`` says; nothing in it is written by hand.
+what ``--help`` says; the sections argparse cannot describe (exit status, environment,
+files) come from ``manpage.include`` beside this script.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from stigmer.broker.cli.parser import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "broker" / "cli" / "stigmer-broker.1"
+#: the sections argparse does not describe: exit status, environment, files
+SECTIONS = Path(__file__).resolve().parent / "manpage.include"
 
 
 def generate() -> str:
@@ -28,7 +31,8 @@ def generate() -> str:
     data = {"project_name": "stigmer-broker", "version": __version__,
             "date": f"version {__version__}", "manual_title": "stigmer-broker manual",
             "manual_section": "1",
-            "description": "the local secret broker for agent runners"}
+            "description": "the local secret broker for agent runners",
+            "include": str(SECTIONS)}
     return str(Manpage(build_parser(), _data=data))
 
 

@@ -403,7 +403,7 @@ def _term(paths: Paths, *args: str) -> PtyProcess:
 def test_destructive_commands_ask_on_a_terminal(cli_broker: Paths) -> None:
     run_cli(cli_broker, "env", "set", "prod", "A=1", check=True)
     term = _term(cli_broker, "env", "delete", "prod")
-    term.read_until("delete environment prod and its 1 variable(s)? [y/N] ")
+    term.read_until("delete environment prod and its 1 variable? [y/N] ")
     term.write("n\r")
     status, shown = term.wait()
     assert status == 1 and "cancelled: nothing was changed" in shown

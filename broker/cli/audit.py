@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import time
 from typing import TYPE_CHECKING
 
 from .common import EXIT_FAILED, EXIT_OK, connect, count_arg, name_arg
-from .render import error, print_json, when
+from .render import error, plural, print_json, when
 
 if TYPE_CHECKING:
     import argparse
@@ -15,8 +17,16 @@ if TYPE_CHECKING:
 __all__ = ["cmd_audit", "cmd_audit_verify"]
 
 
-def cmd_audit(args: argparse.Namespace, paths: Paths) -> int:
+#: a Unix time in an audit detail ("expires 1796267971"): the record keeps the number (it
+#: is chained as written, and --json shows it), people see the time
+_EPOCH = re.compile(r"(?<=expires )(\d{9,11})(?:\.\d+)?\b")
 
+
+def _iso(match: re.Match[str]) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(int(match.group(1))))
+
+
+def cmd_audit(args: argparse.Namespace, paths: Paths) -> int:
     execution_id = name_arg(args.execution, "--execution") if args.execution else None
     limit = count_arg(args.limit, "--limit", 1, 10_000_000) or 100
     with connect(paths) as client:
@@ -26,10 +36,12 @@ def cmd_audit(args: argparse.Namespace, paths: Paths) -> int:
 
         print_json(msgspec.to_builtins(records))
         return EXIT_OK
+    if not records:
+        print("no audit records" + (f" of execution {execution_id}" if execution_id else ""))
     for r in records:
         who = f"uid {r.peer_uid} pid {r.peer_pid}" if r.peer_uid is not None else "broker"
         token = f" {r.token_id}" if r.token_id else ""
-        detail = f" ({r.detail})" if r.detail else ""
+        detail = f" ({_EPOCH.sub(_iso, r.detail)})" if r.detail else ""
         print(f"{r.seq:>6}  {when(r.at)}  {r.event:<18} {r.outcome:<8} "
               f"{r.execution_id or '-'}{token}  {who}{detail}")
     return EXIT_OK
@@ -46,7 +58,7 @@ def cmd_audit_verify(args: argparse.Namespace, paths: Paths) -> int:
     if result.ok:
         removed = (f", records through {result.removed_through} removed by retention behind "
                    "a checkpoint" if result.removed_through else "")
-        print(f"audit chain intact ({result.records} records{removed})")
+        print(f"audit chain intact ({plural(result.records, 'record')}{removed})")
         if result.anchored is None:
             print("no head anchor yet: removal of the newest records is not checked")
         else:

@@ -20,7 +20,7 @@ from .common import (
     runner_arg,
 )
 from .inputs import collect_variables, confirm, read_text
-from .render import error, key_json, print_json, print_json_array, warn, when
+from .render import error, key_json, plural, print_json, print_json_array, warn, when
 
 if TYPE_CHECKING:
     import argparse
@@ -107,7 +107,8 @@ def cmd_context_show(args: argparse.Namespace, paths: Paths) -> int:
         left = "unlimited" if t.max_uses is None else f"{max(t.max_uses - t.uses, 0)} uses left"
         print(f"  {t.token_id}  expires {when(t.expires_at)}, used {t.uses}, {left}")
     if info.runners:
-        print(f"runners (any of these, by execution id; fetched {info.runner_uses} times):")
+        fetched = plural(info.runner_uses, "time")
+        print(f"runners (any of these, by execution id; fetched {fetched}):")
         for selector in info.runners:
             print(f"  {selector}")
     return EXIT_OK
@@ -123,7 +124,8 @@ def cmd_context_list(args: argparse.Namespace, paths: Paths) -> int:
             return EXIT_OK
         shown = 0
         for c in contexts:
-            print(f"{c.execution_id}  {c.keys} keys ({c.secrets} secret), {c.tokens} tokens, "
+            print(f"{c.execution_id}  {plural(c.keys, 'key')} ({c.secrets} secret), "
+                  f"{plural(c.tokens, 'token')}, "
                   f"expires {when(c.expires_at)}")
             shown += 1
     if not shown:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from ..protocol.messages import SECRET_MASK
 from .common import EXIT_OK, UsageError, check_broker, connect, name_arg, var_arg
 from .inputs import collect_variables, confirm, read_text
-from .render import print_json, print_json_array, printable
+from .render import plural, print_json, print_json_array, printable
 
 if TYPE_CHECKING:
     import argparse
@@ -34,7 +34,7 @@ def cmd_env_set(args: argparse.Namespace, paths: Paths) -> int:
         print_json({"name": env.name, "set": sorted(data), "secrets": secret_count,
                     "variables": len(env.data)})
         return EXIT_OK
-    print(f"environment {env.name}: set {len(data)} variable(s) ({secret_count} secret), "
+    print(f"environment {env.name}: set {plural(len(data), 'variable')} ({secret_count} secret), "
           f"{len(env.data)} in all")
     return EXIT_OK
 
@@ -50,7 +50,7 @@ def cmd_env_show(args: argparse.Namespace, paths: Paths) -> int:
                      "data": {k: {"value": v.value, "is_secret": v.is_secret}
                               for k, v in env.data.items()}})
         return EXIT_OK
-    print(f"environment {env.name} ({len(env.data)} variables)")
+    print(f"environment {env.name} ({plural(len(env.data), 'variable')})")
     width = max((len(k) for k in env.data), default=0)
     for key, var in env.data.items():
         shown = SECRET_MASK if var.value is None else printable(var.value)
@@ -68,7 +68,7 @@ def cmd_env_list(args: argparse.Namespace, paths: Paths) -> int:
             return EXIT_OK
         shown = 0
         for e in envs:
-            print(f"{e.name:<24}  {e.variables} variables, {e.secrets} secret")
+            print(f"{e.name:<24}  {plural(e.variables, 'variable')}, {e.secrets} secret")
             shown += 1
     if not shown:
         print("no environments (create one with `stigmer-broker env set NAME KEY=VALUE`)")
@@ -84,7 +84,7 @@ def cmd_env_unset(args: argparse.Namespace, paths: Paths) -> int:
     if args.json:
         print_json({"name": env.name, "removed": sorted(set(keys)), "variables": len(env.data)})
         return EXIT_OK
-    print(f"environment {env.name}: removed {len(keys)} variable(s), {len(env.data)} left")
+    print(f"environment {env.name}: removed {plural(len(keys), 'variable')}, {len(env.data)} left")
     return EXIT_OK
 
 
@@ -93,7 +93,7 @@ def cmd_env_delete(args: argparse.Namespace, paths: Paths) -> int:
     name = name_arg(args.name, "environment name")
     with connect(paths) as client:
         variables = len(client.get_environment(name).data)  # NotFound before asking
-        confirm(f"delete environment {name} and its {variables} variable(s)?", yes=args.yes,
+        confirm(f"delete environment {name} and its {plural(variables, 'variable')}?", yes=args.yes,
                 command="env delete")
         client.delete_environment(name)
     if args.json:

@@ -24,7 +24,7 @@ from ..config import resolve_paths
 from ..protocol.errors import BrokerError, BrokerUnavailable, UnsafeSocket
 from .common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, UsageError
 from .daemon import cmd_status
-from .render import error
+from .render import OutputFailed, error, guard_stdout
 
 if TYPE_CHECKING:
     import argparse
@@ -42,13 +42,21 @@ def entry() -> NoReturn:
         # as standard CLIs do: `stigmer-broker status | head` ends quietly when head
         # stops reading (the daemon keeps Python's SIG_IGN: a gone client must not kill it)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    guard_stdout()
     try:
-        code = main()
-    except SystemExit as exc:  # argparse's --help, --version and usage errors
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            code = main()
+        except SystemExit as exc:  # argparse's --help, --version and usage errors
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        sys.stdout.flush()
+    except OutputFailed as exc:  # `status > /dev/full`, `status >&-`
+        error(f"cannot write to standard output: {exc}")
+        code = EXIT_FAILED
+    except BrokenPipeError:
+        code = EXIT_FAILED
+    if sys.stderr is not None:
+        try:
+            sys.stderr.flush()
         except (OSError, ValueError):
             pass
     os._exit(code)
@@ -63,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         complete(build_parser())
         return EXIT_OK  # complete() exits when it answered; here only outside completion
+    if argv == ["--version"]:  # asked by scripts and package checks: no parser to build
+        from .. import __version__
+
+        print(f"stigmer-broker {__version__}")
+        return EXIT_OK
     fast = _status_fast_path(argv)
     if fast is not None:
         return fast
@@ -75,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(args, "pairs") and not any(e.startswith("-") for e in extras):
             args.pairs = [*args.pairs, *extras]
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+            _command_parser(parser, getattr(args, "command", [])).error(
+                f"unrecognized arguments: {' '.join(extras)}")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -101,6 +115,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_FAILED
+
+
+def _command_parser(parser: argparse.ArgumentParser,
+                    words: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser of the command ``words`` name (``["env", "show"]``), so that a usage
+    mistake is explained by that command's own options."""
+    import argparse
+
+    for word in words:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
+                   None)
+        if sub is None or word not in sub.choices:
+            break
+        parser = sub.choices[word]
+    return parser
 
 
 def _status_fast_path(argv: list[str]) -> int | None:

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from ..config import Paths
 
-__all__ = ["build_parser"]
+__all__ = ["build_parser", "usage_error"]
 
 Command = Callable[["argparse.Namespace", "Paths"], int]
 
@@ -99,8 +99,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     class _Parser(argparse.ArgumentParser):
         def error(self, message: str) -> NoReturn:
-            self.print_usage(sys.stderr)
-            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+            """One line: what was wrong, a near miss where there is one, where help is."""
+            self.exit(EXIT_USAGE, f"{PROG}: error: {usage_error(self, message)}\n")
 
     words = _chosen(argv)
 
@@ -125,7 +125,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
             return _Unused()
         p: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_,
                                                        parents=[common])
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, command=[*([group] if group else []), name])
         if (group, name) not in _NO_JSON:
             p.add_argument("--json", action="store_true",
                            help="print the result as one JSON object (shapes: README)")
@@ -157,7 +157,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = command("set", cmd_env_set, "create an environment or set variables in it", env_sub,
                 "env")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help="plain variables")
+    p.add_argument("pairs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="plain variables")
     p.add_argument("-s", "--secret", action="append", metavar="KEY[=VALUE]",
                    help="a secret; without =VALUE it is prompted for (or read from stdin)")
     p.add_argument("--env-file", metavar="FILE", help="read variables (as secrets) from a .env "
@@ -281,7 +282,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("shell", choices=("bash", "zsh", "fish"), metavar="SHELL",
                    help="bash, zsh or fish")
 
-    p = command("help", cmd_help, "print this help, or with --man the man page")
+    p = command("help", cmd_help, "print this help, a command's (help env set), or with --man "
+                "the man page")
+    p.add_argument("topic", nargs="*", metavar="COMMAND", help="the command to explain")
     p.add_argument("--man", action="store_true",
                    help="print the man page (roff): stigmer-broker help --man | man -l -")
 
@@ -319,6 +322,29 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                    help="the role of runner hosts: fetch and count uses only (default: "
                         "stigmer_runner)")
     return parser
+
+
+def usage_error(parser: argparse.ArgumentParser, message: str) -> str:
+    """``message`` as the one line a usage mistake prints: with the near miss of a mistyped
+    option or command where there is one, and the ``help`` command that explains it."""
+    import difflib
+    import re
+
+    words = parser.prog.split()[1:]  # "stigmer-broker env show" -> env show
+    hint = f"`{' '.join([PROG, 'help', *words])}` explains it"
+    unknown = re.match(r"unrecognized arguments?: (\S+)", message)
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    guess: list[str] = []
+    if unknown and unknown.group(1).startswith("-"):
+        options = [o for a in parser._actions for o in a.option_strings]
+        guess = difflib.get_close_matches(unknown.group(1).split("=")[0], options, n=1)
+        message = f"unknown option {unknown.group(1)}"
+    elif choice:
+        guess = difflib.get_close_matches(choice.group(1), re.findall(r"'([^']*)'",
+                                                                      choice.group(2)), n=1)
+        message = f"no command {choice.group(1)!r}"
+    near = f" (did you mean {guess[0]}?)" if guess else ""
+    return f"{' '.join(words) + ': ' if words else ''}{message}{near}; {hint}"
 
 
 def _store_arguments(p: Any) -> None:

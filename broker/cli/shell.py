@@ -33,5 +33,7 @@ def cmd_help(args: argparse.Namespace, paths: Paths) -> int:
         return EXIT_OK
     from .parser import build_parser
 
+    if args.topic:  # `help env set` is `env set --help`
+        build_parser(args.topic).parse_args([*args.topic, "--help"])
     build_parser().print_help()
     return EXIT_OK

@@ -1,0 +1,136 @@
+"""What a person meets at the command line: one-line usage mistakes with a near miss,
+``help COMMAND``, the man page where ``man`` looks, an unwritable stdout reported in
+one line, and output that reads as English."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import cli_env, run_cli
+
+from stigmer.broker.config import Paths
+
+
+@pytest.fixture
+def store() -> None:
+    """Nothing here is about the store: the embedded one is enough."""
+    return None
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["env", "show", "prod", "--revael"],
+     "env show: unknown option --revael (did you mean --reveal?); "
+     "`stigmer-broker help env show` explains it"),
+    (["sttaus"], "no command 'sttaus' (did you mean status?); `stigmer-broker help` explains it"),
+    (["env", "sho", "prod"], "env: no command 'sho' (did you mean show?)"),
+    (["env", "set"], "env set: the following arguments are required: NAME;"),
+    (["context", "create"], "context create: the following arguments are required: EXEC_ID"),
+    (["run", "--mount"], "run: argument --mount: expected one argument"),
+])
+def test_a_usage_mistake_is_one_line_with_the_near_miss(paths: Paths, argv: list[str],
+                                                       expected: str) -> None:
+    result = run_cli(paths, *argv)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("stigmer-broker: error: " + expected), result.stderr
+
+
+def test_help_command_explains_that_command(paths: Paths) -> None:
+    for words in (["run"], ["env", "set"], ["key", "import"]):
+        result = run_cli(paths, "help", *words)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"usage: stigmer-broker {' '.join(words)} ")
+    unknown = run_cli(paths, "help", "nosuch")
+    assert unknown.returncode == 2
+    assert unknown.stderr == ("stigmer-broker: error: no command 'nosuch'; "
+                              "`stigmer-broker help` explains it\n")
+
+
+def test_the_man_page_is_where_man_looks() -> None:
+    installed = Path(sys.prefix) / "share" / "man" / "man1" / "stigmer-broker.1"
+    shipped = Path(__file__).resolve().parent.parent / "broker" / "cli" / "stigmer-broker.1"
+    assert installed.read_text() == shipped.read_text()
+    page = shipped.read_text()
+    for section in ("EXIT STATUS", "ENVIRONMENT", "FILES"):
+        assert f"\n.SH {section}\n" in page, section
+    for variable in ("STIGMER_HOME", "STIGMER_BROKER_SOCKET", "STIGMER_ENCRYPTION_KEY",
+                     "STIGMER_STORE_URL", "STIGMER_EXECUTION_ID", "CREDENTIALS_DIRECTORY"):
+        assert variable in page.replace("\\-", "-").replace("\\_", "_"), variable
+    if shutil.which("man") is None:
+        return  # the file is where man-db looks; there is no man here to ask
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "LANG": "C.UTF-8"}
+    found = subprocess.run(["man", "-w", "stigmer-broker"], capture_output=True, text=True,
+                           env=env, timeout=60)
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()).resolve() == shipped
+
+
+#: commands that print something, as a user types them
+_PRINTING = [["status"], ["status", "--json"], ["env", "list"], ["context", "list"],
+             ["audit"], ["completion", "bash"], ["help"], ["--help"], ["--version"]]
+
+
+def test_an_unwritable_stdout_is_one_line_and_status_1(cli_broker: Paths) -> None:
+    env = cli_env(cli_broker)
+    broker = [sys.executable, "-m", "stigmer.broker"]
+    for argv in _PRINTING:
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([*broker, *argv], stdout=full, stderr=subprocess.PIPE,
+                                    text=True, env=env, timeout=60)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 1, (argv, result.stderr)
+        assert last == ("stigmer-broker: error: cannot write to standard output: "
+                        "No space left on device"), (argv, result.stderr)
+        assert "Traceback" not in result.stderr
+        closed = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", *broker, *argv],
+                                stderr=subprocess.PIPE, text=True, env=env, timeout=60)
+        assert closed.returncode == 1, (argv, closed.stderr)
+        assert closed.stderr.strip().splitlines()[-1] == (
+            "stigmer-broker: error: cannot write to standard output: it is closed")
+        assert "Traceback" not in closed.stderr
+
+
+def test_a_reader_that_stops_early_is_not_an_error(cli_broker: Paths) -> None:
+    """`stigmer-broker help | head -1` ends quietly, as standard tools do."""
+    result = subprocess.run(
+        ["sh", "-c", f"{sys.executable} -m stigmer.broker help | head -1"],
+        capture_output=True, text=True, env=cli_env(cli_broker), timeout=60)
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: stigmer-broker")
+    assert result.stderr == ""
+
+
+def test_counts_and_times_read_as_english(cli_broker: Paths) -> None:
+    run_cli(cli_broker, "env", "set", "dev", "A=1", check=True)
+    run_cli(cli_broker, "context", "create", "e1", "--environment", "dev", check=True)
+    assert "dev" in (listing := run_cli(cli_broker, "env", "list", check=True).stdout)
+    assert "1 variable, 0 secret" in listing
+    shown = run_cli(cli_broker, "env", "show", "dev", check=True).stdout
+    assert shown.startswith("environment dev (1 variable)")
+    contexts = run_cli(cli_broker, "context", "list", check=True).stdout
+    assert "e1  1 key (0 secret), 1 token, expires " in contexts
+    audit = run_cli(cli_broker, "audit", "--execution", "e1", check=True).stdout
+    created = next(line for line in audit.splitlines() if "context.created" in line)
+    assert re.search(r"\(1 key, expires \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}\)", created)
+    as_json = run_cli(cli_broker, "audit", "--execution", "e1", "--json", check=True).stdout
+    assert re.search(r'"detail": "1 key, expires \d{10}"', as_json)
+    assert run_cli(cli_broker, "audit", "--execution", "none-such",
+                   check=True).stdout == "no audit records of execution none-such\n"
+
+
+def test_version_is_quick_to_answer(paths: Paths) -> None:
+    """`--version` answers without building the parser (it used to take longer than a
+    round trip to the broker)."""
+    code = ("import importlib, sys; "
+            "importlib.import_module('stigmer.broker.cli.main').main(['--version']); "
+            "print('argparse' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, timeout=60)
+    assert out.stdout.splitlines() == ["stigmer-broker 0.1.0", "False"], out.stderr
