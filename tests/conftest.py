@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -144,6 +145,15 @@ def cli_broker(paths: Paths, store: str | None) -> Iterator[Paths]:
     _STORES.pop(paths.home, None)
 
 
+def need_program(name: str) -> None:
+    """Skip a test whose program (a shell) is missing; under CI=true, where .ci/run
+    installs it, fail instead: a skip there would pass silently."""
+    if shutil.which(name) is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{name} is needed under CI=true (.ci/run installs it)")
+        pytest.skip(f"{name} is not installed")
+
+
 NOBODY = 65534
 
 
@@ -250,6 +260,9 @@ class PtyProcess:
 
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # pragma: no cover - the child
+            # a person's terminal delivers Ctrl-C: a suite started in the background from a
+            # non-interactive shell (`make test &`) has SIGINT ignored, and exec keeps that
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execve(argv[0], argv, env)  # noqa: S606
         self.output = b""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PtyProcess, cli_env, run_cli
+from conftest import PtyProcess, cli_env, need_program, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,8 +54,7 @@ def _environ_after(shell: list[str], script: str) -> dict[str, str]:
 @pytest.mark.parametrize("shell", ["sh", "bash", "fish"])
 def test_eval_gives_every_hostile_value_back_exactly(exported: tuple[Paths, str],
                                                       shell: str, short_dir: Path) -> None:
-    if shutil.which(shell) is None:
-        pytest.skip(f"{shell} is not installed")
+    need_program(shell)
     paths, token = exported
     result = _export(paths, token, "fish" if shell == "fish" else "sh")
     assert result.returncode == 0, result.stderr
@@ -145,8 +145,7 @@ def test_completion_scripts_load_in_their_shells(paths: Paths, shell: str,
                                                   short_dir: Path) -> None:
     result = run_cli(paths, "completion", shell)
     assert result.returncode == 0 and "stigmer-broker" in result.stdout, result.stderr
-    if shutil.which(shell) is None:
-        pytest.skip(f"{shell} is not installed")
+    need_program(shell)
     script = short_dir / f"completion.{shell}"
     script.write_text(result.stdout)
     check = {"bash": f"source {script} && complete -p stigmer-broker",
@@ -306,6 +305,30 @@ def test_ctrl_c_at_the_terminal_reaches_the_command(masked: tuple[Paths, dict[st
     term.write("\x03")  # Ctrl-C, through our raw terminal to the command's
     status, shown = term.wait()
     assert status == 5 and "interrupted" in shown, shown
+
+
+def test_ctrl_c_reaches_the_command_when_the_suite_runs_in_the_background() -> None:
+    """`make test &` from a non-interactive shell starts the suite with SIGINT ignored;
+    the terminal the tests drive must still deliver Ctrl-C, as a person's does."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        term = PtyProcess([sys.executable, "-c", "import signal; "
+                           "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"],
+                          dict(os.environ))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    status, shown = term.wait()
+    assert status == 0 and shown.strip() == "False", shown
+
+
+def test_a_missing_shell_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    """.ci/run installs fish and zsh: there a missing one must not pass as a skip."""
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="needed under CI=true"):
+        need_program("no-such-shell-here")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        need_program("no-such-shell-here")
 
 
 @settings(max_examples=300, deadline=None)
