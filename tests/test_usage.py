@@ -134,3 +134,30 @@ def test_version_is_quick_to_answer(paths: Paths) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, timeout=60)
     assert out.stdout.splitlines() == ["stigmer-broker 0.1.0", "False"], out.stderr
+
+
+@pytest.mark.parametrize("shell", ["sh", "fish"])
+def test_start_prints_a_line_a_shell_evaluates(paths: Paths, shell: str) -> None:
+    """`eval "$(stigmer-broker start --print-env sh)"` adopts the broker's socket, like
+    ssh-agent -s; a second start (already running) prints the same line."""
+    from conftest import need_program
+
+    need_program(shell)
+    env = {k: v for k, v in cli_env(paths).items() if k != "STIGMER_BROKER_SOCKET"}
+    env["STIGMER_BROKER_SOCKET"] = str(paths.socket)
+    started = run_cli(paths, "start", "--print-env", shell, env=env, check=True).stdout
+    try:
+        again = run_cli(paths, "start", "--print-env", shell, env=env, check=True).stdout
+        assert again == started
+        del env["STIGMER_BROKER_SOCKET"]  # a session that does not know the path yet
+        status = f"{sys.executable} -m stigmer.broker status"
+        script = f"eval \"$({sys.executable} -m stigmer.broker --socket {paths.socket} " \
+                 f"start --print-env sh)\"; {status}" if shell == "sh" else \
+                 f"eval ({sys.executable} -m stigmer.broker --socket {paths.socket} " \
+                 f"start --print-env fish); {status}"
+        result = subprocess.run([shell, "-c", script], capture_output=True, text=True,
+                                env=env, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert f"socket       {paths.socket}" in result.stdout
+    finally:
+        run_cli(paths, "stop")

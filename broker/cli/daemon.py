@@ -164,6 +164,8 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
         if args.json:
             print_json({"running": True, "started": False, "pid": status.pid,
                         "socket": str(paths.socket)})
+        elif args.print_env:
+            _print_env(paths, args.print_env)
         else:
             print(f"already running (pid {status.pid}) on {paths.socket}")
         return EXIT_OK
@@ -212,6 +214,8 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
     if args.json:
         print_json({"running": True, "started": True, "pid": proc.pid,
                     "socket": str(paths.socket)})
+    elif args.print_env:
+        _print_env(paths, args.print_env)
     else:
         print(paths.socket)
     with contextlib.suppress(BrokerError), connect(paths) as client:
@@ -221,6 +225,15 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
 
             warn(no_backup_line(status.key_source))
     return EXIT_OK
+
+
+def _print_env(paths: Paths, shell: str) -> None:
+    """The socket as a line a shell evaluates: a session whose default path differs (cron,
+    ssh, sudo: another $XDG_RUNTIME_DIR) adopts the broker in one step."""
+    from .common import SOCKET_VARIABLE
+    from .shellquote import render
+
+    sys.stdout.write(render({SOCKET_VARIABLE: str(paths.socket)}, shell))
 
 
 def _last_error_line(log_file: Path) -> str:

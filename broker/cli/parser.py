@@ -144,6 +144,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
     _store_arguments(p)
     p = command("start", cmd_start, "start the broker in the background if it is not running")
+    p.add_argument("--print-env", choices=("sh", "fish"), metavar="SHELL",
+                   help="print the socket as a line for eval in sh or fish, as ssh-agent -s "
+                        "does: eval \"$(stigmer-broker start --print-env sh)\"")
     p.add_argument("--allow-group", metavar="GROUP", help="as for serve")
     p.add_argument("--audit-retention", metavar="DURATION", help="as for serve")
     _store_arguments(p)
