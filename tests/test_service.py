@@ -90,7 +90,8 @@ def test_plist(short_dir: Path) -> None:
     assert plist["Label"] == "dev.stigmer.broker"
     assert plist["ProgramArguments"] == ["/opt/a&b/stigmer-broker", "serve", "--home",
                                          "/Users/u/.stigmer"]
-    assert plist["KeepAlive"] is True and plist["RunAtLoad"] is True
+    # restarted when it fails, not when `stigmer-broker stop` ends it cleanly
+    assert plist["KeepAlive"] == {"SuccessfulExit": False} and plist["RunAtLoad"] is True
     assert plist["StandardErrorPath"] == "/Users/u/.stigmer/broker.log"
 
 
