@@ -578,12 +578,11 @@ class Contexts:
             self._deny(event, execution_id, peer, "expired or used up")
         if peer.process is None:
             self._deny(event, execution_id, peer, "the process cannot be attested")
+        who = f"uid {peer.uid} pid {peer.pid}"
         try:
-            attested = peer.process.attest()
+            selector = matching_selector(grant.runners, peer.process.attest())
         except LookupError as exc:
             self._deny(event, execution_id, peer, str(exc))
-        who = f"uid {attested.uid} pid {attested.pid} exe {attested.exe or '?'}"
-        selector = matching_selector(grant.runners, attested)
         if selector is None:
             self._deny(event, execution_id, peer, f"no selector matches {who}")
         return grant, selector, who

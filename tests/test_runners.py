@@ -1,5 +1,8 @@
 """Contexts granted to a runner's identity: only the execution id passes through the
-workflow engine. Real processes, real uids (the tests run as root and create them)."""
+workflow engine. Real processes, real uids: the tests run as root and create ordinary
+users; a broker serving other uids runs as one of them (:class:`conftest.UserBroker`),
+as users run it, and runs as root only where the README says root is needed (``exe:``
+terms for another uid)."""
 
 from __future__ import annotations
 
@@ -11,8 +14,7 @@ import pwd
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
@@ -20,16 +22,17 @@ import anyio.to_thread
 import pytest
 from conftest import (
     RunningBroker,
-    cli_env,
-    cli_for_nobody,
+    UserBroker,
+    as_user,
+    ensure_user,
     make_config,
     python_for_nobody,
-    run_cli,
     start_broker,
 )
 
 from stigmer.broker.config import Config, Paths
 from stigmer.broker.contexts import NOT_GRANTED
+from stigmer.broker.daemon.attest import EXE_NEEDS_ROOT
 from stigmer.broker.protocol import (
     CompleteContext,
     Connection,
@@ -45,38 +48,24 @@ from stigmer.client import AsyncClient, InvalidArgument, PermissionDenied, varia
 
 pytestmark = pytest.mark.anyio
 
-ALLOWED = "stgrunners"  # may connect (serve --allow-group)
-TEAM = "stgteam"  # what the grant names
-MEMBER, OUTSIDER = "stgrun1", "stgrun2"  # both in ALLOWED, only MEMBER in TEAM
-
-
-def _ensure_group(name: str) -> int:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
-        return grp.getgrnam(name).gr_gid
-
-
-def _ensure_user(name: str, groups: list[str]) -> pwd.struct_passwd:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/false",
-                        name], check=True, capture_output=True)
-    subprocess.run(["usermod", "-a", "-G", ",".join(groups), name], check=True,
-                   capture_output=True)
-    return pwd.getpwnam(name)
+ALLOWED = "stgarunners"  # may connect (serve --allow-group)
+TEAM = "stgateam"  # what the grant names
+OWNER = "stgaown"  # runs the broker
+MEMBER, OUTSIDER = "stgarun1", "stgarun2"  # both in ALLOWED, only MEMBER in TEAM
 
 
 @pytest.fixture(scope="module")
 def users() -> dict[str, pwd.struct_passwd]:
-    if os.getuid() != 0 or shutil.which("useradd") is None:
-        pytest.skip("creating users needs root and useradd")
-    _ensure_group(ALLOWED)
-    _ensure_group(TEAM)
-    return {MEMBER: _ensure_user(MEMBER, [ALLOWED, TEAM]),
-            OUTSIDER: _ensure_user(OUTSIDER, [ALLOWED])}
+    return {OWNER: ensure_user(OWNER, [ALLOWED]), MEMBER: ensure_user(MEMBER, [ALLOWED, TEAM]),
+            OUTSIDER: ensure_user(OUTSIDER, [ALLOWED])}
+
+
+@pytest.fixture
+def owner_broker(users: dict[str, pwd.struct_passwd], short_dir: Path
+                 ) -> Iterator[UserBroker]:
+    """`serve --allow-group` run by an ordinary user, the runners' set-up in the README."""
+    with UserBroker(users[OWNER], short_dir, args=("--allow-group", ALLOWED)) as broker:
+        yield broker
 
 
 def _frames(*messages: object) -> str:
@@ -126,13 +115,6 @@ def _replies(hexdata: str) -> list[Response]:
     return out
 
 
-def _as(user: pwd.struct_passwd | None) -> dict[str, object]:
-    if user is None:
-        return {}
-    return {"user": user.pw_uid, "group": user.pw_gid,
-            "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid)}
-
-
 def fetch_raw(socket_path: Path, execution_id: str, *, python: str = sys.executable,
               user: pwd.struct_passwd | None = None, mode: str = "plain",
               env: dict[str, str] | None = None, request: object = None) -> Response:
@@ -147,7 +129,7 @@ def fetch_raw(socket_path: Path, execution_id: str, *, python: str = sys.executa
     body = conn.send(wanted).hex()  # type: ignore[arg-type]
     out = subprocess.run([python, "-c", PEER, str(socket_path), hello, body, mode, PEER],
                          capture_output=True, text=True, timeout=60, env=env,
-                         **_as(user))  # type: ignore[call-overload]
+                         **as_user(user))
     assert out.returncode == 0, out.stderr
     replies = _replies(out.stdout)
     return replies[-1]
@@ -176,7 +158,7 @@ async def runner_broker(paths: Paths, users: object, short_dir: Path
         running.stop.set()
 
 
-async def _create(broker: RunningBroker, execution_id: str, *runners: str,
+async def _create(broker: RunningBroker | UserBroker, execution_id: str, *runners: str,
                   **options: object) -> None:
     async with AsyncClient(broker.socket) as client:
         await client.create_context(execution_id, runtime=variables({"A": "1"}),
@@ -184,15 +166,17 @@ async def _create(broker: RunningBroker, execution_id: str, *runners: str,
 
 
 async def test_a_group_grant_opens_to_members_and_refuses_another_uid(
-        runner_broker: RunningBroker, users: dict[str, pwd.struct_passwd]) -> None:
-    await _create(runner_broker, "exec-g", f"group:{TEAM}")
+        owner_broker: UserBroker, users: dict[str, pwd.struct_passwd]) -> None:
+    """A broker run by an ordinary user checks user: and group: terms from the connection
+    alone (it may not read another uid's binary, and needs not)."""
+    await _create(owner_broker, "exec-g", f"group:{TEAM}")
     member = await anyio.to_thread.run_sync(
-        lambda: fetch_raw(runner_broker.socket, "exec-g", user=users[MEMBER]))
+        lambda: fetch_raw(owner_broker.socket, "exec-g", user=users[MEMBER]))
     assert granted(member), member
     outsider = await anyio.to_thread.run_sync(
-        lambda: fetch_raw(runner_broker.socket, "exec-g", user=users[OUTSIDER]))
+        lambda: fetch_raw(owner_broker.socket, "exec-g", user=users[OUTSIDER]))
     assert denied(outsider), outsider
-    async with AsyncClient(runner_broker.socket) as admin:
+    async with AsyncClient(owner_broker.socket) as admin:
         info = await admin.get_context("exec-g")
         assert info.runners == [f"group:{grp.getgrnam(TEAM).gr_gid}"]
         assert info.tokens == [] and info.runner_uses == 1
@@ -200,9 +184,32 @@ async def test_a_group_grant_opens_to_members_and_refuses_another_uid(
     fetches = [r for r in records if r.event == "fetch"]
     uid = users[MEMBER].pw_uid
     assert any(r.outcome == "granted" and r.peer_uid == uid and "runner group:" in r.detail
-               and "exe /" in r.detail for r in fetches), fetches
+               for r in fetches), fetches
     assert any(r.outcome == "denied" and r.peer_uid == users[OUTSIDER].pw_uid
                and "no selector matches" in r.detail for r in fetches), fetches
+
+
+async def test_an_exe_term_for_another_uid_needs_a_root_broker(
+        runner_broker: RunningBroker, owner_broker: UserBroker,
+        users: dict[str, pwd.struct_passwd]) -> None:
+    """The README's one case for root: reading another uid's binary. A broker run by an
+    ordinary user refuses, and says why in the audit and in status."""
+    python = os.path.realpath(python_for_nobody())  # what fetch_raw runs as MEMBER
+    selector = f"user:{MEMBER},exe:{python}"
+    for broker in (runner_broker, owner_broker):
+        await _create(broker, "exec-x", selector)
+    assert granted(await anyio.to_thread.run_sync(
+        lambda: fetch_raw(runner_broker.socket, "exec-x", user=users[MEMBER])))
+    assert denied(await anyio.to_thread.run_sync(
+        lambda: fetch_raw(owner_broker.socket, "exec-x", user=users[MEMBER])))
+    async with AsyncClient(owner_broker.socket) as admin:
+        records = await admin.audit(execution_id="exec-x")
+    assert any(r.outcome == "denied" and EXE_NEEDS_ROOT in r.detail for r in records), records
+    status = owner_broker.cli("status", check=True).stdout
+    assert EXE_NEEDS_ROOT in status, status
+    assert EXE_NEEDS_ROOT in owner_broker.cli("status", "--json", check=True).stdout
+    async with AsyncClient(runner_broker.socket) as root:
+        assert (await root.status()).attest_limit == ""
 
 
 async def test_exe_selectors_with_and_without_a_digest(runner_broker: RunningBroker,
@@ -238,9 +245,9 @@ async def test_exe_selectors_with_and_without_a_digest(runner_broker: RunningBro
 
 
 async def test_the_refusal_is_the_same_for_every_cause(
-        runner_broker: RunningBroker, users: dict[str, pwd.struct_passwd]) -> None:
+        owner_broker: UserBroker, users: dict[str, pwd.struct_passwd]) -> None:
     me = os.path.realpath(sys.executable)
-    async with AsyncClient(runner_broker.socket) as admin:
+    async with AsyncClient(owner_broker.socket) as admin:
         await admin.create_context("tok-only", runtime=variables({"A": "1"}))
         await admin.create_context("other-uid", runtime=variables({"A": "1"}),
                                    runners=[f"user:{users[MEMBER].pw_uid}"])
@@ -256,7 +263,7 @@ async def test_the_refusal_is_the_same_for_every_cause(
     for execution_id in ("unknown", "tok-only", "other-uid", "other-exe", "short", "done"):
         user = users[OUTSIDER] if execution_id == "other-uid" else None
         replies.append(await anyio.to_thread.run_sync(
-            functools.partial(fetch_raw, runner_broker.socket, execution_id, user=user)))
+            functools.partial(fetch_raw, owner_broker.socket, execution_id, user=user)))
     assert all(denied(r) for r in replies), replies
     assert len({(r.code, r.message) for r in replies if isinstance(r, Error)}) == 1
 
@@ -280,25 +287,25 @@ async def test_a_peer_that_execs_another_binary_is_attested_as_the_new_one(
 
 
 async def test_a_runner_may_fetch_and_release_its_grant_and_nothing_else(
-        runner_broker: RunningBroker, users: dict[str, pwd.struct_passwd]) -> None:
+        owner_broker: UserBroker, users: dict[str, pwd.struct_passwd]) -> None:
     member = users[MEMBER]
-    await _create(runner_broker, "mine", f"user:{MEMBER}")
-    await _create(runner_broker, "theirs", "self")
+    await _create(owner_broker, "mine", f"user:{MEMBER}")
+    await _create(owner_broker, "theirs", "self")
     for request in (ListContexts(id=2), CompleteContext(id=2, execution_id="theirs")):
         reply = await anyio.to_thread.run_sync(
-            functools.partial(fetch_raw, runner_broker.socket, "", user=member,
+            functools.partial(fetch_raw, owner_broker.socket, "", user=member,
                               request=request))
         assert isinstance(reply, Error) and reply.code == "permission_denied", reply
     assert denied(await anyio.to_thread.run_sync(lambda: fetch_raw(
-        runner_broker.socket, "", user=member,
+        owner_broker.socket, "", user=member,
         request=ReleaseContext(id=2, execution_id="theirs"))))
     reply = await anyio.to_thread.run_sync(lambda: fetch_raw(
-        runner_broker.socket, "", user=member, request=ReleaseContext(id=2,
+        owner_broker.socket, "", user=member, request=ReleaseContext(id=2,
                                                                       execution_id="mine")))
     assert type(reply).__name__ == "Ok", reply
     assert denied(await anyio.to_thread.run_sync(
-        lambda: fetch_raw(runner_broker.socket, "mine", user=member)))
-    async with AsyncClient(runner_broker.socket) as admin:
+        lambda: fetch_raw(owner_broker.socket, "mine", user=member)))
+    async with AsyncClient(owner_broker.socket) as admin:
         assert [c.execution_id for c in await admin.list_contexts()] == ["theirs"]
 
 
@@ -325,37 +332,24 @@ async def test_max_uses_ttl_and_release_apply_to_identity_fetches(
 
 
 def test_the_cli_walkthrough_runner_under_its_own_uid(
-        paths: Paths, users: dict[str, pwd.struct_passwd], short_dir: Path) -> None:
-    """The README's "Runners under their own uid", as written (sudo -u is subprocess's
-    user=): serve --allow-group, create with --runner group:, run --execution."""
-    env = cli_env(paths)
-    daemon = subprocess.Popen([sys.executable, "-m", "stigmer.broker", "serve",
-                               "--allow-group", ALLOWED], env=env, stderr=subprocess.PIPE,
-                              text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while run_cli(paths, "status").returncode != 0:
-            assert daemon.poll() is None and time.monotonic() < deadline, daemon.stderr
-            time.sleep(0.1)
-        os.chmod(short_dir, 0o755)
-        run_cli(paths, "env", "set", "prod", "A=from-prod", check=True)
-        out = run_cli(paths, "context", "create", "exec-42", "--environment", "prod",
-                      "--runner", f"group:{TEAM}", check=True).stdout
+        users: dict[str, pwd.struct_passwd], short_dir: Path) -> None:
+    """The README's "Runners under their own uid", as written and as users run it: the
+    owner, an ordinary user, runs serve --allow-group and creates the context with
+    --runner group:; a member (sudo -u is subprocess's user=) runs `run` with only the
+    execution id."""
+    with UserBroker(users[OWNER], short_dir, args=("--allow-group", ALLOWED)) as broker:
+        broker.cli("env", "set", "prod", "A=from-prod", check=True)
+        out = broker.cli("context", "create", "exec-42", "--environment", "prod",
+                         "--runner", f"group:{TEAM}", check=True).stdout
         assert "exec-42" in out and "stg_" not in out
-        show = run_cli(paths, "context", "show", "exec-42", check=True).stdout
+        show = broker.cli("context", "show", "exec-42", check=True).stdout
         assert f"group:{grp.getgrnam(TEAM).gr_gid}" in show
-        runner_env = {**env, "STIGMER_EXECUTION_ID": "exec-42"}
-        member = users[MEMBER]
-        broker_cli = cli_for_nobody()  # `stigmer-broker` as another user may run it
-        cli = [*broker_cli, "run", "--", broker_cli[0], "-c",
-               "import os; print(os.environ['A'])"]
-        result = subprocess.run(cli, env=runner_env, capture_output=True, text=True,
-                                timeout=60, **_as(member))  # type: ignore[call-overload]
-        assert result.returncode == 0 and result.stdout.strip() == "from-prod", result.stderr
-        outsider = subprocess.run(cli, env=runner_env, capture_output=True, text=True,
-                                  timeout=60, **_as(users[OUTSIDER]))  # type: ignore[call-overload]
+        runner_env = {"STIGMER_EXECUTION_ID": "exec-42"}
+        command = ("run", "--", broker.command[0], "-c", "import os; print(os.environ['A'])")
+        for _ in range(3):  # every time, not by luck
+            result = broker.cli(*command, user=users[MEMBER], env=runner_env)
+            assert result.returncode == 0 and result.stdout.strip() == "from-prod", \
+                result.stderr
+        outsider = broker.cli(*command, user=users[OUTSIDER], env=runner_env)
         assert outsider.returncode == 1 and "is open to this process" not in outsider.stdout
         assert "no live context of that execution id" in outsider.stderr
-    finally:
-        daemon.terminate()
-        daemon.communicate(timeout=30)
