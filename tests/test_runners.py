@@ -74,11 +74,13 @@ def _frames(*messages: object) -> str:
 
 
 # A stdlib-only peer: any interpreter can run it, as any user. It sends prepared frames
-# (optionally exec'ing another interpreter first, or handing the socket to a child and
-# exiting) and prints the reply bytes as hex.
+# (optionally exec'ing another interpreter first, handing the socket to a child and
+# exiting, or attacking an exe: grant with ptrace) and prints the reply bytes as hex.
 PEER = r"""
-import os, socket, sys, time
+import ctypes, os, socket, sys, time
 path, hello, request, mode = sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3], sys.argv[4]
+def traceme():  # PTRACE_TRACEME: our parent becomes our tracer, as a debugger would
+    assert ctypes.CDLL(None, use_errno=True).ptrace(0, 0, None, None) == 0, ctypes.get_errno()
 def finish(s):
     s.sendall(bytes.fromhex(request)); s.shutdown(socket.SHUT_WR)
     data = b""
@@ -90,8 +92,24 @@ if mode.startswith("fd:"):  # the exec'd half: the socket was inherited
     inherited.settimeout(20)
     finish(inherited)
     sys.exit(0)
+if mode == "traceme":
+    traceme()
 s = socket.socket(socket.AF_UNIX); s.settimeout(20); s.connect(path)
 s.sendall(hello); time.sleep(0.2)
+if mode.startswith("traced-exec:"):  # the connecting process execs the granted binary
+    target, connected = mode[12:], os.getpid()  # traced, so stopped before it runs; a
+    if os.fork() == 0:                          # forked half uses the connection
+        deadline = time.monotonic() + 20
+        while os.readlink(f"/proc/{connected}/exe") != target:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        try:
+            finish(s)
+        finally:
+            os.kill(connected, 9)
+        os._exit(0)
+    traceme()
+    os.execv(target, [target, "60"])
 if mode.startswith("exec:"):  # become another binary, keeping the connection
     os.set_inheritable(s.fileno(), True)
     os.execv(mode[5:], [mode[5:], "-c", sys.argv[5], path, "", request, f"fd:{s.fileno()}"])
@@ -117,9 +135,10 @@ def _replies(hexdata: str) -> list[Response]:
 
 def fetch_raw(socket_path: Path, execution_id: str, *, python: str = sys.executable,
               user: pwd.struct_passwd | None = None, mode: str = "plain",
-              env: dict[str, str] | None = None, request: object = None) -> Response:
-    """Fetch ``execution_id`` from a fresh process of ``python`` run as ``user``; return the
-    broker's answer to the fetch."""
+              env: dict[str, str] | None = None, request: object = None,
+              wrap: tuple[str, ...] = ()) -> Response:
+    """Fetch ``execution_id`` from a fresh process of ``python`` run as ``user`` (through
+    the command ``wrap``, if any); return the broker's answer to the fetch."""
     if user is not None and python == sys.executable:
         python = python_for_nobody()  # one other users may run (PEER needs only the stdlib)
     hello = _frames(Hello(id=1, version=1))
@@ -127,10 +146,11 @@ def fetch_raw(socket_path: Path, execution_id: str, *, python: str = sys.executa
     conn = Connection(Role.CLIENT)
     conn.send(Hello(id=1, version=1))
     body = conn.send(wanted).hex()  # type: ignore[arg-type]
-    out = subprocess.run([python, "-c", PEER, str(socket_path), hello, body, mode, PEER],
+    out = subprocess.run([*wrap, python, "-c", PEER, str(socket_path), hello, body, mode, PEER],
                          capture_output=True, text=True, timeout=60, env=env,
                          **as_user(user))
-    assert out.returncode == 0, out.stderr
+    # the traced process is killed by its forked half once the reply is read
+    assert out.returncode == (-9 if mode.startswith("traced-exec:") else 0), out.stderr
     replies = _replies(out.stdout)
     return replies[-1]
 
@@ -242,6 +262,73 @@ async def test_exe_selectors_with_and_without_a_digest(runner_broker: RunningBro
     assert denied(await anyio.to_thread.run_sync(
         lambda: fetch_raw(runner_broker.socket, "exec-digest", python=str(copy),
                           env={**os.environ, "PYTHONHOME": "/usr"})))
+
+
+async def _denials(broker: RunningBroker, execution_id: str) -> list[str]:
+    async with AsyncClient(broker.socket) as admin:
+        records = await admin.audit(execution_id=execution_id)
+    return [r.detail for r in records if r.outcome == "denied"]
+
+
+async def test_an_exe_term_refuses_a_traced_process_and_one_that_exec_d_after_connecting(
+        runner_broker: RunningBroker) -> None:
+    """The granted binary must be what connected, and run untraced: (a) a process that
+    connects, forks, and execs the granted binary under PTRACE_TRACEME (stopped before its
+    first instruction) while the forked half reads the reply was granted."""
+    me = os.path.realpath(sys.executable)
+    sleep = os.path.realpath(shutil.which("sleep") or "/bin/sleep")
+    await _create(runner_broker, "exec-me", f"exe:{me}")
+    await _create(runner_broker, "exec-sleep", f"exe:{sleep}")
+    assert granted(await anyio.to_thread.run_sync(
+        lambda: fetch_raw(runner_broker.socket, "exec-me")))  # the same, untraced
+    assert denied(await anyio.to_thread.run_sync(
+        lambda: fetch_raw(runner_broker.socket, "exec-me", mode="traceme")))
+    assert denied(await anyio.to_thread.run_sync(
+        lambda: fetch_raw(runner_broker.socket, "exec-sleep", mode=f"traced-exec:{sleep}")))
+    assert "the process is being traced" in await _denials(runner_broker, "exec-me")
+    assert "the process runs another binary than when it connected" in await _denials(
+        runner_broker, "exec-sleep")
+
+
+@pytest.fixture
+def unshare() -> str:
+    """unshare(1), able to make a user and mount namespace here."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("needs unshare (util-linux)")
+    probe = subprocess.run([unshare, "-Urm", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"this kernel forbids user namespaces here: {probe.stderr.strip()}")
+    return unshare
+
+
+async def test_an_exe_term_is_the_file_at_the_path_not_a_bind_mount_over_it(
+        runner_broker: RunningBroker, short_dir: Path, unshare: str) -> None:
+    """(b) Without a digest, any binary bind-mounted at the granted path inside a user and
+    mount namespace of its own (unshare -Urm) was granted."""
+    real = os.path.realpath("/usr/bin/python3")
+    if not os.path.exists(real):
+        pytest.skip("needs /usr/bin/python3")
+    agent = short_dir / "bin" / "agent"  # the granted path: a copy, so another file
+    agent.parent.mkdir()
+    shutil.copy2(real, agent)
+    digest = hashlib.sha256(agent.read_bytes()).hexdigest()
+    await _create(runner_broker, "by-path", f"exe:{agent}")
+    await _create(runner_broker, "by-digest", f"exe:{agent}@sha256:{digest}")
+    home = {**os.environ, "PYTHONHOME": "/usr"}  # a copied interpreter's standard library
+    bind = (unshare, "-Urm", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"',
+            "sh", real, str(agent))  # the same bytes, but not the granted file
+    own_ns = (unshare, "-Urm")  # the granted file itself, from another mount namespace
+
+    def fetch(execution_id: str, wrap: tuple[str, ...] = ()) -> Response:
+        return fetch_raw(runner_broker.socket, execution_id, python=str(agent), env=home,
+                         wrap=wrap)
+
+    assert granted(await anyio.to_thread.run_sync(lambda: fetch("by-path")))
+    assert denied(await anyio.to_thread.run_sync(lambda: fetch("by-path", bind)))
+    assert denied(await anyio.to_thread.run_sync(lambda: fetch("by-digest", bind)))
+    assert denied(await anyio.to_thread.run_sync(lambda: fetch("by-path", own_ns)))
+    assert granted(await anyio.to_thread.run_sync(lambda: fetch("by-digest", own_ns)))
 
 
 async def test_the_refusal_is_the_same_for_every_cause(
