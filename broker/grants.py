@@ -138,6 +138,9 @@ def _matches(term: Term, peer: Attestation) -> bool:
 def _resolve(value: str, what: str, lookup: Callable[[str], int]) -> int:
     if value.isdigit():
         return int(value)
+    if "\0" in value:  # the C library cannot even look it up (getgrnam raises ValueError)
+        raise InvalidArgument(f"--runner {what + ':' + value!r}: a {what} name cannot "
+                              "contain a NUL byte")
     try:
         return lookup(value)
     except KeyError:

@@ -418,6 +418,17 @@ async def test_max_uses_ttl_and_release_apply_to_identity_fetches(
             await client.create_context("nobody-could", token=False)
 
 
+@pytest.mark.parametrize("kind", ["group", "user"])
+async def test_a_name_with_a_nul_byte_is_refused_naming_the_term(
+        runner_broker: RunningBroker, kind: str) -> None:
+    """It answered `internal`, with a traceback in the log (getgrnam raises ValueError)."""
+    async with AsyncClient(runner_broker.socket) as client:
+        with pytest.raises(InvalidArgument, match=rf"--runner '{kind}:a\\x00b': a {kind} "
+                           "name cannot contain a NUL byte"):
+            await client.create_context("nul", runners=[f"{kind}:a\0b"])
+        assert await client.list_contexts() == []
+
+
 def test_the_cli_walkthrough_runner_under_its_own_uid(
         users: dict[str, pwd.struct_passwd], short_dir: Path) -> None:
     """The README's "Runners under their own uid", as written and as users run it: the
