@@ -510,10 +510,9 @@ class Contexts:
 
     def _open_token(self, entry: _Token | None, peer: Peer) -> Fetched:
         if entry is None or not entry.usable(self._clock()):
-            self._audit.count("fetch", "denied",
+            self._audit.count("fetch", "denied",  # by uid, not pid: see _deny
                               execution_id=entry.context.execution_id if entry else "",
-                              token_id=entry.token_id if entry else "", peer_uid=peer.uid,
-                              peer_pid=peer.pid)
+                              token_id=entry.token_id if entry else "", peer_uid=peer.uid)
             raise Unauthenticated(UNAUTHENTICATED)
         return self._open(entry, peer)
 
@@ -578,18 +577,19 @@ class Contexts:
             self._deny(event, execution_id, peer, "expired or used up")
         if peer.process is None:
             self._deny(event, execution_id, peer, "the process cannot be attested")
-        who = f"uid {peer.uid} pid {peer.pid}"
         try:
             selector = matching_selector(grant.runners, peer.process.attest())
         except LookupError as exc:
             self._deny(event, execution_id, peer, str(exc))
         if selector is None:
-            self._deny(event, execution_id, peer, f"no selector matches {who}")
-        return grant, selector, who
+            self._deny(event, execution_id, peer, f"no selector matches uid {peer.uid}")
+        return grant, selector, f"uid {peer.uid} pid {peer.pid}"
 
     def _deny(self, event: str, execution_id: str, peer: Peer, reason: str) -> NoReturn:
+        """Refuse, counted in the audit by uid and cause (``reason`` names no pid): a
+        process per request adds to one record's count instead of writing one each."""
         self._audit.count(event, "denied", execution_id=execution_id, peer_uid=peer.uid,
-                          peer_pid=peer.pid, detail=reason)
+                          detail=reason)
         raise PermissionDenied(NOT_GRANTED)
 
     async def persist_use(self, fetched: Fetched, peer: Peer) -> None:
@@ -633,15 +633,14 @@ class Contexts:
         if token.runners:
             self._deny("fetch", execution_id, peer, "used up")
         self._audit.count("fetch", "denied", execution_id=execution_id,
-                          token_id=token.token_id, peer_uid=peer.uid, peer_pid=peer.pid)
+                          token_id=token.token_id, peer_uid=peer.uid)
         raise Unauthenticated(UNAUTHENTICATED)
 
     async def release(self, token: str, peer: Peer) -> None:
         """End the context a (still valid) token belongs to."""
         entry = await self._find_token(token_hash(token))
         if entry is None or not entry.usable(self._clock()):
-            self._audit.count("context.released", "denied", peer_uid=peer.uid,
-                              peer_pid=peer.pid)
+            self._audit.count("context.released", "denied", peer_uid=peer.uid)
             raise Unauthenticated(UNAUTHENTICATED)
         await self._delete(entry.context, "context.completed", peer, entry.token_id)
 
