@@ -76,6 +76,8 @@ UNAUTHENTICATED = ("the execution token is not valid (unknown, expired, revoked 
 #: for every execution id, so that it tells nothing
 NOT_GRANTED = ("no live context of that execution id is open to this process; check the id, "
                "and the --runner selectors the context was created with")
+#: what an id with no usable grant is matched against: a uid the kernel never reports
+_NO_GRANT = ("user:4294967295",)
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -571,18 +573,28 @@ class Contexts:
     def _grant_of(self, context: _Context | None, execution_id: str, peer: Peer,
                   event: str) -> tuple[_Token, str, str]:
         grant = context.grant if context is not None else None
+        now = self._clock()  # read for an unknown id too (see below)
+        usable = grant is not None and grant.usable(now)
+        # Every refusal costs what refusing a live grant costs: the process is attested
+        # and matched against a selector whether or not the id has a usable grant, so the
+        # time of the answer does not tell which ids exist.
+        runners = grant.runners if usable and grant is not None else _NO_GRANT
+        problem = ""
+        selector: str | None = None
+        try:
+            if peer.process is None:
+                raise LookupError("the process cannot be attested")
+            selector = matching_selector(runners, peer.process.attest())
+        except LookupError as exc:
+            problem = str(exc)
         if grant is None:
             self._deny(event, execution_id, peer, "no live context with runner grants")
-        if not grant.usable(self._clock()):
+        if not usable:
             self._deny(event, execution_id, peer, "expired or used up")
-        if peer.process is None:
-            self._deny(event, execution_id, peer, "the process cannot be attested")
-        try:
-            selector = matching_selector(grant.runners, peer.process.attest())
-        except LookupError as exc:
-            self._deny(event, execution_id, peer, str(exc))
+        if problem:
+            self._deny(event, execution_id, peer, problem)
         if selector is None:
-            self._deny(event, execution_id, peer, f"no selector matches uid {peer.uid}")
+            self._deny(event, execution_id, peer, "no selector matches")  # uid: the record's
         return grant, selector, f"uid {peer.uid} pid {peer.pid}"
 
     def _deny(self, event: str, execution_id: str, peer: Peer, reason: str) -> NoReturn:
