@@ -443,6 +443,35 @@ async def test_an_unknown_id_is_refused_after_the_work_a_live_grant_costs(
         await vault.close()
 
 
+def test_a_pin_has_the_groups_the_process_connected_with(
+        users: dict[str, pwd.struct_passwd], short_dir: Path) -> None:
+    """Supplementary groups come from the connection (SO_PEERGROUPS), as uid and gid do:
+    group: terms need no access to the process of another uid."""
+    member = users[MEMBER]
+    path = short_dir / "g.sock"
+    os.chmod(short_dir, 0o755)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        os.chmod(path, 0o777)
+        server.listen()
+        client = subprocess.Popen(
+            [python_for_nobody(), "-c", "import socket, sys; s = socket.socket(socket.AF_UNIX); "
+             "s.connect(sys.argv[1]); s.recv(1)", str(path)], **as_user(member))
+        try:
+            conn, _ = server.accept()
+            with conn:
+                creds = peer_credentials(conn)
+                pin = ProcessPin(conn, creds)
+                attested = pin.attest()
+                pin.close()
+        finally:
+            client.kill()
+            client.wait()
+    assert (attested.uid, attested.gid) == (member.pw_uid, member.pw_gid)
+    assert attested.groups == set(os.getgrouplist(member.pw_name, member.pw_gid))
+    assert grp.getgrnam(TEAM).gr_gid in attested.groups
+
+
 class _CountingPin(ProcessPin):
     """A real pin that counts its attestations."""
 
