@@ -290,40 +290,48 @@ async def _denials(broker: RunningBroker, execution_id: str) -> list[str]:
     return [r.detail for r in records if r.outcome == "denied"]
 
 
+# The exe: attacks below come from an ordinary user (MEMBER) against an exe: grant to
+# its own uid, on a root broker: the set-up the README documents for exe: terms.
+
+
 async def test_an_exe_term_refuses_a_traced_process_and_one_that_exec_d_after_connecting(
-        runner_broker: RunningBroker) -> None:
+        runner_broker: RunningBroker, users: dict[str, pwd.struct_passwd]) -> None:
     """The granted binary must be what connected, and run untraced: (a) a process that
     connects, forks, and execs the granted binary under PTRACE_TRACEME (stopped before its
     first instruction) while the forked half reads the reply was granted."""
-    me = os.path.realpath(sys.executable)
+    member = users[MEMBER]
+    python = os.path.realpath(python_for_nobody())  # what fetch_raw runs as MEMBER
     sleep = os.path.realpath(shutil.which("sleep") or "/bin/sleep")
-    await _create(runner_broker, "exec-me", f"exe:{me}")
-    await _create(runner_broker, "exec-sleep", f"exe:{sleep}")
+    await _create(runner_broker, "exec-me", f"user:{MEMBER},exe:{python}")
+    await _create(runner_broker, "exec-sleep", f"user:{MEMBER},exe:{sleep}")
     assert granted(await anyio.to_thread.run_sync(
-        lambda: fetch_raw(runner_broker.socket, "exec-me")))  # the same, untraced
+        lambda: fetch_raw(runner_broker.socket, "exec-me", user=member)))  # untraced
     assert denied(await anyio.to_thread.run_sync(
-        lambda: fetch_raw(runner_broker.socket, "exec-me", mode="traceme")))
+        lambda: fetch_raw(runner_broker.socket, "exec-me", user=member, mode="traceme")))
     assert denied(await anyio.to_thread.run_sync(
-        lambda: fetch_raw(runner_broker.socket, "exec-sleep", mode=f"traced-exec:{sleep}")))
+        lambda: fetch_raw(runner_broker.socket, "exec-sleep", user=member,
+                          mode=f"traced-exec:{sleep}")))
     assert "the process is being traced" in await _denials(runner_broker, "exec-me")
     assert "the process runs another binary than when it connected" in await _denials(
         runner_broker, "exec-sleep")
 
 
 @pytest.fixture
-def unshare() -> str:
-    """unshare(1), able to make a user and mount namespace here."""
+def unshare(users: dict[str, pwd.struct_passwd]) -> str:
+    """unshare(1), with which an ordinary user can make a user and mount namespace."""
     unshare = shutil.which("unshare")
     if unshare is None:
         pytest.skip("needs unshare (util-linux)")
-    probe = subprocess.run([unshare, "-Urm", "true"], capture_output=True, text=True)
+    probe = subprocess.run([unshare, "-Urm", "true"], capture_output=True, text=True,
+                           **as_user(users[MEMBER]))
     if probe.returncode != 0:
         pytest.skip(f"this kernel forbids user namespaces here: {probe.stderr.strip()}")
     return unshare
 
 
 async def test_an_exe_term_is_the_file_at_the_path_not_a_bind_mount_over_it(
-        runner_broker: RunningBroker, short_dir: Path, unshare: str) -> None:
+        runner_broker: RunningBroker, short_dir: Path, unshare: str,
+        users: dict[str, pwd.struct_passwd]) -> None:
     """(b) Without a digest, any binary bind-mounted at the granted path inside a user and
     mount namespace of its own (unshare -Urm) was granted."""
     real = os.path.realpath("/usr/bin/python3")
@@ -333,8 +341,8 @@ async def test_an_exe_term_is_the_file_at_the_path_not_a_bind_mount_over_it(
     agent.parent.mkdir()
     shutil.copy2(real, agent)
     digest = hashlib.sha256(agent.read_bytes()).hexdigest()
-    await _create(runner_broker, "by-path", f"exe:{agent}")
-    await _create(runner_broker, "by-digest", f"exe:{agent}@sha256:{digest}")
+    await _create(runner_broker, "by-path", f"user:{MEMBER},exe:{agent}")
+    await _create(runner_broker, "by-digest", f"user:{MEMBER},exe:{agent}@sha256:{digest}")
     home = {**os.environ, "PYTHONHOME": "/usr"}  # a copied interpreter's standard library
     bind = (unshare, "-Urm", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"',
             "sh", real, str(agent))  # the same bytes, but not the granted file
@@ -342,7 +350,7 @@ async def test_an_exe_term_is_the_file_at_the_path_not_a_bind_mount_over_it(
 
     def fetch(execution_id: str, wrap: tuple[str, ...] = ()) -> Response:
         return fetch_raw(runner_broker.socket, execution_id, python=str(agent), env=home,
-                         wrap=wrap)
+                         wrap=wrap, user=users[MEMBER])
 
     assert granted(await anyio.to_thread.run_sync(lambda: fetch("by-path")))
     assert denied(await anyio.to_thread.run_sync(lambda: fetch("by-path", bind)))
