@@ -135,6 +135,8 @@ class ProcessPin:
             raise LookupError(f"the peer process cannot be read ({exc.strerror})") from None
         try:
             identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if self._at_connect is None:
+                raise LookupError("the peer's binary could not be read when it connected")
             if identity[:2] != self._at_connect:
                 raise LookupError("the process runs another binary than when it connected")
             if _status_field(_read_status(procfd), b"TracerPid:") != b"0":
