@@ -117,8 +117,9 @@ class ProcessPin:
             raise LookupError(f"the peer process cannot be read ({exc.strerror})") from None
         creds = self._creds
         assert creds.pid is not None
+        # read at most once per attestation, however many exe: terms ask
         return Attestation(uid=creds.uid, gid=creds.gid, groups=groups, pid=creds.pid,
-                           binary=self._binary)
+                           binary=functools.cache(self._binary))
 
     def _binary(self) -> Binary:
         """The binary the process runs now; raise LookupError saying why it cannot be
