@@ -60,7 +60,7 @@ class Limits(NamedTuple):
     frame_timeout: float = 10.0  # from a frame's first byte until its last
     idle_timeout: float = 300.0  # between requests on a greeted connection
     shutdown_grace: float = 5.0  # for in-flight requests at shutdown
-    max_auth_failures: int = 3  # bad tokens on one connection before it is cut
+    max_auth_failures: int = 3  # bad tokens or refused grants on a connection before it is cut
 
 
 class Config(NamedTuple):

@@ -76,6 +76,8 @@ UNAUTHENTICATED = ("the execution token is not valid (unknown, expired, revoked 
 #: for every execution id, so that it tells nothing
 NOT_GRANTED = ("no live context of that execution id is open to this process; check the id, "
                "and the --runner selectors the context was created with")
+#: what an id with no usable grant is matched against: a uid the kernel never reports
+_NO_GRANT = ("user:4294967295",)
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -510,10 +512,9 @@ class Contexts:
 
     def _open_token(self, entry: _Token | None, peer: Peer) -> Fetched:
         if entry is None or not entry.usable(self._clock()):
-            self._audit.count("fetch", "denied",
+            self._audit.count("fetch", "denied",  # by uid, not pid: see _deny
                               execution_id=entry.context.execution_id if entry else "",
-                              token_id=entry.token_id if entry else "", peer_uid=peer.uid,
-                              peer_pid=peer.pid)
+                              token_id=entry.token_id if entry else "", peer_uid=peer.uid)
             raise Unauthenticated(UNAUTHENTICATED)
         return self._open(entry, peer)
 
@@ -572,25 +573,35 @@ class Contexts:
     def _grant_of(self, context: _Context | None, execution_id: str, peer: Peer,
                   event: str) -> tuple[_Token, str, str]:
         grant = context.grant if context is not None else None
+        now = self._clock()  # read for an unknown id too (see below)
+        usable = grant is not None and grant.usable(now)
+        # Every refusal costs what refusing a live grant costs: the process is attested
+        # and matched against a selector whether or not the id has a usable grant, so the
+        # time of the answer does not tell which ids exist.
+        runners = grant.runners if usable and grant is not None else _NO_GRANT
+        problem = ""
+        selector: str | None = None
+        try:
+            if peer.process is None:
+                raise LookupError("the process cannot be attested")
+            selector = matching_selector(runners, peer.process.attest())
+        except LookupError as exc:
+            problem = str(exc)
         if grant is None:
             self._deny(event, execution_id, peer, "no live context with runner grants")
-        if not grant.usable(self._clock()):
+        if not usable:
             self._deny(event, execution_id, peer, "expired or used up")
-        if peer.process is None:
-            self._deny(event, execution_id, peer, "the process cannot be attested")
-        try:
-            attested = peer.process.attest()
-        except LookupError as exc:
-            self._deny(event, execution_id, peer, str(exc))
-        who = f"uid {attested.uid} pid {attested.pid} exe {attested.exe or '?'}"
-        selector = matching_selector(grant.runners, attested)
+        if problem:
+            self._deny(event, execution_id, peer, problem)
         if selector is None:
-            self._deny(event, execution_id, peer, f"no selector matches {who}")
-        return grant, selector, who
+            self._deny(event, execution_id, peer, "no selector matches")  # uid: the record's
+        return grant, selector, f"uid {peer.uid} pid {peer.pid}"
 
     def _deny(self, event: str, execution_id: str, peer: Peer, reason: str) -> NoReturn:
+        """Refuse, counted in the audit by uid and cause (``reason`` names no pid): a
+        process per request adds to one record's count instead of writing one each."""
         self._audit.count(event, "denied", execution_id=execution_id, peer_uid=peer.uid,
-                          peer_pid=peer.pid, detail=reason)
+                          detail=reason)
         raise PermissionDenied(NOT_GRANTED)
 
     async def persist_use(self, fetched: Fetched, peer: Peer) -> None:
@@ -634,15 +645,14 @@ class Contexts:
         if token.runners:
             self._deny("fetch", execution_id, peer, "used up")
         self._audit.count("fetch", "denied", execution_id=execution_id,
-                          token_id=token.token_id, peer_uid=peer.uid, peer_pid=peer.pid)
+                          token_id=token.token_id, peer_uid=peer.uid)
         raise Unauthenticated(UNAUTHENTICATED)
 
     async def release(self, token: str, peer: Peer) -> None:
         """End the context a (still valid) token belongs to."""
         entry = await self._find_token(token_hash(token))
         if entry is None or not entry.usable(self._clock()):
-            self._audit.count("context.released", "denied", peer_uid=peer.uid,
-                              peer_pid=peer.pid)
+            self._audit.count("context.released", "denied", peer_uid=peer.uid)
             raise Unauthenticated(UNAUTHENTICATED)
         await self._delete(entry.context, "context.completed", peer, entry.token_id)
 

@@ -97,6 +97,7 @@ class Dispatcher:
         self._started = time.monotonic()
         self.socket_path = config.paths.socket  # the daemon sets the one it listens on
         self.activity = ""  # a long operation in progress, for status
+        self.attest_limit = ""  # runner grants it cannot check, for status (the daemon's)
         self._largest_reply = config.limits.max_frame_size - 1024  # a page's bound
         self._store = store
         self._anchor = HeadAnchor(config.paths.audit_anchor, journal=bool(config.unit))
@@ -359,7 +360,7 @@ class Dispatcher:
             unit=self._config.unit, activity=self.activity,
             environments=environments, contexts=contexts, tokens=tokens,
             requests=self._counters.requests, connections=self._counters.connections,
-            key_backed_up_at=self.key_backed_up_at(),
+            key_backed_up_at=self.key_backed_up_at(), attest_limit=self.attest_limit,
         )
 
     async def _store_problem(self) -> str:

@@ -4,15 +4,18 @@ A grant is a list of selectors, alternatives to one another; a selector is one
 or more terms joined by commas, all of which must match the calling process:
 
 * ``user:NAME|UID``: the peer's uid (from SO_PEERCRED);
-* ``group:NAME|GID``: its primary or one of its supplementary groups;
+* ``group:NAME|GID``: its primary or one of its supplementary groups (as the
+  connection carries them: SO_PEERGROUPS);
 * ``exe:/abs/path`` or ``exe:/abs/path@sha256:HEX``: the binary the process runs
-  (``/proc/PID/exe``), and optionally that binary's SHA-256;
+  (``/proc/PID/exe``, which must be the file at that path as the broker sees it),
+  and optionally that binary's SHA-256;
 * ``self``: the broker owner's uid.
 
 Names are resolved once, when the context is created, and the canonical text
 (``user:1001,exe:/usr/bin/python3.11``) is what the store keeps and MACs. The
 calling process is described by an :class:`~.protocol.peer.Attestation`, read
-by the daemon (:mod:`.daemon.attest`); matching is pure.
+by the daemon (:mod:`.daemon.attest`); matching reads nothing itself, and asks the
+attestation for the binary only when an ``exe:`` term needs it.
 """
 
 from __future__ import annotations
@@ -88,17 +91,30 @@ def canonical_grants(texts: Iterable[str], *, owner_uid: int) -> list[str]:
 
 
 def matching_selector(grants: Iterable[str], peer: Attestation) -> str | None:
-    """The first stored selector that the attested process satisfies, or None."""
+    """The first stored selector that the attested process satisfies, or None.
+
+    A selector's ``user:``/``group:`` terms are checked first, from the connection's
+    credentials alone; the binary is read only for an ``exe:`` term they do not rule out.
+    Raises LookupError when no selector matches and an ``exe:`` term could not be
+    checked (the binary could not be read or trusted): the reason is the audit's.
+    """
+    problem: LookupError | None = None
     for selector in grants:
-        if all(_matches(term, peer) for term in _stored_terms(selector)):
-            return selector
+        try:
+            if all(_matches(term, peer) for term in _stored_terms(selector)):
+                return selector
+        except LookupError as exc:
+            problem = exc
+    if problem is not None:
+        raise problem
     return None
 
 
 @functools.lru_cache(maxsize=4096)
 def _stored_terms(selector: str) -> tuple[Term, ...]:
-    """A stored (canonical) selector's terms: no names, no ``self``; parsed once."""
-    return parse_selector(selector, owner_uid=-1)
+    """A stored (canonical) selector's terms, ``exe:`` last (the only ones that read the
+    process): no names, no ``self``; parsed once."""
+    return tuple(sorted(parse_selector(selector, owner_uid=-1), key=lambda t: t.kind == "exe"))
 
 
 def _matches(term: Term, peer: Attestation) -> bool:
@@ -106,14 +122,25 @@ def _matches(term: Term, peer: Attestation) -> bool:
         return peer.uid == term.value
     if term.kind == "group":
         return term.value == peer.gid or term.value in peer.groups
-    if peer.exe != term.value:
+    binary = peer.binary()
+    assert isinstance(term.value, str)
+    # The path must name the running binary in the broker's own view of the file system
+    # (same device and inode): a bind mount in another mount namespace shows the granted
+    # path for a different file. Without a digest the path is all there is, so a process
+    # that sees other mounts than the broker is not trusted at all.
+    if binary.path != term.value or not binary.is_at(term.value):
         return False
-    return not term.digest or hmac.compare_digest(peer.sha256(), term.digest)
+    if not term.digest:
+        return binary.own_mounts
+    return hmac.compare_digest(binary.sha256(), term.digest)
 
 
 def _resolve(value: str, what: str, lookup: Callable[[str], int]) -> int:
     if value.isdigit():
         return int(value)
+    if "\0" in value:  # the C library cannot even look it up (getgrnam raises ValueError)
+        raise InvalidArgument(f"--runner {what + ':' + value!r}: a {what} name cannot "
+                              "contain a NUL byte")
     try:
         return lookup(value)
     except KeyError:

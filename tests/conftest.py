@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -193,21 +195,25 @@ class Daemon:
     """`stigmer-broker serve` in a child process, ready when started, its stderr kept."""
 
     def __init__(self, paths: Paths, *, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = (), preexec: Any = None) -> None:
+                 args: tuple[str, ...] = (), preexec: Any = None,
+                 command: list[str] | None = None,
+                 user: pwd.struct_passwd | None = None) -> None:
         self.paths = paths
         self.log = paths.home.parent / f"daemon-{os.getpid()}-{id(self)}.log"
         self.env = env or cli_env(paths)
         self.args = args
         self.preexec = preexec
+        self.command = command or [sys.executable, "-m", "stigmer.broker"]
+        self.user = user
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30) -> Daemon:
         read_fd, write_fd = os.pipe()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stigmer.broker", "serve", "--ready-fd", str(write_fd),
-                 *self.args], env=self.env, stdout=log, stderr=log, pass_fds=(write_fd,),
-                preexec_fn=self.preexec)
+                [*self.command, "serve", "--ready-fd", str(write_fd), *self.args],
+                env=self.env, stdout=log, stderr=log, pass_fds=(write_fd,),
+                preexec_fn=self.preexec, **as_user(self.user))
         os.close(write_fd)
         with os.fdopen(read_fd, "rb") as ready:
             import select
@@ -245,6 +251,86 @@ class Daemon:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+
+
+def ensure_group(name: str) -> int:
+    """The gid of group ``name``, created (as a system group) when missing."""
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
+        return grp.getgrnam(name).gr_gid
+
+
+def ensure_user(name: str, groups: list[str] | None = None) -> pwd.struct_passwd:
+    """An ordinary user ``name`` (no home, no shell), created when missing, made a member
+    of ``groups`` (each created when missing). Needs root and useradd: skips otherwise."""
+    if os.getuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("creating users needs root and useradd")
+    for group in groups or []:
+        ensure_group(group)
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/false",
+                        name], check=True, capture_output=True)
+    if groups:
+        subprocess.run(["usermod", "-a", "-G", ",".join(groups), name], check=True,
+                       capture_output=True)
+    return pwd.getpwnam(name)
+
+
+def as_user(user: pwd.struct_passwd | None) -> dict[str, Any]:
+    """subprocess's keywords to run a command as ``user`` (None: as we are), with the
+    groups the user database gives it, as a login would."""
+    if user is None:
+        return {}
+    return {"user": user.pw_uid, "group": user.pw_gid,
+            "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid)}
+
+
+class UserBroker:
+    """`stigmer-broker serve` run by an ordinary user, as users run it: its home and socket
+    under a directory that user owns (other users may reach it; the broker makes its own
+    home and socket directory private), started through an interpreter every user may run
+    (:func:`cli_for_nobody`, as /root is private). :meth:`cli` runs the CLI as the owner
+    or as any other user."""
+
+    def __init__(self, owner: pwd.struct_passwd, base: Path, *, args: tuple[str, ...] = ()
+                 ) -> None:
+        self.owner = owner
+        root = base / owner.pw_name
+        root.mkdir()
+        os.chown(root, owner.pw_uid, owner.pw_gid)
+        os.chmod(root, 0o755)
+        os.chmod(base, 0o755)  # short_dir is private to root
+        self.paths = Paths(home=root / "home", socket=root / "run" / "b.sock")
+        self.env = {**cli_env(self.paths), "HOME": str(root)}
+        self.command = cli_for_nobody()
+        self.daemon = Daemon(self.paths, env=self.env, args=args, command=self.command,
+                             user=owner)
+
+    @property
+    def socket(self) -> Path:
+        return self.paths.socket
+
+    def cli(self, *args: str, user: pwd.struct_passwd | None = None, check: bool = False,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``stigmer-broker ARGS`` as ``user`` (default: the owner), with the broker's
+        home and socket in its environment, plus ``env``."""
+        proc = subprocess.run([*self.command, *args], env={**self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=60,
+                              **as_user(user or self.owner))
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{args} failed ({proc.returncode}): {proc.stderr}")
+        return proc
+
+    def __enter__(self) -> UserBroker:
+        self.daemon.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.daemon.__exit__(*exc)
 
 
 def open_fds(pid: int) -> int:

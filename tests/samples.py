@@ -71,7 +71,8 @@ SAMPLES: dict[str, Request | Response] = {
                      started_by="manual", environments=1, contexts=0, tokens=0, requests=3,
                      connections=1, unit="stigmer-broker.service",
                      activity="key rotation: 500 of 1000 sealed values checked",
-                     store_problem="the database has been unreachable for 4 s"),
+                     store_problem="the database has been unreachable for 4 s",
+                     attest_limit="exe: grants for other uids need a broker running as root"),
     "Ok": Ok(id=3),
     "Environment": Environment(id=5, name="dev", data={
         "API_KEY": VariableView(is_secret=True),

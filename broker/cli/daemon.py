@@ -345,6 +345,8 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         ("key backup", when(status.key_backed_up_at) if status.key_backed_up_at
          else "none since the key was made or rotated"),
     ]
+    if status.attest_limit:
+        rows.append(("runners", status.attest_limit))
     for label, value in rows:
         print(f"  {label:<13}{value}")
     if status.key_backed_up_at is None:

@@ -31,6 +31,7 @@ from ..store.backend import open_store
 from ..store.backup import no_backup_line
 from ..store.keys import key_sources
 from ..store.vault import Vault
+from .attest import exe_grants_limit
 from .hardening import harden_process, raise_open_file_limit
 from .homelock import lock_home, prepare_home
 from .listen import BoundSocket, adopt_socket, bind_unix_socket
@@ -124,6 +125,7 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
             stop = anyio.Event()
             dispatcher = Dispatcher(config, store, vault, counters, request_shutdown=stop.set)
             dispatcher.socket_path = bound.path
+            dispatcher.attest_limit = exe_grants_limit()
             await dispatcher.start()
             server = Server(bound.sock, dispatcher, _fit_to_open_files(config.limits), counters,
                             group_gid=gid)

@@ -405,11 +405,14 @@ class _Session(asyncio.Protocol):
             data = self._proto.send(reply)
         self._write(data)
         self.since = time.monotonic()
-        if isinstance(reply, Error) and reply.code == ErrorCode.UNAUTHENTICATED:
+        # A refused grant counts as a bad token does: else one connection could probe
+        # execution ids without end.
+        if isinstance(reply, Error) and reply.code in (ErrorCode.UNAUTHENTICATED,
+                                                       ErrorCode.PERMISSION_DENIED):
             self._auth_failures += 1
             if self._auth_failures >= self._server.limits.max_auth_failures:
                 assert self.peer is not None
-                log.warning("closing connection of pid %s: %d failed token checks",
+                log.warning("closing connection of pid %s: %d refused tokens or grants",
                             self.peer.pid, self._auth_failures)
                 self._close()
                 return

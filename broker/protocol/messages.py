@@ -416,6 +416,8 @@ class Status(Response, frozen=True, kw_only=True):
     key_backed_up_at: float | None = None
     #: what is wrong with the store right now (a fleet's database outage); empty if nothing
     store_problem: str = ""
+    #: which runner grants this broker cannot check (exe: of other uids without root)
+    attest_limit: str = ""
 
 
 class Ok(Response, frozen=True, kw_only=True):

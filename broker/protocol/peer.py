@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["Attestation", "Attestor", "Peer", "PeerCredentials", "check_private_dir",
-           "describe_mode", "peer_credentials"]
+__all__ = ["Attestation", "Attestor", "Binary", "Peer", "PeerCredentials",
+           "check_private_dir", "describe_mode", "peer_credentials"]
 
 
 class PeerCredentials(NamedTuple):
@@ -31,16 +31,25 @@ class PeerCredentials(NamedTuple):
     pid: int | None  # None where the platform does not say
 
 
+class Binary(NamedTuple):
+    """The executable a process runs, read through its pinned ``/proc`` entry."""
+
+    path: str  # the path /proc/PID/exe names
+    is_at: Callable[[str], bool]  # whether the file at this path, as the broker sees it, is it
+    own_mounts: bool  # the process sees the broker's mounts (a path names the same file)
+    sha256: Callable[[], str]  # its digest, computed on demand; "" when it cannot be read
+
+
 class Attestation(NamedTuple):
-    """The calling process as the daemon found it, pinned against pid reuse: its uid and
-    primary group from the connection, its supplementary groups and its binary."""
+    """The calling process as the daemon found it, pinned against pid reuse: its uid,
+    primary and supplementary groups from the connection, and its binary on demand."""
 
     uid: int
     gid: int
     groups: frozenset[int]
     pid: int
-    exe: str  # the path /proc/PID/exe names; "" when it cannot be read
-    sha256: Callable[[], str]  # the running binary's digest, computed on demand
+    #: read only for ``exe:`` terms; raises LookupError saying why it cannot be trusted
+    binary: Callable[[], Binary]
 
 
 class Attestor(Protocol):
