@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -150,8 +149,8 @@ async def _current_key(paths: Paths) -> bytes:
 
 
 async def _install_key(paths: Paths, key: bytes) -> tuple[str, str]:
-    """Put ``key`` where the broker will find it; return where, and where a different key
-    was moved aside from ("" when none was)."""
+    """Put ``key`` where the broker will find it; return where, and the file a different
+    key there was kept in ("" when none was)."""
     from ..store.keys import KeyFile, KeySourceKind
 
     sources = await _key_sources(paths)
@@ -164,12 +163,10 @@ async def _install_key(paths: Paths, key: bytes) -> tuple[str, str]:
                                      "the imported one; unset it and import again")
     target = next(s for s in sources if s.kind is not KeySourceKind.ENV)
     replaced = ""
-    if held[id(target)] is not None:
+    if (old := held[id(target)]) is not None:
         if not isinstance(target, KeyFile):  # the keychain entry is not ours to discard
             raise FailedPrecondition(f"{target.describe()} holds another key; remove it "
                                      "(after backing it up) and import again")
-        aside = target.path.with_name(f"{target.path.name}.replaced-{int(time.time())}")
-        os.replace(target.path, aside)
-        replaced = str(aside)
+        replaced = str(target.keep_aside(old))
     await target.write(key)
     return target.describe(), replaced

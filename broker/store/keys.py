@@ -21,8 +21,10 @@ import binascii
 import contextlib
 import dataclasses
 import enum
+import itertools
 import os
 import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -201,20 +203,45 @@ class KeyFile:
         tmp = directory / f".{self.path.name}.{os.getpid()}.tmp"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, (encode_key(key) + "\n").encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _create_key_file(tmp, key)
         os.replace(tmp, self.path)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _sync_directory(directory)
+
+    def keep_aside(self, key: bytes) -> Path:
+        """Save ``key`` (the one this file holds, about to be replaced) in a new 0600 file
+        beside it, and return that file. Its name says when, to the nanosecond, and is
+        never one that exists: nothing is overwritten, however fast keys are replaced."""
+        for attempt in itertools.count():
+            suffix = f"-{attempt}" if attempt else ""  # the same nanosecond (a coarse clock)
+            aside = self.path.with_name(f"{self.path.name}.replaced-{time.time_ns()}{suffix}")
+            try:
+                _create_key_file(aside, key)
+            except FileExistsError:
+                continue
+            _sync_directory(aside.parent)
+            return aside
+        raise AssertionError("unreachable")  # pragma: no cover - count() never ends
+
+
+def _create_key_file(path: Path, key: bytes) -> None:
+    """Create ``path`` holding ``key``, private from its first byte and synced; raises
+    FileExistsError rather than touch a file that exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, (encode_key(key) + "\n").encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_directory(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class Keychain:
