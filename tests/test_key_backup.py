@@ -261,3 +261,4 @@ def test_every_replaced_key_is_kept_even_when_the_clock_stands_still(
     assert KeyFile(paths.key_file).read_now() == keys[-1]
     assert sorted(p.name for p in paths.home.iterdir()) == sorted(
         ["master.key", *(Path(name).name for name in kept)])
+
