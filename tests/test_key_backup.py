@@ -262,3 +262,38 @@ def test_every_replaced_key_is_kept_even_when_the_clock_stands_still(
     assert sorted(p.name for p in paths.home.iterdir()) == sorted(
         ["master.key", *(Path(name).name for name in kept)])
 
+
+# ------------------------------------------------------------------ a fleet host
+
+
+def test_key_import_and_export_on_a_fleet_host_check_the_shared_store(
+        short_dir: Path, store_url: str) -> None:
+    """On a fleet host the store is the PostgreSQL one (STIGMER_STORE_URL), not a
+    local.db that does not exist: a key that does not open it is refused."""
+    control = Paths(home=short_dir / "control", socket=short_dir / "rc" / "b.sock")
+    fleet = {"STIGMER_STORE_URL": store_url}
+    run_cli(control, "start", env=cli_env(control, **fleet), check=True)
+    run_cli(control, "stop", env=cli_env(control, **fleet), check=True)
+    fleet_key = KeyFile(control.key_file).read_now()
+    assert fleet_key is not None
+    host = Paths(home=short_dir / "host", socket=short_dir / "rh" / "b.sock")
+    wrong, right = short_dir / "wrong.backup", short_dir / "right.backup"
+    wrong.write_text(write_backup(new_key(), PASSPHRASE, n=2))
+    right.write_text(write_backup(fleet_key, PASSPHRASE, n=2))
+
+    result = run_cli(host, "key", "import", str(wrong), input=PASSPHRASE + "\n",
+                     env=cli_env(host, **fleet))
+    assert result.returncode == 1 and "nothing was changed" in result.stderr, result.stderr
+    assert not host.key_file.exists()
+    result = run_cli(host, "key", "import", str(right), "--json", input=PASSPHRASE + "\n",
+                     env=cli_env(host, **fleet))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["store_opens"] is True
+    assert KeyFile(host.key_file).read_now() == fleet_key
+    assert not host.store.exists()  # the check read the shared store, and made no local one
+
+    KeyFile(host.key_file).write_now(new_key())  # export refuses a key that is not the fleet's
+    result = run_cli(host, "key", "export", "--out", str(short_dir / "out.backup"),
+                     env=cli_env(host, **fleet))
+    assert result.returncode == 1 and "does not open the store" in result.stderr, result.stderr
+    assert not (short_dir / "out.backup").exists()

@@ -107,7 +107,7 @@ def cmd_key_import(args: argparse.Namespace, paths: Paths) -> int:
     source = args.file
     text = read_text(source, "key import")
     header, _ = parse_backup(text, source)
-    store = anyio.run(peek_store, None, paths.store)
+    store = anyio.run(peek_store, _store_location(), paths.store)
     if store.key_ids and header["key_id"] not in store.key_ids:
         raise FailedPrecondition(
             f"{source} holds key {header['key_id']}, but the store {store.where} was made with "
@@ -127,6 +127,17 @@ def cmd_key_import(args: argparse.Namespace, paths: Paths) -> int:
     return EXIT_OK
 
 
+def _store_location() -> str | None:
+    """The shared store this host's broker serves (``STIGMER_STORE_URL``, as `serve` reads
+    it), or None for the home's own SQLite file."""
+    from ..protocol.paths import resolve_store
+
+    try:
+        return resolve_store(os.environ)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 async def _key_sources(paths: Paths) -> list[KeySource]:
     from ..store.keys import key_sources
 
@@ -141,7 +152,8 @@ async def _current_key(paths: Paths) -> bytes:
     from ..store.keys import find_master_key
 
     sources = await _key_sources(paths)
-    master = await find_master_key(sources, store=await peek_store(None, paths.store))
+    master = await find_master_key(
+        sources, store=await peek_store(_store_location(), paths.store))
     if master is None:
         raise FailedPrecondition(f"no master key for {paths.home} in "
                                  f"{', '.join(s.describe() for s in sources)}; nothing to "
