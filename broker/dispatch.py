@@ -65,11 +65,11 @@ from .protocol import (
 from .protocol.errors import BrokerError, InvalidArgument, PermissionDenied
 from .protocol.peer import Peer
 from .store.anchor import HeadAnchor
-from .store.backend import MASTER_KEY_ID, Store, StoreError
+from .store.backend import MASTER_KEY_ID, Store, StoreError, StorePeek
 from .store.backup import backed_up_at
 from .store.vault import Vault
 
-__all__ = ["Counters", "Dispatcher"]
+__all__ = ["Counters", "Dispatcher", "refuse_replaced_store"]
 
 log = logging.getLogger("stigmer.broker")
 _ENCODER = msgspec.msgpack.Encoder()
@@ -83,6 +83,19 @@ class Counters:
 
     requests: int = 0
     connections: int = 0
+
+
+def refuse_replaced_store(config: Config, store: StorePeek) -> None:
+    """Refuse a store with an old schema on a home where a newer broker already ran (its
+    audit head anchor exists): the store was replaced by an older file. Called on what
+    was read before the store is opened, so the refused store is not migrated. Raises
+    StoreError."""
+    anchor = HeadAnchor(config.paths.audit_anchor)
+    if store.legacy_rows and anchor.exists():
+        raise StoreError(
+            f"store {store.where} has an old schema, but a newer broker already ran on this "
+            f"home ({anchor.path} exists): the store was replaced by an older file. If you "
+            f"restored a backup on purpose, remove {anchor.path} and start again")
 
 
 class Dispatcher:
@@ -107,14 +120,9 @@ class Dispatcher:
 
     async def start(self) -> None:
         """Authenticate the rows of a store written before rows carried MACs (only on the
-        start that migrates it), then load the live contexts (dropping expired ones)."""
+        start that migrates it, which :func:`refuse_replaced_store` let through), then load
+        the live contexts (dropping expired ones)."""
         if self._store.legacy_rows:
-            if self._anchor.exists():
-                raise StoreError(
-                    f"store {self._store.describe()} has an old schema, but a newer broker already "
-                    f"ran on this home ({self._anchor.path} exists): the store was replaced "
-                    "by an older file. If you restored a backup on purpose, remove "
-                    f"{self._anchor.path} and start again")
             rows = (await self.environments.authenticate_unchecked()
                     + await self.contexts.authenticate_unchecked())
             log.info("authenticated %d rows of a store written before rows carried MACs",

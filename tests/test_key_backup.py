@@ -12,10 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 from conftest import cli_env, run_cli
 
 from stigmer.broker.config import Paths
+from stigmer.broker.store.backup import SCRYPT_N, BackupError, read_backup, write_backup
+from stigmer.broker.store.crypto import new_key
+from stigmer.broker.store.keys import KeyFile
 
 PASSPHRASE = "correct horse battery staple"
 
@@ -172,3 +176,124 @@ def test_start_serve_and_status_say_when_the_key_has_no_backup(paths: Paths,
     run_cli(paths, "key", "rotate", "--yes", check=True)  # a new key: no backup of it yet
     assert hint in run_cli(paths, "status").stderr
     run_cli(paths, "stop", check=True)
+
+
+# ---------------------------------------------------------------- crafted backups
+
+
+def crafted(short_dir: Path, name: str, **kdf: object) -> Path:
+    """A backup of a fresh key (scrypt at the cheapest n), its KDF parameters then set."""
+    doc = json.loads(write_backup(new_key(), PASSPHRASE, n=2))
+    doc["kdf"].update(kdf)
+    path = short_dir / name
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize("kdf", [
+    {"n": 2**20, "r": 32, "p": 16},  # 143 s and 4.2 GB, as the probe found
+    {"n": 2**19},                    # 512 MiB
+    {"n": 2**17, "r": 64},           # 1 GiB through r
+    {"n": 2**17, "p": 64},           # 64 times the work through p
+])
+def test_kdf_parameters_out_of_bounds_are_refused_before_scrypt_runs(
+        short_dir: Path, monkeypatch: pytest.MonkeyPatch, kdf: dict[str, int]) -> None:
+    def scrypt_ran(*args: object, **kwargs: object) -> None:
+        raise AssertionError("scrypt ran on a crafted backup")
+
+    text = crafted(short_dir, "crafted.backup", **kdf).read_text()
+    monkeypatch.setattr("cryptography.hazmat.primitives.kdf.scrypt.Scrypt", scrypt_ran)
+    with pytest.raises(BackupError, match="KDF parameters are out of bounds"):
+        read_backup(text, PASSPHRASE, "crafted.backup")
+
+
+def test_what_key_export_writes_is_within_bounds(short_dir: Path) -> None:
+    key = new_key()
+    assert read_backup(write_backup(key, PASSPHRASE), PASSPHRASE, "ours") == key
+    text = crafted(short_dir, "margin.backup", n=2 * SCRYPT_N).read_text()  # the margin
+    with pytest.raises(BackupError, match="wrong passphrase"):  # read, not refused
+        read_backup(text, PASSPHRASE, "margin.backup")
+
+
+@pytest.mark.parametrize(("kdf", "message"), [
+    ({"n": 2**20, "r": 32, "p": 16}, "KDF parameters are out of bounds"),
+    ({"n": True}, "KDF parameters (n, r, p) are not whole numbers"),
+    ({"r": True}, "KDF parameters (n, r, p) are not whole numbers"),
+    ({"p": 1.0}, "KDF parameters (n, r, p) are not whole numbers"),
+    ({"n": "131072"}, "KDF parameters (n, r, p) are not whole numbers"),
+    ({"n": 3}, "KDF parameters are out of bounds"),  # scrypt wants a power of two
+    ({"n": 0}, "KDF parameters are out of bounds"),
+    ({"r": -8}, "KDF parameters are out of bounds"),
+])
+def test_key_import_refuses_bad_kdf_parameters_in_one_line(
+        paths: Paths, short_dir: Path, kdf: dict[str, object], message: str) -> None:
+    backup = crafted(short_dir, "crafted.backup", **kdf)
+    # a passphrase on stdin: the old code went on to scrypt (a traceback for n=true); no
+    # passphrase where the parameters are too costly, so the old code stopped at once
+    result = run_cli(paths, "key", "import", str(backup),
+                     input=None if "bounds" in message else PASSPHRASE + "\n")
+    assert result.returncode == 1, result.stderr
+    assert message in result.stderr and str(backup) in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not paths.key_file.exists()
+
+
+# -------------------------------------------------------------- replaced keys kept
+
+
+def test_every_replaced_key_is_kept_even_when_the_clock_stands_still(
+        short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four imports in a row once kept only the last replaced key: the moved-aside name
+    had a one-second granularity and the move overwrote."""
+    from stigmer.broker.cli.keys import _install_key
+
+    paths = Paths(home=short_dir / "h", socket=short_dir / "run" / "b.sock")
+    keys = [new_key() for _ in range(4)]
+    KeyFile(paths.key_file).write_now(keys[0])
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
+    monkeypatch.delenv("STIGMER_ENCRYPTION_KEY", raising=False)
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)
+    monkeypatch.setattr(time, "time_ns", lambda: 1_800_000_000_000_000_000)
+    kept = [anyio.run(_install_key, paths, key)[1] for key in keys[1:]]
+    assert len(set(kept)) == 3 and all(kept)
+    for old, name in zip(keys, kept, strict=False):
+        assert KeyFile(Path(name)).read_now() == old  # 0600, ours: it reads
+    assert KeyFile(paths.key_file).read_now() == keys[-1]
+    assert sorted(p.name for p in paths.home.iterdir()) == sorted(
+        ["master.key", *(Path(name).name for name in kept)])
+
+
+# ------------------------------------------------------------------ a fleet host
+
+
+def test_key_import_and_export_on_a_fleet_host_check_the_shared_store(
+        short_dir: Path, store_url: str) -> None:
+    """On a fleet host the store is the PostgreSQL one (STIGMER_STORE_URL), not a
+    local.db that does not exist: a key that does not open it is refused."""
+    control = Paths(home=short_dir / "control", socket=short_dir / "rc" / "b.sock")
+    fleet = {"STIGMER_STORE_URL": store_url}
+    run_cli(control, "start", env=cli_env(control, **fleet), check=True)
+    run_cli(control, "stop", env=cli_env(control, **fleet), check=True)
+    fleet_key = KeyFile(control.key_file).read_now()
+    assert fleet_key is not None
+    host = Paths(home=short_dir / "host", socket=short_dir / "rh" / "b.sock")
+    wrong, right = short_dir / "wrong.backup", short_dir / "right.backup"
+    wrong.write_text(write_backup(new_key(), PASSPHRASE, n=2))
+    right.write_text(write_backup(fleet_key, PASSPHRASE, n=2))
+
+    result = run_cli(host, "key", "import", str(wrong), input=PASSPHRASE + "\n",
+                     env=cli_env(host, **fleet))
+    assert result.returncode == 1 and "nothing was changed" in result.stderr, result.stderr
+    assert not host.key_file.exists()
+    result = run_cli(host, "key", "import", str(right), "--json", input=PASSPHRASE + "\n",
+                     env=cli_env(host, **fleet))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["store_opens"] is True
+    assert KeyFile(host.key_file).read_now() == fleet_key
+    assert not host.store.exists()  # the check read the shared store, and made no local one
+
+    KeyFile(host.key_file).write_now(new_key())  # export refuses a key that is not the fleet's
+    result = run_cli(host, "key", "export", "--out", str(short_dir / "out.backup"),
+                     env=cli_env(host, **fleet))
+    assert result.returncode == 1 and "does not open the store" in result.stderr, result.stderr
+    assert not (short_dir / "out.backup").exists()

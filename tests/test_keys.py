@@ -11,6 +11,7 @@ import keyring
 import pytest
 from memkeyring import BrokenKeyring, MemoryKeyring, PlaintextKeyring
 
+from stigmer.broker.store.backend import StorePeek
 from stigmer.broker.store.crypto import new_key
 from stigmer.broker.store.keys import (
     KEYRING_SERVICE,
@@ -19,8 +20,9 @@ from stigmer.broker.store.keys import (
     KeySourceError,
     KeySourceKind,
     MasterKey,
+    find_master_key,
     key_sources,
-    load_master_key,
+    new_master_key,
 )
 
 pytestmark = pytest.mark.anyio
@@ -41,9 +43,11 @@ def b64(key: bytes) -> str:
 
 async def load(home: Path, env_key: str | None = None, *, keychain: bool = False,
                ids: frozenset[str] = frozenset()) -> MasterKey:
+    """The key as a start finds it (a new one for a new store) for a store with ``ids``."""
     sources = await key_sources(env_key=env_key, key_file=home / "master.key",
                                 use_keychain=keychain)
-    return await load_master_key(sources, store_key_ids=ids)
+    store = StorePeek("test store", master_id=min(ids, default=None))
+    return await find_master_key(sources, store=store) or await new_master_key(sources)
 
 
 async def test_generates_key_file_when_no_keychain(short_dir: Path) -> None:

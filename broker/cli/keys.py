@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -101,30 +100,42 @@ def cmd_key_import(args: argparse.Namespace, paths: Paths) -> int:
     """Restore the master key from a backup into this home's key source."""
     import anyio
 
+    from ..store.backend import peek_store
     from ..store.backup import parse_backup, read_backup
-    from ..store.sqlite import store_key_ids
+    from ..store.keys import check_opens
 
     source = args.file
     text = read_text(source, "key import")
     header, _ = parse_backup(text, source)
-    accepted = store_key_ids(paths.store)
-    if accepted and header["key_id"] not in accepted:
+    store = anyio.run(peek_store, _store_location(), paths.store)
+    if store.key_ids and header["key_id"] not in store.key_ids:
         raise FailedPrecondition(
-            f"{source} holds key {header['key_id']}, but the store {paths.store} was made with "
-            f"key {sorted(accepted)[0]}; nothing was changed (import into a new home, or use "
-            "the backup of this store's key)")
+            f"{source} holds key {header['key_id']}, but the store {store.where} was made with "
+            f"key {sorted(store.key_ids)[0]}; nothing was changed (import into a new home, or "
+            "use the backup of this store's key)")
     key = read_backup(text, read_passphrase(confirm=False), source)
+    check_opens(key, source, store)  # its data keys too, before the key is installed
     where, replaced = anyio.run(_install_key, paths, key)
     if args.json:
         print_json({"key_id": header["key_id"], "installed_in": where,
-                    "moved_aside": replaced or None, "store_opens": bool(accepted)})
+                    "moved_aside": replaced or None, "store_opens": bool(store.key_ids)})
         return EXIT_OK
     if replaced:
-        print(f"the key that was in {replaced} did not open this store: moved aside",
-              file=sys.stderr)
-    state = "opens the store in" if accepted else "is the key of the new home"
+        print(f"the key file held another key; it is kept in {replaced}", file=sys.stderr)
+    state = "opens the store in" if store.key_ids else "is the key of the new home"
     print(f"master key {header['key_id']} imported into {where}; it {state} {paths.home}")
     return EXIT_OK
+
+
+def _store_location() -> str | None:
+    """The shared store this host's broker serves (``STIGMER_STORE_URL``, as `serve` reads
+    it), or None for the home's own SQLite file."""
+    from ..protocol.paths import resolve_store
+
+    try:
+        return resolve_store(os.environ)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 async def _key_sources(paths: Paths) -> list[KeySource]:
@@ -137,21 +148,22 @@ async def _key_sources(paths: Paths) -> list[KeySource]:
 async def _current_key(paths: Paths) -> bytes:
     """The master key as the broker would load it for this home (all sources agree, and
     it opens the store)."""
-    from ..store.keys import load_master_key
-    from ..store.sqlite import store_key_ids
+    from ..store.backend import peek_store
+    from ..store.keys import find_master_key
 
     sources = await _key_sources(paths)
-    if not [s for s in sources if await s.read() is not None]:
+    master = await find_master_key(
+        sources, store=await peek_store(_store_location(), paths.store))
+    if master is None:
         raise FailedPrecondition(f"no master key for {paths.home} in "
                                  f"{', '.join(s.describe() for s in sources)}; nothing to "
                                  "export")
-    master = await load_master_key(sources, store_key_ids=store_key_ids(paths.store))
     return master.key
 
 
 async def _install_key(paths: Paths, key: bytes) -> tuple[str, str]:
-    """Put ``key`` where the broker will find it; return where, and where a different key
-    was moved aside from ("" when none was)."""
+    """Put ``key`` where the broker will find it; return where, and the file a different
+    key there was kept in ("" when none was)."""
     from ..store.keys import KeyFile, KeySourceKind
 
     sources = await _key_sources(paths)
@@ -164,12 +176,10 @@ async def _install_key(paths: Paths, key: bytes) -> tuple[str, str]:
                                      "the imported one; unset it and import again")
     target = next(s for s in sources if s.kind is not KeySourceKind.ENV)
     replaced = ""
-    if held[id(target)] is not None:
+    if (old := held[id(target)]) is not None:
         if not isinstance(target, KeyFile):  # the keychain entry is not ours to discard
             raise FailedPrecondition(f"{target.describe()} holds another key; remove it "
                                      "(after backing it up) and import again")
-        aside = target.path.with_name(f"{target.path.name}.replaced-{int(time.time())}")
-        os.replace(target.path, aside)
-        replaced = str(aside)
+        replaced = str(target.keep_aside(old))
     await target.write(key)
     return target.describe(), replaced

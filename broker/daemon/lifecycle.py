@@ -1,4 +1,4 @@
-"""The daemon's lifecycle: harden the process, bind, unlock the store, serve, shut down.
+"""The daemon's lifecycle: harden the process, bind, prove the key, open the store, serve, stop.
 
 :func:`serve` is the whole daemon as one coroutine, easy to run inside a test's
 event loop: it calls ``task_status.started()`` once the socket answers, and
@@ -25,11 +25,11 @@ import anyio
 import anyio.abc
 
 from ..config import Config, Limits
-from ..dispatch import Counters, Dispatcher
+from ..dispatch import Counters, Dispatcher, refuse_replaced_store
 from ..protocol.errors import StartupError
-from ..store.backend import open_store
+from ..store.backend import open_store, peek_store
 from ..store.backup import no_backup_line
-from ..store.keys import key_sources
+from ..store.keys import find_master_key, key_sources, new_master_key
 from ..store.vault import Vault
 from .attest import exe_grants_limit
 from .hardening import harden_process, raise_open_file_limit
@@ -114,13 +114,18 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
         home_lock.release()
         raise
     try:
+        # Everything a start may be refused on is checked before the store is opened,
+        # which migrates and writes it: a refused start leaves it as it was.
+        peek = await peek_store(config.store_url, config.paths.store)
+        refuse_replaced_store(config, peek)
+        sources = await key_sources(env_key=config.env_key, key_file=config.paths.key_file,
+                                    use_keychain=config.use_keyring,
+                                    env_key_origin=config.env_key_origin)
+        master = await find_master_key(sources, store=peek)
         store = await open_store(config.store_url, config.paths.store,
                                  stale_after=config.stale_after_s)
         try:
-            sources = await key_sources(env_key=config.env_key, key_file=config.paths.key_file,
-                                        use_keychain=config.use_keyring,
-                                        env_key_origin=config.env_key_origin)
-            vault = await Vault.unlock(store, sources)
+            vault = await Vault.unlock(store, master or await new_master_key(sources))
             counters = Counters()
             stop = anyio.Event()
             dispatcher = Dispatcher(config, store, vault, counters, request_shutdown=stop.set)

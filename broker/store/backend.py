@@ -9,11 +9,14 @@ cache of it, and the store's :meth:`Store.watch` tells what changed elsewhere.
 
 :func:`open_store` picks the backend from the store location (``--store`` or
 ``STIGMER_STORE_URL``): a ``postgresql://`` URL is the fleet backend, anything
-else the embedded SQLite file.
+else the embedded SQLite file. Opening migrates and writes, so what a start may
+refuse on is read first, without writing, by :func:`peek_store`: the key check
+values and wrapped data keys (is this the store's key?) and the schema's age.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -21,16 +24,51 @@ from typing import Any, Protocol
 
 from ..protocol.errors import StartupError
 
-__all__ = ["MASTER_KEY_ID", "PENDING_KEY_ID", "Store", "StoreError", "Tx", "open_store",
-           "set_meta"]
+__all__ = ["MASTER_KEY_ID", "PEEK_DATA_KEYS", "PEEK_META", "PENDING_KEY_ID", "Store",
+           "StoreError", "StorePeek", "Tx", "open_store", "peek_store", "set_meta"]
 
 #: meta keys: the key check value of the master key, and of one a rotation is moving to
 MASTER_KEY_ID = "master_key_id"
 PENDING_KEY_ID = "pending_master_key_id"
 
+#: what :func:`peek_store` reads, in SQL both backends accept (every schema version has it)
+PEEK_META = "SELECT key, value FROM meta WHERE key IN (?, ?)"
+PEEK_DATA_KEYS = "SELECT id, wrapped, wrapped_next FROM data_keys ORDER BY id"
+
 
 class StoreError(StartupError):
     """The store cannot be opened; the message names it and the fix."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StorePeek:
+    """What a store holds that a start may refuse on, read before it is opened for
+    writing (:func:`peek_store`). All empty for a store not made yet."""
+
+    #: where the store is, for people (never a password)
+    where: str
+    #: rows written before rows carried MACs may be present: an old schema, migrated (and
+    #: its rows authenticated) by the start that opens it
+    legacy_rows: bool = False
+    master_id: str | None = None
+    pending_id: str | None = None
+    #: (data key id, wrapped under the master key, wrapped under the pending key or None)
+    data_keys: tuple[tuple[str, bytes, bytes | None], ...] = ()
+
+    @classmethod
+    def from_rows(cls, where: str, meta: Iterable[Sequence[Any]],
+                  data_keys: Iterable[Sequence[Any]], *, legacy_rows: bool = False
+                  ) -> StorePeek:
+        """Build it from the rows of :data:`PEEK_META` and :data:`PEEK_DATA_KEYS`."""
+        ids = {str(key): str(value) for key, value in meta}
+        return cls(where, legacy_rows, ids.get(MASTER_KEY_ID), ids.get(PENDING_KEY_ID),
+                   tuple((str(kid), bytes(wrapped), None if wrapped_next is None
+                          else bytes(wrapped_next)) for kid, wrapped, wrapped_next in data_keys))
+
+    @property
+    def key_ids(self) -> frozenset[str]:
+        """The master key ids the store accepts (its key check values); empty when new."""
+        return frozenset(i for i in (self.master_id, self.pending_id) if i)
 
 
 class Tx(Protocol):
@@ -148,3 +186,19 @@ async def open_store(location: str | None, default: Path, *,
     from .sqlite import SqliteStore
 
     return await SqliteStore.open(default)
+
+
+async def peek_store(location: str | None, default: Path) -> StorePeek:
+    """Read what the store at ``location`` (a PostgreSQL URL), or the SQLite file
+    ``default`` when it is None, holds of its master key and its age, creating, migrating
+    and writing nothing: a start refused on it (or a `key import` checking a key) leaves
+    the store byte for byte as it was. Raises StoreError."""
+    if location is not None:
+        from .postgres import peek
+
+        return await peek(location)
+    import anyio.to_thread
+
+    from .sqlite import peek as peek_file
+
+    return await anyio.to_thread.run_sync(peek_file, default)

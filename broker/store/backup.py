@@ -12,7 +12,9 @@ parameters, about half a second) into the AES-256-GCM key. Every field but the
 ciphertext is the associated data, canonically encoded, so a changed parameter,
 salt or key id fails like a wrong passphrase. ``key_id`` is the key check value
 (:func:`.crypto.key_id_of`): it tells which store the key opens without the
-passphrase, and is checked again after decryption.
+passphrase, and is checked again after decryption. A reader takes other scrypt
+parameters only within bounds (:data:`MAX_SCRYPT_MEMORY`, :data:`MAX_SCRYPT_WORK`),
+checked before scrypt runs: the file, not its owner, chooses them.
 """
 
 from __future__ import annotations
@@ -30,14 +32,22 @@ from ..protocol.errors import InvalidArgument
 # cryptography is imported where a key is wrapped or unwrapped: `status` reads
 # backed_up_at and no_backup_line from here and must stay light.
 
-__all__ = ["FORMAT", "MIN_PASSPHRASE", "BackupError", "backed_up_at", "no_backup_line",
-           "read_backup", "record_backup", "write_backup"]
+__all__ = ["FORMAT", "MAX_SCRYPT_MEMORY", "MAX_SCRYPT_WORK", "MIN_PASSPHRASE", "BackupError",
+           "backed_up_at", "no_backup_line", "parse_backup", "read_backup", "record_backup",
+           "write_backup"]
 
 FORMAT = "stigmer-broker key backup"
 VERSION = 1
 MIN_PASSPHRASE = 12
 #: scrypt's cost: n=2**17, r=8 uses 128 MiB (OWASP's floor for scrypt is n=2**17, r=8, p=1)
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
+_EXPORT_WORK = SCRYPT_N * SCRYPT_R * SCRYPT_P
+#: the most a backup's scrypt may ask of us, checked before it runs (a crafted file asking
+#: n=2**20, r=32, p=16 took 143 s and 4.2 GB): twice the memory of what `key export`
+#: writes (128·n·r bytes: 256 MiB) and four times its work (n·r·p)
+MAX_SCRYPT_MEMORY = 2 * 128 * SCRYPT_N * SCRYPT_R
+MAX_SCRYPT_WORK = 4 * _EXPORT_WORK
+NONCE_SIZE = 12
 
 
 class BackupError(InvalidArgument):
@@ -54,7 +64,7 @@ def write_backup(key: bytes, passphrase: str, *, n: int = SCRYPT_N) -> str:
         "format": FORMAT, "version": VERSION, "key_id": key_id_of(key),
         "kdf": {"name": "scrypt", "n": n, "r": SCRYPT_R, "p": SCRYPT_P,
                 "salt": _b64(os.urandom(16))},
-        "cipher": "AES-256-GCM", "nonce": _b64(os.urandom(12))}
+        "cipher": "AES-256-GCM", "nonce": _b64(os.urandom(NONCE_SIZE))}
     wrapping = _stretch(passphrase, header["kdf"])
     ciphertext = AESGCM(wrapping).encrypt(base64.b64decode(header["nonce"]), key,
                                           _associated(header))
@@ -91,12 +101,11 @@ def parse_backup(text: str, where: str) -> tuple[dict[str, Any], bytes]:
         kdf = doc["kdf"]
         if kdf["name"] != "scrypt" or doc["cipher"] != "AES-256-GCM":
             raise ValueError
-        if not all(isinstance(kdf[k], int) and kdf[k] > 0 for k in ("n", "r", "p")) \
-                or kdf["n"] > 2**20 or kdf["r"] > 32 or kdf["p"] > 16:
-            raise ValueError  # bounded: a crafted file must not exhaust memory
+        _check_kdf(kdf, where)
         ciphertext = base64.b64decode(doc.pop("ciphertext"), validate=True)
         base64.b64decode(kdf["salt"], validate=True)
-        base64.b64decode(doc["nonce"], validate=True)
+        if len(base64.b64decode(doc["nonce"], validate=True)) != NONCE_SIZE:
+            raise ValueError
         if not isinstance(doc["key_id"], str):
             raise ValueError
     except BackupError:
@@ -104,6 +113,23 @@ def parse_backup(text: str, where: str) -> tuple[dict[str, Any], bytes]:
     except (ValueError, KeyError, TypeError, binascii.Error):
         raise BackupError(f"{where}: not a stigmer-broker key backup (or damaged)") from None
     return doc, ciphertext
+
+
+def _check_kdf(kdf: dict[str, Any], where: str) -> None:
+    """Refuse scrypt parameters that are not whole numbers scrypt takes, or that would cost
+    more than :data:`MAX_SCRYPT_MEMORY` or :data:`MAX_SCRYPT_WORK`. Raises BackupError."""
+    n, r, p = kdf["n"], kdf["r"], kdf["p"]
+    # bool is an int to Python (n=true would reach scrypt as 1): exact ints only
+    if not all(type(v) is int for v in (n, r, p)):
+        raise BackupError(f"{where}: the backup's KDF parameters (n, r, p) are not whole "
+                          "numbers; the file was changed or damaged")
+    if n < 2 or n & (n - 1) or r < 1 or p < 1 or 128 * n * r > MAX_SCRYPT_MEMORY \
+            or n * r * p > MAX_SCRYPT_WORK:
+        raise BackupError(
+            f"{where}: the backup's KDF parameters are out of bounds (scrypt n={n}, r={r}, "
+            f"p={p}; this stigmer-broker reads n a power of two, at most "
+            f"{MAX_SCRYPT_MEMORY // 2**20} MiB and {MAX_SCRYPT_WORK // _EXPORT_WORK}x the work "
+            "of what `key export` writes); it was not made by `key export`, or was changed")
 
 
 def record_backup(record: Path, key_id: str, file: Path) -> None:

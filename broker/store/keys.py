@@ -6,8 +6,10 @@ Sources, in order, first that has a key wins: :class:`EnvKey`
 name ``master-key``) > :class:`KeyFile` (``HOME/master.key``, base64, 0600).
 Each is a :class:`KeySource`, as keyring's backends share one interface, and
 :func:`key_sources` builds the list. When several sources have a key they must
-agree. When none has one and the store is new, 32 random bytes are generated
-and kept in the first source that can store a key.
+agree, and the key must open the store, checked on what :func:`.backend.peek_store`
+read before the store is opened for writing (:func:`find_master_key`). When none
+has one and the store is new, 32 random bytes are generated and kept in the
+first source that can store a key (:func:`new_master_key`), once the store opens.
 
 keyring is blocking and may talk to D-Bus: every call to it goes through
 :class:`Keychain`, which runs it in a worker thread and turns keyring's errors
@@ -21,8 +23,10 @@ import binascii
 import contextlib
 import dataclasses
 import enum
+import itertools
 import os
 import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,12 +34,14 @@ from typing import Any, Protocol
 import anyio.to_thread
 
 from ..protocol.errors import StartupError
-from .crypto import KEY_SIZE, key_id_of, new_key
+from .backend import StoreError, StorePeek
+from .crypto import KEY_SIZE, SealError, key_id_of, new_key, unwrap_data_key
 
 __all__ = [
     "ENV_KEY_ROTATION_HELP", "ENV_ORIGIN", "KEYRING_SERVICE", "KEYRING_USERNAME", "EnvKey",
     "KeyFile", "KeySource", "KeySourceError", "KeySourceKind", "Keychain", "MasterKey",
-    "decode_key", "encode_key", "key_sources", "load_master_key",
+    "check_key_id", "check_opens", "decode_key", "encode_key", "find_master_key",
+    "key_sources", "new_master_key",
 ]
 
 KEYRING_SERVICE = "stigmer"
@@ -201,20 +207,45 @@ class KeyFile:
         tmp = directory / f".{self.path.name}.{os.getpid()}.tmp"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, (encode_key(key) + "\n").encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _create_key_file(tmp, key)
         os.replace(tmp, self.path)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _sync_directory(directory)
+
+    def keep_aside(self, key: bytes) -> Path:
+        """Save ``key`` (the one this file holds, about to be replaced) in a new 0600 file
+        beside it, and return that file. Its name says when, to the nanosecond, and is
+        never one that exists: nothing is overwritten, however fast keys are replaced."""
+        for attempt in itertools.count():
+            suffix = f"-{attempt}" if attempt else ""  # the same nanosecond (a coarse clock)
+            aside = self.path.with_name(f"{self.path.name}.replaced-{time.time_ns()}{suffix}")
+            try:
+                _create_key_file(aside, key)
+            except FileExistsError:
+                continue
+            _sync_directory(aside.parent)
+            return aside
+        raise AssertionError("unreachable")  # pragma: no cover - count() never ends
+
+
+def _create_key_file(path: Path, key: bytes) -> None:
+    """Create ``path`` holding ``key``, private from its first byte and synced; raises
+    FileExistsError rather than touch a file that exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, (encode_key(key) + "\n").encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_directory(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class Keychain:
@@ -302,13 +333,15 @@ async def key_sources(*, env_key: str | None, key_file: Path, use_keychain: bool
     return sources
 
 
-async def load_master_key(sources: Sequence[KeySource], *,
-                          store_key_ids: frozenset[str]) -> MasterKey:
-    """Return the master key from the first source that has one.
+async def find_master_key(sources: Sequence[KeySource], *,
+                          store: StorePeek) -> MasterKey | None:
+    """Return the master key from the first source that has one, proven to open ``store``
+    (:func:`check_opens`) before the store is opened for writing; None when no source
+    has a key and the store is new (:func:`new_master_key` makes one once it is open).
 
-    ``store_key_ids`` are the key ids the existing store accepts (empty for a new
-    store): a key is generated only for a new store, and a key the store does not
-    accept is refused before any row is read. Raises KeySourceError.
+    Raises KeySourceError: a source is unusable, sources disagree, the existing store
+    has no key anywhere, or the key is not the store's; StoreError: the store's data
+    keys do not open under a key with its id (tampered or damaged).
     """
     found: list[MasterKey] = []
     for source in sources:
@@ -320,24 +353,52 @@ async def load_master_key(sources: Sequence[KeySource], *,
         raise KeySourceError(
             f"the master key sources disagree: {names} hold different keys; keep the one "
             "that opens your store and remove the others")
-    if found:
-        master = found[0]
-    elif store_key_ids:
-        where = ", ".join(s.describe() for s in sources)
+    if not found:
+        if store.key_ids:
+            where = ", ".join(s.describe() for s in sources)
+            raise KeySourceError(
+                f"no master key found for the existing store (key id "
+                f"{sorted(store.key_ids)[0]}) in {where}; restore the key file or "
+                f"STIGMER_ENCRYPTION_KEY, or the keychain entry "
+                f"'{KEYRING_SERVICE}/{KEYRING_USERNAME}'")
+        return None
+    check_opens(found[0].key, found[0].describe(), store)
+    return found[0]
+
+
+async def new_master_key(sources: Sequence[KeySource]) -> MasterKey:
+    """Make a master key for a new store and keep it in the first source that can store
+    one. Raises KeySourceError."""
+    writable = [s for s in sources if s.kind is not KeySourceKind.ENV]
+    if not writable:
+        raise KeySourceError("no master key source can store a new key")
+    key = new_key()
+    await writable[0].write(key)
+    return MasterKey(key, writable[0])
+
+
+def check_key_id(key_id: str, where: str, accepted: frozenset[str]) -> None:
+    """Raise KeySourceError unless ``key_id`` (of the key from ``where``) is one the store
+    accepts; a new store (nothing accepted) takes any key."""
+    if accepted and key_id not in accepted:
         raise KeySourceError(
-            f"no master key found for the existing store (key id {sorted(store_key_ids)[0]}) "
-            f"in {where}; restore the key file or STIGMER_ENCRYPTION_KEY, or the keychain "
-            f"entry '{KEYRING_SERVICE}/{KEYRING_USERNAME}'")
-    else:
-        writable = [s for s in sources if s.kind is not KeySourceKind.ENV]
-        if not writable:
-            raise KeySourceError("no master key source can store a new key")
-        key = new_key()
-        await writable[0].write(key)
-        master = MasterKey(key, writable[0])
-    if store_key_ids and master.id not in store_key_ids:
-        raise KeySourceError(
-            f"the master key from {master.describe()} does not open the store (its key id is "
-            f"{master.id}, the store's is {sorted(store_key_ids)[0]}); use the key the store "
-            "was created with")
-    return master
+            f"the master key from {where} does not open the store (its key id is {key_id}, "
+            f"the store's is {sorted(accepted)[0]}); use the key the store was created with")
+
+
+def check_opens(key: bytes, where: str, store: StorePeek) -> None:
+    """Raise unless ``key`` (from ``where``) opens ``store``: its id is one of the store's
+    key check values (KeySourceError) and it unwraps every data key, through the wraps of
+    an unfinished rotation when it is that rotation's new key (StoreError)."""
+    key_id = key_id_of(key)
+    check_key_id(key_id, where, store.key_ids)
+    rotated = key_id == store.pending_id and key_id != store.master_id
+    for data_key_id, wrapped, wrapped_next in store.data_keys:
+        try:
+            unwrap_data_key(key, key_id, data_key_id,
+                            (wrapped_next if rotated else wrapped) or b"")
+        except SealError:
+            raise StoreError(
+                f"data key {data_key_id} in {store.where} does not open under the master key "
+                f"from {where}, though the store accepts its id; the store was tampered with "
+                "or damaged: restore it from a backup") from None

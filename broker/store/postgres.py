@@ -49,9 +49,16 @@ from ..protocol.errors import (
     Unavailable,
 )
 from ..protocol.paths import redact_url
-from .backend import StoreError
+from .backend import (
+    MASTER_KEY_ID,
+    PEEK_DATA_KEYS,
+    PEEK_META,
+    PENDING_KEY_ID,
+    StoreError,
+    StorePeek,
+)
 
-__all__ = ["MIGRATIONS", "PostgresStore", "PgTx"]
+__all__ = ["MIGRATIONS", "PgTx", "PostgresStore", "peek"]
 
 log = logging.getLogger("stigmer.broker")
 
@@ -186,6 +193,44 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _cannot_connect(shown: str, exc: BaseException) -> StoreError:
+    """What a failed connection to the store ``shown`` says."""
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return StoreError(f"cannot reach the store {shown} ({_reason(exc)}); check that "
+                          "PostgreSQL runs there and the URL is right")
+    if isinstance(exc, asyncpg.exceptions.InvalidAuthorizationSpecificationError):
+        return StoreError(f"the store {shown} refused the login; check the user and its "
+                          "password (URL, PGPASSWORD or ~/.pgpass)")
+    sqlstate = getattr(exc, "sqlstate", "")
+    return StoreError(f"cannot open the store {shown}: {sqlstate} {type(exc).__name__}")
+
+
+async def peek(url: str, *, connect_timeout: float = 5.0) -> StorePeek:
+    """What the store at ``url`` holds of its master key (see :func:`.backend.peek_store`):
+    one connection, one read-only transaction, nothing created or migrated; empty before
+    the first broker made the schema's tables. Raises StoreError."""
+    shown = redact_url(url)
+    try:
+        conn = await asyncpg.connect(url, timeout=connect_timeout, command_timeout=30,
+                                     server_settings={"application_name": "stigmer-broker"})
+    except _DATABASE_ERRORS as exc:
+        raise _cannot_connect(shown, exc) from None
+    try:
+        async with conn.transaction(readonly=True):
+            if not await conn.fetchval("SELECT to_regclass('stigmer_schema') IS NOT NULL"):
+                return StorePeek(shown)
+            meta = [tuple(r) for r in await conn.fetch(_dialect(PEEK_META), MASTER_KEY_ID,
+                                                        PENDING_KEY_ID)]
+            data_keys = [tuple(r) for r in await conn.fetch(_dialect(PEEK_DATA_KEYS))]
+    except _DATABASE_ERRORS as exc:
+        raise StoreError(f"cannot read the store {shown} ({_reason(exc)}); check that "
+                         "PostgreSQL runs there and the role may read it") from None
+    finally:
+        with contextlib.suppress(*_DATABASE_ERRORS):
+            await conn.close(timeout=connect_timeout)
+    return StorePeek.from_rows(shown, meta, data_keys)
+
+
 class PgTx:
     """The statements of one write transaction (a :class:`~.backend.Tx`)."""
 
@@ -252,15 +297,8 @@ class PostgresStore:
             pool = await asyncpg.create_pool(
                 url, min_size=1, max_size=8, timeout=connect_timeout, command_timeout=30,
                 server_settings={"application_name": "stigmer-broker"}, reset=_keep_session)
-        except _CONNECTION_ERRORS as exc:
-            raise StoreError(f"cannot reach the store {shown} ({_reason(exc)}); check that "
-                             "PostgreSQL runs there and the URL is right") from None
-        except asyncpg.exceptions.InvalidAuthorizationSpecificationError:
-            raise StoreError(f"the store {shown} refused the login; check the user and "
-                             "its password (URL, PGPASSWORD or ~/.pgpass)") from None
-        except asyncpg.PostgresError as exc:
-            raise StoreError(f"cannot open the store {shown}: {exc.sqlstate} "
-                             f"{type(exc).__name__}") from None
+        except _DATABASE_ERRORS as exc:
+            raise _cannot_connect(shown, exc) from None
         try:
             row = await pool.fetchrow("SELECT current_schema(), current_user")
             schema, user = (row[0], row[1]) if row is not None else (None, "")

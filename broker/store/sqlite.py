@@ -34,9 +34,16 @@ import aiosqlite
 import anyio
 
 from ..protocol.errors import Internal, ResourceExhausted
-from .backend import MASTER_KEY_ID, PENDING_KEY_ID, StoreError
+from .backend import (
+    MASTER_KEY_ID,
+    PEEK_DATA_KEYS,
+    PEEK_META,
+    PENDING_KEY_ID,
+    StoreError,
+    StorePeek,
+)
 
-__all__ = ["MIGRATIONS", "ROW_MACS_SINCE", "SqliteStore", "SqliteTx", "store_key_ids"]
+__all__ = ["MIGRATIONS", "ROW_MACS_SINCE", "SqliteStore", "SqliteTx", "peek"]
 
 log = logging.getLogger("stigmer.broker")
 
@@ -454,17 +461,28 @@ def _translate(exc: sqlite3.Error) -> Exception:
     return Internal(f"the store failed ({type(exc).__name__}); see the broker's log")
 
 
-def store_key_ids(path: Path) -> frozenset[str]:
-    """The master key ids the store at ``path`` accepts (its key check values), read
-    without writing (the CLI may ask while the daemon runs); empty without a store."""
+def peek(path: Path) -> StorePeek:
+    """What the store at ``path`` holds of its key and its age (see
+    :func:`.backend.peek_store`), read without writing a byte; empty without a store.
+
+    Without a WAL file the database file is complete, and is opened ``immutable`` (a
+    read-only open of a WAL store would create the -wal and -shm files); with one (the
+    daemon runs, or one was killed) read-only, so the WAL's commits count.
+    """
     if not path.exists():
-        return frozenset()
-    uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
+        return StorePeek(str(path))
+    mode = "mode=ro" if os.path.lexists(path.with_name(path.name + "-wal")) else "immutable=1"
+    uri = "file:" + urllib.parse.quote(str(path)) + "?" + mode
     try:
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
-            rows = db.execute("SELECT value FROM meta WHERE key IN (?, ?)",
-                              (MASTER_KEY_ID, PENDING_KEY_ID)).fetchall()
-    except sqlite3.Error as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise StoreError(f"cannot read store {path}: {reason}") from None
-    return frozenset(str(r[0]) for r in rows)
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version == 0:  # nothing made yet (migration 1 sets the version with the tables)
+                return StorePeek(str(path))
+            meta = db.execute(PEEK_META, (MASTER_KEY_ID, PENDING_KEY_ID)).fetchall()
+            data_keys = db.execute(PEEK_DATA_KEYS).fetchall()
+    except (sqlite3.Error, UnicodeDecodeError, ValueError, TypeError) as exc:
+        reason = " ".join(str(exc).split())[:200]  # sqlite may quote damaged SQL
+        raise StoreError(f"cannot read store {path}: {reason}; is it a stigmer store? "
+                         "Restore it from a backup") from None
+    return StorePeek.from_rows(str(path), meta, data_keys,
+                               legacy_rows=0 < version < ROW_MACS_SINCE)

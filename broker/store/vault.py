@@ -2,12 +2,15 @@
 
 Domain code seals and opens values at a :class:`~.crypto.Place` through
 :class:`Vault` and never sees a key. Unlocking order (nothing is read from a
-row before the key is proven):
+row before the key is proven, nothing written before the key opens the store):
 
-1. read the key ids the (already opened) store accepts, its key check values;
+1. before the store is opened for writing, read its key check values and wrapped
+   data keys (:func:`.backend.peek_store`);
 2. load the master key from its sources and refuse it unless its id is one of them
-   (a new store accepts any key and records its id);
-3. unwrap the data keys, creating the first one for a new store;
+   and it unwraps every data key (:func:`.keys.find_master_key`);
+3. open (and migrate) the store; make a key for a new store; :meth:`Vault.unlock`
+   checks the id again, then unwraps the data keys, creating the first one for a
+   new store (which records the key's id);
 4. finish a rotation that was interrupted after the new key was stored.
 
 Rotation is crash-safe at every step: (a) wrap every data key under the new
@@ -27,7 +30,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import anyio
 import anyio.lowlevel
@@ -47,11 +50,10 @@ from .crypto import (
 )
 from .keys import (
     ENV_KEY_ROTATION_HELP,
-    KeySource,
     KeySourceError,
     KeySourceKind,
     MasterKey,
-    load_master_key,
+    check_key_id,
 )
 
 __all__ = ["RotationResult", "Vault", "VaultError", "log_refused", "tampered"]
@@ -95,16 +97,18 @@ class Vault:
         self._rotating = False
 
     @classmethod
-    async def unlock(cls, store: Store, sources: Sequence[KeySource]) -> Vault:
-        """Prove the master key against ``store`` and unwrap its data keys.
+    async def unlock(cls, store: Store, master: MasterKey) -> Vault:
+        """Unwrap the data keys of ``store`` with ``master``, proven against the store
+        before it was opened (:func:`.keys.find_master_key`) or new.
 
         Raises KeySourceError or VaultError (both StartupErrors) with the reason
         and the fix; the caller keeps ownership of ``store``.
         """
         master_id = await store.meta(_MASTER_ID)
         pending_id = await store.meta(_PENDING_ID)
-        accepted = frozenset(i for i in (master_id, pending_id) if i)
-        master = await load_master_key(sources, store_key_ids=accepted)
+        # again: another broker of a fleet may have rotated the key since the proof
+        check_key_id(master.id, master.describe(),
+                     frozenset(i for i in (master_id, pending_id) if i))
         if pending_id is not None:
             await _finish_rotation(store, master, master_id or master.id, pending_id)
         if master_id is None:  # a new store (maybe another broker of a fleet is making it)
