@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..protocol import KeyRotated
     from ..store.keys import KeySource
 
-__all__ = ["cmd_key_export", "cmd_key_import", "cmd_key_rotate"]
+__all__ = ["cmd_key_export", "cmd_key_import", "cmd_key_rotate", "home_key_sources"]
 
 
 def cmd_key_rotate(args: argparse.Namespace, paths: Paths) -> int:
@@ -127,7 +127,8 @@ def cmd_key_import(args: argparse.Namespace, paths: Paths) -> int:
     return EXIT_OK
 
 
-async def _key_sources(paths: Paths) -> list[KeySource]:
+async def home_key_sources(paths: Paths) -> list[KeySource]:
+    """The key sources a broker of this home started from this shell would consult."""
     from ..store.keys import key_sources
 
     return await key_sources(env_key=os.environ.get(KEY_VARIABLE), key_file=paths.key_file,
@@ -140,7 +141,7 @@ async def _current_key(paths: Paths) -> bytes:
     from ..store.keys import load_master_key
     from ..store.sqlite import store_key_ids
 
-    sources = await _key_sources(paths)
+    sources = await home_key_sources(paths)
     if not [s for s in sources if await s.read() is not None]:
         raise FailedPrecondition(f"no master key for {paths.home} in "
                                  f"{', '.join(s.describe() for s in sources)}; nothing to "
@@ -154,7 +155,7 @@ async def _install_key(paths: Paths, key: bytes) -> tuple[str, str]:
     was moved aside from ("" when none was)."""
     from ..store.keys import KeyFile, KeySourceKind
 
-    sources = await _key_sources(paths)
+    sources = await home_key_sources(paths)
     held = {id(source): await source.read() for source in sources}  # each read once
     for source in sources:
         if held[id(source)] == key:
