@@ -1,21 +1,28 @@
-"""Store backups: `backup` under write load, `restore` and its refusals."""
+"""Store backups: `backup` under write load, `restore` and its refusals, and a fleet's
+pg_dump/pg_restore."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import secrets
 import shutil
 import sqlite3
 import stat
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Daemon, cli_env, run_cli
+from postgres import Server, psql, with_database
 
 from stigmer.broker.config import Paths
 from stigmer.client import Client, Variable
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
 @pytest.fixture
@@ -205,3 +212,69 @@ def test_backup_refusals(stopped: tuple[Paths, Path], short_dir: Path) -> None:
         assert proc.stderr.count("\n") == 1
     assert not (short_dir / "x").exists()
 
+
+@pytest.fixture
+def roles(postgres: Server) -> Iterator[tuple[str, str]]:
+    """A schema made by `fleet init`, with a control role of its own: (schema, role)."""
+    suffix = secrets.token_hex(4)
+    names = (f"f_{suffix}", f"ctl_{suffix}")
+    yield names
+    postgres.drop_schema(names[0])
+    for role in (names[1], f"run_{suffix}"):
+        psql(postgres.url(), f"DROP OWNED BY {role} CASCADE; DROP ROLE {role}", check=False)
+
+
+def as_role(url: str, role: str) -> str:
+    if "user=postgres" in url:
+        return url.replace("user=postgres", f"user={role}")
+    return url.replace("://postgres@", f"://{role}@", 1)
+
+
+def test_fleet_store_survives_pg_dump_and_pg_restore(postgres: Server, roles: tuple[str, str],
+                                                      paths: Paths, short_dir: Path) -> None:
+    """The README's fleet backup: pg_dump of the schema, pg_restore into an empty database
+    of the same cluster (so the roles exist); a control broker on it serves it all."""
+    schema, control = roles
+    run_cli(paths, "fleet", "init", "--store", postgres.url(), "--schema", schema,
+            "--control-role", control, "--runner-role", control.replace("ctl_", "run_"),
+            check=True)
+    env = cli_env(paths, STIGMER_STORE_URL=as_role(postgres.url(search_path=schema), control))
+    run_cli(paths, "start", env=env, check=True)
+    try:
+        for name in ("alpha", "beta", "gamma"):
+            run_cli(paths, "env", "set", name, f"N={name}", "--secret", "S", input="x\n",
+                    env=env, check=True)
+        run_cli(paths, "context", "create", "exec-1", "--environment", "alpha", env=env,
+                check=True)
+        proc = run_cli(paths, "backup", "--out", str(short_dir / "no"), env=env)
+        assert proc.returncode == 1 and "pg_dump" in proc.stderr
+    finally:
+        run_cli(paths, "stop", env=env, check=True)
+    dump = short_dir / "fleet.dump"
+    subprocess.run([PG_BIN / "pg_dump", "--format=custom", f"--schema={schema}",
+                    f"--file={dump}", postgres.url()], check=True, timeout=120)
+    database = "stigmer_restored_" + secrets.token_hex(4)
+    psql(postgres.admin_url, f"CREATE DATABASE {database}")
+    try:
+        subprocess.run([PG_BIN / "pg_restore", "--exit-on-error",
+                        f"--dbname={with_database(postgres.admin_url, database)}", dump],
+                       check=True, timeout=120)
+        restored = cli_env(paths, STIGMER_STORE_URL=as_role(
+            with_database(postgres.admin_url, database, search_path=schema), control))
+        run_cli(paths, "start", env=restored, check=True)
+        try:
+            listed = json.loads(run_cli(paths, "env", "list", "--json", env=restored,
+                                        check=True).stdout)
+            assert sorted(e["name"] for e in listed) == ["alpha", "beta", "gamma"]
+            shown = json.loads(run_cli(paths, "env", "show", "beta", "--reveal", "--json",
+                                       env=restored, check=True).stdout)
+            assert shown["data"]["S"]["value"] == "x"
+            run_cli(paths, "env", "set", "delta", "N=4", env=restored, check=True)  # writable
+            verified = json.loads(run_cli(paths, "audit", "verify", "--json", env=restored,
+                                          check=True).stdout)
+            assert verified["ok"] and verified["records"] >= 5, verified
+        finally:
+            run_cli(paths, "stop", env=restored)
+    finally:
+        psql(postgres.admin_url, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)",
+             check=False)
