@@ -46,6 +46,7 @@ def new_home(short_dir: Path, name: str, key_from: Paths | None = None) -> Paths
 def backup(paths: Paths, out: Path) -> dict[str, object]:
     proc = run_cli(paths, "backup", "--out", str(out), "--json", check=True)
     result: dict[str, object] = json.loads(proc.stdout)
+    assert set(result) == {"file", "store", "bytes", "audit_head", "anchored"}  # README
     return result
 
 
@@ -153,7 +154,9 @@ def test_restore_refuses_an_existing_store_unless_replace(stopped: tuple[Paths, 
 
     proc = run_cli(paths, "restore", str(out), "--replace", "--json")
     assert proc.returncode == 0, proc.stderr
-    aside = json.loads(proc.stdout)["moved_aside"]
+    result = json.loads(proc.stdout)
+    assert set(result) == {"file", "store", "key_id", "audit_records", "moved_aside"}
+    aside = result["moved_aside"]
     # the old store and anchor are kept, byte for byte, under new names
     assert {Path(p).read_bytes() for p in aside} == {before["local.db"], before["audit.head"]}
     with Daemon(paths), Client(paths.socket) as client:
