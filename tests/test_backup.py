@@ -201,7 +201,7 @@ def test_backup_refusals(stopped: tuple[Paths, Path], short_dir: Path) -> None:
     paths, out = stopped
     kept = out.read_bytes()
     proc = run_cli(paths, "backup", "--out", str(out))
-    assert proc.returncode == 1 and "exists" in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.returncode == 2 and "exists" in proc.stderr and proc.stderr.count("\n") == 1
     assert out.read_bytes() == kept
     before = home_files(paths.home)
     proc = run_cli(paths, "restore", str(paths.key_file), "--replace")

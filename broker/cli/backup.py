@@ -47,6 +47,9 @@ def cmd_backup(args: argparse.Namespace, paths: Paths) -> int:
 
     _refuse_fleet("back up")
     out = Path(args.out)
+    if os.path.lexists(out):  # as `key export`; take() refuses it again, atomically
+        raise UsageError(f"--out {out}: the file exists; choose a new name (nothing is "
+                         "overwritten)")
     with _idle_home_or_serving(paths):
         try:  # before the snapshot: an anchor read first never names a record it lacks
             anchor = HeadAnchor(paths.audit_anchor).read()

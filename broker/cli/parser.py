@@ -314,7 +314,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = command("restore", cmd_restore,
                 "put a backup in place of the store (the broker stopped), once it opens with "
                 "this home's master key and its audit chain verifies")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="a file `backup --out` wrote")
     p.add_argument("--replace", action="store_true",
                    help="move the existing store aside (never deleted) and restore in its place")
 
