@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ..protocol import KeyRotated
     from ..store.keys import KeySource
 
-__all__ = ["cmd_key_export", "cmd_key_import", "cmd_key_rotate"]
+__all__ = ["cmd_key_export", "cmd_key_import", "cmd_key_rotate", "home_key_sources"]
 
 
 def cmd_key_rotate(args: argparse.Namespace, paths: Paths) -> int:
@@ -138,7 +138,8 @@ def _store_location() -> str | None:
         raise UsageError(str(exc)) from None
 
 
-async def _key_sources(paths: Paths) -> list[KeySource]:
+async def home_key_sources(paths: Paths) -> list[KeySource]:
+    """The key sources a broker of this home started from this shell would consult."""
     from ..store.keys import key_sources
 
     return await key_sources(env_key=os.environ.get(KEY_VARIABLE), key_file=paths.key_file,
@@ -151,7 +152,7 @@ async def _current_key(paths: Paths) -> bytes:
     from ..store.backend import peek_store
     from ..store.keys import find_master_key
 
-    sources = await _key_sources(paths)
+    sources = await home_key_sources(paths)
     master = await find_master_key(
         sources, store=await peek_store(_store_location(), paths.store))
     if master is None:
@@ -166,7 +167,7 @@ async def _install_key(paths: Paths, key: bytes) -> tuple[str, str]:
     key there was kept in ("" when none was)."""
     from ..store.keys import KeyFile, KeySourceKind
 
-    sources = await _key_sources(paths)
+    sources = await home_key_sources(paths)
     held = {id(source): await source.read() for source in sources}  # each read once
     for source in sources:
         if held[id(source)] == key:

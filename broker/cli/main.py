@@ -4,7 +4,8 @@ A thin layer over :mod:`stigmer.client` and the daemon: this module parses argv
 and turns every error into one line and an exit status; the commands live one
 module per group (:mod:`.daemon`, :mod:`.environments`, :mod:`.contexts`,
 :mod:`.audit`, :mod:`.keys`, :mod:`.service`). The CLI never opens the store
-(every write goes through the daemon) and imports the daemon's heavy
+(every write goes through the daemon) but for ``backup`` and ``restore``
+(:mod:`.backup`), and imports the daemon's heavy
 dependencies only for ``serve``, so ``status`` stays fast.
 
 Exit status: 0 success, 1 the broker refused or failed the request, 2 a usage

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import __version__
 from .audit import cmd_audit, cmd_audit_verify
+from .backup import cmd_backup, cmd_restore
 from .common import EXIT_USAGE, PROG
 from .contexts import (
     cmd_context_complete,
@@ -305,6 +306,17 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                 "restore the master key from a backup (into a new home, or one whose store "
                 "it opens)", key_sub, "key")
     p.add_argument("file", metavar="FILE")
+
+    p = command("backup", cmd_backup,
+                "copy the store, consistently (also while the broker runs), to a new 0600 "
+                "file with the audit head anchor")
+    p.add_argument("--out", required=True, metavar="FILE", help="the backup file to create")
+    p = command("restore", cmd_restore,
+                "put a backup in place of the store (the broker stopped), once it opens with "
+                "this home's master key and its audit chain verifies")
+    p.add_argument("file", metavar="FILE", help="a file `backup --out` wrote")
+    p.add_argument("--replace", action="store_true",
+                   help="move the existing store aside (never deleted) and restore in its place")
 
     fleet = sub.add_parser("fleet", help="brokers on many hosts sharing one PostgreSQL store")
     fleet.set_defaults(func=_group_help(fleet))

@@ -21,7 +21,7 @@ from typing import NamedTuple
 from ..protocol.errors import StartupError
 from ..protocol.peer import check_private_dir
 
-__all__ = ["HomeLock", "Holder", "holder", "lock_home", "prepare_home"]
+__all__ = ["HomeLock", "Holder", "holder", "lock_home", "lock_idle_home", "prepare_home"]
 
 LOCK_NAME = "broker.lock"
 
@@ -102,6 +102,31 @@ def lock_home(home: Path, socket: Path) -> HomeLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n{socket}\n".encode(), 0)
     return HomeLock(fd, path)
+
+
+def lock_idle_home(home: Path) -> HomeLock | None:
+    """Take ``home``'s lock for a command that works on the store without a daemon
+    (``backup``, ``restore``), so that none starts meanwhile; None when a daemon holds it.
+
+    Nothing is written into the file (no daemon listens): one that tries to start
+    meanwhile says the home is busy, and ``status`` says no broker runs.
+    """
+    fd, path = _open(home)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return _Held(fd, path)
+
+
+class _Held(HomeLock):
+    """The lock as :func:`lock_idle_home` holds it: the file is left as it was."""
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def holder(home: Path) -> Holder | None:

@@ -88,13 +88,19 @@ class HeadAnchor:
             self._journaled_at = time.monotonic()
             log.info("audit head seq=%d link=%s", head.seq, head.link)
 
-    def _write(self, head: Head) -> None:
+    def save(self, head: Head) -> None:
+        """Anchor ``head`` durably (``restore`` installs the file next). Raises OSError."""
+        self._write(head, durable=True)
+
+    def _write(self, head: Head, *, durable: bool = False) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         data = msgspec.json.encode(_AnchorFile(1, head.seq, head.link)) + b"\n"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
             os.write(fd, data)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
