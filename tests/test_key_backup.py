@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pty
@@ -176,6 +177,42 @@ def test_start_serve_and_status_say_when_the_key_has_no_backup(paths: Paths,
     run_cli(paths, "key", "rotate", "--yes", check=True)  # a new key: no backup of it yet
     assert hint in run_cli(paths, "status").stderr
     run_cli(paths, "stop", check=True)
+
+
+def test_an_imported_key_counts_as_backed_up(exported: tuple[Paths, Path],
+                                             short_dir: Path) -> None:
+    """The key came from a backup: status does not say it has none."""
+    old, backup = exported
+    new = Paths(home=short_dir / "restored", socket=short_dir / "run2" / "b.sock")
+    new.home.mkdir(mode=0o700)
+    shutil.copy2(old.store, new.store)
+    assert import_(new, backup)[0] == 0
+    started = run_cli(new, "start", check=True)
+    try:
+        assert "no backup" not in started.stderr
+        status = run_cli(new, "status", check=True)
+        assert "no backup" not in status.stderr and "key backup   20" in status.stdout
+    finally:
+        run_cli(new, "stop")
+
+
+def test_a_key_handed_in_is_not_nagged_about_and_cannot_be_rotated(paths: Paths) -> None:
+    """A key from STIGMER_ENCRYPTION_KEY is backed up where it comes from: neither start
+    nor status warns, and `key rotate` refuses at once, pointing at this home's key file."""
+    env = cli_env(paths, STIGMER_ENCRYPTION_KEY=base64.b64encode(new_key()).decode())
+    started = run_cli(paths, "start", env=env, check=True)
+    try:
+        assert "no backup" not in started.stderr
+        assert "no backup" not in paths.log_file.read_text()
+        status = run_cli(paths, "status", env=env, check=True)
+        assert status.stderr == ""
+        assert "key backup   not tracked: the key is handed in" in status.stdout
+        rotate = run_cli(paths, "key", "rotate", "--yes", env=env)
+        assert rotate.returncode == 1
+        assert rotate.stderr.count("\n") == 1 and "rotating" not in rotate.stderr
+        assert '"${STIGMER_HOME:-$HOME/.stigmer}/master.key"' in rotate.stderr
+    finally:
+        run_cli(paths, "stop", env=env)
 
 
 # ---------------------------------------------------------------- crafted backups

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from ..config import Paths
     from ..daemon.homelock import Holder
+    from ..protocol.messages import Status
 
 __all__ = ["cmd_serve", "cmd_start", "cmd_status", "cmd_stop"]
 
@@ -220,10 +221,7 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
         print(paths.socket)
     with contextlib.suppress(BrokerError), connect(paths) as client:
         status = client.status()
-        if status.key_backed_up_at is None:
-            from ..store.backup import no_backup_line
-
-            warn(no_backup_line(status.key_source))
+        _warn_without_backup(status)
     return EXIT_OK
 
 
@@ -342,16 +340,30 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         ("tokens", str(status.tokens)),
         ("requests", str(status.requests)),
         ("connections", str(status.connections)),
-        ("key backup", when(status.key_backed_up_at) if status.key_backed_up_at
-         else "none since the key was made or rotated"),
+        ("key backup", _backup_row(status)),
     ]
     if status.attest_limit:
         rows.append(("runners", status.attest_limit))
     for label, value in rows:
         print(f"  {label:<13}{value}")
-    if status.key_backed_up_at is None:
-        from ..store.backup import no_backup_line
-
-        warn(no_backup_line(status.key_source))
+    _warn_without_backup(status)
     return EXIT_OK
+
+
+def _backup_row(status: Status) -> str:
+    from ..store.backup import backup_is_tracked
+
+    if status.key_backed_up_at:
+        return when(status.key_backed_up_at)
+    if not backup_is_tracked(status.key_source):
+        return "not tracked: the key is handed in, back it up where it comes from"
+    return "none since the key was made or rotated"
+
+
+def _warn_without_backup(status: Status) -> None:
+    """`start` and `status` say it while a key the broker keeps has no backup."""
+    from ..store.backup import backup_is_tracked, no_backup_line
+
+    if status.key_backed_up_at is None and backup_is_tracked(status.key_source):
+        warn(no_backup_line(status.key_source))
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ..protocol.errors import BrokerError, FailedPrecondition, InvalidArgument
 from .common import EXIT_OK, KEY_VARIABLE, UsageError, connect
 from .inputs import confirm, read_passphrase, read_text
-from .render import print_json
+from .render import plural, print_json
 
 if TYPE_CHECKING:
     import argparse
@@ -27,8 +27,6 @@ def cmd_key_rotate(args: argparse.Namespace, paths: Paths) -> int:
 
     confirm("replace the master key (the old one will no longer open the store; back the new "
             "one up with `key export`)?", yes=args.yes, command="key rotate")
-    print("rotating the master key (rewrapping data keys, checking every sealed value)...",
-          file=sys.stderr)
     results: list[KeyRotated] = []
     failures: list[BrokerError] = []
 
@@ -49,6 +47,9 @@ def cmd_key_rotate(args: argparse.Namespace, paths: Paths) -> int:
             if worker.is_alive():
                 activity = watcher.status().activity
                 if activity and activity != shown:
+                    if not shown:  # said once it runs: a refusal comes at once, alone
+                        print("rotating the master key (rewrapping data keys, checking every "
+                              "sealed value)...", file=sys.stderr)
                     print(f"  {activity}", file=sys.stderr)
                     shown = activity
     if failures:
@@ -58,7 +59,7 @@ def cmd_key_rotate(args: argparse.Namespace, paths: Paths) -> int:
         print_json({"key_id": result.key_id, "rewrapped": result.rewrapped,
                     "key_source": result.key_source})
         return EXIT_OK
-    print(f"master key rotated: new key id {result.key_id}, {result.rewrapped} data key(s) "
+    print(f"master key rotated: new key id {result.key_id}, {plural(result.rewrapped, 'data key')} "
           f"rewrapped, kept in {result.key_source}")
     return EXIT_OK
 
@@ -101,7 +102,7 @@ def cmd_key_import(args: argparse.Namespace, paths: Paths) -> int:
     import anyio
 
     from ..store.backend import peek_store
-    from ..store.backup import parse_backup, read_backup
+    from ..store.backup import parse_backup, read_backup, record_backup
     from ..store.keys import check_opens
 
     source = args.file
@@ -116,6 +117,9 @@ def cmd_key_import(args: argparse.Namespace, paths: Paths) -> int:
     key = read_backup(text, read_passphrase(confirm=False), source)
     check_opens(key, source, store)  # its data keys too, before the key is installed
     where, replaced = anyio.run(_install_key, paths, key)
+    # the key came from a backup: one exists (status no longer says "no backup")
+    record_backup(paths.key_backup_record, header["key_id"],
+                  Path(source).resolve() if source != "-" else Path("(standard input)"))
     if args.json:
         print_json({"key_id": header["key_id"], "installed_in": where,
                     "moved_aside": replaced or None, "store_opens": bool(store.key_ids)})

@@ -28,7 +28,7 @@ from ..config import Config, Limits
 from ..dispatch import Counters, Dispatcher, refuse_replaced_store
 from ..protocol.errors import StartupError
 from ..store.backend import open_store, peek_store
-from ..store.backup import no_backup_line
+from ..store.backup import backup_is_tracked, no_backup_line
 from ..store.keys import find_master_key, key_sources, new_master_key
 from ..store.vault import Vault
 from .attest import exe_grants_limit
@@ -148,7 +148,7 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
 
             log.info("serving on %s (store %s, key %s, pid %d, started %s)", bound.path,
                      store.describe(), vault.key_source(), os.getpid(), config.started_by)
-            if dispatcher.key_backed_up_at() is None:
+            if dispatcher.key_backed_up_at() is None and backup_is_tracked(vault.key_source()):
                 log.warning("%s", no_backup_line(vault.key_source()))
             async with anyio.create_task_group() as background:
                 background.start_soon(dispatcher.maintain)

@@ -33,8 +33,8 @@ from ..protocol.errors import InvalidArgument
 # backed_up_at and no_backup_line from here and must stay light.
 
 __all__ = ["FORMAT", "MAX_SCRYPT_MEMORY", "MAX_SCRYPT_WORK", "MIN_PASSPHRASE", "BackupError",
-           "backed_up_at", "no_backup_line", "parse_backup", "read_backup", "record_backup",
-           "write_backup"]
+           "backed_up_at", "backup_is_tracked", "no_backup_line", "parse_backup", "read_backup",
+           "record_backup", "write_backup"]
 
 FORMAT = "stigmer-broker key backup"
 VERSION = 1
@@ -140,6 +140,13 @@ def record_backup(record: Path, key_id: str, file: Path) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump({"key_id": key_id, "at": time.time(), "file": str(file)}, f)
     os.replace(tmp, record)
+
+
+def backup_is_tracked(key_source: str) -> bool:
+    """Whether the broker keeps track of backups of a key from ``key_source``: a key handed
+    in (``STIGMER_ENCRYPTION_KEY``, a systemd credential) is backed up where it comes from,
+    which the broker cannot see, so nothing warns about it."""
+    return not key_source.startswith(("env (", "systemd credential"))
 
 
 def no_backup_line(key_source: str) -> str:

@@ -53,9 +53,9 @@ ENV_ORIGIN = "STIGMER_ENCRYPTION_KEY"
 
 ENV_KEY_ROTATION_HELP = (
     "the master key comes from STIGMER_ENCRYPTION_KEY, which the broker cannot change. To "
-    "rotate: stop the broker, save the key to the key file (umask 077; printf '%s\\n' "
-    "\"$STIGMER_ENCRYPTION_KEY\" > ~/.stigmer/master.key), start the broker without the "
-    "variable, then run `stigmer-broker key rotate`")
+    "rotate: stop the broker, save the key to the home's key file (umask 077; printf '%s\\n' "
+    "\"$STIGMER_ENCRYPTION_KEY\" > \"${STIGMER_HOME:-$HOME/.stigmer}/master.key\"), start the "
+    "broker without the variable, then run `stigmer-broker key rotate`")
 
 
 class KeySourceError(StartupError):
