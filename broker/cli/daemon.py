@@ -22,6 +22,7 @@ from .common import (
     connect,
     duration_arg,
 )
+from .maskforms import MIN_SECRET_LENGTH
 from .render import duration, error, print_json, warn, when
 
 if TYPE_CHECKING:
@@ -314,7 +315,7 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         data = msgspec.to_builtins(status)
         data.pop("id", None)
         data.pop("op", None)
-        print_json({"running": True, **data})
+        print_json({"running": True, **data, "mask_min_length": MIN_SECRET_LENGTH})
         return EXIT_OK
     unit = f", unit {status.unit}" if status.unit else ""
     print(f"stigmer-broker {status.version} running (pid {status.pid}, up "
@@ -331,6 +332,7 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         ("connections", str(status.connections)),
         ("key backup", when(status.key_backed_up_at) if status.key_backed_up_at
          else "none since the key was made or rotated"),
+        ("masking", f"secrets shorter than {MIN_SECRET_LENGTH} characters are not masked"),
     ]
     for label, value in rows:
         print(f"  {label:<13}{value}")
