@@ -25,7 +25,8 @@ __all__ = ["SHELLS", "complete", "shell_script"]
 SHELLS = ("bash", "zsh", "fish")
 _ENV_NAMES = {("env", "name"), ("context", "environment")}
 _EXECUTION_IDS = {("context", "execution_id"), ("context", "execution"), ("run", "execution"),
-                  ("audit", "execution")}
+                  ("audit", "execution"), ("mcp", "execution")}
+_ENV_NAMES.add(("mcp", "into"))
 
 
 def shell_script(shell: str) -> str:
