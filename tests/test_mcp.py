@@ -229,34 +229,49 @@ def test_a_secret_in_args_is_refused_with_the_reason(cli_broker: Paths, token: s
     assert TOKEN not in result.stderr
 
 
-def test_a_completed_context_stops_the_server(cli_broker: Paths, token: str,
-                                              short_dir: Path) -> None:
+@pytest.mark.parametrize("end", ["completed", "expired"])
+def test_the_end_of_the_context_stops_the_server(cli_broker: Paths, short_dir: Path,
+                                                 end: str) -> None:
+    """Completed: found by the next check (--check-every). Expired: checked at the expiry
+    itself, long before the first check (the default, 10 s) would come."""
+    ttl = 5.0 if end == "expired" else 3600.0
+    created_at = time.monotonic()
+    with Client(cli_broker.socket) as client:
+        token = client.create_context("mcp-end", runtime=variables(
+            {"MCPT_PLAIN": PLAIN}, SECRETS), ttl_s=ttl).token
+    assert token
     config = write_config(short_dir / "servers.json", {"echo": echo_server(PLACEHOLDERS)})
-    with subprocess.Popen([*proxy_argv(config), "--check-every", "0.2s"],
+    extra = ["--check-every", "0.2s"] if end == "completed" else []
+    with subprocess.Popen([*proxy_argv(config), *extra],
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           env=cli_env(cli_broker, STIGMER_EXECUTION_TOKEN=token)) as proxy:
-        until_complete(proxy, cli_broker)
+        server = wait_until_up(proxy)
+        started = time.monotonic()
+        if end == "completed":
+            run_cli(cli_broker, "context", "complete", "mcp-end", "--yes", check=True)
+        status = proxy.wait(timeout=30)  # stdin still open: only the context's end stops it
+        if end == "completed":
+            assert time.monotonic() - started < 10
+        else:
+            assert time.monotonic() - created_at < ttl + 3.5
+        assert status == 1
+        assert proxy.stderr is not None
+        assert "the context ended" in proxy.stderr.read().decode()
+    assert not Path(f"/proc/{server}").exists()
 
 
-def until_complete(proxy: subprocess.Popen[bytes], cli_broker: Paths) -> None:
+def wait_until_up(proxy: subprocess.Popen[bytes]) -> str:
+    """Initialize the server through the proxy; return the server's pid."""
     assert proxy.stdin is not None
     assert proxy.stdout is not None
     proxy.stdin.write(b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{'
                       b'"protocolVersion":"2025-06-18","capabilities":{},'
                       b'"clientInfo":{"name":"raw","version":"1"}}}\n')
     proxy.stdin.flush()
-    assert json.loads(proxy.stdout.readline())["id"] == 1  # the server is up
+    assert json.loads(proxy.stdout.readline())["id"] == 1
     children = Path(f"/proc/{proxy.pid}/task/{proxy.pid}/children").read_text().split()
     assert len(children) == 1
-    started = time.monotonic()
-    run_cli(cli_broker, "context", "complete", "mcp-run", "--yes", check=True)
-    status = proxy.wait(timeout=30)  # stdin still open: only the context's end stops it
-    assert time.monotonic() - started < 10
-    assert status == 1
-    assert proxy.stderr is not None
-    assert "the context ended" in proxy.stderr.read().decode()
-    assert not Path(f"/proc/{children[0]}").exists()
-
+    return children[0]
 
 REALISTIC: dict[str, dict[str, Any]] = {
     "github": {"command": sys.executable, "args": [SERVER, "--toolsets", "repos"],

@@ -9,8 +9,9 @@ it), and three threads copy:
   :data:`GRACE_S` seconds later is terminated, as the SDK's own client does.
 * server -> client: each line is parsed, every string in it (keys included,
   and a number whose digits hold a secret, except the message's ``id``) is
-  masked, and the message goes out re-serialized on one line: every message
-  stays valid JSON. A line that is not JSON is masked as bytes and passed on:
+  masked, and a message where something was masked goes out re-serialized on
+  one line (one with nothing to mask, as it came): every message stays valid
+  JSON. A line that is not JSON is masked as bytes and passed on:
   the protocol forbids it, but dropping it would hide a broken server from the
   client that has to report it.
 * server's stderr -> ours: masked as a byte stream (clients keep it in logs).
@@ -49,10 +50,11 @@ _MASK_TEXT = MASK.decode()
 class JsonMasker:
     """Mask one newline-delimited JSON-RPC message at a time, keeping it valid JSON."""
 
-    __slots__ = ("_bytes", "_raw", "_text")
+    __slots__ = ("_bytes", "_patterns", "_raw", "_text")
 
     def __init__(self, patterns: Iterable[str]) -> None:
         ordered = sorted(set(patterns), key=len, reverse=True)
+        self._patterns = ordered
         self._text = re.compile("|".join(map(re.escape, ordered))) if ordered else None
         self._raw = (re.compile(b"|".join(re.escape(p.encode()) for p in ordered))
                      if ordered else None)
@@ -69,21 +71,31 @@ class JsonMasker:
             masked = self._value(message, top=isinstance(message, dict))
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             return self._bytes.feed(line) + self._bytes.flush()
+        if masked == message:
+            return line  # nothing to mask: the server's own bytes, not re-serialized
         end = b"\n" if line.endswith(b"\n") else b""
         return json.dumps(masked, ensure_ascii=False, separators=(",", ":")).encode() + end
 
-    def _value(self, value: Any, top: bool = False) -> Any:
+    def _string(self, text: str) -> str:
         assert self._text is not None
+        # a substring test per pattern runs at C speed; the regular expression tries every
+        # pattern at every position, so it runs only on a string that holds one
+        if any(p in text for p in self._patterns):
+            return self._text.sub(_MASK_TEXT, text)
+        return text
+
+    def _value(self, value: Any, top: bool = False) -> Any:
         if isinstance(value, str):
-            return self._text.sub(_MASK_TEXT, value)
+            return self._string(value)
         if isinstance(value, dict):
             # the message's own id is the client's to match replies with: never touched
-            return {self._text.sub(_MASK_TEXT, k): v if top and k == "id" else self._value(v)
+            return {self._string(k): v if top and k == "id" else self._value(v)
                     for k, v in value.items()}
         if isinstance(value, list):
             return [self._value(v) for v in value]
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return _MASK_TEXT if self._text.search(json.dumps(value)) else value
+            digits = json.dumps(value)
+            return _MASK_TEXT if self._string(digits) != digits else value
         return value
 
 
@@ -148,16 +160,21 @@ def relay(argv: list[str], env: dict[str, str], patterns: Iterable[str], *,
     ended = False
     try:
         next_check = time.monotonic() + check_every
+        expiry_due = True  # one check when the context expires, then the usual ones
         while not finished.is_set():
-            until_expiry = expires_at - time.time()
-            wake.wait(max(0.0, min(next_check - time.monotonic(), until_expiry + 0.05)))
+            timeout = next_check - time.monotonic()
+            if expiry_due:
+                timeout = min(timeout, expires_at - time.time() + 0.05)
+            wake.wait(max(0.0, timeout))
             wake.clear()
             if finished.is_set():
                 break
             if client_gone.is_set():
                 _stop(proc.pid, finished, grace=GRACE_S)
                 break
-            if time.monotonic() >= next_check or time.time() >= expires_at:
+            expired = expiry_due and time.time() >= expires_at
+            if expired or time.monotonic() >= next_check:
+                expiry_due = expiry_due and not expired
                 next_check = time.monotonic() + check_every
                 if not alive():
                     ended = True
