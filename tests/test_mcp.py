@@ -356,6 +356,11 @@ def test_render_refuses_what_it_cannot_do(cli_broker: Paths, short_dir: Path) ->
     result = run_cli(cli_broker, "mcp", "render", str(broken), "--into", "mcp", "--out", "-")
     assert result.returncode == 1 and 'no "mcpServers" object' in result.stderr
     assert "Traceback" not in result.stderr
+    dry = json.loads(run_cli(cli_broker, "mcp", "render", str(source), "--into", "mcp",
+                             "--out", "-", "--dry-run", "--json", check=True).stdout)
+    assert dry["dry_run"] is True and dry["skipped"] == ["remote"]
+    assert {"server": "github", "variable": "MCPT_API_KEY",
+            "key": "GITHUB_MCPT_API_KEY"} in dry["moves"]
     missing = run_cli(cli_broker, "mcp", "proxy", "--server", "nope", "--config", str(source))
     assert missing.returncode == 1
     assert "has no server 'nope' (it has: github, postgres, remote)" in missing.stderr

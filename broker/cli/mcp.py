@@ -103,8 +103,7 @@ def cmd_mcp_proxy(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_mcp_render(args: argparse.Namespace, paths: Paths) -> int:
-    from stigmer.broker.protocol import Variable
-
+    from ..protocol import Variable
     from .mcpconfig import load_config, render_config
 
     environment = name_arg(args.into, "--into")
