@@ -107,6 +107,14 @@ def context_variables() -> tuple[dict[str, str], dict[str, str]]:
     return plain, secret
 
 
+def masking_secrets() -> dict[str, str]:
+    """Ten distinct API-key-like secrets of 40 characters: what masking has to find."""
+    import hashlib
+
+    return {f"API_KEY_{i}": "sk-" + hashlib.sha256(f"bench-{i}".encode()).hexdigest()[:37]
+            for i in range(10)}
+
+
 @contextmanager
 def broker(home: Path, sock: Path, *, key: str | None = None,
            store_url: str | None = None) -> Iterator[dict[str, str]]:
@@ -512,22 +520,45 @@ def write_text_file(path: Path, size: int) -> None:
 
 
 def pipe_throughputs(commands: dict[str, list[str]], size: int, runs: int,
-                     env: dict[str, str]) -> dict[str, float]:
-    """Median MiB/s of each command's stdout, read to the end through a pipe, alternately."""
+                     env: dict[str, str], envs: dict[str, dict[str, str]] | None = None
+                     ) -> dict[str, float]:
+    """Median MiB/s of each command's stdout, read to the end through a pipe, alternately
+    (``envs`` gives some commands an env of their own). Their stdin is a pipe held open
+    until the output ends, as an MCP client holds a server's."""
     rates: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(runs):
         for name, cmd in commands.items():
             t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(cmd, env=(envs or {}).get(name, env), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            assert proc.stdin is not None
             assert proc.stdout is not None
             got, fd = 0, proc.stdout.fileno()
             while chunk := os.read(fd, 1 << 20):
                 got += len(chunk)
+            proc.stdin.close()
+            proc.stdout.close()
             proc.wait()
             assert got == size, (name, got, size)
             rates[name].append(size / (1 << 20) / (time.perf_counter() - t0))
     return {name: round(statistics.median(v), 1) for name, v in rates.items()}
+
+
+def write_mcp_replies(path: Path, size: int) -> None:
+    """``size`` bytes of MCP tool results, one JSON-RPC message a line, each a 4 KiB log in
+    a text block (its newlines escaped, so the proxy parses every message). Compact, as
+    the proxy writes them: a message with nothing to mask comes out byte for byte."""
+    log = "\n".join(f"2026-11-22T08:00:{i % 60:02d}Z INFO worker step={i} status=ok "
+                     "latency_ms=12.5 msg=done" for i in range(48))
+    with path.open("wb") as f:
+        written, i = 0, 0
+        while written < size:
+            line = json.dumps({"jsonrpc": "2.0", "id": i, "result": {"content": [
+                {"type": "text", "text": log}]}}, separators=(",", ":")).encode() + b"\n"
+            line = line[:size - written] if written + len(line) > size else line
+            f.write(line)
+            written += len(line)
+            i += 1
 
 
 def heavy_modules_loaded(env: dict[str, str]) -> list[str]:
@@ -714,19 +745,49 @@ def main() -> None:
             rows["ratio_status_vs_python"] = cli["stigmer-broker status"] / cli["python -c pass"]
             rows["client_import_loads"] = heavy_modules_loaded(env)
 
-            # `run` masking: the same `cat` of a large file, masked and --no-masking
-            run_env = {**env, "STIGMER_EXECUTION_TOKEN": token}
+            # `run` masking: the same `cat` of a large file, masked and --no-masking, with a
+            # context of ten distinct secrets (each masked in all its encoded forms)
+            with Client(small_sock) as c:
+                mask_token = c.create_context("masking", runtime=variables(
+                    {}, masking_secrets()), ttl_s=3600, token_ttl_s=3600).token
+            run_env = {**env, "STIGMER_EXECUTION_TOKEN": mask_token}
             size = (1 << 30) if not args.smoke else (8 << 20)
             big_file = tmp / "big.txt"
             write_text_file(big_file, size)
             run = [PY, "-m", "stigmer.broker", "run"]
             masked = pipe_throughputs({
+                "floor_cat": ["cat", str(big_file)],
                 "masked": [*run, "--", "cat", str(big_file)],
                 "no_masking": [*run, "--no-masking", "--", "cat", str(big_file)],
             }, size, 3 if not args.smoke else 1, run_env)
             rows["run_masking_mib_per_s"] = masked
             rows["ratio_run_masked_vs_unmasked_throughput"] = (masked["masked"]
                                                                / masked["no_masking"])
+            rows["ratio_run_masked_vs_cat_throughput"] = masked["masked"] / masked["floor_cat"]
+
+            # `mcp proxy`: a "server" that is `cat` of MCP replies, behind the proxy with a
+            # context holding secrets (every message parsed and masked) and one without
+            replies = tmp / "replies.jsonl"
+            reply_size = (128 << 20) if not args.smoke else (4 << 20)
+            write_mcp_replies(replies, reply_size)
+            servers_file = tmp / "servers.json"
+            servers_file.write_text(json.dumps({"mcpServers": {"cat": {
+                "command": "cat", "args": [str(replies)]}}}))
+            with Client(small_sock) as c:
+                no_secrets = c.create_context("mcp-plain", runtime=variables(
+                    context_variables()[0], {}), ttl_s=3600, token_ttl_s=3600).token
+            proxy = [PY, "-m", "stigmer.broker", "mcp", "proxy", "--server", "cat",
+                     "--config", str(servers_file)]
+            mcp = pipe_throughputs({
+                "floor_cat": ["cat", str(replies)],
+                "masked": proxy,
+                "unmasked": proxy,
+            }, reply_size, 3 if not args.smoke else 1, run_env,
+                envs={"unmasked": {**env, "STIGMER_EXECUTION_TOKEN": no_secrets}})
+            rows["mcp_proxy_mib_per_s"] = mcp
+            rows["ratio_mcp_proxy_masked_vs_unmasked_throughput"] = (mcp["masked"]
+                                                                     / mcp["unmasked"])
+            rows["ratio_mcp_proxy_masked_vs_cat_throughput"] = mcp["masked"] / mcp["floor_cat"]
             rows["run_start_ms"] = wall_times({
                 "masked": [*run, "--", "true"],
                 "no_masking": [*run, "--no-masking", "--", "true"],
@@ -768,6 +829,8 @@ def print_table(rows: dict[str, Any]) -> None:
         f"{k} {v:.0f}" for k, v in rows["run_masking_mib_per_s"].items())
         + "; run -- true (median ms): " + ", ".join(
         f"{k} {v:.1f}" for k, v in rows["run_start_ms"].items()))
+    print("mcp proxy, MCP replies through a pipe (MiB/s): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in rows["mcp_proxy_mib_per_s"].items()))
     print("ratios:")
     # "floor" is the strict one (a uvloop asyncio.Protocol), measured with the same client
     targets = {
@@ -781,6 +844,9 @@ def print_table(rows: dict[str, Any]) -> None:
         "ratio_fetch_identity_vs_token_p50": "<= 1.2",
         "ratio_create_8_clients_vs_1": ">= 4.0",
         "ratio_run_masked_vs_unmasked_throughput": ">= 0.5",
+        "ratio_run_masked_vs_cat_throughput": "reported; cat alone through a pipe",
+        "ratio_mcp_proxy_masked_vs_unmasked_throughput": "reported; every message parsed",
+        "ratio_mcp_proxy_masked_vs_cat_throughput": "reported; cat alone through a pipe",
         "ratio_fetch_p50_vs_redis": "<= 2.0; stigmer.client vs a raw RESP client",
         "ratio_fetch_raw_client_p50_vs_redis": "reported; raw client vs raw client",
         "ratio_fetch_p50_vs_redis_pinned": "<= 2.0; on one CPU",

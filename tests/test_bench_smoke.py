@@ -24,6 +24,9 @@ def test_bench_smoke(short_dir: Path) -> None:
                 "ratio_fetch_10k_vs_10_p50", "ratio_status_vs_python",
                 "ratio_fetch_max_uses_vs_unlimited_p50", "ratio_fetch_identity_vs_token_p50",
                 "ratio_run_masked_vs_unmasked_throughput", "run_start_ms",
+                "ratio_run_masked_vs_cat_throughput", "mcp_proxy_mib_per_s",
+                "ratio_mcp_proxy_masked_vs_unmasked_throughput",
+                "ratio_mcp_proxy_masked_vs_cat_throughput",
                 "ratio_create_8_clients_vs_1", "ratio_import_client_vs_python",
                 "ratio_fetch_raw_client_p50_vs_floor_raw_client"):
         assert key in rows, key

@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 __all__ = ["SHELLS", "complete", "shell_script"]
 
 SHELLS = ("bash", "zsh", "fish")
-_ENV_NAMES = {("env", "name"), ("context", "environment")}
+_ENV_NAMES = {("env", "name"), ("context", "environment"), ("mcp", "into")}
 _EXECUTION_IDS = {("context", "execution_id"), ("context", "execution"), ("run", "execution"),
-                  ("audit", "execution")}
+                  ("audit", "execution"), ("mcp", "execution")}
 
 
 def shell_script(shell: str) -> str:

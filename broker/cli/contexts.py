@@ -20,6 +20,7 @@ from .common import (
     runner_arg,
 )
 from .inputs import collect_variables, confirm, read_text
+from .maskforms import MIN_SECRET_LENGTH, context_patterns
 from .render import error, key_json, plural, print_json, print_json_array, warn, when
 
 if TYPE_CHECKING:
@@ -205,8 +206,10 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
         for mount in mounts:
             open_mount(mount, context.as_env())
         command = substitute(command, mounts)
-    secrets = set(context.secret_values())
     masking = not args.no_masking and os.environ.get(NO_MASKING_VARIABLE, "") != "1"
+    secrets, short = context_patterns(context)
+    if masking and short:
+        warn(f"not masked, shorter than {MIN_SECRET_LENGTH} characters: {', '.join(short)}")
     sys.stdout.flush()
     sys.stderr.flush()
     try:

@@ -22,6 +22,7 @@ from .common import (
     connect,
     duration_arg,
 )
+from .maskforms import MIN_SECRET_LENGTH
 from .render import duration, error, print_json, warn, when
 
 if TYPE_CHECKING:
@@ -325,7 +326,7 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         data = msgspec.to_builtins(status)
         data.pop("id", None)
         data.pop("op", None)
-        print_json({"running": True, **data})
+        print_json({"running": True, **data, "mask_min_length": MIN_SECRET_LENGTH})
         return EXIT_OK
     unit = f", unit {status.unit}" if status.unit else ""
     print(f"stigmer-broker {status.version} running (pid {status.pid}, up "
@@ -341,6 +342,7 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         ("requests", str(status.requests)),
         ("connections", str(status.connections)),
         ("key backup", _backup_row(status)),
+        ("masking", f"secrets shorter than {MIN_SECRET_LENGTH} characters are not masked"),
     ]
     if status.attest_limit:
         rows.append(("runners", status.attest_limit))

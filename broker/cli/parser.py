@@ -35,6 +35,7 @@ from .environments import (
 )
 from .fleet import cmd_fleet_init
 from .keys import cmd_key_export, cmd_key_import, cmd_key_rotate
+from .mcp import DEFAULT_CHECK_EVERY, cmd_mcp_proxy, cmd_mcp_render
 from .service import cmd_service_install, cmd_service_uninstall
 from .shell import cmd_completion, cmd_help
 
@@ -59,7 +60,7 @@ def _group_help(group: argparse.ArgumentParser) -> Callable[[argparse.Namespace,
 #: commands without --json: the daemon itself, the two whose output is the context, and
 #: the one whose output is a shell script
 _NO_JSON = {("", "serve"), ("", "run"), ("context", "export"), ("", "completion"),
-            ("", "help")}
+            ("", "help"), ("mcp", "proxy")}
 
 
 class _Unused:
@@ -260,6 +261,45 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                    help="or the execution id of a context granted to this process (default: "
                         "$STIGMER_EXECUTION_ID)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS]")
+
+    mcp = sub.add_parser("mcp", help="MCP servers with the broker's secrets, their output "
+                         "masked: proxy, render")
+    mcp.set_defaults(func=_group_help(mcp))
+    mcp_sub = mcp.add_subparsers(title="mcp commands", metavar="COMMAND")
+    p = command("proxy", cmd_mcp_proxy,
+                "stand in for MCP server NAME of FILE: fill its placeholders from the "
+                "context, start it, relay its stdio with every secret masked", mcp_sub, "mcp")
+    p.add_argument("--server", required=True, metavar="NAME", help="the server in FILE")
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help='the MCP config ({"mcpServers": {NAME: {"command", "args", "env"}}}) '
+                        "with ${VAR} and ${.secrets.VAR} placeholders")
+    p.add_argument("--mount", action="append", metavar="PATH=FORMAT",
+                   help="as for run: every PATH in the server's args becomes /dev/fd/N of a "
+                        "sealed memfd holding the context as FORMAT (env, json or yaml)")
+    p.add_argument("--check-every", default=DEFAULT_CHECK_EVERY, metavar="DURATION",
+                   help="how often to fetch the context again; when the broker refuses "
+                        f"(the context ended), the server is stopped (default "
+                        f"{DEFAULT_CHECK_EVERY})")
+    p.add_argument("--token", help="execution token (default: $STIGMER_EXECUTION_TOKEN)")
+    p.add_argument("--execution", metavar="ID",
+                   help="or the execution id of a context granted to this process (default: "
+                        "$STIGMER_EXECUTION_ID)")
+    p = command("render", cmd_mcp_render,
+                "move the values of an MCP config into an environment (as secrets), leave "
+                "placeholders, and write a config whose servers run through mcp proxy",
+                mcp_sub, "mcp")
+    p.add_argument("file", metavar="FILE",
+                   help="the MCP config to take the values from (rewritten with placeholders)")
+    p.add_argument("--into", required=True, metavar="ENV",
+                   help="the environment the values move into")
+    p.add_argument("--out", required=True, metavar="OUT",
+                   help="where to write the config for the MCP client (- for stdout)")
+    p.add_argument("--execution", metavar="ID",
+                   help="have each proxy open this execution id's context (granted to the "
+                        "client's uid with context create --runner); default: the proxy's "
+                        "$STIGMER_EXECUTION_TOKEN or $STIGMER_EXECUTION_ID")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would move, by name only; change nothing")
 
     p = command("audit", cmd_audit, "show the audit log")
     p.add_argument("--execution", metavar="ID", help="only this execution's records")
