@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PtyProcess, cli_env, run_cli
+from conftest import NOBODY, PtyProcess, cli_env, cli_for_nobody, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -235,6 +236,74 @@ def test_run_masks_secrets_in_both_streams_even_split_across_writes(
     assert "plain visible-value" in result.stdout
     assert result.stdout.count("<concealed by stigmer>") == 1
     assert "err <concealed by stigmer>" in result.stderr
+
+
+KEY_SENTINEL = "masterkey-sentinel-5c1e"
+PEEK = ("import os, sys\n"
+        "def peek(pid):\n"
+        "    try:\n"
+        "        with open(f'/proc/{pid}/environ', 'rb') as f:\n"
+        "            block = f.read()\n"
+        "    except OSError:\n"
+        "        return 'unreadable'\n"
+        "    found = [s for s in sys.argv[1:] if s.encode() in block]\n"
+        "    return 'found ' + ','.join(found) if found else 'clean'\n"
+        "print('self', peek('self'), 'parent', peek(os.getppid()), flush=True)\n")
+
+
+@pytest.mark.parametrize("mode", [(), ("--no-masking",), ("--mount", "/cfg=env"),
+                                  ("--no-masking", "--mount", "/cfg=env")],
+                         ids=["masked", "no-masking", "mount", "mount-no-masking"])
+def test_the_command_finds_no_token_or_key_in_its_own_or_runs_environment(
+        masked: tuple[Paths, dict[str, str]], mode: tuple[str, ...]) -> None:
+    """The command used to read /proc/$PPID/environ and find the token and the master
+    key that `run` (alive, to mask its output) had been started with."""
+    _, env = masked
+    env = {**env, "STIGMER_ENCRYPTION_KEY": KEY_SENTINEL}
+    result = subprocess.run([sys.executable, "-m", "stigmer.broker", "run", *mode, "--",
+                             sys.executable, "-c", PEEK, env["STIGMER_EXECUTION_TOKEN"],
+                             KEY_SENTINEL], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "found" not in result.stdout, result.stdout
+    assert "self clean" in result.stdout
+
+
+def test_runs_environ_is_closed_to_the_command_as_an_ordinary_user(short_dir: Path) -> None:
+    """As root the command may read anything; as the ordinary user who runs it, `run`
+    (not dumpable) keeps its /proc/PID/environ closed to the command."""
+    cli = cli_for_nobody()
+    os.chmod(short_dir, 0o711)
+    home = short_dir / "nobody"
+    home.mkdir(mode=0o700)
+    os.chown(home, NOBODY, NOBODY)
+    paths = Paths(home=home / "h", socket=home / "run" / "b.sock")
+    env = cli_env(paths, HOME=str(home))
+
+    def as_nobody(*args: str, stdin: str = "", **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, *args], user=NOBODY, group=NOBODY, extra_groups=[],
+                              env={**env, **extra}, input=stdin, capture_output=True,
+                              text=True, timeout=60)
+
+    daemon = subprocess.Popen([*cli, "serve"], user=NOBODY, group=NOBODY, extra_groups=[],
+                              env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not paths.socket.exists():
+            assert daemon.poll() is None, daemon.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        created = as_nobody("context", "create", "peek", "--secret", "S", "--json",
+                            stdin=SECRET + "\n")
+        assert created.returncode == 0, created.stderr
+        token = json.loads(created.stdout)["token"]
+        result = as_nobody("run", "--", cli[0], "-c", PEEK, token, KEY_SENTINEL,
+                           STIGMER_EXECUTION_TOKEN=token, STIGMER_ENCRYPTION_KEY=KEY_SENTINEL)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "self clean parent unreadable", result.stdout
+    finally:
+        daemon.terminate()
+        daemon.communicate(timeout=30)
 
 
 @pytest.mark.parametrize("how", ["flag", "variable"])

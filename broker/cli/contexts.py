@@ -184,6 +184,9 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     if not command:
         raise UsageError("run needs a command: stigmer-broker run [--token T] -- COMMAND [ARGS]")
     token, execution = credential_arg(args.token, args.execution)
+    from .guard import guard_run_process
+
+    guard_run_process(BROKER_VARIABLES)  # before the context is in memory
     mounts = []
     if args.mount:
         from .mounts import parse_mount
