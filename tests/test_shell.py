@@ -72,15 +72,84 @@ def test_eval_gives_every_hostile_value_back_exactly(exported: tuple[Paths, str]
     assert "EVIL" not in environ and not marker.exists()
 
 
-def test_dotenv_and_json_round_trip(exported: tuple[Paths, str], short_dir: Path) -> None:
+def test_json_round_trips_and_dotenv_refuses_what_it_cannot_carry_by_name(
+        exported: tuple[Paths, str]) -> None:
     paths, token = exported
-    dotenv = _export(paths, token, "dotenv")
-    assert dotenv.returncode == 0, dotenv.stderr
-    file = short_dir / "x.env"
-    file.write_text(dotenv.stdout)
-    assert read_env_file(str(file)) == HOSTILE
     as_json = _export(paths, token, "json")
     assert json.loads(as_json.stdout) == HOSTILE
+    dotenv = _export(paths, token, "dotenv")
+    assert dotenv.returncode == 1 and dotenv.stdout == ""
+    assert "BACKSLASH, QUOTES, SUBST contain(s) a single quote" in dotenv.stderr
+    assert all(v not in dotenv.stderr for v in HOSTILE.values() if v)
+
+
+def test_a_value_no_env_file_can_carry_is_refused_by_name_by_export_and_mount(
+        cli_broker: Paths, short_dir: Path) -> None:
+    marker = short_dir / "M"
+    with Client(cli_broker.socket) as client:
+        token = client.create_context("inject", runtime=variables(
+            {"OK": "1"}, {"INJECT": f"ab'; touch {marker}; #"})).token
+    exported = _export(cli_broker, token, "dotenv")
+    mounted = run_cli(cli_broker, "run", "--token", token, "--mount", "/cfg=env", "--",
+                      "touch", str(marker))
+    for result in (exported, mounted):
+        assert result.returncode == 1 and result.stdout == ""
+        assert "INJECT contain(s) a single quote" in result.stderr and "ab'" not in result.stderr
+    assert not marker.exists()
+
+
+def _dotenv_values(marker: Path) -> dict[str, str]:
+    """Values a .env file can carry exactly, hostile to sh all the same."""
+    return {"SUBST": f"$(touch {marker}) `touch {marker}` $HOME $ end$",
+            "SEMICOLON": f"a; touch {marker} #; echo done & | > < && ( )",
+            "NEWLINES": f"line one\nline two\n\nexport EVIL=1\ntouch {marker}\n",
+            "DQUOTE": 'say "hi" # not a comment', "TILDE": "~root:~", "GLOB": "* ? [a]",
+            "SPACES": "  both ends  ", "UNICODE": "ünïcødé ✓ \t tab", "EMPTY": "",
+            "BARE": "postgres://u:p@h:5432/db,x=1+2%_-", "HASH": "#start", "BRACE": "{a,b}"}
+
+
+@pytest.mark.parametrize("reader", ["sh", "bash", "dash", "zsh", "python-dotenv", "docker"])
+def test_dotenv_is_exact_and_inert_in_every_reader(cli_broker: Paths, short_dir: Path,
+                                                    reader: str) -> None:
+    """`set -a; . FILE` used to run code: fish's \\' escape is no escape in sh, so a value
+    like ab\\'; touch M; # broke out. Values are now bare (exact everywhere, docker's raw
+    --env-file included) or in plain single quotes; what cannot be either is refused."""
+    marker = short_dir / "pwned"
+    values = _dotenv_values(marker)
+    with Client(cli_broker.socket) as client:
+        token = client.create_context("dotenv", runtime=variables({}, values)).token
+    result = _export(cli_broker, token, "dotenv")
+    assert result.returncode == 0, result.stderr
+    file = short_dir / "x.env"
+    file.write_text(result.stdout)
+    if reader == "python-dotenv":
+        from dotenv import dotenv_values
+
+        environ = {k: v or "" for k, v in dotenv_values(file).items()}  # ${VAR} expanded
+    elif reader == "docker":
+        # docker's env-file parser (opts/envfile.go): the text after the first '=' as is;
+        # it has no quoting, so only the values written bare can reach it exactly
+        lines = [line.partition("=") for line in result.stdout.splitlines()]
+        environ = {k: v for k, _, v in lines if k in values}
+        values = {k: v for k, v in values.items() if environ.get(k) == v}
+        assert set(values) >= {"BARE", "EMPTY"}, environ
+    else:
+        if shutil.which(reader) is None:
+            pytest.skip(f"{reader} is not installed")
+        environ = _environ_after([reader, "-c"], f"set -a; . {file}; {DUMP}")
+        assert "EVIL" not in environ
+    assert {k: environ.get(k) for k in values} == values
+    assert not marker.exists()
+
+
+def test_read_env_file_reads_back_what_dotenv_writes(cli_broker: Paths,
+                                                     short_dir: Path) -> None:
+    values = _dotenv_values(short_dir / "pwned")
+    with Client(cli_broker.socket) as client:
+        token = client.create_context("dotenv", runtime=variables({}, values)).token
+    file = short_dir / "x.env"
+    file.write_text(_export(cli_broker, token, "dotenv").stdout)
+    assert read_env_file(str(file)) == values
 
 
 def test_a_nul_is_refused_by_name_except_in_json(cli_broker: Paths) -> None:

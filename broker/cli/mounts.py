@@ -43,7 +43,7 @@ def parse_mount(text: str) -> Mount:
 
 
 def content(variables: Mapping[str, str], fmt: str) -> bytes:
-    """The variables in ``fmt``: env (KEY='value' lines, as .env readers take them),
+    """The variables in ``fmt``: env (as `context export --format dotenv` writes them),
     json (one object) or yaml (one mapping, every value a quoted string)."""
     if fmt == "env":
         return render(variables, "dotenv").encode()
