@@ -478,7 +478,8 @@ READER = ("import json, os, sys, yaml\n"
           "target = os.readlink(path)\n"
           "text = open(path).read()\n"
           "try:\n"
-          "    open(path, 'w').write('x')\n"
+          "    with open(path, 'r+') as f:  # truncating it is allowed (run does)\n"
+          "        f.write('x')\n"
           "    writable = 'yes'\n"
           "except OSError:\n"
           "    writable = 'no'\n"
@@ -510,6 +511,42 @@ def test_mount_gives_the_context_as_a_sealed_memory_file(masked: tuple[Paths, di
         file.write_text(seen["text"])
         values = read_env_file(str(file))
     assert values == {"PLAIN": "visible-value", "SECRET": SECRET}
+
+
+def test_mount_replaces_whole_arguments_only(masked: tuple[Paths, dict[str, str]]) -> None:
+    """The path used to be replaced as a substring: /cfg/a.bak became /dev/fd/N.bak."""
+    _, env = masked
+    result = subprocess.run([sys.executable, "-m", "stigmer.broker", "run", "--mount",
+                             "/cfg/a=json", "--", sys.executable, "-c",
+                             "import json, sys; print(json.dumps(sys.argv[1:]))", "/cfg/a",
+                             "/cfg/a.bak", "--config=/cfg/a", "x/cfg/a", "--c=/cfg/a/b"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    fd, bak, option, inside, deeper = json.loads(result.stdout)
+    assert fd.startswith("/dev/fd/") and option == f"--config={fd}"
+    assert (bak, inside, deeper) == ("/cfg/a.bak", "x/cfg/a", "--c=/cfg/a/b")
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-masking",)], ids=["masked", "no-masking"])
+def test_a_descendant_left_behind_reads_an_empty_mount(masked: tuple[Paths, dict[str, str]],
+                                                       short_dir: Path,
+                                                       flags: tuple[str, ...]) -> None:
+    """The memfd outlived `run`: a background child read the whole context after the
+    command and `run` had exited. `run` now empties it when the command exits."""
+    _, env = masked
+    out = short_dir / "late-read"
+    leave_behind = f'(sleep 1; cat "$1" > {out}.part; mv {out}.part {out}) >/dev/null 2>&1 &'
+    result = subprocess.run([sys.executable, "-m", "stigmer.broker", "run", *flags, "--mount",
+                             "/cfg=env", "--", "sh", "-c", f'head -c 6 "$1"; {leave_behind}',
+                             "sh", "/cfg"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "PLAIN="  # the command itself read the file
+    deadline = time.monotonic() + 30
+    while not out.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert out.read_bytes() == b""
 
 
 def test_mount_values_that_yaml_would_change_stay_strings(cli_broker: Paths) -> None:

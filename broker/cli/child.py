@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 
 from .masking import Masker
 
-__all__ = ["run_masked"]
+__all__ = ["run_masked", "run_waiting"]
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _CHUNK = 1 << 20
@@ -39,6 +39,35 @@ def run_masked(command: Sequence[str], env: Mapping[str, str], secrets: set[str]
     if sys.stdout.isatty() and sys.stdin.isatty():
         return _on_a_pty(command, env, secrets)
     return _through_pipes(command, env, secrets)
+
+
+def run_waiting(command: Sequence[str], env: Mapping[str, str]) -> int:
+    """Run ``command`` unmasked on our own stdin, stdout and stderr, staying its parent
+    (so that `run` can clean up after it); return the exit status to exit with. Raises
+    OSError when it cannot start, before anything ran."""
+    report_read, report_write = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        _exec_or_report(command, env, report_write)
+    os.close(report_write)
+    _started(report_read, pid)
+    handlers = _forward_signals(pid)
+    _terminal_signals_reach_it()
+    while True:
+        try:
+            _, wait_status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    _restore(handlers)
+    return _status(wait_status)
+
+
+def _terminal_signals_reach_it() -> None:
+    if sys.stdin.isatty():
+        # A Ctrl-C on our terminal reaches the command directly (it is in our process
+        # group): passing SIGINT on as well would deliver it twice.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _status(wait_status: int) -> int:
@@ -166,10 +195,7 @@ def _through_pipes(command: Sequence[str], env: Mapping[str, str], secrets: set[
         os.close(err_read)
         raise
     handlers = _forward_signals(pid)
-    if sys.stdin.isatty():
-        # A Ctrl-C on our terminal reaches the command directly (it is in our process
-        # group): passing SIGINT on as well would deliver it twice.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _terminal_signals_reach_it()
     maskers = {out_read: (Masker(secrets), sys.stdout.fileno()),
                err_read: (Masker(secrets), sys.stderr.fileno())}
     try:
