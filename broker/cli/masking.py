@@ -18,7 +18,10 @@ Terminal escape sequences (CSI: colours, cursor moves) inside a secret do not
 hide it: when the stream holds an ESC, secrets are looked for in the text with
 those sequences taken out, and a secret found there is replaced, its escapes
 kept after the mask (so the colours stay as the command set them). An escape
-that has not ended yet waits, as the start of a secret does.
+that has not ended yet waits, as the start of a secret does. Such a buffer
+costs one regex search (each secret's anchor with escapes allowed between its
+bytes) and the stripping of its tail; the text is mapped back to the buffer
+only when a secret may be in it.
 """
 
 from __future__ import annotations
@@ -51,13 +54,18 @@ def terminal_forms(secrets: Iterable[str]) -> set[str]:
 class Masker:
     """Feed bytes in, get them back with every secret replaced by :data:`MASK`."""
 
-    __slots__ = ("_anchors", "_buffer", "_keep", "_pattern")
+    __slots__ = ("_anchors", "_buffer", "_escaped_anchors", "_keep", "_pattern")
 
     def __init__(self, secrets: Iterable[str]) -> None:
         values = sorted({s.encode() for s in secrets if s}, key=len, reverse=True)
         self._anchors = [(value[:_ANCHOR], value) for value in values]
         self._keep = len(values[0]) - 1 if values else 0
         self._pattern = re.compile(b"|".join(map(re.escape, values))) if values else None
+        # each anchor with any CSI sequences between its bytes
+        between = b"(?:" + _CSI.pattern + b")*"
+        self._escaped_anchors = re.compile(b"|".join(
+            between.join(re.escape(anchor[i:i + 1]) for i in range(len(anchor)))
+            for anchor, _ in self._anchors))
         self._buffer = b""
 
     def feed(self, data: bytes) -> bytes:
@@ -119,6 +127,20 @@ class Masker:
         self._buffer = buffer[cut:]
         return b"".join(out)
 
+    def _text_of_tail(self, buffer: bytes, work: int) -> bytes:
+        """The last ``_keep`` bytes (or all, if fewer) of ``buffer[:work]``'s text, the
+        CSI sequences taken out: all that :meth:`_held_back` looks at."""
+        span = self._keep
+        while True:
+            start = max(0, work - span)
+            escape = buffer.rfind(b"\x1b", max(0, start - _CSI_LONGEST), start)
+            if escape != -1 and (seq := _CSI.match(buffer, escape)) and seq.end() > start:
+                start = escape  # not from inside a sequence
+            text = _CSI.sub(b"", buffer[start:work])
+            if len(text) >= self._keep or start == 0:
+                return text
+            span *= 2
+
     def _feed_with_escapes(self, buffer: bytes, *, final: bool = False) -> bytes:
         """:meth:`feed` for a buffer holding an ESC: secrets are looked for in its text
         with the CSI sequences taken out, and replaced in the buffer itself."""
@@ -127,9 +149,10 @@ class Masker:
         opened = _CSI_OPEN.search(buffer, max(0, len(buffer) - _CSI_LONGEST))
         if opened and not final and len(buffer) - opened.start() <= _CSI_LONGEST:
             work = opened.start()  # wait for the sequence's end
-        whole = _CSI.sub(b"", buffer[:work])
-        if not any(a in whole and s in whole for a, s in self._anchors) and (
-                final or not self._held_back(whole)):  # no secret: all of it goes (C speed)
+        # No secret's anchor, escapes or not, and no secret's start at the end: all of
+        # it goes, for the cost of one regex search and of stripping the tail alone.
+        if not self._escaped_anchors.search(buffer, 0, work) and (
+                final or not self._held_back(self._text_of_tail(buffer, work))):
             self._buffer = buffer[work:]
             return buffer[:work]
         # the text between sequences: (its offset in the text, in the buffer, its length)
