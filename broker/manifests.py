@@ -67,7 +67,8 @@ def read_env_file(path: str) -> dict[str, str]:
     """Return the variables of a .env file (comments, quotes, ``export`` allowed).
 
     All or nothing: a line that is not ``KEY=VALUE``, a key without a value or a
-    key given twice refuses the whole file, naming the line.
+    key given twice refuses the whole file, naming the line by its number only: a
+    malformed line may be a secret pasted on its own, and errors reach CI logs.
     """
     from dotenv.parser import parse_stream
 
@@ -93,9 +94,13 @@ def read_env_file(path: str) -> dict[str, str]:
         key = binding.key
         if key is None:  # a comment or a blank line
             continue
-        check_var_name(key, f"{flag} line {line}")
         if binding.value is None:
-            raise InvalidArgument(f"{flag}: line {line}: {key} has no value (write {key}=...)")
+            raise InvalidArgument(f"{flag}: line {line} has no '=' (write KEY=VALUE); "
+                                  "nothing was imported")
+        if not _VAR.fullmatch(key) or len(key) > 255:
+            raise InvalidArgument(f"{flag}: line {line} has no valid variable name before "
+                                  "'=' (letters, digits and '_', not starting with a digit); "
+                                  "nothing was imported")
         if key in out:
             raise InvalidArgument(f"{flag}: line {line} sets {key} again (first set on line "
                                   f"{lines[key]}); keep one")

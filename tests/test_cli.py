@@ -606,3 +606,19 @@ class _AnyInt:
 
 
 ANY_INT: Any = _AnyInt()
+
+
+@pytest.mark.parametrize("line", ["SENTINEL_7f3a", "9SENTINEL_7f3a=x", "SENTINEL-7f3a=x",
+                                  "export SENTINEL_7f3a", "A B SENTINEL_7f3a=x",
+                                  "A='SENTINEL_7f3a"])
+def test_a_malformed_env_file_line_is_named_by_number_never_shown(paths: Paths, short_dir: Path,
+                                                                  line: str) -> None:
+    """A secret pasted alone on a line (or a line dotenv cannot split) used to be echoed in
+    the error, reaching stderr and CI logs: only the line's number is named."""
+    env_file = short_dir / "leak.env"
+    env_file.write_text(f"# first\nGOOD=1\n{line}\n")
+    r = run_cli(paths, "env", "set", "e", "--env-file", str(env_file))
+    assert r.returncode == 1, r.stderr
+    assert "SENTINEL" not in r.stderr and "7f3a" not in r.stderr
+    assert "line 3" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -68,9 +68,9 @@ def test_env_spec_is_read_as_written() -> None:
 
 @pytest.mark.parametrize(("text", "message"), [
     ("A=1\nthis is not an assignment\nB=2\n", "line 2 is not KEY=VALUE; nothing was imported"),
-    ("A=1\nB\n", "line 2: B has no value"),
+    ("A=1\nB\n", "line 2 has no '=' (write KEY=VALUE)"),
     ("A=1\n# note\nA=2\n", "line 3 sets A again (first set on line 1)"),
-    ("A=1\n1X=2\n", "variable name '1X' in --env-file"),
+    ("A=1\n1X=2\n", "line 2 has no valid variable name before '='"),
 ])
 def test_a_bad_env_file_is_refused_whole(tmp_path: Path, text: str, message: str) -> None:
     file = tmp_path / "x.env"

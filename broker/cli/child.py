@@ -3,8 +3,17 @@
 On a terminal the command gets a pseudo-terminal of its own (so it sees a tty,
 its colours and line editing work): our terminal goes raw, keystrokes (Ctrl-C
 included) pass through to it, window size changes follow it (SIGWINCH), and
-what it prints comes back masked. Otherwise its stdout and stderr are pipes,
-each masked on its way to ours, and its stdin is ours. SIGINT, SIGTERM, SIGHUP
+what it prints comes back masked (a secret's line breaks in the pty's ``\r\n``
+form too). Otherwise its stdout and stderr are pipes, each masked on its way to
+ours, and its stdin is ours; when our stdout and stderr are one file (``2>&1``),
+it gets one pipe for both, so that a secret written half to each is masked as
+the whole it becomes there. Into two different files, each half lands alone and
+neither holds the secret; a reader that later merges two such streams (a CI
+runner reading two pipes) could join the halves: that case is not masked. Nor
+is what the command writes to /dev/tty when our stdout is not a terminal: to
+stand in between, `run` would have to take the terminal's input from the rest
+of the pipeline (``run ... | less``). On a pty, its /dev/tty is the pty.
+SIGINT, SIGTERM, SIGHUP
 and SIGQUIT sent to us are passed on; the command's exit status is ours, and its
 death by signal N is 128+N, as a shell reports it.
 """
@@ -24,9 +33,9 @@ import termios
 import tty
 from collections.abc import Mapping, Sequence
 
-from .masking import Masker
+from .masking import Masker, terminal_forms
 
-__all__ = ["run_masked"]
+__all__ = ["run_masked", "run_waiting"]
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _CHUNK = 1 << 20
@@ -39,6 +48,35 @@ def run_masked(command: Sequence[str], env: Mapping[str, str], secrets: set[str]
     if sys.stdout.isatty() and sys.stdin.isatty():
         return _on_a_pty(command, env, secrets)
     return _through_pipes(command, env, secrets)
+
+
+def run_waiting(command: Sequence[str], env: Mapping[str, str]) -> int:
+    """Run ``command`` unmasked on our own stdin, stdout and stderr, staying its parent
+    (so that `run` can clean up after it); return the exit status to exit with. Raises
+    OSError when it cannot start, before anything ran."""
+    report_read, report_write = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        _exec_or_report(command, env, report_write)
+    os.close(report_write)
+    _started(report_read, pid)
+    handlers = _forward_signals(pid)
+    _terminal_signals_reach_it()
+    while True:
+        try:
+            _, wait_status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    _restore(handlers)
+    return _status(wait_status)
+
+
+def _terminal_signals_reach_it() -> None:
+    if sys.stdin.isatty():
+        # A Ctrl-C on our terminal reaches the command directly (it is in our process
+        # group): passing SIGINT on as well would deliver it twice.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _status(wait_status: int) -> int:
@@ -112,7 +150,7 @@ def _on_a_pty(command: Sequence[str], env: Mapping[str, str], secrets: set[str])
     handlers = _forward_signals(pid)
     handlers[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, copy_size)
     saved = termios.tcgetattr(stdin)
-    masker = Masker(secrets)
+    masker = Masker(terminal_forms(secrets))
     try:
         tty.setraw(stdin)
         readers = [master, stdin]
@@ -145,10 +183,22 @@ def _on_a_pty(command: Sequence[str], env: Mapping[str, str], secrets: set[str])
     return _status(wait_status)
 
 
+def _same_file(fd: int, other: int) -> bool:
+    a, b = os.fstat(fd), os.fstat(other)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _through_pipes(command: Sequence[str], env: Mapping[str, str], secrets: set[str]) -> int:
+    stdout, stderr = sys.stdout.fileno(), sys.stderr.fileno()
     out_read, out_write = os.pipe2(os.O_CLOEXEC)
-    err_read, err_write = os.pipe2(os.O_CLOEXEC)
-    for fd in (out_read, err_read):  # fewer, larger reads: the masking runs per read
+    if _same_file(stdout, stderr):
+        # One destination (2>&1, one log file): one pipe and one masker, so that a secret
+        # written half to stdout and half to stderr is seen whole, as it will land.
+        err_read, err_write = out_read, out_write
+    else:
+        err_read, err_write = os.pipe2(os.O_CLOEXEC)
+    reads = sorted({out_read, err_read})
+    for fd in reads:  # fewer, larger reads: the masking runs per read
         with contextlib.suppress(OSError, AttributeError):
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _CHUNK)
     report_read, report_write = os.pipe2(os.O_CLOEXEC)
@@ -157,23 +207,20 @@ def _through_pipes(command: Sequence[str], env: Mapping[str, str], secrets: set[
         os.dup2(out_write, 1)
         os.dup2(err_write, 2)
         _exec_or_report(command, env, report_write)
-    for fd in (out_write, err_write, report_write):
+    for fd in {out_write, err_write, report_write}:
         os.close(fd)
     try:
         _started(report_read, pid)
     except OSError:
-        os.close(out_read)
-        os.close(err_read)
+        for fd in reads:
+            os.close(fd)
         raise
     handlers = _forward_signals(pid)
-    if sys.stdin.isatty():
-        # A Ctrl-C on our terminal reaches the command directly (it is in our process
-        # group): passing SIGINT on as well would deliver it twice.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    maskers = {out_read: (Masker(secrets), sys.stdout.fileno()),
-               err_read: (Masker(secrets), sys.stderr.fileno())}
+    _terminal_signals_reach_it()
+    # (with one pipe, the second entry replaces the first: it all goes to stdout)
+    maskers = {err_read: (Masker(secrets), stderr), out_read: (Masker(secrets), stdout)}
     try:
-        readers = [out_read, err_read]
+        readers = list(reads)
         while readers:
             try:
                 ready, _, _ = select.select(readers, [], [])
@@ -188,8 +235,8 @@ def _through_pipes(command: Sequence[str], env: Mapping[str, str], secrets: set[
                     readers.remove(fd)
                     _write_all(target, masker.flush())
     finally:
-        os.close(out_read)
-        os.close(err_read)
+        for fd in reads:
+            os.close(fd)
     _, wait_status = os.waitpid(pid, 0)
     _restore(handlers)
     return _status(wait_status)

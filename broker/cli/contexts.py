@@ -187,6 +187,9 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     if not command:
         raise UsageError("run needs a command: stigmer-broker run [--token T] -- COMMAND [ARGS]")
     token, execution = credential_arg(args.token, args.execution)
+    from .guard import guard_run_process
+
+    guard_run_process(BROKER_VARIABLES)  # before the context is in memory
     mounts = []
     if args.mount:
         from .mounts import parse_mount
@@ -217,6 +220,10 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
             from .child import run_masked
 
             return run_masked(command, env, secrets)
+        if mounts:  # stay the parent, to empty the mounts when the command is done
+            from .child import run_waiting
+
+            return run_waiting(command, env)
         os.execvpe(command[0], command, env)  # noqa: S606 - the user's own command
     except FileNotFoundError:
         error(f"command not found: {command[0]}")
@@ -227,4 +234,10 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     except OSError as exc:
         error(f"cannot run {command[0]}: {exc.strerror}")
         return 126
+    finally:
+        if mounts:
+            from .mounts import empty_mount
+
+            for mount in mounts:
+                empty_mount(mount)
 

@@ -250,9 +250,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = command("run", cmd_run, "fetch a context and run COMMAND with its variables, its "
                 "output masked")
     p.add_argument("--mount", action="append", metavar="PATH=FORMAT",
-                   help="give COMMAND the context as a file that never touches disk: every "
-                        "PATH in its arguments becomes /dev/fd/N of a sealed memfd holding "
-                        "the variables as FORMAT: env, json or yaml (repeatable)")
+                   help="give COMMAND the context as a file that never touches disk: an "
+                        "argument that is PATH, or ends in =PATH, becomes /dev/fd/N of a "
+                        "sealed memfd holding the variables as FORMAT: env, json or yaml; "
+                        "emptied when COMMAND exits (repeatable)")
     p.add_argument("--no-masking", action="store_true",
                    help="exec COMMAND as it is, its output unmasked (also "
                         "STIGMER_RUN_NO_MASKING=1)")

@@ -10,7 +10,7 @@ import sys
 
 from ..protocol.errors import StartupError
 
-__all__ = ["harden_process", "raise_open_file_limit"]
+__all__ = ["harden_process", "make_undumpable", "raise_open_file_limit"]
 
 _PR_SET_DUMPABLE = 4
 
@@ -24,6 +24,14 @@ def harden_process() -> None:
     """
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    make_undumpable()
+
+
+def make_undumpable() -> None:
+    """(Linux) Make this process not dumpable: its /proc/PID/environ, mem and the like
+    are then owned by root and closed to its own uid, and it cannot be ptraced, as
+    ssh-agent does. An exec resets it, so the commands `run` starts are unaffected.
+    Elsewhere a no-op. Raises StartupError when the kernel refuses."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
