@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 import msgspec
 
 from .audit import Audit
-from .environments import MAX_ENVIRONMENT_BYTES, Environments
+from .environments import MAX_ENVIRONMENT_BYTES, Environments, check_values
 from .grants import canonical_grants, matching_selector
 from .merge import merge
 from .protocol import (
@@ -366,6 +366,7 @@ class Contexts:
                     f"execution {execution_id!r} already has a live context; complete it "
                     "first or use another execution id")
             await self.sweep()
+        check_values(request.runtime, "runtime variable ")
         layers = []
         for name in request.environments:
             try:

@@ -23,12 +23,12 @@ from .protocol import (
     Variable,
     VariableView,
 )
-from .protocol.errors import Internal, NotFound, ResourceExhausted
+from .protocol.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
 from .store.backend import Store, Tx
 from .store.crypto import Place, Row, SealError
 from .store.vault import Vault, tampered
 
-__all__ = ["MAX_ENVIRONMENT_BYTES", "EnvironmentRecord", "Environments"]
+__all__ = ["MAX_ENVIRONMENT_BYTES", "EnvironmentRecord", "Environments", "check_values"]
 
 #: an environment (and a merged context) must fit in one reply frame with room to spare
 MAX_ENVIRONMENT_BYTES = 512 * 1024
@@ -50,6 +50,17 @@ class EnvironmentRecord:
         self.updated_at = updated_at
 
 
+
+def check_values(data: Mapping[str, Variable], where: str = "") -> None:
+    """Refuse a value that holds a NUL byte, naming its key: no process environment, shell
+    or .env file can carry one, so `run` and `export` would refuse it later. Raises
+    InvalidArgument."""
+    refused = sorted(key for key, variable in data.items() if "\0" in variable.value)
+    if refused:
+        raise InvalidArgument(f"{where}{', '.join(refused)}: a value cannot contain a NUL "
+                              "byte (no environment or shell can carry one); nothing was "
+                              "changed")
+
 class Environments:
     """Create, read, change and delete environments; secrets sealed through the vault."""
 
@@ -62,6 +73,7 @@ class Environments:
 
     async def put(self, name: str, data: Mapping[str, Variable]) -> None:
         """Create ``name`` if needed and set the given keys (others are kept)."""
+        check_values(data)
         async with self._store.write() as db:
             env_id = await self._upsert(db, name, check=True)
             await self._write_variables(db, env_id, data.items())
@@ -71,6 +83,9 @@ class Environments:
                     dry_run: bool = False) -> list[EnvironmentChange]:
         """Set each environment to exactly its data, all in one transaction; return what
         changed (with ``dry_run``, what would, writing nothing)."""
+        specs = list(specs)
+        for spec in specs:
+            check_values(spec.data, f"environment {spec.name!r}: ")
         changes = []
         async with self._store.write() as db:
             for spec in specs:

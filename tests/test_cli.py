@@ -376,14 +376,23 @@ def test_status_and_client_import_load_no_heavy_dependency(cli_broker: Paths) ->
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_run_refuses_values_no_environment_can_carry(cli_broker: Paths) -> None:
-    from stigmer.client import Client, variables
+def test_a_nul_in_a_value_is_refused_at_the_door(cli_broker: Paths) -> None:
+    """No environment, shell or .env file can carry a NUL: the broker refuses it when the
+    value comes in (env set, apply, a context's runtime values), naming the key, rather
+    than `run` and `export` finding out later."""
+    from stigmer.client import Client, InvalidArgument, variables
 
-    with Client(cli_broker.socket) as c:
-        token = c.create_context("nul", runtime=variables({"BAD": "a\0b"})).token
-    r = run_cli(cli_broker, "run", "--token", token, "--", "true")
-    assert r.returncode == 1 and "BAD contain(s) a NUL byte" in r.stderr
+    r = run_cli(cli_broker, "env", "set", "dev", "OK=1", "--secret", "BAD", input="a\0b")
+    assert r.returncode == 1 and "BAD: a value cannot contain a NUL byte" in r.stderr
     assert "Traceback" not in r.stderr
+    assert run_cli(cli_broker, "env", "show", "dev").returncode == 1  # nothing was stored
+    with Client(cli_broker.socket) as c, pytest.raises(InvalidArgument,
+                                                       match="runtime variable BAD: a value"):
+        c.create_context("nul", runtime=variables({"OK": "1"}, {"BAD": "a\0b"}))
+    manifest = ('{"apiVersion": "ai.stigmer.agentic/v1", "kind": "Environment", '
+                '"metadata": {"name": "m"}, "spec": {"data": {"BAD": {"value": "a\\u0000b"}}}}')
+    r = run_cli(cli_broker, "apply", "-f", "-", input=manifest)
+    assert r.returncode == 1 and "environment 'm': BAD: a value cannot contain" in r.stderr
 
 
 def test_secret_prompt_on_a_terminal_does_not_echo(cli_broker: Paths) -> None:

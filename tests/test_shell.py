@@ -151,17 +151,6 @@ def test_read_env_file_reads_back_what_dotenv_writes(cli_broker: Paths,
     assert read_env_file(str(file)) == values
 
 
-def test_a_nul_is_refused_by_name_except_in_json(cli_broker: Paths) -> None:
-    with Client(cli_broker.socket) as client:
-        token = client.create_context("nul", runtime=variables({"OK": "1"},
-                                                                {"BAD": "a\0b"})).token
-    result = run_cli(cli_broker, "context", "export", "--token", token)
-    assert result.returncode == 1 and "BAD contain(s) a NUL byte" in result.stderr
-    assert result.stdout == ""  # nothing half-printed
-    as_json = run_cli(cli_broker, "context", "export", "--format", "json", "--token", token)
-    assert json.loads(as_json.stdout) == {"OK": "1", "BAD": "a\0b"}
-
-
 def test_export_follows_the_token_and_execution_id_rules(cli_broker: Paths) -> None:
     result = run_cli(cli_broker, "context", "export")
     assert result.returncode == 2 and "--token" in result.stderr

@@ -161,3 +161,59 @@ def test_start_prints_a_line_a_shell_evaluates(paths: Paths, shell: str) -> None
         assert f"socket       {paths.socket}" in result.stdout
     finally:
         run_cli(paths, "stop")
+
+
+def test_one_piped_secret_takes_all_of_stdin(cli_broker: Paths) -> None:
+    """`env set pem --secret TLS_KEY < key.pem` stores the whole key, not its first line."""
+    pem = "-----BEGIN KEY-----\nMIIB0123456789abcdef\nmore+base64/lines==\n-----END KEY-----\n"
+    run_cli(cli_broker, "env", "set", "pem", "--secret", "TLS_KEY", input=pem, check=True)
+    shown = run_cli(cli_broker, "env", "show", "pem", "--reveal", "--json", check=True).stdout
+    import json
+
+    assert json.loads(shown)["data"]["TLS_KEY"]["value"] == pem.removesuffix("\n")
+
+
+def test_several_piped_secrets_take_a_line_each_and_refuse_a_leftover(
+        cli_broker: Paths) -> None:
+    run_cli(cli_broker, "env", "set", "two", "--secret", "A", "--secret", "B",
+            input="first\nsecond\n", check=True)
+    cut = run_cli(cli_broker, "env", "set", "cut", "--secret", "A", "--secret", "B",
+                  input="first\n-----BEGIN KEY-----\nrest of the key\n")
+    assert cut.returncode == 2
+    assert "more lines than the 2 --secret keys take" in cut.stderr
+    assert "rest of the key" not in cut.stderr and "BEGIN" not in cut.stderr
+    assert run_cli(cli_broker, "env", "show", "cut").returncode == 1  # nothing stored
+
+
+def test_an_empty_secret_is_refused(cli_broker: Paths) -> None:
+    for given in ("\n", ""):
+        result = run_cli(cli_broker, "env", "set", "e", "--secret", "TOKEN", input=given)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("stigmer-broker: error: --secret TOKEN: ")
+    assert run_cli(cli_broker, "env", "show", "e").returncode == 1
+
+
+def test_a_value_too_large_for_an_environment_is_named_at_the_door(cli_broker: Paths) -> None:
+    """Linux caps one environment string at 128 KiB with its name: such a value is
+    accepted (a mount can pass it) but `env set` says `run` cannot pass it as a variable."""
+    big = "x" * (128 * 1024 - 4)  # within the value limit; with "BIG=" and NUL over the cap
+    result = run_cli(cli_broker, "env", "set", "big", "--secret", "BIG", input=big)
+    assert result.returncode == 0, result.stderr
+    assert "BIG: over 128 KiB with the name, too large for a process environment" \
+        in result.stderr and "--mount" in result.stderr
+    small = run_cli(cli_broker, "env", "set", "small", "--secret", "S", input="x" * 1000)
+    assert small.stderr == ""
+
+
+def test_keys_typed_before_the_command_starts_reach_it(cli_broker: Paths) -> None:
+    """`run` on a terminal puts it in raw mode without flushing what was typed ahead."""
+    from conftest import PtyProcess
+
+    token = run_cli(cli_broker, "context", "create", "tty", "--secret", "S",
+                    input="a-secret-value\n", check=True).stdout.strip()
+    env = {**cli_env(cli_broker), "STIGMER_EXECUTION_TOKEN": token}
+    term = PtyProcess([sys.executable, "-m", "stigmer.broker", "run", "--", sys.executable,
+                       "-c", "import time; time.sleep(1); print('got', input())"], env)
+    term.write("typed-ahead\r")  # at once: before run has even fetched the context
+    status, shown = term.wait()
+    assert status == 0 and "got typed-ahead" in shown, shown

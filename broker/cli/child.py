@@ -152,7 +152,9 @@ def _on_a_pty(command: Sequence[str], env: Mapping[str, str], secrets: set[str])
     saved = termios.tcgetattr(stdin)
     masker = Masker(terminal_forms(secrets))
     try:
-        tty.setraw(stdin)
+        # TCSANOW, not setraw's default TCSAFLUSH: keys typed before the command started
+        # (type-ahead) reach it instead of being thrown away
+        tty.setraw(stdin, termios.TCSANOW)
         readers = [master, stdin]
         while master in readers:
             try:

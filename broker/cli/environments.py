@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..protocol.messages import SECRET_MASK
 from .common import EXIT_OK, UsageError, check_broker, connect, name_arg, var_arg
-from .inputs import collect_variables, confirm, read_text
+from .inputs import collect_variables, confirm, read_text, warn_unpassable
 from .render import plural, print_json, print_json_array, printable
 
 if TYPE_CHECKING:
@@ -111,6 +111,8 @@ def cmd_apply(args: argparse.Namespace, paths: Paths) -> int:
     else:
         text, source = read_text(args.file, "-f"), args.file
     specs = read_environment_manifests(text, source)
+    for spec in specs:
+        warn_unpassable(spec.data)
     with connect(paths) as client:
         changes = client.apply_environments(specs, dry_run=args.dry_run)
     if args.json:

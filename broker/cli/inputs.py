@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,25 +15,59 @@ if TYPE_CHECKING:
     from ..protocol import Variable
 
 __all__ = ["collect_variables", "confirm", "read_passphrase", "read_secret_value",
-           "read_text"]
+           "read_text", "warn_unpassable"]
+
+#: Linux's MAX_ARG_STRLEN: the most one argument or environment string (NAME=value and its
+#: NUL) may take
+_MAX_ARG_STRLEN = 32 * 4096
 
 
-def read_secret_value(key: str) -> str:
-    """Prompt without echo on a terminal; read one line from stdin otherwise."""
+def read_secret_value(key: str, *, whole: bool = False) -> str:
+    """Prompt without echo on a terminal; otherwise read stdin: all of it with ``whole``
+    (one value, a PEM key say; one final line break dropped), else one line. An empty
+    value is refused: a secret that is nothing is a mistake."""
     try:
         if sys.stdin.isatty():
             import getpass
 
-            return getpass.getpass(f"{key}: ")
-        line = sys.stdin.readline()
+            value = getpass.getpass(f"{key}: ")
+        else:
+            value = sys.stdin.read() if whole else sys.stdin.readline()
+            if not value:
+                raise UsageError(f"--secret {key}: no value on standard input"
+                                 + ("" if whole else " (one line per key)"))
+            value = value.removesuffix("\n").removesuffix("\r")
     except EOFError:  # Ctrl-D at the prompt
         raise UsageError(f"--secret {key}: no value was entered; nothing was changed") from None
     except UnicodeDecodeError:
         raise UsageError(f"--secret {key}: the value is not UTF-8 text; nothing was changed"
                          ) from None
-    if not line:
-        raise UsageError(f"--secret {key}: no value on standard input (one line per key)")
-    return line.rstrip("\r\n")
+    if not value:
+        raise UsageError(f"--secret {key}: the value is empty; nothing was changed")
+    return value
+
+
+def _nothing_left(keys: Sequence[str]) -> None:
+    """Several keys read from a pipe take one line each: a line left over would be the
+    rest of a multi-line value, silently cut. Raises UsageError."""
+    if sys.stdin.isatty():
+        return
+    if sys.stdin.read().strip("\r\n"):
+        raise UsageError(f"standard input holds more lines than the {len(keys)} --secret keys "
+                         "take (one line each); give a multi-line value (a PEM key) its own "
+                         "--secret KEY < FILE, the only key read from stdin; nothing was changed")
+
+
+def warn_unpassable(data: Mapping[str, Variable]) -> None:
+    """Say which values no process environment can hold: Linux caps one environment
+    string (NAME=value) at 128 KiB, so `run` could not pass them, though a mount can."""
+    large = sorted(k for k, v in data.items()
+                   if len(k) + 2 + len(v.value.encode("utf-8", "surrogatepass"))
+                   > _MAX_ARG_STRLEN)
+    if large:
+        warn(f"{', '.join(large)}: over 128 KiB with the name, too large for a process "
+             "environment (the kernel's limit per variable): `run` cannot pass it as a "
+             "variable; `run --mount PATH=FORMAT` passes the context as a file")
 
 
 class Cancelled(InvalidArgument):
@@ -120,10 +154,13 @@ def collect_variables(pairs: Sequence[str], secrets: Sequence[str], env_file: st
     if prompted:
         before_prompt()
     for key in prompted:
-        add(key, read_secret_value(key), secret=True)
+        add(key, read_secret_value(key, whole=len(prompted) == 1), secret=True)
+    if len(prompted) > 1:
+        _nothing_left(prompted)
     if inline_secret:
         warn("a secret given as --secret KEY=VALUE is visible to other processes and kept in "
              "shell history; prefer --secret KEY (prompt or stdin) or --env-file")
+    warn_unpassable(out)
     return out
 
 
