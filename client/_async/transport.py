@@ -11,7 +11,10 @@ import socket
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from anyio.abc import SocketAttribute
+
+from .._common import Backoff
 
 __all__ = ["AsyncLock", "AsyncSocket"]
 
@@ -27,10 +30,34 @@ class AsyncSocket:
         self.raw: socket.socket = stream.extra(SocketAttribute.raw_socket)
 
     @classmethod
-    async def connect(cls, path: str, timeout: float) -> AsyncSocket:
-        with anyio.fail_after(timeout):
-            stream = await anyio.connect_unix(path)
+    async def connect(cls, path: str, backoff: Backoff) -> AsyncSocket:
+        """Connect within the backoff's timeout (raise TimeoutError past it)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await anyio.lowlevel.checkpoint()
+            while True:
+                try:
+                    sock.connect(path)
+                    break
+                except BlockingIOError:
+                    # The listen backlog is full (a burst, or a peer flooding it). Not
+                    # anyio.connect_unix: it waits for the socket to be writable, which
+                    # an unconnected Unix socket is at once, so it retries without pause.
+                    await cls.pause(backoff)
+            stream = await anyio.abc.UNIXSocketStream.from_socket(sock)
+        except BaseException:
+            sock.close()
+            raise
         return cls(stream)
+
+    @staticmethod
+    async def pause(backoff: Backoff) -> None:
+        """Wait the backoff's next pause; raise TimeoutError when its time is up."""
+        pause = backoff.pause()
+        if pause is None:
+            raise TimeoutError("connect timed out")
+        await anyio.sleep(pause)
 
     async def send_all(self, data: bytes, timeout: float) -> None:
         try:

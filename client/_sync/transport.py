@@ -5,9 +5,13 @@ The async twin is ``client/_async/transport.py``, with the same methods.
 
 from __future__ import annotations
 
+import errno
 import socket
+import struct
 import threading
 import time
+
+from .._common import Backoff
 
 __all__ = ["SyncLock", "SyncSocket"]
 
@@ -23,25 +27,46 @@ class SyncSocket:
         self._timeout = timeout
 
     @classmethod
-    def connect(cls, path: str, timeout: float) -> SyncSocket:
+    def connect(cls, path: str, backoff: Backoff) -> SyncSocket:
+        """Connect within the backoff's timeout (raise TimeoutError past it).
+
+        While the listen backlog is full (a burst, or a peer flooding it) the connect
+        waits in the kernel, which lets the waiters in one by one as the broker accepts,
+        in turn: no retries, and no place lost to a peer that hammers the socket. (A
+        socket with a Python timeout would say EAGAIN at once instead of waiting; the
+        kernel's wait is bounded by SO_SNDTIMEO.)
+        """
+        timeout = backoff.left()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        deadline = time.monotonic() + timeout
         try:
             while True:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                _timeval(backoff.left()))
                 try:
                     sock.connect(path)
+                    sock.getpeername()  # a wait cut short by a signal returns as if done
                     break
-                except BlockingIOError:
-                    # A full listen backlog (a burst of connections): a Unix socket with
-                    # a timeout says EAGAIN at once instead of waiting. Wait, briefly.
-                    if time.monotonic() >= deadline:
-                        raise TimeoutError("connect timed out") from None
-                    time.sleep(0.005)
+                except (BlockingIOError, InterruptedError):  # the wait ran out, or a signal
+                    pass
+                except OSError as exc:
+                    if exc.errno != errno.ENOTCONN:
+                        raise
+                if backoff.spent():
+                    raise TimeoutError("connect timed out")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
+            sock.settimeout(timeout)
         except BaseException:
             sock.close()
             raise
         return cls(sock, timeout)
+
+    @staticmethod
+    def pause(backoff: Backoff) -> None:
+        """Wait the backoff's next pause; raise TimeoutError when its time is up."""
+        pause = backoff.pause()
+        if pause is None:
+            raise TimeoutError("connect timed out")
+        time.sleep(pause)
 
     def send_all(self, data: bytes, timeout: float) -> None:
         self._set_timeout(timeout)
@@ -59,3 +84,9 @@ class SyncSocket:
 
     def close(self) -> None:
         self.raw.close()
+
+
+def _timeval(seconds: float) -> bytes:
+    """``seconds`` as the struct timeval of SO_SNDTIMEO (0: no limit)."""
+    whole = int(seconds)
+    return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
