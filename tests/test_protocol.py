@@ -330,3 +330,32 @@ def test_an_unknown_op_with_a_newline_is_a_one_line_protocol_error() -> None:
         conn.next_event()
     assert "Hel\\nlo" in caught.value.message and caught.value.request_id == 3
     assert len(caught.value.message.splitlines()) == 1
+
+
+def test_protocol_md_states_the_brokers_real_limits() -> None:
+    """Issue 23: PROTOCOL.md said 256 connections while the broker allowed 1,024."""
+    import re
+    from pathlib import Path
+
+    from stigmer.broker.config import Limits
+    from stigmer.broker.daemon import server
+    from stigmer.broker.daemon.listen import LISTEN_BACKLOG
+
+    text = " ".join((Path(__file__).resolve().parent.parent / "proto" / "PROTOCOL.md")
+                    .read_text().split())
+    limits = Limits()
+
+    def stated(pattern: str) -> int:
+        found = re.search(pattern, text)
+        assert found is not None, pattern
+        return int(found[1].replace(",", ""))
+
+    assert stated(r"at most ([\d,]+) connections at once") == limits.max_connections
+    assert stated(r"at most (\d+) for any uid other than") == limits.max_connections_per_uid
+    assert stated(r"listen backlog \((\d+)\)") == LISTEN_BACKLOG
+    assert stated(r"admits at most (\d+) new connections of one uid") == \
+        server._ADMISSIONS_PER_UID
+    assert stated(r"completed `Hello` within (\d+) s") == limits.handshake_timeout
+    assert stated(r"frame unfinished for (\d+) s") == limits.frame_timeout
+    assert stated(r"idle for (\d+) s") == limits.idle_timeout
+    assert stated(r"maximum is 1 MiB \(([\d,]+) bytes\)") == limits.max_frame_size
