@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import random
 import socket
 import stat
+import struct
 import time
 from collections.abc import Mapping
 from typing import TypeVar
@@ -37,6 +39,7 @@ from stigmer.broker.protocol.peer import peer_credentials
 
 __all__ = [
     "RETRY_SAFE", "TOKEN_VARIABLE", "Backoff", "ClosedBeforeReply", "RequestIds", "check_peer",
+    "connect_in_turn",
     "check_socket_dir", "checked_values", "closed_by_peer", "default_socket",
     "EXECUTION_VARIABLE", "credential_from", "expect", "unavailable", "variables",
 ]
@@ -90,6 +93,36 @@ class Backoff:
         pause = random.uniform(self._ceiling / 2, self._ceiling)  # jitter, not a secret
         self._ceiling = min(self._ceiling * 2, self.LONGEST)
         return min(pause, left)
+
+
+def connect_in_turn(sock: socket.socket, path: str, seconds: float) -> bool:
+    """Connect the blocking Unix socket ``sock``; return False when the listen backlog
+    stayed full for ``seconds`` (or a signal cut the wait short): call again, or give up.
+
+    While the backlog is full (a burst, or a peer flooding it) the connect waits in the
+    kernel, which lets the waiters in one by one as the broker accepts, in turn: no
+    retries, and no place lost to a peer that hammers the socket. A socket with a
+    Python timeout would say EAGAIN at once instead; SO_SNDTIMEO bounds the wait.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+    try:
+        sock.connect(path)
+        sock.getpeername()  # a wait cut short by a signal returns as if it had connected
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        return False
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
+    return True
+
+
+def _timeval(seconds: float) -> bytes:
+    """``seconds`` (at least a microsecond: 0 is no limit) as SO_SNDTIMEO's timeval."""
+    micro = max(int(seconds * 1_000_000), 1)
+    return struct.pack("@ll", micro // 1_000_000, micro % 1_000_000)
 
 
 class ClosedBeforeReply(BrokerUnavailable):

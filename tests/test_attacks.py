@@ -498,17 +498,25 @@ while time.monotonic() < end:
     s.close()
 """
 
-# a runner as the README's Python example has it: connect, fetch, close, timed each time
+# a runner as the README's Python example has it, blocking or async: connect, fetch,
+# close, timed each time
 _TIMED_FETCHES = r"""
-import json, site, sys, time
+import asyncio, json, site, sys, time
 site.addsitedir(sys.argv[1])
-from stigmer.client import Client
+from stigmer.client import AsyncClient, Client
 path, token, samples, budget = sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
 latencies, end = [], time.monotonic() + budget
+async def fetch_async():
+    async with AsyncClient(path, timeout=30) as client:
+        return await client.fetch_context(token)
 while len(latencies) < samples and time.monotonic() < end:
     started = time.perf_counter()
-    with Client(path, timeout=30) as client:
-        assert client.fetch_context(token)["A"] == "1"
+    if sys.argv[6] == "async":
+        context = asyncio.run(fetch_async())
+    else:
+        with Client(path, timeout=30) as client:
+            context = client.fetch_context(token)
+    assert context["A"] == "1"
     latencies.append(time.perf_counter() - started)
 print(json.dumps(latencies))
 """
@@ -545,9 +553,10 @@ def _percentile(latencies: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
+@pytest.mark.parametrize("client", ["blocking", "async"])
 @pytest.mark.parametrize(("churners", "p99_limit"), [(1, 0.25), (8, 1.0)])
 def test_connection_churn_does_not_starve_a_runner(short_dir: Path, churners: int,
-                                                   p99_limit: float) -> None:
+                                                   p99_limit: float, client: str) -> None:
     """Issue 23: one group member connecting and half-closing in a loop pushed a runner's
     connect+fetch to a p50 of 3.3 s. The broker runs as an ordinary user, the churners as
     another member of its runner group, the runner as a third. The runner's 150
@@ -586,13 +595,14 @@ def test_connection_churn_does_not_starve_a_runner(short_dir: Path, churners: in
             assert churner.stdout is not None and churner.stdout.readline() == "churning\n"
         time.sleep(1.0)  # the backlog fills
         timed = subprocess.run([python, "-c", _TIMED_FETCHES, site_dir, str(paths.socket),
-                                token, "150", "20"], capture_output=True, text=True,
+                                token, "150", "20", client], capture_output=True, text=True,
                                timeout=120, **users[CHURN_RUNNER])
         assert timed.returncode == 0, timed.stderr
         latencies: list[float] = json.loads(timed.stdout)
         assert all(churner.poll() is None for churner in procs)  # churning all along
         p50, p99 = _percentile(latencies, 0.5), _percentile(latencies, 0.99)
-        print(f"{churners} churner(s): {len(latencies)} fetches, p50 {p50 * 1000:.1f} ms, "
+        print(f"{churners} churner(s), {client} client: {len(latencies)} fetches, "
+              f"p50 {p50 * 1000:.1f} ms, "
               f"p99 {p99 * 1000:.1f} ms")
         assert len(latencies) == 150 and p99 < p99_limit, \
             f"{len(latencies)} fetches in 20 s, p50 {p50:.3f} s, p99 {p99:.3f} s"

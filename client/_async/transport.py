@@ -12,14 +12,17 @@ import socket
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import anyio.to_thread
 from anyio.abc import SocketAttribute
 
-from .._common import Backoff
+from .._common import Backoff, connect_in_turn
 
 __all__ = ["AsyncLock", "AsyncSocket"]
 
 #: serialises the requests of one client (one request in flight per connection)
 AsyncLock = anyio.Lock
+#: how long one wait for a place in a full listen backlog lasts in the worker thread
+_WAIT_SLICE = 0.1
 
 
 class AsyncSocket:
@@ -36,15 +39,20 @@ class AsyncSocket:
         sock.setblocking(False)
         try:
             await anyio.lowlevel.checkpoint()
-            while True:
-                try:
-                    sock.connect(path)
-                    break
-                except BlockingIOError:
-                    # The listen backlog is full (a burst, or a peer flooding it). Not
-                    # anyio.connect_unix: it waits for the socket to be writable, which
-                    # an unconnected Unix socket is at once, so it retries without pause.
-                    await cls.pause(backoff)
+            try:
+                sock.connect(path)
+            except BlockingIOError:
+                # The listen backlog is full (a burst, or a peer flooding it): wait for a
+                # place in the kernel, in turn, as the blocking client does, in a worker
+                # thread, a slice at a time so that a cancellation waits one slice at most.
+                # (Not anyio.connect_unix: it waits for the socket to be writable, which
+                # an unconnected Unix socket is at once, so it retries without a pause.)
+                sock.setblocking(True)
+                while not await anyio.to_thread.run_sync(
+                        connect_in_turn, sock, path, min(backoff.left(), _WAIT_SLICE)):
+                    if backoff.spent():
+                        raise TimeoutError("connect timed out") from None
+                sock.setblocking(False)
             stream = await anyio.abc.UNIXSocketStream.from_socket(sock)
         except BaseException:
             sock.close()

@@ -5,13 +5,11 @@ The async twin is ``client/_async/transport.py``, with the same methods.
 
 from __future__ import annotations
 
-import errno
 import socket
-import struct
 import threading
 import time
 
-from .._common import Backoff
+from .._common import Backoff, connect_in_turn
 
 __all__ = ["SyncLock", "SyncSocket"]
 
@@ -28,32 +26,14 @@ class SyncSocket:
 
     @classmethod
     def connect(cls, path: str, backoff: Backoff) -> SyncSocket:
-        """Connect within the backoff's timeout (raise TimeoutError past it).
-
-        While the listen backlog is full (a burst, or a peer flooding it) the connect
-        waits in the kernel, which lets the waiters in one by one as the broker accepts,
-        in turn: no retries, and no place lost to a peer that hammers the socket. (A
-        socket with a Python timeout would say EAGAIN at once instead of waiting; the
-        kernel's wait is bounded by SO_SNDTIMEO.)
-        """
+        """Connect within the backoff's timeout (raise TimeoutError past it); a full
+        listen backlog is waited out in the kernel, in turn (``connect_in_turn``)."""
         timeout = backoff.left()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            while True:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                                _timeval(backoff.left()))
-                try:
-                    sock.connect(path)
-                    sock.getpeername()  # a wait cut short by a signal returns as if done
-                    break
-                except (BlockingIOError, InterruptedError):  # the wait ran out, or a signal
-                    pass
-                except OSError as exc:
-                    if exc.errno != errno.ENOTCONN:
-                        raise
+            while not connect_in_turn(sock, path, backoff.left()):
                 if backoff.spent():
                     raise TimeoutError("connect timed out")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
             sock.settimeout(timeout)
         except BaseException:
             sock.close()
@@ -85,8 +65,3 @@ class SyncSocket:
     def close(self) -> None:
         self.raw.close()
 
-
-def _timeval(seconds: float) -> bytes:
-    """``seconds`` as the struct timeval of SO_SNDTIMEO (0: no limit)."""
-    whole = int(seconds)
-    return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
