@@ -184,8 +184,8 @@ def test_the_clients_wait_out_a_full_backlog_without_hammering(
     with EAGAIN at once. The client waits (up to its timeout) for the broker to accept;
     it used to give up with BrokerUnavailable. And it waits without hammering (issue 23):
     the blocking client retried every 5 ms, the async one (anyio's connect_unix) without
-    any pause, as fast as the CPU went; now the blocking one waits in the kernel and the
-    async one backs off, a dozen attempts in the 0.3 s."""
+    any pause, as fast as the CPU went (56 and 4,551 attempts in the 0.3 s); now both wait
+    in the kernel, the async one in slices of 0.1 s."""
     from stigmer.client._common import Backoff
     from stigmer.client._sync.transport import SyncSocket
 

@@ -31,8 +31,8 @@ __all__ = ["LISTEN_BACKLOG", "AlreadyRunning", "BoundSocket", "adopt_socket",
 #: for a few microseconds each, so 128 is at most one turn of a few milliseconds. The
 #: kernel's default (somaxconn, 4096 here), with every connection admitted, queued a
 #: runner behind thousands of a churning peer's: seconds. A burst of more than 128
-#: connecting at once is not refused for it: the blocking client's connect waits in
-#: the kernel for a place, the async client's retries EAGAIN with backoff.
+#: connecting at once is not refused for it: the clients' connects wait in the kernel
+#: for a place (client/_common.py, connect_in_turn).
 LISTEN_BACKLOG = 128
 
 
