@@ -23,7 +23,7 @@ from .protocol import (
     SpecEntry,
     Variable,
 )
-from .protocol.connection import split_validation
+from .protocol.connection import one_line, split_validation
 from .protocol.errors import InvalidArgument
 
 __all__ = [
@@ -195,7 +195,8 @@ def _convert(raw: Any, into: type[_T], where: str, path: str) -> _T:
     try:
         return msgspec.convert(raw, into, strict=True)
     except msgspec.ValidationError as exc:
-        raise InvalidArgument(f"{where}: {_explain(str(exc), path)}") from None
+        # one_line: a key quoted in the error may hold a newline or an escape sequence
+        raise InvalidArgument(f"{where}: {_explain(one_line(str(exc)), path)}") from None
 
 
 def _explain(error: str, base: str) -> str:
@@ -210,7 +211,7 @@ def _explain(error: str, base: str) -> str:
         return f"the keys of {field(inside)} must be strings"
     name = field(at)
     if found := re.fullmatch(r"Object contains unknown field `(.*)`", what):
-        return f"unknown field {found[1]!r}" + (f" in {name}" if name != "the document" else "")
+        return f"unknown field '{found[1]}'" + (f" in {name}" if name != "the document" else "")
     if found := re.fullmatch(r"Object missing required field `(.*)`", what):
         parent = "" if name == "the document" else name + "."
         return f"{parent}{found[1]} is required"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
+import random
 import socket
 import stat
+import struct
+import time
 from collections.abc import Mapping
 from typing import TypeVar
 
@@ -34,7 +38,8 @@ from stigmer.broker.protocol.paths import resolve_home, resolve_socket
 from stigmer.broker.protocol.peer import peer_credentials
 
 __all__ = [
-    "RETRY_SAFE", "TOKEN_VARIABLE", "ClosedBeforeReply", "RequestIds", "check_peer",
+    "RETRY_SAFE", "TOKEN_VARIABLE", "Backoff", "ClosedBeforeReply", "RequestIds", "check_peer",
+    "connect_in_turn",
     "check_socket_dir", "checked_values", "closed_by_peer", "default_socket",
     "EXECUTION_VARIABLE", "credential_from", "expect", "unavailable", "variables",
 ]
@@ -52,6 +57,72 @@ def default_socket(environ: Mapping[str, str] | None = None) -> str:
 #: before any reply arrived: reads and fetches, never writes
 RETRY_SAFE = (FetchContext, GetStatus, GetEnvironment, ListEnvironments, GetContext,
               ListContexts, ListAudit, VerifyAudit)
+
+
+class Backoff:
+    """The pauses of one connect while the broker is busy (its listen backlog full, or
+    a refusal for want of room): capped exponential, from 1 ms to 50 ms, each drawn at
+    random from the upper half of its range so that clients turned away together do not
+    come back together, and none past the connect timeout.
+
+    A busy broker is one flooded by some peer: a client retrying every few milliseconds
+    would add to the flood, and one waiting seconds would be starved by it. 50 ms keeps
+    a retry within a few of the broker's accepting turns.
+    """
+
+    FIRST = 0.001
+    LONGEST = 0.05
+
+    def __init__(self, timeout: float) -> None:
+        self._deadline = time.monotonic() + timeout
+        self._ceiling = self.FIRST
+
+    def left(self) -> float:
+        """Seconds until the connect timeout (at least a millisecond, for a socket's)."""
+        return max(self._deadline - time.monotonic(), 0.001)
+
+    def spent(self) -> bool:
+        """Whether the connect timeout has passed."""
+        return time.monotonic() >= self._deadline
+
+    def pause(self) -> float | None:
+        """The next pause, or None once the connect timeout has passed."""
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            return None
+        pause = random.uniform(self._ceiling / 2, self._ceiling)  # jitter, not a secret
+        self._ceiling = min(self._ceiling * 2, self.LONGEST)
+        return min(pause, left)
+
+
+def connect_in_turn(sock: socket.socket, path: str, seconds: float) -> bool:
+    """Connect the blocking Unix socket ``sock``; return False when the listen backlog
+    stayed full for ``seconds`` (or a signal cut the wait short): call again, or give up.
+
+    While the backlog is full (a burst, or a peer flooding it) the connect waits in the
+    kernel, which lets the waiters in one by one as the broker accepts, in turn: no
+    retries, and no place lost to a peer that hammers the socket. A socket with a
+    Python timeout would say EAGAIN at once instead; SO_SNDTIMEO bounds the wait.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+    try:
+        sock.connect(path)
+        sock.getpeername()  # a wait cut short by a signal returns as if it had connected
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        return False
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
+    return True
+
+
+def _timeval(seconds: float) -> bytes:
+    """``seconds`` (at least a microsecond: 0 is no limit) as SO_SNDTIMEO's timeval."""
+    micro = max(int(seconds * 1_000_000), 1)
+    return struct.pack("@ll", micro // 1_000_000, micro % 1_000_000)
 
 
 class ClosedBeforeReply(BrokerUnavailable):

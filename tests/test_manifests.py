@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
+from stigmer.broker.config import Paths
 from stigmer.broker.manifests import read_env_file, read_env_spec, read_environment_manifests
 from stigmer.broker.protocol import Variable
 from stigmer.broker.protocol.errors import InvalidArgument
@@ -40,12 +42,17 @@ def test_values_stay_as_written() -> None:
     ("    A: {value: a}\n    B: {value: b}\n    A: {value: c}\n",
      "m.yaml: not valid YAML at line 8: duplicate key 'A'"),
     ("    A: &x {value: a}\n    B: *x\n", "line 7: aliases (*name) are not allowed"),
+    # issue 23: a key with a newline made the error reader assert (a traceback)
+    ("    A: {value: '1', \"col\\nour\": red}\n", "unknown field 'col\\nour' in spec.data.A"),
+    ("    A: {value: '1', \"\\e[2J\": red}\n", "unknown field '\\x1b[2J' in spec.data.A"),
+    ("    \"A\\nB\": {value: '1'}\n", "variable name 'A\\nB' in m.yaml document 1 is not"),
 ])
 def test_manifest_mistakes_name_the_field_or_line(data: str, message: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         read_environment_manifests(manifest(data), "m.yaml")
     assert message in info.value.message
     assert "`" not in info.value.message and "$" not in info.value.message
+    assert len(info.value.message.splitlines()) == 1
 
 
 def test_a_duplicate_top_level_key_is_refused() -> None:
@@ -90,3 +97,18 @@ def test_env_file_errors_say_what_the_path_is(tmp_path: Path) -> None:
         read_env_file(str(tmp_path / "bin.env"))
     (tmp_path / "ok.env").write_text("export A='x y'\n# c\nB=\"q\\nr\"\n")
     assert read_env_file(str(tmp_path / "ok.env")) == {"A": "x y", "B": "q\nr"}
+
+
+@pytest.mark.parametrize("key", ['"col\\nour": red', '"\\e]0;x\\a": red'])
+def test_apply_with_a_control_character_in_a_key_is_one_line_not_a_traceback(
+        paths: Paths, key: str) -> None:
+    """Issue 23: ``apply -f`` with a newline in a key died with a traceback."""
+    paths.home.mkdir(parents=True)
+    file = paths.home / "m.yaml"
+    file.write_text(manifest(f"    A: {{value: S3CRET-VALUE, {key}}}\n"))
+    result = run_cli(paths, "apply", "-f", str(file))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("stigmer-broker: error: ")
+    assert "unknown field" in result.stderr and "spec.data.A" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "S3CRET" not in result.stderr

@@ -299,3 +299,63 @@ def test_the_client_names_an_oversized_value() -> None:
     assert checked_values({"S": SpecEntry()}, "env_spec") == {"S": SpecEntry()}
     with pytest.raises(InvalidArgument, match=r"the value of BIG \(runtime\) is 131073 "):
         checked_values({"BIG": Variable(value="y" * (MAX_VALUE_LENGTH + 1))}, "runtime")
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    # issue 23: a field name with a newline made the error reader assert, so the server
+    # aborted the connection with a traceback instead of answering
+    ({"op": "GetStatus", "a\nb": 1}, "unknown field a\\nb"),
+    ({"op": "PutEnvironment", "name": "e", "data": {"A": {"val\nue": "x"}}},
+     "unknown field val\\nue in data.*"),
+    ({"op": "PutEnvironment", "name": "e", "data": {"A\nB": {"value": "x"}}},
+     "a key of data has characters that are not allowed"),
+    ({"op": "GetStatus", "x\x1b[2J\u2028": 1}, "unknown field x\\x1b[2J\\u2028"),
+])
+def test_a_field_name_with_control_characters_is_told_on_one_line(
+        fields: dict[str, object], message: str) -> None:
+    conn = Connection(Role.SERVER)
+    conn.state = conn.state.READY
+    conn.receive_data(frame(msgspec.msgpack.encode({**fields, "id": 7})))
+    with pytest.raises(InvalidArgument) as caught:
+        conn.next_event()
+    assert caught.value.message == message and caught.value.request_id == 7
+    conn.receive_data(frame(msgspec.msgpack.encode({"op": "GetStatus", "id": 8})))
+    assert conn.next_event() == GetStatus(id=8)
+
+
+def test_an_unknown_op_with_a_newline_is_a_one_line_protocol_error() -> None:
+    conn = Connection(Role.SERVER)
+    conn.receive_data(frame(msgspec.msgpack.encode({"op": "Hel\nlo", "id": 3})))
+    with pytest.raises(ProtocolError) as caught:
+        conn.next_event()
+    assert "Hel\\nlo" in caught.value.message and caught.value.request_id == 3
+    assert len(caught.value.message.splitlines()) == 1
+
+
+def test_protocol_md_states_the_brokers_real_limits() -> None:
+    """Issue 23: PROTOCOL.md said 256 connections while the broker allowed 1,024."""
+    import re
+    from pathlib import Path
+
+    from stigmer.broker.config import Limits
+    from stigmer.broker.daemon import server
+    from stigmer.broker.daemon.listen import LISTEN_BACKLOG
+
+    text = " ".join((Path(__file__).resolve().parent.parent / "proto" / "PROTOCOL.md")
+                    .read_text().split())
+    limits = Limits()
+
+    def stated(pattern: str) -> int:
+        found = re.search(pattern, text)
+        assert found is not None, pattern
+        return int(found[1].replace(",", ""))
+
+    assert stated(r"at most ([\d,]+) connections at once") == limits.max_connections
+    assert stated(r"at most (\d+) for any uid other than") == limits.max_connections_per_uid
+    assert stated(r"listen backlog \((\d+)\)") == LISTEN_BACKLOG
+    assert stated(r"admits at most (\d+) new connections of one uid") == \
+        server._ADMISSIONS_PER_UID
+    assert stated(r"completed `Hello` within (\d+) s") == limits.handshake_timeout
+    assert stated(r"frame unfinished for (\d+) s") == limits.frame_timeout
+    assert stated(r"idle for (\d+) s") == limits.idle_timeout
+    assert stated(r"maximum is 1 MiB \(([\d,]+) bytes\)") == limits.max_frame_size

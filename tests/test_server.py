@@ -371,6 +371,29 @@ async def test_malformed_frames_get_an_error_frame_and_no_traceback(
         await client.status()
 
 
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"op": "GetStatus", "a\nb": 1}, "unknown field a\\nb"),
+    ({"op": "PutEnvironment", "name": "e", "data": {"A": {"val\nue": "x"}}},
+     "unknown field val\\nue in data.*"),
+])
+async def test_a_field_name_with_a_newline_gets_an_error_frame_not_an_abort(
+        broker: RunningBroker, fields: dict[str, object], message: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 23: 31 of 240k fuzzed frames aborted the connection with a traceback."""
+    import msgspec
+
+    from stigmer.broker.protocol import frame
+
+    data = (frames(Hello(id=1, version=1)) + frame(msgspec.msgpack.encode({**fields, "id": 2}))
+            + frames(GetStatus(id=3)))
+    replies, _ = await anyio.to_thread.run_sync(raw_exchange, broker.socket, data)
+    assert [type(r).__name__ for r in replies] == ["Welcome", "Error", "Status"]
+    error = replies[1]
+    assert isinstance(error, Error) and error.code == "invalid_argument" and error.id == 2
+    assert error.message == message
+    assert not [r for r in caplog.records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")]
+
+
 def test_the_open_file_limit_is_raised_and_sizes_the_connection_limit() -> None:
     script = (
         "import resource\n"

@@ -21,7 +21,19 @@ from ..protocol.errors import StartupError
 from ..protocol.paths import MAX_SOCKET_PATH
 from ..protocol.peer import check_private_dir, peer_credentials
 
-__all__ = ["AlreadyRunning", "BoundSocket", "adopt_socket", "bind_unix_socket"]
+__all__ = ["LISTEN_BACKLOG", "AlreadyRunning", "BoundSocket", "adopt_socket",
+           "bind_unix_socket"]
+
+#: The listen backlog: connections the kernel holds until the broker accepts them.
+#: A connection waits behind every one queued before it, so the backlog bounds how
+#: long a runner queues while another uid floods the socket. The server takes all of
+#: it in each accepting turn (server._ACCEPT_BATCH), refusing a flooding uid's excess
+#: for a few microseconds each, so 128 is at most one turn of a few milliseconds. The
+#: kernel's default (somaxconn, 4096 here), with every connection admitted, queued a
+#: runner behind thousands of a churning peer's: seconds. A burst of more than 128
+#: connecting at once is not refused for it: the clients' connects wait in the kernel
+#: for a place (client/_common.py, connect_in_turn).
+LISTEN_BACKLOG = 128
 
 
 class AlreadyRunning(StartupError):
@@ -74,8 +86,7 @@ def adopt_socket(sock: socket.socket, *, group_gid: int | None = None) -> BoundS
     return BoundSocket(sock=sock, path=path, inode=st.st_ino, lock_fd=None)
 
 
-def bind_unix_socket(path: Path, *, group_gid: int | None = None,
-                     backlog: int = 1024) -> BoundSocket:
+def bind_unix_socket(path: Path, *, group_gid: int | None = None) -> BoundSocket:
     """Bind and listen on ``path``; raise StartupError naming what is wrong.
 
     With ``group_gid`` the directory becomes 0750 and the socket 0660, both of
@@ -106,7 +117,7 @@ def bind_unix_socket(path: Path, *, group_gid: int | None = None,
         if group_gid is not None:
             _chgrp(path, group_gid)
         os.chmod(path, sock_mode)
-        sock.listen(backlog)
+        sock.listen(LISTEN_BACKLOG)
         return BoundSocket(sock=sock, path=path, inode=os.lstat(path).st_ino,
                            lock_fd=lock_fd)
     except BaseException:

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..protocol.connection import one_line
 from ..protocol.errors import StartupError
 
 __all__ = ["LOG_BACKUPS", "LOG_MAX_BYTES", "OneLineFormatter", "PerCause",
@@ -31,9 +32,6 @@ LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 3
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# C0 and C1 controls and DEL, but not the space: each becomes a visible escape
-_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
-_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
 
 
 class OneLineFormatter(logging.Formatter):
@@ -41,7 +39,7 @@ class OneLineFormatter(logging.Formatter):
     added by :meth:`logging.Logger.exception`, still follows on its own lines)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = record.message.translate(_ESCAPES)
+        record.message = one_line(record.message)
         return super().formatMessage(record)
 
 

@@ -12,6 +12,21 @@ pipelines cannot make the broker buffer more than one read of its bytes.
 When a reply fills the transport's write buffer, reading stops likewise until
 the client takes it.
 
+Accepting is the server's own loop on the listening socket (not the event
+loop's server), because what a connection costs is decided there: each
+accepted socket's peer credentials are read at once (one ``getsockopt``), and a
+uid that may not connect, or that is over its cap, is closed right there,
+before a transport, a task or a protocol object exists for it. One readiness
+of the listening socket accepts at most ``_ACCEPT_BATCH`` sockets, so a flood
+cannot hold the loop away from the connections it has admitted; the batch is
+the whole listen backlog (:data:`~.listen.LISTEN_BACKLOG`), so a connection
+waits in the kernel for at most one turn. A runner uid gets at most
+``_ADMISSIONS_PER_UID`` admissions a turn; the rest of its connections in that
+turn are refused. Together they keep one uid that connects and hangs up in a
+loop from starving the others: it costs a few admissions a turn, and the
+runner's connection is accepted in the next turn, whatever the churner does
+(tests/test_attacks.py measures it).
+
 Before any byte is read the peer's uid is checked (our own, root, or a member
 of the runner group when one is allowed). Each wait has a deadline: the
 handshake must finish within ``handshake_timeout``, a frame that has started
@@ -24,8 +39,12 @@ Room: at ``max_connections``, a new connection evicts first the oldest one
 that has not finished its Hello, then the one idle longest; only when every
 connection has a request in flight is it refused. No uid but the broker's
 owner and root may hold more than ``max_connections_per_uid``: beyond that a
-new one evicts that uid's own. So peers that connect and stall cannot lock
-out the owner's ``status``/``stop`` or the runners.
+new one evicts that uid's own idle one, or is refused when all of that uid's
+connections are busy or were accepted in the same turn (a uid flooding the
+backlog gets one batch of admissions per turn, not one per connection). So
+peers that connect and stall cannot lock out the owner's ``status``/``stop``
+or the runners. A refused connection gets a ``resource_exhausted`` Error frame
+and is closed.
 
 Shutdown, once the trigger fires: stop accepting, close idle connections, let
 requests in flight finish within ``shutdown_grace``, then cancel the rest.
@@ -34,6 +53,8 @@ requests in flight finish within ``shutdown_grace``, then cancel the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import math
 import os
@@ -59,10 +80,24 @@ from ..protocol import (
 from ..protocol.errors import BrokerError, ErrorCode, ProtocolError, ResourceExhausted
 from ..protocol.peer import Peer, PeerCredentials, peer_credentials
 from .attest import ProcessPin
+from .listen import LISTEN_BACKLOG
 
 __all__ = ["Counters", "Handler", "Server"]
 
 log = logging.getLogger("stigmer.broker")
+
+#: sockets accepted per readiness of the listening socket: all the backlog holds, so
+#: none waits more than a turn, and a bound on how long a turn spends accepting (a
+#: refusal costs a few microseconds, an admission some tens)
+_ACCEPT_BATCH = LISTEN_BACKLOG
+#: admissions one runner uid may have per accepting turn: the rest of its connections
+#: in that turn are refused (resource_exhausted; the clients back off and retry), so a
+#: uid flooding the backlog costs a few admissions a turn, not one per connection
+_ADMISSIONS_PER_UID = 8
+#: how long accepting pauses when the process is out of file descriptors or memory
+_ACCEPT_RETRY_DELAY = 0.1
+#: how long a runner-group membership read from the group database is trusted
+_MEMBERSHIP_TTL = 1.0
 
 
 class Handler(Protocol):
@@ -101,6 +136,10 @@ class Server:
         self._refusal_logged = -math.inf
         self._evicted = 0
         self._eviction_logged = -math.inf
+        self._turn = 0  # counts the listening socket's readinesses
+        self._admitted: dict[int, int] = {}  # uid -> admissions in this turn (runner uids)
+        self._accept_paused = False
+        self._members: dict[tuple[int, int], tuple[float, bool]] = {}  # (uid, gid) -> when, in
 
     async def serve(self, shutdown: Callable[[], Awaitable[object]], *,
                     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -108,52 +147,123 @@ class Server:
         loop = asyncio.get_running_loop()
         async with anyio.create_task_group() as tg:
             self._tasks = tg
-            # the loop listens again with this backlog: the kernel caps it at somaxconn
-            listener = await loop.create_unix_server(lambda: _Session(self), sock=self._sock,
-                                                     backlog=socket.SOMAXCONN)
+            # a socket from the service manager has its unit's Backlog=: ours applies here too
+            self._sock.listen(LISTEN_BACKLOG)
+            self._sock.setblocking(False)
+            loop.add_reader(self._sock.fileno(), self._accept)
             tg.start_soon(self._watchdog)
             task_status.started()
             try:
                 await shutdown()
                 log.info("stopping: no new connections, %d open", len(self._conns))
-                self._stopping = True
-                listener.close()  # closes the listening socket; open connections stay
+                self._stop_accepting(loop)
                 self._closing = True
                 for session in list(self._conns):
                     if not session.busy:
-                        session.transport.close()
+                        session.close()
                 if self._conns:
                     with anyio.move_on_after(self._limits.shutdown_grace):
                         await self._drained.wait()
             finally:  # cancelled from outside, too: nothing stays open
-                self._stopping = True
-                listener.close()
+                self._stop_accepting(loop)
                 for session in list(self._conns):
-                    session.transport.abort()
+                    session.abort()
                 tg.cancel_scope.cancel()
 
-    # ------------------------------------------------------------ the sessions' calls
+    def _stop_accepting(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._stopping:
+            self._stopping = True
+            if not self._accept_paused:
+                loop.remove_reader(self._sock.fileno())
+            self._sock.close()  # open connections stay
 
-    def admit(self, session: _Session, creds: PeerCredentials | None) -> bool:
-        """Find room for a new connection and check its peer; False: it was turned away
-        (and is being closed)."""
-        transport = session.transport
-        if self._stopping:
-            transport.abort()
-            return False
-        uid = creds.uid if creds is not None else -1
+    # ---------------------------------------------------------------- accepting
+
+    def _accept(self) -> None:
+        """Accept what the backlog holds, up to a batch; admit or refuse each at once."""
+        self._turn += 1
+        self._admitted.clear()
+        for _ in range(_ACCEPT_BATCH):
+            if self._stopping:
+                return
+            try:
+                sock, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: nothing to retry now
+                self._pause_accepting(exc)
+                return
+            try:
+                self._admit(sock)
+            except Exception:  # a bug of ours met by one connection: it costs that one
+                log.exception("accepting a connection failed")
+                sock.close()
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of descriptors or memory (or any error accept should not give): the
+        backlog waits a moment while closing connections free some (evictions and
+        timeouts go on); retrying at once would only spin."""
+        log.warning("cannot accept connections for now (%s); %d open", exc.strerror,
+                    len(self._conns))
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._sock.fileno())
+        self._accept_paused = True
+
+        def resume() -> None:
+            self._accept_paused = False
+            if not self._stopping:
+                loop.add_reader(self._sock.fileno(), self._accept)
+
+        loop.call_later(_ACCEPT_RETRY_DELAY, resume)
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Check the peer of a socket just accepted; hand it a session or close it."""
+        try:
+            creds = peer_credentials(sock)
+        except OSError:  # no peer left to ask: it hung up already
+            log.warning("connection refused: peer credentials unavailable")
+            sock.close()
+            return
+        uid = creds.uid
+        admin = uid in (self._uid, 0)
+        if not admin:
+            if not self._may_connect(creds):
+                log.warning("connection refused: uid %d (pid %s) is not allowed", uid,
+                            creds.pid)
+                sock.close()
+                return
+            admitted = self._admitted.get(uid, 0)
+            if admitted >= _ADMISSIONS_PER_UID:
+                self._refuse(sock)
+                return
+            self._admitted[uid] = admitted + 1
         if not self._make_room(uid):
-            self._refuse(session)
-            return False
-        session.uid = uid
-        peer = self._check_peer(session, creds)
-        if peer is None:
-            transport.close()
-            return False
-        session.peer = peer
+            self._refuse(sock)
+            return
+        session = _Session(self, Peer(credentials=creds, admin=admin,
+                                      process=ProcessPin(sock, creds)), self._turn)
         self._conns.add(session)
         self._counters.connections = len(self._conns)
-        return True
+        assert self._tasks is not None
+        self._tasks.start_soon(session.attach, sock)
+
+    def _may_connect(self, creds: PeerCredentials) -> bool:
+        """Whether a uid other than ours and root's is in the runner group (the group
+        database read at most once a ``_MEMBERSHIP_TTL`` per uid: a flood of one uid's
+        connections must not read /etc/group each time)."""
+        if self._group_gid is None:
+            return False
+        if creds.gid == self._group_gid:
+            return True
+        key, now = (creds.uid, creds.gid), time.monotonic()
+        known = self._members.get(key)
+        if known is None or now - known[0] > _MEMBERSHIP_TTL:
+            if len(self._members) > 4096:  # uids come and go; never an unbounded map
+                self._members.clear()
+            known = self._members[key] = (now, _in_group(creds, self._group_gid))
+        return known[1]
+
+    # ------------------------------------------------------------ the sessions' calls
 
     def spawn(self, session: _Session, request: Request) -> None:
         """Answer ``request`` in a task (it must wait for the store or the keychain)."""
@@ -206,12 +316,13 @@ class Server:
         return True
 
     def _evict(self, candidates: Iterable[_Session]) -> bool:
-        idle = [c for c in candidates if not c.busy]
+        # not one accepted in this turn: it has had no chance to speak yet
+        idle = [c for c in candidates if not c.busy and c.turn != self._turn]
         if not idle:
             return False
         victim = min(idle, key=_Session.eviction_order)
         victim.evicted = True
-        victim.transport.abort()
+        victim.abort()
         self._conns.discard(victim)  # its room is free now
         now = time.monotonic()
         self._evicted += 1
@@ -221,17 +332,17 @@ class Server:
             self._eviction_logged, self._evicted = now, 0
         return True
 
-    def _refuse(self, session: _Session) -> None:
+    def _refuse(self, sock: socket.socket) -> None:
         now = time.monotonic()
         self._refused += 1
         if now - self._refusal_logged >= 1.0:  # a flood gets a line a second, not a line each
-            log.warning("refused %d connection(s): %d open (the limit)", self._refused,
-                        len(self._conns))
+            log.warning("refused %d connection(s): the limit of all connections or of "
+                        "one uid's was reached, and none could be evicted (%d open)",
+                        self._refused, len(self._conns))
             self._refusal_logged, self._refused = now, 0
-        reply = Connection(Role.SERVER).send(error_reply(0, ResourceExhausted(
-            f"the broker has {self._limits.max_connections} connections open; retry later")))
-        session.transport.write(reply)  # a few bytes: the socket's buffer takes them
-        session.transport.close()
+        with contextlib.suppress(OSError):  # a few bytes: the socket's buffer takes them
+            sock.send(_refusal_frame(self._limits), socket.MSG_DONTWAIT)
+        sock.close()
 
     async def _watchdog(self) -> None:
         """Abort every connection whose current wait is past its deadline."""
@@ -243,31 +354,23 @@ class Server:
             for session in list(self._conns):
                 if session.deadline < now and not session.timed_out:
                     session.timed_out = True
-                    session.transport.abort()
-
-    def _check_peer(self, session: _Session, creds: PeerCredentials | None) -> Peer | None:
-        if creds is None:
-            log.warning("connection refused: peer credentials unavailable")
-            return None
-        sock = session.transport.get_extra_info("socket")
-        if creds.uid in (self._uid, 0):
-            return Peer(credentials=creds, admin=True, process=ProcessPin(sock, creds))
-        if self._group_gid is not None and _in_group(creds, self._group_gid):
-            return Peer(credentials=creds, admin=False, process=ProcessPin(sock, creds))
-        log.warning("connection refused: uid %d (pid %s) is not allowed", creds.uid, creds.pid)
-        return None
+                    session.abort()
 
 
 class _Session(asyncio.Protocol):
-    """One connection: its protocol state, its peer, its deadline."""
+    """One connection: its protocol state, its peer, its deadline.
 
-    def __init__(self, server: Server) -> None:
+    It exists from the accept on (it counts against the limits from then); its
+    transport comes a moment later, in :meth:`attach`."""
+
+    def __init__(self, server: Server, peer: Peer, turn: int) -> None:
         self._server = server
         limits = server.limits
         self._proto = Connection(Role.SERVER, max_frame_size=limits.max_frame_size)
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
-        self.peer: Peer | None = None
-        self.uid = -1
+        self.transport: asyncio.Transport | None = None
+        self.peer = peer
+        self.uid = peer.uid
+        self.turn = turn  # the accepting turn it came in
         self.since = time.monotonic()  # of the accept, then of the last request answered
         self._handshake_deadline = self.since + limits.handshake_timeout
         self._frame_deadline = math.inf
@@ -281,25 +384,46 @@ class _Session(asyncio.Protocol):
         self.evicted = False
         self._done = False  # closed or closing: nothing more is read or answered
 
+    @property
+    def _live(self) -> asyncio.Transport:
+        """The transport, in the calls that come only once it is made."""
+        assert self.transport is not None
+        return self.transport
+
     def eviction_order(self) -> tuple[bool, float]:
         """Sorts first the connection to evict first: not greeted, then the oldest/idlest."""
         return self.greeted, self.since
 
     # ----------------------------------------------------------- asyncio's calls
 
+    async def attach(self, sock: socket.socket) -> None:
+        """Give the accepted socket its transport (this session its protocol)."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: self, sock)
+        except OSError:
+            pass  # the peer hung up already: nothing to serve
+        finally:
+            if self.transport is None:  # never made: that, or the server is stopping
+                sock.close()
+                self.connection_lost(None)
+
+    def abort(self) -> None:
+        """Drop the connection now (evicted, overdue, or the server is going)."""
+        self._done = True
+        if self.transport is not None:
+            self.transport.abort()  # else connection_made aborts it
+
+    def close(self) -> None:
+        """Close an idle connection (the server is stopping)."""
+        if self.transport is not None:
+            self.transport.close()
+        else:
+            self.abort()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        try:  # read once: the limits and the peer check
-            creds: PeerCredentials | None = peer_credentials(transport.get_extra_info("socket"))
-        except (OSError, AttributeError):  # no socket left to ask: the peer is gone
-            creds = None  # counts as uid -1 for the limits; the peer check refuses it
-        try:
-            admitted = self._server.admit(self, creds)
-        except Exception:
-            self._crashed()
-            return
-        if not admitted:
-            self._done = True
+        if self._done:  # aborted while it waited for its transport
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._done:
@@ -331,10 +455,9 @@ class _Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._done = True
-        if self.peer is not None:
-            assert isinstance(self.peer.process, ProcessPin)
-            self.peer.process.close()
-            self._server.lost(self)
+        assert isinstance(self.peer.process, ProcessPin)
+        self.peer.process.close()
+        self._server.lost(self)
 
     # -------------------------------------------------------------------- the work
 
@@ -349,11 +472,10 @@ class _Session(asyncio.Protocol):
         """A bug of ours met by one connection: it costs that connection, not the daemon."""
         log.exception("connection handler failed")
         self._done = True
-        self.transport.abort()
+        self._live.abort()
 
     def _answer_buffered(self) -> None:
         proto, peer, server = self._proto, self.peer, self._server
-        assert peer is not None
         while not self._done and not self.busy and not self._write_paused:
             try:
                 event = proto.next_event()
@@ -382,7 +504,6 @@ class _Session(asyncio.Protocol):
             self._reply(event, reply)
 
     async def answer_later(self, request: Request) -> None:
-        assert self.peer is not None
         try:
             reply = await self._server.answer(request, self.peer)
         finally:
@@ -435,28 +556,27 @@ class _Session(asyncio.Protocol):
         self.deadline = deadline
         if not self._reading:
             self._reading = True
-            self.transport.resume_reading()
+            self._live.resume_reading()
 
     def _pause_reading(self) -> None:
         if self._reading and not self._done:
             self._reading = False
-            self.transport.pause_reading()
+            self._live.pause_reading()
 
     def _fail(self, exc: ProtocolError) -> None:
-        assert self.peer is not None
         log.info("protocol error from pid %s: %s", self.peer.pid, exc.message)
         self._write(self._proto.send(error_reply(exc.request_id, exc)))
         self._close()
 
     def _write(self, data: bytes) -> None:
-        if not self.transport.is_closing():
-            self.transport.write(data)
+        if not self._live.is_closing():
+            self._live.write(data)
 
     def _close(self) -> None:
         """Close once what was written is out (the watchdog bounds how long that takes)."""
         self._done = True
         self.deadline = time.monotonic() + self._server.limits.frame_timeout
-        self.transport.close()
+        self._live.close()
 
 
 def _refusal(request: Request, exc: Exception) -> Response:
@@ -466,6 +586,16 @@ def _refusal(request: Request, exc: Exception) -> Response:
         return error_reply(request.id, exc)
     log.error("request %s failed", type(request).__name__, exc_info=exc)
     return error_reply(request.id, RuntimeError())
+
+
+@functools.cache
+def _refusal_frame(limits: Limits) -> bytes:
+    """The Error frame a connection turned away for want of room gets, before its close."""
+    return Connection(Role.SERVER).send(error_reply(0, ResourceExhausted(
+        f"the broker has no room for this connection now (at most "
+        f"{limits.max_connections} in all, {limits.max_connections_per_uid} for a runner "
+        f"uid, at most {_ADMISSIONS_PER_UID} new ones of a runner uid at once); retry "
+        "later")))
 
 
 def _in_group(creds: PeerCredentials, gid: int) -> bool:

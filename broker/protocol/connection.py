@@ -187,17 +187,20 @@ class Connection:
         try:
             message: Request | Response = self._decoder.decode(body)
         except msgspec.ValidationError as exc:
-            if self.role is not Role.SERVER or "`$.op`" in str(exc):  # not a request we know
-                raise self._fail(ProtocolError(f"malformed message: {exc}",
+            # msgspec quotes the peer's own field names and tag values, control
+            # characters and all: escaped, so that what is told stays on one line
+            error = one_line(str(exc))
+            if self.role is not Role.SERVER or "`$.op`" in error:  # not a request we know
+                raise self._fail(ProtocolError(f"malformed message: {error}",
                                                request_id=_request_id(body))) from None
             # A well-formed request with a field out of bounds: the peer's mistake, told
             # in its own field names; the connection stays usable.
-            invalid = InvalidArgument(explain_invalid(str(exc)))
+            invalid = InvalidArgument(explain_invalid(error))
             invalid.request_id = _request_id(body)
             raise invalid from None
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             # every way bytes can fail to be a message is one answer: an Error frame
-            reason = (str(exc) if isinstance(exc, msgspec.DecodeError)
+            reason = (one_line(str(exc)) if isinstance(exc, msgspec.DecodeError)
                       else "a string is not valid UTF-8" if isinstance(exc, UnicodeDecodeError)
                       else "it is nested too deeply")
             raise self._fail(ProtocolError(f"malformed message: {reason}",
@@ -301,12 +304,26 @@ def _request_id(body: bytes) -> int:
     return request_id if 0 <= request_id < 2**63 else 0
 
 
+# C0 and C1 controls, DEL and the Unicode line and paragraph separators, but not the
+# space: each becomes a visible escape
+_ESCAPES: Final = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
+                 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character escaped (``\\n``, ``\\x1b``): what a peer or
+    a file named can neither break a message into lines nor drive a terminal."""
+    return text.translate(_ESCAPES)
+
+
 @functools.cache
 def _patterns() -> tuple[re.Pattern[str], tuple[tuple[re.Pattern[str], str], ...]]:
     """The patterns that read msgspec's validation errors, compiled on first use (an
     error path: a client that never sends a bad field never pays for them)."""
-    validation = re.compile(
-        r"(?P<what>.*?)(?: - at `\$\.?(?P<at>[^`]*)`)?(?: in `\$\.?(?P<in>[^`]*)`)?")
+    validation = re.compile(  # DOTALL: a field name quoted in the error may hold a newline
+        r"(?P<what>.*?)(?: - at `(?:\$\.?)?(?P<at>[^`]*)`)?(?: in `\$\.?(?P<in>[^`]*)`)?",
+        re.DOTALL)
     rules = ((re.compile(r"of length >= 1"), "must not be empty"),
              (re.compile(r"of length <= (\d+)"), "must be at most {0} long"),
              (re.compile(r"of length >= (\d+)"), "must be at least {0} long"),
@@ -337,8 +354,8 @@ def explain_invalid(error: str) -> str:
     A dict key's place is spelled ``*`` (``data.*.value``): msgspec does not say which."""
     what, at, inside = split_validation(error)
     field = (at or "").replace("[...]", ".*") or "the request"
-    if at == "key" and inside:
-        return f"the keys of {inside} must be text"
+    if at == "key" and inside:  # msgspec's place for a dict key: `key` in `$.data`
+        field = f"a key of {inside.replace('[...]', '.*')}"
     if found := re.fullmatch(r"Object missing required field `(.*)`", what):
         return f"{found[1]} is required" + (f" in {field}" if at else "")
     if found := re.fullmatch(r"Object contains unknown field `(.*)`", what):

@@ -59,10 +59,11 @@ from stigmer.broker.protocol import (
     VerifyAudit,
     Welcome,
 )
-from stigmer.broker.protocol.errors import BrokerUnavailable, ProtocolError
+from stigmer.broker.protocol.errors import BrokerUnavailable, ProtocolError, ResourceExhausted
 
 from .._common import (
     RETRY_SAFE,
+    Backoff,
     ClosedBeforeReply,
     RequestIds,
     check_peer,
@@ -136,30 +137,39 @@ class AsyncClient:
             await self.aclose()  # closed while idle: start afresh before sending anything
         path = self.socket_path
         dir_owner = check_socket_dir(path)
-        try:
-            sock = await AsyncSocket.connect(path, self.timeout)
-        except FileNotFoundError:
-            raise unavailable(path, "no socket there") from None
-        except ConnectionRefusedError:
-            raise unavailable(path, "connection refused") from None
-        except TimeoutError:
-            raise unavailable(path, "connect timed out") from None
-        except OSError as exc:
-            raise unavailable(path, exc.strerror or type(exc).__name__) from None
-        try:
-            check_peer(sock.raw, path, dir_owner)
-        except BaseException:
-            await sock.aclose()
-            raise
-        self._sock = sock
-        self._conn = Connection(Role.CLIENT)  # a new socket always starts a new protocol state
-        try:
-            welcome = expect(await self._roundtrip(
-                Hello(id=self._ids(), version=PROTOCOL_VERSION, client="stigmer.client")),
-                Welcome)
-        except BaseException:
-            await self.aclose()
-            raise
+        backoff = Backoff(self.timeout)  # one connect timeout, however many attempts
+        while True:
+            try:
+                sock = await AsyncSocket.connect(path, backoff)
+            except FileNotFoundError:
+                raise unavailable(path, "no socket there") from None
+            except ConnectionRefusedError:
+                raise unavailable(path, "connection refused") from None
+            except TimeoutError:
+                raise unavailable(path, "connect timed out") from None
+            except OSError as exc:
+                raise unavailable(path, exc.strerror or type(exc).__name__) from None
+            try:
+                check_peer(sock.raw, path, dir_owner)
+            except BaseException:
+                await sock.aclose()
+                raise
+            self._sock = sock
+            self._conn = Connection(Role.CLIENT)  # a new socket: a new protocol state
+            try:
+                welcome = expect(await self._roundtrip(
+                    Hello(id=self._ids(), version=PROTOCOL_VERSION, client="stigmer.client")),
+                    Welcome)
+                break
+            except ResourceExhausted as exc:  # turned away for want of room: come back
+                await self.aclose()
+                try:
+                    await AsyncSocket.pause(backoff)
+                except TimeoutError:
+                    raise unavailable(path, exc.message) from None
+            except BaseException:
+                await self.aclose()
+                raise
         self.server_version = welcome.server_version
 
     # ------------------------------------------------------------------- requests
@@ -191,7 +201,10 @@ class AsyncClient:
             raise BrokerUnavailable(f"not connected to the broker on {self.socket_path}")
         replied = False
         try:
-            await sock.send_all(self._conn.send(request), self.timeout)
+            try:
+                await sock.send_all(self._conn.send(request), self.timeout)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # closed by the broker: what it said first (a refusal) is still to read
             while True:
                 event = self._conn.next_event()
                 if event is NEED_DATA:

@@ -60,10 +60,11 @@ from stigmer.broker.protocol import (
     VerifyAudit,
     Welcome,
 )
-from stigmer.broker.protocol.errors import BrokerUnavailable, ProtocolError
+from stigmer.broker.protocol.errors import BrokerUnavailable, ProtocolError, ResourceExhausted
 
 from .._common import (
     RETRY_SAFE,
+    Backoff,
     ClosedBeforeReply,
     RequestIds,
     check_peer,
@@ -137,30 +138,39 @@ class Client:
             self.close()  # closed while idle: start afresh before sending anything
         path = self.socket_path
         dir_owner = check_socket_dir(path)
-        try:
-            sock = SyncSocket.connect(path, self.timeout)
-        except FileNotFoundError:
-            raise unavailable(path, "no socket there") from None
-        except ConnectionRefusedError:
-            raise unavailable(path, "connection refused") from None
-        except TimeoutError:
-            raise unavailable(path, "connect timed out") from None
-        except OSError as exc:
-            raise unavailable(path, exc.strerror or type(exc).__name__) from None
-        try:
-            check_peer(sock.raw, path, dir_owner)
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
-        self._conn = Connection(Role.CLIENT)  # a new socket always starts a new protocol state
-        try:
-            welcome = expect(self._roundtrip(
-                Hello(id=self._ids(), version=PROTOCOL_VERSION, client="stigmer.client")),
-                Welcome)
-        except BaseException:
-            self.close()
-            raise
+        backoff = Backoff(self.timeout)  # one connect timeout, however many attempts
+        while True:
+            try:
+                sock = SyncSocket.connect(path, backoff)
+            except FileNotFoundError:
+                raise unavailable(path, "no socket there") from None
+            except ConnectionRefusedError:
+                raise unavailable(path, "connection refused") from None
+            except TimeoutError:
+                raise unavailable(path, "connect timed out") from None
+            except OSError as exc:
+                raise unavailable(path, exc.strerror or type(exc).__name__) from None
+            try:
+                check_peer(sock.raw, path, dir_owner)
+            except BaseException:
+                sock.close()
+                raise
+            self._sock = sock
+            self._conn = Connection(Role.CLIENT)  # a new socket: a new protocol state
+            try:
+                welcome = expect(self._roundtrip(
+                    Hello(id=self._ids(), version=PROTOCOL_VERSION, client="stigmer.client")),
+                    Welcome)
+                break
+            except ResourceExhausted as exc:  # turned away for want of room: come back
+                self.close()
+                try:
+                    SyncSocket.pause(backoff)
+                except TimeoutError:
+                    raise unavailable(path, exc.message) from None
+            except BaseException:
+                self.close()
+                raise
         self.server_version = welcome.server_version
 
     # ------------------------------------------------------------------- requests
@@ -192,7 +202,10 @@ class Client:
             raise BrokerUnavailable(f"not connected to the broker on {self.socket_path}")
         replied = False
         try:
-            sock.send_all(self._conn.send(request), self.timeout)
+            try:
+                sock.send_all(self._conn.send(request), self.timeout)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # closed by the broker: what it said first (a refusal) is still to read
             while True:
                 event = self._conn.next_event()
                 if event is NEED_DATA:

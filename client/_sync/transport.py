@@ -9,6 +9,8 @@ import socket
 import threading
 import time
 
+from .._common import Backoff, connect_in_turn
+
 __all__ = ["SyncLock", "SyncSocket"]
 
 #: serialises the requests of one client (one request in flight per connection)
@@ -23,25 +25,28 @@ class SyncSocket:
         self._timeout = timeout
 
     @classmethod
-    def connect(cls, path: str, timeout: float) -> SyncSocket:
+    def connect(cls, path: str, backoff: Backoff) -> SyncSocket:
+        """Connect within the backoff's timeout (raise TimeoutError past it); a full
+        listen backlog is waited out in the kernel, in turn (``connect_in_turn``)."""
+        timeout = backoff.left()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        deadline = time.monotonic() + timeout
         try:
-            while True:
-                try:
-                    sock.connect(path)
-                    break
-                except BlockingIOError:
-                    # A full listen backlog (a burst of connections): a Unix socket with
-                    # a timeout says EAGAIN at once instead of waiting. Wait, briefly.
-                    if time.monotonic() >= deadline:
-                        raise TimeoutError("connect timed out") from None
-                    time.sleep(0.005)
+            while not connect_in_turn(sock, path, backoff.left()):
+                if backoff.spent():
+                    raise TimeoutError("connect timed out")
+            sock.settimeout(timeout)
         except BaseException:
             sock.close()
             raise
         return cls(sock, timeout)
+
+    @staticmethod
+    def pause(backoff: Backoff) -> None:
+        """Wait the backoff's next pause; raise TimeoutError when its time is up."""
+        pause = backoff.pause()
+        if pause is None:
+            raise TimeoutError("connect timed out")
+        time.sleep(pause)
 
     def send_all(self, data: bytes, timeout: float) -> None:
         self._set_timeout(timeout)
@@ -59,3 +64,4 @@ class SyncSocket:
 
     def close(self) -> None:
         self.raw.close()
+
