@@ -35,7 +35,7 @@ from stigmer.broker.protocol.errors import (
     error_from_code,
 )
 from stigmer.broker.protocol.paths import resolve_home, resolve_socket
-from stigmer.broker.protocol.peer import peer_credentials
+from stigmer.broker.protocol.peer import peer_credentials, refused_socket
 
 __all__ = [
     "RETRY_SAFE", "TOKEN_VARIABLE", "Backoff", "ClosedBeforeReply", "RequestIds", "check_peer",
@@ -130,6 +130,9 @@ class ClosedBeforeReply(BrokerUnavailable):
 
 
 def unavailable(path: str, reason: str) -> BrokerUnavailable:
+    refused = refused_socket(path)
+    if refused:
+        return BrokerUnavailable(f"no broker is answering on {path}: {refused}")
     return BrokerUnavailable(
         f"no broker is answering on {path} ({reason}); start it with `stigmer-broker start`")
 

@@ -217,3 +217,26 @@ def test_keys_typed_before_the_command_starts_reach_it(cli_broker: Paths) -> Non
     term.write("typed-ahead\r")  # at once: before run has even fetched the context
     status, shown = term.wait()
     assert status == 0 and "got typed-ahead" in shown, shown
+
+
+def test_a_socket_the_broker_refuses_is_named_not_called_not_running(paths: Paths) -> None:
+    """A socket unit with SocketMode=0644 makes the broker refuse the socket it is handed:
+    nothing answers there, and status and the client say why instead of "not running"."""
+    import socket as socket_
+
+    paths.socket.parent.mkdir(mode=0o700)
+    listener = socket_.socket(socket_.AF_UNIX)
+    listener.bind(str(paths.socket))  # bound, not listening: refused, as after the refusal
+    try:
+        os.chmod(paths.socket, 0o644)
+        status = run_cli(paths, "status")
+        assert status.returncode == 3
+        assert status.stdout.startswith(f"not running (socket {paths.socket}): the broker "
+                                        "refuses its socket, whose mode 0644 lets any user")
+        assert "journalctl --user -u stigmer-broker" in status.stdout
+        env_list = run_cli(paths, "env", "list")
+        assert env_list.returncode == 3 and "mode 0644" in env_list.stderr
+        os.chmod(paths.socket, 0o600)
+        assert run_cli(paths, "status").stdout == f"not running (socket {paths.socket})\n"
+    finally:
+        listener.close()

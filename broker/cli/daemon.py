@@ -315,10 +315,14 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
                     f"not on {paths.socket}; set STIGMER_BROKER_SOCKET={elsewhere.socket}")
             print(note, file=sys.stderr)
             return cmd_status(args, paths._replace(socket=Path(elsewhere.socket)))
+        from ..protocol.peer import refused_socket
+
+        refused = refused_socket(str(paths.socket))
         if args.json:
-            print_json({"running": False, "socket": str(paths.socket)})
+            print_json({"running": False, "socket": str(paths.socket),
+                        **({"problem": refused} if refused else {})})
         else:
-            print(f"not running (socket {paths.socket})")
+            print(f"not running (socket {paths.socket})" + (f": {refused}" if refused else ""))
         return EXIT_NOT_RUNNING
     import msgspec
 

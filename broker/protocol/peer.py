@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = ["Attestation", "Attestor", "Binary", "Peer", "PeerCredentials",
-           "check_private_dir", "describe_mode", "peer_credentials"]
+           "check_private_dir", "describe_mode", "peer_credentials", "refused_socket"]
 
 
 class PeerCredentials(NamedTuple):
@@ -128,3 +128,19 @@ def check_private_dir(path: Path | str, *, allowed_group_bits: int = 0,
         return (f"has mode {describe_mode(st.st_mode)}: group/other permissions "
                 f"{loose:04o} must be removed (chmod 700)")
     return None
+
+
+def refused_socket(path: str) -> str:
+    """Why a broker would refuse the socket at ``path`` ("" when it would not): one that
+    others may connect to is refused when it is handed over (a systemd socket unit with
+    SocketMode=0644, say), so nothing answers, and "not running" would mislead."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return ""
+    if not stat.S_ISSOCK(st.st_mode) or not stat.S_IMODE(st.st_mode) & 0o007:
+        return ""
+    return (f"the broker refuses its socket, whose mode {stat.S_IMODE(st.st_mode):04o} lets "
+            "any user connect; make it 0600 (SocketMode= in the socket unit, 0660 with "
+            "--allow-group) and see the broker's log for the refusal (journalctl --user -u "
+            "stigmer-broker, or HOME/broker.log)")
