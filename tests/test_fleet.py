@@ -28,6 +28,7 @@ from stigmer.broker.protocol.paths import redact_url
 from stigmer.broker.store.postgres import MIGRATIONS
 from stigmer.client import (
     AsyncClient,
+    BrokerError,
     Client,
     NotFound,
     PermissionDenied,
@@ -335,6 +336,192 @@ async def test_the_printed_sql_makes_a_store_brokers_open(
         await fleet.add("control", _as(postgres, control))
         async with fleet.client("control") as a:
             await seed(a)
+        fleet.stop()
+
+
+async def _init_roles(short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
+    schema, control, runner = roles
+    init = run_cli(host(short_dir, "admin"), "fleet", "init", "--store", postgres.url(),
+                   "--schema", schema, "--control-role", control, "--runner-role", runner)
+    assert init.returncode == 0, init.stderr
+
+
+def _refused(url: str, sql: str) -> str:
+    """Run ``sql``, which the database must refuse; return what it said."""
+    proc = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-d", url,
+                           "-c", sql], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0, f"the database accepted {sql!r}"
+    return proc.stderr
+
+
+_GARBAGE = ("INSERT INTO audit VALUES (9223372036854775807, 0, 'fetch', 'granted', '', '', "
+            "NULL, NULL, '', 'garbage')")
+
+
+async def test_the_runner_role_cannot_stop_or_break_the_audit(
+        short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
+    """A runner-role login inserting a record numbered 2**63 - 1 stopped every flush of the
+    fleet for good, and no role could remove it; a garbage record made verify (so also
+    retention) fail for good. Now the store numbers the record, verify names it and the
+    operator quarantines it through the daemon; the chain goes on past it."""
+    _schema, control, runner = roles
+    await _init_roles(short_dir, postgres, roles)
+    as_runner = _as(postgres, runner)
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, "")
+        await fleet.add("control", _as(postgres, control))
+        await fleet.add("runner", as_runner)
+        async with fleet.client("control") as a, fleet.client("runner") as b:
+            token = await seed(a)
+            psql(as_runner, _GARBAGE)
+            bad = int(psql(as_runner, "SELECT seq FROM audit WHERE hash = 'garbage'"))
+            assert bad < 1000  # the store's number, not the inserter's
+            assert "permission denied" in _refused(as_runner, "DELETE FROM audit")
+            await b.fetch_context(token)  # audited on B, after the bad record
+            await a.put_environment("x", {"V": Variable(value="1")})
+            verified = await a.verify_audit()
+            assert (verified.ok, verified.first_broken) == (False, bad), verified
+            assert f"record {bad} does not match its link" in verified.reason
+            with pytest.raises(BrokerError, match="only the record it names"):
+                await a.quarantine_audit(bad + 1)
+            with pytest.raises(PermissionDenied):
+                await b.quarantine_audit(bad)
+            paths = fleet.brokers["control"].config.paths
+            quarantine = await anyio.to_thread.run_sync(  # the broker answers in this loop
+                lambda: run_cli(paths, "audit", "quarantine", str(bad), env=cli_env(paths)))
+            assert quarantine.returncode == 0, quarantine.stderr
+            for client in (a, b):
+                verified = await client.verify_audit()
+                assert verified.ok, verified.reason
+            assert psql(as_runner, "SELECT hash FROM audit_quarantine") == "garbage"
+            await b.fetch_context(token)
+            assert (await b.verify_audit()).ok
+            records = await a.audit(None, 1000)
+            assert max(r.seq for r in records) < 1000
+        fleet.stop()
+
+
+async def test_a_saved_use_count_written_back_by_the_runner_role_is_refused(
+        short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
+    """Writing back a saved (uses, mac) pair reset a bound: a max-uses-2 token was served
+    4 times."""
+    _schema, control, runner = roles
+    await _init_roles(short_dir, postgres, roles)
+    as_runner = _as(postgres, runner)
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, "")
+        await fleet.add("control", _as(postgres, control))
+        await fleet.add("runner", as_runner)
+        async with fleet.client("control") as a, fleet.client("runner") as b:
+            token = await seed(a, max_uses=2)
+            saved = psql(as_runner, "SELECT uses || ',' || encode(mac, 'hex') FROM tokens")
+            uses, mac = saved.split(",")
+            served = 0
+            for _ in range(2):
+                await b.fetch_context(token)
+                served += 1
+            assert "never goes down" in _refused(
+                as_runner, f"UPDATE tokens SET uses = {uses}, mac = '\\x{mac}'")
+            for client in (a, b):
+                with pytest.raises(Unauthenticated):
+                    await client.fetch_context(token)
+            assert served == 2
+        fleet.stop()
+
+
+def _rows(url: str, table: str) -> str:
+    return psql(url, f"SELECT coalesce(json_agg(t), '[]') FROM {table} t")
+
+
+def _write_back(url: str, table: str, rows: str) -> None:
+    psql(url, f"INSERT INTO {table} SELECT * FROM json_populate_recordset(NULL::{table}, "
+              f"$rows${rows}$rows$)")
+
+
+async def test_a_completed_context_written_back_by_the_control_login_is_not_served(
+        short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
+    """Anyone with the control role's login (no key needed) re-inserting a completed
+    context's saved rows made every broker serve the revoked context again."""
+    _schema, control, runner = roles
+    await _init_roles(short_dir, postgres, roles)
+    as_control, as_runner = _as(postgres, control), _as(postgres, runner)
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, "")
+        await fleet.add("control", as_control)
+        await fleet.add("runner", as_runner)
+        async with fleet.client("control") as a, fleet.client("runner") as b:
+            token = await seed(a)
+            await b.fetch_context(token)
+            contexts, tokens = _rows(as_control, "contexts"), _rows(as_control, "tokens")
+            await a.complete_context("exec-1")
+            await refused_within(b, token, 2.0)
+            _write_back(as_control, "contexts", contexts)
+            _write_back(as_control, "tokens", tokens)
+            await fleet.add("fresh", as_runner)  # nothing cached: the store is asked
+            async with fleet.client("fresh") as c:
+                for client in (a, b, c):
+                    with pytest.raises(Unauthenticated):
+                        await client.fetch_context(token)
+                    with pytest.raises(NotFound):
+                        await client.get_context("exec-1")
+            assert psql(as_control, "WITH d AS (DELETE FROM tombstones RETURNING 1) "
+                                    "SELECT count(*) FROM d") == "0"  # kept while it matters
+            assert "permission denied" in _refused(as_control, "UPDATE tombstones SET "
+                                                               "expires_at = 0")
+            assert "permission denied" in _refused(as_runner, "DELETE FROM tombstones")
+        fleet.stop()
+
+
+_SCHEMA_1_AUDIT_GUARD = """
+CREATE OR REPLACE FUNCTION stigmer_audit_guard() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        RAISE EXCEPTION 'the audit log is append-only';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM audit WHERE event = 'audit.checkpoint'
+                   AND seq > OLD.seq) THEN
+        RAISE EXCEPTION 'audit records are removed only behind a checkpoint';
+    END IF;
+    RETURN OLD;
+END $$;
+"""
+
+
+def _as_schema_1(url: str) -> None:
+    """Take out what migration 2 added: the store is then as version 1 left it."""
+    psql(url, "DROP TRIGGER audit_seq ON audit; DROP FUNCTION stigmer_audit_seq(); "
+              "DROP TRIGGER tokens_uses_guard ON tokens; DROP FUNCTION stigmer_uses_guard(); "
+              "DROP TABLE tombstones; DROP FUNCTION stigmer_tombstone_guard(); "
+              f"{_SCHEMA_1_AUDIT_GUARD}; DROP TABLE audit_quarantine; "
+              "DELETE FROM stigmer_schema WHERE version = 2")
+    assert len(MIGRATIONS) == 2  # a new migration must be undone here too
+
+
+async def test_a_schema_1_fleet_migrates_to_2_and_its_roles_keep_working(
+        short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
+    schema, control, runner = roles
+    await _init_roles(short_dir, postgres, roles)
+    as_control, as_runner = _as(postgres, control), _as(postgres, runner)
+    owner = postgres.url(search_path=schema)
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, "")
+        await fleet.add("control", as_control)
+        async with fleet.client("control") as a:
+            token = await seed(a, max_uses=3)
+        fleet.stop()
+    _as_schema_1(owner)
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, "")
+        await fleet.add("owner", owner)  # the schema's owner migrates it
+        assert psql(owner, "SELECT max(version) FROM stigmer_schema") == "2"
+        await fleet.add("control", as_control)
+        await fleet.add("runner", as_runner)  # granted on the new tables as on contexts
+        async with fleet.client("control") as a, fleet.client("runner") as b:
+            assert (await b.fetch_context(token))["API_KEY"] == "s3cret"
+            await a.complete_context("exec-1")
+            assert psql(as_runner, "SELECT count(*) FROM tombstones") == "1"
+            assert (await b.verify_audit()).ok
         fleet.stop()
 
 

@@ -140,6 +140,98 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER audit_guard BEFORE UPDATE OR DELETE ON audit
         FOR EACH ROW EXECUTE FUNCTION stigmer_audit_guard();
     """,
+    # 2: what the broker assumes, enforced against a role that may write a row (the
+    # SQLite store's version 5 says the same). An audit record's number is the database's
+    # (the last one + 1, under the store-wide "audit" lock every broker's append holds,
+    # so a broker's own numbering agrees and another inserter waits its turn). A use count
+    # never goes down. A completed context leaves a tombstone, kept until the context would
+    # have expired, and never changed. A bad audit record is moved aside (quarantined)
+    # only with a copy kept. Roles granted on contexts get the same on the new tables.
+    """
+    CREATE FUNCTION stigmer_audit_seq() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock(('x' || left(encode(sha256(convert_to(
+            'stigmer:' || TG_TABLE_SCHEMA || ':audit', 'UTF8')), 'hex'), 16))::bit(64)::bigint);
+        NEW.seq := (SELECT coalesce(max(seq), 0) + 1 FROM audit);
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER audit_seq BEFORE INSERT ON audit
+        FOR EACH ROW EXECUTE FUNCTION stigmer_audit_seq();
+    CREATE TABLE audit_quarantine (
+        seq BIGINT PRIMARY KEY,
+        at DOUBLE PRECISION,
+        event TEXT,
+        outcome TEXT,
+        execution_id TEXT COLLATE "C",
+        token_id TEXT,
+        peer_uid BIGINT,
+        peer_pid BIGINT,
+        detail TEXT,
+        hash TEXT NOT NULL
+    );
+    CREATE OR REPLACE FUNCTION stigmer_audit_guard() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+    BEGIN
+        IF TG_OP = 'UPDATE' THEN
+            RAISE EXCEPTION 'the audit log is append-only';
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM audit WHERE event = 'audit.checkpoint'
+                       AND seq > OLD.seq)
+           AND NOT EXISTS (SELECT 1 FROM audit_quarantine q
+                           WHERE q.seq = OLD.seq AND q.hash = OLD.hash) THEN
+            RAISE EXCEPTION 'audit records are removed only behind a checkpoint';
+        END IF;
+        RETURN OLD;
+    END $$;
+    CREATE FUNCTION stigmer_uses_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.uses < OLD.uses THEN
+            RAISE EXCEPTION 'a token''s use count never goes down';
+        END IF;
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER tokens_uses_guard BEFORE UPDATE OF uses ON tokens
+        FOR EACH ROW EXECUTE FUNCTION stigmer_uses_guard();
+    CREATE TABLE tombstones (
+        context_id BIGINT NOT NULL,
+        execution_id TEXT COLLATE "C" NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        mac BYTEA NOT NULL
+    );
+    CREATE INDEX tombstones_by_context ON tombstones(context_id);
+    CREATE INDEX tombstones_by_expiry ON tombstones(expires_at);
+    CREATE FUNCTION stigmer_tombstone_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'UPDATE' THEN
+            RAISE EXCEPTION 'tombstones are never changed';
+        END IF;
+        IF OLD.expires_at > extract(epoch FROM clock_timestamp()) THEN
+            RETURN NULL;  -- kept (silently: a sweep goes on) until its context would expire
+        END IF;
+        RETURN OLD;
+    END $$;
+    CREATE TRIGGER tombstone_guard BEFORE UPDATE OR DELETE ON tombstones
+        FOR EACH ROW EXECUTE FUNCTION stigmer_tombstone_guard();
+    DO $$
+    DECLARE
+        granted record;
+    BEGIN
+        FOR granted IN SELECT DISTINCT a.grantee::regrole::text AS role, a.privilege_type
+                FROM pg_class c, aclexplode(c.relacl) a
+                WHERE c.oid = 'contexts'::regclass AND a.grantee <> 0
+                AND a.grantee <> c.relowner LOOP
+            IF granted.privilege_type = 'SELECT' THEN
+                EXECUTE format('GRANT SELECT ON tombstones, audit_quarantine TO %s',
+                               granted.role);
+            ELSIF granted.privilege_type = 'DELETE' THEN
+                EXECUTE format('GRANT INSERT, DELETE ON tombstones TO %s; '
+                               'GRANT INSERT ON audit_quarantine TO %s',
+                               granted.role, granted.role);
+            END IF;
+        END LOOP;
+    END $$;
+    """,
 )
 
 #: what a failed connection raises, whichever layer notices
@@ -536,6 +628,9 @@ GRANT SELECT ON meta, data_keys, contexts, tokens, audit TO {runner};
 GRANT SELECT (id) ON environments TO {runner};
 GRANT UPDATE (uses, mac) ON tokens TO {runner};
 GRANT INSERT ON audit TO {runner};
+GRANT SELECT, INSERT, DELETE ON tombstones TO {control};
+GRANT SELECT, INSERT ON audit_quarantine TO {control};
+GRANT SELECT ON tombstones, audit_quarantine TO {runner};
 ALTER ROLE {control} SET search_path = {schema};
 ALTER ROLE {runner} SET search_path = {schema};
 """
