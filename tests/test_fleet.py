@@ -8,23 +8,26 @@ work in a fresh schema of the run's database (tests/postgres.py).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
 import subprocess
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 from conftest import Daemon, RunningBroker, cli_env, make_config, run_cli, start_broker
-from postgres import Cluster, Server, psql, with_database
+from postgres import URL_VARIABLE, Cluster, Server, psql, with_database
 
 from stigmer.broker.config import Config, Paths
 from stigmer.broker.daemon.lifecycle import serve
 from stigmer.broker.protocol.errors import StartupError
 from stigmer.broker.protocol.paths import redact_url
+from stigmer.broker.store.backend import STORE_DEADLINE
 from stigmer.broker.store.postgres import MIGRATIONS
 from stigmer.client import (
     AsyncClient,
@@ -526,6 +529,95 @@ async def test_a_schema_1_fleet_migrates_to_2_and_its_roles_keep_working(
 
 
 # ------------------------------------------------------------ database outages
+
+
+class BlackHole:
+    """A TCP proxy in front of the PostgreSQL server that can stop forwarding without
+    closing anything: a database that hangs (black-holed), not one that refuses."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.listening_port = 0
+        self._flowing = anyio.Event()
+        self._flowing.set()
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        self.listening_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with listener:
+            task_status.started()
+            await listener.serve(self._forward)
+
+    def hang(self) -> None:
+        self._flowing = anyio.Event()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    async def _forward(self, client: anyio.abc.SocketStream) -> None:
+        with contextlib.suppress(OSError, anyio.BrokenResourceError,
+                                 anyio.ClosedResourceError):
+            async with client, await anyio.connect_tcp(self.host, self.port) as server, \
+                    anyio.create_task_group() as tg:
+                tg.start_soon(self._pipe, client, server, tg.cancel_scope)
+                tg.start_soon(self._pipe, server, client, tg.cancel_scope)
+
+    async def _pipe(self, source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream,
+                    both: anyio.CancelScope) -> None:
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError,
+                                 anyio.ClosedResourceError, OSError):
+            while True:
+                data = await source.receive()
+                await self._flowing.wait()
+                await sink.send(data)
+        both.cancel()
+
+
+async def test_a_hung_database_answers_unavailable_within_the_deadline(
+        short_dir: Path, store_url: str) -> None:
+    """A black-holed database (not a refused one) made a cache miss and a bounded fetch
+    wait 65 s for `unavailable`. Every store call now has a deadline well under the
+    client's timeout; the broker stays up and serves again once the database is back."""
+    parts = urllib.parse.urlsplit(store_url)
+    if not parts.hostname or parts.hostname.startswith("/"):
+        pytest.skip("the hung-database test needs PostgreSQL over TCP "
+                    f"({URL_VARIABLE}=postgresql://...@127.0.0.1:5432/...)")
+    async with anyio.create_task_group() as tg:
+        proxy = BlackHole(parts.hostname, parts.port or 5432)
+        await tg.start(proxy.serve)
+        proxied = urllib.parse.urlunsplit(parts._replace(
+            netloc=f"{parts.username or 'postgres'}@127.0.0.1:{proxy.listening_port}"))
+        fleet = Fleet(tg, short_dir, store_url)
+        await fleet.add("a")
+        await fleet.add("b", proxied)
+        async with fleet.client("a") as a, fleet.client("b") as b:
+            token = await seed(a)
+            bounded = (await a.create_context("exec-2", environments=["prod"],
+                                              max_uses=5)).token
+            await b.fetch_context(bounded)  # cached on B; each use is counted in the store
+            proxy.hang()
+            for what in (token, bounded):  # a cache miss, a bounded use
+                started = time.monotonic()
+                with pytest.raises(Unavailable, match=r"did not answer within|timed out"):
+                    await b.fetch_context(what)
+                took = time.monotonic() - started
+                assert took < STORE_DEADLINE + 1.5, took
+            assert b.timeout >= STORE_DEADLINE * 3  # well under the client's timeout
+            proxy.resume()
+            deadline = time.monotonic() + 30
+            while True:  # back, with no restart
+                try:
+                    assert (await b.fetch_context(token))["API_KEY"] == "s3cret"
+                    break
+                except Unavailable:
+                    assert time.monotonic() < deadline
+                    await anyio.sleep(0.2)
+            assert (await b.fetch_context(bounded))["API_KEY"] == "s3cret"
+            while (await b.status()).store_problem:  # the listener too, with its backoff
+                assert time.monotonic() < deadline
+                await anyio.sleep(0.2)
+        fleet.stop()
+        tg.cancel_scope.cancel()  # the proxy
 
 
 @pytest.fixture(scope="module")

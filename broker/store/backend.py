@@ -21,12 +21,17 @@ from typing import Any, Protocol
 
 from ..protocol.errors import StartupError
 
-__all__ = ["MASTER_KEY_ID", "PENDING_KEY_ID", "Store", "StoreError", "Tx", "open_store",
-           "set_meta"]
+__all__ = ["MASTER_KEY_ID", "PENDING_KEY_ID", "STORE_DEADLINE", "Store", "StoreError", "Tx",
+           "open_store", "set_meta"]
 
 #: meta keys: the key check value of the master key, and of one a rotation is moving to
 MASTER_KEY_ID = "master_key_id"
 PENDING_KEY_ID = "pending_master_key_id"
+
+#: seconds one read or write of a shared store may take before it answers ``unavailable``
+#: (a database that hangs rather than refuses): well under the client's 30 s timeout, so
+#: a runner hears why, and over what a sweep or a retention cut of a large log needs
+STORE_DEADLINE = 10.0
 
 
 class StoreError(StartupError):

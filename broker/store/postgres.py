@@ -13,9 +13,13 @@ trusted. It runs a heartbeat; :meth:`PostgresStore.fresh_until` is the last
 moment the connection was known good plus the staleness window. When the
 connection drops, notifications sent meanwhile are lost, so on reconnecting the
 broker is told to resynchronise before the window opens again. While the
-database is unreachable every read and write fails at once with
-``unavailable``; the pool reconnects by itself when the database returns
-(with backoff for the listener), so no restart is needed.
+database refuses connections every read and write fails at once with
+``unavailable``; while it does not answer at all (a hung server, a black-holed
+network), each read and write fails with ``unavailable`` after
+:data:`~.backend.STORE_DEADLINE` at most, its connection abandoned (a statement
+lost in a hung connection cannot be cancelled through it). The pool reconnects
+by itself when the database returns (with backoff for the listener), so no
+restart is needed.
 
 Store-wide locks are transaction-scoped advisory locks whose keys are derived
 from the schema name; schema migrations hold a session-scoped one, so several
@@ -33,7 +37,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -49,7 +53,7 @@ from ..protocol.errors import (
     Unavailable,
 )
 from ..protocol.paths import redact_url
-from .backend import StoreError
+from .backend import STORE_DEADLINE, StoreError
 
 __all__ = ["MIGRATIONS", "PostgresStore", "PgTx"]
 
@@ -327,6 +331,8 @@ class PostgresStore:
         self.user = user
         self.migrated_from = len(MIGRATIONS)
         self.stale_after = stale_after
+        #: how long one read or write may take before it answers ``unavailable``
+        self.deadline = STORE_DEADLINE
         self._connect_timeout = connect_timeout
         self.channel = f"stigmer:{schema}"[:63]
         self._alive_at = time.monotonic()  # the pool just answered
@@ -342,7 +348,7 @@ class PostgresStore:
         shown = redact_url(url)
         try:
             pool = await asyncpg.create_pool(
-                url, min_size=1, max_size=8, timeout=connect_timeout, command_timeout=30,
+                url, min_size=1, max_size=8, timeout=connect_timeout,
                 server_settings={"application_name": "stigmer-broker"}, reset=_keep_session)
         except _CONNECTION_ERRORS as exc:
             raise StoreError(f"cannot reach the store {shown} ({_reason(exc)}); check that "
@@ -463,67 +469,108 @@ class PostgresStore:
 
     # ------------------------------------------------------------- the boundaries
 
+    @contextlib.contextmanager
+    def _deadline(self) -> Iterator[anyio.CancelScope]:
+        """Bound one read or write: past :attr:`deadline` (a database that does not
+        answer), what it awaits is cancelled and it raises Unavailable."""
+        with anyio.move_on_after(self.deadline) as scope:
+            yield scope
+        if scope.cancelled_caught:
+            raise Unavailable(f"the store {self.url} did not answer within "
+                              f"{self.deadline:g} s; nothing was changed: retry once it "
+                              "answers again")
+
+    async def _release(self, conn: Any, exc: BaseException | None = None) -> None:
+        """Give ``conn`` back to the pool; a connection whose statement was cancelled
+        (a deadline) is closed instead: cancelling it through a hung server would hang."""
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            conn.terminate()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.deadline) as scope:
+            await self._pool.release(conn)
+        if scope.cancelled_caught:
+            conn.terminate()
+
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
-        try:  # no timeout of its own: a new connection has one, a busy pool frees up
+        try:  # bounded by the caller's deadline; a new connection has its own timeout
             conn = await self._pool.acquire()
         except _CONNECTION_ERRORS as exc:
             raise self._unavailable(exc) from None
+        failed: BaseException | None = None
         try:
             yield conn
+        except BaseException as exc:
+            failed = exc
+            raise
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._pool.release(conn)
+            await self._release(conn, failed)
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[PgTx]:
-        for attempt in (1, 2):  # a pooled connection the database dropped: once more
-            async with self._connection() as conn:
-                tx = conn.transaction()
-                try:
-                    await tx.start()
-                except Exception as exc:
-                    if attempt == 1 and isinstance(exc, _CONNECTION_ERRORS):
-                        continue
-                    raise self._translate(exc) from None
-                statements = PgTx(conn, self._lock_key)
-                try:
-                    yield statements
-                    for message in statements.messages:
-                        await conn.execute("SELECT pg_notify($1, $2)", self.channel, message)
-                except BaseException as exc:
-                    with anyio.CancelScope(shield=True), \
-                            contextlib.suppress(*_DATABASE_ERRORS):
-                        await tx.rollback()
-                    if isinstance(exc, BrokerError) or not isinstance(exc, Exception):
-                        raise
-                    raise self._translate(exc) from None
-                try:
-                    with anyio.CancelScope(shield=True):
-                        await tx.commit()
-                except _CONNECTION_ERRORS as exc:
-                    raise self._unavailable(exc, committing=True) from None
-                except Exception as exc:
-                    raise self._translate(exc) from None
-                return
+        with self._deadline() as deadline:
+            for attempt in (1, 2):  # a pooled connection the database dropped: once more
+                async with self._connection() as conn:
+                    tx = conn.transaction()
+                    try:
+                        await tx.start()
+                    except Exception as exc:
+                        if attempt == 1 and isinstance(exc, _CONNECTION_ERRORS):
+                            continue
+                        raise self._translate(exc) from None
+                    statements = PgTx(conn, self._lock_key)
+                    try:
+                        yield statements
+                        for message in statements.messages:
+                            await conn.execute("SELECT pg_notify($1, $2)", self.channel,
+                                               message)
+                    except BaseException as exc:
+                        if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                            await self._roll_back(conn, tx)  # (else it is closed unfinished)
+                        if isinstance(exc, BrokerError) or not isinstance(exc, Exception):
+                            raise
+                        raise self._translate(exc) from None
+                    # shielded from everything but the deadline: a commit sent is not
+                    # abandoned for a cancelled client
+                    with anyio.CancelScope(shield=True, deadline=deadline.deadline) as commit:
+                        try:
+                            await tx.commit()
+                        except _CONNECTION_ERRORS as exc:
+                            raise self._unavailable(exc, committing=True) from None
+                        except Exception as exc:
+                            raise self._translate(exc) from None
+                    if commit.cancelled_caught:
+                        conn.terminate()
+                        raise Unavailable(
+                            f"the store {self.url} did not answer the commit within "
+                            f"{self.deadline:g} s; the change may or may not have been made: "
+                            "check, then retry")
+                    return
+
+    async def _roll_back(self, conn: Any, tx: Any) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.deadline) as scope, \
+                contextlib.suppress(*_DATABASE_ERRORS):
+            await tx.rollback()
+        if scope.cancelled_caught:
+            conn.terminate()
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         query = _dialect(sql)
-        for attempt in (1, 2):  # a connection the database dropped: once more, on another
-            try:
-                if self._reading:  # the connection kept for reads is busy: a pooled one
-                    async with self._connection() as conn:
-                        rows = await conn.fetch(query, *params)
-                else:
-                    rows = await self._read_kept(query, params)
-                return [tuple(r) for r in rows]
-            except _CONNECTION_ERRORS as exc:
-                if attempt == 2:
+        with self._deadline():
+            for attempt in (1, 2):  # a connection the database dropped: once more, on another
+                try:
+                    if self._reading:  # the connection kept for reads is busy: a pooled one
+                        async with self._connection() as conn:
+                            rows = await conn.fetch(query, *params)
+                    else:
+                        rows = await self._read_kept(query, params)
+                    return [tuple(r) for r in rows]
+                except _CONNECTION_ERRORS as exc:
+                    if attempt == 2:
+                        raise self._translate(exc) from None
+                except BrokerError:
+                    raise
+                except Exception as exc:
                     raise self._translate(exc) from None
-            except BrokerError:
-                raise
-            except Exception as exc:
-                raise self._translate(exc) from None
         raise AssertionError("unreachable")
 
     async def _read_kept(self, query: str, params: Sequence[Any]) -> list[Any]:
@@ -534,11 +581,10 @@ class PostgresStore:
             if self._reader is None:
                 self._reader = await self._pool.acquire()
             return list(await self._reader.fetch(query, *params))
-        except BaseException:
+        except BaseException as exc:
             reader, self._reader = self._reader, None
             if reader is not None:  # broken, or cancelled mid-query: the pool sees to it
-                with anyio.CancelScope(shield=True):
-                    await self._pool.release(reader)
+                await self._release(reader, exc)
             raise
         finally:
             self._reading = False
