@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -384,6 +385,18 @@ async def test_a_huge_audit_seq_from_before_5_is_quarantined_and_creates_answer_
     with sqlite3.connect(paths.store) as db:
         assert db.execute("SELECT seq, hash FROM audit_quarantine").fetchall() == \
             [(2**63 - 1, "garbage")]
+    from sealed import open_sealed
+
+    from stigmer.broker.audit import Audit
+    from stigmer.broker.store.anchor import HeadAnchor
+
+    sealed = await open_sealed(paths.store)
+    try:  # and retention, which refuses a chain that does not verify, cuts it again
+        audit = Audit(sealed.store, sealed.vault, anchor=HeadAnchor(paths.audit_anchor))
+        assert await audit.prune(time.time() + 1) > 0
+        assert (await audit.verify()).ok
+    finally:
+        await sealed.close()
 
 
 async def test_a_completed_context_written_back_is_not_served(paths: Paths) -> None:
