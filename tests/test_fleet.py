@@ -404,6 +404,35 @@ async def test_the_runner_role_cannot_stop_or_break_the_audit(
         fleet.stop()
 
 
+async def test_an_audit_insert_waits_for_the_lock_a_broker_appends_under(
+        short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
+    """The store numbers a record under the "audit" lock every append holds: an insert
+    by another login waits until the broker's append has committed, so it can never
+    take the number a broker's link was made for."""
+    _schema, control, runner = roles
+    await _init_roles(short_dir, postgres, roles)
+    as_runner = _as(postgres, runner)
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, "")
+        await fleet.add("control", _as(postgres, control))
+        async with fleet.client("control") as a:
+            await seed(a)
+        fleet.stop()
+    from stigmer.broker.store.postgres import PostgresStore
+
+    opened = await PostgresStore.open(as_runner)
+    try:
+        async with opened.write() as db:
+            await db.lock("audit")  # as a broker's append does
+            refused = await anyio.to_thread.run_sync(lambda: _refused(
+                as_runner, f"SET statement_timeout = '300ms'; {_GARBAGE}"))
+            assert "statement timeout" in refused
+    finally:
+        await opened.close()
+    psql(as_runner, _GARBAGE)  # once the lock is free, it goes in, numbered by the store
+    assert int(psql(as_runner, "SELECT max(seq) FROM audit")) < 1000
+
+
 async def test_a_saved_use_count_written_back_by_the_runner_role_is_refused(
         short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
     """Writing back a saved (uses, mac) pair reset a bound: a max-uses-2 token was served

@@ -106,12 +106,15 @@ class Store(Protocol):
 
     def write(self) -> AbstractAsyncContextManager[Tx]:
         """One write, all or nothing and durable once the block exits, errors translated
-        to BrokerErrors. (SQLite may commit writes that queue up together in one
-        transaction, each in a savepoint: still all or nothing, each.)"""
+        to BrokerErrors (a shared store's answers ``unavailable`` after
+        :data:`STORE_DEADLINE` when the database does not answer). (SQLite may commit
+        writes that queue up together in one transaction, each in a savepoint: still all
+        or nothing, each.)"""
         ...
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        """Run one query and return all rows, errors translated."""
+        """Run one query and return all rows, errors translated (bounded as
+        :meth:`write` is)."""
         ...
 
     async def read_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
