@@ -25,6 +25,14 @@ Retention (:meth:`prune`) removes records older than a cut-off behind a
 checkpoint record, chained like any other, that names the last removed record
 and its link: the chain stays verifiable from there.
 
+A record's number is the store's to give (the last one + 1, enforced there), so
+a login that may append cannot put one out of reach. One that appends a record
+without the key breaks the chain at that record; ``verify`` names it, and
+:meth:`quarantine` (the operator's ``audit quarantine SEQ``) moves it aside into
+``audit_quarantine``, behind a chained record that names it and its link.
+Records after it were chained onto that link, so verification goes on past it,
+and so does retention.
+
 In a fleet (several brokers on one PostgreSQL store) there is still one chain:
 each flush takes a store-wide lock before it reads the head and appends, so
 the brokers' records interleave but never fork it. Each broker anchors the
@@ -45,18 +53,22 @@ import anyio.lowlevel
 import msgspec
 
 from .protocol import AuditRecord
-from .protocol.errors import BrokerError
+from .protocol.errors import BrokerError, FailedPrecondition, Internal, NotFound
 from .store.anchor import Head, HeadAnchor
 from .store.backend import Store, Tx
 from .store.vault import Vault
 
-__all__ = ["CHECKPOINT", "GENESIS", "Audit", "Verified"]
+__all__ = ["CHECKPOINT", "GENESIS", "QUARANTINE", "Audit", "Verified"]
 
 log = logging.getLogger("stigmer.broker")
 
 GENESIS = "0" * 64
 CHECKPOINT = "audit.checkpoint"
 _CHECKPOINT_DETAIL = re.compile(r"removed records through (\d+) \(link (\S+)\)")
+QUARANTINE = "audit.quarantined"
+_QUARANTINE_DETAIL = re.compile(r"quarantined record (\d+) \(link (.*)\)", re.DOTALL)
+#: the largest sequence number a store holds (a signed 64-bit integer)
+_LAST_SEQ = 2**63 - 1
 _ENC = msgspec.msgpack.Encoder()
 _COLUMNS = "seq, at, event, outcome, execution_id, token_id, peer_uid, peer_pid, detail, hash"
 
@@ -162,7 +174,8 @@ class Audit:
 
     async def flush_after_write(self) -> None:
         """Flush after a write that has committed: a failure here is logged and retried
-        by the next flush, never reported to the client whose write succeeded."""
+        by the next flush, never reported to the client whose write succeeded. (Also
+        before reading the log: what cannot be written yet must not stop reading it.)"""
         try:
             await self.flush()
         except BrokerError as exc:
@@ -193,6 +206,9 @@ class Audit:
         await db.lock("audit")  # one chain, whichever broker of a fleet appends to it
         last = await db.fetchall("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
         seq, link = (int(last[0][0]), str(last[0][1])) if last else (0, GENESIS)
+        if seq + len(pending) > _LAST_SEQ:  # a record written before the store numbered them
+            raise Internal(f"the audit log's newest record, {seq}, leaves no numbers for more: "
+                           f"`stigmer-broker audit quarantine {seq}` moves it aside")
         if self._head is not None and self._head != (seq, link) and not self._anchor_frozen \
                 and not self._store.shared:
             self._frozen(f"the audit log's newest record changed behind the broker's back "
@@ -228,8 +244,9 @@ class Audit:
             self._frozen(str(exc))
             return
         if anchored is not None and anchored.seq > 0:
-            link = await self._store.read_one("SELECT hash FROM audit WHERE seq = ?",
-                                              (anchored.seq,))
+            link = await self._store.read_one(
+                "SELECT hash FROM audit WHERE seq = ? UNION ALL "
+                "SELECT hash FROM audit_quarantine WHERE seq = ?", (anchored.seq, anchored.seq))
             if link != anchored.link and not (link is None and current.seq >= anchored.seq):
                 self._frozen(f"the audit log does not reach the head anchored in "
                              f"{self._anchor.path} (record {anchored.seq}): records were "
@@ -285,7 +302,7 @@ class Audit:
                    before: int | None = None) -> tuple[list[AuditRecord], bool]:
         """Return the newest ``limit`` records (of one execution) older than ``before``,
         oldest first, and whether older ones follow."""
-        await self.flush()
+        await self.flush_after_write()
         clauses = ["seq < ?"]
         params: list[object] = [before if before is not None else 2**63 - 1]
         if execution_id:
@@ -298,11 +315,15 @@ class Audit:
 
     async def verify(self) -> Verified:
         """Check the chain from its first record (or its retention checkpoint) to the head,
-        and the head against its anchor."""
-        await self.flush()
+        past the records quarantined, and the head against its anchor."""
+        await self.flush_after_write()
         rows = await self._store.read(f"SELECT {_COLUMNS} FROM audit ORDER BY seq")
         records = [AuditRecord(*r) for r in rows]
-        removed = records[0].seq - 1 if records else 0
+        quarantined = _quarantined(records)
+        first = records[0].seq if records else 1
+        while first - 1 in quarantined:
+            first -= 1
+        removed = first - 1
         prev = GENESIS
         if removed:
             prev = _checkpointed(records, removed) or ""
@@ -310,9 +331,16 @@ class Audit:
                 return Verified(0, 1, f"records 1 to {removed} are missing and no checkpoint "
                                 "covers their removal")
         keyed = False
+        expected = removed + 1
         for n, rec in enumerate(records):
-            if rec.seq != removed + n + 1:
-                return Verified(n, removed + n + 1, f"record {removed + n + 1} is missing")
+            while rec.seq != expected and expected in quarantined:
+                prev = quarantined[expected]  # the records after it were chained onto it
+                expected += 1
+            if rec.seq != expected:
+                if n == len(records) - 1 and rec.seq > expected:
+                    return Verified(n, rec.seq, f"record {rec.seq} does not follow record "
+                                    f"{expected - 1}: it was not numbered by the store")
+                return Verified(n, expected, f"record {expected} is missing")
             if ":" in rec.hash:
                 keyed = True
                 ok = self._vault.chain_ok(prev, _body(rec), rec.hash)
@@ -321,11 +349,13 @@ class Audit:
             if not ok:
                 return Verified(n, rec.seq, f"record {rec.seq} does not match its link")
             prev = rec.hash
+            expected += 1
             if n % 2000 == 1999:
                 await anyio.lowlevel.checkpoint()  # a long chain must not stall fetches
-        return self._check_anchor(records, removed)
+        return self._check_anchor(records, removed, quarantined)
 
-    def _check_anchor(self, records: Sequence[AuditRecord], removed: int) -> Verified:
+    def _check_anchor(self, records: Sequence[AuditRecord], removed: int,
+                      quarantined: dict[int, str]) -> Verified:
         n = len(records)
         if self._anchor is None:
             return Verified(n, removed_through=removed)
@@ -336,14 +366,57 @@ class Audit:
         if head is None:
             return Verified(n, removed_through=removed)
         last = records[-1].seq if records else removed
-        if head.seq > last:
+        links = {r.seq: r.hash for r in records}
+        link = links.get(head.seq, quarantined.get(head.seq))
+        if head.seq > last and link is None:
             return Verified(n, last + 1, f"records {last + 1} to {head.seq} are missing: the "
                             f"head anchor {self._anchor.path} names record {head.seq}",
                             anchored=head.seq, removed_through=removed)
-        if head.seq > removed and records[head.seq - removed - 1].hash != head.link:
+        if head.seq > removed and link != head.link:
             return Verified(n, head.seq, f"record {head.seq} differs from the head anchor "
                             f"{self._anchor.path}", anchored=head.seq, removed_through=removed)
         return Verified(n, anchored=head.seq, removed_through=removed)
+
+    async def quarantine(self, seq: int, *, peer_uid: int | None = None,
+                         peer_pid: int | None = None) -> None:
+        """Move record ``seq``, the one :meth:`verify` names as bad, out of the chain into
+        ``audit_quarantine``, behind a chained record that names it and its link (so the
+        records after it, chained onto that link, still verify). Raises
+        FailedPrecondition when the chain verifies or names another record, NotFound
+        when the record it names is missing rather than bad."""
+        verified = await self.verify()
+        if verified.ok:
+            raise FailedPrecondition("the audit chain verifies: no record is to be "
+                                     "quarantined")
+        if verified.first_broken != seq:
+            named = (f"names record {verified.first_broken}" if verified.first_broken
+                     else "names no single record")
+            raise FailedPrecondition(f"`stigmer-broker audit verify` {named}, not {seq}; only "
+                                     "the record it names is quarantined")
+        async with self._flushing:  # what is buffered follows (it may wait on this)
+            async with self._store.write() as db:
+                await db.lock("audit")
+                rows = await db.fetchall(f"SELECT {_COLUMNS} FROM audit WHERE seq = ?", (seq,))
+                if not rows:
+                    raise NotFound(f"record {seq} is missing, not bad: there is nothing to "
+                                   "quarantine (verify says what is wrong)")
+                bad = tuple(rows[0])
+                await db.execute(f"INSERT INTO audit_quarantine({_COLUMNS}) "
+                                 "VALUES (?,?,?,?,?,?,?,?,?,?)", bad)
+                note: _Pending = (self._clock(), QUARANTINE, "ok", "", "", peer_uid, peer_pid,
+                                  f"quarantined record {seq} (link {bad[-1]})")
+                if self._head is not None and self._head.seq == seq:
+                    self._head = None  # the head anchored was the bad record: no longer
+                last = await db.fetchall("SELECT max(seq) FROM audit")
+                if int(last[0][0]) < _LAST_SEQ:  # the note follows it, so no number repeats
+                    head = await self._append(db, [note])
+                    await db.execute("DELETE FROM audit WHERE seq = ?", (seq,))
+                else:  # nothing can follow it (written before the store numbered records)
+                    await db.execute("DELETE FROM audit WHERE seq = ?", (seq,))
+                    head = await self._append(db, [note])
+            await self._anchor_head(head)
+        log.warning("audit record %d quarantined (kept in audit_quarantine)", seq)
+        await self.flush_after_write()
 
 
 def _checkpointed(records: list[AuditRecord], through: int) -> str | None:
@@ -354,3 +427,15 @@ def _checkpointed(records: list[AuditRecord], through: int) -> str | None:
             if match and int(match[1]) == through:
                 return match[2]
     return None
+
+
+def _quarantined(records: list[AuditRecord]) -> dict[int, str]:
+    """The records quarantined, by seq, with their links, as the chain's records name them
+    (a note that does not verify fails the chain where it stands)."""
+    out = {}
+    for rec in records:
+        if rec.event == QUARANTINE:
+            match = _QUARANTINE_DETAIL.fullmatch(rec.detail)
+            if match:
+                out[int(match[1])] = match[2]
+    return out

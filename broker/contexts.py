@@ -221,13 +221,27 @@ class Contexts:
         in ``_refused``, a token row that fails is left out."""
         rows = await self._store.read(
             "SELECT c.id, c.execution_id, c.sealed, c.keys, c.created_at, c.expires_at, c.mac, "
-            "t.id, t.hash, t.created_at, t.expires_at, t.max_uses, t.uses, t.runners, t.mac "
-            f"FROM contexts c LEFT JOIN tokens t ON t.context_id = c.id WHERE {condition} "
-            "ORDER BY c.id", params)
+            "t.id, t.hash, t.created_at, t.expires_at, t.max_uses, t.uses, t.runners, t.mac, "
+            "d.expires_at, d.mac FROM contexts c LEFT JOIN tokens t ON t.context_id = c.id "
+            f"LEFT JOIN tombstones d ON d.context_id = c.id WHERE {condition} ORDER BY c.id",
+            params)
         vault = self._vault
+        # A completed context's rows written back (by a login without the key) are not
+        # served again: its tombstone is checked first. (Anyone can add a tombstone that
+        # does not check; it is ignored.)
+        completed = {row[0] for row in rows if row[15] is not None and vault.check(
+            Row.tombstone(row[0], row[1], row[15]), row[16])}
         found: dict[int, _Context | None] = {}
         for (row_id, execution_id, sealed, keys_json, created_at, expires_at, mac,
-             tid, hash_, t_created, t_expires, max_uses, uses, runners, t_mac) in rows:
+             tid, hash_, t_created, t_expires, max_uses, uses, runners, t_mac,
+             *_tombstone) in rows:
+            if row_id in completed:
+                if row_id not in found:
+                    log.warning("the context of execution %r was completed, yet its row is "
+                                "back in the store (written back without the key?); not "
+                                "served", execution_id)
+                    found[row_id] = None
+                continue
             if row_id not in found:
                 if vault.check(Row.context(row_id, execution_id, created_at, expires_at,
                                            keys_json, sealed), mac):
@@ -669,11 +683,10 @@ class Contexts:
         store = self._store
         expired: list[Any] = []
         stale_tokens = 0
-        if self._writable and (
-                await store.read_one("SELECT 1 FROM contexts WHERE expires_at <= ? LIMIT 1",
-                                     (now,))
-                or await store.read_one("SELECT 1 FROM tokens WHERE expires_at <= ? LIMIT 1",
-                                        (now,))):
+        if self._writable and await store.read_one(
+                "SELECT 1 WHERE EXISTS (SELECT 1 FROM contexts WHERE expires_at <= ?) OR "
+                "EXISTS (SELECT 1 FROM tokens WHERE expires_at <= ?) OR "
+                "EXISTS (SELECT 1 FROM tombstones WHERE expires_at <= ?)", (now, now, now)):
             async with store.write() as db:
                 if await db.try_lock("sweep"):
                     expired = await db.fetchall(
@@ -684,6 +697,7 @@ class Contexts:
                                      "IN (SELECT id FROM contexts WHERE expires_at <= ?)",
                                      (now, now))
                     await db.execute("DELETE FROM contexts WHERE expires_at <= ?", (now,))
+                    await db.execute("DELETE FROM tombstones WHERE expires_at <= ?", (now,))
         for (execution_id,) in expired:
             self._refused.pop(execution_id, None)
             self._record("context.expired", "ok", None, execution_id)
@@ -724,6 +738,13 @@ class Contexts:
         async with self._store.write() as db:
             await db.execute("DELETE FROM tokens WHERE context_id = ?", (context.row_id,))
             await db.execute("DELETE FROM contexts WHERE id = ?", (context.row_id,))
+            # kept (the store refuses to drop it sooner) until a copy of the row would
+            # have expired anyway
+            await db.execute(
+                "INSERT INTO tombstones(context_id, execution_id, expires_at, mac) "
+                "VALUES (?, ?, ?, ?)",
+                (context.row_id, context.execution_id, context.expires_at, self._vault.mac(
+                    Row.tombstone(context.row_id, context.execution_id, context.expires_at))))
             db.notify(f"ctx {context.row_id} {context.execution_id}")
         for token in list(context.tokens.values()):
             self._record("token.revoked", "ok", peer, context.execution_id, token.token_id)

@@ -51,6 +51,7 @@ from .protocol import (
     ListEnvironments,
     Ok,
     PutEnvironment,
+    QuarantineAudit,
     ReleaseContext,
     Request,
     Response,
@@ -320,6 +321,9 @@ class Dispatcher:
                                      first_broken=verified.first_broken, reason=verified.reason,
                                      anchored=verified.anchored,
                                      removed_through=verified.removed_through)
+            case QuarantineAudit(seq=seq):
+                await self.audit.quarantine(seq, peer_uid=peer.uid, peer_pid=peer.pid)
+                return Ok(id=rid)
         raise InvalidArgument(f"{type(request).__name__} is not a request this broker serves")
 
     def _page(self, reply: Callable[[int, str], _R], entries: Sequence[_T], more: bool,

@@ -8,26 +8,30 @@ work in a fresh schema of the run's database (tests/postgres.py).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
 import subprocess
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 from conftest import Daemon, RunningBroker, cli_env, make_config, run_cli, start_broker
-from postgres import Cluster, Server, psql, with_database
+from postgres import URL_VARIABLE, Cluster, Server, psql, with_database
 
 from stigmer.broker.config import Config, Paths
 from stigmer.broker.daemon.lifecycle import serve
 from stigmer.broker.protocol.errors import StartupError
 from stigmer.broker.protocol.paths import redact_url
+from stigmer.broker.store.backend import STORE_DEADLINE
 from stigmer.broker.store.postgres import MIGRATIONS
 from stigmer.client import (
     AsyncClient,
+    BrokerError,
     Client,
     NotFound,
     PermissionDenied,
@@ -338,7 +342,311 @@ async def test_the_printed_sql_makes_a_store_brokers_open(
         fleet.stop()
 
 
+async def _init_roles(short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
+    schema, control, runner = roles
+    init = run_cli(host(short_dir, "admin"), "fleet", "init", "--store", postgres.url(),
+                   "--schema", schema, "--control-role", control, "--runner-role", runner)
+    assert init.returncode == 0, init.stderr
+
+
+def _refused(url: str, sql: str) -> str:
+    """Run ``sql``, which the database must refuse; return what it said."""
+    proc = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-d", url,
+                           "-c", sql], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0, f"the database accepted {sql!r}"
+    return proc.stderr
+
+
+_GARBAGE = ("INSERT INTO audit VALUES (9223372036854775807, 0, 'fetch', 'granted', '', '', "
+            "NULL, NULL, '', 'garbage')")
+
+
+async def test_the_runner_role_cannot_stop_or_break_the_audit(
+        short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
+    """A runner-role login inserting a record numbered 2**63 - 1 stopped every flush of the
+    fleet for good, and no role could remove it; a garbage record made verify (so also
+    retention) fail for good. Now the store numbers the record, verify names it and the
+    operator quarantines it through the daemon; the chain goes on past it."""
+    _schema, control, runner = roles
+    await _init_roles(short_dir, postgres, roles)
+    as_runner = _as(postgres, runner)
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, "")
+        await fleet.add("control", _as(postgres, control))
+        await fleet.add("runner", as_runner)
+        async with fleet.client("control") as a, fleet.client("runner") as b:
+            token = await seed(a)
+            psql(as_runner, _GARBAGE)
+            bad = int(psql(as_runner, "SELECT seq FROM audit WHERE hash = 'garbage'"))
+            assert bad < 1000  # the store's number, not the inserter's
+            assert "permission denied" in _refused(as_runner, "DELETE FROM audit")
+            await b.fetch_context(token)  # audited on B, after the bad record
+            await a.put_environment("x", {"V": Variable(value="1")})
+            verified = await a.verify_audit()
+            assert (verified.ok, verified.first_broken) == (False, bad), verified
+            assert f"record {bad} does not match its link" in verified.reason
+            with pytest.raises(BrokerError, match="only the record it names"):
+                await a.quarantine_audit(bad + 1)
+            with pytest.raises(PermissionDenied):
+                await b.quarantine_audit(bad)
+            paths = fleet.brokers["control"].config.paths
+            quarantine = await anyio.to_thread.run_sync(  # the broker answers in this loop
+                lambda: run_cli(paths, "audit", "quarantine", str(bad), env=cli_env(paths)))
+            assert quarantine.returncode == 0, quarantine.stderr
+            for client in (a, b):
+                verified = await client.verify_audit()
+                assert verified.ok, verified.reason
+            assert psql(as_runner, "SELECT hash FROM audit_quarantine") == "garbage"
+            await b.fetch_context(token)
+            assert (await b.verify_audit()).ok
+            records = await a.audit(None, 1000)
+            assert max(r.seq for r in records) < 1000
+        fleet.stop()
+
+
+async def test_an_audit_insert_waits_for_the_lock_a_broker_appends_under(
+        short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
+    """The store numbers a record under the "audit" lock every append holds: an insert
+    by another login waits until the broker's append has committed, so it can never
+    take the number a broker's link was made for."""
+    _schema, control, runner = roles
+    await _init_roles(short_dir, postgres, roles)
+    as_runner = _as(postgres, runner)
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, "")
+        await fleet.add("control", _as(postgres, control))
+        async with fleet.client("control") as a:
+            await seed(a)
+        fleet.stop()
+    from stigmer.broker.store.postgres import PostgresStore
+
+    opened = await PostgresStore.open(as_runner)
+    try:
+        async with opened.write() as db:
+            await db.lock("audit")  # as a broker's append does
+            refused = await anyio.to_thread.run_sync(lambda: _refused(
+                as_runner, f"SET statement_timeout = '300ms'; {_GARBAGE}"))
+            assert "statement timeout" in refused
+    finally:
+        await opened.close()
+    psql(as_runner, _GARBAGE)  # once the lock is free, it goes in, numbered by the store
+    assert int(psql(as_runner, "SELECT max(seq) FROM audit")) < 1000
+
+
+async def test_a_saved_use_count_written_back_by_the_runner_role_is_refused(
+        short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
+    """Writing back a saved (uses, mac) pair reset a bound: a max-uses-2 token was served
+    4 times."""
+    _schema, control, runner = roles
+    await _init_roles(short_dir, postgres, roles)
+    as_runner = _as(postgres, runner)
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, "")
+        await fleet.add("control", _as(postgres, control))
+        await fleet.add("runner", as_runner)
+        async with fleet.client("control") as a, fleet.client("runner") as b:
+            token = await seed(a, max_uses=2)
+            saved = psql(as_runner, "SELECT uses || ',' || encode(mac, 'hex') FROM tokens")
+            uses, mac = saved.split(",")
+            served = 0
+            for _ in range(2):
+                await b.fetch_context(token)
+                served += 1
+            assert "never goes down" in _refused(
+                as_runner, f"UPDATE tokens SET uses = {uses}, mac = '\\x{mac}'")
+            for client in (a, b):
+                with pytest.raises(Unauthenticated):
+                    await client.fetch_context(token)
+            assert served == 2
+        fleet.stop()
+
+
+def _rows(url: str, table: str) -> str:
+    return psql(url, f"SELECT coalesce(json_agg(t), '[]') FROM {table} t")
+
+
+def _write_back(url: str, table: str, rows: str) -> None:
+    psql(url, f"INSERT INTO {table} SELECT * FROM json_populate_recordset(NULL::{table}, "
+              f"$rows${rows}$rows$)")
+
+
+async def test_a_completed_context_written_back_by_the_control_login_is_not_served(
+        short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
+    """Anyone with the control role's login (no key needed) re-inserting a completed
+    context's saved rows made every broker serve the revoked context again."""
+    _schema, control, runner = roles
+    await _init_roles(short_dir, postgres, roles)
+    as_control, as_runner = _as(postgres, control), _as(postgres, runner)
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, "")
+        await fleet.add("control", as_control)
+        await fleet.add("runner", as_runner)
+        async with fleet.client("control") as a, fleet.client("runner") as b:
+            token = await seed(a)
+            await b.fetch_context(token)
+            contexts, tokens = _rows(as_control, "contexts"), _rows(as_control, "tokens")
+            await a.complete_context("exec-1")
+            await refused_within(b, token, 2.0)
+            _write_back(as_control, "contexts", contexts)
+            _write_back(as_control, "tokens", tokens)
+            await fleet.add("fresh", as_runner)  # nothing cached: the store is asked
+            async with fleet.client("fresh") as c:
+                for client in (a, b, c):
+                    with pytest.raises(Unauthenticated):
+                        await client.fetch_context(token)
+                    with pytest.raises(NotFound):
+                        await client.get_context("exec-1")
+            assert psql(as_control, "WITH d AS (DELETE FROM tombstones RETURNING 1) "
+                                    "SELECT count(*) FROM d") == "0"  # kept while it matters
+            assert "permission denied" in _refused(as_control, "UPDATE tombstones SET "
+                                                               "expires_at = 0")
+            assert "permission denied" in _refused(as_runner, "DELETE FROM tombstones")
+        fleet.stop()
+
+
+_SCHEMA_1_AUDIT_GUARD = """
+CREATE OR REPLACE FUNCTION stigmer_audit_guard() RETURNS trigger LANGUAGE plpgsql
+    SET search_path FROM CURRENT AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        RAISE EXCEPTION 'the audit log is append-only';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM audit WHERE event = 'audit.checkpoint'
+                   AND seq > OLD.seq) THEN
+        RAISE EXCEPTION 'audit records are removed only behind a checkpoint';
+    END IF;
+    RETURN OLD;
+END $$;
+"""
+
+
+def _as_schema_1(url: str) -> None:
+    """Take out what migration 2 added: the store is then as version 1 left it."""
+    psql(url, "DROP TRIGGER audit_seq ON audit; DROP FUNCTION stigmer_audit_seq(); "
+              "DROP TRIGGER tokens_uses_guard ON tokens; DROP FUNCTION stigmer_uses_guard(); "
+              "DROP TABLE tombstones; DROP FUNCTION stigmer_tombstone_guard(); "
+              f"{_SCHEMA_1_AUDIT_GUARD}; DROP TABLE audit_quarantine; "
+              "DELETE FROM stigmer_schema WHERE version = 2")
+    assert len(MIGRATIONS) == 2  # a new migration must be undone here too
+
+
+async def test_a_schema_1_fleet_migrates_to_2_and_its_roles_keep_working(
+        short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
+    schema, control, runner = roles
+    await _init_roles(short_dir, postgres, roles)
+    as_control, as_runner = _as(postgres, control), _as(postgres, runner)
+    owner = postgres.url(search_path=schema)
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, "")
+        await fleet.add("control", as_control)
+        async with fleet.client("control") as a:
+            token = await seed(a, max_uses=3)
+        fleet.stop()
+    _as_schema_1(owner)
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, "")
+        await fleet.add("owner", owner)  # the schema's owner migrates it
+        assert psql(owner, "SELECT max(version) FROM stigmer_schema") == "2"
+        await fleet.add("control", as_control)
+        await fleet.add("runner", as_runner)  # granted on the new tables as on contexts
+        async with fleet.client("control") as a, fleet.client("runner") as b:
+            assert (await b.fetch_context(token))["API_KEY"] == "s3cret"
+            await a.complete_context("exec-1")
+            assert psql(as_runner, "SELECT count(*) FROM tombstones") == "1"
+            assert (await b.verify_audit()).ok
+        fleet.stop()
+
+
 # ------------------------------------------------------------ database outages
+
+
+class BlackHole:
+    """A TCP proxy in front of the PostgreSQL server that can stop forwarding without
+    closing anything: a database that hangs (black-holed), not one that refuses."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.listening_port = 0
+        self._flowing = anyio.Event()
+        self._flowing.set()
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        self.listening_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with listener:
+            task_status.started()
+            await listener.serve(self._forward)
+
+    def hang(self) -> None:
+        self._flowing = anyio.Event()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    async def _forward(self, client: anyio.abc.SocketStream) -> None:
+        with contextlib.suppress(OSError, anyio.BrokenResourceError,
+                                 anyio.ClosedResourceError):
+            async with client, await anyio.connect_tcp(self.host, self.port) as server, \
+                    anyio.create_task_group() as tg:
+                tg.start_soon(self._pipe, client, server, tg.cancel_scope)
+                tg.start_soon(self._pipe, server, client, tg.cancel_scope)
+
+    async def _pipe(self, source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream,
+                    both: anyio.CancelScope) -> None:
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError,
+                                 anyio.ClosedResourceError, OSError):
+            while True:
+                data = await source.receive()
+                await self._flowing.wait()
+                await sink.send(data)
+        both.cancel()
+
+
+async def test_a_hung_database_answers_unavailable_within_the_deadline(
+        short_dir: Path, store_url: str) -> None:
+    """A black-holed database (not a refused one) made a cache miss and a bounded fetch
+    wait 65 s for `unavailable`. Every store call now has a deadline well under the
+    client's timeout; the broker stays up and serves again once the database is back."""
+    parts = urllib.parse.urlsplit(store_url)
+    if not parts.hostname or parts.hostname.startswith("/"):
+        pytest.skip("the hung-database test needs PostgreSQL over TCP "
+                    f"({URL_VARIABLE}=postgresql://...@127.0.0.1:5432/...)")
+    async with anyio.create_task_group() as tg:
+        proxy = BlackHole(parts.hostname, parts.port or 5432)
+        await tg.start(proxy.serve)
+        proxied = urllib.parse.urlunsplit(parts._replace(
+            netloc=f"{parts.username or 'postgres'}@127.0.0.1:{proxy.listening_port}"))
+        fleet = Fleet(tg, short_dir, store_url)
+        await fleet.add("a")
+        await fleet.add("b", proxied)
+        async with fleet.client("a") as a, fleet.client("b") as b:
+            token = await seed(a)
+            bounded = (await a.create_context("exec-2", environments=["prod"],
+                                              max_uses=5)).token
+            await b.fetch_context(bounded)  # cached on B; each use is counted in the store
+            proxy.hang()
+            for what in (token, bounded):  # a cache miss, a bounded use
+                started = time.monotonic()
+                with pytest.raises(Unavailable):
+                    await b.fetch_context(what)
+                took = time.monotonic() - started
+                assert took < STORE_DEADLINE + 2, took
+            assert b.timeout >= STORE_DEADLINE * 3  # well under the client's timeout
+            proxy.resume()
+            deadline = time.monotonic() + 60
+            while True:  # back, with no restart
+                try:
+                    assert (await b.fetch_context(token))["API_KEY"] == "s3cret"
+                    break
+                except Unavailable:
+                    assert time.monotonic() < deadline
+                    await anyio.sleep(0.2)
+            assert (await b.fetch_context(bounded))["API_KEY"] == "s3cret"
+            while (await b.status()).store_problem:  # the listener too, with its backoff
+                assert time.monotonic() < deadline
+                await anyio.sleep(0.2)
+        fleet.stop()
+        tg.cancel_scope.cancel()  # the proxy
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -106,7 +107,11 @@ async def test_extended_expiry_and_reset_uses_are_refused(paths: Paths) -> None:
         once = (await client.create_context("a", environments=["prod"], max_uses=1)).token
         await client.fetch_context(once)
         short = (await client.create_context("b", environments=["prod"], ttl_s=60)).token
-    edit(paths, "UPDATE tokens SET uses = 0",  # the used-up token, fresh again
+    with pytest.raises(sqlite3.IntegrityError, match="never goes down"):
+        edit(paths, "UPDATE tokens SET uses = 0")
+    # the store's own trigger is only a first line: whoever can write the file can drop it
+    edit(paths, "DROP TRIGGER tokens_uses_never_down",
+         "UPDATE tokens SET uses = 0",  # the used-up token, fresh again
          "UPDATE contexts SET expires_at = expires_at + 1e6 WHERE execution_id = 'b'")
     async with running(paths) as client:
         with pytest.raises(Unauthenticated):
@@ -116,6 +121,24 @@ async def test_extended_expiry_and_reset_uses_are_refused(paths: Paths) -> None:
         await refused(lambda: client.get_context("b"), "'b'")
         await client.complete_context("b")  # the way out: remove it, then create it again
         await client.create_context("b", environments=["prod"])
+
+
+async def test_a_saved_use_count_written_back_is_refused(paths: Paths) -> None:
+    async with running(paths) as client:
+        await two_environments(client)
+        token = (await client.create_context("a", environments=["prod"], max_uses=2)).token
+    with sqlite3.connect(paths.store) as db:
+        saved = db.execute("SELECT uses, mac FROM tokens").fetchone()
+    async with running(paths) as client:
+        for _ in range(2):
+            await client.fetch_context(token)
+        with pytest.raises(Unauthenticated):
+            await client.fetch_context(token)
+    with pytest.raises(sqlite3.IntegrityError, match="never goes down"):
+        edit(paths, f"UPDATE tokens SET uses = {saved[0]}, mac = x'{saved[1].hex()}'")
+    async with running(paths) as client:
+        with pytest.raises(Unauthenticated):  # served twice, as bounded, and no more
+            await client.fetch_context(token)
 
 
 async def test_a_cleared_secret_flag_is_refused(paths: Paths) -> None:
@@ -239,9 +262,23 @@ async def test_a_forged_checkpoint_is_detected(paths: Paths) -> None:
 # ------------------------------------------------------------- older stores
 
 
+def _undo_schema_5(db: sqlite3.Connection) -> None:
+    """What migration 5 added, taken out again (the store is then at version 4)."""
+    for trigger in ("audit_seq_follows", "tokens_uses_never_down", "audit_no_delete"):
+        db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    db.execute("DROP TABLE IF EXISTS tombstones")
+    db.execute("DROP TABLE IF EXISTS audit_quarantine")
+    db.execute("CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit WHEN NOT EXISTS "
+               "(SELECT 1 FROM audit WHERE event = 'audit.checkpoint' AND seq > old.seq) "
+               "BEGIN SELECT RAISE(ABORT, 'audit records are removed only behind a "
+               "checkpoint'); END")
+    db.execute("PRAGMA user_version = 4")
+
+
 def _as_schema_2(paths: Paths) -> None:
     """Turn the store back into what a broker before row MACs wrote."""
     with sqlite3.connect(paths.store) as db:
+        _undo_schema_5(db)
         db.execute("ALTER TABLE tokens DROP COLUMN runners")  # schema 4
         for table in ("environments", "variables", "contexts", "tokens"):
             db.execute(f"ALTER TABLE {table} DROP COLUMN mac")
@@ -250,7 +287,7 @@ def _as_schema_2(paths: Paths) -> None:
         db.execute("CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit "
                    "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END")
         db.execute("PRAGMA user_version = 2")
-    assert len(MIGRATIONS) == 4  # a new migration must be undone here too
+    assert len(MIGRATIONS) == 5  # a new migration must be undone here too
 
 
 async def test_a_store_from_before_row_macs_is_authenticated_once(paths: Paths) -> None:
@@ -292,9 +329,94 @@ async def test_a_schema_3_store_keeps_its_token_macs_across_migration_4(paths: P
         token = (await client.create_context("a", environments=["prod"], max_uses=5)).token
         await client.fetch_context(token)
     with sqlite3.connect(paths.store) as db:
+        _undo_schema_5(db)
         db.execute("ALTER TABLE tokens DROP COLUMN runners")
         db.execute("PRAGMA user_version = 3")
     async with running(paths) as client:
         assert (await client.fetch_context(token))["S"] == "prod-secret"
         info = await client.get_context("a")
         assert info.tokens[0].uses == 2 and info.runners == []
+
+
+async def test_a_schema_4_store_migrates_to_5_and_keeps_working(paths: Paths) -> None:
+    """Migration 5 adds the triggers, the tombstones and the quarantine to a store that
+    has rows: what it held still opens, and what the triggers forbid is refused."""
+    async with running(paths) as client:
+        await two_environments(client)
+        token = (await client.create_context("a", environments=["prod"], max_uses=3)).token
+        await client.fetch_context(token)
+    with sqlite3.connect(paths.store) as db:
+        _undo_schema_5(db)
+    async with running(paths) as client:
+        assert (await client.fetch_context(token))["S"] == "prod-secret"
+        assert (await client.verify_audit()).ok
+    with sqlite3.connect(paths.store) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 5
+        with pytest.raises(sqlite3.IntegrityError, match="never goes down"):
+            db.execute("UPDATE tokens SET uses = 0")
+        with pytest.raises(sqlite3.IntegrityError, match="number after the last"):
+            db.execute("INSERT INTO audit VALUES (9223372036854775807, 0, 'x', 'ok', '', '', "
+                       "NULL, NULL, '', 'garbage')")
+
+
+async def test_a_huge_audit_seq_from_before_5_is_quarantined_and_creates_answer_ok(
+        paths: Paths) -> None:
+    """A record numbered 2**63 - 1 (written before the store numbered them) left no number
+    for the next: every create committed, then answered `internal`. Now the create answers,
+    verify names the record, and quarantining it lets the audit go on."""
+    async with running(paths) as client:
+        await two_environments(client)
+    with sqlite3.connect(paths.store) as db:
+        _undo_schema_5(db)
+        db.execute("INSERT INTO audit VALUES (9223372036854775807, 0, 'x', 'ok', '', '', "
+                   "NULL, NULL, '', 'garbage')")
+    async with running(paths) as client:
+        created = await client.create_context("a", environments=["prod"])  # was `internal`
+        assert (await client.fetch_context(created.token))["S"] == "prod-secret"
+        verified = await client.verify_audit()
+        assert (verified.ok, verified.first_broken) == (False, 2**63 - 1)
+        await client.quarantine_audit(2**63 - 1)
+        verified = await client.verify_audit()
+        assert verified.ok, verified.reason
+        records = await client.audit(None, 100)
+        assert [r.event for r in records[-4:]] == ["audit.quarantined", "context.created",
+                                                  "token.issued", "fetch"]
+        assert records[-4].detail == "quarantined record 9223372036854775807 (link garbage)"
+    with sqlite3.connect(paths.store) as db:
+        assert db.execute("SELECT seq, hash FROM audit_quarantine").fetchall() == \
+            [(2**63 - 1, "garbage")]
+    from sealed import open_sealed
+
+    from stigmer.broker.audit import Audit
+    from stigmer.broker.store.anchor import HeadAnchor
+
+    sealed = await open_sealed(paths.store)
+    try:  # and retention, which refuses a chain that does not verify, cuts it again
+        audit = Audit(sealed.store, sealed.vault, anchor=HeadAnchor(paths.audit_anchor))
+        assert await audit.prune(time.time() + 1) > 0
+        assert (await audit.verify()).ok
+    finally:
+        await sealed.close()
+
+
+async def test_a_completed_context_written_back_is_not_served(paths: Paths) -> None:
+    async with running(paths) as client:
+        await two_environments(client)
+        token = (await client.create_context("a", environments=["prod"])).token
+    with sqlite3.connect(paths.store) as db:
+        saved_context = db.execute("SELECT * FROM contexts").fetchall()
+        saved_tokens = db.execute("SELECT * FROM tokens").fetchall()
+    async with running(paths) as client:
+        await client.complete_context("a")
+    with sqlite3.connect(paths.store) as db:
+        for table, rows in (("contexts", saved_context), ("tokens", saved_tokens)):
+            for row in rows:
+                db.execute(f"INSERT INTO {table} VALUES ({', '.join('?' * len(row))})", row)
+    async with running(paths) as client:
+        with pytest.raises(Unauthenticated):
+            await client.fetch_context(token)
+        assert await client.list_contexts() == []
+    with sqlite3.connect(paths.store) as db:
+        assert db.execute("DELETE FROM tombstones").rowcount == 0  # kept while it matters
+        with pytest.raises(sqlite3.IntegrityError, match="never changed"):
+            db.execute("UPDATE tombstones SET expires_at = 0")

@@ -1,4 +1,4 @@
-"""The audit commands: audit, audit verify."""
+"""The audit commands: audit, audit verify, audit quarantine."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from ..config import Paths
 
-__all__ = ["cmd_audit", "cmd_audit_verify"]
+__all__ = ["cmd_audit", "cmd_audit_quarantine", "cmd_audit_verify"]
 
 
 #: a Unix time in an audit detail ("expires 1796267971"): the record keeps the number (it
@@ -70,3 +70,16 @@ def cmd_audit_verify(args: argparse.Namespace, paths: Paths) -> int:
     error(f"audit chain broken at record {result.first_broken}: {result.reason}")
     return EXIT_FAILED
 
+
+
+def cmd_audit_quarantine(args: argparse.Namespace, paths: Paths) -> int:
+    seq = count_arg(args.seq, "SEQ", 1, 2**63 - 1)
+    assert seq is not None  # a positional argument is always given
+    with connect(paths) as client:
+        client.quarantine_audit(seq)
+    if args.json:
+        print_json({"quarantined": seq})
+        return EXIT_OK
+    print(f"audit record {seq} quarantined: kept aside in the store's audit_quarantine "
+          "table, and the chain names it; `stigmer-broker audit verify` checks the rest")
+    return EXIT_OK

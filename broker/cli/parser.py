@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import __version__
-from .audit import cmd_audit, cmd_audit_verify
+from .audit import cmd_audit, cmd_audit_quarantine, cmd_audit_verify
 from .backup import cmd_backup, cmd_restore
 from .common import EXIT_USAGE, PROG
 from .contexts import (
@@ -307,6 +307,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--limit", default="100", help="newest N records (default 100)")
     audit_sub = p.add_subparsers(title="audit commands", metavar="COMMAND")
     command("verify", cmd_audit_verify, "check the audit log's hash chain", audit_sub, "audit")
+    p = command("quarantine", cmd_audit_quarantine, "move the bad record `audit verify` names "
+                "out of the chain, kept aside as evidence", audit_sub, "audit")
+    p.add_argument("seq", metavar="SEQ", help="the record's sequence number")
 
     svc = sub.add_parser("service", help="run the broker as a systemd/launchd user service")
     svc.set_defaults(func=_group_help(svc))

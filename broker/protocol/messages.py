@@ -21,7 +21,7 @@ __all__ = [
     "PROTOCOL_VERSION", "SUPPORTED_VERSIONS",
     "Request", "Response", "REQUEST_TYPES", "RESPONSE_TYPES", "RECORD_TYPES",
     "CreateContext", "IssueToken", "GetContext", "ListContexts", "CompleteContext",
-    "FetchContext", "ReleaseContext", "ListAudit", "VerifyAudit",
+    "FetchContext", "ReleaseContext", "ListAudit", "VerifyAudit", "QuarantineAudit",
     "ContextCreated", "TokenIssued", "ContextInfo", "ContextList", "ContextFetched",
     "ContextFetchedRaw",
     "AuditLog", "AuditVerified",
@@ -376,6 +376,13 @@ class VerifyAudit(Request, frozen=True, kw_only=True):
     """Check the audit log's hash chain from its first record."""
 
 
+class QuarantineAudit(Request, frozen=True, kw_only=True):
+    """Move the bad audit record ``seq`` (the one VerifyAudit names) out of the chain, kept
+    aside as evidence, behind a chained record that names it."""
+
+    seq: Annotated[int, Meta(ge=1, le=2**63 - 1)]
+
+
 # -------------------------------------------------------------------------- responses
 
 
@@ -575,7 +582,7 @@ REQUEST_TYPES: tuple[type[Request], ...] = (
     Hello, GetStatus, Shutdown, PutEnvironment, GetEnvironment, ListEnvironments,
     UnsetVariables, DeleteEnvironment, ApplyEnvironments, RotateKey, CreateContext,
     IssueToken, GetContext, ListContexts, CompleteContext, FetchContext, ReleaseContext,
-    ListAudit, VerifyAudit,
+    ListAudit, VerifyAudit, QuarantineAudit,
 )
 RESPONSE_TYPES: tuple[type[Response], ...] = (
     Welcome, Status, Ok, Environment, EnvironmentList, Applied, KeyRotated, ContextCreated,
@@ -590,7 +597,7 @@ AnyRequest = (
     Hello | GetStatus | Shutdown | PutEnvironment | GetEnvironment | ListEnvironments
     | UnsetVariables | DeleteEnvironment | ApplyEnvironments | RotateKey | CreateContext
     | IssueToken | GetContext | ListContexts | CompleteContext | FetchContext | ReleaseContext
-    | ListAudit | VerifyAudit
+    | ListAudit | VerifyAudit | QuarantineAudit
 )
 AnyResponse = (
     Welcome | Status | Ok | Environment | EnvironmentList | Applied | KeyRotated

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 from ..protocol.errors import StartupError
 
-__all__ = ["MASTER_KEY_ID", "PEEK_DATA_KEYS", "PEEK_META", "PENDING_KEY_ID", "Store",
-           "StoreError", "StorePeek", "Tx", "open_store", "peek_store", "set_meta"]
+__all__ = ["MASTER_KEY_ID", "PEEK_DATA_KEYS", "PEEK_META", "PENDING_KEY_ID", "STORE_DEADLINE",
+           "Store", "StoreError", "StorePeek", "Tx", "open_store", "peek_store", "set_meta"]
 
 #: meta keys: the key check value of the master key, and of one a rotation is moving to
 MASTER_KEY_ID = "master_key_id"
@@ -34,6 +34,10 @@ PENDING_KEY_ID = "pending_master_key_id"
 #: what :func:`peek_store` reads, in SQL both backends accept (every schema version has it)
 PEEK_META = "SELECT key, value FROM meta WHERE key IN (?, ?)"
 PEEK_DATA_KEYS = "SELECT id, wrapped, wrapped_next FROM data_keys ORDER BY id"
+#: seconds one read or write of a shared store may take before it answers ``unavailable``
+#: (a database that hangs rather than refuses): well under the client's 30 s timeout, so
+#: a runner hears why, and over what a sweep or a retention cut of a large log needs
+STORE_DEADLINE = 10.0
 
 
 class StoreError(StartupError):
@@ -139,12 +143,15 @@ class Store(Protocol):
 
     def write(self) -> AbstractAsyncContextManager[Tx]:
         """One write, all or nothing and durable once the block exits, errors translated
-        to BrokerErrors. (SQLite may commit writes that queue up together in one
-        transaction, each in a savepoint: still all or nothing, each.)"""
+        to BrokerErrors (a shared store's answers ``unavailable`` after
+        :data:`STORE_DEADLINE` when the database does not answer). (SQLite may commit
+        writes that queue up together in one transaction, each in a savepoint: still all
+        or nothing, each.)"""
         ...
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        """Run one query and return all rows, errors translated."""
+        """Run one query and return all rows, errors translated (bounded as
+        :meth:`write` is)."""
         ...
 
     async def read_one(self, sql: str, params: Sequence[Any] = ()) -> Any:

@@ -121,6 +121,12 @@ class Row:
         return cls(("contexts", row_id, execution_id, created_at, expires_at, keys, sealed))
 
     @classmethod
+    def tombstone(cls, row_id: int, execution_id: str, expires_at: float) -> Row:
+        """A completed context: its row, and until when a copy of that row would still be
+        served (so the tombstone cannot be made to expire sooner)."""
+        return cls(("tombstones", row_id, execution_id, expires_at))
+
+    @classmethod
     def token(cls, token_id: str, hash_: bytes, context_id: int, created_at: float,
               expires_at: float, max_uses: int | None, uses: int,
               runners: str | None = None) -> Row:

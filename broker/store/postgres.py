@@ -13,9 +13,13 @@ trusted. It runs a heartbeat; :meth:`PostgresStore.fresh_until` is the last
 moment the connection was known good plus the staleness window. When the
 connection drops, notifications sent meanwhile are lost, so on reconnecting the
 broker is told to resynchronise before the window opens again. While the
-database is unreachable every read and write fails at once with
-``unavailable``; the pool reconnects by itself when the database returns
-(with backoff for the listener), so no restart is needed.
+database refuses connections every read and write fails at once with
+``unavailable``; while it does not answer at all (a hung server, a black-holed
+network), each read and write fails with ``unavailable`` after
+:data:`~.backend.STORE_DEADLINE` at most, its connection abandoned (a statement
+lost in a hung connection cannot be cancelled through it). The pool reconnects
+by itself when the database returns (with backoff for the listener), so no
+restart is needed.
 
 Store-wide locks are transaction-scoped advisory locks whose keys are derived
 from the schema name; schema migrations hold a session-scoped one, so several
@@ -33,7 +37,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -54,6 +58,7 @@ from .backend import (
     PEEK_DATA_KEYS,
     PEEK_META,
     PENDING_KEY_ID,
+    STORE_DEADLINE,
     StoreError,
     StorePeek,
 )
@@ -146,6 +151,98 @@ MIGRATIONS: tuple[str, ...] = (
     END $$;
     CREATE TRIGGER audit_guard BEFORE UPDATE OR DELETE ON audit
         FOR EACH ROW EXECUTE FUNCTION stigmer_audit_guard();
+    """,
+    # 2: what the broker assumes, enforced against a role that may write a row (the
+    # SQLite store's version 5 says the same). An audit record's number is the database's
+    # (the last one + 1, under the store-wide "audit" lock every broker's append holds,
+    # so a broker's own numbering agrees and another inserter waits its turn). A use count
+    # never goes down. A completed context leaves a tombstone, kept until the context would
+    # have expired, and never changed. A bad audit record is moved aside (quarantined)
+    # only with a copy kept. Roles granted on contexts get the same on the new tables.
+    """
+    CREATE FUNCTION stigmer_audit_seq() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock(('x' || left(encode(sha256(convert_to(
+            'stigmer:' || TG_TABLE_SCHEMA || ':audit', 'UTF8')), 'hex'), 16))::bit(64)::bigint);
+        NEW.seq := (SELECT coalesce(max(seq), 0) + 1 FROM audit);
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER audit_seq BEFORE INSERT ON audit
+        FOR EACH ROW EXECUTE FUNCTION stigmer_audit_seq();
+    CREATE TABLE audit_quarantine (
+        seq BIGINT PRIMARY KEY,
+        at DOUBLE PRECISION,
+        event TEXT,
+        outcome TEXT,
+        execution_id TEXT COLLATE "C",
+        token_id TEXT,
+        peer_uid BIGINT,
+        peer_pid BIGINT,
+        detail TEXT,
+        hash TEXT NOT NULL
+    );
+    CREATE OR REPLACE FUNCTION stigmer_audit_guard() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+    BEGIN
+        IF TG_OP = 'UPDATE' THEN
+            RAISE EXCEPTION 'the audit log is append-only';
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM audit WHERE event = 'audit.checkpoint'
+                       AND seq > OLD.seq)
+           AND NOT EXISTS (SELECT 1 FROM audit_quarantine q
+                           WHERE q.seq = OLD.seq AND q.hash = OLD.hash) THEN
+            RAISE EXCEPTION 'audit records are removed only behind a checkpoint';
+        END IF;
+        RETURN OLD;
+    END $$;
+    CREATE FUNCTION stigmer_uses_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.uses < OLD.uses THEN
+            RAISE EXCEPTION 'a token''s use count never goes down';
+        END IF;
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER tokens_uses_guard BEFORE UPDATE OF uses ON tokens
+        FOR EACH ROW EXECUTE FUNCTION stigmer_uses_guard();
+    CREATE TABLE tombstones (
+        context_id BIGINT NOT NULL,
+        execution_id TEXT COLLATE "C" NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        mac BYTEA NOT NULL
+    );
+    CREATE INDEX tombstones_by_context ON tombstones(context_id);
+    CREATE INDEX tombstones_by_expiry ON tombstones(expires_at);
+    CREATE FUNCTION stigmer_tombstone_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'UPDATE' THEN
+            RAISE EXCEPTION 'tombstones are never changed';
+        END IF;
+        IF OLD.expires_at > extract(epoch FROM clock_timestamp()) THEN
+            RETURN NULL;  -- kept (silently: a sweep goes on) until its context would expire
+        END IF;
+        RETURN OLD;
+    END $$;
+    CREATE TRIGGER tombstone_guard BEFORE UPDATE OR DELETE ON tombstones
+        FOR EACH ROW EXECUTE FUNCTION stigmer_tombstone_guard();
+    DO $$
+    DECLARE
+        granted record;
+    BEGIN
+        FOR granted IN SELECT DISTINCT a.grantee::regrole::text AS role, a.privilege_type
+                FROM pg_class c, aclexplode(c.relacl) a
+                WHERE c.oid = 'contexts'::regclass AND a.grantee <> 0
+                AND a.grantee <> c.relowner LOOP
+            IF granted.privilege_type = 'SELECT' THEN
+                EXECUTE format('GRANT SELECT ON tombstones, audit_quarantine TO %s',
+                               granted.role);
+            ELSIF granted.privilege_type = 'DELETE' THEN
+                EXECUTE format('GRANT INSERT, DELETE ON tombstones TO %s; '
+                               'GRANT INSERT ON audit_quarantine TO %s',
+                               granted.role, granted.role);
+            END IF;
+        END LOOP;
+    END $$;
     """,
 )
 
@@ -280,6 +377,8 @@ class PostgresStore:
         self.user = user
         self.migrated_from = len(MIGRATIONS)
         self.stale_after = stale_after
+        #: how long one read or write may take before it answers ``unavailable``
+        self.deadline = STORE_DEADLINE
         self._connect_timeout = connect_timeout
         self.channel = f"stigmer:{schema}"[:63]
         self._alive_at = time.monotonic()  # the pool just answered
@@ -295,7 +394,7 @@ class PostgresStore:
         shown = redact_url(url)
         try:
             pool = await asyncpg.create_pool(
-                url, min_size=1, max_size=8, timeout=connect_timeout, command_timeout=30,
+                url, min_size=1, max_size=8, timeout=connect_timeout,
                 server_settings={"application_name": "stigmer-broker"}, reset=_keep_session)
         except _DATABASE_ERRORS as exc:
             raise _cannot_connect(shown, exc) from None
@@ -409,67 +508,108 @@ class PostgresStore:
 
     # ------------------------------------------------------------- the boundaries
 
+    @contextlib.contextmanager
+    def _deadline(self) -> Iterator[anyio.CancelScope]:
+        """Bound one read or write: past :attr:`deadline` (a database that does not
+        answer), what it awaits is cancelled and it raises Unavailable."""
+        with anyio.move_on_after(self.deadline) as scope:
+            yield scope
+        if scope.cancelled_caught:
+            raise Unavailable(f"the store {self.url} did not answer within "
+                              f"{self.deadline:g} s; nothing was changed: retry once it "
+                              "answers again")
+
+    async def _release(self, conn: Any, exc: BaseException | None = None) -> None:
+        """Give ``conn`` back to the pool; a connection whose statement was cancelled
+        (a deadline) is closed instead: cancelling it through a hung server would hang."""
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            conn.terminate()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.deadline) as scope:
+            await self._pool.release(conn)
+        if scope.cancelled_caught:
+            conn.terminate()
+
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
-        try:  # no timeout of its own: a new connection has one, a busy pool frees up
+        try:  # bounded by the caller's deadline; a new connection has its own timeout
             conn = await self._pool.acquire()
         except _CONNECTION_ERRORS as exc:
             raise self._unavailable(exc) from None
+        failed: BaseException | None = None
         try:
             yield conn
+        except BaseException as exc:
+            failed = exc
+            raise
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._pool.release(conn)
+            await self._release(conn, failed)
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[PgTx]:
-        for attempt in (1, 2):  # a pooled connection the database dropped: once more
-            async with self._connection() as conn:
-                tx = conn.transaction()
-                try:
-                    await tx.start()
-                except Exception as exc:
-                    if attempt == 1 and isinstance(exc, _CONNECTION_ERRORS):
-                        continue
-                    raise self._translate(exc) from None
-                statements = PgTx(conn, self._lock_key)
-                try:
-                    yield statements
-                    for message in statements.messages:
-                        await conn.execute("SELECT pg_notify($1, $2)", self.channel, message)
-                except BaseException as exc:
-                    with anyio.CancelScope(shield=True), \
-                            contextlib.suppress(*_DATABASE_ERRORS):
-                        await tx.rollback()
-                    if isinstance(exc, BrokerError) or not isinstance(exc, Exception):
-                        raise
-                    raise self._translate(exc) from None
-                try:
-                    with anyio.CancelScope(shield=True):
-                        await tx.commit()
-                except _CONNECTION_ERRORS as exc:
-                    raise self._unavailable(exc, committing=True) from None
-                except Exception as exc:
-                    raise self._translate(exc) from None
-                return
+        with self._deadline() as deadline:
+            for attempt in (1, 2):  # a pooled connection the database dropped: once more
+                async with self._connection() as conn:
+                    tx = conn.transaction()
+                    try:
+                        await tx.start()
+                    except Exception as exc:
+                        if attempt == 1 and isinstance(exc, _CONNECTION_ERRORS):
+                            continue
+                        raise self._translate(exc) from None
+                    statements = PgTx(conn, self._lock_key)
+                    try:
+                        yield statements
+                        for message in statements.messages:
+                            await conn.execute("SELECT pg_notify($1, $2)", self.channel,
+                                               message)
+                    except BaseException as exc:
+                        if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                            await self._roll_back(conn, tx)  # (else it is closed unfinished)
+                        if isinstance(exc, BrokerError) or not isinstance(exc, Exception):
+                            raise
+                        raise self._translate(exc) from None
+                    # shielded from everything but the deadline: a commit sent is not
+                    # abandoned for a cancelled client
+                    with anyio.CancelScope(shield=True, deadline=deadline.deadline) as commit:
+                        try:
+                            await tx.commit()
+                        except _CONNECTION_ERRORS as exc:
+                            raise self._unavailable(exc, committing=True) from None
+                        except Exception as exc:
+                            raise self._translate(exc) from None
+                    if commit.cancelled_caught:
+                        conn.terminate()
+                        raise Unavailable(
+                            f"the store {self.url} did not answer the commit within "
+                            f"{self.deadline:g} s; the change may or may not have been made: "
+                            "check, then retry")
+                    return
+
+    async def _roll_back(self, conn: Any, tx: Any) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.deadline) as scope, \
+                contextlib.suppress(*_DATABASE_ERRORS):
+            await tx.rollback()
+        if scope.cancelled_caught:
+            conn.terminate()
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         query = _dialect(sql)
-        for attempt in (1, 2):  # a connection the database dropped: once more, on another
-            try:
-                if self._reading:  # the connection kept for reads is busy: a pooled one
-                    async with self._connection() as conn:
-                        rows = await conn.fetch(query, *params)
-                else:
-                    rows = await self._read_kept(query, params)
-                return [tuple(r) for r in rows]
-            except _CONNECTION_ERRORS as exc:
-                if attempt == 2:
+        with self._deadline():
+            for attempt in (1, 2):  # a connection the database dropped: once more, on another
+                try:
+                    if self._reading:  # the connection kept for reads is busy: a pooled one
+                        async with self._connection() as conn:
+                            rows = await conn.fetch(query, *params)
+                    else:
+                        rows = await self._read_kept(query, params)
+                    return [tuple(r) for r in rows]
+                except _CONNECTION_ERRORS as exc:
+                    if attempt == 2:
+                        raise self._translate(exc) from None
+                except BrokerError:
+                    raise
+                except Exception as exc:
                     raise self._translate(exc) from None
-            except BrokerError:
-                raise
-            except Exception as exc:
-                raise self._translate(exc) from None
         raise AssertionError("unreachable")
 
     async def _read_kept(self, query: str, params: Sequence[Any]) -> list[Any]:
@@ -480,11 +620,10 @@ class PostgresStore:
             if self._reader is None:
                 self._reader = await self._pool.acquire()
             return list(await self._reader.fetch(query, *params))
-        except BaseException:
+        except BaseException as exc:
             reader, self._reader = self._reader, None
             if reader is not None:  # broken, or cancelled mid-query: the pool sees to it
-                with anyio.CancelScope(shield=True):
-                    await self._pool.release(reader)
+                await self._release(reader, exc)
             raise
         finally:
             self._reading = False
@@ -574,6 +713,9 @@ GRANT SELECT ON meta, data_keys, contexts, tokens, audit TO {runner};
 GRANT SELECT (id) ON environments TO {runner};
 GRANT UPDATE (uses, mac) ON tokens TO {runner};
 GRANT INSERT ON audit TO {runner};
+GRANT SELECT, INSERT, DELETE ON tombstones TO {control};
+GRANT SELECT, INSERT ON audit_quarantine TO {control};
+GRANT SELECT ON tombstones, audit_quarantine TO {runner};
 ALTER ROLE {control} SET search_path = {schema};
 ALTER ROLE {runner} SET search_path = {schema};
 """

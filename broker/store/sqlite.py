@@ -7,8 +7,11 @@ pages). Every write runs in :meth:`SqliteStore.write`, in a savepoint of an expl
 ``BEGIN IMMEDIATE`` transaction: writes that queue while one commits share the next
 transaction and its fsync (group commit), and none returns before that COMMIT has
 run. Every sqlite error is translated there or in :meth:`SqliteStore.read`
-(disk full becomes ResourceExhausted, anything else Internal), so no
-"database is locked" or sqlite traceback reaches a client. This module is the
+(disk full becomes ResourceExhausted, anything else Internal), and so is a
+number too large for the file's integers (``OverflowError``, which the sqlite3
+module raises outside its own tree), so no "database is locked" or sqlite
+traceback reaches a client, nor a caller that treats store errors as broker
+errors (a write that has committed, then fails to flush its audit records). This module is the
 only one that imports sqlite; the domain modules hand it their SQL.
 
 The store holds only what is safe on disk: non-secret values as they are,
@@ -47,6 +50,9 @@ __all__ = ["MIGRATIONS", "ROW_MACS_SINCE", "SqliteStore", "SqliteTx", "peek"]
 
 log = logging.getLogger("stigmer.broker")
 
+#: what the sqlite3 module raises for a statement: its errors, and a Python int that does
+#: not fit a 64-bit integer column
+_STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, OverflowError)
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: key check values, data keys, environments
@@ -133,6 +139,55 @@ MIGRATIONS: tuple[str, ...] = (
     # the processes that may open its context by execution id
     """
     ALTER TABLE tokens ADD COLUMN runners TEXT;
+    """,
+    # 5: what the broker assumes, enforced (the file may be written by someone without the
+    # key): an audit record takes the number after the last one; a use count never goes
+    # down (writing back a saved count and MAC would reset a bound); a completed context
+    # leaves a tombstone, kept until the context would have expired, so its saved rows
+    # written back are not served again; a bad audit record is moved aside (quarantined,
+    # kept as evidence) only by the operator's command, which the chain records
+    """
+    CREATE TRIGGER audit_seq_follows BEFORE INSERT ON audit
+        WHEN new.seq IS NOT (SELECT coalesce(max(seq), 0) + 1 FROM audit)
+        BEGIN SELECT RAISE(ABORT, 'an audit record takes the number after the last one'); END;
+    CREATE TABLE audit_quarantine (
+        seq INTEGER PRIMARY KEY,
+        at REAL,
+        event TEXT,
+        outcome TEXT,
+        execution_id TEXT,
+        token_id TEXT,
+        peer_uid INTEGER,
+        peer_pid INTEGER,
+        detail TEXT,
+        hash TEXT NOT NULL
+    );
+    CREATE TRIGGER audit_quarantine_kept BEFORE UPDATE ON audit_quarantine
+        BEGIN SELECT RAISE(ABORT, 'quarantined audit records are kept as they are'); END;
+    CREATE TRIGGER audit_quarantine_no_delete BEFORE DELETE ON audit_quarantine
+        BEGIN SELECT RAISE(ABORT, 'quarantined audit records are kept as they are'); END;
+    DROP TRIGGER audit_no_delete;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        WHEN NOT EXISTS (SELECT 1 FROM audit WHERE event = 'audit.checkpoint' AND seq > old.seq)
+            AND NOT EXISTS (SELECT 1 FROM audit_quarantine q
+                            WHERE q.seq = old.seq AND q.hash = old.hash)
+        BEGIN SELECT RAISE(ABORT, 'audit records are removed only behind a checkpoint'); END;
+    CREATE TRIGGER tokens_uses_never_down BEFORE UPDATE OF uses ON tokens
+        WHEN new.uses < old.uses
+        BEGIN SELECT RAISE(ABORT, 'a token''s use count never goes down'); END;
+    CREATE TABLE tombstones (
+        context_id INTEGER NOT NULL,
+        execution_id TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        mac BLOB NOT NULL
+    );
+    CREATE INDEX tombstones_by_context ON tombstones(context_id);
+    CREATE INDEX tombstones_by_expiry ON tombstones(expires_at);
+    CREATE TRIGGER tombstones_kept BEFORE UPDATE ON tombstones
+        BEGIN SELECT RAISE(ABORT, 'tombstones are never changed'); END;
+    CREATE TRIGGER tombstones_outlive_their_context BEFORE DELETE ON tombstones
+        WHEN old.expires_at > (julianday('now') - 2440587.5) * 86400.0
+        BEGIN SELECT RAISE(IGNORE); END;
     """,
 )
 
@@ -354,10 +409,10 @@ class SqliteStore:
                     await db.execute("RELEASE write")
             except BaseException as exc:
                 await self._undo(batch)
-                if isinstance(exc, sqlite3.Error):
+                if isinstance(exc, _STORE_ERRORS):
                     raise _translate(exc) from None
                 raise
-        except sqlite3.Error as exc:
+        except _STORE_ERRORS as exc:
             raise _translate(exc) from None
         finally:
             if self._queued == 0:  # the last write queued commits the group, failed or not
@@ -417,7 +472,7 @@ class SqliteStore:
                 await self._commit_open()
                 with anyio.CancelScope(shield=True):  # see Tx
                     rows = await self._db.execute_fetchall(sql, params)
-        except sqlite3.Error as exc:
+        except _STORE_ERRORS as exc:
             raise _translate(exc) from None
         return list(rows)
 
@@ -448,8 +503,11 @@ class SqliteStore:
         return None if value is None else str(value)
 
 
-def _translate(exc: sqlite3.Error) -> Exception:
+def _translate(exc: Exception) -> Exception:
     log.error("store error: %s: %s", type(exc).__name__, exc)
+    if isinstance(exc, OverflowError):
+        return Internal("a number is too large for the store (over 2**63 - 1); nothing was "
+                        "changed")
     code = getattr(exc, "sqlite_errorcode", None)
     if code == sqlite3.SQLITE_FULL or "disk is full" in str(exc) or \
             getattr(exc, "sqlite_errorname", "") == "SQLITE_IOERR_WRITE":

@@ -45,6 +45,7 @@ from stigmer.broker.protocol import (
     ListEnvironments,
     Ok,
     PutEnvironment,
+    QuarantineAudit,
     ReleaseContext,
     Request,
     Response,
@@ -393,3 +394,7 @@ class AsyncClient:
     async def verify_audit(self) -> AuditVerified:
         """Check the audit log's hash chain."""
         return await self.call(VerifyAudit(id=self._ids()), AuditVerified)
+
+    async def quarantine_audit(self, seq: int) -> None:
+        """Move the bad audit record ``seq``, the one :meth:`verify_audit` names, aside."""
+        await self.call(QuarantineAudit(id=self._ids(), seq=seq), Ok)

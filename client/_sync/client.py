@@ -46,6 +46,7 @@ from stigmer.broker.protocol import (
     ListEnvironments,
     Ok,
     PutEnvironment,
+    QuarantineAudit,
     ReleaseContext,
     Request,
     Response,
@@ -394,3 +395,7 @@ class Client:
     def verify_audit(self) -> AuditVerified:
         """Check the audit log's hash chain."""
         return self.call(VerifyAudit(id=self._ids()), AuditVerified)
+
+    def quarantine_audit(self, seq: int) -> None:
+        """Move the bad audit record ``seq``, the one :meth:`verify_audit` names, aside."""
+        self.call(QuarantineAudit(id=self._ids(), seq=seq), Ok)
