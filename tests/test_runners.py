@@ -388,6 +388,34 @@ async def test_denials_from_a_process_per_request_share_one_audit_record(
         assert all(r.peer_pid is None and "pid" not in r.detail for r in rows), rows
 
 
+async def test_denials_for_made_up_ids_and_admin_requests_share_records(
+        runner_broker: RunningBroker, users: dict[str, pwd.struct_passwd]) -> None:
+    """A made-up execution id per request, or an admin request per process, wrote one
+    audit record each: the id, or the pid, was in the count's key."""
+    n = 12
+    at = f"at:{time.time() + 3}"  # all the requests within one flush interval
+    replies: list[Response] = []
+
+    async def one(request: object) -> None:
+        replies.append(await anyio.to_thread.run_sync(functools.partial(
+            fetch_raw, runner_broker.socket, "", mode=at, request=request,
+            user=users[MEMBER])))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(one, FetchContext(id=2, execution_id=f"made-up-{i}") if i % 2
+                          else ListContexts(id=2))
+    assert all(isinstance(r, Error) and r.code == "permission_denied" for r in replies)
+    async with AsyncClient(runner_broker.socket) as admin:
+        records = [r for r in await admin.audit(limit=1000) if r.outcome == "denied"]
+    for event in ("fetch", "request"):
+        rows = [r for r in records if r.event == event]
+        counts = [int(r.detail.rpartition("count=")[2]) if "count=" in r.detail else 1
+                  for r in rows]
+        assert sum(counts) == n // 2 and len(rows) <= 2, rows
+        assert all(r.peer_pid is None and "made-up" not in r.execution_id for r in rows)
+
+
 async def test_refused_grants_cut_the_connection_as_bad_tokens_do(
         runner_broker: RunningBroker) -> None:
     """permission_denied did not count towards the connection's failure cut, so one
