@@ -119,6 +119,20 @@ if mode.startswith("traced-exec:"):  # the connecting process execs the granted 
         os._exit(0)
     traceme()
     os.execv(target, [target, "60"])
+if mode == "stopped":  # the granted process is held stopped; a forked half reads
+    connected, (done_r, done_w) = os.getpid(), os.pipe()
+    if os.fork() == 0:
+        os.kill(connected, 19)  # SIGSTOP
+        while b"T (stopped)" not in open(f"/proc/{connected}/status", "rb").read():
+            time.sleep(0.01)
+        try:
+            finish(s)
+        finally:
+            os.kill(connected, 18)  # SIGCONT
+            os.write(done_w, b"x")
+        os._exit(0)
+    os.read(done_r, 1)
+    sys.exit(0)
 if mode.startswith("exec:"):  # become another binary, keeping the connection
     os.set_inheritable(s.fileno(), True)
     os.execv(mode[5:], [mode[5:], "-c", sys.argv[5], path, "", request, f"fd:{s.fileno()}"])
@@ -311,7 +325,10 @@ async def test_an_exe_term_refuses_a_traced_process_and_one_that_exec_d_after_co
     assert denied(await anyio.to_thread.run_sync(
         lambda: fetch_raw(runner_broker.socket, "exec-sleep", user=member,
                           mode=f"traced-exec:{sleep}")))
+    assert denied(await anyio.to_thread.run_sync(  # held by SIGSTOP, no tracer
+        lambda: fetch_raw(runner_broker.socket, "exec-me", user=member, mode="stopped")))
     assert "the process is being traced" in await _denials(runner_broker, "exec-me")
+    assert "the process is stopped" in await _denials(runner_broker, "exec-me")
     assert "the process runs another binary than when it connected" in await _denials(
         runner_broker, "exec-sleep")
 
