@@ -602,8 +602,8 @@ class Contexts:
             selector = matching_selector(runners, peer.process.attest())
         except LookupError as exc:
             problem = str(exc)
-        if grant is None:
-            self._deny(event, execution_id, peer, "no live context with runner grants")
+        if grant is None:  # a made-up id: not in the record's key, or each one is a record
+            self._deny(event, "", peer, "no live context with runner grants for the id")
         if not usable:
             self._deny(event, execution_id, peer, "expired or used up")
         if problem:

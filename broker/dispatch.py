@@ -202,7 +202,8 @@ class Dispatcher:
     async def handle(self, request: Request, peer: Peer) -> Response:
         """Return the response to ``request``; raise a BrokerError to refuse it."""
         if request.admin and not peer.admin:
-            self.audit.count("request", "denied", peer_uid=peer.uid, peer_pid=peer.pid,
+            # by uid and cause: a process per request adds to one record's count
+            self.audit.count("request", "denied", peer_uid=peer.uid,
                              detail=f"op={type(request).__name__}")
             raise PermissionDenied(
                 f"{type(request).__name__} is for the broker's owner; runner-group members "

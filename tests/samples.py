@@ -35,6 +35,7 @@ from stigmer.broker.protocol import (
     ListEnvironments,
     Ok,
     PutEnvironment,
+    QuarantineAudit,
     ReleaseContext,
     Request,
     Response,
@@ -99,6 +100,7 @@ SAMPLES: dict[str, Request | Response] = {
     "ReleaseContext": ReleaseContext(id=18, execution_id="exec-1"),
     "ListAudit": ListAudit(id=19, execution_id="exec-1", limit=10, page_token="42"),
     "VerifyAudit": VerifyAudit(id=20),
+    "QuarantineAudit": QuarantineAudit(id=21, seq=5),
     "ContextCreated": ContextCreated(
         id=12, execution_id="exec-1", expires_at=1700003600.0, token="stg_" + "A" * 43,
         token_id="tok_0123456789ab", token_expires_at=1700000060.0,

@@ -321,6 +321,10 @@ async def test_a_runner_host_role_fetches_and_is_refused_writes(
                             b.complete_context("exec-1")):
                 with pytest.raises(PermissionDenied, match="serves fetches only"):
                     await attempt
+            # a read it may not do is not called a change
+            with pytest.raises(PermissionDenied, match=r"may not do that: it serves fetches "
+                               r"only \(it cannot read environments"):
+                await b.list_environments()
             assert (await b.verify_audit()).ok
             status = await b.status()
             assert (status.environments, status.store_problem) == (1, "")

@@ -124,6 +124,11 @@ def test_json_masking_keeps_every_message_valid_json() -> None:
     assert out == {"id": 12345678, "result": {"n": MASK.decode()}}
     # not JSON: masked as bytes, passed on
     assert numbers.line(b"oops 12345678\n") == b"oops " + MASK + b"\n"
+    # a request the server sends carries an id it chose: a string id is masked too
+    sampling = json.loads(masker.line(json.dumps(
+        {"jsonrpc": "2.0", "id": f"req-{secret}", "method": "sampling/createMessage"}
+    ).encode() + b"\n"))
+    assert "sentinel" not in json.dumps(sampling) and sampling["id"].startswith("req-")
 
 
 @pytest.mark.anyio

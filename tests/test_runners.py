@@ -119,6 +119,20 @@ if mode.startswith("traced-exec:"):  # the connecting process execs the granted 
         os._exit(0)
     traceme()
     os.execv(target, [target, "60"])
+if mode == "stopped":  # the granted process is held stopped; a forked half reads
+    connected, (done_r, done_w) = os.getpid(), os.pipe()
+    if os.fork() == 0:
+        os.kill(connected, 19)  # SIGSTOP
+        while b"T (stopped)" not in open(f"/proc/{connected}/status", "rb").read():
+            time.sleep(0.01)
+        try:
+            finish(s)
+        finally:
+            os.kill(connected, 18)  # SIGCONT
+            os.write(done_w, b"x")
+        os._exit(0)
+    os.read(done_r, 1)
+    sys.exit(0)
 if mode.startswith("exec:"):  # become another binary, keeping the connection
     os.set_inheritable(s.fileno(), True)
     os.execv(mode[5:], [mode[5:], "-c", sys.argv[5], path, "", request, f"fd:{s.fileno()}"])
@@ -311,7 +325,10 @@ async def test_an_exe_term_refuses_a_traced_process_and_one_that_exec_d_after_co
     assert denied(await anyio.to_thread.run_sync(
         lambda: fetch_raw(runner_broker.socket, "exec-sleep", user=member,
                           mode=f"traced-exec:{sleep}")))
+    assert denied(await anyio.to_thread.run_sync(  # held by SIGSTOP, no tracer
+        lambda: fetch_raw(runner_broker.socket, "exec-me", user=member, mode="stopped")))
     assert "the process is being traced" in await _denials(runner_broker, "exec-me")
+    assert "the process is stopped" in await _denials(runner_broker, "exec-me")
     assert "the process runs another binary than when it connected" in await _denials(
         runner_broker, "exec-sleep")
 
@@ -386,6 +403,34 @@ async def test_denials_from_a_process_per_request_share_one_audit_record(
                   for r in rows]
         assert sum(counts) == n // 2 and len(rows) <= 2, rows
         assert all(r.peer_pid is None and "pid" not in r.detail for r in rows), rows
+
+
+async def test_denials_for_made_up_ids_and_admin_requests_share_records(
+        runner_broker: RunningBroker, users: dict[str, pwd.struct_passwd]) -> None:
+    """A made-up execution id per request, or an admin request per process, wrote one
+    audit record each: the id, or the pid, was in the count's key."""
+    n = 12
+    at = f"at:{time.time() + 3}"  # all the requests within one flush interval
+    replies: list[Response] = []
+
+    async def one(request: object) -> None:
+        replies.append(await anyio.to_thread.run_sync(functools.partial(
+            fetch_raw, runner_broker.socket, "", mode=at, request=request,
+            user=users[MEMBER])))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(one, FetchContext(id=2, execution_id=f"made-up-{i}") if i % 2
+                          else ListContexts(id=2))
+    assert all(isinstance(r, Error) and r.code == "permission_denied" for r in replies)
+    async with AsyncClient(runner_broker.socket) as admin:
+        records = [r for r in await admin.audit(limit=1000) if r.outcome == "denied"]
+    for event in ("fetch", "request"):
+        rows = [r for r in records if r.event == event]
+        counts = [int(r.detail.rpartition("count=")[2]) if "count=" in r.detail else 1
+                  for r in rows]
+        assert sum(counts) == n // 2 and len(rows) <= 2, rows
+        assert all(r.peer_pid is None and "made-up" not in r.execution_id for r in rows)
 
 
 async def test_refused_grants_cut_the_connection_as_bad_tokens_do(

@@ -8,11 +8,20 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
 import pytest
-from conftest import NOBODY, PtyProcess, cli_env, cli_for_nobody, need_program, run_cli
+from conftest import (
+    NOBODY,
+    PtyProcess,
+    cli_env,
+    cli_for_nobody,
+    need_program,
+    python_for_nobody,
+    run_cli,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -360,6 +369,47 @@ def test_runs_environ_is_closed_to_the_command_as_an_ordinary_user(short_dir: Pa
     finally:
         daemon.terminate()
         daemon.communicate(timeout=30)
+
+
+GUARDED = ("import ctypes, os, site, sys\n"
+           "site.addsitedir(sys.argv[1])\n"
+           "from stigmer.broker.cli.guard import guard_run_process\n"
+           "guard_run_process(['STIGMER_EXECUTION_TOKEN'])\n"
+           "fields = open('/proc/self/stat', 'rb').read().rpartition(b')')[2].split()\n"
+           "start, end = int(fields[47]), int(fields[48])\n"
+           "block = ctypes.string_at(start, end - start)\n"
+           "print('found' if sys.argv[2].encode() in block else 'blank', "
+           "os.environ.get('STIGMER_EXECUTION_TOKEN'))\n")
+
+
+def test_the_guard_blanks_the_environment_block_as_an_ordinary_user() -> None:
+    """Not dumpable, an ordinary user's /proc/self/environ is root's: the block is read
+    and blanked in place, so what a root-run test saw holds for users too."""
+    python = python_for_nobody()
+    sentinel = "stg_token-sentinel-93f2"
+    result = subprocess.run([python, "-c", GUARDED, sysconfig.get_paths()["purelib"],
+                             sentinel], user=NOBODY, group=NOBODY, extra_groups=[],
+                            env={"STIGMER_EXECUTION_TOKEN": sentinel, "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["blank", "None"], result.stdout
+
+
+def test_mcp_proxy_closes_its_environment_to_the_server(
+        masked: tuple[Paths, dict[str, str]], short_dir: Path) -> None:
+    """The MCP server is the proxy's child, often third-party code: it must not find the
+    token or the key in /proc/$PPID/environ, as `run`'s command does not."""
+    _, env = masked
+    env = {**env, "STIGMER_ENCRYPTION_KEY": KEY_SENTINEL}
+    config = short_dir / "mcp.json"
+    config.write_text(json.dumps({"mcpServers": {"peek": {
+        "command": sys.executable,
+        "args": ["-c", PEEK, env["STIGMER_EXECUTION_TOKEN"], KEY_SENTINEL]}}}))
+    result = subprocess.run([sys.executable, "-m", "stigmer.broker", "mcp", "proxy",
+                             "--server", "peek", "--config", str(config)], env=env,
+                            input="", capture_output=True, text=True, timeout=60)
+    assert "self clean parent" in result.stdout, (result.stdout, result.stderr)
+    assert "found" not in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("how", ["flag", "variable"])

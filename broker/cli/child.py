@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 
 from .masking import Masker, terminal_forms
 
-__all__ = ["run_masked", "run_waiting"]
+__all__ = ["run_masked", "run_waiting", "write_all"]
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _CHUNK = 1 << 20
@@ -118,7 +118,7 @@ def _restore(handlers: dict[int, object]) -> None:
         signal.signal(signum, handler)  # type: ignore[arg-type]
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:
@@ -169,14 +169,14 @@ def _on_a_pty(command: Sequence[str], env: Mapping[str, str], secrets: set[str])
                 if not data:
                     readers.remove(master)
                 else:
-                    _write_all(stdout, masker.feed(data))
+                    write_all(stdout, masker.feed(data))
             if stdin in ready:
                 data = os.read(stdin, _CHUNK)
                 if data:
-                    _write_all(master, data)
+                    write_all(master, data)
                 else:
                     readers.remove(stdin)
-        _write_all(stdout, masker.flush())
+        write_all(stdout, masker.flush())
     finally:
         termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         _restore(handlers)
@@ -232,10 +232,10 @@ def _through_pipes(command: Sequence[str], env: Mapping[str, str], secrets: set[
                 masker, target = maskers[fd]
                 data = os.read(fd, _CHUNK)
                 if data:
-                    _write_all(target, masker.feed(data))
+                    write_all(target, masker.feed(data))
                 else:
                     readers.remove(fd)
-                    _write_all(target, masker.flush())
+                    write_all(target, masker.flush())
     finally:
         for fd in reads:
             os.close(fd)

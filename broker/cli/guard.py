@@ -42,18 +42,18 @@ def guard_run_process(names: Iterable[str]) -> None:
     for name in names:
         os.environ.pop(name, None)
     if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
+        with contextlib.suppress(OSError, ValueError, IndexError):  # no such stat field
             _blank_initial_environment(names)
 
 
 def _blank_initial_environment(names: set[str]) -> None:
     """Overwrite with NULs, in this process's memory, the values of ``names`` in the
     environment block the kernel shows as /proc/self/environ."""
-    with open("/proc/self/stat", "rb") as f:
+    with open("/proc/self/stat", "rb") as f:  # world-readable, dumpable or not
         fields = f.read().rpartition(b")")[2].split()
     start, end = int(fields[_ENV_START]), int(fields[_ENV_END])
-    with open("/proc/self/environ", "rb") as f:
-        block = f.read(end - start)
+    # read in place: once the process is not dumpable, /proc/self/environ is root's
+    block = ctypes.string_at(start, end - start)
     offset = 0
     for entry in block.split(b"\0"):
         name, sep, value = entry.partition(b"=")

@@ -58,6 +58,9 @@ def cmd_mcp_proxy(args: argparse.Namespace, paths: Paths) -> int:
     server = server_of(config, args.server, args.config)
     token, execution = credential_arg(args.token, args.execution)
     check_every = duration_arg(args.check_every, "--check-every")
+    from .guard import guard_run_process
+
+    guard_run_process(BROKER_VARIABLES)  # the server is its child: as `run` does
     mounts = [parse_mount(text) for text in args.mount or []]
     with connect(paths) as client:
         context = client.fetch_context(token, execution_id=execution)
@@ -93,8 +96,10 @@ def cmd_mcp_proxy(args: argparse.Namespace, paths: Paths) -> int:
         error(f"mcp server {server.name!r}: cannot run {argv[0]}: {exc.strerror}")
         return 127 if isinstance(exc, FileNotFoundError) else 126
     finally:
+        from .mounts import empty_mount
+
         for mount in mounts:
-            os.close(mount.fd)
+            empty_mount(mount)  # a process the server left behind reads nothing
     if ended:
         error(f"mcp server {server.name!r} stopped: the context ended (the broker refused "
               "to fetch it)")

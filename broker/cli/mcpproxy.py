@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import IO, Any
 
-from .child import _write_all
+from .child import write_all
 from .masking import MASK, Masker
 
 __all__ = ["GRACE_S", "JsonMasker", "relay"]
@@ -88,9 +88,11 @@ class JsonMasker:
         if isinstance(value, str):
             return self._string(value)
         if isinstance(value, dict):
-            # the message's own id is the client's to match replies with: never touched
-            return {self._string(k): v if top and k == "id" else self._value(v)
-                    for k, v in value.items()}
+            # The message's own numeric id is kept as it is: the client matches replies by
+            # it, and a reply's id is one the client chose. A string id is masked like any
+            # string (a request the server sends, sampling say, carries an id it chose).
+            return {self._string(k): v if top and k == "id" and not isinstance(v, str)
+                    else self._value(v) for k, v in value.items()}
         if isinstance(value, list):
             return [self._value(v) for v in value]
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -136,13 +138,13 @@ def relay(argv: list[str], env: dict[str, str], patterns: Iterable[str], *,
     def from_server(source: IO[bytes]) -> None:
         masker = JsonMasker(patterns)
         for line in iter(source.readline, b""):
-            _write_all(1, masker.line(line))
+            write_all(1, masker.line(line))
 
     def errors(source: IO[bytes]) -> None:
         masker = Masker(patterns)
         while data := os.read(source.fileno(), _CHUNK):
-            _write_all(2, masker.feed(data))
-        _write_all(2, masker.flush())
+            write_all(2, masker.feed(data))
+        write_all(2, masker.flush())
 
     def reap() -> None:
         proc.wait()

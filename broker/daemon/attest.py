@@ -140,8 +140,15 @@ class ProcessPin:
                 raise LookupError("the peer's binary could not be read when it connected")
             if identity[:2] != self._at_connect:
                 raise LookupError("the process runs another binary than when it connected")
-            if _status_field(_read_status(procfd), b"TracerPid:") != b"0":
+            status = _read_status(procfd)
+            if _status_field(status, b"TracerPid:") != b"0":
                 raise LookupError("the process is being traced")
+            # Stopped (SIGSTOP, or a tracer's stop): a process that exec'd the granted
+            # binary after the broker accepted it can be held before its first
+            # instruction while a forked half, holding the connection, reads the reply.
+            # A process asking for its own context is running, not stopped.
+            if _status_field(status, b"State:")[:1] in (b"T", b"t"):
+                raise LookupError("the process is stopped")
             path = os.readlink("exe", dir_fd=procfd)
             own_mounts = os.readlink("ns/mnt", dir_fd=procfd) == _own_mount_namespace()
             self._check_alive(procfd)

@@ -402,6 +402,9 @@ class _Session(asyncio.Protocol):
             await asyncio.get_running_loop().connect_accepted_socket(lambda: self, sock)
         except OSError:
             pass  # the peer hung up already: nothing to serve
+        except Exception:  # a bug here must cost one connection, never the server
+            log.exception("could not start serving a connection (peer uid %s)",
+                          self.peer.uid)
         finally:
             if self.transport is None:  # never made: that, or the server is stopping
                 sock.close()

@@ -495,8 +495,9 @@ class PostgresStore:
             return self._unavailable(exc)
         if isinstance(exc, asyncpg.exceptions.InsufficientPrivilegeError):
             return PermissionDenied(
-                f"this broker's database role ({self.user}) may not make that change: it "
-                "serves fetches only. Make changes through a broker with the control role")
+                f"this broker's database role ({self.user}) may not do that: it serves "
+                "fetches only (it cannot read environments, nor change anything). Use a "
+                "broker with the control role")
         if isinstance(exc, asyncpg.exceptions.UniqueViolationError):
             return AlreadyExists("another broker of the fleet made the same thing "
                                  "meanwhile; nothing was changed")

@@ -140,8 +140,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tokens ADD COLUMN runners TEXT;
     """,
-    # 5: what the broker assumes, enforced (the file may be written by someone without the
-    # key): an audit record takes the number after the last one; a use count never goes
+    # 5: what the broker assumes, enforced by the database against a client that writes
+    # through SQLite (one who edits the file itself can drop these triggers too: against
+    # that, the row MACs and the audit anchor stand): an audit record takes the number
+    # after the last one; a use count never goes
     # down (writing back a saved count and MAC would reset a bound); a completed context
     # leaves a tombstone, kept until the context would have expired, so its saved rows
     # written back are not served again; a bad audit record is moved aside (quarantined,
