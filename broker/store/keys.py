@@ -36,6 +36,7 @@ import anyio.to_thread
 from ..protocol.errors import StartupError
 from .backend import StoreError, StorePeek
 from .crypto import KEY_SIZE, SealError, key_id_of, new_key, unwrap_data_key
+from .files import fsync_path
 
 __all__ = [
     "ENV_KEY_ROTATION_HELP", "ENV_ORIGIN", "KEYRING_SERVICE", "KEYRING_USERNAME", "EnvKey",
@@ -209,7 +210,7 @@ class KeyFile:
             os.unlink(tmp)
         _create_key_file(tmp, key)
         os.replace(tmp, self.path)
-        _sync_directory(directory)
+        fsync_path(directory)
 
     def keep_aside(self, key: bytes) -> Path:
         """Save ``key`` (the one this file holds, about to be replaced) in a new 0600 file
@@ -222,7 +223,7 @@ class KeyFile:
                 _create_key_file(aside, key)
             except FileExistsError:
                 continue
-            _sync_directory(aside.parent)
+            fsync_path(aside.parent)
             return aside
         raise AssertionError("unreachable")  # pragma: no cover - count() never ends
 
@@ -238,14 +239,6 @@ def _create_key_file(path: Path, key: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sync_directory(directory: Path) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class Keychain:

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 from ..protocol.errors import FailedPrecondition
 from .anchor import Head
+from .files import fsync_path
 
 __all__ = ["FORMAT", "TABLE", "Replaced", "SnapshotError", "Taken", "install", "side_files",
            "take", "unpack"]
@@ -85,8 +86,8 @@ def take(store: Path, anchor: Head | None, out: Path) -> Taken:
             copy.execute(f"INSERT INTO {TABLE} VALUES (?, ?, ?, ?, ?)",
                          (FORMAT, _VERSION, time.time(), *(anchor or (None, None))))
             _check(copy, out)
-        _fsync(out)
-        _fsync(out.parent)
+        fsync_path(out)
+        fsync_path(out.parent)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(out)  # ours (O_EXCL above): no half backup is left behind
@@ -140,12 +141,12 @@ def install(staged: Path, store: Path, staged_anchor: Path | None, anchor: Path)
         raise SnapshotError(f"{staged} was not closed cleanly; nothing was changed")
     suffix = time.strftime(".before-restore-%Y%m%dT%H%M%S", time.gmtime())
     aside = Replaced(_move_aside(store, suffix, _SIDE), _move_aside(anchor, suffix, ()))
-    _fsync(staged)
+    fsync_path(staged)
     os.replace(staged, store)  # the store is in place: the point of no return
     if staged_anchor is not None:
-        _fsync(staged_anchor)
+        fsync_path(staged_anchor)
         os.replace(staged_anchor, anchor)
-    _fsync(store.parent)
+    fsync_path(store.parent)
     return aside
 
 
@@ -184,14 +185,6 @@ def _check(db: sqlite3.Connection, what: Path) -> None:
     result = [str(r[0]) for r in db.execute("PRAGMA quick_check").fetchall()]
     if result != ["ok"]:
         raise SnapshotError(f"{what} failed its integrity check ({result[0][:200]!r})")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _reason(exc: sqlite3.Error) -> str:
