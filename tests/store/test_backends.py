@@ -1,0 +1,117 @@
+"""The store contract: the same cases against SQLite and PostgreSQL, through
+:class:`~broker.store.backend.Store` and :class:`~broker.store.backend.Tx` only (as
+Vault's physical/testing.go and keyring's testing/backend.py test every backend).
+
+What a case here pins down, domain code may rely on whichever backend it runs on."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from stigmer.broker.protocol.errors import Internal
+from stigmer.broker.store.backend import Store, Tx
+
+pytestmark = pytest.mark.anyio
+
+#: a row both schemas have since their first version
+_ENV = "INSERT INTO environments(name, created_at, updated_at) VALUES (?, 0, 0) RETURNING id"
+
+
+async def _insert_env(db: Tx, name: str) -> int:
+    return await db.insert(_ENV, (name,))
+
+
+# ------------------------------------------------------------------ row shape
+
+
+async def test_rows_are_tuples(store: Store) -> None:
+    """Domain code unpacks and indexes rows positionally (contexts, environments, audit):
+    every backend hands back plain tuples, from a read and inside a write."""
+    async with store.write() as db:
+        await _insert_env(db, "a")
+        inside = await db.fetchall("SELECT name, created_at FROM environments")
+    rows = await store.read("SELECT name, created_at FROM environments")
+    for got in (rows, inside):
+        assert got == [("a", 0)]
+        assert all(type(row) is tuple for row in got)
+    assert await store.read_one("SELECT name FROM environments") == "a"
+    assert await store.read_one("SELECT name FROM environments WHERE name = ?", ("b",)) is None
+
+
+async def test_insert_returns_the_new_id(store: Store) -> None:
+    async with store.write() as db:
+        first = await _insert_env(db, "a")
+        second = await _insert_env(db, "b")
+    assert isinstance(first, int) and isinstance(second, int) and second > first
+    assert await store.read("SELECT id, name FROM environments ORDER BY id") == [
+        (first, "a"), (second, "b")]
+
+
+# --------------------------------------------------------------- transactions
+
+
+async def test_a_committed_write_is_read_back(store: Store) -> None:
+    async with store.write() as db:
+        await db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
+                             [("k1", "v1"), ("k2", "v2")])
+        await db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", [])
+    assert await store.meta("k2") == "v2"
+    assert await store.meta("none") is None
+
+
+async def test_try_lock_is_held_for_the_transaction(store: Store) -> None:
+    """``try_lock`` in a write succeeds unless another write that runs at the same moment
+    holds the lock; taken again in the same write it succeeds; it ends with the write.
+    SQLite runs one write at a time, so there it always succeeds."""
+    async with store.write() as db:
+        assert await db.try_lock("x")
+        assert await db.try_lock("x")
+        await db.lock("x")
+    async with store.write() as db:  # released by the end of the transaction
+        assert await db.try_lock("x")
+
+
+async def test_locked_writes_never_overlap(store: Store) -> None:
+    """Two writes that take the same lock (``lock``, or a ``try_lock`` that succeeded)
+    never run their locked parts at the same time, on either backend."""
+    inside: list[str] = []
+    overlapped: list[str] = []
+    skipped: list[str] = []
+
+    async def one(name: str, blocking: bool) -> None:
+        async with store.write() as db:
+            if blocking:
+                await db.lock("shared")
+            elif not await db.try_lock("shared"):
+                skipped.append(name)
+                return
+            if inside:
+                overlapped.append(name)
+            inside.append(name)
+            await anyio.sleep(0.05)
+            inside.remove(name)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            for number in range(4):
+                tg.start_soon(one, f"w{number}", number % 2 == 0)
+    assert overlapped == []
+    assert not {"w0", "w2"} & set(skipped)  # lock waits, it never skips
+
+
+# ------------------------------------------------------------- errors translated
+
+
+async def test_bad_sql_is_internal(store: Store) -> None:
+    """A missing table, a syntax error, a broken constraint other than a unique key: a bug
+    or a damaged store, Internal on both (never a backend's own exception)."""
+    for sql in ("SELECT * FROM no_such_table", "SELEKT 1",
+                "INSERT INTO environments(name) VALUES ('no times')"):
+        with pytest.raises(Internal):
+            await store.read(sql)
+        with pytest.raises(Internal):
+            async with store.write() as db:
+                await db.execute(sql)
+    async with store.write() as db:
+        await _insert_env(db, "after")  # the store still works
