@@ -7,7 +7,8 @@ pages). Every write runs in :meth:`SqliteStore.write`, in a savepoint of an expl
 ``BEGIN IMMEDIATE`` transaction: writes that queue while one commits share the next
 transaction and its fsync (group commit), and none returns before that COMMIT has
 run. Every sqlite error is translated there or in :meth:`SqliteStore.read`
-(disk full becomes ResourceExhausted, anything else Internal), and so is a
+(disk full becomes ResourceExhausted, a unique key taken AlreadyExists, anything
+else Internal), and so is a
 number too large for the file's integers (``OverflowError``, which the sqlite3
 module raises outside its own tree), so no "database is locked" or sqlite
 traceback reaches a client, nor a caller that treats store errors as broker
@@ -36,7 +37,7 @@ from typing import Any
 import aiosqlite
 import anyio
 
-from ..protocol.errors import Internal, ResourceExhausted
+from ..protocol.errors import AlreadyExists, Internal, ResourceExhausted
 from .backend import (
     MASTER_KEY_ID,
     PEEK_DATA_KEYS,
@@ -53,6 +54,9 @@ log = logging.getLogger("stigmer.broker")
 #: what the sqlite3 module raises for a statement: its errors, and a Python int that does
 #: not fit a 64-bit integer column
 _STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, OverflowError)
+#: the extended codes of a unique key or primary key already taken
+_UNIQUE_CLASHES = frozenset({sqlite3.SQLITE_CONSTRAINT_UNIQUE,
+                             sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY})
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: key check values, data keys, environments
@@ -518,6 +522,8 @@ def _translate(exc: Exception) -> Exception:
             "space and retry")
     if code == sqlite3.SQLITE_BUSY:
         return Internal("the store is busy; retry")
+    if code in _UNIQUE_CLASHES:  # as PostgreSQL's backend says it (the store contract)
+        return AlreadyExists("a row with the same unique key exists; nothing was changed")
     return Internal(f"the store failed ({type(exc).__name__}); see the broker's log")
 
 

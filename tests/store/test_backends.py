@@ -9,7 +9,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from stigmer.broker.protocol.errors import Internal
+from stigmer.broker.protocol.errors import AlreadyExists, Internal
 from stigmer.broker.store.backend import Store, Tx
 
 pytestmark = pytest.mark.anyio
@@ -101,6 +101,19 @@ async def test_locked_writes_never_overlap(store: Store) -> None:
 
 
 # ------------------------------------------------------------- errors translated
+
+
+async def test_a_unique_key_clash_is_already_exists(store: Store) -> None:
+    async with store.write() as db:
+        await _insert_env(db, "same")
+    with pytest.raises(AlreadyExists):
+        async with store.write() as db:
+            await _insert_env(db, "same")
+    with pytest.raises(AlreadyExists):  # a primary key too
+        async with store.write() as db:
+            await db.execute("INSERT INTO meta(key, value) VALUES ('k', 'v'), ('k', 'w')")
+    assert await store.read("SELECT name FROM environments") == [("same",)]
+    assert await store.read("SELECT key FROM meta") == []
 
 
 async def test_bad_sql_is_internal(store: Store) -> None:
