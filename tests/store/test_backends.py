@@ -51,6 +51,23 @@ async def test_insert_returns_the_new_id(store: Store) -> None:
 # --------------------------------------------------------------- transactions
 
 
+async def test_a_write_that_raises_rolls_back(store: Store) -> None:
+    class Boom(Exception):
+        pass
+
+    async def fails() -> None:
+        async with store.write() as db:
+            await _insert_env(db, "gone")
+            raise Boom
+
+    with pytest.raises(Boom):
+        await fails()
+    assert await store.read("SELECT name FROM environments") == []
+    async with store.write() as db:  # the store is usable after it
+        await _insert_env(db, "kept")
+    assert await store.read("SELECT name FROM environments") == [("kept",)]
+
+
 async def test_a_committed_write_is_read_back(store: Store) -> None:
     async with store.write() as db:
         await db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
