@@ -45,6 +45,8 @@ from .backend import (
     PENDING_KEY_ID,
     StoreError,
     StorePeek,
+    check_not_writing,
+    writing,
 )
 
 __all__ = ["MIGRATIONS", "ROW_MACS_SINCE", "SqliteStore", "SqliteTx", "peek"]
@@ -243,7 +245,7 @@ class SqliteTx:
             row = await self._db.execute_insert(sql, params)
         return int(row[0]) if row else 0
 
-    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         with anyio.CancelScope(shield=True):
             rows = await self._db.execute_fetchall(sql, params)
         return list(rows)
@@ -395,8 +397,8 @@ class SqliteStore:
         Writes that queue up while another commits share the next transaction and
         its fsync (group commit): each runs in a savepoint of it, so one that fails
         rolls back alone, and none returns before the shared COMMIT has finished (a
-        failed COMMIT fails them all). Writes are serialized; do not call
-        :meth:`read` inside one (use the :class:`SqliteTx` it yields).
+        failed COMMIT fails them all). Writes are serialized: :meth:`read` inside one
+        would wait for it, so it raises ReadInWrite (use the :class:`SqliteTx` it yields).
         """
         db = self._db
         self._queued += 1
@@ -410,7 +412,8 @@ class SqliteStore:
             try:
                 with anyio.CancelScope(shield=True):
                     await db.execute("SAVEPOINT write")
-                yield SqliteTx(db)
+                with writing(self):
+                    yield SqliteTx(db)
                 with anyio.CancelScope(shield=True):
                     await db.execute("RELEASE write")
             except BaseException as exc:
@@ -471,8 +474,9 @@ class SqliteStore:
         self._batch = None
         batch.finish(error)
 
-    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run one query and return all rows, errors translated."""
+        check_not_writing(self)  # it would wait for the lock its own write holds
         try:
             async with self._lock:
                 await self._commit_open()
@@ -490,6 +494,7 @@ class SqliteStore:
     async def reclaim(self, *, min_free_pages: int = 256) -> int:
         """Give free pages back to the file system once there are many (after a large
         sweep or a retention cut); return how many pages were free."""
+        check_not_writing(self)
         async with self._lock:
             await self._commit_open()
             with anyio.CancelScope(shield=True):

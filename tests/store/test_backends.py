@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from stigmer.broker.protocol.errors import AlreadyExists, Internal
-from stigmer.broker.store.backend import Store, Tx
+from stigmer.broker.store.backend import ReadInWrite, Store, Tx
 
 pytestmark = pytest.mark.anyio
 
@@ -145,3 +145,39 @@ async def test_bad_sql_is_internal(store: Store) -> None:
                 await db.execute(sql)
     async with store.write() as db:
         await _insert_env(db, "after")  # the store still works
+
+
+# ------------------------------------------------------------ reads inside writes
+
+
+async def test_a_read_inside_a_write_is_refused(store: Store) -> None:
+    """``Store.read`` inside an open write of the same store (in the writing task or one it
+    starts) raises ReadInWrite on both, at once: on SQLite it used to wait for the write it
+    was part of, for ever; on PostgreSQL it read past the write's own changes. Reading
+    through the Tx sees them."""
+
+    async def in_a_task(db: Tx) -> None:
+        refused: list[ReadInWrite] = []
+
+        async def child() -> None:
+            try:
+                await store.read("SELECT 1")
+            except ReadInWrite as exc:
+                refused.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(child)
+        if refused:
+            raise refused[0]
+
+    for read in (lambda db: store.read("SELECT name FROM environments"),
+                 lambda db: store.read_one("SELECT 1"), lambda db: store.meta("k"),
+                 in_a_task):
+        with anyio.fail_after(5):
+            async with store.write() as db:
+                await _insert_env(db, "mine")
+                with pytest.raises(ReadInWrite):
+                    await read(db)
+                assert await db.fetchall("SELECT name FROM environments") == [("mine",)]
+                await db.execute("DELETE FROM environments")
+    assert await store.read("SELECT name FROM environments") == []  # and after it, reads work
