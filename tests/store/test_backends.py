@@ -6,6 +6,8 @@ What a case here pins down, domain code may rely on whichever backend it runs on
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import anyio
 import pytest
 
@@ -181,3 +183,37 @@ async def test_a_read_inside_a_write_is_refused(store: Store) -> None:
                 assert await db.fetchall("SELECT name FROM environments") == [("mine",)]
                 await db.execute("DELETE FROM environments")
     assert await store.read("SELECT name FROM environments") == []  # and after it, reads work
+
+
+# ------------------------------------------------------------------ migrations
+
+#: the tables, their columns, the indexes and triggers of the store's schema, per backend
+_SCHEMA = {
+    False: """SELECT m.type, m.name, coalesce(p.name, '') FROM sqlite_master m
+              LEFT JOIN pragma_table_info(m.name) p ON m.type = 'table'
+              WHERE m.name NOT LIKE 'sqlite_%' ORDER BY 1, 2, 3""",
+    True: """SELECT 'table', table_name::text, column_name::text FROM information_schema.columns
+             WHERE table_schema = current_schema()
+             UNION ALL SELECT 'index', indexname::text, '' FROM pg_indexes
+             WHERE schemaname = current_schema()
+             UNION ALL SELECT 'trigger', trigger_name::text, event_manipulation::text
+             FROM information_schema.triggers WHERE trigger_schema = current_schema()
+             ORDER BY 1, 2, 3""",
+}
+
+
+async def test_every_older_schema_migrates_to_the_current_one(
+        store: Store, older_store: Callable[[int], Awaitable[Store]],
+        migrations: tuple[str, ...]) -> None:
+    """A store left at any older schema version (SQLite 1..4, PostgreSQL 1) opens, says
+    which version it was found at, and ends with the same schema as a new store, usable."""
+    assert store.migrated_from == 0
+    current = await store.read(_SCHEMA[store.shared])
+    assert current
+    for version in range(1, len(migrations)):
+        old = await older_store(version)
+        assert old.migrated_from == version
+        assert await old.read(_SCHEMA[old.shared]) == current, version
+        async with old.write() as db:
+            await _insert_env(db, "after")
+        assert await old.read("SELECT name FROM environments") == [("after",)]
