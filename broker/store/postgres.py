@@ -257,10 +257,6 @@ _CONNECTION_ERRORS: tuple[type[Exception], ...] = (
 #: any failure of a statement or of its connection
 _DATABASE_ERRORS: tuple[type[Exception], ...] = (*_CONNECTION_ERRORS, asyncpg.PostgresError)
 
-#: what a statement in a write may raise: the database's errors, and a Python int too large
-#: for a BIGINT (as SQLite's backend counts it)
-_STATEMENT_ERRORS: tuple[type[Exception], ...] = (*_DATABASE_ERRORS, OverflowError)
-
 _PLACEHOLDER = re.compile(r"'[^']*'|\?")
 
 
@@ -575,7 +571,7 @@ class PostgresStore:
                             await self._roll_back(conn, tx)  # (else it is closed unfinished)
                         # the database's errors are translated; the caller's own pass
                         # through unchanged, as on SQLite (the store contract)
-                        if isinstance(exc, BrokerError) or not isinstance(exc, _STATEMENT_ERRORS):
+                        if isinstance(exc, BrokerError) or not isinstance(exc, _DATABASE_ERRORS):
                             raise
                         raise self._translate(exc) from None
                     # shielded from everything but the deadline: a commit sent is not

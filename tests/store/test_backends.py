@@ -217,3 +217,22 @@ async def test_every_older_schema_migrates_to_the_current_one(
         async with old.write() as db:
             await _insert_env(db, "after")
         assert await old.read("SELECT name FROM environments") == [("after",)]
+
+
+async def test_a_number_too_large_is_internal_not_an_outage(store: Store) -> None:
+    """A Python int over 2**63 - 1 fits no column of either backend: Internal, nothing
+    changed, and the store is not reported down (it answered)."""
+    too_large = 2**63
+
+    async def fails() -> None:
+        async with store.write() as db:
+            await _insert_env(db, "gone")
+            await db.execute("UPDATE environments SET created_at = ? WHERE id = ?",
+                             (0, too_large))
+
+    with pytest.raises(Internal):
+        await fails()
+    with pytest.raises(Internal):
+        await store.read("SELECT name FROM environments WHERE id = ?", (too_large,))
+    assert store.problem() == ""
+    assert await store.read("SELECT name FROM environments") == []
