@@ -16,6 +16,9 @@ from stigmer.broker.store.backend import Store, open_store
 from stigmer.broker.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from stigmer.broker.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 
+#: a row the older store holds when it is migrated (every version has the table)
+_OLD_ROW = "INSERT INTO environments(name, created_at, updated_at) VALUES ('old', 0, 0)"
+
 #: opens a store made at schema version ``n`` (see ``older_store``)
 OlderStore = Callable[[int], Awaitable[Store]]
 
@@ -48,8 +51,9 @@ def migrations(backend: str) -> tuple[str, ...]:
 @pytest.fixture
 async def older_store(backend: str, request: pytest.FixtureRequest,
                       short_dir: Path) -> AsyncIterator[OlderStore]:
-    """Make a store at schema version ``n`` (as that version's broker left it), then open
-    it with this broker's :func:`open_store`, which migrates it."""
+    """Make a store at schema version ``n`` (as that version's broker left it, holding one
+    environment, ``old``), then open it with this broker's :func:`open_store`, which
+    migrates it."""
     opened: list[Store] = []
     schemas: list[str] = []
     server: Server | None = request.getfixturevalue("postgres") \
@@ -63,6 +67,7 @@ async def older_store(backend: str, request: pytest.FixtureRequest,
                 for number, script in enumerate(SQLITE_MIGRATIONS[:version], start=1):
                     db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\n"
                                      "COMMIT;")
+                db.execute(_OLD_ROW)
         else:
             schemas.append(server.new_schema())
             url = server.url(search_path=schemas[-1])
@@ -74,6 +79,7 @@ async def older_store(backend: str, request: pytest.FixtureRequest,
                     await conn.execute(script)
                     await conn.execute("INSERT INTO stigmer_schema(version) VALUES ($1)",
                                        number)
+                await conn.execute(_OLD_ROW)
             finally:
                 await conn.close()
         opened.append(await open_store(url, path))
