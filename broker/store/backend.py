@@ -128,7 +128,8 @@ class Tx(Protocol):
 
     async def try_lock(self, name: str) -> bool:
         """Take the store-wide lock ``name`` until this transaction ends if no one holds
-        it; return whether it was taken."""
+        it; return whether it was taken. (A store that runs one write at a time, SQLite,
+        always takes it: no other write can hold it meanwhile.)"""
         ...
 
     def notify(self, message: str) -> None:

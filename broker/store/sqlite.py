@@ -254,6 +254,8 @@ class SqliteTx:
         """Nothing to do: ``BEGIN IMMEDIATE`` already excludes every other writer."""
 
     async def try_lock(self, name: str) -> bool:
+        """Always taken: no other write runs while this one does (``BEGIN IMMEDIATE`` and
+        the store's lock), so no one else can hold it."""
         return True
 
     def notify(self, message: str) -> None:
