@@ -16,8 +16,10 @@ values and wrapped data keys (is this the store's key?) and the schema's age.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +27,8 @@ from typing import Any, Protocol
 from ..protocol.errors import StartupError
 
 __all__ = ["MASTER_KEY_ID", "PEEK_DATA_KEYS", "PEEK_META", "PENDING_KEY_ID", "STORE_DEADLINE",
-           "Store", "StoreError", "StorePeek", "Tx", "open_store", "peek_store", "set_meta"]
+           "ReadInWrite", "Store", "StoreError", "StorePeek", "Tx", "check_not_writing",
+           "open_store", "peek_store", "set_meta", "writing"]
 
 #: meta keys: the key check value of the master key, and of one a rotation is moving to
 MASTER_KEY_ID = "master_key_id"
@@ -42,6 +45,36 @@ STORE_DEADLINE = 10.0
 
 class StoreError(StartupError):
     """The store cannot be opened; the message names it and the fix."""
+
+
+class ReadInWrite(RuntimeError):
+    """A bug: :meth:`Store.read` (or what calls it) inside an open :meth:`Store.write` of
+    the same store, in the writing task or one it started. Refused on every backend: on
+    SQLite the read would wait for the write it is part of (a deadlock), on PostgreSQL it
+    would run on another connection and not see what the write has done."""
+
+
+#: the stores the current task (and the tasks it starts) has a write open on
+_WRITING: contextvars.ContextVar[tuple[object, ...]] = contextvars.ContextVar(
+    "stigmer_store_writing", default=())
+
+
+@contextlib.contextmanager
+def writing(store: object) -> Iterator[None]:
+    """Mark the body of a write of ``store`` (its backend's :meth:`Store.write` wraps the
+    caller's block in it), for :func:`check_not_writing`."""
+    token = _WRITING.set((*_WRITING.get(), store))
+    try:
+        yield
+    finally:
+        _WRITING.reset(token)
+
+
+def check_not_writing(store: object) -> None:
+    """Raise :class:`ReadInWrite` inside a write of ``store``."""
+    if any(open_ is store for open_ in _WRITING.get()):
+        raise ReadInWrite("a store read inside a write of the same store: read through "
+                          "the write's Tx (fetchall), or read before the write begins")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,7 +128,8 @@ class Tx(Protocol):
 
     async def try_lock(self, name: str) -> bool:
         """Take the store-wide lock ``name`` until this transaction ends if no one holds
-        it; return whether it was taken."""
+        it; return whether it was taken. (A store that runs one write at a time, SQLite,
+        always takes it: no other write can hold it meanwhile.)"""
         ...
 
     def notify(self, message: str) -> None:
@@ -146,12 +180,14 @@ class Store(Protocol):
         to BrokerErrors (a shared store's answers ``unavailable`` after
         :data:`STORE_DEADLINE` when the database does not answer). (SQLite may commit
         writes that queue up together in one transaction, each in a savepoint: still all
-        or nothing, each.)"""
+        or nothing, each.) Rows are plain tuples, here and from :meth:`read`. Inside
+        the block, read through the Tx: :meth:`read` raises :class:`ReadInWrite`."""
         ...
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        """Run one query and return all rows, errors translated (bounded as
-        :meth:`write` is)."""
+        """Run one query and return all rows (tuples), errors translated (bounded as
+        :meth:`write` is). Raises :class:`ReadInWrite` inside a :meth:`write` of this
+        store."""
         ...
 
     async def read_one(self, sql: str, params: Sequence[Any] = ()) -> Any:

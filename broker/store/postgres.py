@@ -61,6 +61,8 @@ from .backend import (
     STORE_DEADLINE,
     StoreError,
     StorePeek,
+    check_not_writing,
+    writing,
 )
 
 __all__ = ["MIGRATIONS", "PgTx", "PostgresStore", "peek"]
@@ -559,14 +561,17 @@ class PostgresStore:
                         raise self._translate(exc) from None
                     statements = PgTx(conn, self._lock_key)
                     try:
-                        yield statements
+                        with writing(self):
+                            yield statements
                         for message in statements.messages:
                             await conn.execute("SELECT pg_notify($1, $2)", self.channel,
                                                message)
                     except BaseException as exc:
                         if not isinstance(exc, anyio.get_cancelled_exc_class()):
                             await self._roll_back(conn, tx)  # (else it is closed unfinished)
-                        if isinstance(exc, BrokerError) or not isinstance(exc, Exception):
+                        # the database's errors are translated; the caller's own pass
+                        # through unchanged, as on SQLite (the store contract)
+                        if isinstance(exc, BrokerError) or not isinstance(exc, _DATABASE_ERRORS):
                             raise
                         raise self._translate(exc) from None
                     # shielded from everything but the deadline: a commit sent is not
@@ -594,6 +599,8 @@ class PostgresStore:
             conn.terminate()
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        # it would run on another connection, blind to what the write has done
+        check_not_writing(self)
         query = _dialect(sql)
         with self._deadline():
             for attempt in (1, 2):  # a connection the database dropped: once more, on another

@@ -7,7 +7,8 @@ pages). Every write runs in :meth:`SqliteStore.write`, in a savepoint of an expl
 ``BEGIN IMMEDIATE`` transaction: writes that queue while one commits share the next
 transaction and its fsync (group commit), and none returns before that COMMIT has
 run. Every sqlite error is translated there or in :meth:`SqliteStore.read`
-(disk full becomes ResourceExhausted, anything else Internal), and so is a
+(disk full becomes ResourceExhausted, a unique key taken AlreadyExists, anything
+else Internal), and so is a
 number too large for the file's integers (``OverflowError``, which the sqlite3
 module raises outside its own tree), so no "database is locked" or sqlite
 traceback reaches a client, nor a caller that treats store errors as broker
@@ -36,7 +37,7 @@ from typing import Any
 import aiosqlite
 import anyio
 
-from ..protocol.errors import Internal, ResourceExhausted
+from ..protocol.errors import AlreadyExists, Internal, ResourceExhausted
 from .backend import (
     MASTER_KEY_ID,
     PEEK_DATA_KEYS,
@@ -44,6 +45,8 @@ from .backend import (
     PENDING_KEY_ID,
     StoreError,
     StorePeek,
+    check_not_writing,
+    writing,
 )
 
 __all__ = ["MIGRATIONS", "ROW_MACS_SINCE", "SqliteStore", "SqliteTx", "peek"]
@@ -53,6 +56,9 @@ log = logging.getLogger("stigmer.broker")
 #: what the sqlite3 module raises for a statement: its errors, and a Python int that does
 #: not fit a 64-bit integer column
 _STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, OverflowError)
+#: the extended codes of a unique key or primary key already taken
+_UNIQUE_CLASHES = frozenset({sqlite3.SQLITE_CONSTRAINT_UNIQUE,
+                             sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY})
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: key check values, data keys, environments
@@ -239,7 +245,7 @@ class SqliteTx:
             row = await self._db.execute_insert(sql, params)
         return int(row[0]) if row else 0
 
-    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         with anyio.CancelScope(shield=True):
             rows = await self._db.execute_fetchall(sql, params)
         return list(rows)
@@ -248,6 +254,8 @@ class SqliteTx:
         """Nothing to do: ``BEGIN IMMEDIATE`` already excludes every other writer."""
 
     async def try_lock(self, name: str) -> bool:
+        """Always taken: no other write runs while this one does (``BEGIN IMMEDIATE`` and
+        the store's lock), so no one else can hold it."""
         return True
 
     def notify(self, message: str) -> None:
@@ -391,8 +399,8 @@ class SqliteStore:
         Writes that queue up while another commits share the next transaction and
         its fsync (group commit): each runs in a savepoint of it, so one that fails
         rolls back alone, and none returns before the shared COMMIT has finished (a
-        failed COMMIT fails them all). Writes are serialized; do not call
-        :meth:`read` inside one (use the :class:`SqliteTx` it yields).
+        failed COMMIT fails them all). Writes are serialized: :meth:`read` inside one
+        would wait for it, so it raises ReadInWrite (use the :class:`SqliteTx` it yields).
         """
         db = self._db
         self._queued += 1
@@ -406,7 +414,8 @@ class SqliteStore:
             try:
                 with anyio.CancelScope(shield=True):
                     await db.execute("SAVEPOINT write")
-                yield SqliteTx(db)
+                with writing(self):
+                    yield SqliteTx(db)
                 with anyio.CancelScope(shield=True):
                     await db.execute("RELEASE write")
             except BaseException as exc:
@@ -467,8 +476,9 @@ class SqliteStore:
         self._batch = None
         batch.finish(error)
 
-    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run one query and return all rows, errors translated."""
+        check_not_writing(self)  # it would wait for the lock its own write holds
         try:
             async with self._lock:
                 await self._commit_open()
@@ -486,6 +496,7 @@ class SqliteStore:
     async def reclaim(self, *, min_free_pages: int = 256) -> int:
         """Give free pages back to the file system once there are many (after a large
         sweep or a retention cut); return how many pages were free."""
+        check_not_writing(self)
         async with self._lock:
             await self._commit_open()
             with anyio.CancelScope(shield=True):
@@ -518,6 +529,8 @@ def _translate(exc: Exception) -> Exception:
             "space and retry")
     if code == sqlite3.SQLITE_BUSY:
         return Internal("the store is busy; retry")
+    if code in _UNIQUE_CLASHES:  # as PostgreSQL's backend says it (the store contract)
+        return AlreadyExists("a row with the same unique key exists; nothing was changed")
     return Internal(f"the store failed ({type(exc).__name__}); see the broker's log")
 
 
