@@ -45,6 +45,7 @@ from .backend import (
     StoreError,
     StorePeek,
 )
+from .notices import Notice
 
 __all__ = ["MIGRATIONS", "ROW_MACS_SINCE", "SqliteStore", "SqliteTx", "peek"]
 
@@ -250,7 +251,7 @@ class SqliteTx:
     async def try_lock(self, name: str) -> bool:
         return True
 
-    def notify(self, message: str) -> None:
+    def notify(self, notice: Notice) -> None:
         """Nothing to do: no other broker opens this file (the home lock)."""
 
 
@@ -296,7 +297,7 @@ class SqliteStore:
     def fresh_until(self) -> float:
         return math.inf
 
-    async def watch(self, changed: Callable[[str], None],
+    async def watch(self, changed: Callable[[Notice], None],
                     resync: Callable[[], Awaitable[None]]) -> None:
         """Nothing to watch: this broker is the store's only writer."""
 
