@@ -33,6 +33,7 @@ import msgspec
 from .audit import Audit
 from .environments import MAX_ENVIRONMENT_BYTES, Environments, check_values
 from .grants import canonical_grants, matching_selector
+from .local.peer import Peer
 from .merge import merge
 from .protocol import (
     ContextSummary,
@@ -51,7 +52,6 @@ from .protocol.errors import (
     Unauthenticated,
     Unavailable,
 )
-from .protocol.peer import Peer
 from .store.backend import Store, Tx
 from .store.crypto import Place, Row, SealError
 from .store.notices import ContextEnded, Notice

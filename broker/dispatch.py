@@ -24,6 +24,7 @@ from .audit import Audit
 from .config import Config
 from .contexts import Contexts, Fetched
 from .environments import Environments
+from .local.peer import Peer
 from .protocol import (
     PROTOCOL_VERSION,
     Applied,
@@ -64,7 +65,6 @@ from .protocol import (
     Welcome,
 )
 from .protocol.errors import BrokerError, InvalidArgument, PermissionDenied
-from .protocol.peer import Peer
 from .store.anchor import HeadAnchor
 from .store.backend import MASTER_KEY_ID, Store, StoreError, StorePeek
 from .store.backup import backed_up_at

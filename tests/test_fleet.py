@@ -26,8 +26,8 @@ from postgres import URL_VARIABLE, Cluster, Server, psql, with_database
 
 from stigmer.broker.config import Config, Paths
 from stigmer.broker.daemon.lifecycle import serve
+from stigmer.broker.local.paths import redact_url
 from stigmer.broker.protocol.errors import StartupError
-from stigmer.broker.protocol.paths import redact_url
 from stigmer.broker.store.backend import STORE_DEADLINE
 from stigmer.broker.store.notices import ContextEnded, Hearing, MasterKeyRotated, Notice, encode
 from stigmer.broker.store.postgres import MIGRATIONS

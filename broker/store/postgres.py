@@ -44,6 +44,7 @@ from typing import Any
 import anyio
 import asyncpg
 
+from ..local.paths import redact_url
 from ..protocol.errors import (
     AlreadyExists,
     BrokerError,
@@ -52,7 +53,6 @@ from ..protocol.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from ..protocol.paths import redact_url
 from .backend import (
     MASTER_KEY_ID,
     PEEK_DATA_KEYS,
