@@ -3,7 +3,7 @@
 :func:`resolve_paths` is the only function that looks at environment variables,
 and it is handed them (the CLI passes ``os.environ``); everything after that
 reads the frozen :class:`Config`. The path rules themselves live in
-:mod:`stigmer.broker.protocol.paths`, so that a client resolves the socket
+:mod:`stigmer.broker.local.paths`, so that a client resolves the socket
 exactly as the daemon does.
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
+from .local.paths import redact_url, resolve_home, resolve_socket
 from .protocol.messages import SECRET_MASK
-from .protocol.paths import redact_url, resolve_home, resolve_socket
 
 __all__ = ["DEFAULT_AUDIT_RETENTION_S", "Config", "Limits", "Paths", "resolve_paths"]
 
@@ -110,7 +110,7 @@ def _shown(name: str, value: object) -> str:
 def resolve_paths(environ: Mapping[str, str], *, home: str | None = None,
                   socket: str | None = None) -> Paths:
     """Return the broker's paths: flags win over environment, environment over defaults
-    (the rules: :func:`~stigmer.broker.protocol.paths.resolve_home` and
-    :func:`~stigmer.broker.protocol.paths.resolve_socket`)."""
+    (the rules: :func:`~stigmer.broker.local.paths.resolve_home` and
+    :func:`~stigmer.broker.local.paths.resolve_socket`)."""
     home_path = resolve_home(environ, home)
     return Paths(home=home_path, socket=resolve_socket(environ, home_path, socket))

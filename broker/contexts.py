@@ -33,6 +33,7 @@ import msgspec
 from .audit import Audit
 from .environments import MAX_ENVIRONMENT_BYTES, Environments, check_values
 from .grants import canonical_grants, matching_selector
+from .local.peer import Peer
 from .merge import merge
 from .protocol import (
     ContextSummary,
@@ -51,9 +52,9 @@ from .protocol.errors import (
     Unauthenticated,
     Unavailable,
 )
-from .protocol.peer import Peer
 from .store.backend import Store, Tx
 from .store.crypto import Place, Row, SealError
+from .store.notices import ContextEnded, Notice
 from .store.vault import Vault, log_refused, tampered
 from .tokens import NewToken, new_token, token_hash
 
@@ -315,17 +316,15 @@ class Contexts:
 
     # -------------------------------------------------------------- the fleet
 
-    def heard(self, message: str) -> None:
-        """Drop what another broker revoked (``ctx ROW_ID EXECUTION_ID``)."""
+    def heard(self, notice: Notice) -> None:
+        """Drop what another broker revoked."""
         self._generation += 1
-        kind, _, rest = message.partition(" ")
-        if kind != "ctx":
+        if not isinstance(notice, ContextEnded):
             return
-        row_id, _, execution_id = rest.partition(" ")
-        context = self._by_execution.get(execution_id)
-        if context is not None and str(context.row_id) == row_id:
+        context = self._by_execution.get(notice.execution_id)
+        if context is not None and context.row_id == notice.row_id:
             self._forget(context)
-        self._refused.pop(execution_id, None)
+        self._refused.pop(notice.execution_id, None)
 
     async def resync(self) -> None:
         """Drop the whole cache: changes may have gone unheard."""
@@ -500,7 +499,7 @@ class Contexts:
             async with self._store.write() as db:
                 await db.execute("DELETE FROM tokens WHERE context_id = ?", (row_id,))
                 await db.execute("DELETE FROM contexts WHERE id = ?", (row_id,))
-                db.notify(f"ctx {row_id} {execution_id}")
+                db.notify(ContextEnded(row_id, execution_id))
             self._record("context.completed", "ok", peer, execution_id,
                          detail="row had failed its integrity check")
             await self._audit.flush_after_write()
@@ -745,7 +744,7 @@ class Contexts:
                 "VALUES (?, ?, ?, ?)",
                 (context.row_id, context.execution_id, context.expires_at, self._vault.mac(
                     Row.tombstone(context.row_id, context.execution_id, context.expires_at))))
-            db.notify(f"ctx {context.row_id} {context.execution_id}")
+            db.notify(ContextEnded(context.row_id, context.execution_id))
         for token in list(context.tokens.values()):
             self._record("token.revoked", "ok", peer, context.execution_id, token.token_id)
         self._forget(context)

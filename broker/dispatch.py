@@ -24,6 +24,7 @@ from .audit import Audit
 from .config import Config
 from .contexts import Contexts, Fetched
 from .environments import Environments
+from .local.peer import Peer
 from .protocol import (
     PROTOCOL_VERSION,
     Applied,
@@ -64,10 +65,10 @@ from .protocol import (
     Welcome,
 )
 from .protocol.errors import BrokerError, InvalidArgument, PermissionDenied
-from .protocol.peer import Peer
 from .store.anchor import HeadAnchor
 from .store.backend import MASTER_KEY_ID, Store, StoreError, StorePeek
 from .store.backup import backed_up_at
+from .store.notices import MasterKeyRotated, Notice
 from .store.vault import Vault
 
 __all__ = ["Counters", "Dispatcher", "refuse_replaced_store"]
@@ -163,13 +164,13 @@ class Dispatcher:
         """Run forever: follow what other brokers of a fleet change in a shared store."""
         await self._store.watch(self._heard, self.contexts.resync)
 
-    def _heard(self, message: str) -> None:
-        kind, _, key_id = message.partition(" ")
-        if kind == "key" and key_id != self._vault.key_id:  # not our own rotation
+    def _heard(self, notice: Notice) -> None:
+        if isinstance(notice, MasterKeyRotated) and notice.key_id != self._vault.key_id:
+            # not our own rotation
             log.warning("another broker of the fleet rotated the master key (now key id %s); "
                         "this one keeps serving, but needs the new key before it next "
-                        "starts", key_id)
-        self.contexts.heard(message)
+                        "starts", notice.key_id)
+        self.contexts.heard(notice)
 
     async def _retain(self) -> None:
         retention = self._config.audit_retention_s

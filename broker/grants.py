@@ -13,7 +13,7 @@ or more terms joined by commas, all of which must match the calling process:
 
 Names are resolved once, when the context is created, and the canonical text
 (``user:1001,exe:/usr/bin/python3.11``) is what the store keeps and MACs. The
-calling process is described by an :class:`~.protocol.peer.Attestation`, read
+calling process is described by an :class:`~.local.peer.Attestation`, read
 by the daemon (:mod:`.daemon.attest`); matching reads nothing itself, and asks the
 attestation for the binary only when an ``exe:`` term needs it.
 """
@@ -28,8 +28,8 @@ import re
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+from .local.peer import Attestation
 from .protocol.errors import InvalidArgument
-from .protocol.peer import Attestation
 
 __all__ = ["Term", "canonical_grants", "matching_selector", "parse_selector"]
 

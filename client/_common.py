@@ -13,6 +13,9 @@ import time
 from collections.abc import Mapping
 from typing import TypeVar
 
+from stigmer.broker.local.paths import resolve_home, resolve_socket
+from stigmer.broker.local.peer import peer_credentials
+from stigmer.broker.local.trust import refused_socket
 from stigmer.broker.protocol import (
     MAX_VALUE_LENGTH,
     Error,
@@ -34,8 +37,6 @@ from stigmer.broker.protocol.errors import (
     UnsafeSocket,
     error_from_code,
 )
-from stigmer.broker.protocol.paths import resolve_home, resolve_socket
-from stigmer.broker.protocol.peer import peer_credentials, refused_socket
 
 __all__ = [
     "RETRY_SAFE", "TOKEN_VARIABLE", "Backoff", "ClosedBeforeReply", "RequestIds", "check_peer",
@@ -48,7 +49,7 @@ R = TypeVar("R", bound=Response)
 
 
 def default_socket(environ: Mapping[str, str] | None = None) -> str:
-    """The socket every stigmer-broker command uses (the rule: stigmer.broker.protocol.paths)."""
+    """The socket every stigmer-broker command uses (the rule: stigmer.broker.local.paths)."""
     env = os.environ if environ is None else environ
     return str(resolve_socket(env, resolve_home(env)))
 

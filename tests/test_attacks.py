@@ -38,6 +38,7 @@ from sealed import open_sealed
 
 from stigmer.broker.config import Paths
 from stigmer.broker.dispatch import Counters, Dispatcher
+from stigmer.broker.local.peer import Peer, PeerCredentials
 from stigmer.broker.protocol import (
     REQUEST_TYPES,
     Connection,
@@ -50,7 +51,6 @@ from stigmer.broker.protocol import (
     frame,
 )
 from stigmer.broker.protocol.errors import BrokerError, InvalidArgument
-from stigmer.broker.protocol.peer import Peer, PeerCredentials
 from stigmer.client import AsyncClient, Client, Unauthenticated, variables
 
 pytestmark = pytest.mark.slow

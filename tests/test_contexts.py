@@ -22,6 +22,7 @@ from stigmer.broker.audit import Audit
 from stigmer.broker.config import Config, Paths
 from stigmer.broker.contexts import Contexts, Created
 from stigmer.broker.environments import Environments
+from stigmer.broker.local.peer import Peer, PeerCredentials
 from stigmer.broker.merge import merge
 from stigmer.broker.protocol import (
     Connection,
@@ -42,7 +43,6 @@ from stigmer.broker.protocol.errors import (
     NotFound,
     Unauthenticated,
 )
-from stigmer.broker.protocol.peer import Peer, PeerCredentials
 from stigmer.client import AsyncClient, ExecutionContext, PlaceholderError
 
 pytestmark = pytest.mark.anyio

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import os
 import secrets
 import subprocess
@@ -25,9 +26,10 @@ from postgres import URL_VARIABLE, Cluster, Server, psql, with_database
 
 from stigmer.broker.config import Config, Paths
 from stigmer.broker.daemon.lifecycle import serve
+from stigmer.broker.local.paths import redact_url
 from stigmer.broker.protocol.errors import StartupError
-from stigmer.broker.protocol.paths import redact_url
 from stigmer.broker.store.backend import STORE_DEADLINE
+from stigmer.broker.store.notices import ContextEnded, Hearing, MasterKeyRotated, Notice, encode
 from stigmer.broker.store.postgres import MIGRATIONS
 from stigmer.client import (
     AsyncClient,
@@ -153,6 +155,56 @@ async def test_completed_on_a_is_refused_on_b(fleet: Fleet) -> None:
         await a.fetch_context(token)
         await b.release_context(token)
         await refused_within(a, token, 2.0)
+
+
+#: what another login may NOTIFY on the fleet's channel: not JSON, the notices of
+#: before they were typed, a kind no one knows, a notice missing or mistyping a field
+GARBAGE = ["not json", "ctx 1 exec-1", "key 0123456789abcdef", '{"type": "nope"}',
+           '{"type": "ctx", "execution_id": "exec-1"}',
+           '{"type": "ctx", "row_id": "1", "execution_id": "exec-1"}', "[]", ""]
+
+
+async def test_garbage_on_the_channel_is_ignored_and_logged_once(
+        fleet: Fleet, store_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    await fleet.add("a")
+    await fleet.add("b")
+    schema = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(store_url).query))["search_path"]
+    async with fleet.client("a") as a, fleet.client("b") as b:
+        token = await seed(a)
+        await b.fetch_context(token)  # cached on B
+        with caplog.at_level(logging.WARNING, logger="stigmer.broker.store.notices"):
+            psql(store_url, "; ".join(f"SELECT pg_notify('stigmer:{schema}', '{payload}')"
+                                      for payload in GARBAGE))
+            await b.fetch_context(token)  # still served: nothing was revoked
+            # both listeners survived: a real notice still reaches B
+            await a.complete_context("exec-1")
+            assert await refused_within(b, token, 2.0) < 1.0
+        lines = [r.getMessage() for r in caplog.records
+                 if r.name == "stigmer.broker.store.notices"]
+        # one line per broker, however many were dropped (rate-limited), naming no payload
+        assert len(lines) == 2, lines
+        assert all("malformed notification" in line for line in lines)
+        assert not any("exec-1" in line or "nope" in line for line in lines)
+
+
+def test_notices_round_trip_and_the_drop_log_is_rate_limited(
+        caplog: pytest.LogCaptureFixture) -> None:
+    heard: list[Notice] = []
+    now = [0.0]
+    hearing = Hearing(heard.append, quiet_for=60.0, clock=lambda: now[0])
+    sent: list[Notice] = [ContextEnded(7, "exec-7"), MasterKeyRotated("0123456789abcdef")]
+    with caplog.at_level(logging.WARNING, logger="stigmer.broker.store.notices"):
+        for payload in GARBAGE:
+            hearing(payload)
+        now[0] = 59.0
+        hearing("not json")
+        for notice in sent:
+            hearing(encode(notice))
+        now[0] = 61.0
+        hearing("not json")
+    assert heard == sent
+    assert [r.getMessage().split(" malformed")[0] for r in caplog.records] == [
+        "ignored 1", f"ignored {len(GARBAGE) - 1 + 2}"]  # the rest, and the two after
 
 
 async def test_an_expired_context_is_not_shown_by_another_broker(fleet: Fleet) -> None:

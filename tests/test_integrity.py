@@ -163,10 +163,10 @@ async def test_denied_requests_of_every_kind_are_counted_not_written_one_by_one(
 
     from stigmer.broker.config import Config
     from stigmer.broker.dispatch import Counters, Dispatcher
+    from stigmer.broker.local.peer import Peer, PeerCredentials
     from stigmer.broker.protocol import PutEnvironment, ReleaseContext
     from stigmer.broker.protocol.errors import PermissionDenied
     from stigmer.broker.protocol.errors import Unauthenticated as Denied
-    from stigmer.broker.protocol.peer import Peer, PeerCredentials
 
     paths = Paths(home=short_dir, socket=short_dir / "b.sock")
     sealed = await open_sealed(paths.store)

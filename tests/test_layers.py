@@ -107,15 +107,19 @@ def test_every_import_between_layers_is_in_the_architecture_table() -> None:
     assert not unused, f"ARCHITECTURE.md allows imports nothing uses any more: {unused}"
 
 
-def test_protocol_imports_nothing_else_of_the_broker() -> None:
+def test_protocol_and_local_import_nothing_else_of_the_broker() -> None:
     for (here, _), examples in import_graph().items():
-        assert here != "protocol", examples
+        assert here not in ("protocol", "local"), examples
 
 
-def test_the_sans_io_core_has_no_io() -> None:
-    core = ["framing", "messages", "connection", "errors"]
-    for name in core:
-        tree = ast.parse((ROOT / "broker" / "protocol" / f"{name}.py").read_text())
+def test_the_protocol_is_sans_io_throughout() -> None:
+    """Every module of protocol/, not a list of core ones: what needs the OS (paths,
+    peer credentials, directory trust) belongs in local/."""
+    modules = sorted((ROOT / "broker" / "protocol").glob("*.py"))
+    assert {"framing", "messages", "connection", "errors"} <= {m.stem for m in modules}
+    for module in modules:
+        name = module.stem
+        tree = ast.parse(module.read_text())
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
                     for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree)
@@ -123,7 +127,7 @@ def test_the_sans_io_core_has_no_io() -> None:
         assert not imported & {"os", "socket", "anyio", "asyncio", "selectors"}, name
 
 
-def test_the_client_loads_only_the_protocol_of_the_daemon() -> None:
+def test_the_client_loads_only_the_protocol_and_local_of_the_daemon() -> None:
     code = ("import sys\n"
             "import stigmer.client as c\n"
             "c.AsyncClient, c.SecretFilter, c.Client\n"
@@ -131,10 +135,11 @@ def test_the_client_loads_only_the_protocol_of_the_daemon() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=True)
     loaded = eval(result.stdout)  # noqa: S307 - our own subprocess's printed list
-    outside = [m for m in loaded
-               if m != "stigmer.broker" and not m.startswith("stigmer.broker.protocol")]
+    outside = [m for m in loaded if m != "stigmer.broker"
+               and not m.startswith(("stigmer.broker.protocol", "stigmer.broker.local"))]
     assert not outside, outside
-    assert "stigmer.broker.protocol.connection" in loaded  # the check looked at real imports
+    # the check looked at real imports
+    assert {"stigmer.broker.protocol.connection", "stigmer.broker.local.paths"} <= set(loaded)
 
 
 def _public(cls: type) -> dict[str, Callable[..., object]]:

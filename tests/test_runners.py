@@ -39,6 +39,7 @@ from stigmer.broker.audit import Audit
 from stigmer.broker.config import Config, Paths
 from stigmer.broker.contexts import NOT_GRANTED, Contexts
 from stigmer.broker.daemon.attest import EXE_NEEDS_ROOT, ProcessPin
+from stigmer.broker.local.peer import Attestation, Peer, PeerCredentials, peer_credentials
 from stigmer.broker.protocol import (
     CompleteContext,
     Connection,
@@ -52,7 +53,6 @@ from stigmer.broker.protocol import (
     Role,
     Variable,
 )
-from stigmer.broker.protocol.peer import Attestation, Peer, PeerCredentials, peer_credentials
 from stigmer.client import AsyncClient, InvalidArgument, PermissionDenied, variables
 
 pytestmark = pytest.mark.anyio

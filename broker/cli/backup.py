@@ -184,7 +184,7 @@ def _key_id(key: bytes) -> str:
 
 
 def _refuse_fleet(what: str) -> None:
-    from ..protocol.paths import resolve_store
+    from ..local.paths import resolve_store
 
     try:
         url = resolve_store(os.environ, None)

@@ -24,7 +24,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 PROG = "stigmer-broker"
 
 KEY_VARIABLE = "STIGMER_ENCRYPTION_KEY"
-#: where a client finds the broker's socket (protocol.paths.resolve_socket reads it)
+#: where a client finds the broker's socket (local.paths.resolve_socket reads it)
 SOCKET_VARIABLE = "STIGMER_BROKER_SOCKET"
 #: the URL of a fleet's shared store (PostgreSQL)
 STORE_VARIABLE = "STIGMER_STORE_URL"

@@ -82,7 +82,7 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
 
 def _store(args: argparse.Namespace) -> tuple[str | None, float]:
     """``--store``/``STIGMER_STORE_URL`` and ``--stale-after``, checked."""
-    from ..protocol.paths import resolve_store
+    from ..local.paths import resolve_store
 
     try:
         url = resolve_store(os.environ, args.store)
@@ -315,7 +315,7 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
                     f"not on {paths.socket}; set STIGMER_BROKER_SOCKET={elsewhere.socket}")
             print(note, file=sys.stderr)
             return cmd_status(args, paths._replace(socket=Path(elsewhere.socket)))
-        from ..protocol.peer import refused_socket
+        from ..local.trust import refused_socket
 
         refused = refused_socket(str(paths.socket))
         if args.json:

@@ -19,7 +19,7 @@ __all__ = ["cmd_fleet_init"]
 
 
 def cmd_fleet_init(args: argparse.Namespace, paths: Paths) -> int:
-    from ..protocol.paths import redact_url, resolve_store
+    from ..local.paths import redact_url, resolve_store
     from ..store.postgres import check_identifier, fleet_sql, init_fleet
 
     try:

@@ -134,7 +134,7 @@ def cmd_key_import(args: argparse.Namespace, paths: Paths) -> int:
 def _store_location() -> str | None:
     """The shared store this host's broker serves (``STIGMER_STORE_URL``, as `serve` reads
     it), or None for the home's own SQLite file."""
-    from ..protocol.paths import resolve_store
+    from ..local.paths import resolve_store
 
     try:
         return resolve_store(os.environ)

@@ -37,7 +37,7 @@ import signal
 import socket
 import struct
 
-from ..protocol.peer import Attestation, Binary, PeerCredentials
+from ..local.peer import Attestation, Binary, PeerCredentials
 
 __all__ = ["EXE_NEEDS_ROOT", "ProcessPin", "exe_grants_limit"]
 

@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from ..local.trust import check_private_dir
 from ..protocol.errors import StartupError
-from ..protocol.peer import check_private_dir
 
 __all__ = ["HomeLock", "Holder", "holder", "lock_home", "lock_idle_home", "prepare_home"]
 

@@ -17,9 +17,10 @@ import socket
 import stat
 from pathlib import Path
 
+from ..local.paths import MAX_SOCKET_PATH
+from ..local.peer import peer_credentials
+from ..local.trust import check_private_dir
 from ..protocol.errors import StartupError
-from ..protocol.paths import MAX_SOCKET_PATH
-from ..protocol.peer import check_private_dir, peer_credentials
 
 __all__ = ["LISTEN_BACKLOG", "AlreadyRunning", "BoundSocket", "adopt_socket",
            "bind_unix_socket"]

@@ -67,6 +67,7 @@ import anyio
 import anyio.abc
 
 from ..config import Limits
+from ..local.peer import Peer, PeerCredentials, peer_credentials
 from ..protocol import (
     CLOSED,
     NEED_DATA,
@@ -78,7 +79,6 @@ from ..protocol import (
     error_reply,
 )
 from ..protocol.errors import BrokerError, ErrorCode, ProtocolError, ResourceExhausted
-from ..protocol.peer import Peer, PeerCredentials, peer_credentials
 from .attest import ProcessPin
 from .listen import LISTEN_BACKLOG
 

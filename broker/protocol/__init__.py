@@ -1,13 +1,14 @@
-"""The stigmer-broker wire protocol: everything both sides of the socket share.
+"""The stigmer-broker wire protocol: the bytes and messages both sides of the socket share.
 
-Its core is sans-IO: :mod:`.framing`, :mod:`.messages`, :mod:`.connection` and
+It is sans-IO: :mod:`.framing`, :mod:`.messages`, :mod:`.connection` and
 :mod:`.errors` have no networking code at all and import neither sockets nor an
 event loop nor ``os`` (bytes in, messages out, bytes back); the daemon, the
 async client and the blocking client each own their socket and drive the same
-:class:`Connection`. Beside the core, two small stdlib modules hold the rules
-both sides apply to the socket itself: :mod:`.peer` (who is on the other end)
-and :mod:`.paths` (where the socket is). This package imports nothing else of
-``stigmer.broker``, and ``stigmer.client`` imports nothing but this package.
+:class:`Connection`. The rules both sides apply to the socket itself (where it
+is, who is on the other end, which directories are trusted) are not the wire:
+they live in :mod:`stigmer.broker.local`. This package imports nothing else of
+``stigmer.broker``, and ``stigmer.client`` imports nothing of it but this package
+and :mod:`~stigmer.broker.local`.
 """
 
 from .connection import CLOSED, NEED_DATA, Connection, Event, Role, State

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..protocol.errors import StartupError
+from .notices import Notice
 
 __all__ = ["MASTER_KEY_ID", "PEEK_DATA_KEYS", "PEEK_META", "PENDING_KEY_ID", "STORE_DEADLINE",
            "ReadInWrite", "Store", "StoreError", "StorePeek", "Tx", "check_not_writing",
@@ -132,8 +133,8 @@ class Tx(Protocol):
         always takes it: no other write can hold it meanwhile.)"""
         ...
 
-    def notify(self, message: str) -> None:
-        """Tell every other broker on this store ``message`` once this transaction
+    def notify(self, notice: Notice) -> None:
+        """Tell every other broker on this store ``notice`` once this transaction
         commits (nothing, if it rolls back)."""
         ...
 
@@ -167,10 +168,10 @@ class Store(Protocol):
         still be served: infinite for a store no one else writes."""
         ...
 
-    async def watch(self, changed: Callable[[str], None],
+    async def watch(self, changed: Callable[[Notice], None],
                     resync: Callable[[], Awaitable[None]]) -> None:
-        """Run until cancelled, calling ``changed`` with each message another broker
-        :meth:`Tx.notify`-ed, and ``resync`` whenever messages may have been lost (a
+        """Run until cancelled, calling ``changed`` with each notice another broker
+        :meth:`Tx.notify`-ed, and ``resync`` whenever notices may have been lost (a
         dropped connection) once the store is reachable again. Returns at once for a
         store no one else writes."""
         ...

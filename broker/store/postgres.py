@@ -5,7 +5,7 @@ same database (and schema: the URL's ``search_path`` picks one, so one
 database can hold several fleets). Each broker keeps a small connection pool
 for reads and write transactions, and one more connection that LISTENs on the
 schema's channel: a write that revokes something (:meth:`PgTx.notify`) sends
-its message with ``pg_notify`` inside its own transaction, so the other
+its notice (:mod:`.notices`) with ``pg_notify`` inside its own transaction, so the other
 brokers hear of it exactly when it commits.
 
 That listening connection is also how a broker knows its cache can be
@@ -44,6 +44,7 @@ from typing import Any
 import anyio
 import asyncpg
 
+from ..local.paths import redact_url
 from ..protocol.errors import (
     AlreadyExists,
     BrokerError,
@@ -52,7 +53,6 @@ from ..protocol.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from ..protocol.paths import redact_url
 from .backend import (
     MASTER_KEY_ID,
     PEEK_DATA_KEYS,
@@ -64,6 +64,7 @@ from .backend import (
     check_not_writing,
     writing,
 )
+from .notices import Hearing, Notice, encode
 
 __all__ = ["MIGRATIONS", "PgTx", "PostgresStore", "peek"]
 
@@ -336,7 +337,7 @@ class PgTx:
     def __init__(self, conn: asyncpg.Connection, lock_key: Callable[[str], int]) -> None:
         self._conn = conn
         self._lock_key = lock_key
-        self.messages: list[str] = []
+        self.notices: list[Notice] = []
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         await self._conn.execute(_dialect(sql), *params)
@@ -359,8 +360,8 @@ class PgTx:
         return bool(await self._conn.fetchval("SELECT pg_try_advisory_xact_lock($1)",
                                               self._lock_key(name)))
 
-    def notify(self, message: str) -> None:
-        self.messages.append(message)
+    def notify(self, notice: Notice) -> None:
+        self.notices.append(notice)
 
 
 class PostgresStore:
@@ -563,9 +564,9 @@ class PostgresStore:
                     try:
                         with writing(self):
                             yield statements
-                        for message in statements.messages:
+                        for notice in statements.notices:
                             await conn.execute("SELECT pg_notify($1, $2)", self.channel,
-                                               message)
+                                               encode(notice))
                     except BaseException as exc:
                         if not isinstance(exc, anyio.get_cancelled_exc_class()):
                             await self._roll_back(conn, tx)  # (else it is closed unfinished)
@@ -664,10 +665,11 @@ class PostgresStore:
 
     # -------------------------------------------------------------- the fleet
 
-    async def watch(self, changed: Callable[[str], None],
+    async def watch(self, changed: Callable[[Notice], None],
                     resync: Callable[[], Awaitable[None]]) -> None:
         """LISTEN on the schema's channel for as long as the broker runs, reconnecting
         with backoff; see the module docstring."""
+        hearing = Hearing(changed)  # one across reconnections: its log stays rate-limited
         heartbeat = max(min(1.0, self.stale_after / 4), 0.05)
         backoff = 0.1
         while True:
@@ -683,7 +685,7 @@ class PostgresStore:
             conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
             try:
                 await conn.add_listener(
-                    self.channel, lambda _conn, _pid, _channel, payload: changed(payload))
+                    self.channel, lambda _conn, _pid, _channel, payload: hearing(payload))
                 await resync()  # whatever was said while no one listened is lost
                 self._alive_at = time.monotonic()
                 self._came_back()

@@ -48,6 +48,7 @@ from .backend import (
     check_not_writing,
     writing,
 )
+from .notices import Notice
 
 __all__ = ["MIGRATIONS", "ROW_MACS_SINCE", "SqliteStore", "SqliteTx", "peek"]
 
@@ -258,7 +259,7 @@ class SqliteTx:
         the store's lock), so no one else can hold it."""
         return True
 
-    def notify(self, message: str) -> None:
+    def notify(self, notice: Notice) -> None:
         """Nothing to do: no other broker opens this file (the home lock)."""
 
 
@@ -304,7 +305,7 @@ class SqliteStore:
     def fresh_until(self) -> float:
         return math.inf
 
-    async def watch(self, changed: Callable[[str], None],
+    async def watch(self, changed: Callable[[Notice], None],
                     resync: Callable[[], Awaitable[None]]) -> None:
         """Nothing to watch: this broker is the store's only writer."""
 

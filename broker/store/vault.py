@@ -55,6 +55,7 @@ from .keys import (
     MasterKey,
     check_key_id,
 )
+from .notices import MasterKeyRotated
 
 __all__ = ["RotationResult", "Vault", "VaultError", "log_refused", "tampered"]
 
@@ -293,7 +294,7 @@ async def _finish_rotation(store: Store, master: MasterKey, old_id: str, new_id:
             await db.execute("UPDATE data_keys SET wrapped = wrapped_next, wrapped_next = NULL,"
                              " master_key_id = ?", (new_id,))
             await set_meta(db, [(_MASTER_ID, new_id), (_PENDING_ID, None)])
-            db.notify(f"key {new_id}")  # the other brokers of a fleet now hold an old key
+            db.notify(MasterKeyRotated(new_id))  # the other brokers of a fleet now hold an old key
         if old_id != new_id:
             log.info("finished master key rotation to key id %s", new_id)
     else:
