@@ -183,6 +183,14 @@ async def test_garbage_on_the_channel_is_ignored_and_logged_once(
                  if r.name == "stigmer.broker.store.notices"]
         # one line per broker, however many were dropped (rate-limited), naming no payload
         assert len(lines) == 2, lines
+        # a revocation in a form B cannot read (a broker of another version): the row is
+        # gone from the store and B, which cannot tell, drops its cache
+        token = await seed(a, execution_id="exec-2")
+        await b.fetch_context(token)  # cached on B
+        psql(store_url, "DELETE FROM tokens WHERE context_id IN (SELECT id FROM contexts "
+             "WHERE execution_id = 'exec-2'); DELETE FROM contexts WHERE execution_id = "
+             f"'exec-2'; SELECT pg_notify('stigmer:{schema}', 'ctx 2 exec-2')")
+        assert await refused_within(b, token, 3.0) < 2.0
         assert all("malformed notification" in line for line in lines)
         assert not any("exec-1" in line or "nope" in line for line in lines)
 

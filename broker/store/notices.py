@@ -7,7 +7,11 @@ This module is the one place a notice becomes text (:func:`encode`, for
 
 The channel is not ours alone: any login to the database may ``NOTIFY`` on it. So
 a payload that is not a notice is dropped and logged (at most once a minute, with
-a count), never raised into the listener, which must keep listening.
+a count), never raised into the listener, which must keep listening. And since it
+may have been a revocation in a form this broker does not read (a broker of another
+version), the listener resynchronises, as after a lost connection: it drops its
+cache at the next heartbeat (:meth:`Hearing.missed`). A stream of garbage costs
+cache misses, never a revoked context served.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class Hearing:
         self._clock = clock
         self._logged_at: float | None = None
         self._dropped = 0  # since the last log line
+        self._missed = False  # since the listener last asked
 
     def __call__(self, payload: str) -> None:
         try:
@@ -73,15 +78,22 @@ class Hearing:
             return
         self._changed(notice)
 
+    def missed(self) -> bool:
+        """Whether a payload was dropped since the last call: what it said is unknown,
+        so the caller must drop what it cached."""
+        missed, self._missed = self._missed, False
+        return missed
+
     def _drop(self) -> None:
+        self._missed = True
         self._dropped += 1
         now = self._clock()
         if self._logged_at is not None and now - self._logged_at < self._quiet_for:
             return
         # not the payload, nor msgspec's reason (which quotes it): whoever wrote it may
         # have put anything there
-        log.warning("ignored %d malformed notification(s) on the fleet's channel: "
-                    "something other than a broker of this version is notifying on it",
-                    self._dropped)
+        log.warning("ignored %d malformed notification(s) on the fleet's channel, and "
+                    "dropped the cache: something other than a broker of this version is "
+                    "notifying on it", self._dropped)
         self._logged_at = now
         self._dropped = 0

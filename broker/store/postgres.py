@@ -695,6 +695,8 @@ class PostgresStore:
                         await lost.wait()
                     if lost.is_set():
                         break
+                    if hearing.missed():  # maybe a revocation it could not read
+                        await resync()
                     with anyio.fail_after(max(heartbeat, 1.0)):
                         await conn.fetchval("SELECT 1")
                     self._alive_at = time.monotonic()
