@@ -257,6 +257,10 @@ _CONNECTION_ERRORS: tuple[type[Exception], ...] = (
 )
 #: any failure of a statement or of its connection
 _DATABASE_ERRORS: tuple[type[Exception], ...] = (*_CONNECTION_ERRORS, asyncpg.PostgresError)
+#: what the pool raises when a connection goes back whose holder it already freed itself
+#: (asyncpg frees it when the connection dies while held: the kept reader during an
+#: outage): at close, nothing is left to give back
+_RELEASE_ERRORS = (asyncpg.exceptions.InternalClientError,)
 
 _PLACEHOLDER = re.compile(r"'[^']*'|\?")
 
@@ -656,7 +660,7 @@ class PostgresStore:
     async def close(self) -> None:
         reader, self._reader = self._reader, None
         if reader is not None:
-            with contextlib.suppress(*_DATABASE_ERRORS):
+            with contextlib.suppress(*_DATABASE_ERRORS, *_RELEASE_ERRORS):
                 await self._pool.release(reader)
         with contextlib.suppress(*_DATABASE_ERRORS):
             with anyio.fail_after(5):
