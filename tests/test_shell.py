@@ -11,6 +11,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from conftest import (
@@ -28,6 +29,9 @@ from hypothesis import strategies as st
 from stigmer.broker.config import Paths
 from stigmer.broker.manifests import read_env_file
 from stigmer.client import Client, variables
+
+if TYPE_CHECKING:
+    from stigmer.broker.cli.masking import Masker
 
 HOSTILE = {
     "QUOTES": "it's \"quoted\" 'twice'",
@@ -507,6 +511,16 @@ def test_a_missing_shell_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None
         need_program("no-such-shell-here")
 
 
+def _fed_in_chunks(masker: Masker, data: bytes, cuts: list[int]) -> bytes:
+    """What ``masker`` makes of ``data`` fed in the pieces ``cuts`` marks, then flushed."""
+    out = b""
+    start = 0
+    for cut in sorted({min(c, len(data)) for c in cuts}):
+        out += masker.feed(data[start:cut])
+        start = cut
+    return out + masker.feed(data[start:]) + masker.flush()
+
+
 @settings(max_examples=300, deadline=None)
 @given(secrets=st.lists(st.text(alphabet="abc", min_size=1, max_size=6), min_size=1,
                         max_size=4),
@@ -522,13 +536,7 @@ def test_masking_a_stream_in_any_chunks_equals_masking_it_whole(
     whole = re.sub(b"|".join(map(re.escape, ordered)), MASK.replace(b"\\", b"\\\\"),
                    text.encode())
     data = text.encode()
-    masker = Masker(secrets)
-    out = b""
-    start = 0
-    for cut in sorted({min(c, len(data)) for c in cuts}):
-        out += masker.feed(data[start:cut])
-        start = cut
-    out += masker.feed(data[start:]) + masker.flush()
+    out = _fed_in_chunks(Masker(secrets), data, cuts)
     assert out == whole
 
 
@@ -562,13 +570,7 @@ def test_masking_with_escapes_in_any_chunks_equals_masking_it_whole(
     data = "".join(text).encode()
     one = Masker(secrets)
     whole = one.feed(data) + one.flush()
-    masker = Masker(secrets)
-    out = b""
-    start = 0
-    for cut in sorted({min(c, len(data)) for c in cuts}):
-        out += masker.feed(data[start:cut])
-        start = cut
-    out += masker.feed(data[start:]) + masker.flush()
+    out = _fed_in_chunks(Masker(secrets), data, cuts)
     assert out == whole
     visible = re.sub(rb"\x1b\[[0-?]*[ -/]*[@-~]", b"", out).replace(MASK, b"|")
     assert not any(s.encode() in visible for s in secrets)
