@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from argparse_manpage.manpage import Manpage
+from generated import write_or_check
 
 from stigmer.broker import __version__
 from stigmer.broker.cli.parser import build_parser
@@ -37,14 +38,7 @@ def generate() -> str:
 
 
 def main(argv: list[str]) -> int:
-    expected = generate()
-    if "--check" in argv:
-        if not TARGET.exists() or TARGET.read_text() != expected:
-            print(f"{TARGET.relative_to(ROOT)} is stale: run `make man`", file=sys.stderr)
-            return 1
-        return 0
-    TARGET.write_text(expected)
-    return 0
+    return write_or_check(TARGET, generate(), argv, remake="make man")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import unasync
+from generated import write_or_check
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "client" / "_async" / "client.py"
@@ -34,14 +35,7 @@ def generate() -> str:
 
 
 def main(argv: list[str]) -> int:
-    expected = generate()
-    if "--check" in argv:
-        if not TARGET.exists() or TARGET.read_text() != expected:
-            print(f"{TARGET.relative_to(ROOT)} is stale: run `make unasync`", file=sys.stderr)
-            return 1
-        return 0
-    TARGET.write_text(expected)
-    return 0
+    return write_or_check(TARGET, generate(), argv, remake="make unasync")
 
 
 if __name__ == "__main__":
