@@ -414,6 +414,22 @@ async def _init_roles(short_dir: Path, postgres: Server, roles: tuple[str, str, 
     assert init.returncode == 0, init.stderr
 
 
+@contextlib.asynccontextmanager
+async def _control_and_runner(short_dir: Path, postgres: Server, roles: tuple[str, str, str]
+                              ) -> AsyncIterator[tuple[Fleet, str, str]]:
+    """A fleet as `fleet init` makes it: a control broker and a runner broker, each logged
+    in with its own role; yields the fleet and the two roles' URLs."""
+    _schema, control, runner = roles
+    await _init_roles(short_dir, postgres, roles)
+    as_control, as_runner = _as(postgres, control), _as(postgres, runner)
+    async with anyio.create_task_group() as tg:
+        fleet = Fleet(tg, short_dir, "")
+        await fleet.add("control", as_control)
+        await fleet.add("runner", as_runner)
+        yield fleet, as_control, as_runner
+        fleet.stop()
+
+
 def _refused(url: str, sql: str) -> str:
     """Run ``sql``, which the database must refuse; return what it said."""
     proc = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-d", url,
@@ -432,41 +448,36 @@ async def test_the_runner_role_cannot_stop_or_break_the_audit(
     fleet for good, and no role could remove it; a garbage record made verify (so also
     retention) fail for good. Now the store numbers the record, verify names it and the
     operator quarantines it through the daemon; the chain goes on past it."""
-    _schema, control, runner = roles
-    await _init_roles(short_dir, postgres, roles)
-    as_runner = _as(postgres, runner)
-    async with anyio.create_task_group() as tg:
-        fleet = Fleet(tg, short_dir, "")
-        await fleet.add("control", _as(postgres, control))
-        await fleet.add("runner", as_runner)
-        async with fleet.client("control") as a, fleet.client("runner") as b:
-            token = await seed(a)
-            psql(as_runner, _GARBAGE)
-            bad = int(psql(as_runner, "SELECT seq FROM audit WHERE hash = 'garbage'"))
-            assert bad < 1000  # the store's number, not the inserter's
-            assert "permission denied" in _refused(as_runner, "DELETE FROM audit")
-            await b.fetch_context(token)  # audited on B, after the bad record
-            await a.put_environment("x", {"V": Variable(value="1")})
-            verified = await a.verify_audit()
-            assert (verified.ok, verified.first_broken) == (False, bad), verified
-            assert f"record {bad} does not match its link" in verified.reason
-            with pytest.raises(BrokerError, match="only the record it names"):
-                await a.quarantine_audit(bad + 1)
-            with pytest.raises(PermissionDenied):
-                await b.quarantine_audit(bad)
-            paths = fleet.brokers["control"].config.paths
-            quarantine = await anyio.to_thread.run_sync(  # the broker answers in this loop
-                lambda: run_cli(paths, "audit", "quarantine", str(bad), env=cli_env(paths)))
-            assert quarantine.returncode == 0, quarantine.stderr
-            for client in (a, b):
-                verified = await client.verify_audit()
-                assert verified.ok, verified.reason
-            assert psql(as_runner, "SELECT hash FROM audit_quarantine") == "garbage"
-            await b.fetch_context(token)
-            assert (await b.verify_audit()).ok
-            records = await a.audit(None, 1000)
-            assert max(r.seq for r in records) < 1000
-        fleet.stop()
+    async with (
+        _control_and_runner(short_dir, postgres, roles) as (fleet, _, as_runner),
+        fleet.client("control") as a, fleet.client("runner") as b,
+    ):
+        token = await seed(a)
+        psql(as_runner, _GARBAGE)
+        bad = int(psql(as_runner, "SELECT seq FROM audit WHERE hash = 'garbage'"))
+        assert bad < 1000  # the store's number, not the inserter's
+        assert "permission denied" in _refused(as_runner, "DELETE FROM audit")
+        await b.fetch_context(token)  # audited on B, after the bad record
+        await a.put_environment("x", {"V": Variable(value="1")})
+        verified = await a.verify_audit()
+        assert (verified.ok, verified.first_broken) == (False, bad), verified
+        assert f"record {bad} does not match its link" in verified.reason
+        with pytest.raises(BrokerError, match="only the record it names"):
+            await a.quarantine_audit(bad + 1)
+        with pytest.raises(PermissionDenied):
+            await b.quarantine_audit(bad)
+        paths = fleet.brokers["control"].config.paths
+        quarantine = await anyio.to_thread.run_sync(  # the broker answers in this loop
+            lambda: run_cli(paths, "audit", "quarantine", str(bad), env=cli_env(paths)))
+        assert quarantine.returncode == 0, quarantine.stderr
+        for client in (a, b):
+            verified = await client.verify_audit()
+            assert verified.ok, verified.reason
+        assert psql(as_runner, "SELECT hash FROM audit_quarantine") == "garbage"
+        await b.fetch_context(token)
+        assert (await b.verify_audit()).ok
+        records = await a.audit(None, 1000)
+        assert max(r.seq for r in records) < 1000
 
 
 async def test_an_audit_insert_waits_for_the_lock_a_broker_appends_under(
@@ -502,28 +513,23 @@ async def test_a_saved_use_count_written_back_by_the_runner_role_is_refused(
         short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
     """Writing back a saved (uses, mac) pair reset a bound: a max-uses-2 token was served
     4 times."""
-    _schema, control, runner = roles
-    await _init_roles(short_dir, postgres, roles)
-    as_runner = _as(postgres, runner)
-    async with anyio.create_task_group() as tg:
-        fleet = Fleet(tg, short_dir, "")
-        await fleet.add("control", _as(postgres, control))
-        await fleet.add("runner", as_runner)
-        async with fleet.client("control") as a, fleet.client("runner") as b:
-            token = await seed(a, max_uses=2)
-            saved = psql(as_runner, "SELECT uses || ',' || encode(mac, 'hex') FROM tokens")
-            uses, mac = saved.split(",")
-            served = 0
-            for _ in range(2):
-                await b.fetch_context(token)
-                served += 1
-            assert "never goes down" in _refused(
-                as_runner, f"UPDATE tokens SET uses = {uses}, mac = '\\x{mac}'")
-            for client in (a, b):
-                with pytest.raises(Unauthenticated):
-                    await client.fetch_context(token)
-            assert served == 2
-        fleet.stop()
+    async with (
+        _control_and_runner(short_dir, postgres, roles) as (fleet, _, as_runner),
+        fleet.client("control") as a, fleet.client("runner") as b,
+    ):
+        token = await seed(a, max_uses=2)
+        saved = psql(as_runner, "SELECT uses || ',' || encode(mac, 'hex') FROM tokens")
+        uses, mac = saved.split(",")
+        served = 0
+        for _ in range(2):
+            await b.fetch_context(token)
+            served += 1
+        assert "never goes down" in _refused(
+            as_runner, f"UPDATE tokens SET uses = {uses}, mac = '\\x{mac}'")
+        for client in (a, b):
+            with pytest.raises(Unauthenticated):
+                await client.fetch_context(token)
+        assert served == 2
 
 
 def _rows(url: str, table: str) -> str:
@@ -539,34 +545,29 @@ async def test_a_completed_context_written_back_by_the_control_login_is_not_serv
         short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
     """Anyone with the control role's login (no key needed) re-inserting a completed
     context's saved rows made every broker serve the revoked context again."""
-    _schema, control, runner = roles
-    await _init_roles(short_dir, postgres, roles)
-    as_control, as_runner = _as(postgres, control), _as(postgres, runner)
-    async with anyio.create_task_group() as tg:
-        fleet = Fleet(tg, short_dir, "")
-        await fleet.add("control", as_control)
-        await fleet.add("runner", as_runner)
-        async with fleet.client("control") as a, fleet.client("runner") as b:
-            token = await seed(a)
-            await b.fetch_context(token)
-            contexts, tokens = _rows(as_control, "contexts"), _rows(as_control, "tokens")
-            await a.complete_context("exec-1")
-            await refused_within(b, token, 2.0)
-            _write_back(as_control, "contexts", contexts)
-            _write_back(as_control, "tokens", tokens)
-            await fleet.add("fresh", as_runner)  # nothing cached: the store is asked
-            async with fleet.client("fresh") as c:
-                for client in (a, b, c):
-                    with pytest.raises(Unauthenticated):
-                        await client.fetch_context(token)
-                    with pytest.raises(NotFound):
-                        await client.get_context("exec-1")
-            assert psql(as_control, "WITH d AS (DELETE FROM tombstones RETURNING 1) "
-                                    "SELECT count(*) FROM d") == "0"  # kept while it matters
-            assert "permission denied" in _refused(as_control, "UPDATE tombstones SET "
-                                                               "expires_at = 0")
-            assert "permission denied" in _refused(as_runner, "DELETE FROM tombstones")
-        fleet.stop()
+    async with (
+        _control_and_runner(short_dir, postgres, roles) as (fleet, as_control, as_runner),
+        fleet.client("control") as a, fleet.client("runner") as b,
+    ):
+        token = await seed(a)
+        await b.fetch_context(token)
+        contexts, tokens = _rows(as_control, "contexts"), _rows(as_control, "tokens")
+        await a.complete_context("exec-1")
+        await refused_within(b, token, 2.0)
+        _write_back(as_control, "contexts", contexts)
+        _write_back(as_control, "tokens", tokens)
+        await fleet.add("fresh", as_runner)  # nothing cached: the store is asked
+        async with fleet.client("fresh") as c:
+            for client in (a, b, c):
+                with pytest.raises(Unauthenticated):
+                    await client.fetch_context(token)
+                with pytest.raises(NotFound):
+                    await client.get_context("exec-1")
+        assert psql(as_control, "WITH d AS (DELETE FROM tombstones RETURNING 1) "
+                                "SELECT count(*) FROM d") == "0"  # kept while it matters
+        assert "permission denied" in _refused(as_control, "UPDATE tombstones SET "
+                                                           "expires_at = 0")
+        assert "permission denied" in _refused(as_runner, "DELETE FROM tombstones")
 
 
 #: migration 1's audit guard, as it shipped: migration 2 replaced it
