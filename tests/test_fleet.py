@@ -670,8 +670,14 @@ async def test_a_hung_database_answers_unavailable_within_the_deadline(
     async with anyio.create_task_group() as tg:
         proxy = BlackHole(parts.hostname, parts.port or 5432)
         await tg.start(proxy.serve)
+        # sslmode=disable: with the default `prefer`, asyncpg (0.32) leaves the future of
+        # an SSL negotiation that a deadline cancelled to fail later, unretrieved, and the
+        # test runner reports that as this test's error (MagicStack/asyncpg#1211, #1310).
+        # The deadline is what is tested here, not TLS.
+        query = "&".join(filter(None, (parts.query, "sslmode=disable")))
         proxied = urllib.parse.urlunsplit(parts._replace(
-            netloc=f"{parts.username or 'postgres'}@127.0.0.1:{proxy.listening_port}"))
+            netloc=f"{parts.username or 'postgres'}@127.0.0.1:{proxy.listening_port}",
+            query=query))
         fleet = Fleet(tg, short_dir, store_url)
         await fleet.add("a")
         await fleet.add("b", proxied)
