@@ -1,6 +1,6 @@
 """`mcp proxy` and `mcp render`, driven by the official MCP Python SDK.
 
-The server (tests/mcp_server.py) and the client are the SDK's: nobody here wrote the
+The server (tests/cli/mcp_server.py) and the client are the SDK's: nobody here wrote the
 protocol they speak. The server answers with its secrets in every encoded form; the
 client must see only masks, and every message it receives must be valid JSON-RPC.
 """
@@ -19,13 +19,14 @@ import pytest
 from conftest import cli_env, run_cli
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp import types as mcp_types
-from mcp_server import forms
 
 from stigmer.broker.cli.maskforms import mask_patterns
 from stigmer.broker.cli.masking import MASK
 from stigmer.broker.cli.mcpproxy import JsonMasker
 from stigmer.broker.config import Paths
 from stigmer.client import Client, variables
+
+from .mcp_server import forms
 
 SERVER = str(Path(__file__).with_name("mcp_server.py"))
 MASKED = MASK.decode()

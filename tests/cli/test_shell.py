@@ -250,7 +250,6 @@ def test_bash_completes_through_the_script(cli_broker: Paths, short_dir: Path) -
 
 
 def test_the_man_page_is_generated_current_and_printed() -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
     import make_manpage
 
     assert make_manpage.main(["--check"]) == 0, "run `make man`"

@@ -55,7 +55,7 @@ def test_help_command_explains_that_command(paths: Paths) -> None:
 
 def test_the_man_page_is_where_man_looks() -> None:
     installed = Path(sys.prefix) / "share" / "man" / "man1" / "stigmer-broker.1"
-    shipped = Path(__file__).resolve().parent.parent / "broker" / "cli" / "stigmer-broker.1"
+    shipped = Path(__file__).resolve().parents[2] / "broker" / "cli" / "stigmer-broker.1"
     assert installed.read_text() == shipped.read_text()
     page = shipped.read_text()
     for section in ("EXIT STATUS", "ENVIRONMENT", "FILES"):

@@ -14,7 +14,7 @@ from postgres import Server, psql
 
 from stigmer.broker.config import Paths
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _fleet_section() -> str:

@@ -11,7 +11,7 @@ from conftest import run_cli
 
 from stigmer.broker.config import Paths
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def pycon_blocks() -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from stigmer.broker.config import Paths
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def walkthrough_blocks() -> list[str]:

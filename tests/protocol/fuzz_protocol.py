@@ -1,7 +1,8 @@
 """Coverage-guided fuzzing of the frame reader and message decoding (atheris).
 
-Run by tests/test_fuzz.py where atheris installs; by hand:
-    python tests/fuzz_protocol.py -runs=1000000 -max_len=8192 tests/fuzz_corpus
+Run by tests/protocol/test_fuzz.py where atheris installs; by hand:
+    python tests/protocol/fuzz_protocol.py -runs=1000000 -max_len=8192 \
+        tests/protocol/fuzz_corpus
 An input is one byte for the chunk size, one for the role (low bit: 0 server,
 1 client), then the bytes that arrive; tests/fuzz_corpus holds valid frames to
 start from and every input that once broke the decoder. Anything but a protocol

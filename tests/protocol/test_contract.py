@@ -21,7 +21,7 @@ from stigmer.broker.protocol import (
     Role,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = ROOT / "proto"
 PROTO = PROTO_ROOT / "stigmer" / "broker" / "v1" / "broker.proto"
 VECTORS = ROOT / "proto" / "vectors.json"

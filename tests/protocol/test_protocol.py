@@ -327,7 +327,7 @@ def test_protocol_md_states_the_brokers_real_limits() -> None:
     from stigmer.broker.daemon import server
     from stigmer.broker.daemon.listen import LISTEN_BACKLOG
 
-    text = " ".join((Path(__file__).resolve().parent.parent / "proto" / "PROTOCOL.md")
+    text = " ".join((Path(__file__).resolve().parents[2] / "proto" / "PROTOCOL.md")
                     .read_text().split())
     limits = Limits()
 

@@ -1,0 +1,1 @@
+"""The command line as people and service managers run it, in real processes."""

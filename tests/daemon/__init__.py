@@ -1,0 +1,1 @@
+"""The daemon through its socket: server, contexts, runners, reconnects, the fleet."""

@@ -1,0 +1,1 @@
+"""The wire: the sans-IO state machine, the language-neutral contract, the fuzzer."""
