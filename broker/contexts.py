@@ -379,6 +379,7 @@ class Contexts:
                     f"execution {execution_id!r} already has a live context; complete it "
                     "first or use another execution id")
             await self.sweep()
+        check_values(request.env_spec, "env_spec entry ")
         check_values(request.runtime, "runtime variable ")
         layers = []
         for name in request.environments:

@@ -189,11 +189,11 @@ class Dispatcher:
         """The response to ``request`` when memory alone gives it (a fetch the cache
         answers, the handshake); None when it must wait (then :meth:`handle`)."""
         if type(request) is FetchContext:  # the runner's fetch: the hot path
-            if request.token is not None:
+            if request.token is not None and request.execution_id is None:
                 fetched = self.contexts.fetch_now(request.token, peer)
-            elif request.execution_id is not None:
+            elif request.execution_id is not None and request.token is None:
                 fetched = self.contexts.fetch_granted_now(request.execution_id, peer)
-            else:
+            else:  # both or neither: handle refuses it
                 return None
             return None if fetched is None else _fetched_reply(request.id, fetched)
         if type(request) is Hello:
@@ -212,12 +212,12 @@ class Dispatcher:
         rid = request.id
         match request:  # the runner's fetch first: it is the hot path
             case FetchContext(token=token, execution_id=execution_id):
+                _one_credential(token, execution_id)
                 if token is not None:
                     fetched = await self.contexts.fetch(token, peer)
-                elif execution_id is not None:
-                    fetched = await self.contexts.fetch_granted(execution_id, peer)
                 else:
-                    raise InvalidArgument("give a token or an execution id")
+                    assert execution_id is not None
+                    fetched = await self.contexts.fetch_granted(execution_id, peer)
                 if fetched.pending_use is not None:  # max-uses: counted before the reply
                     await self.contexts.persist_use(fetched, peer)
                 return _fetched_reply(rid, fetched)
@@ -300,12 +300,12 @@ class Dispatcher:
                 await self.contexts.complete(execution_id, peer)
                 return Ok(id=rid)
             case ReleaseContext(token=token, execution_id=execution_id):
+                _one_credential(token, execution_id)
                 if token is not None:
                     await self.contexts.release(token, peer)
-                elif execution_id is not None:
-                    await self.contexts.release_granted(execution_id, peer)
                 else:
-                    raise InvalidArgument("give a token or an execution id")
+                    assert execution_id is not None
+                    await self.contexts.release_granted(execution_id, peer)
                 return Ok(id=rid)
             case ListAudit(execution_id=execution_id, limit=limit, page_token=token):
                 if token and not token.isdigit():
@@ -402,6 +402,13 @@ def _fetched_reply(rid: int, fetched: Fetched) -> ContextFetchedRaw:
     return ContextFetchedRaw(id=rid, execution_id=fetched.execution_id,
                              expires_at=fetched.expires_at,
                              variables=msgspec.Raw(fetched.plaintext))
+
+
+def _one_credential(token: str | None, execution_id: str | None) -> None:
+    """Refuse a fetch or release that gives both a token and an execution id, or
+    neither: which one opens the context must not depend on a rule of precedence."""
+    if (token is None) == (execution_id is None):
+        raise InvalidArgument("give a token or an execution id, exactly one of them")
 
 
 def _welcome(rid: int) -> Welcome:
