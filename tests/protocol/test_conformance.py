@@ -56,7 +56,8 @@ class Conversation:
     # ------------------------------------------------------------------ values
 
     def build(self, value: Any) -> Any:
-        """A value of a frame to send, its escapes ($double, $var, $repeat, ...) applied."""
+        """A value of a frame to send, its escapes ($double, $var, $repeat, $repeat_list,
+        $map) applied."""
         if isinstance(value, list):
             return [self.build(v) for v in value]
         if not isinstance(value, dict):
@@ -75,12 +76,12 @@ class Conversation:
             spec = value["$map"]
             return {f"{spec['prefix']}{n}": self.build(spec["value"])
                     for n in range(spec["count"])}
-        if "$concat" in value:
-            return "".join(self.build(part) for part in value["$concat"])
         return {k: self.build(v) for k, v in value.items()}
 
     def match(self, expected: Any, actual: Any, where: str) -> None:
         """Check ``actual`` (a decoded frame or part of it) against ``expected``."""
+        if isinstance(expected, dict) and _BUILT & expected.keys():
+            expected = self.build(expected)
         if isinstance(expected, dict) and any(k.startswith("$") for k in expected) \
                 and "$more" not in expected:
             self._match_special(expected, actual, where)
@@ -104,32 +105,14 @@ class Conversation:
             raise Mismatch(f"{where}: expected {expected!r}, got {actual!r}")
 
     def _match_special(self, expected: dict[str, Any], actual: Any, where: str) -> None:
-        if "$double" in expected:
-            if not isinstance(actual, float) or actual != float(expected["$double"]):
-                raise Mismatch(f"{where}: expected the double {expected['$double']}, "
-                               f"got {actual!r}")
-        if "$type" in expected:
-            kinds = {"string": str, "int": int, "double": float, "bool": bool,
-                     "null": type(None), "array": list, "map": dict}
-            kind = kinds[expected["$type"]]
-            if type(actual) is not kind:
-                raise Mismatch(f"{where}: expected a {expected['$type']}, got {actual!r}")
-        if "$var" in expected:
-            self.match(self.values[expected["$var"]], actual, where)
-        if "$plus" in expected:
-            name, seconds = expected["$plus"]
-            if not isinstance(actual, float) or actual != self.values[name] + seconds:
-                raise Mismatch(f"{where}: expected {name} + {seconds}, got {actual!r}")
-        if "$min_length" in expected:
-            if len(actual) < expected["$min_length"]:
-                raise Mismatch(f"{where}: expected at least {expected['$min_length']} "
-                               f"items, got {actual!r}")
-        if "$prefix" in expected:
-            if not isinstance(actual, str) or not actual.startswith(expected["$prefix"]):
-                raise Mismatch(f"{where}: expected text starting {expected['$prefix']!r}, "
-                               f"got {actual!r}")
-        if "$capture" in expected:
-            self.values[expected["$capture"]] = actual
+        """A matcher map: each of its keys is one check, and all must hold."""
+        for key, arg in expected.items():
+            if key == "$capture":
+                self.values[arg] = actual
+            elif key == "$var":
+                self.match(self.values[arg], actual, where)
+            elif not _SPECIAL[key](self, arg, actual):
+                raise Mismatch(f"{where}: expected {key} {arg!r}, got {actual!r}")
 
     # ------------------------------------------------------------------- wires
 
@@ -205,6 +188,18 @@ class Conversation:
                 raise Mismatch(f"{where}: expected the close, got {frame!r}")
         else:
             raise ValueError(f"{where}: unknown step {step!r}")
+
+
+#: the escapes that make a value, in a frame to send or in one expected
+_BUILT = {"$repeat", "$repeat_list", "$map"}
+_KINDS = {"string": str, "int": int, "double": float, "bool": bool, "null": type(None),
+          "array": list, "map": dict}
+_SPECIAL: dict[str, Any] = {
+    "$double": lambda run, arg, got: type(got) is float and got == float(arg),
+    "$type": lambda run, arg, got: type(got) is _KINDS[arg],
+    "$plus": lambda run, arg, got: type(got) is float and got == run.values[arg[0]] + arg[1],
+    "$prefix": lambda run, arg, got: type(got) is str and got.startswith(arg),
+}
 
 
 def _frame(body: Any) -> bytes:
