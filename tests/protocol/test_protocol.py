@@ -346,6 +346,19 @@ def test_protocol_md_states_the_brokers_real_limits() -> None:
     assert stated(r"frame unfinished for (\d+) s") == limits.frame_timeout
     assert stated(r"idle for (\d+) s") == limits.idle_timeout
     assert stated(r"maximum is 1 MiB \(([\d,]+) bytes\)") == limits.max_frame_size
+    # issue 26: the limits of the messages, which the spec did not give
+    from stigmer.broker import environments, protocol
+
+    assert stated(r"\| ([\d,]+) bytes \(128 KiB\) in UTF-8") == protocol.MAX_VALUE_LENGTH
+    assert stated(r"1 to (\d+) characters of `\[A-Za-z0-9._-\]`") == protocol.MAX_NAME_LENGTH
+    assert stated(r"a variable name \| 1 to (\d+) characters") == \
+        protocol.messages.MAX_VAR_NAME_LENGTH
+    assert stated(r"\| ([\d,]+) \(`UnsetVariables.keys`") == protocol.messages.MAX_VARIABLES
+    assert stated(r"(\d+) KiB \(`resource_exhausted`\)") * 1024 == \
+        environments.MAX_ENVIRONMENT_BYTES
+    assert stated(r"`ListAudit.limit` \| 0 \(the default\) to ([\d,]+)") == \
+        protocol.MAX_PAGE_SIZE
+    assert "the third answer" in text and limits.max_auth_failures == 3
 
 
 @pytest.mark.parametrize(("fields", "expected"), [
