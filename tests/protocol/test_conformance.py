@@ -265,3 +265,43 @@ def test_the_clients_decoder_reads_the_forward_compatible_replies() -> None:
         conn.receive_data(_frame(Conversation(Path()).build(case["frame"])))
         decoded = msgspec.to_builtins(conn.next_event())
         assert decoded == Conversation(Path()).build(case["reads_as"]), case["about"]
+
+
+def test_the_client_reads_a_newer_brokers_replies(short_dir: Path) -> None:
+    """Issue 26: the client's reply structs forbade unknown fields, so a broker that
+    added one within v1 broke every older client. Here a stand-in broker answers with
+    fields no v1 message has, and the blocking client reads on."""
+    import threading
+
+    from stigmer.client import Client
+
+    path = short_dir / "newer.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    listener.settimeout(TIMEOUT)
+    replies = [{"op": "Welcome", "id": 1, "version": 1, "server_version": "9", "features": []},
+               {"op": "Status", "id": 2, "version": "9", "pid": 1, "uptime_s": 1.0, "socket": "s",
+                "socket_mode": "0600", "store": "x", "key_source": "file", "started_by": "manual",
+                "environments": 0, "contexts": 0, "tokens": 0, "requests": 0, "connections": 1,
+                "shard": {"name": "b"}}]
+
+    def newer_broker() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            run = Conversation(path)
+            run.conns["peer"] = (conn, bytearray())
+            for reply in replies:
+                request = run.read_frame("peer")
+                assert request is not None and request["id"] == reply["id"]
+                conn.sendall(_frame(reply))
+
+    thread = threading.Thread(target=newer_broker)
+    thread.start()
+    try:
+        with Client(path) as client:
+            status = client.status()
+    finally:
+        thread.join(TIMEOUT)
+        listener.close()
+    assert (status.version, status.connections, status.unit) == ("9", 1, "")
