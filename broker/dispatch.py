@@ -9,12 +9,13 @@ with ``permission_denied`` before anything else happens. Errors are raised as
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar, cast
 
 import anyio
 import msgspec
@@ -22,7 +23,8 @@ import msgspec
 from . import __version__
 from .audit import Audit
 from .config import Config
-from .contexts import Contexts, Fetched
+from .contexts import Contexts, Fetch, Fetched
+from .contexts.index import Need
 from .environments import Environments
 from .local.peer import Peer
 from .protocol import (
@@ -70,13 +72,22 @@ from .store.backend import MASTER_KEY_ID, Store, StoreError, StorePeek
 from .store.backup import backed_up_at
 from .store.notices import MasterKeyRotated, Notice
 from .store.vault import Vault
+from .tokens import token_hash
 
-__all__ = ["Counters", "Dispatcher", "refuse_replaced_store"]
+__all__ = ["Counters", "Dispatcher", "Later", "refuse_replaced_store"]
 
 log = logging.getLogger("stigmer.broker")
 _ENCODER = msgspec.msgpack.Encoder()
 _R = TypeVar("_R", bound=Response)
 _T = TypeVar("_T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Later:
+    """The answer to a request that must wait (for the store, a worker thread): the
+    server awaits it in a task of its own, and the connection stops reading meanwhile."""
+
+    answer: Callable[[], Awaitable[Response]]
 
 
 @dataclasses.dataclass(slots=True)
@@ -185,23 +196,11 @@ class Dispatcher:
             log.error("could not write %d buffered audit records: %s", self.audit.pending,
                       exc.message)
 
-    def handle_now(self, request: Request, peer: Peer) -> Response | None:
-        """The response to ``request`` when memory alone gives it (a fetch the cache
-        answers, the handshake); None when it must wait (then :meth:`handle`)."""
-        if type(request) is FetchContext:  # the runner's fetch: the hot path
-            if request.token is not None:
-                fetched = self.contexts.fetch_now(request.token, peer)
-            elif request.execution_id is not None:
-                fetched = self.contexts.fetch_granted_now(request.execution_id, peer)
-            else:
-                return None
-            return None if fetched is None else _fetched_reply(request.id, fetched)
-        if type(request) is Hello:
-            return _welcome(request.id)
-        return None
-
-    async def handle(self, request: Request, peer: Peer) -> Response:
-        """Return the response to ``request``; raise a BrokerError to refuse it."""
+    def handle(self, request: Request, peer: Peer) -> Response | Later:
+        """The response to ``request`` when memory gives it now (a fetch the index
+        answers, the handshake), else the :class:`Later` that gives it; raise a
+        BrokerError to refuse it. The server calls this inside ``data_received``, so
+        nothing here waits, reads a file or asks the store."""
         if request.admin and not peer.admin:
             # by uid and cause: a process per request adds to one record's count
             self.audit.count("request", "denied", peer_uid=peer.uid,
@@ -209,20 +208,33 @@ class Dispatcher:
             raise PermissionDenied(
                 f"{type(request).__name__} is for the broker's owner; runner-group members "
                 "may only fetch contexts")
+        if type(request) is FetchContext:  # the runner's fetch: the hot path
+            if request.token is not None:
+                fetch = Fetch(peer, token_hash=token_hash(request.token))
+            elif request.execution_id is not None:
+                fetch = Fetch(peer, execution_id=request.execution_id)
+            else:
+                raise InvalidArgument("give a token or an execution id")
+            outcome = self.contexts.index.fetch(fetch)
+            if isinstance(outcome, Fetched):
+                return _fetched_reply(request.id, outcome)
+            return Later(functools.partial(self._fetch, request.id, fetch, outcome))
+        if type(request) is Hello:
+            return _welcome(request.id)
+        return Later(functools.partial(self._serve, request, peer))
+
+    async def answer(self, request: Request, peer: Peer) -> Response:
+        """:meth:`handle`, waited for."""
+        reply = self.handle(request, peer)
+        return await reply.answer() if type(reply) is Later else cast(Response, reply)
+
+    async def _fetch(self, rid: int, fetch: Fetch, need: Need) -> Response:
+        return _fetched_reply(rid, await self.contexts.drive(fetch, need))
+
+    async def _serve(self, request: Request, peer: Peer) -> Response:
+        """The response to a request that waits for the store (or a worker thread)."""
         rid = request.id
-        match request:  # the runner's fetch first: it is the hot path
-            case FetchContext(token=token, execution_id=execution_id):
-                if token is not None:
-                    fetched = await self.contexts.fetch(token, peer)
-                elif execution_id is not None:
-                    fetched = await self.contexts.fetch_granted(execution_id, peer)
-                else:
-                    raise InvalidArgument("give a token or an execution id")
-                if fetched.pending_use is not None:  # max-uses: counted before the reply
-                    await self.contexts.persist_use(fetched, peer)
-                return _fetched_reply(rid, fetched)
-            case Hello():
-                return _welcome(rid)
+        match request:
             case GetStatus():
                 return await self._status(rid)
             case Shutdown():

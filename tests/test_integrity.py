@@ -177,9 +177,9 @@ async def test_denied_requests_of_every_kind_are_counted_not_written_one_by_one(
         runner = Peer(credentials=PeerCredentials(uid=1000, gid=1000, pid=77), admin=False)
         for n in range(2000):  # a runner-group member hammering with bad requests
             with pytest.raises(Denied):
-                await dispatcher.handle(ReleaseContext(id=n + 1, token="stg_bad"), runner)
+                await dispatcher.answer(ReleaseContext(id=n + 1, token="stg_bad"), runner)
             with pytest.raises(PermissionDenied):
-                await dispatcher.handle(PutEnvironment(id=n + 1, name="x", data={}), runner)
+                await dispatcher.answer(PutEnvironment(id=n + 1, name="x", data={}), runner)
         await dispatcher.audit.flush()
         records = (await dispatcher.audit.list(None, 100))[0]
         assert [(r.event, r.outcome, r.detail) for r in records] == [
