@@ -17,6 +17,7 @@ from sealed import open_sealed
 
 from stigmer.broker.config import Config, Paths
 from stigmer.broker.daemon.attest import ProcessPin
+from stigmer.broker.daemon.startup import compose
 from stigmer.broker.dispatch import Counters, Dispatcher, Later
 from stigmer.broker.local.peer import Attestation, Peer, PeerCredentials, peer_credentials
 from stigmer.broker.protocol import (
@@ -77,11 +78,10 @@ async def dispatcher(short_dir: Path) -> AsyncIterator[Dispatcher]:
     paths = Paths(home=short_dir, socket=short_dir / "b.sock")
     sealed = await open_sealed(paths.store)
     try:
-        dispatcher = Dispatcher(Config(paths=paths), sealed.store, sealed.vault, Counters(),
-                                request_shutdown=lambda: None)
-        await dispatcher.start()
-        yield dispatcher
-        await dispatcher.close()
+        broker = await compose(Config(paths=paths), sealed.store, sealed.vault, Counters(),
+                               socket_path=paths.socket, request_shutdown=lambda: None)
+        yield broker.dispatcher
+        await broker.maintenance.close()
     finally:
         await sealed.close()
 
