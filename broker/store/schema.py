@@ -12,9 +12,10 @@ therefore three edits: a migration on each backend and the declaration here.
 What is declared: each table's columns (a portable :class:`Type`, nullability,
 a default, whether the database assigns the value, whether text sorts byte by
 byte), its primary key, unique keys, foreign keys, CHECK constraints and the
-indexes the broker's queries rely on. Column order is not part of the contract
-(SQLite's ``ALTER TABLE ... ADD COLUMN`` appends, so a migrated table may order
-its columns differently from a new one): SQL names its columns. Not declared,
+indexes the broker's queries rely on. Column order is not part of the contract:
+``ALTER TABLE ... ADD COLUMN`` appends, so the two histories order a table's
+columns differently (``tokens``: ``mac`` before ``runners`` on SQLite, after on
+PostgreSQL), and the broker's SQL always names its columns. Not declared,
 because the two backends enforce them differently on purpose: the triggers
 (SQLite) and trigger functions (PostgreSQL) that keep the audit log append-only,
 use counts monotonic and tombstones fixed, and the fleet roles' grants; the
@@ -114,21 +115,6 @@ class Table:
     #: the boolean expression of each CHECK constraint, as the migrations write it
     checks: tuple[str, ...] = ()
     indexes: tuple[Index, ...] = ()
-
-    def __post_init__(self) -> None:
-        names = [c.name for c in self.columns]
-        keys = [self.primary_key, *self.unique, *(f.columns for f in self.foreign_keys),
-                *(i.columns for i in self.indexes)]
-        unknown = {name for key in keys for name in key} - set(names)
-        if len(set(names)) != len(names) or unknown:
-            raise ValueError(f"table {self.name}: columns repeated or unknown ({unknown})")
-
-    def column(self, name: str) -> Column:
-        """The column called ``name``; KeyError if there is none."""
-        for column in self.columns:
-            if column.name == name:
-                return column
-        raise KeyError(f"table {self.name} has no column {name}")
 
 
 _INTEGER, _REAL, _TEXT, _BYTES = Type.INTEGER, Type.REAL, Type.TEXT, Type.BYTES
