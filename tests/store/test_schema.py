@@ -10,13 +10,16 @@ a column and what about it differs."""
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from postgres import Server, psql
 
 from stigmer.broker.store.backend import Store
+from stigmer.broker.store.postgres import init_fleet
 from stigmer.broker.store.schema import TABLES, TOKENS, Table, Type
 
 pytestmark = pytest.mark.anyio
@@ -274,3 +277,24 @@ def test_no_statement_relies_on_column_order() -> None:
              for number, line in enumerate(path.read_text().splitlines(), start=1)
              if _BY_POSITION.search(line)]
     assert not found, "\n".join(found)
+
+
+async def test_fleet_init_lets_the_control_role_read_and_write_every_table(
+        postgres: Server) -> None:
+    """`fleet init`'s grants are written table by table: a table added to the schema
+    without them would be one the control broker cannot use."""
+    suffix = secrets.token_hex(4)
+    schema, control, runner = f"f_{suffix}", f"ctl_{suffix}", f"run_{suffix}"
+    try:
+        await init_fleet(postgres.url(), schema, control, runner)
+        names = ", ".join(f"'{table.name}'" for table in TABLES)
+        refused = psql(postgres.url(search_path=schema),
+                       f"SELECT string_agg(t, ', ' ORDER BY t) FROM unnest(ARRAY[{names}]) t "
+                       f"WHERE NOT (has_table_privilege('{control}', t, 'SELECT') "
+                       f"AND has_table_privilege('{control}', t, 'INSERT'))")
+        assert refused == "", f"the control role may not read and write: {refused}"
+    finally:
+        postgres.drop_schema(schema)
+        for role in (control, runner):
+            psql(postgres.url(), f"DROP OWNED BY {role} CASCADE; DROP ROLE {role}",
+                 check=False)
