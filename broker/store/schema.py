@@ -15,13 +15,18 @@ byte), its primary key, unique keys, foreign keys, CHECK constraints and the
 indexes the broker's queries rely on. Column order is not part of the contract:
 ``ALTER TABLE ... ADD COLUMN`` appends, so the two histories order a table's
 columns differently (``tokens``: ``mac`` before ``runners`` on SQLite, after on
-PostgreSQL), and the broker's SQL always names its columns. Not declared,
-because the two backends enforce them differently on purpose: the triggers
-(SQLite) and trigger functions (PostgreSQL) that keep the audit log append-only,
-use counts monotonic and tombstones fixed, and the fleet roles' grants; the
-migration tests and ``tests/test_tamper.py`` / ``tests/daemon/test_fleet.py``
-cover those. The bookkeeping of the schema version (SQLite's ``PRAGMA
-user_version``, PostgreSQL's ``stigmer_schema`` table) is each backend's own.
+PostgreSQL), and the broker's SQL always names its columns.
+
+Not declared, because each backend says them in its own way: the triggers
+(SQLite) and trigger functions (PostgreSQL) that keep the audit log append-only
+but behind a checkpoint, a use count from going down, and a tombstone unchanged
+and kept until its context would expire (the same rules on both, which
+``tests/store/test_schema.py`` tests through the store interface); and what
+differs on purpose: SQLite refuses an audit record with the wrong number where
+PostgreSQL numbers it, and PostgreSQL keeps quarantined records through the
+fleet roles' grants, where SQLite has a trigger. The bookkeeping of the schema
+version (SQLite's ``PRAGMA user_version``, PostgreSQL's ``stigmer_schema``
+table) is each backend's own.
 
 A table's name is part of every row MAC and envelope place that names it
 (:class:`.crypto.Row`, :class:`.crypto.Place` take it from here): renaming a

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from postgres import Server, psql
 
-from stigmer.broker.store.backend import Store
+from stigmer.broker.protocol.errors import Internal
+from stigmer.broker.store.backend import Store, Tx
 from stigmer.broker.store.postgres import init_fleet
 from stigmer.broker.store.schema import TABLES, TOKENS, Table, Type
 
@@ -298,3 +299,64 @@ async def test_fleet_init_lets_the_control_role_read_and_write_every_table(
         for role in (control, runner):
             psql(postgres.url(), f"DROP OWNED BY {role} CASCADE; DROP ROLE {role}",
                  check=False)
+
+
+# ------------------------------------------- what each backend's triggers keep, on both
+# (schema.py leaves the triggers to each backend; these rules are the same on both)
+
+_AUDIT = ("INSERT INTO audit(seq, at, event, outcome, execution_id, token_id, detail, hash) "
+          "VALUES (?, 0, ?, 'ok', 'exec-1', '', '', 'h')")
+#: a tombstone's expiry in the far future (kept) and the past (gone)
+_LATER, _EARLIER = 4e9, 1.0
+
+
+async def _refused(store: Store, sql: str, params: tuple[object, ...] = ()) -> None:
+    with pytest.raises(Internal):
+        async with store.write() as db:
+            await db.execute(sql, params)
+
+
+async def _rows(db: Tx) -> None:
+    """Two audit records, a context with a token used twice, and two tombstones."""
+    await db.execute(_AUDIT, (1, "fetch"))
+    await db.execute(_AUDIT, (2, "fetch"))
+    context = await db.insert(
+        "INSERT INTO contexts(execution_id, sealed, keys, created_at, expires_at) "
+        "VALUES ('exec-1', ?, '', 0, ?) RETURNING id", (b"s", _LATER))
+    await db.execute("INSERT INTO tokens(id, hash, context_id, created_at, expires_at, "
+                     "max_uses, uses) VALUES ('t', ?, ?, 0, ?, 5, 2)", (b"h", context, _LATER))
+    await db.executemany("INSERT INTO tombstones(context_id, execution_id, expires_at, mac) "
+                         "VALUES (?, ?, ?, ?)", [(7, "kept", _LATER, b"m"),
+                                                 (8, "gone", _EARLIER, b"m")])
+
+
+async def test_the_audit_log_is_append_only_but_behind_a_checkpoint(store: Store) -> None:
+    async with store.write() as db:
+        await _rows(db)
+    await _refused(store, "UPDATE audit SET detail = 'changed' WHERE seq = 1")
+    await _refused(store, "DELETE FROM audit WHERE seq = 1")
+    async with store.write() as db:
+        await db.execute(_AUDIT, (3, "audit.checkpoint"))
+        await db.execute("DELETE FROM audit WHERE seq <= 2")
+    assert await store.read("SELECT seq, event, detail FROM audit") == [
+        (3, "audit.checkpoint", "")]
+
+
+async def test_a_use_count_never_goes_down(store: Store) -> None:
+    async with store.write() as db:
+        await _rows(db)
+    await _refused(store, "UPDATE tokens SET uses = 1")
+    async with store.write() as db:
+        await db.execute("UPDATE tokens SET uses = 3")
+    assert await store.read_one("SELECT uses FROM tokens") == 3
+
+
+async def test_a_tombstone_is_never_changed_and_kept_until_its_context_would_expire(
+        store: Store) -> None:
+    async with store.write() as db:
+        await _rows(db)
+    await _refused(store, "UPDATE tombstones SET expires_at = 0")
+    async with store.write() as db:  # a sweep goes on; the live tombstone stays
+        await db.execute("DELETE FROM tombstones")
+    assert await store.read("SELECT execution_id, expires_at FROM tombstones") == [
+        ("kept", _LATER)]
