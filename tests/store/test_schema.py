@@ -5,7 +5,11 @@ The live schema is read from the database's own catalogue (SQLite's ``sqlite_mas
 ``pragma_*`` functions, PostgreSQL's ``information_schema`` and ``pg_catalog``), through
 the :class:`~broker.store.backend.Store` interface, and both it and the declaration are
 reduced to the same facts in the backend's dialect, so a difference is named as a table,
-a column and what about it differs."""
+a column and what about it differs.
+
+Around it, what the declaration leaves open or to each backend: no SQL relies on column
+order, `fleet init`'s grants cover every table, and the rules each backend's triggers keep
+hold on both."""
 
 from __future__ import annotations
 
@@ -27,14 +31,10 @@ pytestmark = pytest.mark.anyio
 
 #: what one column is, as the backend says it: type, nullable, default, generated, collation
 ColumnFacts = tuple[str, bool, str | None, bool, str | None]
-
-
+_COLUMN_FACTS = ("type", "nullable", "default", "generated", "collation")
 #: one table's facts: ``columns`` (name: :data:`ColumnFacts`), ``primary key``, ``unique
 #: keys``, ``foreign keys``, ``checks`` and ``indexes``
 TableFacts = dict[str, Any]
-
-
-_COLUMN_FACTS = ("type", "nullable", "default", "generated", "collation")
 
 
 def _check_text(expression: str) -> str:
@@ -253,8 +253,8 @@ async def test_a_store_migrated_from_every_older_version_is_a_new_one(
 
 
 def test_the_comparison_names_what_drifted() -> None:
-    """A column one backend's migration added and the declaration lacks, or one whose
-    type, nullability or collation differs, is named, with its table."""
+    """A column one backend's migration added and the declaration lacks, or one that
+    differs from its declaration, is named with its table and what differs."""
     tokens = _declared(TOKENS, "postgresql")
     drifted = {**tokens, "columns": {**tokens["columns"],
                                      "extra": ("text", True, None, False, None),
