@@ -206,9 +206,9 @@ TOKENS = Table(
              Index("tokens_by_expiry", ("expires_at",))))
 
 AUDIT = Table(
-    "audit", "The audit chain: each record's ``hash`` links it to the one before; numbered "
-    "without gaps, removed only behind a later checkpoint record (retention) or once "
-    "quarantined.",
+    "audit", "The audit chain: each record numbered after the last one, its ``hash`` "
+    "linking it to the one before; removed only behind a later checkpoint record "
+    "(retention) or once quarantined.",
     _audit_columns(nullable=False),
     primary_key=("seq",),
     indexes=(Index("audit_by_execution", ("execution_id", "seq")),
