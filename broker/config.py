@@ -77,6 +77,8 @@ class Config(NamedTuple):
     #: credential (never in repr), and where it came from, for people
     env_key: str | None = None
     env_key_origin: str = "STIGMER_ENCRYPTION_KEY"
+    #: the command that prints the master key (``--key-command``, split without a shell)
+    key_command: tuple[str, ...] = ()
     #: keyring backend use: False forces the key file (tests, headless hosts)
     use_keyring: bool = True
     #: "manual", "service" (systemd/launchd) or "socket-activated"

@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from ..config import Paths
 
 __all__ = ["BROKER_VARIABLES", "EXIT_FAILED", "EXIT_NOT_RUNNING", "EXIT_OK", "EXIT_USAGE",
-           "KEY_CREDENTIAL", "KEY_VARIABLE", "PROG", "SOCKET_VARIABLE", "STORE_VARIABLE",
-           "UsageError",
+           "KEY_COMMAND_VARIABLE", "KEY_CREDENTIAL", "KEY_VARIABLE", "PROG", "SOCKET_VARIABLE",
+           "STORE_VARIABLE", "UsageError",
            "assignment_arg", "check_broker", "connect", "count_arg", "credential_arg",
            "duration_arg", "name_arg", "runner_arg", "var_arg"]
 
@@ -24,6 +24,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 PROG = "stigmer-broker"
 
 KEY_VARIABLE = "STIGMER_ENCRYPTION_KEY"
+#: the command that prints the master key (what --key-command gives)
+KEY_COMMAND_VARIABLE = "STIGMER_KEY_COMMAND"
 #: where a client finds the broker's socket (local.paths.resolve_socket reads it)
 SOCKET_VARIABLE = "STIGMER_BROKER_SOCKET"
 #: the URL of a fleet's shared store (PostgreSQL)

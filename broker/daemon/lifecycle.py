@@ -120,7 +120,8 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
         refuse_replaced_store(config, peek)
         sources = await key_sources(env_key=config.env_key, key_file=config.paths.key_file,
                                     use_keychain=config.use_keyring,
-                                    env_key_origin=config.env_key_origin)
+                                    env_key_origin=config.env_key_origin,
+                                    key_command=config.key_command)
         master = await find_master_key(sources, store=peek)
         store = await open_store(config.store_url, config.paths.store,
                                  stale_after=config.stale_after_s)

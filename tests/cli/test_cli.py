@@ -342,6 +342,55 @@ def test_context_create_flags(cli_broker: Paths, short_dir: Path) -> None:
     assert status["contexts"] == 1 and status["tokens"] >= 1
 
 
+def test_start_with_a_key_command(paths: Paths, short_dir: Path) -> None:
+    import base64
+    import shlex
+
+    key = base64.b64encode(os.urandom(32)).decode()
+    (short_dir / "key.txt").write_text(key + "\n")
+    command = shlex.join([sys.executable, "-c", "import sys; print(open(sys.argv[1]).read())",
+                          str(short_dir / "key.txt")])
+    env = cli_env(paths, STIGMER_KEY_COMMAND=command)
+    run_cli(paths, "start", env=env, check=True)
+    try:
+        status = json.loads(run_cli(paths, "status", "--json", check=True).stdout)
+        assert status["key_source"] == f"command ({sys.executable})"
+        assert status["key_backed_up_at"] is None
+        shown = run_cli(paths, "status", check=True)
+        assert f"key source   command ({sys.executable})" in shown.stdout
+        assert "back it up where it comes from" in shown.stdout
+        assert "has no backup" not in shown.stderr  # handed in: backed up at its source
+        cmdline = Path(f"/proc/{status['pid']}/cmdline").read_bytes()
+        assert key.encode() not in cmdline and b"key.txt" not in cmdline
+    finally:
+        run_cli(paths, "stop", check=True)
+    assert not (paths.home / "master.key").exists()
+    # the key the command gives opens the store it made; another one is refused
+    (short_dir / "key.txt").write_text(base64.b64encode(os.urandom(32)).decode())
+    refused = run_cli(paths, "start", "--key-command", command)
+    assert refused.returncode == 1
+    assert "does not open the store" in refused.stderr
+    assert f"from command ({sys.executable})" in refused.stderr
+    failing = shlex.join([sys.executable, "-c", f"print({key!r}); raise SystemExit(3)"])
+    refused = run_cli(paths, "start", "--key-command", failing)
+    assert refused.returncode == 1
+    assert f"the key command `{sys.executable}` exited with status 3" in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1 and "Traceback" not in refused.stderr
+    for text in (refused.stdout, refused.stderr, paths.log_file.read_text()):
+        assert key not in text
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("'op read", "--key-command cannot be split"),
+    ("  ", "--key-command is empty"),
+])
+def test_key_command_mistakes_are_usage_errors(paths: Paths, value: str,
+                                               message: str) -> None:
+    result = run_cli(paths, "start", "--key-command", value)
+    assert result.returncode == 2 and message in result.stderr
+    assert not paths.socket.exists()
+
+
 def test_serve_takes_the_env_key_out_of_its_environment(
         paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
     from stigmer.broker import cli
