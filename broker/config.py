@@ -87,6 +87,8 @@ class Config(NamedTuple):
     unit: str = ""
     #: where to send sd_notify readiness (NOTIFY_SOCKET), if anywhere
     notify_socket: str | None = None
+    #: how often to send systemd WATCHDOG=1 (half its WATCHDOG_USEC); None: not asked to
+    watchdog_s: float | None = None
     #: audit records older than this many seconds are removed (behind a checkpoint);
     #: None keeps them forever
     audit_retention_s: float | None = DEFAULT_AUDIT_RETENTION_S

@@ -41,7 +41,7 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     from ..config import Config
     from ..daemon.lifecycle import run
     from ..daemon.logs import configure as configure_logging
-    from ..daemon.systemd import inherited_socket, systemd_unit
+    from ..daemon.systemd import inherited_socket, systemd_unit, watchdog_interval
 
     retention = _retention(args.audit_retention)
     _store(args)  # a mistake is a usage error before anything starts
@@ -61,6 +61,9 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # not for our children
     notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
+    watchdog = watchdog_interval(os.environ)
+    for name in ("WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)
     unit = ""
     if os.environ.get("INVOCATION_ID"):
         try:
@@ -78,7 +81,8 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     config = Config(paths=paths, allow_group=args.allow_group, env_key=env_key,
                     env_key_origin=origin, key_command=key_command,
                     started_by=started_by, unit=unit,
-                    notify_socket=notify_socket, audit_retention_s=retention,
+                    notify_socket=notify_socket, watchdog_s=watchdog,
+                    audit_retention_s=retention,
                     store_url=store_url, stale_after_s=stale_after)
     run(config, ready_fd=args.ready_fd, listen_socket=listen_socket)
     return EXIT_OK

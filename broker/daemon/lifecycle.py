@@ -36,7 +36,7 @@ from .hardening import harden_process, raise_open_file_limit
 from .homelock import lock_home, prepare_home
 from .listen import BoundSocket, adopt_socket, bind_unix_socket
 from .server import Server
-from .systemd import Notifier
+from .systemd import Notifier, keep_alive
 
 __all__ = ["run", "serve"]
 
@@ -154,6 +154,8 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
             async with anyio.create_task_group() as background:
                 background.start_soon(dispatcher.maintain)
                 background.start_soon(dispatcher.watch)
+                if config.watchdog_s is not None:  # systemd arms it once READY=1 is sent
+                    background.start_soon(keep_alive, notifier, config.watchdog_s)
                 await server.serve(shutdown, task_status=_Started(task_status, notifier,
                                                                   bound.path))
                 background.cancel_scope.cancel()
