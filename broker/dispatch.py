@@ -370,6 +370,7 @@ class Dispatcher:
             uptime_s=round(time.monotonic() - self._started, 3),
             socket=str(self.socket_path), socket_mode=mode, store=self._store.describe(),
             store_problem=await self._store_problem(),
+            audit_problem=self.audit.problem,
             key_source=self._vault.key_source(), started_by=self._config.started_by,
             unit=self._config.unit, activity=self.activity,
             environments=environments, contexts=contexts, tokens=tokens,

@@ -359,6 +359,8 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         return EXIT_NOT_RUNNING
     import msgspec
 
+    if getattr(args, "check", False):
+        return _check(status, as_json=args.json)
     if args.json:
         data = msgspec.to_builtins(status)
         data.pop("id", None)
@@ -373,6 +375,7 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         ("store", status.store + (f" - {status.store_problem}" if status.store_problem
                                   else "")),
         ("key source", status.key_source),
+        *([("audit", status.audit_problem)] if status.audit_problem else []),
         ("environments", str(status.environments)),
         ("contexts", str(status.contexts)),
         ("tokens", str(status.tokens)),
@@ -387,6 +390,37 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         print(f"  {label:<13}{value}")
     _warn_without_backup(status)
     return EXIT_OK
+
+
+def _check(status: Status, *, as_json: bool) -> int:
+    """``status --check``: one line per problem and exit 1, or "healthy" and exit 0."""
+    found = _problems(status)
+    if as_json:
+        print_json({"running": True, "healthy": not found, "problems": found,
+                    "pid": status.pid, "socket": status.socket})
+    elif found:
+        for line in found:
+            print(line)
+    else:
+        print(f"healthy (pid {status.pid}, up {duration(status.uptime_s)})")
+    return EXIT_FAILED if found else EXIT_OK
+
+
+def _problems(status: Status) -> list[str]:
+    """What makes a running broker degraded, one line each: its store (a fleet's
+    database out or stale, another broker's key rotation), its audit chain, a master key
+    it keeps without a backup."""
+    from ..store.backup import backup_is_tracked, no_backup_line
+
+    found = []
+    if status.store_problem:
+        found.append(f"store: {status.store_problem}")
+    if status.audit_problem:
+        found.append(f"audit: {status.audit_problem} (`stigmer-broker audit verify` says "
+                     "more)")
+    if status.key_backed_up_at is None and backup_is_tracked(status.key_source):
+        found.append(f"key backup: {no_backup_line(status.key_source)}")
+    return found
 
 
 def _backup_row(status: Status) -> str:

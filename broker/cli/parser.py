@@ -157,6 +157,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = command("stop", cmd_stop, "stop the running broker gracefully")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for it to exit")
     p = command("status", cmd_status, "show whether the broker runs, and its figures")
+    p.add_argument("--check", action="store_true",
+                   help="health check: exit 0 when healthy, 1 when degraded (a line per "
+                        "problem: the store, the audit chain, a key without a backup), 3 "
+                        "when not running")
 
     env = sub.add_parser("env", help="manage environments (named sets of variables)")
     env.set_defaults(func=_group_help(env))

@@ -27,6 +27,66 @@ def test_status_when_not_running(paths: Paths) -> None:
     assert json.loads(result.stdout)["running"] is False
 
 
+def test_status_check_not_running_is_3(paths: Paths) -> None:
+    for args in (["--check"], ["--check", "--json"], ["--check", "--home", str(paths.home)]):
+        result = run_cli(paths, "status", *args)
+        assert result.returncode == 3, args
+    assert run_cli(paths, "status", "--check").stdout == f"not running (socket {paths.socket})\n"
+
+
+def test_status_check_healthy_is_0_and_a_broken_audit_chain_is_1(paths: Paths) -> None:
+    import base64
+
+    # a key handed in is backed up where it comes from: no key-backup problem
+    env = cli_env(paths, STIGMER_ENCRYPTION_KEY=base64.b64encode(os.urandom(32)).decode())
+    run_cli(paths, "start", env=env, check=True)
+    run_cli(paths, "env", "set", "e", "A=1", env=env, check=True)
+    healthy = run_cli(paths, "status", "--check", env=env)
+    assert healthy.returncode == 0 and healthy.stdout.startswith("healthy (pid "), healthy
+    as_json = json.loads(run_cli(paths, "status", "--check", "--json", env=env).stdout)
+    assert (as_json["healthy"], as_json["problems"]) == (True, [])
+    run_cli(paths, "stop", env=env, check=True)
+    # the anchored head now names records the store does not hold: newest records removed
+    anchor = json.loads(paths.audit_anchor.read_text())
+    paths.audit_anchor.write_text(json.dumps({**anchor, "seq": anchor["seq"] + 5}))
+    run_cli(paths, "start", env=env, check=True)
+    try:
+        degraded = run_cli(paths, "status", "--check", env=env)
+        assert degraded.returncode == 1, degraded
+        lines = degraded.stdout.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("audit: the audit log does not reach "
+                                                       "the head anchored in"), lines
+        shown = run_cli(paths, "status", env=env, check=True).stdout
+        assert "  audit        the audit log does not reach" in shown
+    finally:
+        run_cli(paths, "stop", env=env, check=True)
+
+
+def test_status_check_a_stale_fleet_store_is_1(short_dir: Path, store_url: str) -> None:
+    """Another broker of the fleet rotated the master key: this one's store is degraded."""
+    import shutil
+
+    a = Paths(home=short_dir / "a", socket=short_dir / "ra" / "b.sock")
+    b = Paths(home=short_dir / "b", socket=short_dir / "rb" / "b.sock")
+    env_a, env_b = (cli_env(p, STIGMER_STORE_URL=store_url) for p in (a, b))
+    run_cli(a, "start", env=env_a, check=True)
+    try:
+        b.home.mkdir(mode=0o700)
+        shutil.copy2(a.key_file, b.key_file)
+        run_cli(b, "start", env=env_b, check=True)
+        try:
+            assert not any(line.startswith("store:") for line in run_cli(
+                b, "status", "--check", env=env_b).stdout.splitlines())
+            run_cli(a, "key", "rotate", "--yes", env=env_a, check=True)
+            degraded = run_cli(b, "status", "--check", env=env_b)
+            assert degraded.returncode == 1
+            assert "store: another broker rotated the fleet's master key" in degraded.stdout
+        finally:
+            run_cli(b, "stop", env=env_b)
+    finally:
+        run_cli(a, "stop", env=env_a)
+
+
 def test_start_status_stop(paths: Paths) -> None:
     started = run_cli(paths, "start")
     assert started.returncode == 0, started.stderr
