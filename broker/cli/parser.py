@@ -413,6 +413,8 @@ def usage_error(parser: argparse.ArgumentParser, message: str) -> str:
 
 
 def _key_command_argument(p: Any) -> None:
+    if isinstance(p, _Unused):
+        return  # the import below is not free: only for serve and start
     from ..store.keys import KEY_COMMAND_TIMEOUT
 
     p.add_argument("--key-command", metavar="'CMD ARGS'",
