@@ -22,6 +22,7 @@ from .common import (
     UsageError,
     connect,
     duration_arg,
+    key_command_arg,
 )
 from .maskforms import MIN_SECRET_LENGTH
 from .render import duration, error, print_json, warn, when
@@ -45,7 +46,7 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
 
     retention = _retention(args.audit_retention)
     _store(args)  # a mistake is a usage error before anything starts
-    key_command = _key_command(args.key_command, os.environ.get(KEY_COMMAND_VARIABLE))
+    key_command = key_command_arg(args.key_command, os.environ.get(KEY_COMMAND_VARIABLE))
     os.environ.pop(KEY_COMMAND_VARIABLE, None)  # read once, here
     log_file = Path(args.log_file) if args.log_file else None
     configure_logging(verbose=args.verbose, log_file=log_file)
@@ -102,26 +103,6 @@ def _store(args: argparse.Namespace) -> tuple[str | None, float]:
             raise UsageError("--stale-after is for a shared store: give --store too")
         stale_after = duration_arg(args.stale_after, "--stale-after", longest=3600.0)
     return url, stale_after
-
-
-def _key_command(flag: str | None, variable: str | None) -> tuple[str, ...]:
-    """``--key-command``, else ``STIGMER_KEY_COMMAND``, split as a shell would (never run
-    by one): the program and its arguments; empty when neither is given."""
-    import shlex
-
-    text, where = (flag, "--key-command") if flag is not None else \
-        (variable, KEY_COMMAND_VARIABLE)
-    if text is None:
-        return ()
-    try:
-        argv = tuple(shlex.split(text))
-    except ValueError as exc:
-        raise UsageError(f"{where} cannot be split into a program and its arguments "
-                         f"({exc}); quote it as you would in a shell") from None
-    if not argv:
-        raise UsageError(f"{where} is empty; give the program that prints the master key, "
-                         "e.g. --key-command 'op read op://vault/stigmer/key'")
-    return argv
 
 
 def _read_credential(path: Path) -> str | None:
@@ -219,7 +200,7 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
     env = dict(os.environ)
     # The daemon runs the command (and reads the key); `start` passes the command on in
     # the environment, and a mistake in it is reported here, not in the log.
-    _key_command(args.key_command, env.get(KEY_COMMAND_VARIABLE))
+    key_command_arg(args.key_command, env.get(KEY_COMMAND_VARIABLE))
     if args.key_command is not None:
         env[KEY_COMMAND_VARIABLE] = args.key_command
     if store_url is not None:

@@ -451,6 +451,32 @@ def test_key_command_mistakes_are_usage_errors(paths: Paths, value: str,
     assert not paths.socket.exists()
 
 
+def test_serve_reads_the_key_command_and_watchdog_once(
+        paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stigmer.broker import cli
+    from stigmer.broker.daemon import lifecycle
+
+    seen: dict[str, object] = {}
+
+    def fake_run(config: Any, **kwargs: object) -> None:
+        seen["key_command"] = config.key_command
+        seen["watchdog_s"] = config.watchdog_s
+        seen["left"] = sorted(k for k in ("STIGMER_KEY_COMMAND", "WATCHDOG_USEC", "WATCHDOG_PID")
+                              if k in os.environ)
+
+    monkeypatch.setattr(lifecycle, "run", fake_run)
+    monkeypatch.setenv("STIGMER_KEY_COMMAND", "op read 'op://Infra/stigmer broker/key'")
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert cli.main(["--home", str(paths.home), "--socket", str(paths.socket), "serve"]) == 0
+    assert seen == {"key_command": ("op", "read", "op://Infra/stigmer broker/key"),
+                    "watchdog_s": 15.0, "left": []}
+    monkeypatch.setenv("STIGMER_KEY_COMMAND", "ignored")  # the flag wins
+    assert cli.main(["--home", str(paths.home), "--socket", str(paths.socket), "serve",
+                     "--key-command", "gpg --decrypt k.gpg"]) == 0
+    assert seen["key_command"] == ("gpg", "--decrypt", "k.gpg") and seen["watchdog_s"] is None
+
+
 def test_serve_takes_the_env_key_out_of_its_environment(
         paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
     from stigmer.broker import cli
