@@ -106,6 +106,8 @@ class Config(NamedTuple):
 def _shown(name: str, value: object) -> str:
     if name == "env_key" and value:
         return SECRET_MASK
+    if name == "key_command" and isinstance(value, tuple) and value:
+        return repr((value[0], SECRET_MASK) if len(value) > 1 else value)  # only the program
     if name == "store_url" and isinstance(value, str):
         return repr(redact_url(value))
     return repr(value)

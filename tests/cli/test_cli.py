@@ -462,6 +462,7 @@ def test_serve_reads_the_key_command_and_watchdog_once(
 
     def fake_run(config: Any, **kwargs: object) -> None:
         seen["key_command"] = config.key_command
+        seen["repr"] = repr(config)
         seen["watchdog_s"] = config.watchdog_s
         seen["left"] = sorted(k for k in ("STIGMER_KEY_COMMAND", "WATCHDOG_USEC", "WATCHDOG_PID")
                               if k in os.environ)
@@ -471,6 +472,8 @@ def test_serve_reads_the_key_command_and_watchdog_once(
     monkeypatch.setenv("WATCHDOG_USEC", "30000000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     assert cli.main(["--home", str(paths.home), "--socket", str(paths.socket), "serve"]) == 0
+    shown = seen.pop("repr")
+    assert "key_command=('op', " in str(shown) and "op://Infra" not in str(shown)
     assert seen == {"key_command": ("op", "read", "op://Infra/stigmer broker/key"),
                     "watchdog_s": 15.0, "left": []}
     monkeypatch.setenv("STIGMER_KEY_COMMAND", "ignored")  # the flag wins
