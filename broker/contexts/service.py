@@ -86,12 +86,12 @@ async def match_process(runners: tuple[str, ...], peer: Peer) -> Match:
 def _match(runners: tuple[str, ...], peer: Peer) -> Match:
     process = peer.process
     if process is None:
-        return Match(None, "the process cannot be attested")
+        return Match(runners, None, "the process cannot be attested")
     try:
         with process.held():
-            return Match(matching_selector(runners, process.attest()))
+            return Match(runners, matching_selector(runners, process.attest()))
     except LookupError as exc:
-        return Match(None, str(exc))
+        return Match(runners, None, str(exc))
 
 
 class Contexts:
