@@ -115,6 +115,7 @@ class Audit:
         self._vault = vault
         self._anchor = anchor
         self._anchor_frozen = False
+        self._problem = ""  # what was last found wrong with the chain
         self._head: Head | None = None  # the head this process last anchored
         self._clock = clock
         self._pending: list[_Pending] = []
@@ -256,6 +257,7 @@ class Audit:
         await self._anchor.write(current)
 
     def _frozen(self, why: str) -> None:
+        self._problem = why
         log.error("%s; `stigmer-broker audit verify` reports it, and the anchor is no longer "
                   "updated until it is removed", why)
         self._anchor_frozen = True
@@ -313,9 +315,21 @@ class Audit:
             "LIMIT ?", (*params, limit + 1))
         return [AuditRecord(*r) for r in reversed(rows[:limit])], len(rows) > limit
 
+    @property
+    def problem(self) -> str:
+        """What this broker last found wrong with the chain (at start, when the head moved
+        behind its back, or in the last :meth:`verify`, which retention runs hourly);
+        empty when nothing. Only :meth:`verify` checks every link."""
+        return self._problem
+
     async def verify(self) -> Verified:
         """Check the chain from its first record (or its retention checkpoint) to the head,
         past the records quarantined, and the head against its anchor."""
+        verified = await self._verify()
+        self._problem = verified.reason
+        return verified
+
+    async def _verify(self) -> Verified:
         await self.flush_after_write()
         rows = await self._store.read(f"SELECT {_COLUMNS} FROM audit ORDER BY seq")
         records = [AuditRecord(*r) for r in rows]

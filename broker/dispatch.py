@@ -9,20 +9,16 @@ with ``permission_denied`` before anything else happens. Errors are raised as
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
-import stat
-import time
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar, cast
 
-import anyio
 import msgspec
 
 from . import __version__
 from .audit import Audit
-from .config import Config
-from .contexts import Contexts, Fetched
+from .contexts import Contexts, Fetch, Fetched
+from .contexts.index import Need
 from .environments import Environments
 from .local.peer import Peer
 from .protocol import (
@@ -64,144 +60,57 @@ from .protocol import (
     VerifyAudit,
     Welcome,
 )
-from .protocol.errors import BrokerError, InvalidArgument, PermissionDenied
-from .store.anchor import HeadAnchor
-from .store.backend import MASTER_KEY_ID, Store, StoreError, StorePeek
-from .store.backup import backed_up_at
-from .store.notices import MasterKeyRotated, Notice
+from .protocol.errors import InvalidArgument, PermissionDenied
 from .store.vault import Vault
+from .tokens import token_hash
 
-__all__ = ["Counters", "Dispatcher", "refuse_replaced_store"]
+__all__ = ["Counters", "Dispatcher", "Later"]
 
-log = logging.getLogger("stigmer.broker")
 _ENCODER = msgspec.msgpack.Encoder()
 _R = TypeVar("_R", bound=Response)
 _T = TypeVar("_T")
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Later:
+    """The answer to a request that must wait (for the store, a worker thread): the
+    server awaits it in a task of its own, and the connection stops reading meanwhile."""
+
+    answer: Callable[[], Awaitable[Response]]
+
+
 @dataclasses.dataclass(slots=True)
 class Counters:
-    """Live figures the server keeps up to date and status reports."""
+    """Live figures the server and the dispatcher keep up to date and status reports."""
 
     requests: int = 0
     connections: int = 0
-
-
-def refuse_replaced_store(config: Config, store: StorePeek) -> None:
-    """Refuse a store with an old schema on a home where a newer broker already ran (its
-    audit head anchor exists): the store was replaced by an older file. Called on what
-    was read before the store is opened, so the refused store is not migrated. Raises
-    StoreError."""
-    anchor = HeadAnchor(config.paths.audit_anchor)
-    if store.legacy_rows and anchor.exists():
-        raise StoreError(
-            f"store {store.where} has an old schema, but a newer broker already ran on this "
-            f"home ({anchor.path} exists): the store was replaced by an older file. If you "
-            f"restored a backup on purpose, remove {anchor.path} and start again")
+    activity: str = ""  # a long operation in progress (a key rotation)
 
 
 class Dispatcher:
-    """The broker's request handler: routes each request to the domain object it is for."""
+    """The broker's request handler: routes each request to the domain object it is for.
+    It is composed by the daemon (:mod:`.daemon.startup`), which also owns start-up,
+    housekeeping and the status report."""
 
-    def __init__(self, config: Config, store: Store, vault: Vault, counters: Counters, *,
-                 request_shutdown: Callable[[], None]) -> None:
-        self._config = config
+    def __init__(self, environments: Environments, audit: Audit, contexts: Contexts,
+                 vault: Vault, counters: Counters, *,
+                 status: Callable[[int], Awaitable[Status]],
+                 request_shutdown: Callable[[], None], largest_reply: int) -> None:
+        self.environments = environments
+        self.audit = audit
+        self.contexts = contexts
         self._vault = vault
         self._counters = counters
+        self._status = status
         self._request_shutdown = request_shutdown
-        self._started = time.monotonic()
-        self.socket_path = config.paths.socket  # the daemon sets the one it listens on
-        self.activity = ""  # a long operation in progress, for status
-        self.attest_limit = ""  # runner grants it cannot check, for status (the daemon's)
-        self._largest_reply = config.limits.max_frame_size - 1024  # a page's bound
-        self._store = store
-        self._anchor = HeadAnchor(config.paths.audit_anchor, journal=bool(config.unit))
-        self.environments = Environments(store, vault)
-        self.audit = Audit(store, vault, anchor=self._anchor)
-        self.contexts = Contexts(store, vault, self.environments, self.audit)
+        self._largest_reply = largest_reply  # a page's bound
 
-    async def start(self) -> None:
-        """Authenticate the rows of a store written before rows carried MACs (only on the
-        start that migrates it, which :func:`refuse_replaced_store` let through), then load
-        the live contexts (dropping expired ones)."""
-        if self._store.legacy_rows:
-            rows = (await self.environments.authenticate_unchecked()
-                    + await self.contexts.authenticate_unchecked())
-            log.info("authenticated %d rows of a store written before rows carried MACs",
-                     rows)
-        elif self._store.migrated_from == 0 and self._anchor.exists():
-            kept = self._anchor.path.with_name(self._anchor.path.name + ".replaced")
-            os.replace(self._anchor.path, kept)
-            log.warning("a new store was created where an audit head anchor existed; the old "
-                        "anchor is kept as %s", kept)
-        await self.contexts.load()
-        await self.audit.anchor()
-
-    async def maintain(self, *, flush_interval: float = 0.2, sweep_interval: float = 10.0,
-                       retention_interval: float = 3600.0) -> None:
-        """Run forever: flush buffered audit records, sweep expired contexts, apply the
-        audit retention, give free pages back."""
-        next_sweep = time.monotonic() + sweep_interval
-        next_retention = time.monotonic()  # the first cut runs soon, not in start-up
-        while True:
-            await anyio.sleep(flush_interval)
-            try:
-                await self.audit.flush()
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + sweep_interval
-                    if await self.contexts.sweep():
-                        await self.audit.flush()
-                        await self._store.reclaim()
-                if time.monotonic() >= next_retention:
-                    next_retention = time.monotonic() + retention_interval
-                    await self._retain()
-            except BrokerError as exc:  # disk full and the like: keep buffering, retry
-                log.warning("background write failed: %s", exc.message)
-            except Exception:  # a bug here must not take the daemon down with it
-                log.exception("background maintenance failed; retrying")
-
-    async def watch(self) -> None:
-        """Run forever: follow what other brokers of a fleet change in a shared store."""
-        await self._store.watch(self._heard, self.contexts.resync)
-
-    def _heard(self, notice: Notice) -> None:
-        if isinstance(notice, MasterKeyRotated) and notice.key_id != self._vault.key_id:
-            # not our own rotation
-            log.warning("another broker of the fleet rotated the master key (now key id %s); "
-                        "this one keeps serving, but needs the new key before it next "
-                        "starts", notice.key_id)
-        self.contexts.heard(notice)
-
-    async def _retain(self) -> None:
-        retention = self._config.audit_retention_s
-        if retention is not None and await self.audit.prune(time.time() - retention):
-            await self._store.reclaim()
-
-    async def close(self) -> None:
-        """Write what is still buffered."""
-        try:
-            await self.audit.flush()
-        except BrokerError as exc:
-            log.error("could not write %d buffered audit records: %s", self.audit.pending,
-                      exc.message)
-
-    def handle_now(self, request: Request, peer: Peer) -> Response | None:
-        """The response to ``request`` when memory alone gives it (a fetch the cache
-        answers, the handshake); None when it must wait (then :meth:`handle`)."""
-        if type(request) is FetchContext:  # the runner's fetch: the hot path
-            if request.token is not None and request.execution_id is None:
-                fetched = self.contexts.fetch_now(request.token, peer)
-            elif request.execution_id is not None and request.token is None:
-                fetched = self.contexts.fetch_granted_now(request.execution_id, peer)
-            else:  # both or neither: handle refuses it
-                return None
-            return None if fetched is None else _fetched_reply(request.id, fetched)
-        if type(request) is Hello:
-            return _welcome(request.id)
-        return None
-
-    async def handle(self, request: Request, peer: Peer) -> Response:
-        """Return the response to ``request``; raise a BrokerError to refuse it."""
+    def handle(self, request: Request, peer: Peer) -> Response | Later:
+        """The response to ``request`` when memory gives it now (a fetch the index
+        answers, the handshake), else the :class:`Later` that gives it; raise a
+        BrokerError to refuse it. The server calls this inside ``data_received``, so
+        nothing here waits, reads a file or asks the store."""
         if request.admin and not peer.admin:
             # by uid and cause: a process per request adds to one record's count
             self.audit.count("request", "denied", peer_uid=peer.uid,
@@ -209,20 +118,33 @@ class Dispatcher:
             raise PermissionDenied(
                 f"{type(request).__name__} is for the broker's owner; runner-group members "
                 "may only fetch contexts")
+        if type(request) is FetchContext:  # the runner's fetch: the hot path
+            _one_credential(request.token, request.execution_id)
+            if request.token is not None:
+                fetch = Fetch(peer, token_hash=token_hash(request.token))
+            else:
+                assert request.execution_id is not None
+                fetch = Fetch(peer, execution_id=request.execution_id)
+            outcome = self.contexts.index.fetch(fetch)
+            if isinstance(outcome, Fetched):
+                return _fetched_reply(request.id, outcome)
+            return Later(functools.partial(self._fetch, request.id, fetch, outcome))
+        if type(request) is Hello:
+            return _welcome(request.id)
+        return Later(functools.partial(self._serve, request, peer))
+
+    async def answer(self, request: Request, peer: Peer) -> Response:
+        """:meth:`handle`, waited for."""
+        reply = self.handle(request, peer)
+        return await reply.answer() if type(reply) is Later else cast(Response, reply)
+
+    async def _fetch(self, rid: int, fetch: Fetch, need: Need) -> Response:
+        return _fetched_reply(rid, await self.contexts.drive(fetch, need))
+
+    async def _serve(self, request: Request, peer: Peer) -> Response:
+        """The response to a request that waits for the store (or a worker thread)."""
         rid = request.id
-        match request:  # the runner's fetch first: it is the hot path
-            case FetchContext(token=token, execution_id=execution_id):
-                _one_credential(token, execution_id)
-                if token is not None:
-                    fetched = await self.contexts.fetch(token, peer)
-                else:
-                    assert execution_id is not None
-                    fetched = await self.contexts.fetch_granted(execution_id, peer)
-                if fetched.pending_use is not None:  # max-uses: counted before the reply
-                    await self.contexts.persist_use(fetched, peer)
-                return _fetched_reply(rid, fetched)
-            case Hello():
-                return _welcome(rid)
+        match request:
             case GetStatus():
                 return await self._status(rid)
             case Shutdown():
@@ -258,14 +180,17 @@ class Dispatcher:
                                             sorted(spec.data))
                 return Applied(id=rid, changes=changes, dry_run=dry_run)
             case RotateKey():
-                def progress(done: int, total: int) -> None:
-                    self.activity = f"key rotation: {done} of {total} sealed values checked"
+                counters = self._counters
 
-                self.activity = "key rotation: rewrapping data keys"
+                def progress(done: int, total: int) -> None:
+                    counters.activity = (f"key rotation: {done} of {total} sealed values "
+                                         "checked")
+
+                counters.activity = "key rotation: rewrapping data keys"
                 try:
                     result = await self._vault.rotate(progress)
                 finally:
-                    self.activity = ""
+                    counters.activity = ""
                 await self._changed("key.rotated", peer, f"key id {result.key_id}")
                 return KeyRotated(id=rid, key_id=result.key_id, rewrapped=result.rewrapped,
                                   key_source=result.key_source)
@@ -352,49 +277,6 @@ class Dispatcher:
         record = await self.environments.get(name, reveal=reveal)
         return Environment(id=rid, name=record.name, data=record.data,
                            created_at=record.created_at, updated_at=record.updated_at)
-
-    async def _status(self, rid: int) -> Status:
-        try:  # figures from a shared store: none while it is out (store_problem says so)
-            contexts, tokens = await self.contexts.live_counts()
-            environments = await self.environments.count()
-        except BrokerError:
-            if not self._store.shared:
-                raise
-            contexts = tokens = environments = 0
-        try:
-            mode = f"{stat.S_IMODE(os.lstat(self.socket_path).st_mode):04o}"
-        except OSError:
-            mode = "missing"
-        return Status(
-            id=rid, version=__version__, pid=os.getpid(),
-            uptime_s=round(time.monotonic() - self._started, 3),
-            socket=str(self.socket_path), socket_mode=mode, store=self._store.describe(),
-            store_problem=await self._store_problem(),
-            key_source=self._vault.key_source(), started_by=self._config.started_by,
-            unit=self._config.unit, activity=self.activity,
-            environments=environments, contexts=contexts, tokens=tokens,
-            requests=self._counters.requests, connections=self._counters.connections,
-            key_backed_up_at=self.key_backed_up_at(), attest_limit=self.attest_limit,
-        )
-
-    async def _store_problem(self) -> str:
-        problem = self._store.problem()
-        if problem or not self._store.shared:
-            return problem
-        try:
-            fleet_key = await self._store.meta(MASTER_KEY_ID)
-        except BrokerError as exc:
-            return exc.message
-        if fleet_key is not None and fleet_key != self._vault.key_id:
-            return (f"another broker rotated the fleet's master key (now key id {fleet_key}); "
-                    f"this one holds key id {self._vault.key_id}: install the new key here "
-                    "before it restarts")
-        return ""
-
-    def key_backed_up_at(self) -> float | None:
-        """When the current master key was exported, or None (never, or before a
-        rotation)."""
-        return backed_up_at(self._config.paths.key_backup_record, self._vault.key_id)
 
 
 def _fetched_reply(rid: int, fetched: Fetched) -> ContextFetchedRaw:

@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 from sealed import open_sealed
 
 from stigmer.broker.config import Paths
+from stigmer.broker.daemon.startup import compose
 from stigmer.broker.dispatch import Counters, Dispatcher
 from stigmer.broker.local.peer import Peer, PeerCredentials
 from stigmer.broker.protocol import (
@@ -84,11 +85,11 @@ def live_service() -> Iterator[tuple[anyio.from_thread.BlockingPortal, Dispatche
     with anyio.from_thread.start_blocking_portal() as portal:
         sealed = portal.call(lambda: open_sealed(home / "local.db"))
         config = make_config(Paths(home=home, socket=home / "s.sock"))
-        service = Dispatcher(config, sealed.store, sealed.vault, Counters(),
-                             request_shutdown=lambda: None)
-        portal.call(service.start)
-        yield portal, service
-        portal.call(service.close)
+        broker = portal.call(lambda: compose(config, sealed.store, sealed.vault, Counters(),
+                                             socket_path=config.paths.socket,
+                                             request_shutdown=lambda: None))
+        yield portal, broker.dispatcher
+        portal.call(broker.maintenance.close)
         portal.call(sealed.close)
     shutil.rmtree(home, ignore_errors=True)
 
@@ -113,7 +114,7 @@ def test_fuzz_dispatcher(live_service: tuple[anyio.from_thread.BlockingPortal, D
         return  # a protocol error: the server answers it and closes
     assert isinstance(event, Request)  # a whole frame in: a request, never NEED_DATA
     try:
-        reply = portal.call(service.handle, event, PEER if admin else RUNNER)
+        reply = portal.call(service.answer, event, PEER if admin else RUNNER)
     except BrokerError:
         return
     assert isinstance(reply, Response)

@@ -162,7 +162,8 @@ async def test_denied_requests_of_every_kind_are_counted_not_written_one_by_one(
     from sealed import open_sealed
 
     from stigmer.broker.config import Config
-    from stigmer.broker.dispatch import Counters, Dispatcher
+    from stigmer.broker.daemon.startup import compose
+    from stigmer.broker.dispatch import Counters
     from stigmer.broker.local.peer import Peer, PeerCredentials
     from stigmer.broker.protocol import PutEnvironment, ReleaseContext
     from stigmer.broker.protocol.errors import PermissionDenied
@@ -171,15 +172,15 @@ async def test_denied_requests_of_every_kind_are_counted_not_written_one_by_one(
     paths = Paths(home=short_dir, socket=short_dir / "b.sock")
     sealed = await open_sealed(paths.store)
     try:
-        dispatcher = Dispatcher(Config(paths=paths), sealed.store, sealed.vault, Counters(),
-                                request_shutdown=lambda: None)
-        await dispatcher.start()
+        dispatcher = (await compose(Config(paths=paths), sealed.store, sealed.vault,
+                                    Counters(), socket_path=paths.socket,
+                                    request_shutdown=lambda: None)).dispatcher
         runner = Peer(credentials=PeerCredentials(uid=1000, gid=1000, pid=77), admin=False)
         for n in range(2000):  # a runner-group member hammering with bad requests
             with pytest.raises(Denied):
-                await dispatcher.handle(ReleaseContext(id=n + 1, token="stg_bad"), runner)
+                await dispatcher.answer(ReleaseContext(id=n + 1, token="stg_bad"), runner)
             with pytest.raises(PermissionDenied):
-                await dispatcher.handle(PutEnvironment(id=n + 1, name="x", data={}), runner)
+                await dispatcher.answer(PutEnvironment(id=n + 1, name="x", data={}), runner)
         await dispatcher.audit.flush()
         records = (await dispatcher.audit.list(None, 100))[0]
         assert [(r.event, r.outcome, r.detail) for r in records] == [
@@ -341,22 +342,24 @@ async def test_audit_retention_runs_once_per_interval(short_dir: Path) -> None:
     from sealed import open_sealed
 
     from stigmer.broker.config import Config
-    from stigmer.broker.dispatch import Counters, Dispatcher
+    from stigmer.broker.daemon.startup import compose
+    from stigmer.broker.dispatch import Counters
 
     sealed = await open_sealed(short_dir / "local.db")
     config = Config(paths=Paths(home=short_dir, socket=short_dir / "s"), use_keyring=False)
-    dispatcher = Dispatcher(config, sealed.store, sealed.vault, Counters(),
-                            request_shutdown=lambda: None)
+    maintenance = (await compose(config, sealed.store, sealed.vault, Counters(),
+                                 socket_path=config.paths.socket,
+                                 request_shutdown=lambda: None)).maintenance
     cuts = 0
 
     async def counted() -> None:
         nonlocal cuts
         cuts += 1
 
-    dispatcher._retain = counted  # type: ignore[method-assign]
+    maintenance.retain = counted  # type: ignore[method-assign]
     try:
         with anyio.move_on_after(0.5):
-            await dispatcher.maintain(flush_interval=0.01, retention_interval=3600)
+            await maintenance.run(flush_interval=0.01, retention_interval=3600)
     finally:
         await sealed.close()
     assert cuts == 1

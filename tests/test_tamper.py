@@ -262,8 +262,16 @@ async def test_a_forged_checkpoint_is_detected(paths: Paths) -> None:
 # ------------------------------------------------------------- older stores
 
 
+def _undo_schema_6(db: sqlite3.Connection) -> None:
+    """What migration 6 added, taken out again (the store is then at version 5)."""
+    db.execute("DROP INDEX IF EXISTS contexts_by_expiry")
+    db.execute("DROP INDEX IF EXISTS tokens_by_expiry")
+    db.execute("PRAGMA user_version = 5")
+
+
 def _undo_schema_5(db: sqlite3.Connection) -> None:
-    """What migration 5 added, taken out again (the store is then at version 4)."""
+    """What migrations 5 and 6 added, taken out again (the store is then at version 4)."""
+    _undo_schema_6(db)
     for trigger in ("audit_seq_follows", "tokens_uses_never_down", "audit_no_delete"):
         db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
     db.execute("DROP TABLE IF EXISTS tombstones")
@@ -287,7 +295,7 @@ def _as_schema_2(paths: Paths) -> None:
         db.execute("CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit "
                    "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END")
         db.execute("PRAGMA user_version = 2")
-    assert len(MIGRATIONS) == 5  # a new migration must be undone here too
+    assert len(MIGRATIONS) == 6  # a new migration must be undone here too
 
 
 async def test_a_store_from_before_row_macs_is_authenticated_once(paths: Paths) -> None:
@@ -351,7 +359,7 @@ async def test_a_schema_4_store_migrates_to_5_and_keeps_working(paths: Paths) ->
         assert (await client.fetch_context(token))["S"] == "prod-secret"
         assert (await client.verify_audit()).ok
     with sqlite3.connect(paths.store) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 5
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 6
         with pytest.raises(sqlite3.IntegrityError, match="never goes down"):
             db.execute("UPDATE tokens SET uses = 0")
         with pytest.raises(sqlite3.IntegrityError, match="number after the last"):
@@ -420,3 +428,21 @@ async def test_a_completed_context_written_back_is_not_served(paths: Paths) -> N
         assert db.execute("DELETE FROM tombstones").rowcount == 0  # kept while it matters
         with pytest.raises(sqlite3.IntegrityError, match="never changed"):
             db.execute("UPDATE tombstones SET expires_at = 0")
+
+
+async def test_status_says_what_verify_last_found(paths: Paths) -> None:
+    """`status` (and `status --check`) report the chain as the broker last found it: a
+    record changed in the middle is not seen until a verify, which then sets the problem,
+    and a verify that passes again (after quarantine) clears it."""
+    await _some_audit(paths)
+    with sqlite3.connect(paths.store) as db:
+        _unprotect(db)
+        db.execute("UPDATE audit SET detail = 'rewritten' WHERE seq = 3")
+    async with running(paths) as client:
+        assert (await client.status()).audit_problem == ""  # the anchor still matches
+        verified = await client.verify_audit()
+        assert not verified.ok and verified.first_broken == 3
+        assert (await client.status()).audit_problem == verified.reason
+        await client.quarantine_audit(3)
+        assert (await client.verify_audit()).ok
+        assert (await client.status()).audit_problem == ""

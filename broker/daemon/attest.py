@@ -36,6 +36,8 @@ import os
 import signal
 import socket
 import struct
+import threading
+from collections.abc import Iterator
 
 from ..local.peer import Attestation, Binary, PeerCredentials
 
@@ -68,10 +70,14 @@ def exe_grants_limit() -> str:
 class ProcessPin:
     """The process that opened one connection; :meth:`attest` describes it now."""
 
-    __slots__ = ("_at_connect", "_creds", "_groups", "_pidfd", "_procfd", "_start")
+    __slots__ = ("_at_connect", "_closed", "_creds", "_groups", "_lock", "_pidfd", "_procfd",
+                 "_start", "_users")
 
     def __init__(self, sock: socket.socket, creds: PeerCredentials) -> None:
         self._creds = creds
+        self._lock = threading.Lock()
+        self._users = 0  # worker threads reading through the handles (held())
+        self._closed = False
         self._pidfd = -1
         self._procfd = -1
         self._start = b""
@@ -88,13 +94,40 @@ class ProcessPin:
             if self._pidfd < 0:  # with a pidfd the start time is never compared
                 self._start = _start_time(self._procfd)
         except OSError:
-            self.close()  # gone already, or no /proc: attest() refuses
+            self._release()  # gone already, or no /proc: attest() refuses
             return
         with contextlib.suppress(OSError):  # not ours to read: no exe: term can match anyway
             st = os.stat("exe", dir_fd=self._procfd)
             self._at_connect = (st.st_dev, st.st_ino)
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep the handles open while a worker thread attests through them: a close
+        meanwhile (the connection went away) waits for it to finish, so the numbers
+        cannot be reused for another process's files under it."""
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._users += 1
+        if closed:
+            raise LookupError("the connection closed")
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                last = self._closed and not self._users
+            if last:
+                self._release()
+
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._users:
+                return  # the last holder releases
+        self._release()
+
+    def _release(self) -> None:
         for fd in (self._pidfd, self._procfd):
             if fd >= 0:
                 with contextlib.suppress(OSError):

@@ -25,18 +25,20 @@ import anyio
 import anyio.abc
 
 from ..config import Config, Limits
-from ..dispatch import Counters, Dispatcher, refuse_replaced_store
+from ..dispatch import Counters
 from ..protocol.errors import StartupError
 from ..store.backend import open_store, peek_store
 from ..store.backup import backup_is_tracked, no_backup_line
 from ..store.keys import find_master_key, key_sources, new_master_key
 from ..store.vault import Vault
 from .attest import exe_grants_limit
+from .fleet import follow_fleet
 from .hardening import harden_process, raise_open_file_limit
 from .homelock import lock_home, prepare_home
 from .listen import BoundSocket, adopt_socket, bind_unix_socket
 from .server import Server
-from .systemd import Notifier
+from .startup import compose, refuse_replaced_store
+from .systemd import Notifier, keep_alive
 
 __all__ = ["run", "serve"]
 
@@ -120,7 +122,8 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
         refuse_replaced_store(config, peek)
         sources = await key_sources(env_key=config.env_key, key_file=config.paths.key_file,
                                     use_keychain=config.use_keyring,
-                                    env_key_origin=config.env_key_origin)
+                                    env_key_origin=config.env_key_origin,
+                                    key_command=config.key_command)
         master = await find_master_key(sources, store=peek)
         store = await open_store(config.store_url, config.paths.store,
                                  stale_after=config.stale_after_s)
@@ -128,12 +131,10 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
             vault = await Vault.unlock(store, master or await new_master_key(sources))
             counters = Counters()
             stop = anyio.Event()
-            dispatcher = Dispatcher(config, store, vault, counters, request_shutdown=stop.set)
-            dispatcher.socket_path = bound.path
-            dispatcher.attest_limit = exe_grants_limit()
-            await dispatcher.start()
-            server = Server(bound.sock, dispatcher, _fit_to_open_files(config.limits), counters,
-                            group_gid=gid)
+            broker = await compose(config, store, vault, counters, socket_path=bound.path,
+                                   attest_limit=exe_grants_limit(), request_shutdown=stop.set)
+            server = Server(bound.sock, broker.dispatcher, _fit_to_open_files(config.limits),
+                            counters, group_gid=gid)
 
             async def shutdown() -> None:
                 async with anyio.create_task_group() as tg:
@@ -148,16 +149,19 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
 
             log.info("serving on %s (store %s, key %s, pid %d, started %s)", bound.path,
                      store.describe(), vault.key_source(), os.getpid(), config.started_by)
-            if dispatcher.key_backed_up_at() is None and backup_is_tracked(vault.key_source()):
+            if (broker.status.key_backed_up_at() is None
+                    and backup_is_tracked(vault.key_source())):
                 log.warning("%s", no_backup_line(vault.key_source()))
             async with anyio.create_task_group() as background:
-                background.start_soon(dispatcher.maintain)
-                background.start_soon(dispatcher.watch)
+                background.start_soon(broker.maintenance.run)
+                background.start_soon(follow_fleet, store, vault, broker.contexts)
+                if config.watchdog_s is not None:  # systemd arms it once READY=1 is sent
+                    background.start_soon(keep_alive, notifier, config.watchdog_s)
                 await server.serve(shutdown, task_status=_Started(task_status, notifier,
                                                                   bound.path))
                 background.cancel_scope.cancel()
             with anyio.CancelScope(shield=True):
-                await dispatcher.close()
+                await broker.maintenance.close()
             log.info("stopped")
         finally:
             with anyio.CancelScope(shield=True):

@@ -67,6 +67,7 @@ import anyio
 import anyio.abc
 
 from ..config import Limits
+from ..dispatch import Later
 from ..local.peer import Peer, PeerCredentials, peer_credentials
 from ..protocol import (
     CLOSED,
@@ -103,10 +104,10 @@ _MEMBERSHIP_TTL = 1.0
 class Handler(Protocol):
     """What the server needs of the dispatcher: answer one request for one peer."""
 
-    def handle_now(self, request: Request, peer: Peer) -> Response | None:
-        """The response, when it can be had without waiting; else None (then ``handle``)."""
-
-    async def handle(self, request: Request, peer: Peer) -> Response: ...
+    def handle(self, request: Request, peer: Peer) -> Response | Later:
+        """The response when it can be had without waiting (nothing here blocks), else
+        the :class:`Later` that gives it; raises to refuse."""
+        ...
 
 
 class Counters(Protocol):
@@ -265,20 +266,20 @@ class Server:
 
     # ------------------------------------------------------------ the sessions' calls
 
-    def spawn(self, session: _Session, request: Request) -> None:
-        """Answer ``request`` in a task (it must wait for the store or the keychain)."""
+    def spawn(self, session: _Session, request: Request, later: Later) -> None:
+        """Answer ``request`` in a task (it must wait for the store or a worker thread)."""
         assert self._tasks is not None
-        self._tasks.start_soon(session.answer_later, request)
+        self._tasks.start_soon(session.answer_later, request, later)
 
-    def answer_now(self, request: Request, peer: Peer) -> Response | None:
+    def answer_now(self, request: Request, peer: Peer) -> Response | Later:
         try:
-            return self._handler.handle_now(request, peer)
+            return self._handler.handle(request, peer)
         except Exception as exc:
             return _refusal(request, exc)
 
-    async def answer(self, request: Request, peer: Peer) -> Response:
+    async def answer(self, request: Request, later: Later) -> Response:
         try:
-            return await self._handler.handle(request, peer)
+            return await later.answer()
         except Exception as exc:
             return _refusal(request, exc)
 
@@ -498,17 +499,17 @@ class _Session(asyncio.Protocol):
             self._frame_deadline = math.inf
             self.greeted = proto.version is not None
             reply = server.answer_now(event, peer)
-            if reply is None:
+            if type(reply) is Later:
                 self.busy = True
                 self.deadline = math.inf
                 self._pause_reading()
-                server.spawn(self, event)
+                server.spawn(self, event, reply)
                 return
-            self._reply(event, reply)
+            self._reply(event, cast(Response, reply))
 
-    async def answer_later(self, request: Request) -> None:
+    async def answer_later(self, request: Request, later: Later) -> None:
         try:
-            reply = await self._server.answer(request, self.peer)
+            reply = await self._server.answer(request, later)
         finally:
             self.busy = False
         if self._done:

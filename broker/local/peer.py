@@ -12,6 +12,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import NamedTuple, Protocol
 
 __all__ = ["Attestation", "Attestor", "Binary", "Peer", "PeerCredentials", "peer_credentials"]
@@ -51,6 +52,11 @@ class Attestor(Protocol):
     (it exited, its pid was reused, or /proc is not readable)."""
 
     def attest(self) -> Attestation: ...
+
+    def held(self) -> AbstractContextManager[None]:
+        """Keep what :meth:`attest` reads open while a worker thread reads it, even if
+        the connection closes meanwhile; raises LookupError once it has closed."""
+        ...
 
 
 class Peer(NamedTuple):

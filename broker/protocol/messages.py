@@ -466,6 +466,8 @@ class Status(Response, frozen=True, kw_only=True):
     store_problem: str = ""
     #: which runner grants this broker cannot check (exe: of other uids without root)
     attest_limit: str = ""
+    #: what the broker last found wrong with the audit chain; empty if nothing
+    audit_problem: str = ""
 
 
 class Ok(Response, frozen=True, kw_only=True):

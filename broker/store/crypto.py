@@ -40,6 +40,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .schema import CONTEXTS, DATA_KEYS, ENVIRONMENTS, TOKENS, TOMBSTONES, VARIABLES
+
 __all__ = [
     "KEY_SIZE", "DataKeys", "Place", "Row", "SealError", "binding", "envelope_key_id", "key_id_of",
     "new_key", "open_sealed", "seal", "unwrap_data_key", "wrap_data_key",
@@ -69,34 +71,41 @@ class SealError(Exception):
 class Place:
     """Where a sealed value lives; its ciphertext opens there and nowhere else.
 
-    The convention, defined here once: a place names its table, its owning
-    record and, for a variable, its name. Build places with the constructors.
+    The convention, defined here once: a place names its table (as :mod:`.schema`
+    declares it), its owning record and, for a variable, its name. Build places with the
+    constructors.
     """
 
     parts: tuple[str | int, ...]
 
+    @property
+    def table(self) -> str:
+        """The table the value lives in."""
+        return str(self.parts[0])
+
     @classmethod
     def variable(cls, env_id: int, name: str) -> Place:
         """A secret variable of an environment (environment ids are never reused)."""
-        return cls(("variables", env_id, name))
+        return cls((VARIABLES.name, env_id, name))
 
     @classmethod
     def context(cls, row_id: int, execution_id: str) -> Place:
         """The sealed record of an execution context."""
-        return cls(("contexts", row_id, execution_id))
+        return cls((CONTEXTS.name, row_id, execution_id))
 
     @classmethod
     def data_key(cls, key_id: str) -> Place:
         """A data key wrapped by the master key."""
-        return cls(("data_keys", key_id))
+        return cls((DATA_KEYS.name, key_id))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Row:
     """What a security-relevant row says, as the tuple its MAC covers.
 
-    The convention, defined here once: a row names its table first, then every
-    column that decides what the row grants. Build rows with the constructors.
+    The convention, defined here once: a row names its table first (as :mod:`.schema`
+    declares it), then every column that decides what the row grants. Build rows with
+    the constructors.
     """
 
     parts: tuple[str | int | float | bytes | bool | tuple[str, ...] | None, ...] = \
@@ -106,25 +115,25 @@ class Row:
     def environment(cls, env_id: int, name: str, variables: Iterable[str]) -> Row:
         """An environment's name, its id, and the names of its variables (so a variable
         row removed or added behind the broker's back is seen)."""
-        return cls(("environments", env_id, name, tuple(sorted(variables))))
+        return cls((ENVIRONMENTS.name, env_id, name, tuple(sorted(variables))))
 
     @classmethod
     def variable(cls, env_id: int, name: str, is_secret: bool, value: str | None,
                  sealed: bytes | None) -> Row:
         """A variable: its name, secret flag, plain value or envelope."""
-        return cls(("variables", env_id, name, bool(is_secret), value, sealed))
+        return cls((VARIABLES.name, env_id, name, bool(is_secret), value, sealed))
 
     @classmethod
     def context(cls, row_id: int, execution_id: str, created_at: float, expires_at: float,
                 keys: str, sealed: bytes) -> Row:
         """A context: its execution id, lifetime, key summary and envelope."""
-        return cls(("contexts", row_id, execution_id, created_at, expires_at, keys, sealed))
+        return cls((CONTEXTS.name, row_id, execution_id, created_at, expires_at, keys, sealed))
 
     @classmethod
     def tombstone(cls, row_id: int, execution_id: str, expires_at: float) -> Row:
         """A completed context: its row, and until when a copy of that row would still be
         served (so the tombstone cannot be made to expire sooner)."""
-        return cls(("tombstones", row_id, execution_id, expires_at))
+        return cls((TOMBSTONES.name, row_id, execution_id, expires_at))
 
     @classmethod
     def token(cls, token_id: str, hash_: bytes, context_id: int, created_at: float,
@@ -134,7 +143,7 @@ class Row:
         token is covered too (each use is written durably anyway); an unlimited token's
         count is not (it changes in batches and grants nothing). A runner grant (a token
         row that no token opens) adds its selectors; rows without keep their old MAC."""
-        parts = ("tokens", token_id, hash_, context_id, created_at, expires_at, max_uses,
+        parts = (TOKENS.name, token_id, hash_, context_id, created_at, expires_at, max_uses,
                  uses if max_uses is not None else None)
         return cls(parts if runners is None else (*parts, runners))
 

@@ -211,16 +211,16 @@ class Vault:
         keys = {kid: unwrap_data_key(new, new_id, kid, wrapped) for kid, wrapped in rows}
         candidate = DataKeys(keys, self._data_keys.active)
         sealed = await self._store.read(
-            "SELECT 'variables', env_id, name, sealed FROM variables WHERE is_secret = 1 "
-            "UNION ALL SELECT 'contexts', id, execution_id, sealed FROM contexts")
-        for done, (table, row_id, name, envelope) in enumerate(sealed, start=1):
+            "SELECT 1, env_id, name, sealed FROM variables WHERE is_secret = 1 "
+            "UNION ALL SELECT 0, id, execution_id, sealed FROM contexts")
+        for done, (is_variable, row_id, name, envelope) in enumerate(sealed, start=1):
+            place = (Place.variable(row_id, name) if is_variable
+                     else Place.context(row_id, name))
             try:
-                place = (Place.variable(row_id, name) if table == "variables"
-                         else Place.context(row_id, name))
                 candidate.open(envelope, place)
             except SealError:
                 log.warning("a sealed %s row does not open (%s, %s); it was unreadable "
-                            "before the rotation too", table, row_id, name)
+                            "before the rotation too", place.table, row_id, name)
             if done % 500 == 0:
                 if progress is not None:
                     progress(done, len(sealed))

@@ -173,7 +173,7 @@ async def test_every_token_failure_looks_the_same(
     once = await contexts.create(create("once", max_uses=1), PEER)
     gone = await contexts.create(create("gone"), PEER)
     await contexts.complete("gone", PEER)
-    await contexts.persist_use(await contexts.fetch(tok(once), PEER), PEER)
+    await contexts.fetch(tok(once), PEER)  # counted in the store before it returns
     clock.now += 61
     messages = set()
     for token in (tok(short), tok(once), tok(gone), "stg_unknown", "x"):
@@ -236,8 +236,8 @@ async def test_uses_survive_a_restart(short_dir: Path) -> None:
 
     vault, contexts, audit = await open_parts()
     created = await contexts.create(create(max_uses=2), PEER)
-    for _ in range(2):  # as the dispatcher does: a bounded use is durable before the reply
-        await contexts.persist_use(await contexts.fetch(tok(created), PEER), PEER)
+    for _ in range(2):  # a bounded use is durable before the fetch returns
+        await contexts.fetch(tok(created), PEER)
     await vault.close()
     vault, contexts, audit = await open_parts()
     try:
@@ -257,7 +257,7 @@ async def test_tampered_context_fails_alone(short_dir: Path,
     b = await contexts.create(create("b", runtime={"S": Variable(value="b", is_secret=True)}),
                               PEER)
     sealed_b = await vault.store.read_one("SELECT sealed FROM contexts WHERE execution_id='b'")
-    contexts._by_execution["a"].sealed = sealed_b  # what a swapped row loads as
+    contexts.index.by_execution["a"].sealed = sealed_b  # what a swapped row loads as
     from stigmer.broker.protocol.errors import Internal
 
     with pytest.raises(Internal, match="'a' cannot be opened"):

@@ -468,7 +468,7 @@ async def test_an_unknown_id_is_refused_after_the_work_a_live_grant_costs(
             peer = Peer(creds, admin=False, process=pin)
             for execution_id in ("unknown", "theirs"):
                 with pytest.raises(PermissionDenied):
-                    contexts.fetch_granted_now(execution_id, peer)
+                    await contexts.fetch_granted(execution_id, peer)
             assert pin.calls == 2  # the unknown id's refusal attested the process too
             pin.close()
         # The time itself is measured, not asserted (a 2-core machine's noise makes a

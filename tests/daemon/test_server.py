@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -328,10 +329,7 @@ async def test_shutdown_survives_close_beating_cancellation(short_dir: Path) -> 
     from stigmer.broker.dispatch import Counters
 
     class NoRequests:
-        def handle_now(self, request: object, peer: object) -> object:
-            raise AssertionError("no request expected")
-
-        async def handle(self, request: object, peer: object) -> object:
+        def handle(self, request: object, peer: object) -> object:
             raise AssertionError("no request expected")
 
     for _ in range(20):
@@ -470,15 +468,16 @@ async def test_a_reply_that_cannot_be_encoded_costs_nothing_but_an_error_frame(
     from stigmer.broker.config import Limits
     from stigmer.broker.daemon.listen import bind_unix_socket
     from stigmer.broker.daemon.server import Server
-    from stigmer.broker.dispatch import Counters
+    from stigmer.broker.dispatch import Counters, Later
     from stigmer.broker.protocol import Ok, Status
 
     class Unencodable:
-        def handle_now(self, request: object, peer: object) -> object:
-            return Welcome(id=1, version=1, server_version="t") if isinstance(
-                request, Hello) else None
+        def handle(self, request: GetStatus, peer: object) -> object:
+            if isinstance(request, Hello):
+                return Welcome(id=1, version=1, server_version="t")
+            return Later(functools.partial(self.answer, request))
 
-        async def handle(self, request: GetStatus, peer: object) -> object:
+        async def answer(self, request: GetStatus) -> Response:
             if request.id == 2:  # a lone surrogate: no UTF-8 for it
                 return Status(id=2, version="\udcff", pid=1, uptime_s=0.0, socket="",
                               socket_mode="", store="", key_source="", started_by="",

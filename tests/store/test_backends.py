@@ -205,7 +205,7 @@ _SCHEMA = {
 async def test_every_older_schema_migrates_to_the_current_one(
         store: Store, older_store: Callable[[int], Awaitable[Store]],
         migrations: tuple[str, ...]) -> None:
-    """A store left at any older schema version (SQLite 1..4, PostgreSQL 1) opens, says
+    """A store left at any older schema version (SQLite 1..5, PostgreSQL 1) opens, says
     which version it was found at, and ends with the same schema as a new store, its rows
     kept, usable."""
     assert store.migrated_from == 0

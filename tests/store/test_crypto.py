@@ -10,6 +10,7 @@ from stigmer.broker.store.crypto import (
     NONCE_SIZE,
     DataKeys,
     Place,
+    Row,
     SealError,
     key_id_of,
     new_key,
@@ -99,3 +100,16 @@ def test_data_keys_wrap_and_rotate() -> None:
 def test_key_id_reveals_nothing_obvious() -> None:
     assert KEY.hex()[:16] != KID
     assert len(KID) == 16
+
+
+def test_places_and_rows_name_the_tables_stores_already_hold() -> None:
+    """A table's name is part of every envelope's associated data and every row MAC, and
+    is taken from broker/store/schema.py: renaming a table there must fail here, not
+    every existing store's rows."""
+    places = [Place.variable(1, "A"), Place.context(1, "x"), Place.data_key("dk-1")]
+    assert [p.table for p in places] == ["variables", "contexts", "data_keys"]
+    rows = [Row.environment(1, "e", ["A"]), Row.variable(1, "A", False, "v", None),
+            Row.context(1, "x", 0.0, 1.0, "A", b""), Row.tombstone(1, "x", 1.0),
+            Row.token("t", b"h", 1, 0.0, 1.0, None, 0)]
+    assert [r.parts[0] for r in rows] == ["environments", "variables", "contexts",
+                                          "tombstones", "tokens"]

@@ -182,6 +182,35 @@ async def test_rotation_round_trip(short_dir: Path) -> None:
         await v.close()
 
 
+async def test_rotation_names_each_sealed_row_that_does_not_open(
+        short_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before the new key is stored, every envelope is opened with it: one that did not
+    open before either is named (table, row, name) and does not stop the rotation."""
+    v = await open_vault(short_dir)
+    await v.environments().put("e", {"S": secret("keep-me")})
+    await v.environments().put("d", {"T": secret("damaged")})
+    await v.close()
+    with _db(short_dir) as db:
+        db.execute("UPDATE variables SET sealed = X'00' WHERE name = 'T'")
+        db.execute("INSERT INTO contexts(execution_id, sealed, keys, created_at, expires_at) "
+                   "VALUES ('exec-1', X'00', '', 0, 0)")
+        env_id, context_id = db.execute(
+            "SELECT (SELECT id FROM environments WHERE name = 'd'), (SELECT id FROM contexts)"
+        ).fetchone()
+    v = await open_vault(short_dir)
+    try:
+        await v.rotate()
+        assert (await v.environments().get("e", reveal=True)).data["S"].value == "keep-me"
+    finally:
+        await v.close()
+    warned = [r.getMessage() for r in caplog.records if "does not open" in r.getMessage()]
+    assert sorted(warned) == [
+        f"a sealed contexts row does not open ({context_id}, exec-1); it was unreadable "
+        "before the rotation too",
+        f"a sealed variables row does not open ({env_id}, T); it was unreadable before the "
+        "rotation too"]
+
+
 class Boom(Exception):
     pass
 
