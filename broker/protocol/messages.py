@@ -51,7 +51,8 @@ NAME_PATTERN = r"^[A-Za-z0-9._-]+\Z"  # \Z, not $: $ also matches before a final
 VAR_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*\Z"
 MAX_NAME_LENGTH = 253
 MAX_VAR_NAME_LENGTH = 255
-#: bytes of a value in UTF-8 (the type's bound counts characters; the broker counts bytes)
+#: bytes of a value in UTF-8: the type below bounds its characters, and the broker its
+#: bytes (``environments.check_values``), as the client does before sending
 MAX_VALUE_LENGTH = 128 * 1024
 MAX_VARIABLES = 4096
 
