@@ -2,10 +2,10 @@
 
 Each conversation is data: a setup (requests whose replies fill placeholders),
 then steps on one or more connections: frames to send, frames to expect, closes
-to expect. proto/conformance/README.md is the format; this module is one runner
-of it, written as an implementer in another language would write theirs, with
-plain sockets and a MessagePack codec, so that the suite cannot drift from the
-broker.
+to expect. PROTOCOL.md ("Replaying the conformance suite") is the format; this
+module is one runner of it, written as an implementer in another language would
+write theirs, with plain sockets and a MessagePack codec, so that the suite
+cannot drift from the broker.
 """
 
 from __future__ import annotations
@@ -168,6 +168,7 @@ class Conversation:
                 raise Mismatch(f"setup[{n}] {request['op']}: answered {reply!r}")
             for name, field in item.get("capture", {}).items():
                 self.values[name] = reply[field]
+        self.conns.pop("setup")[0].close()
 
     def step(self, n: int, step: dict[str, Any]) -> None:
         name = step.get("conn", "main")
