@@ -308,6 +308,11 @@ def test_the_client_names_an_oversized_value() -> None:
     assert checked_values({"S": SpecEntry()}, "env_spec") == {"S": SpecEntry()}
     with pytest.raises(InvalidArgument, match=r"the value of BIG \(runtime\) is 131073 "):
         checked_values({"BIG": Variable(value="y" * (MAX_VALUE_LENGTH + 1))}, "runtime")
+    # issue 26: the limit is in UTF-8 bytes, as the broker counts it (3 bytes a euro sign)
+    euros = {"EUR": Variable(value="\u20ac" * (MAX_VALUE_LENGTH // 3))}
+    assert checked_values(euros, "runtime") == euros
+    with pytest.raises(InvalidArgument, match=r"the value of EUR \(runtime\) is 131073 bytes"):
+        checked_values({"EUR": Variable(value="\u20ac" * (MAX_VALUE_LENGTH // 3 + 1))}, "runtime")
 
 
 def test_an_unknown_op_with_a_newline_is_a_one_line_protocol_error() -> None:
