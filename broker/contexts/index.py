@@ -190,6 +190,9 @@ class ContextIndex:
         # bumped by every change heard from the store: a lookup that straddled one does
         # not cache what it read
         self.generation = 0
+        #: uses of unbounded tokens since the last flush (token id -> count): added to the
+        #: stored counts as increments, since other brokers of a fleet count them too
+        self.uses: dict[str, int] = {}
 
     # ------------------------------------------------------------------ fetching
 
@@ -282,7 +285,7 @@ class ContextIndex:
         self._audit.count("fetch", "granted", execution_id=context.execution_id,
                           token_id=entry.token_id, peer_uid=peer.uid, peer_pid=peer.pid,
                           detail=detail)
-        self._audit.count_use(entry.token_id)
+        self.uses[entry.token_id] = self.uses.get(entry.token_id, 0) + 1
         return fetched
 
     # ----------------------------------------------------------------- lookups

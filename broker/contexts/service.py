@@ -388,6 +388,19 @@ class Contexts:
                                       "context.released")
         await self._delete(grant.context, "context.completed", peer, grant.token_id)
 
+    async def flush_uses(self) -> None:
+        """Write the uses of unbounded tokens counted since the last flush (kept for the
+        next one when the store refuses)."""
+        uses, self.index.uses = self.index.uses, {}
+        if not uses:
+            return
+        try:
+            await self.rows.add_uses(uses)
+        except BaseException:
+            for token_id, n in uses.items():
+                self.index.uses[token_id] = self.index.uses.get(token_id, 0) + n
+            raise
+
     # ------------------------------------------------------------------ lifetime
 
     async def sweep(self) -> int:
