@@ -69,6 +69,7 @@ import anyio.abc
 from ..config import Limits
 from ..dispatch import Later
 from ..local.peer import Peer, PeerCredentials, peer_credentials
+from ..metrics import NULL_RECORDER, Recorder
 from ..protocol import (
     CLOSED,
     NEED_DATA,
@@ -121,7 +122,8 @@ class Server:
     """Accepts connections on one listening socket and answers them with one Handler."""
 
     def __init__(self, sock: socket.socket, handler: Handler, limits: Limits,
-                 counters: Counters, *, group_gid: int | None = None) -> None:
+                 counters: Counters, *, group_gid: int | None = None,
+                 recorder: Recorder = NULL_RECORDER) -> None:
         self._sock = sock
         self._handler = handler
         self._limits = limits
@@ -133,6 +135,7 @@ class Server:
         self._closing = False  # and connections end after their current request
         self._drained = anyio.Event()
         self._counters = counters
+        self.recorder = recorder
         self._refused = 0
         self._refusal_logged = -math.inf
         self._evicted = 0
@@ -229,6 +232,7 @@ class Server:
         admin = uid in (self._uid, 0)
         if not admin:
             if not self._may_connect(creds):
+                self.recorder.denied("uid")
                 log.warning("connection refused: uid %d (pid %s) is not allowed", uid,
                             creds.pid)
                 sock.close()
@@ -245,6 +249,7 @@ class Server:
                                       process=ProcessPin(sock, creds)), self._turn)
         self._conns.add(session)
         self._counters.connections = len(self._conns)
+        self.recorder.connection_opened(self._kind(session))
         assert self._tasks is not None
         self._tasks.start_soon(session.attach, sock)
 
@@ -266,10 +271,10 @@ class Server:
 
     # ------------------------------------------------------------ the sessions' calls
 
-    def spawn(self, session: _Session, request: Request, later: Later) -> None:
+    def spawn(self, session: _Session, request: Request, later: Later, started: float) -> None:
         """Answer ``request`` in a task (it must wait for the store or a worker thread)."""
         assert self._tasks is not None
-        self._tasks.start_soon(session.answer_later, request, later)
+        self._tasks.start_soon(session.answer_later, request, later, started)
 
     def answer_now(self, request: Request, peer: Peer) -> Response | Later:
         try:
@@ -283,16 +288,25 @@ class Server:
         except Exception as exc:
             return _refusal(request, exc)
 
-    def answered(self) -> None:
+    def answered(self, request: Request, reply: Response, peer: Peer, started: float,
+                 waited: bool) -> None:
         self._counters.requests += 1
+        self.recorder.answered(request, reply, peer, started, waited=waited)
 
     def lost(self, session: _Session) -> None:
         if session.timed_out and not session.evicted:
             log.info("closed a connection that timed out (slow, silent or not reading)")
+        self.recorder.connection_closed(self._kind(session))
         self._conns.discard(session)
         self._counters.connections = len(self._conns)
         if self._closing and not self._conns:
             self._drained.set()
+
+    def _kind(self, session: _Session) -> str:
+        """Who a connection is from, as the metrics say it (a fixed enumeration)."""
+        if session.uid == self._uid:
+            return "owner"
+        return "other" if session.peer.admin else "runner_group"
 
     @property
     def closing(self) -> bool:
@@ -322,6 +336,7 @@ class Server:
         if not idle:
             return False
         victim = min(idle, key=_Session.eviction_order)
+        self.recorder.evicted()
         victim.evicted = True
         victim.abort()
         self._conns.discard(victim)  # its room is free now
@@ -334,6 +349,7 @@ class Server:
         return True
 
     def _refuse(self, sock: socket.socket) -> None:
+        self.recorder.refused()
         now = time.monotonic()
         self._refused += 1
         if now - self._refusal_logged >= 1.0:  # a flood gets a line a second, not a line each
@@ -498,16 +514,17 @@ class _Session(asyncio.Protocol):
             assert isinstance(event, Request)
             self._frame_deadline = math.inf
             self.greeted = proto.version is not None
+            started = time.perf_counter()
             reply = server.answer_now(event, peer)
             if type(reply) is Later:
                 self.busy = True
                 self.deadline = math.inf
                 self._pause_reading()
-                server.spawn(self, event, reply)
+                server.spawn(self, event, reply, started)
                 return
-            self._reply(event, cast(Response, reply))
+            self._reply(event, cast(Response, reply), started)
 
-    async def answer_later(self, request: Request, later: Later) -> None:
+    async def answer_later(self, request: Request, later: Later, started: float) -> None:
         try:
             reply = await self._server.answer(request, later)
         finally:
@@ -515,20 +532,21 @@ class _Session(asyncio.Protocol):
         if self._done:
             return  # the client went away or was cut off; nothing of ours is lost
         try:
-            self._reply(request, reply)
+            self._reply(request, reply, started, waited=True)
         except Exception:  # raised out of this task, it would end the server's task group
             self._crashed()
             return
         self._pump()
 
-    def _reply(self, request: Request, reply: Response) -> None:
-        self._server.answered()
+    def _reply(self, request: Request, reply: Response, started: float, *,
+               waited: bool = False) -> None:
         try:
             data = self._proto.send(reply)
         except BrokerError as exc:  # a reply the client could not take, or not encodable
             reply = error_reply(request.id, exc)
             data = self._proto.send(reply)
         self._write(data)
+        self._server.answered(request, reply, self.peer, started, waited)
         self.since = time.monotonic()
         # A refused grant counts as a bad token does: else one connection could probe
         # execution ids without end.
@@ -536,6 +554,7 @@ class _Session(asyncio.Protocol):
                                                        ErrorCode.PERMISSION_DENIED):
             self._auth_failures += 1
             if self._auth_failures >= self._server.limits.max_auth_failures:
+                self._server.recorder.denied("auth_failures")
                 assert self.peer is not None
                 log.warning("closing connection of pid %s: %d refused tokens or grants",
                             self.peer.pid, self._auth_failures)

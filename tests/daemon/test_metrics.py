@@ -1,0 +1,291 @@
+"""The metrics endpoint: what a scrape shows (read with prometheus_client's own parser),
+what it must never show, the addresses it refuses, and that it goes when the broker does."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+from conftest import cli_env, make_config, run_cli, start_broker
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from stigmer.broker.config import MetricsAddress, Paths, parse_metrics_address
+from stigmer.broker.daemon.lifecycle import serve
+from stigmer.broker.protocol.errors import StartupError
+from stigmer.client import AsyncClient, PermissionDenied, Unauthenticated, variables
+
+#: every family the issue asks for, by the name the parser gives it
+FAMILIES = {
+    "stigmer_broker_requests": "counter",
+    "stigmer_broker_fetch_seconds": "histogram",
+    "stigmer_broker_live_contexts": "gauge",
+    "stigmer_broker_live_tokens": "gauge",
+    "stigmer_broker_live_grants": "gauge",
+    "stigmer_broker_connections": "gauge",
+    "stigmer_broker_evictions": "counter",
+    "stigmer_broker_connections_refused": "counter",
+    "stigmer_broker_denials": "counter",
+    "stigmer_broker_store_write_seconds": "histogram",
+    "stigmer_broker_store_commit_seconds": "histogram",
+    "stigmer_broker_store_commit_writes": "histogram",
+    "stigmer_broker_audit_buffered_records": "gauge",
+    "stigmer_broker_audit_oldest_buffered_age_seconds": "gauge",
+    "stigmer_broker_fleet_store_age_seconds": "gauge",
+    "stigmer_broker_fleet_last_notice_age_seconds": "gauge",
+    "stigmer_broker_key_backup_age_seconds": "gauge",
+}
+
+#: what the broker is handed in this test; not one of these may reach a scrape
+SENTINEL_ENV = "sentinel-env-q7x"
+SENTINEL_EXECUTION = "sentinel-exec-q7x"
+SENTINEL_GRANTED = "sentinel-granted-q7x"
+SENTINEL_VARIABLE = "SENTINEL_VAR_Q7X"
+SENTINEL_VALUE = "sentinel-value-q7x-secret"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def scrape(address: MetricsAddress) -> str:
+    """GET the endpoint as a scraper does (HTTP/1.0: the server closes after its answer)."""
+    if address.path is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(address.path))
+    else:
+        sock = socket.create_connection((address.host, address.port), timeout=10)
+    with sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    return body.decode()
+
+
+def samples(text: str) -> dict[str, list[Sample]]:
+    """Each family's samples, by family name, as prometheus_client parses the text."""
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def value(found: dict[str, list[Sample]], family: str, sample: str | None = None,
+          **labels: str) -> float:
+    """The value of the one sample of ``family`` (named ``sample``) with ``labels``."""
+    name = sample or family
+    matching = [s.value for s in found[family]
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(matching) == 1, (family, name, labels, found[family])
+    return matching[0]
+
+
+def endpoint_gone(address: MetricsAddress) -> bool:
+    if address.path is not None:
+        return not os.path.lexists(address.path)
+    try:
+        socket.create_connection((address.host, address.port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def metrics_address(request: pytest.FixtureRequest, short_dir: Path) -> MetricsAddress:
+    if request.param == "unix":
+        return parse_metrics_address(f"unix:{short_dir}/m/metrics.sock")
+    return parse_metrics_address(f"tcp:127.0.0.1:{free_port()}")
+
+
+@pytest.mark.anyio
+async def test_a_scrape_shows_every_family_and_no_name_or_value(
+        paths: Paths, store: str | None, metrics_address: MetricsAddress) -> None:
+    config = make_config(paths, store)._replace(metrics=metrics_address)
+    async with anyio.create_task_group() as tg:
+        broker = await start_broker(tg, config)
+        async with AsyncClient(broker.socket) as client:
+            await client.put_environment(SENTINEL_ENV, variables(
+                {}, {SENTINEL_VARIABLE: SENTINEL_VALUE}))
+            created = await client.create_context(SENTINEL_EXECUTION,
+                                                  environments=[SENTINEL_ENV])
+            await client.create_context(SENTINEL_GRANTED, environments=[SENTINEL_ENV],
+                                        runners=["self"])
+            assert (await client.fetch_context(created.token))[SENTINEL_VARIABLE] \
+                == SENTINEL_VALUE
+            assert (await client.fetch_context(execution_id=SENTINEL_GRANTED))[
+                SENTINEL_VARIABLE] == SENTINEL_VALUE
+        async with AsyncClient(broker.socket) as refused:
+            with pytest.raises(Unauthenticated):
+                await refused.fetch_context("stg_" + "A" * 43)
+            with pytest.raises(PermissionDenied):
+                await refused.fetch_context(execution_id="sentinel-nothing-q7x")
+        async with AsyncClient(broker.socket) as client:
+            await client.status()  # a connection open while the scrape reads
+            with anyio.fail_after(30):  # the gauges are sampled once a second
+                while True:
+                    text = await anyio.to_thread.run_sync(scrape, metrics_address)
+                    found = samples(text)
+                    if value(found, "stigmer_broker_live_grants") >= 1:
+                        break
+                    await anyio.sleep(0.1)
+            broker.stop.set()
+    assert endpoint_gone(metrics_address)
+
+    types = {family.name: family.type for family in text_string_to_metric_families(text)}
+    assert {name: types.get(name) for name in FAMILIES} == FAMILIES
+    assert "sentinel" not in text.lower()
+    assert created.token not in text
+    assert SENTINEL_VARIABLE.lower() not in text.lower()
+
+    requests = "stigmer_broker_requests"
+    assert value(found, requests, f"{requests}_total", op="FetchContext", outcome="ok") == 2
+    assert value(found, requests, f"{requests}_total", op="FetchContext",
+                 outcome="unauthenticated") == 1
+    assert value(found, requests, f"{requests}_total", op="FetchContext",
+                 outcome="permission_denied") == 1
+    fetch = "stigmer_broker_fetch_seconds"
+    assert value(found, fetch, f"{fetch}_count", path="fast") >= 1  # the token's
+    assert value(found, fetch, f"{fetch}_count", path="task") >= 1  # the grant's (attested)
+    denials = "stigmer_broker_denials"
+    assert value(found, denials, f"{denials}_total", cause="token") == 1
+    assert value(found, denials, f"{denials}_total", cause="grant") == 1
+    assert value(found, denials, f"{denials}_total", cause="uid") == 0
+    assert value(found, "stigmer_broker_connections", kind="owner") == 1
+    assert value(found, "stigmer_broker_connections", kind="runner_group") == 0
+    assert value(found, "stigmer_broker_live_contexts") == 2
+    assert value(found, "stigmer_broker_live_tokens") == 1
+    commits = "stigmer_broker_store_commit_seconds"
+    assert value(found, commits, f"{commits}_count") >= 3
+    writes = "stigmer_broker_store_write_seconds"
+    assert value(found, writes, f"{writes}_count") >= 3
+    assert value(found, "stigmer_broker_key_backup_age_seconds") == math.inf
+    assert value(found, "stigmer_broker_fleet_store_age_seconds") >= 0
+    # every label is one of a fixed set: a request's class, a wire code, an enumeration
+    labels = {(k, v) for family in found.values() for s in family for k, v in s.labels.items()
+              if k not in ("op", "outcome", "le")}
+    assert labels <= {("path", "fast"), ("path", "task"), ("kind", "owner"),
+                      ("kind", "runner_group"), ("kind", "other"), ("cause", "token"),
+                      ("cause", "grant"), ("cause", "admin_only"), ("cause", "uid"),
+                      ("cause", "auth_failures")}
+
+
+@pytest.mark.anyio
+async def test_a_fleet_broker_reports_the_last_notice_it_heard(paths: Paths,
+                                                               store_url: str) -> None:
+    address = parse_metrics_address(f"tcp:127.0.0.1:{free_port()}")
+    config = make_config(paths, store_url)._replace(metrics=address)
+    notice = "stigmer_broker_fleet_last_notice_age_seconds"
+    async with anyio.create_task_group() as tg:
+        broker = await start_broker(tg, config)
+        found = samples(await anyio.to_thread.run_sync(scrape, address))
+        assert value(found, notice) == math.inf  # none heard yet
+        async with AsyncClient(broker.socket) as client:
+            await client.create_context("ends", runtime=variables({"A": "1"}, {}))
+            await client.complete_context("ends")  # a notice to the fleet, ours included
+        with anyio.fail_after(30):
+            while value(found, notice) == math.inf:
+                await anyio.sleep(0.1)
+                found = samples(await anyio.to_thread.run_sync(scrape, address))
+        assert value(found, "stigmer_broker_fleet_store_age_seconds") < config.stale_after_s
+        broker.stop.set()
+
+
+@pytest.mark.anyio
+async def test_the_unix_socket_is_private_and_its_directory_must_be(short_dir: Path,
+                                                                    paths: Paths) -> None:
+    address = parse_metrics_address(f"unix:{short_dir}/m/metrics.sock")
+    assert address.path is not None
+    async with anyio.create_task_group() as tg:
+        broker = await start_broker(tg, make_config(paths)._replace(metrics=address))
+        assert stat.S_IMODE(os.lstat(address.path).st_mode) == 0o600
+        assert stat.S_IMODE(os.lstat(address.path.parent).st_mode) == 0o700
+        broker.stop.set()
+    assert not os.path.lexists(address.path)
+
+    os.chmod(address.path.parent, 0o755)
+    with pytest.raises(StartupError, match=r"refusing metrics socket directory .*0755"):
+        await serve(make_config(paths)._replace(metrics=address))
+
+
+@pytest.mark.anyio
+async def test_a_metrics_socket_in_use_is_refused(short_dir: Path, paths: Paths) -> None:
+    address = parse_metrics_address(f"unix:{short_dir}/b.sock")
+    other = Paths(home=short_dir / "other", socket=short_dir / "b.sock")  # listens there
+    async with anyio.create_task_group() as tg:
+        broker = await start_broker(tg, make_config(other))
+        with pytest.raises(StartupError, match="in use by another process"):
+            await serve(make_config(paths)._replace(metrics=address))
+        broker.stop.set()
+
+
+@pytest.fixture
+def no_metrics_thread() -> Iterator[None]:
+    yield
+    assert not [t for t in threading.enumerate() if t.name == "stigmer-metrics"]
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("no_metrics_thread")
+async def test_without_metrics_nothing_listens(paths: Paths) -> None:
+    async with anyio.create_task_group() as tg:
+        broker = await start_broker(tg, make_config(paths))
+        assert not [t for t in threading.enumerate() if t.name == "stigmer-metrics"]
+        async with AsyncClient(broker.socket) as client:
+            await client.status()
+        broker.stop.set()
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("tcp:0.0.0.0:9464", "not a loopback address"),
+    ("tcp:10.1.2.3:9464", "not a loopback address"),
+    ("tcp:[::]:9464", "not a loopback address"),
+    ("tcp::::9464", "not a loopback address"),
+    ("tcp:localhost:9464", "not an IP address"),
+    ("tcp:metrics.example.com:9464", "not an IP address"),
+    ("tcp:127.0.0.1", "give a port"),
+    ("tcp:127.0.0.1:0", "give a port"),
+    ("tcp:127.0.0.1:70000", "give a port"),
+    ("unix:metrics.sock", "absolute path"),
+    ("unix:/" + "x" * 120, "limit of Unix sockets"),
+    ("http://127.0.0.1:9464", "give unix:PATH or tcp:127.0.0.1:PORT"),
+])
+def test_addresses_beyond_loopback_or_a_socket_are_refused(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason) as caught:
+        parse_metrics_address(text)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("tcp:127.0.0.1:9464", "tcp:127.0.0.1:9464"),
+    ("tcp:127.8.9.10:1", "tcp:127.8.9.10:1"),
+    ("tcp:[::1]:9464", "tcp:[::1]:9464"),
+    ("unix:/run/user/1000/stigmer/metrics.sock", "unix:/run/user/1000/stigmer/metrics.sock"),
+])
+def test_loopback_and_socket_addresses_are_taken(text: str, shown: str) -> None:
+    assert str(parse_metrics_address(text)) == shown
+
+
+def test_the_cli_refuses_a_public_address_as_a_usage_error(paths: Paths) -> None:
+    for args, env in ((["serve", "--metrics", "tcp:0.0.0.0:9464"], {}),
+                      (["start", "--metrics", "tcp:localhost:9464"], {}),
+                      (["serve"], {"STIGMER_METRICS": "tcp:[::]:9464"})):
+        proc = run_cli(paths, *args, env=cli_env(paths, **env))
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert ("STIGMER_METRICS" if env else "--metrics") in lines[0]
+        assert "Traceback" not in proc.stderr
+    assert not paths.home.exists()  # refused before anything started
