@@ -14,6 +14,7 @@ enter.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -69,8 +70,11 @@ class ScrapeEndpoint:
             sock = socket.create_server((address.host, address.port), family=family,
                                         backlog=16)
         except OSError as exc:
+            fix = ("choose another port" if exc.errno == errno.EADDRINUSE else
+                   "use a unix: socket (the systemd unit allows only AF_UNIX sockets) or "
+                   "allow AF_INET" if exc.errno == errno.EAFNOSUPPORT else "see --metrics")
             raise StartupError(f"cannot listen for metrics on {address}: {exc.strerror}; "
-                               "choose another --metrics port") from None
+                               f"{fix}") from None
         return cls(sock, address)
 
     def start(self, registry: CollectorRegistry) -> None:
