@@ -3,10 +3,14 @@ what it must never show, the addresses it refuses, and that it goes when the bro
 
 from __future__ import annotations
 
+import functools
+import grp
 import math
 import os
+import pwd
 import socket
 import stat
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,12 +18,21 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import pytest
-from conftest import cli_env, make_config, run_cli, start_broker
+from conftest import (
+    as_user,
+    cli_env,
+    ensure_user,
+    make_config,
+    python_for_nobody,
+    run_cli,
+    start_broker,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from stigmer.broker.config import MetricsAddress, Paths, parse_metrics_address
 from stigmer.broker.daemon.lifecycle import serve
+from stigmer.broker.protocol import Connection, GetStatus, Hello, Role
 from stigmer.broker.protocol.errors import StartupError
 from stigmer.client import AsyncClient, PermissionDenied, Unauthenticated, variables
 
@@ -228,6 +241,82 @@ async def test_a_metrics_socket_in_use_is_refused(short_dir: Path, paths: Paths)
         broker = await start_broker(tg, make_config(other))
         with pytest.raises(StartupError, match="in use by another process"):
             await serve(make_config(paths)._replace(metrics=address))
+        broker.stop.set()
+
+
+#: a stdlib-only peer any user can run: sends the frames given in hex, prints what comes back
+PEER = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.settimeout(20)
+data = b""
+try:
+    s.connect(sys.argv[1]); s.sendall(bytes.fromhex(sys.argv[2])); s.shutdown(socket.SHUT_WR)
+    while chunk := s.recv(65536):
+        data += chunk
+except OSError:
+    pass
+print(data.hex())
+"""
+
+
+def as_peer(path: Path, user: pwd.struct_passwd, *, extra_group: str = "") -> None:
+    """Ask ``path`` for the broker's status on a fresh connection, as ``user`` (with
+    ``extra_group`` added to its process, whatever the group database says)."""
+    client = Connection(Role.CLIENT)
+    frames = client.send(Hello(id=1, version=1)) + client.send(GetStatus(id=2))
+    identity = as_user(user)
+    if extra_group:
+        identity["extra_groups"] = [*identity["extra_groups"], grp.getgrnam(extra_group).gr_gid]
+    subprocess.run([python_for_nobody(), "-c", PEER, str(path), frames.hex()], check=True,
+                   capture_output=True, timeout=60, **identity)
+
+
+@pytest.mark.anyio
+async def test_runner_group_peers_are_counted_by_cause_not_by_uid(paths: Paths,
+                                                                  short_dir: Path) -> None:
+    member = ensure_user("stgmrun", ["stgmetrics"])
+    outsider = ensure_user("stgmout")
+    address = parse_metrics_address(f"tcp:127.0.0.1:{free_port()}")
+    config = make_config(paths)._replace(metrics=address, allow_group="stgmetrics")
+    async with anyio.create_task_group() as tg:
+        broker = await start_broker(tg, config)
+        os.chmod(short_dir, 0o755)  # so the runners can reach the socket's directory
+        await anyio.to_thread.run_sync(as_peer, broker.socket, member)  # an owner's request
+        # reaches the socket (a process that kept the group after it left it) but is not
+        # in the group: refused before a byte
+        await anyio.to_thread.run_sync(functools.partial(as_peer, broker.socket, outsider,
+                                                         extra_group="stgmetrics"))
+        text = await anyio.to_thread.run_sync(scrape, address)
+        broker.stop.set()
+    found = samples(text)
+    denials = "stigmer_broker_denials"
+    assert value(found, denials, f"{denials}_total", cause="admin_only") == 1
+    assert value(found, denials, f"{denials}_total", cause="uid") == 1
+    requests = "stigmer_broker_requests"
+    assert value(found, requests, f"{requests}_total", op="GetStatus",
+                 outcome="permission_denied") == 1
+    assert value(found, "stigmer_broker_connections", kind="runner_group") == 0  # gone
+    for user in (member, outsider):
+        assert str(user.pw_uid) not in {v for f in found.values() for s in f
+                                        for v in s.labels.values()}
+        assert user.pw_name not in text
+
+
+@pytest.mark.anyio
+async def test_evictions_are_counted(paths: Paths) -> None:
+    address = parse_metrics_address(f"tcp:127.0.0.1:{free_port()}")
+    config = make_config(paths, max_connections=2)._replace(metrics=address)
+    async with anyio.create_task_group() as tg:
+        broker = await start_broker(tg, config)
+        silent = [await anyio.connect_unix(broker.socket) for _ in range(2)]  # never greet
+        async with AsyncClient(broker.socket) as client:  # evicts the oldest silent one
+            await client.status()
+            found = samples(await anyio.to_thread.run_sync(scrape, address))
+            assert value(found, "stigmer_broker_evictions", "stigmer_broker_evictions_total") \
+                == 1
+            assert value(found, "stigmer_broker_connections", kind="owner") == 2
+        for stream in silent:
+            await stream.aclose()
         broker.stop.set()
 
 
