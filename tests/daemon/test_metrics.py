@@ -378,3 +378,37 @@ def test_the_cli_refuses_a_public_address_as_a_usage_error(paths: Paths) -> None
         assert ("STIGMER_METRICS" if env else "--metrics") in lines[0]
         assert "Traceback" not in proc.stderr
     assert not paths.home.exists()  # refused before anything started
+
+
+def test_serve_reads_stigmer_metrics_once_and_the_flag_wins(
+        paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stigmer.broker import cli
+    from stigmer.broker.config import Config
+    from stigmer.broker.daemon import lifecycle
+
+    seen: list[tuple[MetricsAddress | None, bool]] = []
+
+    def fake_run(config: Config, **kwargs: object) -> None:
+        seen.append((config.metrics, "STIGMER_METRICS" in os.environ))
+
+    monkeypatch.setattr(lifecycle, "run", fake_run)
+    base = ["--home", str(paths.home), "--socket", str(paths.socket), "serve"]
+    assert cli.main(base) == 0
+    monkeypatch.setenv("STIGMER_METRICS", "tcp:127.0.0.1:9464")
+    assert cli.main(base) == 0
+    monkeypatch.setenv("STIGMER_METRICS", "tcp:127.0.0.1:9464")
+    assert cli.main([*base, "--metrics", "unix:/run/m.sock"]) == 0
+    assert seen == [(None, False), (MetricsAddress(host="127.0.0.1", port=9464), False),
+                    (MetricsAddress(path=Path("/run/m.sock")), False)]
+
+
+def test_start_passes_metrics_to_the_daemon(paths: Paths, short_dir: Path) -> None:
+    address = parse_metrics_address(f"unix:{short_dir}/m/metrics.sock")
+    run_cli(paths, "start", "--metrics", str(address), check=True)
+    try:
+        found = samples(scrape(address))
+        assert value(found, "stigmer_broker_requests", "stigmer_broker_requests_total",
+                     op="GetStatus", outcome="ok") >= 1  # start's own status call
+    finally:
+        run_cli(paths, "stop", check=True)
+    assert endpoint_gone(address)
