@@ -3,13 +3,18 @@ task that copies the domain's figures into it.
 
 Theory of operation: :class:`PrometheusMetrics` is the :class:`~..metrics.Recorder`
 the server, the store and the fleet follower call on the event loop when the
-broker serves metrics; their calls increment counters and observe histograms
-at once. Figures that live in the broker's objects (live contexts, the audit
-buffer, the fleet store's heartbeat, the key's backup) are read by
-:meth:`PrometheusMetrics.sample` on the event loop too, once a second
-(:meth:`PrometheusMetrics.sample_forever`), and set as gauges. The scrape thread
-(:mod:`.scrape`) reads the registry only, so it never touches a dict the
-event loop is changing.
+broker serves metrics. What every request costs (its count by request and
+outcome, a fetch's latency) is kept in plain ints and lists, without the locks
+prometheus_client's metrics take on each change: a few of those per fetch cost
+more than the rest of the recording. The rarer events (a denial, a commit, a
+connection) go to prometheus_client's metrics at once. Once a second, on the
+event loop, :meth:`PrometheusMetrics.sample` publishes a copy of the per-request
+figures (one tuple, replaced whole) and sets the gauges from what lives in the
+broker's objects (live contexts, the audit buffer, the fleet store's heartbeat,
+the key's backup); :meth:`PrometheusMetrics.sample_forever` runs it. The
+scrape thread (:mod:`.scrape`) reads the registry and that published tuple
+only, so it never touches a dict the event loop is changing; requests show in a
+scrape up to a second after they were answered.
 
 No label holds a name, an execution id, a uid or a value: only the request's
 class, the wire error code, and the fixed enumerations of :mod:`..metrics`.
@@ -17,15 +22,19 @@ class, the wire error code, and the fixed enumerations of :mod:`..metrics`.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from ..audit import Audit
 from ..contexts import Contexts
@@ -46,16 +55,56 @@ _FETCH_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 0.01
 _STORE_BUCKETS = (250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                   1.0, 2.5, 10.0)
 _GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_FETCH_BOUNDS = (*_FETCH_BUCKETS, math.inf)
+_FETCH_LE = (*(repr(float(bound)) for bound in _FETCH_BUCKETS), "+Inf")  # as "le" says them
+_REQUESTS_HELP = "Requests answered, by request and outcome (ok, or the error code sent)"
+_FETCH_HELP = ("Fetch latency from the request read to the reply written: path=fast answered "
+               "from memory at once, path=task answered by a task (a store read, a process "
+               "attested, a bounded use committed)")
+
+#: what a scrape reads of the per-request figures: ((op, outcome, count)...), and for the
+#: fast and the task path (per-bucket counts, sum)
+_Published = tuple[tuple[tuple[str, str, int], ...], tuple[tuple[tuple[int, ...], float], ...]]
+
+
+class _Latency:
+    """A histogram kept by the event loop alone: counts per bucket (not cumulative)."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(_FETCH_BOUNDS)
+        self.total = 0.0
+
+
+class _PerRequest(Collector):
+    """The requests counter and the fetch histogram, from what the loop last published."""
+
+    def __init__(self, metrics: PrometheusMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        requests, fetch = self._metrics.published  # one read of a tuple the loop replaces
+        counter = CounterMetricFamily(_PREFIX + "requests", _REQUESTS_HELP,
+                                      labels=("op", "outcome"))
+        for op, outcome, count in requests:
+            counter.add_metric((op, outcome), count)
+        yield counter
+        histogram = HistogramMetricFamily(_PREFIX + "fetch_seconds", _FETCH_HELP,
+                                          labels=("path",))
+        for path, (counts, total) in zip(("fast", "task"), fetch, strict=True):
+            histogram.add_metric((path,), list(zip(_FETCH_LE, itertools.accumulate(counts),
+                                                   strict=True)), total)
+        yield histogram
 
 
 class PrometheusMetrics(Recorder):
     """The recorder of a broker that serves metrics, and the registry it fills."""
 
-    __slots__ = ("_backup_at", "_commit_s", "_connections", "_denials",
-                 "_evictions", "_fetch_s", "_group", "_notice_at", "_refused", "_requests",
-                 "_requests_by", "_write_s", "audit_age", "audit_buffered", "backup_age",
-                 "fleet_age", "live_contexts", "live_grants", "live_tokens", "notice_age",
-                 "registry")
+    __slots__ = ("_backup_at", "_commit_s", "_connections", "_denials", "_evictions",
+                 "_failed", "_fetch_s", "_group", "_notice_at", "_ok", "_refused", "_write_s",
+                 "audit_age", "audit_buffered", "backup_age", "fleet_age", "live_contexts",
+                 "live_grants", "live_tokens", "notice_age", "published", "registry")
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
@@ -64,16 +113,13 @@ class PrometheusMetrics(Recorder):
         def gauge(name: str, help_: str) -> Gauge:
             return Gauge(_PREFIX + name, help_, registry=registry)
 
-        self._requests = Counter(
-            _PREFIX + "requests", "Requests answered, by request and outcome (ok, or the "
-            "error code sent)", ("op", "outcome"), registry=registry)
-        self._requests_by: dict[tuple[type, str], Counter] = {}
-        fetch = Histogram(
-            _PREFIX + "fetch_seconds", "Fetch latency from the request read to the reply "
-            "written: path=fast answered from memory at once, path=task answered by a task "
-            "(a store read, a process attested, a bounded use committed)", ("path",),
-            buckets=_FETCH_BUCKETS, registry=registry)
-        self._fetch_s = (fetch.labels(path="fast"), fetch.labels(path="task"))
+        # kept by the loop alone (see the module's docstring), published by sample()
+        self._ok: dict[type, int] = {}
+        self._failed: dict[tuple[type, str], int] = {}
+        self._fetch_s = (_Latency(), _Latency())
+        self.published: _Published
+        self._publish()
+        registry.register(_PerRequest(self))
         connections = Gauge(
             _PREFIX + "connections", "Open connections, by who they are from: the broker's "
             "owner, a runner-group member, or another admitted uid (root)", ("kind",),
@@ -126,16 +172,16 @@ class PrometheusMetrics(Recorder):
     def answered(self, request: Request, reply: Response, peer: Peer, started: float, *,
                  waited: bool) -> None:
         kind = type(request)
-        outcome = reply.code if type(reply) is Error else "ok"
-        child = self._requests_by.get((kind, outcome))
-        if child is None:
-            child = self._requests_by[kind, outcome] = self._requests.labels(
-                op=kind.__name__, outcome=outcome)
-        child.inc()
         if kind is FetchContext:
-            self._fetch_s[waited].observe(time.perf_counter() - started)
-        if outcome == "ok":
+            seconds = time.perf_counter() - started
+            latency = self._fetch_s[waited]
+            latency.counts[bisect.bisect_left(_FETCH_BOUNDS, seconds)] += 1
+            latency.total += seconds
+        if type(reply) is not Error:
+            self._ok[kind] = self._ok.get(kind, 0) + 1
             return
+        outcome = reply.code
+        self._failed[kind, outcome] = self._failed.get((kind, outcome), 0) + 1
         if outcome == ErrorCode.PERMISSION_DENIED:
             if request.admin and not peer.admin:
                 self._denials["admin_only"].inc()
@@ -173,7 +219,9 @@ class PrometheusMetrics(Recorder):
 
     def sample(self, contexts: Contexts, audit: Audit, store: Store, *,
                stale_after: float) -> None:
-        """Set the gauges from the broker's objects (on the event loop, which owns them)."""
+        """Publish the per-request figures and set the gauges from the broker's objects
+        (on the event loop, which owns them)."""
+        self._publish()
         index = contexts.index
         live, tokens = index.counts()
         now = index.clock()
@@ -191,6 +239,13 @@ class PrometheusMetrics(Recorder):
                             else monotonic - self._notice_at)
         self.backup_age.set(math.inf if self._backup_at is None
                             else max(time.time() - self._backup_at, 0.0))
+
+    def _publish(self) -> None:
+        requests = [(kind.__name__, "ok", n) for kind, n in self._ok.items()]
+        requests += [(kind.__name__, outcome, n)
+                     for (kind, outcome), n in self._failed.items()]
+        self.published = (tuple(requests), tuple((tuple(latency.counts), latency.total)
+                                                 for latency in self._fetch_s))
 
     def backed_up(self, at: float | None) -> None:
         """When the current master key was last exported (None: not since it was made)."""

@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,6 +107,23 @@ def value(found: dict[str, list[Sample]], family: str, sample: str | None = None
     return matching[0]
 
 
+def has(found: dict[str, list[Sample]], family: str, sample: str, **labels: str) -> bool:
+    return any(s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+               for s in found.get(family, ()))
+
+
+async def scrape_when(address: MetricsAddress, op: str, outcome: str) -> str:
+    """A scrape once the count of ``op`` answered with ``outcome`` shows (the per-request
+    figures are published once a second)."""
+    with anyio.fail_after(30):
+        while True:
+            text = await anyio.to_thread.run_sync(scrape, address)
+            if has(samples(text), "stigmer_broker_requests", "stigmer_broker_requests_total",
+                   op=op, outcome=outcome):
+                return text
+            await anyio.sleep(0.1)
+
+
 def endpoint_gone(address: MetricsAddress) -> bool:
     if address.path is not None:
         return not os.path.lexists(address.path)
@@ -147,13 +165,8 @@ async def test_a_scrape_shows_every_family_and_no_name_or_value(
                 await refused.fetch_context(execution_id="sentinel-nothing-q7x")
         async with AsyncClient(broker.socket) as client:
             await client.status()  # a connection open while the scrape reads
-            with anyio.fail_after(30):  # the gauges are sampled once a second
-                while True:
-                    text = await anyio.to_thread.run_sync(scrape, metrics_address)
-                    found = samples(text)
-                    if value(found, "stigmer_broker_live_grants") >= 1:
-                        break
-                    await anyio.sleep(0.1)
+            text = await scrape_when(metrics_address, "GetStatus", "ok")  # sampled after it
+            found = samples(text)
             broker.stop.set()
     assert endpoint_gone(metrics_address)
 
@@ -286,7 +299,7 @@ async def test_runner_group_peers_are_counted_by_cause_not_by_uid(paths: Paths,
         # in the group: refused before a byte
         await anyio.to_thread.run_sync(functools.partial(as_peer, broker.socket, outsider,
                                                          extra_group="stgmetrics"))
-        text = await anyio.to_thread.run_sync(scrape, address)
+        text = await scrape_when(address, "GetStatus", "permission_denied")
         broker.stop.set()
     found = samples(text)
     denials = "stigmer_broker_denials"
@@ -406,9 +419,9 @@ def test_start_passes_metrics_to_the_daemon(paths: Paths, short_dir: Path) -> No
     address = parse_metrics_address(f"unix:{short_dir}/m/metrics.sock")
     run_cli(paths, "start", "--metrics", str(address), check=True)
     try:
-        found = samples(scrape(address))
-        assert value(found, "stigmer_broker_requests", "stigmer_broker_requests_total",
-                     op="GetStatus", outcome="ok") >= 1  # start's own status call
+        while not has(samples(scrape(address)), "stigmer_broker_requests",  # published
+                      "stigmer_broker_requests_total", op="GetStatus", outcome="ok"):
+            time.sleep(0.1)  # the test's timeout bounds it
     finally:
         run_cli(paths, "stop", check=True)
     assert endpoint_gone(address)
