@@ -121,7 +121,6 @@ class Audit:
         self._pending: list[_Pending] = []
         self._counted: dict[tuple[str, str, str, str, int | None, int | None, str],
                             list[float]] = {}
-        self._uses: dict[str, int] = {}
         # One flush at a time: each numbers its records from where the last one ended,
         # so two interleaved flushes would give two records the same sequence number.
         self._flushing = anyio.Lock()
@@ -156,14 +155,9 @@ class Audit:
             self._pending.append((at, event, outcome, execution_id, token_id, uid, pid, shown))
         self._counted.clear()
 
-    def count_use(self, token_id: str) -> None:
-        """Count one use of an unbounded token, added to its stored count by the next
-        flush (an increment: other brokers of a fleet count the same token)."""
-        self._uses[token_id] = self._uses.get(token_id, 0) + 1
-
     @property
     def pending(self) -> int:
-        return len(self._pending) + len(self._counted) + len(self._uses)
+        return len(self._pending) + len(self._counted)
 
     @property
     def oldest_pending_at(self) -> float | None:
@@ -173,7 +167,7 @@ class Audit:
                    default=None)
 
     async def flush(self) -> None:
-        """Write every buffered record and use count in one transaction.
+        """Write every buffered record in one transaction.
 
         On failure the records stay buffered, in order, for the next flush.
         """
@@ -191,20 +185,14 @@ class Audit:
 
     async def _flush(self) -> None:
         self._close_counts()
-        if not self._pending and not self._uses:
+        if not self._pending:
             return
         pending, self._pending = self._pending, []
-        uses, self._uses = self._uses, {}
         try:
             async with self._store.write() as db:
                 head = await self._append(db, pending)
-                await db.executemany(
-                    "UPDATE tokens SET uses = uses + ? WHERE id = ? AND max_uses IS NULL",
-                    [(n, tid) for tid, n in uses.items()])
         except BaseException:
             self._pending[:0] = pending  # keep them for the next try, in order
-            for tid, n in uses.items():
-                self._uses[tid] = self._uses.get(tid, 0) + n
             raise
         await self._anchor_head(head)
 

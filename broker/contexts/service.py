@@ -86,12 +86,12 @@ async def match_process(runners: tuple[str, ...], peer: Peer) -> Match:
 def _match(runners: tuple[str, ...], peer: Peer) -> Match:
     process = peer.process
     if process is None:
-        return Match(None, "the process cannot be attested")
+        return Match(runners, None, "the process cannot be attested")
     try:
         with process.held():
-            return Match(matching_selector(runners, process.attest()))
+            return Match(runners, matching_selector(runners, process.attest()))
     except LookupError as exc:
-        return Match(None, str(exc))
+        return Match(runners, None, str(exc))
 
 
 class Contexts:
@@ -203,6 +203,7 @@ class Contexts:
                     f"execution {execution_id!r} already has a live context; complete it "
                     "first or use another execution id")
             await self.sweep()
+        check_values(request.env_spec, "env_spec entry ")
         check_values(request.runtime, "runtime variable ")
         layers = []
         for name in request.environments:
@@ -386,6 +387,19 @@ class Contexts:
         grant, _ = self.index.granted(grant, usable, matched, execution_id, peer,
                                       "context.released")
         await self._delete(grant.context, "context.completed", peer, grant.token_id)
+
+    async def flush_uses(self) -> None:
+        """Write the uses of unbounded tokens counted since the last flush (kept for the
+        next one when the store refuses)."""
+        uses, self.index.uses = self.index.uses, {}
+        if not uses:
+            return
+        try:
+            await self.rows.add_uses(uses)
+        except BaseException:
+            for token_id, n in uses.items():
+                self.index.uses[token_id] = self.index.uses.get(token_id, 0) + n
+            raise
 
     # ------------------------------------------------------------------ lifetime
 

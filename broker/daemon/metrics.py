@@ -151,8 +151,8 @@ class PrometheusMetrics(Recorder):
                                  "memory")
         self.live_grants = gauge("live_grants", "Usable runner grants of the live contexts "
                                  "in memory")
-        self.audit_buffered = gauge("audit_buffered_records", "Audit records (and use "
-                                    "counts) buffered, not yet written to the store")
+        self.audit_buffered = gauge("audit_buffered_records", "Audit records "
+                                    "buffered, not yet written to the store")
         self.audit_age = gauge("audit_oldest_buffered_age_seconds", "Age of the oldest "
                                "audit record not yet written to the store (0: none)")
         self.fleet_age = gauge("fleet_store_age_seconds", "Seconds since the shared store "
