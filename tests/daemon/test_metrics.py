@@ -193,6 +193,7 @@ async def test_a_scrape_shows_every_family_and_no_name_or_value(
     assert value(found, "stigmer_broker_connections", kind="runner_group") == 0
     assert value(found, "stigmer_broker_live_contexts") == 2
     assert value(found, "stigmer_broker_live_tokens") == 1
+    assert value(found, "stigmer_broker_live_grants") == 1
     commits = "stigmer_broker_store_commit_seconds"
     assert value(found, commits, f"{commits}_count") >= 3
     writes = "stigmer_broker_store_write_seconds"
