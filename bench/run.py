@@ -721,10 +721,16 @@ def main() -> None:
             if one_pinned:
                 rows["ratio_fetch_metrics_on_vs_off_p50_pinned"] = (
                     one_pinned["fetch_metrics_on"]["p50_us"] / one_pinned["fetch"]["p50_us"])
-            scraped = scrape(metrics_endpoint)  # it served, and counted what it was asked
-            rows["metrics_scrape_bytes"] = len(scraped)
-            if 'op="FetchContext",outcome="ok"' not in scraped:
+            # it served, and counted what it was asked (request figures are published once
+            # a second, so a scrape right after the fetches may not have them yet)
+            for _ in range(10):
+                scraped = scrape(metrics_endpoint)
+                if 'op="FetchContext",outcome="ok"' in scraped:
+                    break
+                time.sleep(0.5)
+            else:
                 raise RuntimeError("the metrics endpoint did not count the fetches")
+            rows["metrics_scrape_bytes"] = len(scraped)
 
             per = max(1, n // concurrent)
             tput: dict[str, list[float]] = {"floor": [], "fetch": []}
