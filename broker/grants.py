@@ -31,7 +31,8 @@ from typing import NamedTuple
 from .local.peer import Attestation
 from .protocol.errors import InvalidArgument
 
-__all__ = ["Term", "canonical_grants", "hashes_binaries", "matching_selector", "parse_selector"]
+__all__ = ["Term", "canonical_grants", "hashes_binaries", "matching_selector", "parse_selector",
+           "reads_binaries"]
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -108,6 +109,12 @@ def matching_selector(grants: Iterable[str], peer: Attestation) -> str | None:
     if problem is not None:
         raise problem
     return None
+
+
+def reads_binaries(grants: Iterable[str]) -> bool:
+    """Whether matching may read a binary (an ``exe:`` term): then the process must be
+    attested through /proc; else its connection's credentials decide."""
+    return any(term.kind == "exe" for selector in grants for term in _stored_terms(selector))
 
 
 def hashes_binaries(grants: Iterable[str]) -> bool:

@@ -25,6 +25,7 @@ from typing import NoReturn
 import msgspec
 
 from ..audit import Audit
+from ..grants import matching_selector, reads_binaries
 from ..local.peer import Peer
 from ..protocol import Variable
 from ..protocol.errors import Internal, NotFound, PermissionDenied, Unauthenticated, Unavailable
@@ -240,7 +241,9 @@ class ContextIndex:
         matched = fetch.matched
         if matched is None or matched.runners != runners:
             # (not yet, or the grant changed while the process was matched: again)
-            return Attest(runners)
+            matched = _match_connection(runners, fetch.peer)
+            if matched is None:
+                return Attest(runners)
         grant, selector = self.granted(grant, usable, matched, execution_id, fetch.peer,
                                        "fetch")
         return self._open(grant, fetch.peer, f"runner {selector}; {who(fetch.peer)}")
@@ -359,6 +362,21 @@ class ContextIndex:
         self.by_execution.clear()
         self._by_hash.clear()
         self.refused.clear()
+
+
+def _match_connection(runners: tuple[str, ...], peer: Peer) -> Match | None:
+    """Match ``runners`` from what the connection said of the process (uid, gid,
+    groups), in memory; None when a term reads the binary (``exe:``) or the connection
+    did not carry the groups: then the process is attested (:class:`Attest`)."""
+    if peer.process is None or reads_binaries(runners):
+        return None
+    seen = peer.process.connection()
+    if seen is None:
+        return None
+    try:
+        return Match(runners, matching_selector(runners, seen))
+    except LookupError as exc:  # not for user:/group: terms; said, should one ever
+        return Match(runners, None, str(exc))
 
 
 def who(peer: Peer) -> str:

@@ -134,6 +134,18 @@ class ProcessPin:
                     os.close(fd)
         self._pidfd = self._procfd = -1
 
+    def connection(self) -> Attestation | None:
+        """The process as its connection described it: uid and gid (SO_PEERCRED) and
+        groups (SO_PEERGROUPS), all read when it connected. No system call, so the
+        server may match ``user:``/``group:`` terms inside ``data_received``; a process
+        that has exited since does not matter to them (whoever holds the connection is
+        who connected, as far as these terms go)."""
+        creds, groups = self._creds, self._groups
+        if groups is None or creds.pid is None:
+            return None
+        return Attestation(uid=creds.uid, gid=creds.gid, groups=groups, pid=creds.pid,
+                           binary=_no_binary)
+
     def attest(self) -> Attestation:
         """Describe the process as it is now; raise LookupError when it cannot be
         described with certainty (exited, replaced, or /proc unreadable). Its binary is
@@ -214,6 +226,10 @@ class ProcessPin:
                 pass  # alive, and of another uid
         elif _start_time(procfd) != self._start:
             raise OSError(0, "the process was replaced")
+
+
+def _no_binary() -> Binary:
+    raise LookupError("an exe: term needs the process attested, not only its connection")
 
 
 def _peer_groups(sock: socket.socket) -> frozenset[int] | None:

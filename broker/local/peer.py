@@ -53,6 +53,13 @@ class Attestor(Protocol):
 
     def attest(self) -> Attestation: ...
 
+    def connection(self) -> Attestation | None:
+        """The process as its connection described it when it connected (uid, gid,
+        supplementary groups), with no system call: enough for ``user:`` and ``group:``
+        terms. None when the connection did not carry the groups. Its ``binary`` raises
+        LookupError: an ``exe:`` term needs :meth:`attest`."""
+        ...
+
     def held(self) -> AbstractContextManager[None]:
         """Keep what :meth:`attest` reads open while a worker thread reads it, even if
         the connection closes meanwhile; raises LookupError once it has closed."""

@@ -66,10 +66,14 @@ def no_system_calls() -> Iterator[list[str]]:
 
 
 class Untouchable:
-    """A peer process that must not be attested on the fast path."""
+    """A peer process that must not be attested on the fast path (its connection may
+    still be asked what it said: that is memory)."""
 
     def attest(self) -> Attestation:
         raise AssertionError("attested inside data_received")
+
+    def connection(self) -> Attestation | None:
+        return None  # as if the connection carried no groups: only attest() could tell
 
     def held(self) -> contextlib.AbstractContextManager[None]:
         raise AssertionError("attested inside data_received")
@@ -111,9 +115,9 @@ async def test_what_memory_answers_is_answered_at_once_with_no_system_call(
 
 
 async def test_what_must_wait_says_so_without_doing_it(dispatcher: Dispatcher) -> None:
-    """A bounded token (its use is counted in the store first), a grant (the process is
-    attested: /proc, perhaps a binary's hash) and any other request: a Later, and
-    nothing of the waiting done in the call."""
+    """A bounded token (its use is counted in the store first), a grant the connection's
+    credentials cannot decide (the process is attested: /proc, perhaps a binary's hash)
+    and any other request: a Later, and nothing of the waiting done in the call."""
     bounded = (await _create(dispatcher, "bounded", max_uses=1)).token
     await _create(dispatcher, "granted", runners=[f"user:{os.getuid()}"])
     untouchable = Peer(OWNER.credentials, admin=True, process=Untouchable())
@@ -125,11 +129,36 @@ async def test_what_must_wait_says_so_without_doing_it(dispatcher: Dispatcher) -
     assert all(isinstance(reply, Later) for reply in replies), replies
 
 
-async def test_a_grant_is_attested_in_the_later_not_in_the_call(
+async def test_a_user_or_group_grant_is_answered_from_the_connection_in_the_call(
+        dispatcher: Dispatcher) -> None:
+    """user: and group: terms need only what the connection said when it connected
+    (SO_PEERCRED, SO_PEERGROUPS): answered in the call, with no system call, for a
+    match and for a refusal alike."""
+    await _create(dispatcher, "mine", runners=[f"user:{os.getuid()}"])
+    await _create(dispatcher, "theirs", runners=["user:4242", "group:4242"])
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        creds = peer_credentials(ours)
+        pin = ProcessPin(ours, creds)
+        if pin.connection() is None:
+            pytest.skip("this kernel does not report a connection's groups (SO_PEERGROUPS)")
+        runner = Peer(creds, admin=False, process=pin)
+        with no_system_calls() as seen:
+            fetched = dispatcher.handle(FetchContext(id=2, execution_id="mine"), runner)
+            with pytest.raises(PermissionDenied):
+                dispatcher.handle(FetchContext(id=3, execution_id="theirs"), runner)
+            with pytest.raises(PermissionDenied):
+                dispatcher.handle(FetchContext(id=4, execution_id="made-up"), runner)
+        assert seen == []
+        assert isinstance(fetched, ContextFetchedRaw) and fetched.execution_id == "mine"
+        pin.close()
+
+
+async def test_an_exe_grant_is_attested_in_the_later_not_in_the_call(
         dispatcher: Dispatcher) -> None:
     """With a real pin of this process: the call reads nothing of /proc (an attestation
     reads it, and may hash a 100 MB binary); awaiting the Later attests and serves."""
-    await _create(dispatcher, "granted", runners=[f"user:{os.getuid()}"])
+    await _create(dispatcher, "granted", runners=[f"exe:{os.path.realpath(sys.executable)}"])
     ours, theirs = socket.socketpair()
     with ours, theirs:
         creds = peer_credentials(ours)

@@ -469,7 +469,7 @@ async def test_an_unknown_id_is_refused_after_the_work_a_live_grant_costs(
             for execution_id in ("unknown", "theirs"):
                 with pytest.raises(PermissionDenied):
                     await contexts.fetch_granted(execution_id, peer)
-            assert pin.calls == 2  # the unknown id's refusal attested the process too
+            assert pin.calls == 2  # the unknown id's refusal asked of the process too
             pin.close()
         # The time itself is measured, not asserted (a 2-core machine's noise makes a
         # threshold flaky): in process, medians of 15 x 400 refusals were 2.4 us for an
@@ -509,7 +509,8 @@ def test_a_pin_has_the_groups_the_process_connected_with(
 
 
 class _CountingPin(ProcessPin):
-    """A real pin that counts its attestations."""
+    """A real pin that counts what it is asked of the process (attested through /proc,
+    or as its connection described it)."""
 
     __slots__ = ("calls",)
 
@@ -520,6 +521,10 @@ class _CountingPin(ProcessPin):
     def attest(self) -> Attestation:
         self.calls += 1
         return super().attest()
+
+    def connection(self) -> Attestation | None:
+        self.calls += 1
+        return super().connection()
 
 
 async def test_the_refusal_is_the_same_for_every_cause(
