@@ -155,7 +155,7 @@ Need = LookUp | Attest | CountUse
 class Fetch:
     """One fetch in progress: the credential, and what the driver found for it so far."""
 
-    __slots__ = ("execution_id", "looked_up", "matched", "peer", "token_hash")
+    __slots__ = ("execution_id", "looked_up", "looked_up_in", "matched", "peer", "token_hash")
 
     def __init__(self, peer: Peer, *, token_hash: bytes | None = None,
                  execution_id: str | None = None) -> None:
@@ -164,6 +164,9 @@ class Fetch:
         self.execution_id = execution_id
         #: what the store held (a shared store's miss); None until it was asked
         self.looked_up: list[LiveContext] | None = None
+        #: the index's generation when that read came back: a change heard since (while
+        #: the process was matched, say) makes it stale, and the store is asked again
+        self.looked_up_in = -1
         #: the process matched against the grant; None until it was attested
         self.matched: Match | None = None
 
@@ -214,7 +217,7 @@ class ContextIndex:
     def _fetch_token(self, fetch: Fetch, hash_: bytes) -> Fetched | Need:
         entry = self._by_hash.get(hash_)
         if entry is None and self.shared:
-            if fetch.looked_up is None:
+            if fetch.looked_up is None or fetch.looked_up_in != self.generation:
                 return LookUp(token_hash=hash_)
             entry = next((t for c in fetch.looked_up for t in c.tokens.values()
                           if t.hash == hash_), None)
@@ -229,7 +232,7 @@ class ContextIndex:
     def _fetch_granted(self, fetch: Fetch, execution_id: str) -> Fetched | Need:
         context = self.by_execution.get(execution_id)
         if context is None and self.shared:
-            if fetch.looked_up is None:
+            if fetch.looked_up is None or fetch.looked_up_in != self.generation:
                 return LookUp(execution_id=execution_id)
             context = fetch.looked_up[0] if fetch.looked_up else None
         grant = context.grant if context is not None else None
@@ -328,9 +331,15 @@ class ContextIndex:
             for token in context.tokens.values():
                 self._by_hash[token.hash] = token
 
-    def add_token(self, token: LiveToken) -> None:
-        token.context.tokens[token.token_id] = token
+    def add_token(self, token: LiveToken) -> bool:
+        """Index a token of a context memory holds; return False (indexing nothing) when
+        its context is not held any more (it ended while the token was written)."""
+        context = token.context
+        if self.by_execution.get(context.execution_id) is not context:
+            return False
+        context.tokens[token.token_id] = token
         self._by_hash[token.hash] = token
+        return True
 
     def forget(self, *, context: LiveContext) -> None:
         if self.by_execution.get(context.execution_id) is context:

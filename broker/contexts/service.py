@@ -145,8 +145,8 @@ class Contexts:
         while they were read (then they serve this request only)."""
         generation = self.index.generation
         read = await self.rows.read(condition, params)
-        self.index.refused.update(read.refused)
         if generation == self.index.generation:
+            self.index.refused.update(read.refused)
             self.index.install(read.contexts)
         return read.contexts
 
@@ -244,7 +244,10 @@ class Contexts:
         expires_at = min(now + ttl_s, context.expires_at)
         entry = LiveToken(token.token_id, token.hash, context, now, expires_at, max_uses, 0)
         await self.rows.insert_token(entry)
-        self.index.add_token(entry)
+        if not self.index.add_token(entry) and not self._shared:
+            # completed while the token was written (its row went with the context's)
+            raise NotFound(f"execution {execution_id!r} has no live context; "
+                           "`stigmer-broker context list` shows the live ones")
         self._record("token.issued", "ok", peer, execution_id, token.token_id)
         await self._audit.flush_after_write()
         return token, expires_at
@@ -328,6 +331,7 @@ class Contexts:
                     fetch.looked_up = (await self._look_up_token(hash_) if hash_ is not None
                                        else await self._lookup("c.execution_id = ?",
                                                                (execution_id,)))
+                    fetch.looked_up_in = self.index.generation
                 case Attest(runners=runners):
                     fetch.matched = await match_process(runners, fetch.peer)
                 case CountUse():
@@ -386,6 +390,9 @@ class Contexts:
             grant.runners if usable and grant is not None else NO_GRANT, peer)
         grant, _ = self.index.granted(grant, usable, matched, execution_id, peer,
                                       "context.released")
+        now = await self._find(execution_id)  # it may have ended while the match ran
+        if now is None or now.row_id != grant.context.row_id:
+            self.index.deny("context.released", execution_id, peer, "ended meanwhile")
         await self._delete(grant.context, "context.completed", peer, grant.token_id)
 
     async def flush_uses(self) -> None:

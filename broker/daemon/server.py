@@ -246,8 +246,13 @@ class Server:
         if not self._make_room(uid):
             self._refuse(sock)
             return
-        session = _Session(self, Peer(credentials=creds, admin=admin,
-                                      process=ProcessPin(sock, creds)), self._turn)
+        pin = ProcessPin(sock, creds)
+        try:
+            session = _Session(self, Peer(credentials=creds, admin=admin, process=pin),
+                               self._turn)
+        except BaseException:  # its /proc handle and pidfd go with the refused socket
+            pin.close()
+            raise
         self._conns.add(session)
         self._counters.connections = len(self._conns)
         self.recorder.connection_opened(self._kind(session))

@@ -5,6 +5,7 @@ permission check."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import sys
@@ -12,12 +13,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from sealed import open_sealed
 
 from stigmer.broker.config import Config, Paths
-from stigmer.broker.contexts import Fetch
-from stigmer.broker.contexts.index import Attest, Match
+from stigmer.broker.contexts import Fetch, service
+from stigmer.broker.contexts.index import Attest, ContextIndex, LookUp, Match
 from stigmer.broker.daemon.attest import ProcessPin
 from stigmer.broker.daemon.startup import compose
 from stigmer.broker.dispatch import Counters, Dispatcher, Later
@@ -33,7 +35,8 @@ from stigmer.broker.protocol import (
     Variable,
     Welcome,
 )
-from stigmer.broker.protocol.errors import PermissionDenied
+from stigmer.broker.protocol.errors import NotFound, PermissionDenied, Unauthenticated
+from stigmer.broker.store.notices import ContextEnded
 
 pytestmark = pytest.mark.anyio
 
@@ -214,3 +217,72 @@ async def test_a_grant_that_changed_while_the_process_was_matched_is_matched_aga
     assert grant is not None
     grant.runners = ("user:4242",)  # ... which then changed
     assert index.fetch(fetch) == Attest(("user:4242",))
+
+
+# ---------------------------------------------------- races the review found (probes)
+
+
+async def test_a_fleet_read_made_stale_while_the_process_was_matched_is_read_again(
+        dispatcher: Dispatcher) -> None:
+    """A fleet broker read a context it did not cache, then matched the process (in a
+    worker thread for an exe:...@sha256: grant); the context's revocation, heard
+    meanwhile, left the index serving the read it had. It asks the store again."""
+    await _create(dispatcher, "granted", runners=[f"user:{os.getuid()}"])
+    context = dispatcher.contexts.index.by_execution["granted"]
+    fleet = ContextIndex(dispatcher.contexts.index._vault, dispatcher.audit, shared=True,
+                         fresh_until=lambda: math.inf)
+    fetch = Fetch(Peer(OWNER.credentials, admin=False, process=Untouchable()),
+                  execution_id="granted")
+    assert isinstance(fleet.fetch(fetch), LookUp)
+    fetch.looked_up, fetch.looked_up_in = [context], fleet.generation  # the store's answer
+    need = fleet.fetch(fetch)
+    assert isinstance(need, Attest)
+    fetch.matched = Match(need.runners, need.runners[0])  # matched ...
+    fleet.heard(ContextEnded(context.row_id, "granted"))  # ... while it was revoked
+    assert isinstance(fleet.fetch(fetch), LookUp)  # not opened from the stale read
+
+
+async def test_a_token_issued_while_its_context_is_completed_opens_nothing(
+        dispatcher: Dispatcher) -> None:
+    """complete() dropped the context from memory while issue() waited for its row;
+    issue() then indexed the token, pointing at the completed context, and it opened it
+    until it expired."""
+    await _create(dispatcher, "racing")
+    issued: list[str] = []
+
+    async def issue() -> None:
+        with contextlib.suppress(NotFound):
+            issued.append((await dispatcher.contexts.issue("racing", 60, None, OWNER))[0].token)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(issue)
+        tg.start_soon(dispatcher.contexts.complete, "racing", OWNER)
+    for token in issued:
+        with pytest.raises(Unauthenticated):
+            await dispatcher.contexts.fetch(token, OWNER)
+
+
+async def test_a_release_whose_context_ended_during_the_match_is_refused(
+        dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch) -> None:
+    """release_granted() deleted a context that had been completed while the process was
+    matched, answered Ok, and wrote a second completion record."""
+    await _create(dispatcher, "granted", runners=[f"exe:{os.path.realpath(sys.executable)}"])
+    real = service.match_process
+
+    async def completed_meanwhile(runners: tuple[str, ...], peer: Peer) -> Match:
+        matched = await real(runners, peer)
+        await dispatcher.contexts.complete("granted", OWNER)
+        return matched
+
+    monkeypatch.setattr(service, "match_process", completed_meanwhile)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        creds = peer_credentials(ours)
+        pin = ProcessPin(ours, creds)
+        with pytest.raises(PermissionDenied):
+            await dispatcher.contexts.release_granted(
+                "granted", Peer(creds, admin=False, process=pin))
+        pin.close()
+    await dispatcher.audit.flush()
+    records = (await dispatcher.audit.list("granted", 100))[0]
+    assert [r.event for r in records].count("context.completed") == 1
