@@ -11,6 +11,7 @@ import pwd
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -152,8 +153,10 @@ async def test_a_scrape_shows_every_family_and_no_name_or_value(
                 {}, {SENTINEL_VARIABLE: SENTINEL_VALUE}))
             created = await client.create_context(SENTINEL_EXECUTION,
                                                   environments=[SENTINEL_ENV])
+            # an exe: grant: the process is attested in a task (a user: one is matched
+            # from the connection, on the fast path)
             await client.create_context(SENTINEL_GRANTED, environments=[SENTINEL_ENV],
-                                        runners=["self"])
+                                        runners=[f"exe:{os.path.realpath(sys.executable)}"])
             assert (await client.fetch_context(created.token))[SENTINEL_VARIABLE] \
                 == SENTINEL_VALUE
             assert (await client.fetch_context(execution_id=SENTINEL_GRANTED))[
