@@ -1,4 +1,5 @@
-"""Environments: named sets of variables, secret values sealed, kept in the store.
+"""Environments: named sets of variables, secret values sealed, kept in the store (their
+rows through :mod:`.rows`).
 
 A secret's envelope is sealed at its :meth:`Place.variable` (environment id and
 variable name), and environment ids are never reused (AUTOINCREMENT), so a
@@ -16,17 +17,18 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .protocol import (
+from ..protocol import (
     EnvironmentChange,
     EnvironmentSpec,
     EnvironmentSummary,
     Variable,
     VariableView,
 )
-from .protocol.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
-from .store.backend import Store, Tx
-from .store.crypto import Place, Row, SealError
-from .store.vault import Vault, tampered
+from ..protocol.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
+from ..store.backend import Store, Tx
+from ..store.crypto import Place, Row, SealError
+from ..store.vault import Vault, tampered
+from .rows import EnvironmentRows
 
 __all__ = ["MAX_ENVIRONMENT_BYTES", "EnvironmentRecord", "Environments", "check_values"]
 
@@ -34,7 +36,6 @@ __all__ = ["MAX_ENVIRONMENT_BYTES", "EnvironmentRecord", "Environments", "check_
 MAX_ENVIRONMENT_BYTES = 512 * 1024
 
 log = logging.getLogger("stigmer.broker")
-_VARIABLE_COLUMNS = "name, is_secret, value, sealed, mac"
 
 
 class EnvironmentRecord:
@@ -67,9 +68,10 @@ class Environments:
     def __init__(self, store: Store, vault: Vault) -> None:
         self._store = store
         self._vault = vault
+        self._rows = EnvironmentRows(store)
 
     async def count(self) -> int:
-        return int(await self._store.read_one("SELECT count(*) FROM environments") or 0)
+        return await self._rows.count()
 
     async def put(self, name: str, data: Mapping[str, Variable]) -> None:
         """Create ``name`` if needed and set the given keys (others are kept)."""
@@ -93,7 +95,7 @@ class Environments:
                 if dry_run:
                     continue
                 env_id = await self._upsert(db, spec.name, check=False)  # replaced whole
-                await db.execute("DELETE FROM variables WHERE env_id = ?", (env_id,))
+                await self._rows.remove_variables(db, env_id)
                 await self._write_variables(db, env_id, spec.data.items())
                 await self._finish(db, env_id, spec.name)
         return changes
@@ -101,14 +103,13 @@ class Environments:
     async def _change(self, db: Tx, spec: EnvironmentSpec) -> EnvironmentChange:
         """Compare an environment with what ``spec`` would make it (key names only). A
         value that does not open (damaged or tampered) counts as changed."""
-        ids = await db.fetchall("SELECT id FROM environments WHERE name = ?", (spec.name,))
-        if not ids:
+        found = await self._rows.find(db, spec.name)
+        if found is None:
             return EnvironmentChange(name=spec.name, created=True, added=sorted(spec.data),
                                      changed=[], removed=[])
-        env_id = ids[0][0]
+        env_id = found[0]
         old: dict[str, Variable | None] = {}
-        for key, is_secret, value, sealed, _ in await db.fetchall(
-                f"SELECT {_VARIABLE_COLUMNS} FROM variables WHERE env_id = ?", (env_id,)):
+        for key, is_secret, value, sealed, _ in await self._rows.variables(db, env_id):
             try:
                 value = self._open(sealed, env_id, spec.name, key) if is_secret else value
                 old[key] = Variable(value=value, is_secret=bool(is_secret))
@@ -125,26 +126,19 @@ class Environments:
         wanted = sorted(set(keys))
         async with self._store.write() as db:
             env_id = await self._checked_id(db, name)
-            marks = ",".join("?" * len(wanted))
-            present = {row[0] for row in await db.fetchall(
-                f"SELECT name FROM variables WHERE env_id = ? AND name IN ({marks})",
-                (env_id, *wanted))}
+            present = await self._rows.present(db, env_id, wanted)
             missing = [k for k in wanted if k not in present]
             if missing:
                 raise NotFound(f"environment {name!r} has no variable {', '.join(missing)}; "
                                "nothing was removed")
-            await db.execute(
-                f"DELETE FROM variables WHERE env_id = ? AND name IN ({marks})",
-                (env_id, *wanted))
+            await self._rows.remove_variables(db, env_id, wanted)
             await self._finish(db, env_id, name)
 
     async def delete(self, name: str) -> None:
         """Delete an environment and its variables (also one that fails its integrity
         check: that is the way out); raises NotFound."""
         async with self._store.write() as db:
-            env_id = await self._id(db, name)
-            await db.execute("DELETE FROM variables WHERE env_id = ?", (env_id,))
-            await db.execute("DELETE FROM environments WHERE id = ?", (env_id,))
+            await self._rows.delete(db, await self._id(db, name))
 
     async def get(self, name: str, *, reveal: bool) -> EnvironmentRecord:
         """Return an environment; secret values are None unless ``reveal``.
@@ -180,10 +174,7 @@ class Environments:
     async def _read(self, name: str) -> tuple[int, float, float, list[Any] | None]:
         """Return an environment's row and its variable rows, checked, read in one query
         (two reads could straddle a change and look like tampering); None when missing."""
-        rows = await self._store.read(
-            "SELECT e.id, e.created_at, e.updated_at, e.mac, v.name, v.is_secret, v.value, "
-            "v.sealed, v.mac FROM environments e LEFT JOIN variables v ON v.env_id = e.id "
-            "WHERE e.name = ? ORDER BY v.name", (name,))
+        rows = await self._rows.read(name)
         if not rows:
             return 0, 0.0, 0.0, None
         env_id, created_at, updated_at, mac = rows[0][:4]
@@ -196,10 +187,7 @@ class Environments:
         """Up to ``limit`` environments by name, from the first after ``after``, and whether
         more follow. One whose name does not check is logged and left out (reading it
         names the problem)."""
-        rows = await self._store.read(  # one query: two could straddle a change
-            "SELECT e.id, e.name, e.mac, e.updated_at, v.name, v.is_secret FROM (SELECT id, "
-            "name, mac, updated_at FROM environments WHERE name > ? ORDER BY name LIMIT ?) e "
-            "LEFT JOIN variables v ON v.env_id = e.id ORDER BY e.name", (after, limit + 1))
+        rows = await self._rows.page(after, limit + 1)  # one query: two could straddle a change
         grouped: dict[str, tuple[int, bytes | None, float, list[tuple[str, int]]]] = {}
         for env_id, name, mac, updated_at, key, is_secret in rows:
             entry = grouped.setdefault(name, (env_id, mac, updated_at, []))
@@ -221,14 +209,10 @@ class Environments:
         """Authenticate every row that has no MAC yet; return how many. Only for the start
         that migrates a store written before rows carried MACs."""
         async with self._store.write() as db:
-            envs = await db.fetchall("SELECT id, name FROM environments WHERE mac IS NULL")
-            variables = await db.fetchall(
-                f"SELECT env_id, {_VARIABLE_COLUMNS} FROM variables WHERE mac IS NULL")
+            envs, variables = await self._rows.unauthenticated(db)
             for env_id, key, is_secret, value, sealed, _ in variables:
-                await db.execute(
-                    "UPDATE variables SET mac = ? WHERE env_id = ? AND name = ?",
-                    (self._vault.mac(Row.variable(env_id, key, is_secret, value, sealed)),
-                     env_id, key))
+                await self._rows.set_variable_mac(db, env_id, key, self._vault.mac(
+                    Row.variable(env_id, key, is_secret, value, sealed)))
             for env_id, name in envs:
                 await self._authenticate(db, env_id, name)
         return len(envs) + len(variables)
@@ -255,12 +239,10 @@ class Environments:
                 "tampered with or damaged; set it again with `stigmer-broker env set`"
             ) from None
 
-    @staticmethod
-    async def _check_size(db: Tx, env_id: int, name: str) -> None:
-        rows = await db.fetchall("SELECT name, value, sealed FROM variables WHERE env_id = ?",
-                                 (env_id,))
+    async def _check_size(self, db: Tx, env_id: int, name: str) -> None:
         size = sum(len(key) + (len(value.encode()) if value is not None else 0)
-                   + (len(sealed) if sealed is not None else 0) for key, value, sealed in rows)
+                   + (len(sealed) if sealed is not None else 0)
+                   for key, _, value, sealed, _ in await self._rows.variables(db, env_id))
         if size > MAX_ENVIRONMENT_BYTES:
             raise ResourceExhausted(
                 f"environment {name!r} would hold {size} bytes, over the limit of "
@@ -270,45 +252,37 @@ class Environments:
     async def _upsert(self, db: Tx, name: str, *, check: bool) -> int:
         """Return the id of ``name``, created if missing; with ``check``, an existing one
         must pass its integrity check first (a change must not re-authenticate it)."""
-        if check:
-            rows = await db.fetchall("SELECT id FROM environments WHERE name = ?", (name,))
-            if rows:
-                return await self._checked_id(db, name)
-        now = time.time()
-        await db.execute(
-            "INSERT INTO environments(name, created_at, updated_at) VALUES (?, ?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET updated_at = excluded.updated_at", (name, now, now))
-        return await self._id(db, name)
+        if check and await self._rows.find(db, name) is not None:
+            return await self._checked_id(db, name)
+        return await self._rows.upsert(db, name, time.time())
 
     async def _checked_id(self, db: Tx, name: str) -> int:
-        env_id = await self._id(db, name)
-        mac = (await db.fetchall("SELECT mac FROM environments WHERE id = ?", (env_id,)))[0][0]
-        self._check(env_id, name, mac, await db.fetchall(
-            f"SELECT {_VARIABLE_COLUMNS} FROM variables WHERE env_id = ?", (env_id,)))
+        env_id, mac = await self._found(db, name)
+        self._check(env_id, name, mac, await self._rows.variables(db, env_id))
         return env_id
 
     async def _finish(self, db: Tx, env_id: int, name: str) -> None:
         """After a change: check the size, note the time, re-authenticate the row."""
         await self._check_size(db, env_id, name)
-        await db.execute("UPDATE environments SET updated_at = ? WHERE id = ?",
-                         (time.time(), env_id))
+        await self._rows.touch(db, env_id, time.time())
         await self._authenticate(db, env_id, name)
 
     async def _authenticate(self, db: Tx, env_id: int, name: str) -> None:
         """Store the MAC of the environment row over its current variables."""
-        names = [r[0] for r in await db.fetchall(
-            "SELECT name FROM variables WHERE env_id = ?", (env_id,))]
-        await db.execute("UPDATE environments SET mac = ? WHERE id = ?",
-                         (self._vault.mac(Row.environment(env_id, name, names)), env_id))
+        names = [row[0] for row in await self._rows.variables(db, env_id)]
+        await self._rows.set_mac(db, env_id,
+                                 self._vault.mac(Row.environment(env_id, name, names)))
 
-    @staticmethod
-    async def _id(db: Tx, name: str) -> int:
-        rows = await db.fetchall("SELECT id FROM environments WHERE name = ?", (name,))
-        row = rows[0] if rows else None
-        if row is None:
+    async def _id(self, db: Tx, name: str) -> int:
+        return (await self._found(db, name))[0]
+
+    async def _found(self, db: Tx, name: str) -> tuple[int, bytes | None]:
+        """The id and MAC of ``name``; raises NotFound."""
+        found = await self._rows.find(db, name)
+        if found is None:
             raise NotFound(f"environment {name!r} does not exist; `stigmer-broker env list` "
                            "shows the ones that do")
-        return int(row[0])
+        return found
 
     async def _write_variables(self, db: Tx, env_id: int,
                                items: Iterable[tuple[str, Variable]]) -> None:
@@ -320,9 +294,4 @@ class Environments:
             else:
                 value = var.value
             mac = self._vault.mac(Row.variable(env_id, key, var.is_secret, value, sealed))
-            await db.execute(
-                "INSERT INTO variables(env_id, name, is_secret, value, sealed, mac) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(env_id, name) DO UPDATE SET "
-                "is_secret = excluded.is_secret, value = excluded.value, "
-                "sealed = excluded.sealed, mac = excluded.mac",
-                (env_id, key, int(var.is_secret), value, sealed, mac))
+            await self._rows.write_variable(db, env_id, key, var.is_secret, value, sealed, mac)

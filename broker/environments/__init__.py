@@ -1,0 +1,6 @@
+"""Environments: :class:`Environments` (:mod:`.service`), what the broker does with them,
+and their rows (:mod:`.rows`), every statement on them."""
+
+from .service import MAX_ENVIRONMENT_BYTES, EnvironmentRecord, Environments, check_values
+
+__all__ = ["MAX_ENVIRONMENT_BYTES", "EnvironmentRecord", "Environments", "check_values"]
