@@ -21,6 +21,8 @@ from ..protocol import (
     EnvironmentChange,
     EnvironmentSpec,
     EnvironmentSummary,
+    EnvironmentVersionInfo,
+    KeyDiff,
     Variable,
     VariableView,
 )
@@ -28,6 +30,7 @@ from ..protocol.errors import Internal, InvalidArgument, NotFound, ResourceExhau
 from ..store.backend import Store, Tx
 from ..store.crypto import Place, Row, SealError
 from ..store.vault import Vault, tampered
+from .history import History, Retention, State, changes_between
 from .rows import EnvironmentRows
 
 __all__ = ["MAX_ENVIRONMENT_BYTES", "EnvironmentRecord", "Environments", "check_values"]
@@ -65,64 +68,59 @@ def check_values(data: Mapping[str, Variable], where: str = "") -> None:
 class Environments:
     """Create, read, change and delete environments; secrets sealed through the vault."""
 
-    def __init__(self, store: Store, vault: Vault) -> None:
+    def __init__(self, store: Store, vault: Vault, retention: Retention | None = None) -> None:
         self._store = store
         self._vault = vault
         self._rows = EnvironmentRows(store)
+        self._history = History(self._rows, vault, retention or Retention())
 
     async def count(self) -> int:
         return await self._rows.count()
 
-    async def put(self, name: str, data: Mapping[str, Variable]) -> None:
-        """Create ``name`` if needed and set the given keys (others are kept)."""
+    async def put(self, name: str, data: Mapping[str, Variable], *,
+                  actor_uid: int | None = None) -> None:
+        """Create ``name`` if needed and set the given keys (others are kept), as a new
+        version made by ``actor_uid``."""
         check_values(data)
         async with self._store.write() as db:
+            existed = await self._rows.find(db, name) is not None
             env_id = await self._upsert(db, name, check=True)
+            before = await self._state(db, env_id, name) if existed else None
             await self._write_variables(db, env_id, data.items())
             await self._finish(db, env_id, name)
+            await self._history.record(db, env_id, name, before,
+                                       await self._opened(db, env_id, name),
+                                       actor_uid=actor_uid)
 
-    async def apply(self, specs: Iterable[EnvironmentSpec], *,
-                    dry_run: bool = False) -> list[EnvironmentChange]:
-        """Set each environment to exactly its data, all in one transaction; return what
-        changed (with ``dry_run``, what would, writing nothing)."""
+    async def apply(self, specs: Iterable[EnvironmentSpec], *, dry_run: bool = False,
+                    actor_uid: int | None = None) -> list[EnvironmentChange]:
+        """Set each environment to exactly its data, all in one transaction, each changed
+        one as a new version; return what changed (with ``dry_run``, what would, writing
+        nothing). A value that does not open (damaged or tampered) counts as changed."""
         specs = list(specs)
         for spec in specs:
             check_values(spec.data, f"environment {spec.name!r}: ")
         changes = []
         async with self._store.write() as db:
             for spec in specs:
-                changes.append(await self._change(db, spec))
+                found = await self._rows.find(db, spec.name)
+                before = await self._state(db, found[0], spec.name) if found else None
+                diff = changes_between(before or {}, spec.data)
+                changes.append(EnvironmentChange(name=spec.name, created=before is None,
+                                                 added=diff.added, changed=diff.changed,
+                                                 removed=diff.removed))
                 if dry_run:
                     continue
                 env_id = await self._upsert(db, spec.name, check=False)  # replaced whole
-                await self._rows.remove_variables(db, env_id)
-                await self._write_variables(db, env_id, spec.data.items())
-                await self._finish(db, env_id, spec.name)
+                await self._replace(db, env_id, spec.name, spec.data)
+                await self._history.record(db, env_id, spec.name, before, spec.data,
+                                           actor_uid=actor_uid)
         return changes
 
-    async def _change(self, db: Tx, spec: EnvironmentSpec) -> EnvironmentChange:
-        """Compare an environment with what ``spec`` would make it (key names only). A
-        value that does not open (damaged or tampered) counts as changed."""
-        found = await self._rows.find(db, spec.name)
-        if found is None:
-            return EnvironmentChange(name=spec.name, created=True, added=sorted(spec.data),
-                                     changed=[], removed=[])
-        env_id = found[0]
-        old: dict[str, Variable | None] = {}
-        for key, is_secret, value, sealed, _ in await self._rows.variables(db, env_id):
-            try:
-                value = self._open(sealed, env_id, spec.name, key) if is_secret else value
-                old[key] = Variable(value=value, is_secret=bool(is_secret))
-            except Internal:
-                old[key] = None
-        return EnvironmentChange(
-            name=spec.name, created=False,
-            added=sorted(spec.data.keys() - old.keys()),
-            changed=sorted(k for k in spec.data.keys() & old.keys() if spec.data[k] != old[k]),
-            removed=sorted(old.keys() - spec.data.keys()))
-
-    async def unset(self, name: str, keys: Iterable[str]) -> None:
-        """Remove keys; raises NotFound (changing nothing) if any is not set."""
+    async def unset(self, name: str, keys: Iterable[str], *,
+                    actor_uid: int | None = None) -> None:
+        """Remove keys, as a new version; raises NotFound (changing nothing) if any is not
+        set."""
         wanted = sorted(set(keys))
         async with self._store.write() as db:
             env_id = await self._checked_id(db, name)
@@ -131,8 +129,70 @@ class Environments:
             if missing:
                 raise NotFound(f"environment {name!r} has no variable {', '.join(missing)}; "
                                "nothing was removed")
+            before = await self._state(db, env_id, name)
             await self._rows.remove_variables(db, env_id, wanted)
             await self._finish(db, env_id, name)
+            await self._history.record(db, env_id, name, before,
+                                       await self._opened(db, env_id, name),
+                                       actor_uid=actor_uid)
+
+    async def rollback(self, name: str, to_version: int, *,
+                       actor_uid: int | None = None) -> EnvironmentVersionInfo:
+        """Set ``name`` back to the variables of ``to_version``, as a new version; return
+        it. The current rows need not check (a rollback replaces them whole, a way out of
+        tampering). Raises NotFound, or Internal when that version's row does not check."""
+        async with self._store.write() as db:
+            env_id = await self._id(db, name)
+            _, variables = await self._history.read(env_id, name, to_version, db)
+            before = await self._state(db, env_id, name)
+            await self._replace(db, env_id, name, variables)
+            info = await self._history.record(db, env_id, name, before, variables,
+                                              actor_uid=actor_uid, restored_from=to_version)
+        assert info is not None  # a rollback is always recorded
+        return info
+
+    async def history(self, name: str, *, before: int | None = None, limit: int = 1000
+                      ) -> tuple[int, list[EnvironmentVersionInfo], bool]:
+        """``name``'s current version, then up to ``limit`` of its versions newest first
+        (older than ``before``), and whether more follow: names only. Raises NotFound, or
+        Internal naming the row that does not check."""
+        env_id, _, _, current, _ = await self._existing(name)
+        versions, more = await self._history.list(env_id, name, before=before, limit=limit)
+        return current, versions, more
+
+    async def version(self, name: str, version: int, *, reveal: bool
+                      ) -> tuple[EnvironmentVersionInfo, dict[str, VariableView]]:
+        """One version of ``name``; secret values are None unless ``reveal``. Raises
+        NotFound, or Internal naming the row that does not check."""
+        env_id = (await self._existing(name))[0]
+        info, variables = await self._history.read(env_id, name, version)
+        return info, {key: _view(var, reveal=reveal or not var.is_secret)
+                      for key, var in variables.items()}
+
+    async def diff(self, name: str, from_version: int, to_version: int, *,
+                   reveal: bool) -> list[KeyDiff]:
+        """The keys that differ from one version of ``name`` to another, by name; values
+        only with ``reveal``."""
+        env_id = (await self._existing(name))[0]
+        _, old = await self._history.read(env_id, name, from_version)
+        _, new = await self._history.read(env_id, name, to_version)
+        changes = changes_between(old, new)
+        out = [KeyDiff(key=k, change="added", after=_view(new[k], reveal=reveal))
+               for k in changes.added]
+        out += [KeyDiff(key=k, change="changed", before=_view(old[k], reveal=reveal),
+                        after=_view(new[k], reveal=reveal)) for k in changes.changed]
+        out += [KeyDiff(key=k, change="removed", before=_view(old[k], reveal=reveal))
+                for k in changes.removed]
+        return sorted(out, key=lambda d: d.key)
+
+    async def prune_history(self) -> int:
+        """Delete the versions older than the retention's duration (when it has one), but
+        never an environment's current version; return how many. Versions over the count
+        are pruned as each change is written."""
+        seconds = self._history.retention.seconds
+        if seconds is None:
+            return 0
+        return await self._rows.prune_versions_before(time.time() - seconds)
 
     async def delete(self, name: str) -> None:
         """Delete an environment and its variables (also one that fails its integrity
@@ -147,10 +207,7 @@ class Environments:
         fails its integrity check or a sealed value does not open (tampered or
         damaged): other environments are unaffected.
         """
-        env_id, created_at, updated_at, variables = await self._read(name)
-        if variables is None:
-            raise NotFound(f"environment {name!r} does not exist; `stigmer-broker env list` "
-                           "shows the ones that do")
+        env_id, created_at, updated_at, _, variables = await self._existing(name)
         out: dict[str, VariableView] = {}
         for key, is_secret, value, sealed, _ in variables:
             if not is_secret:
@@ -162,25 +219,27 @@ class Environments:
                                         value=self._open(sealed, env_id, name, key))
         return EnvironmentRecord(name, out, created_at, updated_at)
 
-    async def resolve(self, name: str) -> dict[str, Variable]:
-        """Return every variable of ``name`` with secrets opened (for contexts)."""
-        env_id, _, _, variables = await self._read(name)
-        if variables is None:
-            raise NotFound(f"environment {name!r} does not exist")
+    async def resolve(self, name: str) -> tuple[dict[str, Variable], int]:
+        """Return every variable of ``name`` with secrets opened (for contexts), and the
+        version they are (1 for an environment not changed since history was kept: its
+        first change records what it holds now as version 1)."""
+        env_id, _, _, version, variables = await self._existing(name)
         return {key: Variable(value=self._open(sealed, env_id, name, key) if is_secret
                               else value, is_secret=bool(is_secret))
-                for key, is_secret, value, sealed, _ in variables}
+                for key, is_secret, value, sealed, _ in variables}, version
 
-    async def _read(self, name: str) -> tuple[int, float, float, list[Any] | None]:
-        """Return an environment's row and its variable rows, checked, read in one query
-        (two reads could straddle a change and look like tampering); None when missing."""
+    async def _existing(self, name: str) -> tuple[int, float, float, int, list[Any]]:
+        """Return an environment's id, times, current version (see :meth:`resolve`) and
+        variable rows, checked, read in one query (two reads could straddle a change and
+        look like tampering). Raises NotFound."""
         rows = await self._rows.read(name)
         if not rows:
-            return 0, 0.0, 0.0, None
-        env_id, created_at, updated_at, mac = rows[0][:4]
-        variables = [row[4:] for row in rows if row[4] is not None]
+            raise NotFound(f"environment {name!r} does not exist; `stigmer-broker env list` "
+                           "shows the ones that do")
+        env_id, created_at, updated_at, mac, version = rows[0][:5]
+        variables = [row[5:] for row in rows if row[5] is not None]
         self._check(env_id, name, mac, variables)
-        return env_id, created_at, updated_at, variables
+        return env_id, created_at, updated_at, int(version or 1), variables
 
     async def list(self, *, after: str = "",
                    limit: int = 1000) -> tuple[list[EnvironmentSummary], bool]:
@@ -239,6 +298,30 @@ class Environments:
                 "tampered with or damaged; set it again with `stigmer-broker env set`"
             ) from None
 
+    async def _state(self, db: Tx, env_id: int, name: str) -> State:
+        """An environment's variables, opened; None where a value does not open."""
+        state: dict[str, Variable | None] = {}
+        for key, is_secret, value, sealed, _ in await self._rows.variables(db, env_id):
+            try:
+                value = self._open(sealed, env_id, name, key) if is_secret else value
+                state[key] = Variable(value=value, is_secret=bool(is_secret))
+            except Internal:
+                state[key] = None
+        return state
+
+    async def _opened(self, db: Tx, env_id: int, name: str) -> dict[str, Variable]:
+        """An environment's variables, opened; raises Internal if one does not open."""
+        return {key: Variable(value=self._open(sealed, env_id, name, key) if is_secret
+                              else value, is_secret=bool(is_secret))
+                for key, is_secret, value, sealed, _ in await self._rows.variables(db, env_id)}
+
+    async def _replace(self, db: Tx, env_id: int, name: str,
+                       data: Mapping[str, Variable]) -> None:
+        """Set an environment's variables to exactly ``data``."""
+        await self._rows.remove_variables(db, env_id)
+        await self._write_variables(db, env_id, data.items())
+        await self._finish(db, env_id, name)
+
     async def _check_size(self, db: Tx, env_id: int, name: str) -> None:
         size = sum(len(key) + (len(value.encode()) if value is not None else 0)
                    + (len(sealed) if sealed is not None else 0)
@@ -295,3 +378,8 @@ class Environments:
                 value = var.value
             mac = self._vault.mac(Row.variable(env_id, key, var.is_secret, value, sealed))
             await self._rows.write_variable(db, env_id, key, var.is_secret, value, sealed, mac)
+
+
+def _view(variable: Variable, *, reveal: bool) -> VariableView:
+    """A variable as read back: its value only when revealed."""
+    return VariableView(is_secret=variable.is_secret, value=variable.value if reveal else None)
