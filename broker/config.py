@@ -16,9 +16,12 @@ from typing import NamedTuple
 from .local.paths import redact_url, resolve_home, resolve_socket
 from .protocol.messages import SECRET_MASK
 
-__all__ = ["DEFAULT_AUDIT_RETENTION_S", "Config", "Limits", "Paths", "resolve_paths"]
+__all__ = ["DEFAULT_AUDIT_RETENTION_S", "DEFAULT_ENV_HISTORY", "Config", "Limits", "Paths",
+           "resolve_paths"]
 
 DEFAULT_AUDIT_RETENTION_S = 90 * 86400.0
+#: how many versions of each environment are kept (the current one among them)
+DEFAULT_ENV_HISTORY = 50
 
 
 class Paths(NamedTuple):
@@ -92,6 +95,11 @@ class Config(NamedTuple):
     store_url: str | None = None
     #: how long a broker that lost its shared store keeps serving what it cached
     stale_after_s: float = 30.0
+    #: the environment history kept: the newest this many versions of each environment,
+    #: and/or those younger than this many seconds (None: no bound of that kind; the
+    #: current version is always kept)
+    env_history_versions: int | None = DEFAULT_ENV_HISTORY
+    env_history_s: float | None = None
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={_shown(name, value)}"
