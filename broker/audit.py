@@ -115,12 +115,12 @@ class Audit:
         self._vault = vault
         self._anchor = anchor
         self._anchor_frozen = False
+        self._problem = ""  # what was last found wrong with the chain
         self._head: Head | None = None  # the head this process last anchored
         self._clock = clock
         self._pending: list[_Pending] = []
         self._counted: dict[tuple[str, str, str, str, int | None, int | None, str],
                             list[float]] = {}
-        self._uses: dict[str, int] = {}
         # One flush at a time: each numbers its records from where the last one ended,
         # so two interleaved flushes would give two records the same sequence number.
         self._flushing = anyio.Lock()
@@ -155,17 +155,12 @@ class Audit:
             self._pending.append((at, event, outcome, execution_id, token_id, uid, pid, shown))
         self._counted.clear()
 
-    def count_use(self, token_id: str) -> None:
-        """Count one use of an unbounded token, added to its stored count by the next
-        flush (an increment: other brokers of a fleet count the same token)."""
-        self._uses[token_id] = self._uses.get(token_id, 0) + 1
-
     @property
     def pending(self) -> int:
-        return len(self._pending) + len(self._counted) + len(self._uses)
+        return len(self._pending) + len(self._counted)
 
     async def flush(self) -> None:
-        """Write every buffered record and use count in one transaction.
+        """Write every buffered record in one transaction.
 
         On failure the records stay buffered, in order, for the next flush.
         """
@@ -183,20 +178,14 @@ class Audit:
 
     async def _flush(self) -> None:
         self._close_counts()
-        if not self._pending and not self._uses:
+        if not self._pending:
             return
         pending, self._pending = self._pending, []
-        uses, self._uses = self._uses, {}
         try:
             async with self._store.write() as db:
                 head = await self._append(db, pending)
-                await db.executemany(
-                    "UPDATE tokens SET uses = uses + ? WHERE id = ? AND max_uses IS NULL",
-                    [(n, tid) for tid, n in uses.items()])
         except BaseException:
             self._pending[:0] = pending  # keep them for the next try, in order
-            for tid, n in uses.items():
-                self._uses[tid] = self._uses.get(tid, 0) + n
             raise
         await self._anchor_head(head)
 
@@ -256,6 +245,7 @@ class Audit:
         await self._anchor.write(current)
 
     def _frozen(self, why: str) -> None:
+        self._problem = why
         log.error("%s; `stigmer-broker audit verify` reports it, and the anchor is no longer "
                   "updated until it is removed", why)
         self._anchor_frozen = True
@@ -313,9 +303,21 @@ class Audit:
             "LIMIT ?", (*params, limit + 1))
         return [AuditRecord(*r) for r in reversed(rows[:limit])], len(rows) > limit
 
+    @property
+    def problem(self) -> str:
+        """What this broker last found wrong with the chain (at start, when the head moved
+        behind its back, or in the last :meth:`verify`, which retention runs hourly);
+        empty when nothing. Only :meth:`verify` checks every link."""
+        return self._problem
+
     async def verify(self) -> Verified:
         """Check the chain from its first record (or its retention checkpoint) to the head,
         past the records quarantined, and the head against its anchor."""
+        verified = await self._verify()
+        self._problem = verified.reason
+        return verified
+
+    async def _verify(self) -> Verified:
         await self.flush_after_write()
         rows = await self._store.read(f"SELECT {_COLUMNS} FROM audit ORDER BY seq")
         records = [AuditRecord(*r) for r in rows]

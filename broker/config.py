@@ -80,6 +80,8 @@ class Config(NamedTuple):
     #: credential (never in repr), and where it came from, for people
     env_key: str | None = None
     env_key_origin: str = "STIGMER_ENCRYPTION_KEY"
+    #: the command that prints the master key (``--key-command``, split without a shell)
+    key_command: tuple[str, ...] = ()
     #: keyring backend use: False forces the key file (tests, headless hosts)
     use_keyring: bool = True
     #: "manual", "service" (systemd/launchd) or "socket-activated"
@@ -88,6 +90,8 @@ class Config(NamedTuple):
     unit: str = ""
     #: where to send sd_notify readiness (NOTIFY_SOCKET), if anywhere
     notify_socket: str | None = None
+    #: how often to send systemd WATCHDOG=1 (half its WATCHDOG_USEC); None: not asked to
+    watchdog_s: float | None = None
     #: audit records older than this many seconds are removed (behind a checkpoint);
     #: None keeps them forever
     audit_retention_s: float | None = DEFAULT_AUDIT_RETENTION_S
@@ -110,6 +114,8 @@ class Config(NamedTuple):
 def _shown(name: str, value: object) -> str:
     if name == "env_key" and value:
         return SECRET_MASK
+    if name == "key_command" and isinstance(value, tuple) and value:
+        return repr((value[0], SECRET_MASK) if len(value) > 1 else value)  # only the program
     if name == "store_url" and isinstance(value, str):
         return repr(redact_url(value))
     return repr(value)

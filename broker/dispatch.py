@@ -127,12 +127,12 @@ class Dispatcher:
                 f"{type(request).__name__} is for the broker's owner; runner-group members "
                 "may only fetch contexts")
         if type(request) is FetchContext:  # the runner's fetch: the hot path
+            _one_credential(request.token, request.execution_id)
             if request.token is not None:
                 fetch = Fetch(peer, token_hash=token_hash(request.token))
-            elif request.execution_id is not None:
-                fetch = Fetch(peer, execution_id=request.execution_id)
             else:
-                raise InvalidArgument("give a token or an execution id")
+                assert request.execution_id is not None
+                fetch = Fetch(peer, execution_id=request.execution_id)
             outcome = self.contexts.index.fetch(fetch)
             if isinstance(outcome, Fetched):
                 return _fetched_reply(request.id, outcome)
@@ -235,12 +235,12 @@ class Dispatcher:
                 await self.contexts.complete(execution_id, peer)
                 return Ok(id=rid)
             case ReleaseContext(token=token, execution_id=execution_id):
+                _one_credential(token, execution_id)
                 if token is not None:
                     await self.contexts.release(token, peer)
-                elif execution_id is not None:
-                    await self.contexts.release_granted(execution_id, peer)
                 else:
-                    raise InvalidArgument("give a token or an execution id")
+                    assert execution_id is not None
+                    await self.contexts.release_granted(execution_id, peer)
                 return Ok(id=rid)
             case ListAudit(execution_id=execution_id, limit=limit, page_token=token):
                 if token and not token.isdigit():
@@ -318,6 +318,13 @@ def _fetched_reply(rid: int, fetched: Fetched) -> ContextFetchedRaw:
     return ContextFetchedRaw(id=rid, execution_id=fetched.execution_id,
                              expires_at=fetched.expires_at,
                              variables=msgspec.Raw(fetched.plaintext))
+
+
+def _one_credential(token: str | None, execution_id: str | None) -> None:
+    """Refuse a fetch or release that gives both a token and an execution id, or
+    neither: which one opens the context must not depend on a rule of precedence."""
+    if (token is None) == (execution_id is None):
+        raise InvalidArgument("give a token or an execution id, exactly one of them")
 
 
 def _welcome(rid: int) -> Welcome:

@@ -31,7 +31,7 @@ from typing import NamedTuple
 from .local.peer import Attestation
 from .protocol.errors import InvalidArgument
 
-__all__ = ["Term", "canonical_grants", "matching_selector", "parse_selector"]
+__all__ = ["Term", "canonical_grants", "hashes_binaries", "matching_selector", "parse_selector"]
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -108,6 +108,12 @@ def matching_selector(grants: Iterable[str], peer: Attestation) -> str | None:
     if problem is not None:
         raise problem
     return None
+
+
+def hashes_binaries(grants: Iterable[str]) -> bool:
+    """Whether matching may hash a binary (an ``exe:...@sha256:`` term): a read of the
+    whole file, too long to do in the event loop."""
+    return any(term.digest for selector in grants for term in _stored_terms(selector))
 
 
 @functools.lru_cache(maxsize=4096)

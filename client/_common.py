@@ -224,9 +224,12 @@ def checked_values(data: Mapping[str, V], where: str) -> dict[str, V]:
     """Return ``data`` as a dict; raise naming the variable whose value is too long
     (the broker would only say that some value is)."""
     for key, var in data.items():
-        if var.value is not None and len(var.value) > MAX_VALUE_LENGTH:
+        if var.value is None or len(var.value) <= MAX_VALUE_LENGTH // 4:
+            continue  # at most four bytes a character: within the limit
+        size = len(var.value.encode("utf-8", "surrogatepass"))
+        if size > MAX_VALUE_LENGTH:
             raise InvalidArgument(
-                f"the value of {key} ({where}) is {len(var.value)} characters long, over the "
+                f"the value of {key} ({where}) is {size} bytes long in UTF-8, over the "
                 f"limit of {MAX_VALUE_LENGTH}; keep large files elsewhere and pass their path")
     return dict(data)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import grp
 import os
 import pwd
@@ -267,17 +269,27 @@ def ensure_user(name: str, groups: list[str] | None = None) -> pwd.struct_passwd
     of ``groups`` (each created when missing). Needs root and useradd: skips otherwise."""
     if os.getuid() != 0 or shutil.which("useradd") is None:
         pytest.skip("creating users needs root and useradd")
-    for group in groups or []:
-        ensure_group(group)
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/false",
-                        name], check=True, capture_output=True)
-    if groups:
-        subprocess.run(["usermod", "-a", "-G", ",".join(groups), name], check=True,
-                       capture_output=True)
+    with _user_database_lock():  # test processes running side by side (pytest -n)
+        for group in groups or []:
+            ensure_group(group)
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/false",
+                            name], check=True, capture_output=True)
+        if groups:
+            subprocess.run(["usermod", "-a", "-G", ",".join(groups), name], check=True,
+                           capture_output=True)
     return pwd.getpwnam(name)
+
+
+@contextlib.contextmanager
+def _user_database_lock() -> Iterator[None]:
+    """One test process at a time adds users and groups (useradd fails on a name another
+    process added after this one looked)."""
+    with open("/run/stigmer-tests-users.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def as_user(user: pwd.struct_passwd | None) -> dict[str, Any]:

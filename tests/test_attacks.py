@@ -51,7 +51,7 @@ from stigmer.broker.protocol import (
     State,
     frame,
 )
-from stigmer.broker.protocol.errors import BrokerError, InvalidArgument
+from stigmer.broker.protocol.errors import BrokerError, ProtocolError
 from stigmer.client import AsyncClient, Client, Unauthenticated, variables
 
 pytestmark = pytest.mark.slow
@@ -125,7 +125,9 @@ def test_deeply_nested_msgpack_is_refused_not_recursed() -> None:
     conn = Connection(Role.SERVER)
     body = b"\x82\xa2op\xa5Hello\xa2id" + b"\x91" * 200_000 + b"\xc0"
     conn.receive_data(frame(body))
-    with pytest.raises(InvalidArgument, match="id must be a whole number, not a list"):
+    # issue 26: a request without a readable id closes (ProtocolError), no longer
+    # invalid_argument on a connection kept open
+    with pytest.raises(ProtocolError, match="id must be a whole number, not a list"):
         conn.next_event()
 
 

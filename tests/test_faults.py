@@ -114,11 +114,12 @@ def test_disk_full_is_a_clear_error_and_loses_nothing(paths: Paths, short_dir: P
         with Daemon(small, env=cli_env(small)) as daemon, Client(small.socket) as c:
             c.put_environment("kept", {"S": Variable(value="before-full", is_secret=True)})
             filler = mount / "filler"
-            with open(filler, "wb") as f:  # take (nearly) all the space that is left
+            # take (nearly) all the space that is left; unbuffered, so that closing it has
+            # no remainder to write (which would fail like the write that filled it)
+            with open(filler, "wb", buffering=0) as f:
                 try:
                     while True:
                         f.write(b"\0" * 65536)
-                        f.flush()
                 except OSError:
                     pass
             refusal: ResourceExhausted | None = None

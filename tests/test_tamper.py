@@ -458,6 +458,24 @@ async def test_a_completed_context_written_back_is_not_served(paths: Paths) -> N
             db.execute("UPDATE tombstones SET expires_at = 0")
 
 
+async def test_status_says_what_verify_last_found(paths: Paths) -> None:
+    """`status` (and `status --check`) report the chain as the broker last found it: a
+    record changed in the middle is not seen until a verify, which then sets the problem,
+    and a verify that passes again (after quarantine) clears it."""
+    await _some_audit(paths)
+    with sqlite3.connect(paths.store) as db:
+        _unprotect(db)
+        db.execute("UPDATE audit SET detail = 'rewritten' WHERE seq = 3")
+    async with running(paths) as client:
+        assert (await client.status()).audit_problem == ""  # the anchor still matches
+        verified = await client.verify_audit()
+        assert not verified.ok and verified.first_broken == 3
+        assert (await client.status()).audit_problem == verified.reason
+        await client.quarantine_audit(3)
+        assert (await client.verify_audit()).ok
+        assert (await client.status()).audit_problem == ""
+
+
 # ------------------------------------------------------------- environment history
 
 

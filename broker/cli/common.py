@@ -15,15 +15,17 @@ if TYPE_CHECKING:
     from ..config import Paths
 
 __all__ = ["BROKER_VARIABLES", "EXIT_FAILED", "EXIT_NOT_RUNNING", "EXIT_OK", "EXIT_USAGE",
-           "KEY_CREDENTIAL", "KEY_VARIABLE", "PROG", "SOCKET_VARIABLE", "STORE_VARIABLE",
-           "UsageError",
+           "KEY_COMMAND_VARIABLE", "KEY_CREDENTIAL", "KEY_VARIABLE", "PROG", "SOCKET_VARIABLE",
+           "STORE_VARIABLE", "UsageError",
            "assignment_arg", "check_broker", "connect", "count_arg", "credential_arg",
-           "duration_arg", "name_arg", "runner_arg", "var_arg"]
+           "duration_arg", "key_command_arg", "name_arg", "runner_arg", "var_arg"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 PROG = "stigmer-broker"
 
 KEY_VARIABLE = "STIGMER_ENCRYPTION_KEY"
+#: the command that prints the master key (what --key-command gives)
+KEY_COMMAND_VARIABLE = "STIGMER_KEY_COMMAND"
 #: where a client finds the broker's socket (local.paths.resolve_socket reads it)
 SOCKET_VARIABLE = "STIGMER_BROKER_SOCKET"
 #: the URL of a fleet's shared store (PostgreSQL)
@@ -71,6 +73,26 @@ def duration_arg(text: str, flag: str, **limits: float) -> float:
 
     with _usage():
         return parse_duration(text, flag, **limits)
+
+
+def key_command_arg(flag: str | None, variable: str | None) -> tuple[str, ...]:
+    """``--key-command``, else ``STIGMER_KEY_COMMAND``, split as a shell would (never run
+    by one): the program and its arguments; empty when neither is given."""
+    import shlex
+
+    text, where = (flag, "--key-command") if flag is not None else \
+        (variable, KEY_COMMAND_VARIABLE)
+    if text is None:
+        return ()
+    try:
+        argv = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise UsageError(f"{where} cannot be split into a program and its arguments "
+                         f"({exc}); quote it as you would in a shell") from None
+    if not argv:
+        raise UsageError(f"{where} is empty; give the program that prints the master key, "
+                         "e.g. --key-command 'op read op://vault/stigmer/key'")
+    return argv
 
 
 def assignment_arg(text: str, flag: str) -> tuple[str, str]:

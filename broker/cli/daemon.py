@@ -15,12 +15,14 @@ from .common import (
     EXIT_FAILED,
     EXIT_NOT_RUNNING,
     EXIT_OK,
+    KEY_COMMAND_VARIABLE,
     KEY_CREDENTIAL,
     KEY_VARIABLE,
     STORE_VARIABLE,
     UsageError,
     connect,
     duration_arg,
+    key_command_arg,
 )
 from .maskforms import MIN_SECRET_LENGTH
 from .render import duration, error, print_json, warn, when
@@ -40,11 +42,13 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     from ..config import Config
     from ..daemon.lifecycle import run
     from ..daemon.logs import configure as configure_logging
-    from ..daemon.systemd import inherited_socket, systemd_unit
+    from ..daemon.systemd import inherited_socket, systemd_unit, watchdog_interval
 
     retention = _retention(args.audit_retention)
     history_versions, history_s = _env_history(args.env_history)
     _store(args)  # a mistake is a usage error before anything starts
+    key_command = key_command_arg(args.key_command, os.environ.get(KEY_COMMAND_VARIABLE))
+    os.environ.pop(KEY_COMMAND_VARIABLE, None)  # read once, here
     log_file = Path(args.log_file) if args.log_file else None
     configure_logging(verbose=args.verbose, log_file=log_file)
     env_key = os.environ.pop(KEY_VARIABLE, None)
@@ -59,6 +63,9 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # not for our children
     notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
+    watchdog = watchdog_interval(os.environ)
+    for name in ("WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)
     unit = ""
     if os.environ.get("INVOCATION_ID"):
         try:
@@ -74,8 +81,10 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     store_url, stale_after = _store(args)
     os.environ.pop(STORE_VARIABLE, None)  # read once, here
     config = Config(paths=paths, allow_group=args.allow_group, env_key=env_key,
-                    env_key_origin=origin, started_by=started_by, unit=unit,
-                    notify_socket=notify_socket, audit_retention_s=retention,
+                    env_key_origin=origin, key_command=key_command,
+                    started_by=started_by, unit=unit,
+                    notify_socket=notify_socket, watchdog_s=watchdog,
+                    audit_retention_s=retention,
                     store_url=store_url, stale_after_s=stale_after,
                     env_history_versions=history_versions, env_history_s=history_s)
     run(config, ready_fd=args.ready_fd, listen_socket=listen_socket)
@@ -214,6 +223,11 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
     if args.stale_after is not None:
         command += ["--stale-after", args.stale_after]
     env = dict(os.environ)
+    # The daemon runs the command (and reads the key); `start` passes the command on in
+    # the environment, and a mistake in it is reported here, not in the log.
+    key_command_arg(args.key_command, env.get(KEY_COMMAND_VARIABLE))
+    if args.key_command is not None:
+        env[KEY_COMMAND_VARIABLE] = args.key_command
     if store_url is not None:
         env[STORE_VARIABLE] = store_url  # not argv: the URL may hold a password
     pass_fds = [write_fd]
@@ -351,6 +365,8 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         return EXIT_NOT_RUNNING
     import msgspec
 
+    if getattr(args, "check", False):
+        return _check(status, as_json=args.json)
     if args.json:
         data = msgspec.to_builtins(status)
         data.pop("id", None)
@@ -365,6 +381,7 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         ("store", status.store + (f" - {status.store_problem}" if status.store_problem
                                   else "")),
         ("key source", status.key_source),
+        *([("audit", status.audit_problem)] if status.audit_problem else []),
         ("environments", str(status.environments)),
         ("contexts", str(status.contexts)),
         ("tokens", str(status.tokens)),
@@ -379,6 +396,37 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         print(f"  {label:<13}{value}")
     _warn_without_backup(status)
     return EXIT_OK
+
+
+def _check(status: Status, *, as_json: bool) -> int:
+    """``status --check``: one line per problem and exit 1, or "healthy" and exit 0."""
+    found = _problems(status)
+    if as_json:
+        print_json({"running": True, "healthy": not found, "problems": found,
+                    "pid": status.pid, "socket": status.socket})
+    elif found:
+        for line in found:
+            print(line)
+    else:
+        print(f"healthy (pid {status.pid}, up {duration(status.uptime_s)})")
+    return EXIT_FAILED if found else EXIT_OK
+
+
+def _problems(status: Status) -> list[str]:
+    """What makes a running broker degraded, one line each: its store (a fleet's
+    database out or stale, another broker's key rotation), its audit chain, a master key
+    it keeps without a backup."""
+    from ..store.backup import backup_is_tracked, no_backup_line
+
+    found = []
+    if status.store_problem:
+        found.append(f"store: {status.store_problem}")
+    if status.audit_problem:
+        found.append(f"audit: {status.audit_problem} (`stigmer-broker audit verify` says "
+                     "more)")
+    if status.key_backed_up_at is None and backup_is_tracked(status.key_source):
+        found.append(f"key backup: {no_backup_line(status.key_source)}")
+    return found
 
 
 def _backup_row(status: Status) -> str:

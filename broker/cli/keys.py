@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..protocol.errors import BrokerError, FailedPrecondition, InvalidArgument
-from .common import EXIT_OK, KEY_VARIABLE, UsageError, connect
+from .common import (
+    EXIT_OK,
+    KEY_COMMAND_VARIABLE,
+    KEY_VARIABLE,
+    UsageError,
+    connect,
+    key_command_arg,
+)
 from .inputs import confirm, read_passphrase, read_text
 from .render import plural, print_json
 
@@ -143,11 +150,14 @@ def _store_location() -> str | None:
 
 
 async def home_key_sources(paths: Paths) -> list[KeySource]:
-    """The key sources a broker of this home started from this shell would consult."""
+    """The key sources a broker of this home started from this shell would consult
+    (``STIGMER_KEY_COMMAND`` included: a command that prints the key runs here too)."""
     from ..store.keys import key_sources
 
     return await key_sources(env_key=os.environ.get(KEY_VARIABLE), key_file=paths.key_file,
-                             use_keychain=True)
+                             use_keychain=True,
+                             key_command=key_command_arg(
+                                 None, os.environ.get(KEY_COMMAND_VARIABLE)))
 
 
 async def _current_key(paths: Paths) -> bytes:
@@ -179,7 +189,11 @@ async def _install_key(paths: Paths, key: bytes) -> tuple[str, str]:
         if held[id(source)] is not None and source.kind is KeySourceKind.ENV:
             raise FailedPrecondition(f"{KEY_VARIABLE} holds another key and would win over "
                                      "the imported one; unset it and import again")
-    target = next(s for s in sources if s.kind is not KeySourceKind.ENV)
+        if source.kind is KeySourceKind.COMMAND:
+            raise FailedPrecondition(f"{KEY_COMMAND_VARIABLE} gives another key and would win "
+                                     "over the imported one; unset it and import again")
+    target = next(s for s in sources
+                  if s.kind not in (KeySourceKind.ENV, KeySourceKind.COMMAND))
     replaced = ""
     if (old := held[id(target)]) is not None:
         if not isinstance(target, KeyFile):  # the keychain entry is not ours to discard

@@ -138,17 +138,19 @@ def _status_fast_path(argv: list[str]) -> int | None:
     if not argv or argv[0] != "status":
         return None
     options: dict[str, str | None] = {"home": None, "socket": None}
-    as_json = False
+    as_json = check = False
     rest = argv[1:]
     while rest:
         arg = rest.pop(0)
         if arg == "--json" and not as_json:
             as_json = True
+        elif arg == "--check" and not check:
+            check = True
         elif arg in ("--home", "--socket") and rest and options[arg[2:]] is None:
             options[arg[2:]] = rest.pop(0)
         else:
             return None  # anything else: let argparse parse (and explain) it
-    args = cast("argparse.Namespace", SimpleNamespace(json=as_json, **options))
+    args = cast("argparse.Namespace", SimpleNamespace(json=as_json, check=check, **options))
     try:
         return cmd_status(args, resolve_paths(os.environ, home=options["home"],
                                               socket=options["socket"]))

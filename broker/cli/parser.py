@@ -143,6 +143,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--log-file", metavar="FILE",
                    help="log to FILE, rotated at 10 MiB keeping 3 old files (default: stderr)")
     p.add_argument("--key-fd", type=int, help=argparse.SUPPRESS)
+    _key_command_argument(p)
     p.add_argument("--audit-retention", metavar="DURATION", default="90d",
                    help="remove audit records older than this, behind a checkpoint that keeps "
                         "the chain verifiable (default 90d; 'forever' keeps them all)")
@@ -159,10 +160,15 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--allow-group", metavar="GROUP", help="as for serve")
     p.add_argument("--audit-retention", metavar="DURATION", help="as for serve")
     p.add_argument("--env-history", metavar="COUNT|DURATION", help="as for serve")
+    _key_command_argument(p)
     _store_arguments(p)
     p = command("stop", cmd_stop, "stop the running broker gracefully")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for it to exit")
     p = command("status", cmd_status, "show whether the broker runs, and its figures")
+    p.add_argument("--check", action="store_true",
+                   help="health check: exit 0 when healthy, 1 when degraded (a line per "
+                        "problem: the store, the audit chain, a key without a backup), 3 "
+                        "when not running")
 
     env = sub.add_parser("env", help="manage environments (named sets of variables)")
     env.set_defaults(func=_group_help(env))
@@ -429,6 +435,17 @@ def usage_error(parser: argparse.ArgumentParser, message: str) -> str:
         message = f"no command {choice.group(1)!r}"
     near = f" (did you mean {guess[0]}?)" if guess else ""
     return f"{' '.join(words) + ': ' if words else ''}{message}{near}; {hint}"
+
+
+def _key_command_argument(p: Any) -> None:
+    if isinstance(p, _Unused):
+        return  # the import below is not free: only for serve and start
+    from ..store.keys import KEY_COMMAND_TIMEOUT
+
+    p.add_argument("--key-command", metavar="'CMD ARGS'",
+                   help="run CMD ARGS at start (no shell: split as a shell would) and read the "
+                        "master key, base64, from what it prints; it must finish within "
+                        f"{KEY_COMMAND_TIMEOUT:g} s (default: $STIGMER_KEY_COMMAND)")
 
 
 def _store_arguments(p: Any) -> None:

@@ -115,9 +115,10 @@ class Fetched:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Match:
-    """The calling process matched against a grant's selectors: the one it satisfies
+    """The calling process matched against ``runners``: the selector it satisfies
     (None: none), or the reason it could not be checked."""
 
+    runners: tuple[str, ...]
     selector: str | None
     problem: str = ""
 
@@ -189,6 +190,9 @@ class ContextIndex:
         # bumped by every change heard from the store: a lookup that straddled one does
         # not cache what it read
         self.generation = 0
+        #: uses of unbounded tokens since the last flush (token id -> count): added to the
+        #: stored counts as increments, since other brokers of a fleet count them too
+        self.uses: dict[str, int] = {}
 
     # ------------------------------------------------------------------ fetching
 
@@ -229,12 +233,14 @@ class ContextIndex:
             context = fetch.looked_up[0] if fetch.looked_up else None
         grant = context.grant if context is not None else None
         usable = grant is not None and grant.usable(self.clock())
+        # Every refusal costs what refusing a live grant costs: the process is attested
+        # and matched whether or not the id has a usable grant, so the time of the answer
+        # does not tell which ids exist.
+        runners = grant.runners if usable and grant is not None else NO_GRANT
         matched = fetch.matched
-        if matched is None:
-            # Every refusal costs what refusing a live grant costs: the process is
-            # attested and matched whether or not the id has a usable grant, so the time
-            # of the answer does not tell which ids exist.
-            return Attest(grant.runners if usable and grant is not None else NO_GRANT)
+        if matched is None or matched.runners != runners:
+            # (not yet, or the grant changed while the process was matched: again)
+            return Attest(runners)
         grant, selector = self.granted(grant, usable, matched, execution_id, fetch.peer,
                                        "fetch")
         return self._open(grant, fetch.peer, f"runner {selector}; {who(fetch.peer)}")
@@ -279,7 +285,7 @@ class ContextIndex:
         self._audit.count("fetch", "granted", execution_id=context.execution_id,
                           token_id=entry.token_id, peer_uid=peer.uid, peer_pid=peer.pid,
                           detail=detail)
-        self._audit.count_use(entry.token_id)
+        self.uses[entry.token_id] = self.uses.get(entry.token_id, 0) + 1
         return fetched
 
     # ----------------------------------------------------------------- lookups

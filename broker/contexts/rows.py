@@ -234,6 +234,14 @@ class ContextRows:
             return "refused"
         return int(uses)
 
+    async def add_uses(self, uses: dict[str, int]) -> None:
+        """Add counted uses to unbounded tokens' stored counts (a bounded token's count is
+        set by :meth:`count_use`, never added to)."""
+        async with self._store.write() as db:
+            await db.executemany(
+                "UPDATE tokens SET uses = uses + ? WHERE id = ? AND max_uses IS NULL",
+                [(n, token_id) for token_id, n in uses.items()])
+
     async def delete(self, context: LiveContext) -> None:
         """Delete a context and its tokens, leave its tombstone, and tell the fleet."""
         async with self._store.write() as db:

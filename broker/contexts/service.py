@@ -25,7 +25,7 @@ import msgspec
 
 from ..audit import Audit
 from ..environments import MAX_ENVIRONMENT_BYTES, Environments, check_values
-from ..grants import canonical_grants, matching_selector
+from ..grants import canonical_grants, hashes_binaries, matching_selector
 from ..local.peer import Peer
 from ..merge import merge
 from ..protocol import ContextSummary, CreateContext, KeyInfo, MergedEnvironment, TokenInfo
@@ -73,18 +73,25 @@ class Created:
     runners: list[str]
 
 
-def match_process(runners: tuple[str, ...], peer: Peer) -> Match:
-    """Attest the calling process and match it against ``runners``: reads ``/proc``, and
-    hashes a binary for an ``exe:...@sha256:`` term (once per file), so it runs in a
-    worker thread, holding the process pin open meanwhile."""
+async def match_process(runners: tuple[str, ...], peer: Peer) -> Match:
+    """Attest the calling process and match it against ``runners``. That reads
+    ``/proc`` (a few small reads, done here), and for an ``exe:...@sha256:`` term may
+    hash a whole binary: then it runs in a worker thread, which holds the process pin
+    open meanwhile."""
+    if hashes_binaries(runners):
+        return await anyio.to_thread.run_sync(_match, runners, peer)
+    return _match(runners, peer)
+
+
+def _match(runners: tuple[str, ...], peer: Peer) -> Match:
     process = peer.process
     if process is None:
-        return Match(None, "the process cannot be attested")
+        return Match(runners, None, "the process cannot be attested")
     try:
         with process.held():
-            return Match(matching_selector(runners, process.attest()))
+            return Match(runners, matching_selector(runners, process.attest()))
     except LookupError as exc:
-        return Match(None, str(exc))
+        return Match(runners, None, str(exc))
 
 
 class Contexts:
@@ -196,6 +203,7 @@ class Contexts:
                     f"execution {execution_id!r} already has a live context; complete it "
                     "first or use another execution id")
             await self.sweep()
+        check_values(request.env_spec, "env_spec entry ")
         check_values(request.runtime, "runtime variable ")
         layers = []
         versions = []
@@ -326,8 +334,7 @@ class Contexts:
                                        else await self._lookup("c.execution_id = ?",
                                                                (execution_id,)))
                 case Attest(runners=runners):
-                    fetch.matched = await anyio.to_thread.run_sync(match_process, runners,
-                                                                   fetch.peer)
+                    fetch.matched = await match_process(runners, fetch.peer)
                 case CountUse():
                     await self._count_use(outcome, fetch.peer)
                     return outcome.fetched
@@ -380,11 +387,24 @@ class Contexts:
         context = await self._find(execution_id)
         grant = context.grant if context is not None else None
         usable = grant is not None and grant.usable(self._clock())
-        matched = await anyio.to_thread.run_sync(
-            match_process, grant.runners if usable and grant is not None else NO_GRANT, peer)
+        matched = await match_process(
+            grant.runners if usable and grant is not None else NO_GRANT, peer)
         grant, _ = self.index.granted(grant, usable, matched, execution_id, peer,
                                       "context.released")
         await self._delete(grant.context, "context.completed", peer, grant.token_id)
+
+    async def flush_uses(self) -> None:
+        """Write the uses of unbounded tokens counted since the last flush (kept for the
+        next one when the store refuses)."""
+        uses, self.index.uses = self.index.uses, {}
+        if not uses:
+            return
+        try:
+            await self.rows.add_uses(uses)
+        except BaseException:
+            for token_id, n in uses.items():
+                self.index.uses[token_id] = self.index.uses.get(token_id, 0) + n
+            raise
 
     # ------------------------------------------------------------------ lifetime
 

@@ -38,7 +38,7 @@ from .homelock import lock_home, prepare_home
 from .listen import BoundSocket, adopt_socket, bind_unix_socket
 from .server import Server
 from .startup import compose, refuse_replaced_store
-from .systemd import Notifier
+from .systemd import Notifier, keep_alive
 
 __all__ = ["run", "serve"]
 
@@ -122,7 +122,8 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
         refuse_replaced_store(config, peek)
         sources = await key_sources(env_key=config.env_key, key_file=config.paths.key_file,
                                     use_keychain=config.use_keyring,
-                                    env_key_origin=config.env_key_origin)
+                                    env_key_origin=config.env_key_origin,
+                                    key_command=config.key_command)
         master = await find_master_key(sources, store=peek)
         store = await open_store(config.store_url, config.paths.store,
                                  stale_after=config.stale_after_s)
@@ -154,6 +155,8 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
             async with anyio.create_task_group() as background:
                 background.start_soon(broker.maintenance.run)
                 background.start_soon(follow_fleet, store, vault, broker.contexts)
+                if config.watchdog_s is not None:  # systemd arms it once READY=1 is sent
+                    background.start_soon(keep_alive, notifier, config.watchdog_s)
                 await server.serve(shutdown, task_status=_Started(task_status, notifier,
                                                                   bound.path))
                 background.cancel_scope.cancel()

@@ -41,6 +41,7 @@ class Maintenance:
             await anyio.sleep(flush_interval)
             try:
                 await self._audit.flush()
+                await self._contexts.flush_uses()
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + sweep_interval
                     if await self._contexts.sweep():
@@ -69,3 +70,8 @@ class Maintenance:
         except BrokerError as exc:
             log.error("could not write %d buffered audit records: %s", self._audit.pending,
                       exc.message)
+        try:
+            await self._contexts.flush_uses()
+        except BrokerError as exc:
+            log.error("could not write the use counts of %d tokens: %s",
+                      len(self._contexts.index.uses), exc.message)

@@ -81,6 +81,7 @@ from ..protocol import (
 )
 from ..protocol.errors import BrokerError, ErrorCode, ProtocolError, ResourceExhausted
 from .attest import ProcessPin
+from .connstate import ConnectionState, Input
 from .listen import LISTEN_BACKLOG
 
 __all__ = ["Counters", "Handler", "Server"]
@@ -160,7 +161,7 @@ class Server:
                 self._stop_accepting(loop)
                 self._closing = True
                 for session in list(self._conns):
-                    if not session.busy:
+                    if not session.state.busy:
                         session.close()
                 if self._conns:
                     with anyio.move_on_after(self._limits.shutdown_grace):
@@ -287,7 +288,7 @@ class Server:
         self._counters.requests += 1
 
     def lost(self, session: _Session) -> None:
-        if session.timed_out and not session.evicted:
+        if session.state.ended_by == "timed out":
             log.info("closed a connection that timed out (slow, silent or not reading)")
         self._conns.discard(session)
         self._counters.connections = len(self._conns)
@@ -309,7 +310,7 @@ class Server:
         there is room (False: every candidate has a request in flight)."""
         limits = self._limits
         if uid not in (self._uid, 0):
-            mine = [c for c in self._conns if c.uid == uid]
+            mine = [c for c in self._conns if c.peer.uid == uid]
             if len(mine) >= limits.max_connections_per_uid and not self._evict(mine):
                 return False
         if len(self._conns) >= limits.max_connections:
@@ -318,11 +319,11 @@ class Server:
 
     def _evict(self, candidates: Iterable[_Session]) -> bool:
         # not one accepted in this turn: it has had no chance to speak yet
-        idle = [c for c in candidates if not c.busy and c.turn != self._turn]
+        idle = [c for c in candidates if c.state.evictable(self._turn)]
         if not idle:
             return False
-        victim = min(idle, key=_Session.eviction_order)
-        victim.evicted = True
+        victim = min(idle, key=lambda c: c.state.eviction_order())
+        victim.state.ended_by = "evicted"
         victim.abort()
         self._conns.discard(victim)  # its room is free now
         now = time.monotonic()
@@ -353,13 +354,13 @@ class Server:
             await anyio.sleep(tick)
             now = time.monotonic()
             for session in list(self._conns):
-                if session.deadline < now and not session.timed_out:
-                    session.timed_out = True
+                if session.state.overdue(now):
                     session.abort()
 
 
 class _Session(asyncio.Protocol):
-    """One connection: its protocol state, its peer, its deadline.
+    """One connection: its protocol state, its peer, and its lifecycle (:attr:`state`,
+    the table in :mod:`.connstate`), which it feeds what happens and follows.
 
     It exists from the accept on (it counts against the limits from then); its
     transport comes a moment later, in :meth:`attach`."""
@@ -370,20 +371,8 @@ class _Session(asyncio.Protocol):
         self._proto = Connection(Role.SERVER, max_frame_size=limits.max_frame_size)
         self.transport: asyncio.Transport | None = None
         self.peer = peer
-        self.uid = peer.uid
-        self.turn = turn  # the accepting turn it came in
-        self.since = time.monotonic()  # of the accept, then of the last request answered
-        self._handshake_deadline = self.since + limits.handshake_timeout
-        self._frame_deadline = math.inf
-        self.deadline = self._handshake_deadline  # by which the current wait must end
-        self.greeted = False
-        self.busy = False  # a request is being answered in a task
-        self._write_paused = False
-        self._reading = True
-        self._auth_failures = 0
-        self.timed_out = False
-        self.evicted = False
-        self._done = False  # closed or closing: nothing more is read or answered
+        self.state = ConnectionState(limits, time.monotonic(), turn)
+        self._reading = True  # whether the transport reads (it follows state.reading)
 
     @property
     def _live(self) -> asyncio.Transport:
@@ -391,9 +380,17 @@ class _Session(asyncio.Protocol):
         assert self.transport is not None
         return self.transport
 
-    def eviction_order(self) -> tuple[bool, float]:
-        """Sorts first the connection to evict first: not greeted, then the oldest/idlest."""
-        return self.greeted, self.since
+    def _move(self, event: Input) -> None:
+        """Feed the lifecycle an input; make the transport read or not, as it says."""
+        state = self.state
+        state.move(event, time.monotonic())
+        if state.reading != self._reading and self.transport is not None \
+                and not state.ended:
+            self._reading = state.reading
+            if self._reading:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     # ----------------------------------------------------------- asyncio's calls
 
@@ -413,24 +410,24 @@ class _Session(asyncio.Protocol):
 
     def abort(self) -> None:
         """Drop the connection now (evicted, overdue, or the server is going)."""
-        self._done = True
+        self._move(Input.ABORT)
         if self.transport is not None:
             self.transport.abort()  # else connection_made aborts it
 
     def close(self) -> None:
         """Close an idle connection (the server is stopping)."""
         if self.transport is not None:
-            self.transport.close()
+            self._close()
         else:
             self.abort()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        if self._done:  # aborted while it waited for its transport
+        if self.state.ended:  # aborted while it waited for its transport
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        if self._done:
+        if self.state.ended:
             return
         try:
             self._proto.receive_data(data)
@@ -440,25 +437,22 @@ class _Session(asyncio.Protocol):
         self._pump()
 
     def eof_received(self) -> bool:
-        if not self._done:
+        if not self.state.ended:
             self._proto.receive_data(b"")
-            if not self.busy:
+            if not self.state.busy:
                 self._pump()
         return True  # we close when the last answer is out
 
     def pause_writing(self) -> None:
-        self._write_paused = True
-        self.deadline = time.monotonic() + self._server.limits.frame_timeout
-        self._pause_reading()
+        self._move(Input.WRITE_PAUSED)
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        self.deadline = math.inf
-        if not self.busy:
+        self._move(Input.WRITE_RESUMED)
+        if not self.state.ended:
             self._pump()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._done = True
+        self._move(Input.LOST)
         assert isinstance(self.peer.process, ProcessPin)
         self.peer.process.close()
         self._server.lost(self)
@@ -475,12 +469,11 @@ class _Session(asyncio.Protocol):
     def _crashed(self) -> None:
         """A bug of ours met by one connection: it costs that connection, not the daemon."""
         log.exception("connection handler failed")
-        self._done = True
-        self._live.abort()
+        self.abort()
 
     def _answer_buffered(self) -> None:
-        proto, peer, server = self._proto, self.peer, self._server
-        while not self._done and not self.busy and not self._write_paused:
+        proto, peer, server, state = self._proto, self.peer, self._server, self.state
+        while state.reading:
             try:
                 event = proto.next_event()
             except ProtocolError as exc:
@@ -490,31 +483,28 @@ class _Session(asyncio.Protocol):
                 self._write(proto.send(error_reply(exc.request_id, exc)))
                 continue
             if event is NEED_DATA:
-                self._await_data()
+                self._move(Input.PARTIAL if proto.buffered else Input.WAIT)
                 return
             if event is CLOSED:
                 self._close()
                 return
             assert isinstance(event, Request)
-            self._frame_deadline = math.inf
-            self.greeted = proto.version is not None
+            self._move(Input.REQUEST)
+            if proto.version is not None and not state.greeted:
+                state.greet()
             reply = server.answer_now(event, peer)
             if type(reply) is Later:
-                self.busy = True
-                self.deadline = math.inf
-                self._pause_reading()
+                self._move(Input.DEFER)
                 server.spawn(self, event, reply)
                 return
             self._reply(event, cast(Response, reply))
 
     async def answer_later(self, request: Request, later: Later) -> None:
-        try:
-            reply = await self._server.answer(request, later)
-        finally:
-            self.busy = False
-        if self._done:
+        reply = await self._server.answer(request, later)
+        if self.state.ended:
             return  # the client went away or was cut off; nothing of ours is lost
         try:
+            self._move(Input.ANSWERED)
             self._reply(request, reply)
         except Exception:  # raised out of this task, it would end the server's task group
             self._crashed()
@@ -529,43 +519,17 @@ class _Session(asyncio.Protocol):
             reply = error_reply(request.id, exc)
             data = self._proto.send(reply)
         self._write(data)
-        self.since = time.monotonic()
         # A refused grant counts as a bad token does: else one connection could probe
         # execution ids without end.
-        if isinstance(reply, Error) and reply.code in (ErrorCode.UNAUTHENTICATED,
-                                                       ErrorCode.PERMISSION_DENIED):
-            self._auth_failures += 1
-            if self._auth_failures >= self._server.limits.max_auth_failures:
-                assert self.peer is not None
-                log.warning("closing connection of pid %s: %d refused tokens or grants",
-                            self.peer.pid, self._auth_failures)
-                self._close()
-                return
+        refused = isinstance(reply, Error) and reply.code in (ErrorCode.UNAUTHENTICATED,
+                                                              ErrorCode.PERMISSION_DENIED)
+        if self.state.answered(time.monotonic(), refused=refused):
+            log.warning("closing connection of pid %s: %d refused tokens or grants",
+                        self.peer.pid, self.state.refusals)
+            self._close()
+            return
         if self._server.closing:
             self._close()
-
-    def _await_data(self) -> None:
-        """Set the deadline of the wait for more bytes and read again."""
-        limits = self._server.limits
-        now = time.monotonic()
-        if self._proto.buffered:
-            if self._frame_deadline == math.inf:
-                self._frame_deadline = now + limits.frame_timeout
-            deadline = self._frame_deadline
-        else:
-            self._frame_deadline = math.inf
-            deadline = now + limits.idle_timeout
-        if self._proto.version is None:
-            deadline = min(deadline, self._handshake_deadline)
-        self.deadline = deadline
-        if not self._reading:
-            self._reading = True
-            self._live.resume_reading()
-
-    def _pause_reading(self) -> None:
-        if self._reading and not self._done:
-            self._reading = False
-            self._live.pause_reading()
 
     def _fail(self, exc: ProtocolError) -> None:
         log.info("protocol error from pid %s: %s", self.peer.pid, exc.message)
@@ -578,8 +542,7 @@ class _Session(asyncio.Protocol):
 
     def _close(self) -> None:
         """Close once what was written is out (the watchdog bounds how long that takes)."""
-        self._done = True
-        self.deadline = time.monotonic() + self._server.limits.frame_timeout
+        self._move(Input.CLOSE)
         self._live.close()
 
 

@@ -74,7 +74,7 @@ async def compose(config: Config, store: Store, vault: Vault, counters: Counters
                     "anchor is kept as %s", kept)
     await contexts.load()
     await audit.anchor()
-    status = StatusReport(config, store, vault, counters, environments, contexts,
+    status = StatusReport(config, store, vault, counters, environments, contexts, audit,
                           socket_path=socket_path, attest_limit=attest_limit)
     dispatcher = Dispatcher(environments, audit, contexts, vault, counters, status=status,
                             request_shutdown=request_shutdown,

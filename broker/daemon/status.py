@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
+from ..audit import Audit
 from ..config import Config
 from ..contexts import Contexts
 from ..dispatch import Counters
@@ -26,9 +27,10 @@ class StatusReport:
     """Answers GetStatus (:meth:`__call__`)."""
 
     def __init__(self, config: Config, store: Store, vault: Vault, counters: Counters,
-                 environments: Environments, contexts: Contexts, *, socket_path: Path,
-                 attest_limit: str) -> None:
+                 environments: Environments, contexts: Contexts, audit: Audit, *,
+                 socket_path: Path, attest_limit: str) -> None:
         self._config = config
+        self._audit = audit
         self._store = store
         self._vault = vault
         self._counters = counters
@@ -56,6 +58,7 @@ class StatusReport:
             uptime_s=round(time.monotonic() - self._started, 3),
             socket=str(self._socket_path), socket_mode=mode, store=self._store.describe(),
             store_problem=await self._store_problem(),
+            audit_problem=self._audit.problem,
             key_source=self._vault.key_source(), started_by=self._config.started_by,
             unit=self._config.unit, activity=counters.activity,
             environments=environments, contexts=contexts, tokens=tokens,

@@ -1,4 +1,4 @@
-"""systemd's two small protocols, in stdlib: inherited sockets and readiness notification.
+"""systemd's two small protocols, in stdlib: inherited sockets and notification.
 
 ``LISTEN_FDS``/``LISTEN_PID`` (sd_listen_fds): when systemd starts us for a
 socket unit, the listening socket is fd 3. :func:`inherited_socket` checks that
@@ -7,7 +7,11 @@ AF_UNIX stream socket before the daemon trusts it.
 
 ``NOTIFY_SOCKET`` (sd_notify): :class:`Notifier` sends ``READY=1`` once the
 broker answers, ``STATUS=...`` lines, and ``STOPPING=1`` at shutdown, as one
-datagram each. The CLI reads the environment once and hands the values in.
+datagram each. With ``WatchdogSec=`` in the unit, systemd sets ``WATCHDOG_USEC``
+and restarts a service that stays silent that long: :func:`keep_alive` sends
+``WATCHDOG=1`` every half of it from the event loop, so a wedged loop (not only a
+dead process) is restarted. The CLI reads the environment once and hands the
+values in (:func:`watchdog_interval`).
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import os
 import socket
 from collections.abc import Mapping
 
+import anyio
+
 from ..protocol.errors import StartupError
 
-__all__ = ["LISTEN_FDS_START", "Notifier", "SystemdError", "inherited_socket",
-           "systemd_unit"]
+__all__ = ["LISTEN_FDS_START", "Notifier", "SystemdError", "inherited_socket", "keep_alive",
+           "systemd_unit", "watchdog_interval"]
 
 LISTEN_FDS_START = 3
 
@@ -102,3 +108,32 @@ class Notifier:
         with contextlib.suppress(OSError), \
                 socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.sendto("\n".join(lines).encode(), self._address)
+
+
+def watchdog_interval(environ: Mapping[str, str], pid: int | None = None) -> float | None:
+    """Return how often to send ``WATCHDOG=1``, in seconds: half of ``WATCHDOG_USEC``, as
+    sd_watchdog_enabled(3) advises; None when systemd expects no keep-alive from this
+    process (no ``WATCHDOG_USEC``, or ``WATCHDOG_PID`` names another). Raises
+    SystemdError for a ``WATCHDOG_USEC`` that is not a positive number of microseconds."""
+    usec_text = environ.get("WATCHDOG_USEC")
+    if usec_text is None:
+        return None
+    pid_text = environ.get("WATCHDOG_PID")
+    if pid_text is not None and pid_text != str(os.getpid() if pid is None else pid):
+        return None
+    try:
+        usec = int(usec_text)
+    except ValueError:
+        usec = 0
+    if usec <= 0:
+        raise SystemdError(f"WATCHDOG_USEC is {usec_text!r}: it must be a positive number of "
+                           "microseconds (WatchdogSec= in the unit); unset it or fix the unit")
+    return usec / 2e6
+
+
+async def keep_alive(notifier: Notifier, interval: float) -> None:
+    """Send ``WATCHDOG=1`` every ``interval`` seconds, forever, from the event loop: while
+    the loop is blocked nothing is sent, and systemd restarts the service."""
+    while True:
+        notifier.notify("WATCHDOG=1")
+        await anyio.sleep(interval)

@@ -18,11 +18,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..protocol import (
+    MAX_VALUE_LENGTH,
     EnvironmentChange,
     EnvironmentSpec,
     EnvironmentSummary,
     EnvironmentVersionInfo,
     KeyDiff,
+    SpecEntry,
     Variable,
     VariableView,
 )
@@ -55,11 +57,19 @@ class EnvironmentRecord:
 
 
 
-def check_values(data: Mapping[str, Variable], where: str = "") -> None:
-    """Refuse a value that holds a NUL byte, naming its key: no process environment, shell
-    or .env file can carry one, so `run` and `export` would refuse it later. Raises
-    InvalidArgument."""
-    refused = sorted(key for key, variable in data.items() if "\0" in variable.value)
+def check_values(data: Mapping[str, Variable | SpecEntry], where: str = "") -> None:
+    """Refuse a value over MAX_VALUE_LENGTH bytes in UTF-8 (the wire type bounds only its
+    characters, which take up to four bytes each), or one that holds a NUL byte (no
+    process environment, shell or .env file can carry one, so `run` and `export` would
+    refuse it later), naming its key. Raises InvalidArgument."""
+    values = [(key, entry.value) for key, entry in data.items() if entry.value is not None]
+    large = sorted(key for key, value in values if len(value) > MAX_VALUE_LENGTH // 4
+                   and len(value.encode("utf-8", "surrogatepass")) > MAX_VALUE_LENGTH)
+    if large:
+        raise InvalidArgument(f"{where}{', '.join(large)}: a value may be at most "
+                              f"{MAX_VALUE_LENGTH} bytes in UTF-8; keep large files "
+                              "elsewhere and pass their path; nothing was changed")
+    refused = sorted(key for key, value in values if "\0" in value)
     if refused:
         raise InvalidArgument(f"{where}{', '.join(refused)}: a value cannot contain a NUL "
                               "byte (no environment or shell can carry one); nothing was "

@@ -9,9 +9,12 @@ drive this same object, so the rules live here once.
 
 Rules are a table, ``_TRANSITIONS[(role, state, input)] -> next state``; an input
 the table does not list for the current state is a protocol error that names
-both. Breaking the framing or the message schema moves the connection to the
+both. Breaking the framing, or a body that does not say which request it is (no
+known ``op``) or how to answer it (no valid ``id``), moves the connection to the
 sticky ``ERROR`` state: every later call raises, and the owner should send the
-error frame it was given and close.
+error frame it was given and close. A request that names itself and its id but
+breaks the schema (an unknown field, a wrong type, a value out of bounds) raises
+:class:`InvalidArgument` with that id and leaves the connection usable.
 
 The handshake is enforced on the server side: a request before ``Hello``
 raises :class:`HandshakeRequired` and a ``Hello`` for an unknown version raises
@@ -98,7 +101,7 @@ _TRANSITIONS: Final[dict[tuple[Role, State, _Input], State]] = {
 class _IdOnly(msgspec.Struct):
     """Lenient view of a body, used only to find the id of a request we reject."""
 
-    id: int = 0
+    id: int | None = None
 
 
 _ID_DECODER: Final = msgspec.msgpack.Decoder(_IdOnly)
@@ -190,13 +193,17 @@ class Connection:
             # msgspec quotes the peer's own field names and tag values, control
             # characters and all: escaped, so that what is told stays on one line
             error = one_line(str(exc))
-            if self.role is not Role.SERVER or "`$.op`" in error:  # not a request we know
-                raise self._fail(ProtocolError(f"malformed message: {error}",
-                                               request_id=_request_id(body))) from None
-            # A well-formed request with a field out of bounds: the peer's mistake, told
-            # in its own field names; the connection stays usable.
+            request_id = _request_id(body)
+            if self.role is not Role.SERVER or request_id is None or "`$.op`" in error \
+                    or error == "Object missing required field `op`":
+                # not a request we know, or no id to answer it by: the stream cannot go on
+                told = explain_invalid(error) if self.role is Role.SERVER else error
+                raise self._fail(ProtocolError(f"malformed message: {told}",
+                                               request_id=request_id or 0)) from None
+            # A request we can name and answer, with a field out of bounds: the peer's
+            # mistake, told in its own field names; the connection stays usable.
             invalid = InvalidArgument(explain_invalid(error))
-            invalid.request_id = _request_id(body)
+            invalid.request_id = request_id
             raise invalid from None
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             # every way bytes can fail to be a message is one answer: an Error frame
@@ -204,7 +211,7 @@ class Connection:
                       else "a string is not valid UTF-8" if isinstance(exc, UnicodeDecodeError)
                       else "it is nested too deeply")
             raise self._fail(ProtocolError(f"malformed message: {reason}",
-                                           request_id=_request_id(body))) from None
+                                           request_id=_request_id(body) or 0)) from None
         return message
 
     def _on_request(self, request: Request) -> None:
@@ -294,14 +301,14 @@ class Connection:
 
 
 
-def _request_id(body: bytes) -> int:
-    """The id of a message that did not decode, so that the Error frame answers it (0
-    when even that cannot be read)."""
+def _request_id(body: bytes) -> int | None:
+    """The id of a message that did not decode, so that the Error frame answers it (None
+    when the body is not a map with a valid ``id``)."""
     try:
         request_id = _ID_DECODER.decode(body).id
     except (msgspec.DecodeError, OverflowError, UnicodeDecodeError, RecursionError):
-        return 0
-    return request_id if 0 <= request_id < 2**63 else 0
+        return None
+    return request_id if request_id is not None and 0 <= request_id < 2**63 else None
 
 
 # C0 and C1 controls, DEL and the Unicode line and paragraph separators, but not the
@@ -363,7 +370,8 @@ def explain_invalid(error: str) -> str:
     if found := re.fullmatch(r"Expected `([^`]*)`(?:, got `([^`]*)`)?(.*)", what):
         kind, got, rule = found[1], found[2], found[3].strip()
         if got:
-            return f"{field} must be {_KINDS.get(kind, kind)}, not {_KINDS.get(got, got)}"
+            told = "a float" if got == "float" else _KINDS.get(got, got)  # whole or not
+            return f"{field} must be {_KINDS.get(kind, kind)}, not {told}"
         for pattern, text in _patterns()[1]:
             if (rule_match := pattern.search(rule)) is not None:
                 unit = " characters" if kind == "str" and "long" in text else \

@@ -4,12 +4,17 @@ A message travels as a msgpack map whose ``op`` key names its class (the tag) an
 whose other keys are the fields below; ``proto/stigmer/broker/v1/broker.proto``
 is the same contract for other languages. Limits live in the types, so a frame
 that decodes is already within them. New fields must get defaults (older peers
-omit them); unknown fields are rejected, so a peer learns at once that it is
-talking to a version that does not know them.
+omit them), and a number whose default is not zero takes its default for zero
+too, as protobuf's absent-is-zero peers expect. The broker rejects unknown
+request fields (a misspelt ``is_secret`` must not quietly store a plain value);
+replies and the records only replies carry ignore unknown fields, so a client
+keeps working with a newer broker that added some. ``Variable`` travels both
+ways and stays strict: it gains no field within a protocol version.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, ClassVar, NoReturn, TypeVar
 
 import msgspec
@@ -51,6 +56,8 @@ NAME_PATTERN = r"^[A-Za-z0-9._-]+\Z"  # \Z, not $: $ also matches before a final
 VAR_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*\Z"
 MAX_NAME_LENGTH = 253
 MAX_VAR_NAME_LENGTH = 255
+#: bytes of a value in UTF-8: the type below bounds its characters, and the broker its
+#: bytes (``environments.check_values``), as the client does before sending
 MAX_VALUE_LENGTH = 128 * 1024
 MAX_VARIABLES = 4096
 
@@ -81,7 +88,25 @@ def _same(self: _T, memo: object = None) -> _T:
 
 
 class _Data(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Base of the plain records nested inside messages."""
+    """Base of the plain records nested inside requests: unknown fields are refused."""
+
+
+class _ReplyData(msgspec.Struct, frozen=True):
+    """Base of the plain records only replies carry: unknown fields are ignored, so an
+    older client reads a newer broker's replies."""
+
+
+def _zero_is_default(message: msgspec.Struct, *names: str) -> None:
+    """Give each field ``names`` that is zero its default: a peer whose messages are
+    protobuf structs cannot tell an absent number from 0."""
+    for name in names:
+        if not getattr(message, name):
+            msgspec.structs.force_setattr(message, name, _defaults(type(message))[name])
+
+
+@functools.cache
+def _defaults(cls: type[msgspec.Struct]) -> dict[str, object]:
+    return {f.name: f.default for f in msgspec.structs.fields(cls)}
 
 
 class Variable(_Data, frozen=True):
@@ -98,7 +123,7 @@ class Variable(_Data, frozen=True):
         return f"Variable(value={shown}, is_secret={self.is_secret})"
 
 
-class VariableView(_Data, frozen=True):
+class VariableView(_ReplyData, frozen=True):
     """One variable as read back: ``value`` is None when a secret is masked."""
 
     is_secret: bool
@@ -120,7 +145,7 @@ class EnvironmentSpec(_Data, frozen=True):
     data: Annotated[dict[VarName, Variable], Meta(max_length=MAX_VARIABLES)]
 
 
-class EnvironmentSummary(_Data, frozen=True):
+class EnvironmentSummary(_ReplyData, frozen=True):
     """One row of ``ListEnvironments``."""
 
     name: str
@@ -130,7 +155,8 @@ class EnvironmentSummary(_Data, frozen=True):
 
 
 Token = Annotated[str, Meta(min_length=1, max_length=128)]
-Seconds = Annotated[float, Meta(gt=0, le=366 * 86400)]
+#: a lifetime in seconds; 0 (or absent) is the field's default
+Seconds = Annotated[float, Meta(ge=0, le=366 * 86400)]
 Uses = Annotated[int, Meta(ge=1, le=2**31)]
 
 
@@ -150,7 +176,7 @@ class SpecEntry(_Data, frozen=True):
         return f"SpecEntry(value={shown}, is_secret={self.is_secret})"
 
 
-class KeyInfo(_Data, frozen=True):
+class KeyInfo(_ReplyData, frozen=True):
     """A context key without its value: is it secret, and which layer gave its value."""
 
     key: str
@@ -158,7 +184,7 @@ class KeyInfo(_Data, frozen=True):
     source: str  # "spec", "environment:NAME" or "runtime"
 
 
-class TokenInfo(_Data, frozen=True):
+class TokenInfo(_ReplyData, frozen=True):
     """An execution token as ``context show`` lists it (never the token itself)."""
 
     token_id: str
@@ -168,7 +194,7 @@ class TokenInfo(_Data, frozen=True):
     max_uses: int | None = None
 
 
-class EnvironmentChange(_Data, frozen=True):
+class EnvironmentChange(_ReplyData, frozen=True):
     """What an apply does to one environment: key names only, never values."""
 
     name: str
@@ -178,7 +204,7 @@ class EnvironmentChange(_Data, frozen=True):
     removed: list[str]
 
 
-class ContextSummary(_Data, frozen=True):
+class ContextSummary(_ReplyData, frozen=True):
     """One row of ``ListContexts``."""
 
     execution_id: str
@@ -189,7 +215,7 @@ class ContextSummary(_Data, frozen=True):
     tokens: Count
 
 
-class AuditRecord(_Data, frozen=True):
+class AuditRecord(_ReplyData, frozen=True):
     """One record of the hash-chained audit log. Never a value, never a token."""
 
     seq: int
@@ -288,7 +314,8 @@ class GetEnvironment(Request, frozen=True, kw_only=True):
 
 #: most entries in one page of a listing: a page must fit in a frame with room to spare
 MAX_PAGE_SIZE = 1000
-PageSize = Annotated[int, Meta(ge=1, le=MAX_PAGE_SIZE)]
+#: 0 (or absent) is the field's default
+PageSize = Annotated[int, Meta(ge=0, le=MAX_PAGE_SIZE)]
 #: where the previous page ended, as the broker said (empty: the first page)
 PageToken = Annotated[str, Meta(max_length=256)]
 
@@ -298,6 +325,9 @@ class ListEnvironments(Request, frozen=True, kw_only=True):
 
     page_size: PageSize = 500
     page_token: PageToken = ""
+
+    def __post_init__(self) -> None:
+        _zero_is_default(self, "page_size")
 
 
 class UnsetVariables(Request, frozen=True, kw_only=True):
@@ -346,6 +376,9 @@ class CreateContext(Request, frozen=True, kw_only=True):
     #: issue a token too (the default without runners)
     token: bool | None = None
 
+    def __post_init__(self) -> None:
+        _zero_is_default(self, "ttl_s", "token_ttl_s")
+
 
 class IssueToken(Request, frozen=True, kw_only=True):
     """Issue another execution token for a live context."""
@@ -353,6 +386,9 @@ class IssueToken(Request, frozen=True, kw_only=True):
     execution_id: Name
     ttl_s: Seconds = 900.0
     max_uses: Uses | None = None
+
+    def __post_init__(self) -> None:
+        _zero_is_default(self, "ttl_s")
 
 
 class GetContext(Request, frozen=True, kw_only=True):
@@ -366,6 +402,9 @@ class ListContexts(Request, frozen=True, kw_only=True):
 
     page_size: PageSize = 500
     page_token: PageToken = ""
+
+    def __post_init__(self) -> None:
+        _zero_is_default(self, "page_size")
 
 
 class CompleteContext(Request, frozen=True, kw_only=True):
@@ -411,6 +450,9 @@ class ListAudit(Request, frozen=True, kw_only=True):
     execution_id: Name | None = None
     limit: PageSize = 100
     page_token: PageToken = ""
+
+    def __post_init__(self) -> None:
+        _zero_is_default(self, "limit")
 
 
 class VerifyAudit(Request, frozen=True, kw_only=True):
@@ -464,9 +506,9 @@ class RollbackEnvironment(Request, frozen=True, kw_only=True):
 # -------------------------------------------------------------------------- responses
 
 
-class Response(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="op",
-               kw_only=True):
-    """Base of every broker-to-client message; ``id`` is the request's."""
+class Response(msgspec.Struct, frozen=True, tag_field="op", kw_only=True):
+    """Base of every broker-to-client message; ``id`` is the request's. Unknown fields
+    are ignored: a newer broker may add some within a protocol version."""
 
     id: RequestId
 
@@ -503,6 +545,8 @@ class Status(Response, frozen=True, kw_only=True):
     store_problem: str = ""
     #: which runner grants this broker cannot check (exe: of other uids without root)
     attest_limit: str = ""
+    #: what the broker last found wrong with the audit chain; empty if nothing
+    audit_problem: str = ""
 
 
 class Ok(Response, frozen=True, kw_only=True):

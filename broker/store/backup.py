@@ -144,9 +144,9 @@ def record_backup(record: Path, key_id: str, file: Path) -> None:
 
 def backup_is_tracked(key_source: str) -> bool:
     """Whether the broker keeps track of backups of a key from ``key_source``: a key handed
-    in (``STIGMER_ENCRYPTION_KEY``, a systemd credential) is backed up where it comes from,
-    which the broker cannot see, so nothing warns about it."""
-    return not key_source.startswith(("env (", "systemd credential"))
+    in (``STIGMER_ENCRYPTION_KEY``, a systemd credential, a key command) is backed up where
+    it comes from, which the broker cannot see, so nothing warns about it."""
+    return not key_source.startswith(("env (", "systemd credential", "command ("))
 
 
 def no_backup_line(key_source: str) -> str:

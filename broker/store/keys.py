@@ -1,7 +1,8 @@
-"""Where the master key comes from: three sources behind one interface, and their checks.
+"""Where the master key comes from: four sources behind one interface, and their checks.
 
 Sources, in order, first that has a key wins: :class:`EnvKey`
-(``STIGMER_ENCRYPTION_KEY``, handed in by the CLI, base64 of 32 bytes) >
+(``STIGMER_ENCRYPTION_KEY`` or a systemd credential, handed in by the CLI, base64
+of 32 bytes) > :class:`CommandKey` (what a command prints, ``--key-command``) >
 :class:`Keychain` (the OS keychain through ``keyring``, service ``stigmer``,
 name ``master-key``) > :class:`KeyFile` (``HOME/master.key``, base64, 0600).
 Each is a :class:`KeySource`, as keyring's backends share one interface, and
@@ -13,7 +14,9 @@ first source that can store a key (:func:`new_master_key`), once the store opens
 
 keyring is blocking and may talk to D-Bus: every call to it goes through
 :class:`Keychain`, which runs it in a worker thread and turns keyring's errors
-into :class:`KeySourceError` or "no keychain".
+into :class:`KeySourceError` or "no keychain". A key command runs without a shell,
+in a worker thread, within :data:`KEY_COMMAND_TIMEOUT`; its output goes into a
+buffer of fixed size that is wiped once the key is decoded, and no error quotes it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ import dataclasses
 import enum
 import itertools
 import os
+import select
+import signal
 import stat
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,8 +45,9 @@ from .crypto import KEY_SIZE, SealError, key_id_of, new_key, unwrap_data_key
 from .files import fsync_path
 
 __all__ = [
-    "ENV_KEY_ROTATION_HELP", "ENV_ORIGIN", "KEYRING_SERVICE", "KEYRING_USERNAME", "EnvKey",
-    "KeyFile", "KeySource", "KeySourceError", "KeySourceKind", "Keychain", "MasterKey",
+    "ENV_KEY_ROTATION_HELP", "ENV_ORIGIN", "KEYRING_SERVICE", "KEYRING_USERNAME",
+    "KEY_COMMAND_TIMEOUT", "CommandKey", "EnvKey", "KeyFile", "KeySource", "KeySourceError",
+    "KeySourceKind", "Keychain", "MasterKey",
     "check_key_id", "check_opens", "decode_key", "encode_key", "find_master_key",
     "key_sources", "new_master_key",
 ]
@@ -67,6 +74,7 @@ class KeySourceKind(enum.Enum):
     """The kinds of place a master key can come from."""
 
     ENV = "env"
+    COMMAND = "command"
     KEYCHAIN = "keychain"
     FILE = "file"
 
@@ -152,6 +160,134 @@ class EnvKey:
             "To rotate: stop the broker, copy the key into the key file (mode 0600), start "
             "the broker without the credential, run `stigmer-broker key rotate`, then load "
             "the new key file as the credential")
+
+
+#: how long a key command may run before the start is refused
+KEY_COMMAND_TIMEOUT = 30.0
+#: the most a key command may print: a key is 44 characters of base64 and a newline
+_KEY_COMMAND_OUTPUT = 4096
+
+
+class CommandKey:
+    """A key a command prints on its standard output (``--key-command``: ``op read``,
+    ``systemd-creds decrypt``, a KMS or TPM tool), run at start without a shell; read-only.
+
+    Only the command's name (``argv[0]``) is ever shown: its arguments may say where a
+    secret lives. Its standard error is discarded and its output is never quoted, since
+    either may hold the key.
+    """
+
+    kind = KeySourceKind.COMMAND
+
+    def __init__(self, argv: Sequence[str], *, timeout: float = KEY_COMMAND_TIMEOUT) -> None:
+        if not argv:
+            raise ValueError("a key command needs at least the program")
+        self.argv = tuple(argv)
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"CommandKey({self.argv[0]!r})"
+
+    def describe(self) -> str:
+        return f"command ({self.argv[0]})"
+
+    async def read(self) -> bytes | None:
+        return await anyio.to_thread.run_sync(self.read_now)
+
+    def read_now(self) -> bytes:
+        """Run the command and return the key it printed. Raises KeySourceError."""
+        output = bytearray(_KEY_COMMAND_OUTPUT + 1)  # never grows, so never copied
+        try:
+            size = self._run(output)
+            return self._decode(memoryview(output)[:size])
+        finally:
+            output[:] = bytes(len(output))  # same length: overwritten in place
+
+    def _run(self, output: bytearray) -> int:
+        """Run the command with its stdout into ``output``; return how many bytes it
+        printed. Raises KeySourceError when it cannot run, fails, prints too much or
+        outlives :attr:`timeout` (then it is killed, with whatever it started)."""
+        name = f"the key command `{self.argv[0]}`"
+        read_fd, write_fd = os.pipe()
+        try:
+            proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=write_fd,
+                                    stderr=subprocess.DEVNULL, close_fds=True,
+                                    start_new_session=True)
+        except OSError as exc:
+            os.close(read_fd)
+            raise KeySourceError(f"{name} could not be run: {exc.strerror}; give the "
+                                 "program's full path, or put it on the broker's PATH"
+                                 ) from None
+        finally:
+            os.close(write_fd)
+        deadline = time.monotonic() + self.timeout
+        view = memoryview(output)
+        size = 0
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise subprocess.TimeoutExpired(self.argv, self.timeout)
+                if not select.select([read_fd], [], [], remaining)[0]:
+                    continue
+                count = os.readv(read_fd, [view[size:]])
+                if count == 0:
+                    break
+                size += count
+                if size > _KEY_COMMAND_OUTPUT:
+                    raise KeySourceError(
+                        f"{name} printed more than {_KEY_COMMAND_OUTPUT} bytes; it must "
+                        f"print only the master key, base64 of {KEY_SIZE} bytes")
+            status = proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            raise KeySourceError(
+                f"{name} did not finish within {self.timeout:g} s and was stopped; run it "
+                "yourself to see what it waits for (a prompt, a lock, the network)") from None
+        finally:
+            os.close(read_fd)
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if status != 0:
+            how = f"was killed by signal {-status}" if status < 0 else \
+                f"exited with status {status}"
+            raise KeySourceError(f"{name} {how}; run it yourself to see why (the broker "
+                                 "shows none of its output)")
+        return size
+
+    def _decode(self, printed: memoryview) -> bytes:
+        """The key that base64 ``printed`` holds, read in place (surrounding whitespace
+        allowed). Raises KeySourceError, never quoting ``printed``."""
+        start, end = 0, len(printed)
+        while start < end and printed[start] in _WHITESPACE:
+            start += 1
+        while end > start and printed[end - 1] in _WHITESPACE:
+            end -= 1
+        where = f"the output of the key command `{self.argv[0]}`"
+        if start == end:
+            raise KeySourceError(f"the key command `{self.argv[0]}` printed nothing; it must "
+                                 f"print the master key, base64 of {KEY_SIZE} bytes")
+        try:
+            key = binascii.a2b_base64(printed[start:end], strict_mode=True)
+        except (binascii.Error, ValueError):
+            raise KeySourceError(
+                f"{where} is not a master key: it must print base64 of {KEY_SIZE} random "
+                "bytes and nothing else") from None
+        if len(key) != KEY_SIZE:
+            raise KeySourceError(f"the master key in {where} is {len(key)} bytes; it must "
+                                 f"be exactly {KEY_SIZE} bytes, base64-encoded")
+        return key
+
+    async def write(self, key: bytes) -> None:
+        raise KeySourceError(
+            f"the master key comes from {self.describe()}, which the broker cannot change. "
+            "To rotate: stop the broker, save the key the command prints to the key file "
+            "(mode 0600), start the broker without --key-command, run `stigmer-broker key "
+            "rotate`, then keep the new key file's key where the command reads it")
+
+
+_WHITESPACE = frozenset(b" \t\r\n")
 
 
 class KeyFile:
@@ -313,12 +449,15 @@ def _is_real(backend: Any) -> bool:
 
 
 async def key_sources(*, env_key: str | None, key_file: Path, use_keychain: bool,
-                      env_key_origin: str = ENV_ORIGIN) -> list[KeySource]:
+                      env_key_origin: str = ENV_ORIGIN, key_command: Sequence[str] = (),
+                      key_command_timeout: float = KEY_COMMAND_TIMEOUT) -> list[KeySource]:
     """Return the sources to consult, in order: the key handed in (the variable or a
-    systemd credential), the keychain, the file."""
+    systemd credential), the key command, the keychain, the file."""
     sources: list[KeySource] = []
     if env_key is not None:
         sources.append(EnvKey(env_key, env_key_origin))
+    if key_command:
+        sources.append(CommandKey(key_command, timeout=key_command_timeout))
     keychain = await Keychain.find() if use_keychain else None
     if keychain is not None:
         sources.append(keychain)
@@ -362,7 +501,8 @@ async def find_master_key(sources: Sequence[KeySource], *,
 async def new_master_key(sources: Sequence[KeySource]) -> MasterKey:
     """Make a master key for a new store and keep it in the first source that can store
     one. Raises KeySourceError."""
-    writable = [s for s in sources if s.kind is not KeySourceKind.ENV]
+    writable = [s for s in sources
+                if s.kind not in (KeySourceKind.ENV, KeySourceKind.COMMAND)]
     if not writable:
         raise KeySourceError("no master key source can store a new key")
     key = new_key()

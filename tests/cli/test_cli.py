@@ -27,6 +27,68 @@ def test_status_when_not_running(paths: Paths) -> None:
     assert json.loads(result.stdout)["running"] is False
 
 
+def test_status_check_not_running_is_3(paths: Paths) -> None:
+    for args in (["--check"], ["--check", "--json"], ["--check", "--home", str(paths.home)]):
+        result = run_cli(paths, "status", *args)
+        assert result.returncode == 3, args
+    assert run_cli(paths, "status", "--check").stdout == f"not running (socket {paths.socket})\n"
+
+
+def test_status_check_healthy_is_0_and_a_broken_audit_chain_is_1(paths: Paths) -> None:
+    import base64
+
+    # a key handed in is backed up where it comes from: no key-backup problem
+    env = cli_env(paths, STIGMER_ENCRYPTION_KEY=base64.b64encode(os.urandom(32)).decode())
+    run_cli(paths, "start", env=env, check=True)
+    run_cli(paths, "env", "set", "e", "A=1", env=env, check=True)
+    healthy = run_cli(paths, "status", "--check", env=env)
+    assert healthy.returncode == 0 and healthy.stdout.startswith("healthy (pid "), healthy
+    as_json = json.loads(run_cli(paths, "status", "--check", "--json", env=env).stdout)
+    assert (as_json["healthy"], as_json["problems"]) == (True, [])
+    run_cli(paths, "stop", env=env, check=True)
+    # the anchored head now names records the store does not hold: newest records removed
+    anchor = json.loads(paths.audit_anchor.read_text())
+    paths.audit_anchor.write_text(json.dumps({**anchor, "seq": anchor["seq"] + 5}))
+    run_cli(paths, "start", env=env, check=True)
+    try:
+        degraded = run_cli(paths, "status", "--check", env=env)
+        assert degraded.returncode == 1, degraded
+        # found at start, then (the first retention pass) by a full verify: either says
+        lines = degraded.stdout.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("audit: "), lines
+        assert "head anchor" in lines[0] and str(paths.audit_anchor) in lines[0], lines
+        shown = run_cli(paths, "status", env=env, check=True).stdout.splitlines()
+        assert any(line.startswith("  audit        ") and "head anchor" in line
+                   for line in shown), shown
+    finally:
+        run_cli(paths, "stop", env=env, check=True)
+
+
+def test_status_check_a_stale_fleet_store_is_1(short_dir: Path, store_url: str) -> None:
+    """Another broker of the fleet rotated the master key: this one's store is degraded."""
+    import shutil
+
+    a = Paths(home=short_dir / "a", socket=short_dir / "ra" / "b.sock")
+    b = Paths(home=short_dir / "b", socket=short_dir / "rb" / "b.sock")
+    env_a, env_b = (cli_env(p, STIGMER_STORE_URL=store_url) for p in (a, b))
+    run_cli(a, "start", env=env_a, check=True)
+    try:
+        b.home.mkdir(mode=0o700)
+        shutil.copy2(a.key_file, b.key_file)
+        run_cli(b, "start", env=env_b, check=True)
+        try:
+            assert not any(line.startswith("store:") for line in run_cli(
+                b, "status", "--check", env=env_b).stdout.splitlines())
+            run_cli(a, "key", "rotate", "--yes", env=env_a, check=True)
+            degraded = run_cli(b, "status", "--check", env=env_b)
+            assert degraded.returncode == 1
+            assert "store: another broker rotated the fleet's master key" in degraded.stdout
+        finally:
+            run_cli(b, "stop", env=env_b)
+    finally:
+        run_cli(a, "stop", env=env_a)
+
+
 def test_start_status_stop(paths: Paths) -> None:
     started = run_cli(paths, "start")
     assert started.returncode == 0, started.stderr
@@ -340,6 +402,84 @@ def test_context_create_flags(cli_broker: Paths, short_dir: Path) -> None:
     assert r.returncode == 1 and "already has a live context" in r.stderr
     status = json.loads(run_cli(p, "status", "--json", check=True).stdout)
     assert status["contexts"] == 1 and status["tokens"] >= 1
+
+
+def test_start_with_a_key_command(paths: Paths, short_dir: Path) -> None:
+    import base64
+    import shlex
+
+    key = base64.b64encode(os.urandom(32)).decode()
+    (short_dir / "key.txt").write_text(key + "\n")
+    command = shlex.join([sys.executable, "-c", "import sys; print(open(sys.argv[1]).read())",
+                          str(short_dir / "key.txt")])
+    env = cli_env(paths, STIGMER_KEY_COMMAND=command)
+    run_cli(paths, "start", env=env, check=True)
+    try:
+        status = json.loads(run_cli(paths, "status", "--json", check=True).stdout)
+        assert status["key_source"] == f"command ({sys.executable})"
+        assert status["key_backed_up_at"] is None
+        shown = run_cli(paths, "status", check=True)
+        assert f"key source   command ({sys.executable})" in shown.stdout
+        assert "back it up where it comes from" in shown.stdout
+        assert "has no backup" not in shown.stderr  # handed in: backed up at its source
+        cmdline = Path(f"/proc/{status['pid']}/cmdline").read_bytes()
+        assert key.encode() not in cmdline and b"key.txt" not in cmdline
+    finally:
+        run_cli(paths, "stop", check=True)
+    assert not (paths.home / "master.key").exists()
+    # the key the command gives opens the store it made; another one is refused
+    (short_dir / "key.txt").write_text(base64.b64encode(os.urandom(32)).decode())
+    refused = run_cli(paths, "start", "--key-command", command)
+    assert refused.returncode == 1
+    assert "does not open the store" in refused.stderr
+    assert f"from command ({sys.executable})" in refused.stderr
+    failing = shlex.join([sys.executable, "-c", f"print({key!r}); raise SystemExit(3)"])
+    refused = run_cli(paths, "start", "--key-command", failing)
+    assert refused.returncode == 1
+    assert f"the key command `{sys.executable}` exited with status 3" in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1 and "Traceback" not in refused.stderr
+    for text in (refused.stdout, refused.stderr, paths.log_file.read_text()):
+        assert key not in text
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("'op read", "--key-command cannot be split"),
+    ("  ", "--key-command is empty"),
+])
+def test_key_command_mistakes_are_usage_errors(paths: Paths, value: str,
+                                               message: str) -> None:
+    result = run_cli(paths, "start", "--key-command", value)
+    assert result.returncode == 2 and message in result.stderr
+    assert not paths.socket.exists()
+
+
+def test_serve_reads_the_key_command_and_watchdog_once(
+        paths: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stigmer.broker import cli
+    from stigmer.broker.daemon import lifecycle
+
+    seen: dict[str, object] = {}
+
+    def fake_run(config: Any, **kwargs: object) -> None:
+        seen["key_command"] = config.key_command
+        seen["repr"] = repr(config)
+        seen["watchdog_s"] = config.watchdog_s
+        seen["left"] = sorted(k for k in ("STIGMER_KEY_COMMAND", "WATCHDOG_USEC", "WATCHDOG_PID")
+                              if k in os.environ)
+
+    monkeypatch.setattr(lifecycle, "run", fake_run)
+    monkeypatch.setenv("STIGMER_KEY_COMMAND", "op read 'op://Infra/stigmer broker/key'")
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert cli.main(["--home", str(paths.home), "--socket", str(paths.socket), "serve"]) == 0
+    shown = seen.pop("repr")
+    assert "key_command=('op', " in str(shown) and "op://Infra" not in str(shown)
+    assert seen == {"key_command": ("op", "read", "op://Infra/stigmer broker/key"),
+                    "watchdog_s": 15.0, "left": []}
+    monkeypatch.setenv("STIGMER_KEY_COMMAND", "ignored")  # the flag wins
+    assert cli.main(["--home", str(paths.home), "--socket", str(paths.socket), "serve",
+                     "--key-command", "gpg --decrypt k.gpg"]) == 0
+    assert seen["key_command"] == ("gpg", "--decrypt", "k.gpg") and seen["watchdog_s"] is None
 
 
 def test_serve_takes_the_env_key_out_of_its_environment(

@@ -26,10 +26,10 @@ PASSPHRASE = "correct horse battery staple"
 
 
 def in_pty(paths: Paths, *args: str, answers: list[tuple[str, str]],
-           timeout: float = 120) -> tuple[int, str]:
+           timeout: float = 120, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run `stigmer-broker ARGS` on a new pseudo-terminal (its controlling tty, where
     getpass asks), typing each answer after its prompt appears; return (status, output)."""
-    env = cli_env(paths)
+    env = env or cli_env(paths)
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child
         os.execve(sys.executable, [sys.executable, "-m", "stigmer.broker", *args], env)  # noqa: S606
@@ -170,12 +170,22 @@ def test_start_serve_and_status_say_when_the_key_has_no_backup(paths: Paths,
     assert "key backup   none since the key was made or rotated" in status.stdout
     assert hint in status.stderr
     assert json.loads(run_cli(paths, "status", "--json").stdout)["key_backed_up_at"] is None
+    check = run_cli(paths, "status", "--check")  # a key the broker keeps, no backup: degraded
+    lines = check.stdout.splitlines()
+    assert check.returncode == 1 and len(lines) == 1
+    assert lines[0].startswith("key backup: ") and hint in lines[0]
     assert export(paths, short_dir / "k.backup")[0] == 0
     status = run_cli(paths, "status")
     assert hint not in status.stderr and "key backup   20" in status.stdout
     assert json.loads(run_cli(paths, "status", "--json").stdout)["key_backed_up_at"] > 0
+    check = run_cli(paths, "status", "--check")
+    assert check.returncode == 0 and check.stdout.startswith("healthy (pid ")
     run_cli(paths, "key", "rotate", "--yes", check=True)  # a new key: no backup of it yet
     assert hint in run_cli(paths, "status").stderr
+    check = run_cli(paths, "status", "--check", "--json")
+    assert check.returncode == 1
+    assert [line.split(":")[0] for line in json.loads(check.stdout)["problems"]] == [
+        "key backup"]
     run_cli(paths, "stop", check=True)
 
 
@@ -334,3 +344,25 @@ def test_key_import_and_export_on_a_fleet_host_check_the_shared_store(
                      env=cli_env(host, **fleet))
     assert result.returncode == 1 and "does not open the store" in result.stderr, result.stderr
     assert not (short_dir / "out.backup").exists()
+
+
+def test_export_takes_the_key_from_the_key_command(paths: Paths, short_dir: Path) -> None:
+    """A home whose key a command prints: `key export` (and `restore`, `key import`) run
+    the command as the broker would."""
+    import base64
+    import shlex
+
+    key = new_key()
+    (short_dir / "k.txt").write_text(base64.b64encode(key).decode())
+    command = shlex.join([sys.executable, "-c", "import sys; print(open(sys.argv[1]).read())",
+                          str(short_dir / "k.txt")])
+    env = cli_env(paths, STIGMER_KEY_COMMAND=command)
+    run_cli(paths, "start", env=env, check=True)
+    run_cli(paths, "stop", env=env, check=True)
+    backup = short_dir / "k.backup"
+    status, output = in_pty(paths, "key", "export", "--out", str(backup), env=env,
+                            answers=[("passphrase: ", PASSPHRASE),
+                                     ("passphrase again: ", PASSPHRASE)])
+    assert status == 0, output
+    assert read_backup(backup.read_text(), PASSPHRASE, "backup") == key
+    assert not paths.key_file.exists()

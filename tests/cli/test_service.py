@@ -11,12 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
-from conftest import cli_env, run_cli
+from conftest import cli_env, make_config, run_cli, start_broker
 
 from stigmer.broker.config import Paths
 from stigmer.broker.daemon.install import LAUNCHD, SYSTEMD, render
-from stigmer.broker.daemon.systemd import systemd_unit
+from stigmer.broker.daemon.systemd import SystemdError, systemd_unit, watchdog_interval
 from stigmer.client import Client
 
 EXEC = "/opt/stigmer venv/bin/stigmer-broker"
@@ -59,7 +60,7 @@ def test_service_unit(short_dir: Path) -> None:
                 "ReadWritePaths": "/home/u/.stigmer", "RestrictAddressFamilies": "AF_UNIX",
                 "LockPersonality": "yes", "RestrictRealtime": "yes",
                 "SystemCallArchitectures": "native", "UMask": "0077", "LimitCORE": "0",
-                "Restart": "on-failure"}
+                "Restart": "on-failure", "WatchdogSec": "30"}
     for key, value in expected.items():
         assert service[key] == [value], key
 
@@ -234,3 +235,98 @@ def test_sd_notify_ready_only_when_serving_and_stopping(paths: Paths, short_dir:
         proc.communicate(timeout=30)
         notify.close()
     assert proc.returncode == 0
+
+
+# ------------------------------------------------------------ watchdog
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
+    assert watchdog_interval({}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "42"}, 42) == 15.0
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, 42) is None
+    for bad in ("0", "-5", "soon"):
+        with pytest.raises(SystemdError, match="WATCHDOG_USEC"):
+            watchdog_interval({"WATCHDOG_USEC": bad})
+
+
+def test_sd_notify_watchdog_arrives_while_serving(paths: Paths, short_dir: Path) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "notify.sock"))
+    notify.settimeout(30)
+    env = cli_env(paths, NOTIFY_SOCKET=str(short_dir / "notify.sock"),
+                  WATCHDOG_USEC="100000", WATCHDOG_PID="")  # PID: set below, as systemd does
+    script = ("import os, sys\n"
+              "os.environ['WATCHDOG_PID'] = str(os.getpid())\n"
+              "os.execv(sys.executable, [sys.executable, '-m', 'stigmer.broker', 'serve'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        messages = [notify.recv(4096).decode() for _ in range(6)]
+        assert any("READY=1" in m.splitlines() for m in messages)
+        assert sum(m == "WATCHDOG=1" for m in messages) >= 4, messages
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+        notify.close()
+    assert proc.returncode == 0, err
+
+
+def test_sd_notify_watchdog_for_another_pid_is_not_sent(paths: Paths, short_dir: Path) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "notify.sock"))
+    notify.settimeout(30)
+    env = cli_env(paths, NOTIFY_SOCKET=str(short_dir / "notify.sock"),
+                  WATCHDOG_USEC="100000", WATCHDOG_PID="1")
+    proc = subprocess.Popen([sys.executable, "-m", "stigmer.broker", "serve"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "READY=1" in notify.recv(4096).decode().splitlines()
+        proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in notify.recv(4096).decode().splitlines()  # no WATCHDOG between
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        notify.close()
+
+
+def _drain(sock: socket.socket) -> list[bytes]:
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(4096))
+        except BlockingIOError:
+            return got
+
+
+@pytest.mark.anyio
+async def test_watchdog_is_fed_by_the_event_loop_and_stops_while_it_is_blocked(
+        paths: Paths, short_dir: Path) -> None:
+    import time
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "notify.sock"))
+    notify.setblocking(False)
+    config = make_config(paths)._replace(notify_socket=str(short_dir / "notify.sock"),
+                                         watchdog_s=0.01)
+
+    async def watchdogs(count: int) -> None:
+        seen = 0
+        while seen < count:
+            await anyio.wait_readable(notify)
+            seen += _drain(notify).count(b"WATCHDOG=1")
+
+    try:
+        async with anyio.create_task_group() as tg:
+            running = await start_broker(tg, config)
+            with anyio.fail_after(30):
+                await watchdogs(3)  # arriving, again and again, while the loop runs
+            _drain(notify)
+            time.sleep(0.2)  # noqa: ASYNC251 - the loop wedged on purpose: twenty intervals
+            assert _drain(notify) == []  # and nothing was sent: systemd would restart us
+            with anyio.fail_after(30):
+                await watchdogs(2)  # the loop runs again: so does the keep-alive
+            running.stop.set()
+    finally:
+        notify.close()

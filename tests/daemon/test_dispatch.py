@@ -16,6 +16,8 @@ import pytest
 from sealed import open_sealed
 
 from stigmer.broker.config import Config, Paths
+from stigmer.broker.contexts import Fetch
+from stigmer.broker.contexts.index import Attest, Match
 from stigmer.broker.daemon.attest import ProcessPin
 from stigmer.broker.daemon.startup import compose
 from stigmer.broker.dispatch import Counters, Dispatcher, Later
@@ -166,3 +168,20 @@ def test_a_pin_closed_while_a_worker_reads_through_it_stays_open_until_it_is_don
             pass
         with pytest.raises(LookupError):
             pin.attest()
+
+
+async def test_a_grant_that_changed_while_the_process_was_matched_is_matched_again(
+        dispatcher: Dispatcher) -> None:
+    """The process is matched outside the index (in the task), so the grant may change
+    meanwhile (completed, and created again with other runners): a match against the
+    old selectors must not open the new context."""
+    await _create(dispatcher, "granted", runners=[f"user:{os.getuid()}"])
+    index = dispatcher.contexts.index
+    fetch = Fetch(OWNER, execution_id="granted")
+    need = index.fetch(fetch)
+    assert isinstance(need, Attest)
+    fetch.matched = Match(need.runners, need.runners[0])  # it matched the grant as it was
+    grant = index.by_execution["granted"].grant
+    assert grant is not None
+    grant.runners = ("user:4242",)  # ... which then changed
+    assert index.fetch(fetch) == Attest(("user:4242",))

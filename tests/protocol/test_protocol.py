@@ -266,7 +266,8 @@ def test_a_lone_surrogate_is_refused_without_the_value() -> None:
 @pytest.mark.parametrize(("fields", "message"), [
     ({"op": "IssueToken", "execution_id": "x", "ttl_s": 60.0, "max_uses": 0},
      "max_uses must be at least 1"),
-    ({"op": "IssueToken", "execution_id": "x", "ttl_s": 0.0}, "ttl_s must be more than 0"),
+    # issue 26: 0 is the default (as absent is), so the bound is below it
+    ({"op": "IssueToken", "execution_id": "x", "ttl_s": -1.0}, "ttl_s must be at least 0"),
     ({"op": "IssueToken", "execution_id": "bad name", "ttl_s": 1.0},
      "execution_id has characters that are not allowed"),
     ({"op": "PutEnvironment", "name": "e", "data": {"A": {"value": 3}}},
@@ -307,6 +308,11 @@ def test_the_client_names_an_oversized_value() -> None:
     assert checked_values({"S": SpecEntry()}, "env_spec") == {"S": SpecEntry()}
     with pytest.raises(InvalidArgument, match=r"the value of BIG \(runtime\) is 131073 "):
         checked_values({"BIG": Variable(value="y" * (MAX_VALUE_LENGTH + 1))}, "runtime")
+    # issue 26: the limit is in UTF-8 bytes, as the broker counts it (3 bytes a euro sign)
+    euros = {"EUR": Variable(value="\u20ac" * (MAX_VALUE_LENGTH // 3))}
+    assert checked_values(euros, "runtime") == euros
+    with pytest.raises(InvalidArgument, match=r"the value of EUR \(runtime\) is 131073 bytes"):
+        checked_values({"EUR": Variable(value="\u20ac" * (MAX_VALUE_LENGTH // 3 + 1))}, "runtime")
 
 
 def test_an_unknown_op_with_a_newline_is_a_one_line_protocol_error() -> None:
@@ -345,3 +351,83 @@ def test_protocol_md_states_the_brokers_real_limits() -> None:
     assert stated(r"frame unfinished for (\d+) s") == limits.frame_timeout
     assert stated(r"idle for (\d+) s") == limits.idle_timeout
     assert stated(r"maximum is 1 MiB \(([\d,]+) bytes\)") == limits.max_frame_size
+    # issue 26: the limits of the messages, which the spec did not give
+    from stigmer.broker import environments, protocol
+
+    assert stated(r"\| ([\d,]+) bytes \(128 KiB\) in UTF-8") == protocol.MAX_VALUE_LENGTH
+    assert stated(r"1 to (\d+) characters of `\[A-Za-z0-9._-\]`") == protocol.MAX_NAME_LENGTH
+    assert stated(r"a variable name \| 1 to (\d+) characters") == \
+        protocol.messages.MAX_VAR_NAME_LENGTH
+    assert stated(r"\| ([\d,]+) \(`UnsetVariables.keys`") == protocol.messages.MAX_VARIABLES
+    assert stated(r"(\d+) KiB \(`resource_exhausted`\)") * 1024 == \
+        environments.MAX_ENVIRONMENT_BYTES
+    assert stated(r"`ListAudit.limit` \| 0 \(the default\) to ([\d,]+)") == \
+        protocol.MAX_PAGE_SIZE
+    assert "the third answer" in text and limits.max_auth_failures == 3
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"op": "CreateContext", "execution_id": "x", "ttl_s": 0, "token_ttl_s": 0.0},
+     {"ttl_s": 86400.0, "token_ttl_s": 900.0}),
+    ({"op": "IssueToken", "execution_id": "x", "ttl_s": 0.0}, {"ttl_s": 900.0}),
+    ({"op": "ListAudit", "limit": 0}, {"limit": 100}),
+    ({"op": "ListEnvironments", "page_size": 0}, {"page_size": 500}),
+    ({"op": "ListContexts", "page_size": 0}, {"page_size": 500}),
+])
+def test_zero_means_the_default_as_absent_does(fields: dict[str, object],
+                                               expected: dict[str, object]) -> None:
+    """Issue 26: a protobuf-struct peer cannot leave a number out, so 0 asks for the
+    default; it was invalid_argument, and the defaults were nowhere in the spec."""
+    conn = Connection(Role.SERVER)
+    conn.state = State.READY
+    for body in ({**fields, "id": 1}, {k: v for k, v in fields.items() if k not in expected}
+                 | {"id": 2}):
+        conn.receive_data(frame(msgspec.msgpack.encode(body)))
+        event = conn.next_event()
+        assert {name: getattr(event, name) for name in expected} == expected
+
+
+@pytest.mark.parametrize("body", [
+    [1, 2],  # not a map
+    {"op": "GetStatus"},  # no id
+    {"op": "GetStatus", "id": 1.0},  # an id that is not an int
+    {"op": "GetStatus", "id": -1},
+    {"op": "PutEnvironment", "name": 3, "id": "1"},  # a bad field before a bad id
+])
+def test_a_request_without_an_id_to_answer_by_closes(body: object) -> None:
+    """Issue 26: these were answered invalid_argument with id 0 and the connection kept,
+    though the spec said an Error with id 0 is followed by the close."""
+    conn = Connection(Role.SERVER)
+    conn.state = State.READY
+    conn.receive_data(frame(msgspec.msgpack.encode(body)))
+    with pytest.raises(ProtocolError) as caught:
+        conn.next_event()
+    assert caught.value.request_id == 0 and conn.state is State.ERROR
+
+
+def test_a_client_ignores_reply_fields_it_does_not_know() -> None:
+    """Issue 26: a newer broker may add reply fields within v1 (ApplyEnvironments gained
+    dry_run); an older client must read on, at the top and in the records."""
+    client = Connection(Role.CLIENT)
+    body = {"op": "Welcome", "id": 1, "version": 1, "server_version": "9", "later": [1]}
+    client.receive_data(frame(msgspec.msgpack.encode(body)))
+    assert client.next_event() == Welcome(id=1, version=1, server_version="9")
+    listing = {"op": "ContextList", "id": 2, "next_page_token": "", "shard": "b",
+               "contexts": [{"execution_id": "e", "created_at": 1.0, "expires_at": 2.0,
+                             "keys": 1, "secrets": 0, "tokens": 1, "labels": {"a": "b"}}]}
+    client.receive_data(frame(msgspec.msgpack.encode(listing)))
+    from stigmer.broker.protocol import ContextList, ContextSummary
+
+    assert client.next_event() == ContextList(id=2, contexts=[ContextSummary(
+        execution_id="e", created_at=1.0, expires_at=2.0, keys=1, secrets=0, tokens=1)])
+
+
+def test_the_broker_still_refuses_unknown_request_fields_in_records() -> None:
+    """A misspelt is_secret must not store a secret as a plain value."""
+    conn = Connection(Role.SERVER)
+    conn.state = State.READY
+    body = {"op": "PutEnvironment", "id": 4, "name": "e",
+            "data": {"K": {"value": "v", "is_secrt": True}}}
+    conn.receive_data(frame(msgspec.msgpack.encode(body)))
+    with pytest.raises(InvalidArgument, match=r"unknown field is_secrt in data\.\*"):
+        conn.next_event()

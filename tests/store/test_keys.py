@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from stigmer.broker.store.crypto import new_key
 from stigmer.broker.store.keys import (
     KEYRING_SERVICE,
     KEYRING_USERNAME,
+    CommandKey,
     KeyFile,
     KeySourceError,
     KeySourceKind,
@@ -42,10 +44,12 @@ def b64(key: bytes) -> str:
 
 
 async def load(home: Path, env_key: str | None = None, *, keychain: bool = False,
-               ids: frozenset[str] = frozenset()) -> MasterKey:
+               ids: frozenset[str] = frozenset(), command: tuple[str, ...] = (),
+               command_timeout: float = 30.0) -> MasterKey:
     """The key as a start finds it (a new one for a new store) for a store with ``ids``."""
     sources = await key_sources(env_key=env_key, key_file=home / "master.key",
-                                use_keychain=keychain)
+                                use_keychain=keychain, key_command=command,
+                                key_command_timeout=command_timeout)
     store = StorePeek("test store", master_id=min(ids, default=None))
     return await find_master_key(sources, store=store) or await new_master_key(sources)
 
@@ -166,3 +170,128 @@ async def test_no_key_for_existing_store_is_not_regenerated(short_dir: Path) -> 
     with pytest.raises(KeySourceError, match="no master key found"):
         await load(short_dir, ids=frozenset({"0123456789abcdef"}))
     assert not (short_dir / "master.key").exists()
+
+
+# ------------------------------------------------------------------ key command
+
+#: a key only the command knows: it must never appear in an error, a repr or a log
+SENTINEL = new_key()
+
+
+def printing(code: str) -> tuple[str, ...]:
+    """A key command: this Python, running ``code`` (no shell anywhere)."""
+    return (sys.executable, "-c", code)
+
+
+def prints(text: str, status: int = 0) -> tuple[str, ...]:
+    return printing(f"import sys; sys.stdout.write({text!r}); sys.exit({status})")
+
+
+async def test_key_command_gives_the_key(short_dir: Path) -> None:
+    master = await load(short_dir, command=prints(b64(SENTINEL) + "\n"))
+    assert master.key == SENTINEL
+    assert master.source.kind is KeySourceKind.COMMAND
+    assert master.describe() == f"command ({sys.executable})"
+    assert b64(SENTINEL) not in repr(master) and b64(SENTINEL) not in repr(master.source)
+    assert not (short_dir / "master.key").exists()  # read-only: nothing is written
+    again = await load(short_dir, command=prints(b64(SENTINEL)), ids=frozenset({master.id}))
+    assert again.key == SENTINEL
+
+
+async def test_key_command_runs_without_a_shell(short_dir: Path) -> None:
+    marker = short_dir / "expanded"
+    command = (*printing(f"import sys; sys.stdout.write({b64(SENTINEL)!r})"),
+               f"$(touch {marker})")
+    assert (await load(short_dir, command=command)).key == SENTINEL
+    assert not marker.exists()
+
+
+async def test_failing_key_command_is_one_line_without_its_output(short_dir: Path) -> None:
+    with pytest.raises(KeySourceError) as info:
+        await load(short_dir, command=printing(
+            f"import sys; print({b64(SENTINEL)!r}); print({b64(SENTINEL)!r}, file=sys.stderr);"
+            " sys.exit(3)"))
+    message = str(info.value)
+    assert message.startswith(f"the key command `{sys.executable}` exited with status 3")
+    assert "\n" not in message and b64(SENTINEL) not in message
+
+
+async def test_missing_key_command_is_named(short_dir: Path) -> None:
+    with pytest.raises(KeySourceError, match="`/nonexistent/op` could not be run"):
+        await load(short_dir, command=("/nonexistent/op", "read", "op://v/k"))
+
+
+async def test_hung_key_command_times_out_and_is_stopped(short_dir: Path) -> None:
+    pid_file = short_dir / "pid"
+    command = printing(f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid()));"
+                       f" print({b64(SENTINEL)!r}, flush=True); time.sleep(600)")
+    with pytest.raises(KeySourceError) as info:
+        await load(short_dir, command=command, command_timeout=0.5)
+    message = str(info.value)
+    assert "did not finish within 0.5 s" in message and b64(SENTINEL) not in message
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left behind
+        os.kill(pid, 0)
+
+
+async def test_key_command_that_leaves_a_child_holding_its_output_times_out(
+        short_dir: Path) -> None:
+    """The command exits, but what it started keeps stdout open: the timeout still holds."""
+    command = printing("import os, time\nif os.fork() == 0: time.sleep(600)\n")
+    with pytest.raises(KeySourceError, match=r"did not finish within 0\.5 s"):
+        await load(short_dir, command=command, command_timeout=0.5)
+
+
+@pytest.mark.parametrize(("printed", "message"), [
+    ("sentinel-" + "x" * 40 + "\n", "is not a master key"),
+    (b64(SENTINEL)[:-4] + " " + b64(SENTINEL)[-4:], "is not a master key"),
+    (b64(SENTINEL) + "\n" + b64(SENTINEL) + "\n", "is not a master key"),
+    (" \n", "printed nothing"),
+    (b64(SENTINEL[:16]), "is 16 bytes"),
+    (b64(SENTINEL) * 100, "printed more than 4096 bytes"),
+])
+async def test_key_command_output_that_is_not_a_key(short_dir: Path, printed: str,
+                                                     message: str) -> None:
+    with pytest.raises(KeySourceError, match=message) as info:
+        await load(short_dir, command=prints(printed))
+    assert b64(SENTINEL) not in str(info.value) and "sentinel" not in str(info.value)
+    assert b64(SENTINEL)[:8] not in str(info.value)
+
+
+async def test_key_command_output_buffer_is_wiped(monkeypatch: pytest.MonkeyPatch) -> None:
+    buffers: list[bytearray] = []
+    real_run = CommandKey._run
+
+    def keep(self: CommandKey, output: bytearray) -> int:
+        buffers.append(output)
+        return real_run(self, output)
+
+    monkeypatch.setattr(CommandKey, "_run", keep)
+    assert CommandKey(prints(b64(SENTINEL))).read_now() == SENTINEL
+    assert len(buffers) == 1 and not any(buffers[0])
+
+
+async def test_key_command_key_that_does_not_open_the_store_is_refused_as_any(
+        short_dir: Path) -> None:
+    ids = frozenset({"0123456789abcdef"})
+    with pytest.raises(KeySourceError) as from_env:
+        await load(short_dir, b64(SENTINEL), ids=ids)
+    with pytest.raises(KeySourceError) as from_command:
+        await load(short_dir, command=prints(b64(SENTINEL)), ids=ids)
+    assert str(from_command.value) == str(from_env.value).replace(
+        "env (STIGMER_ENCRYPTION_KEY)", f"command ({sys.executable})")
+    assert "does not open the store" in str(from_command.value)
+
+
+async def test_key_command_and_key_file_must_agree(short_dir: Path) -> None:
+    KeyFile(short_dir / "master.key").write_now(new_key())
+    with pytest.raises(KeySourceError, match="disagree"):
+        await load(short_dir, command=prints(b64(SENTINEL)))
+
+
+async def test_key_from_a_command_is_not_rotated_by_the_broker(short_dir: Path) -> None:
+    source = CommandKey(prints(b64(SENTINEL)))
+    with pytest.raises(KeySourceError, match="without --key-command"):
+        await source.write(new_key())
+    with pytest.raises(KeySourceError, match="no master key source can store"):
+        await new_master_key([source])
