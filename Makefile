@@ -27,7 +27,7 @@ run: $(STAMP)
 
 ## test: install with test extras, lint, then the whole test suite
 test: $(STAMP) lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 ## lint: ruff and mypy --strict over the sources, tests and benchmarks
 lint: $(STAMP)

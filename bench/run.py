@@ -116,13 +116,15 @@ def masking_secrets() -> dict[str, str]:
 
 
 @contextmanager
-def broker(home: Path, sock: Path, *, key: str | None = None,
-           store_url: str | None = None) -> Iterator[dict[str, str]]:
+def broker(home: Path, sock: Path, *, key: str | None = None, store_url: str | None = None,
+           metrics: str | None = None) -> Iterator[dict[str, str]]:
     """A daemon started with `stigmer-broker start` (its key in the home's key file unless
-    ``key``; the SQLite store unless ``store_url``), stopped afterwards."""
+    ``key``; the SQLite store unless ``store_url``; metrics served at ``metrics``, an
+    address as --metrics takes it), stopped afterwards."""
     env = {**os.environ, "STIGMER_HOME": str(home), "STIGMER_BROKER_SOCKET": str(sock),
            "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
-    for name, value in (("STIGMER_ENCRYPTION_KEY", key), ("STIGMER_STORE_URL", store_url)):
+    for name, value in (("STIGMER_ENCRYPTION_KEY", key), ("STIGMER_STORE_URL", store_url),
+                        ("STIGMER_METRICS", metrics)):
         env.pop(name, None)
         if value is not None:
             env[name] = value
@@ -133,6 +135,20 @@ def broker(home: Path, sock: Path, *, key: str | None = None,
     finally:
         subprocess.run([PY, "-m", "stigmer.broker", "stop"], env=env,
                        stdout=subprocess.DEVNULL, check=False)
+
+
+def scrape(path: Path) -> str:
+    """The text a scrape of the metrics socket at ``path`` gets (HTTP/1.0, read whole)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(path))
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.0 200"):
+        raise RuntimeError(f"the metrics endpoint answered {head[:40]!r}")
+    return body.decode()
 
 
 def daemon_pid(sock: Path) -> int:
@@ -614,22 +630,28 @@ def main() -> None:
     try:
         small_home, big_home = tmp / "small", tmp / "big"
         small_sock, big_sock = tmp / "s" / "b.sock", tmp / "g" / "b.sock"
+        # the small broker's twin with --metrics: fetch p50 with metrics on against off
+        metrics_home, metrics_sock = tmp / "metrics", tmp / "m" / "b.sock"
+        metrics_endpoint = tmp / "m" / "metrics.sock"
         floor_sock = tmp / "f" / "f.sock"  # the strict floor: a uvloop asyncio.Protocol
         blocking_sock = tmp / "f" / "k.sock"
         anyio_sock = tmp / "f" / "a.sock"
         floor_sock.parent.mkdir(mode=0o700)
         with broker(small_home, small_sock) as env, broker(big_home, big_sock), \
+                broker(metrics_home, metrics_sock, metrics=f"unix:{metrics_endpoint}"), \
                 floor(floor_sock, "protocol") as floor_pid, \
                 floor(blocking_sock, "blocking") as blocking_pid, \
                 floor(anyio_sock, "anyio") as anyio_pid:
-            servers = [daemon_pid(small_sock), daemon_pid(big_sock), floor_pid, blocking_pid,
-                       anyio_pid]
+            servers = [daemon_pid(small_sock), daemon_pid(big_sock), daemon_pid(metrics_sock),
+                       floor_pid, blocking_pid, anyio_pid]
             token, _ = create_contexts(small_sock, 10, "small")
+            metrics_token, _ = create_contexts(metrics_sock, 10, "small")
             big_token, create_rate = create_contexts(big_sock, big, "big")
             rows["create_contexts_per_s"] = round(create_rate, 1)
 
             with Client(small_sock) as b, Client(floor_sock) as f, Client(big_sock) as g, \
-                    Client(blocking_sock) as fk, Client(anyio_sock) as fa:
+                    Client(blocking_sock) as fk, Client(anyio_sock) as fa, \
+                    Client(metrics_sock) as m:
                 raw = RawFetch(small_sock, token)
                 raw_floor = RawFetch(floor_sock, token)  # the floor's own raw-client figure
                 # a bounded token: each use is committed (fsync) before the reply leaves
@@ -638,7 +660,7 @@ def main() -> None:
                 b.create_context("small-self", runtime=variables(*context_variables()),
                                  ttl_s=3600, runners=["self"])
                 for c, t in ((b, token), (f, token), (g, big_token), (b, bounded),
-                             (fk, token), (fa, token)):
+                             (fk, token), (fa, token), (m, metrics_token)):
                     for _ in range(200 if not args.smoke else 20):
                         c.fetch_context(t)
                 for _ in range(200 if not args.smoke else 20):
@@ -653,6 +675,8 @@ def main() -> None:
                     "fetch_10k": lambda k: timed_calls(lambda: g.fetch_context(big_token), k),
                     "fetch_max_uses": lambda k: timed_calls(lambda: b.fetch_context(bounded),
                                                             max(1, k // 10)),
+                    "fetch_metrics_on": lambda k: timed_calls(
+                        lambda: m.fetch_context(metrics_token), k),
                     "fetch_identity": lambda k: timed_calls(
                         lambda: b.fetch_context(execution_id="small-self"), k),
                 }
@@ -688,6 +712,25 @@ def main() -> None:
                                                              / one["fetch"]["p50_us"])
             rows["ratio_fetch_identity_vs_token_p50"] = (one["fetch_identity"]["p50_us"]
                                                          / one["fetch"]["p50_us"])
+            # the same daemon and contexts, with --metrics: every fetch counted and timed.
+            # Two processes: two daemons started alike, both without metrics, have been
+            # seen to differ by up to 1.35x from one start to the next on the 2-core
+            # machine, so read this ratio across runs, not from one
+            rows["ratio_fetch_metrics_on_vs_off_p50"] = (one["fetch_metrics_on"]["p50_us"]
+                                                         / one["fetch"]["p50_us"])
+            if one_pinned:
+                rows["ratio_fetch_metrics_on_vs_off_p50_pinned"] = (
+                    one_pinned["fetch_metrics_on"]["p50_us"] / one_pinned["fetch"]["p50_us"])
+            # it served, and counted what it was asked (request figures are published once
+            # a second, so a scrape right after the fetches may not have them yet)
+            for _ in range(10):
+                scraped = scrape(metrics_endpoint)
+                if 'op="FetchContext",outcome="ok"' in scraped:
+                    break
+                time.sleep(0.5)
+            else:
+                raise RuntimeError("the metrics endpoint did not count the fetches")
+            rows["metrics_scrape_bytes"] = len(scraped)
 
             per = max(1, n // concurrent)
             tput: dict[str, list[float]] = {"floor": [], "fetch": []}
@@ -842,6 +885,8 @@ def print_table(rows: dict[str, Any]) -> None:
         "ratio_fetch_10k_vs_10_p50": "<= 1.1",
         "ratio_fetch_max_uses_vs_unlimited_p50": "reported (a durable write per use)",
         "ratio_fetch_identity_vs_token_p50": "<= 1.2",
+        "ratio_fetch_metrics_on_vs_off_p50": "<= 1.1; the same daemon with --metrics",
+        "ratio_fetch_metrics_on_vs_off_p50_pinned": "<= 1.1; on one CPU",
         "ratio_create_8_clients_vs_1": ">= 4.0",
         "ratio_run_masked_vs_unmasked_throughput": ">= 0.5",
         "ratio_run_masked_vs_cat_throughput": "reported; cat alone through a pipe",

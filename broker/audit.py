@@ -159,6 +159,13 @@ class Audit:
     def pending(self) -> int:
         return len(self._pending) + len(self._counted)
 
+    @property
+    def oldest_pending_at(self) -> float | None:
+        """When the oldest record still buffered was made (this audit's clock), or None
+        when none is."""
+        return min((*(p[0] for p in self._pending), *(c[0] for c in self._counted.values())),
+                   default=None)
+
     async def flush(self) -> None:
         """Write every buffered record in one transaction.
 

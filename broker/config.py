@@ -9,15 +9,16 @@ exactly as the daemon does.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from .local.paths import redact_url, resolve_home, resolve_socket
+from .local.paths import MAX_SOCKET_PATH, redact_url, resolve_home, resolve_socket
 from .protocol.messages import SECRET_MASK
 
-__all__ = ["DEFAULT_AUDIT_RETENTION_S", "DEFAULT_ENV_HISTORY", "Config", "Limits", "Paths",
-           "resolve_paths"]
+__all__ = ["DEFAULT_AUDIT_RETENTION_S", "DEFAULT_ENV_HISTORY", "Config", "Limits",
+           "MetricsAddress", "Paths", "parse_metrics_address", "resolve_paths"]
 
 DEFAULT_AUDIT_RETENTION_S = 90 * 86400.0
 #: how many versions of each environment are kept (the current one among them)
@@ -66,6 +67,56 @@ class Limits(NamedTuple):
     max_auth_failures: int = 3  # bad tokens or refused grants on a connection before it is cut
 
 
+class MetricsAddress(NamedTuple):
+    """Where the metrics endpoint listens: a Unix socket (``path``) or a loopback TCP
+    port (``host``, ``port``). Built by :func:`parse_metrics_address` only."""
+
+    path: Path | None = None
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+def parse_metrics_address(text: str, what: str = "--metrics") -> MetricsAddress:
+    """``unix:PATH`` (an absolute path) or ``tcp:HOST:PORT`` with HOST a loopback address
+    (``127.0.0.1``, ``[::1]``), as given by ``what``. Raises ValueError saying what is
+    wrong: the endpoint
+    has no authentication, so nothing beyond this host's loopback or a private socket
+    is accepted, nor a host name (what it resolves to is not ours to decide)."""
+    kind, _, rest = text.partition(":")
+    if kind == "unix":
+        path = Path(rest)
+        if not rest or not path.is_absolute():
+            raise ValueError(f"{what} {text}: give the socket's absolute path "
+                             "(unix:/run/user/UID/stigmer/metrics.sock)")
+        if len(str(path).encode()) > MAX_SOCKET_PATH:
+            raise ValueError(f"{what} {text}: the path is over the {MAX_SOCKET_PATH}-byte "
+                             "limit of Unix sockets; choose a shorter one")
+        return MetricsAddress(path=path)
+    if kind == "tcp":
+        host, _, port_text = rest.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{what} {text}: give a port from 1 to 65535 "
+                             "(tcp:127.0.0.1:9464)")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{what} {text}: {host or 'the host'!r} is not an IP address; "
+                             "the endpoint listens on loopback only: tcp:127.0.0.1:PORT") from None
+        if not address.is_loopback:
+            raise ValueError(f"{what} {text}: {host} is not a loopback address, and the "
+                             "endpoint has no authentication; use tcp:127.0.0.1:PORT or "
+                             "unix:PATH, and let a local agent forward what you need")
+        return MetricsAddress(host=str(address), port=int(port_text))
+    raise ValueError(f"{what} {text}: give unix:PATH or tcp:127.0.0.1:PORT")
+
+
 class Config(NamedTuple):
     """Everything ``serve`` needs; built by the CLI, never read from the environment.
 
@@ -99,6 +150,8 @@ class Config(NamedTuple):
     store_url: str | None = None
     #: how long a broker that lost its shared store keeps serving what it cached
     stale_after_s: float = 30.0
+    #: where to serve Prometheus metrics (``--metrics``); None: no metrics
+    metrics: MetricsAddress | None = None
     #: the environment history kept: the newest this many versions of each environment,
     #: and/or those younger than this many seconds (None: no bound of that kind; the
     #: current version is always kept)

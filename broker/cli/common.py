@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from ..config import Paths
 
 __all__ = ["BROKER_VARIABLES", "EXIT_FAILED", "EXIT_NOT_RUNNING", "EXIT_OK", "EXIT_USAGE",
-           "KEY_COMMAND_VARIABLE", "KEY_CREDENTIAL", "KEY_VARIABLE", "PROG", "SOCKET_VARIABLE",
+           "KEY_COMMAND_VARIABLE", "KEY_CREDENTIAL", "KEY_VARIABLE", "METRICS_VARIABLE", "PROG",
+           "SOCKET_VARIABLE",
            "STORE_VARIABLE", "UsageError",
            "assignment_arg", "check_broker", "connect", "count_arg", "credential_arg",
            "duration_arg", "key_command_arg", "name_arg", "runner_arg", "var_arg"]
@@ -30,6 +31,8 @@ KEY_COMMAND_VARIABLE = "STIGMER_KEY_COMMAND"
 SOCKET_VARIABLE = "STIGMER_BROKER_SOCKET"
 #: the URL of a fleet's shared store (PostgreSQL)
 STORE_VARIABLE = "STIGMER_STORE_URL"
+#: where the daemon serves its metrics (what --metrics gives)
+METRICS_VARIABLE = "STIGMER_METRICS"
 #: the systemd credential (``LoadCredential=stigmer-master-key:PATH``) that holds the key
 KEY_CREDENTIAL = "stigmer-master-key"
 #: variables the broker reads for its own secrets: never passed on to a child command

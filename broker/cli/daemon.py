@@ -18,6 +18,7 @@ from .common import (
     KEY_COMMAND_VARIABLE,
     KEY_CREDENTIAL,
     KEY_VARIABLE,
+    METRICS_VARIABLE,
     STORE_VARIABLE,
     UsageError,
     connect,
@@ -30,7 +31,7 @@ from .render import duration, error, print_json, warn, when
 if TYPE_CHECKING:
     import argparse
 
-    from ..config import Paths
+    from ..config import MetricsAddress, Paths
     from ..daemon.homelock import Holder
     from ..protocol.messages import Status
 
@@ -47,6 +48,8 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     retention = _retention(args.audit_retention)
     history_versions, history_s = _env_history(args.env_history)
     _store(args)  # a mistake is a usage error before anything starts
+    metrics = _metrics(args)
+    os.environ.pop(METRICS_VARIABLE, None)  # read once, here
     key_command = key_command_arg(args.key_command, os.environ.get(KEY_COMMAND_VARIABLE))
     os.environ.pop(KEY_COMMAND_VARIABLE, None)  # read once, here
     log_file = Path(args.log_file) if args.log_file else None
@@ -85,7 +88,7 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
                     started_by=started_by, unit=unit,
                     notify_socket=notify_socket, watchdog_s=watchdog,
                     audit_retention_s=retention,
-                    store_url=store_url, stale_after_s=stale_after,
+                    store_url=store_url, stale_after_s=stale_after, metrics=metrics,
                     env_history_versions=history_versions, env_history_s=history_s)
     run(config, ready_fd=args.ready_fd, listen_socket=listen_socket)
     return EXIT_OK
@@ -105,6 +108,23 @@ def _store(args: argparse.Namespace) -> tuple[str | None, float]:
             raise UsageError("--stale-after is for a shared store: give --store too")
         stale_after = duration_arg(args.stale_after, "--stale-after", longest=3600.0)
     return url, stale_after
+
+
+def _metrics(args: argparse.Namespace) -> MetricsAddress | None:
+    """``--metrics``, else ``STIGMER_METRICS``, checked (a mistake is a usage error);
+    None when neither asks for metrics."""
+    from ..config import parse_metrics_address
+
+    if args.metrics is not None:
+        text, what = args.metrics, "--metrics"
+    else:
+        text, what = os.environ.get(METRICS_VARIABLE, ""), METRICS_VARIABLE
+    if not text:
+        return None
+    try:
+        return parse_metrics_address(text, what)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _read_credential(path: Path) -> str | None:
@@ -191,6 +211,7 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
     environment, reaches the daemon through a pipe, never through its environment."""
     import subprocess
 
+    _metrics(args)  # reported here, not in the log; STIGMER_METRICS reaches serve as it is
     try:
         with connect(paths) as client:
             status = client.status()
@@ -222,6 +243,8 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
     store_url, _ = _store(args)
     if args.stale_after is not None:
         command += ["--stale-after", args.stale_after]
+    if args.metrics is not None:
+        command += ["--metrics", args.metrics]
     env = dict(os.environ)
     # The daemon runs the command (and reads the key); `start` passes the command on in
     # the environment, and a mistake in it is reported here, not in the log.

@@ -153,6 +153,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                         "current version is always kept")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
     _store_arguments(p)
+    _metrics_argument(p)
     p = command("start", cmd_start, "start the broker in the background if it is not running")
     p.add_argument("--print-env", choices=("sh", "fish"), metavar="SHELL",
                    help="print the socket as a line for eval in sh or fish, as ssh-agent -s "
@@ -162,6 +163,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--env-history", metavar="COUNT|DURATION", help="as for serve")
     _key_command_argument(p)
     _store_arguments(p)
+    _metrics_argument(p)
     p = command("stop", cmd_stop, "stop the running broker gracefully")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for it to exit")
     p = command("status", cmd_status, "show whether the broker runs, and its figures")
@@ -446,6 +448,13 @@ def _key_command_argument(p: Any) -> None:
                    help="run CMD ARGS at start (no shell: split as a shell would) and read the "
                         "master key, base64, from what it prints; it must finish within "
                         f"{KEY_COMMAND_TIMEOUT:g} s (default: $STIGMER_KEY_COMMAND)")
+
+
+def _metrics_argument(p: Any) -> None:
+    p.add_argument("--metrics", metavar="ADDRESS",
+                   help="serve Prometheus metrics on unix:PATH (a 0600 socket in a private "
+                        "directory) or tcp:127.0.0.1:PORT (loopback only); no label holds a "
+                        "name or a value (default: $STIGMER_METRICS, else off)")
 
 
 def _store_arguments(p: Any) -> None:

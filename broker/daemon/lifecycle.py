@@ -11,6 +11,7 @@ requests finish within the grace period, close the store, remove the socket.
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import logging
 import os
@@ -20,12 +21,15 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 
 from ..config import Config, Limits
 from ..dispatch import Counters
+from ..metrics import NULL_RECORDER
 from ..protocol.errors import StartupError
 from ..store.backend import open_store, peek_store
 from ..store.backup import backup_is_tracked, no_backup_line
@@ -39,6 +43,10 @@ from .listen import BoundSocket, adopt_socket, bind_unix_socket
 from .server import Server
 from .startup import compose, refuse_replaced_store
 from .systemd import Notifier, keep_alive
+
+if TYPE_CHECKING:
+    from .metrics import PrometheusMetrics
+    from .scrape import ScrapeEndpoint
 
 __all__ = ["run", "serve"]
 
@@ -84,6 +92,17 @@ def _fit_to_open_files(limits: Limits) -> Limits:
     return limits._replace(max_connections=room)
 
 
+def _metrics(config: Config) -> tuple[ScrapeEndpoint, PrometheusMetrics] | None:
+    """The bound metrics endpoint and the registry it will serve, when ``--metrics`` asks
+    for them (prometheus_client is imported only then). Raises StartupError."""
+    if config.metrics is None:
+        return None
+    from .metrics import PrometheusMetrics
+    from .scrape import ScrapeEndpoint
+
+    return ScrapeEndpoint.bind(config.metrics), PrometheusMetrics()
+
+
 def _has_passwd_entry() -> bool:
     try:
         pwd.getpwuid(os.geteuid())
@@ -115,7 +134,10 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
     except BaseException:
         home_lock.release()
         raise
+    metrics: tuple[ScrapeEndpoint, PrometheusMetrics] | None = None
     try:
+        metrics = _metrics(config)
+        recorder = NULL_RECORDER if metrics is None else metrics[1]
         # Everything a start may be refused on is checked before the store is opened,
         # which migrates and writes it: a refused start leaves it as it was.
         peek = await peek_store(config.store_url, config.paths.store)
@@ -126,7 +148,7 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
                                     key_command=config.key_command)
         master = await find_master_key(sources, store=peek)
         store = await open_store(config.store_url, config.paths.store,
-                                 stale_after=config.stale_after_s)
+                                 stale_after=config.stale_after_s, recorder=recorder)
         try:
             vault = await Vault.unlock(store, master or await new_master_key(sources))
             counters = Counters()
@@ -134,7 +156,7 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
             broker = await compose(config, store, vault, counters, socket_path=bound.path,
                                    attest_limit=exe_grants_limit(), request_shutdown=stop.set)
             server = Server(bound.sock, broker.dispatcher, _fit_to_open_files(config.limits),
-                            counters, group_gid=gid)
+                            counters, group_gid=gid, recorder=recorder)
 
             async def shutdown() -> None:
                 async with anyio.create_task_group() as tg:
@@ -154,7 +176,15 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
                 log.warning("%s", no_backup_line(vault.key_source()))
             async with anyio.create_task_group() as background:
                 background.start_soon(broker.maintenance.run)
-                background.start_soon(follow_fleet, store, vault, broker.contexts)
+                background.start_soon(functools.partial(follow_fleet, store, vault,
+                                                        broker.contexts, recorder=recorder))
+                if metrics is not None:
+                    endpoint, prometheus = metrics
+                    await background.start(functools.partial(
+                        prometheus.sample_forever, broker.contexts, broker.dispatcher.audit,
+                        store, stale_after=config.stale_after_s,
+                        backed_up_at=broker.status.key_backed_up_at))
+                    endpoint.start(prometheus.registry)
                 if config.watchdog_s is not None:  # systemd arms it once READY=1 is sent
                     background.start_soon(keep_alive, notifier, config.watchdog_s)
                 await server.serve(shutdown, task_status=_Started(task_status, notifier,
@@ -167,6 +197,9 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
             with anyio.CancelScope(shield=True):
                 await store.close()
     finally:
+        if metrics is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(metrics[0].close)
         bound.remove()
         home_lock.release()
 

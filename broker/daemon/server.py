@@ -69,6 +69,7 @@ import anyio.abc
 from ..config import Limits
 from ..dispatch import Later
 from ..local.peer import Peer, PeerCredentials, peer_credentials
+from ..metrics import NULL_RECORDER, Recorder
 from ..protocol import (
     CLOSED,
     NEED_DATA,
@@ -122,7 +123,8 @@ class Server:
     """Accepts connections on one listening socket and answers them with one Handler."""
 
     def __init__(self, sock: socket.socket, handler: Handler, limits: Limits,
-                 counters: Counters, *, group_gid: int | None = None) -> None:
+                 counters: Counters, *, group_gid: int | None = None,
+                 recorder: Recorder = NULL_RECORDER) -> None:
         self._sock = sock
         self._handler = handler
         self._limits = limits
@@ -134,6 +136,7 @@ class Server:
         self._closing = False  # and connections end after their current request
         self._drained = anyio.Event()
         self._counters = counters
+        self.recorder = recorder
         self._refused = 0
         self._refusal_logged = -math.inf
         self._evicted = 0
@@ -230,6 +233,7 @@ class Server:
         admin = uid in (self._uid, 0)
         if not admin:
             if not self._may_connect(creds):
+                self.recorder.denied("uid")
                 log.warning("connection refused: uid %d (pid %s) is not allowed", uid,
                             creds.pid)
                 sock.close()
@@ -246,6 +250,7 @@ class Server:
                                       process=ProcessPin(sock, creds)), self._turn)
         self._conns.add(session)
         self._counters.connections = len(self._conns)
+        self.recorder.connection_opened(self._kind(session))
         assert self._tasks is not None
         self._tasks.start_soon(session.attach, sock)
 
@@ -267,10 +272,10 @@ class Server:
 
     # ------------------------------------------------------------ the sessions' calls
 
-    def spawn(self, session: _Session, request: Request, later: Later) -> None:
+    def spawn(self, session: _Session, request: Request, later: Later, started: float) -> None:
         """Answer ``request`` in a task (it must wait for the store or a worker thread)."""
         assert self._tasks is not None
-        self._tasks.start_soon(session.answer_later, request, later)
+        self._tasks.start_soon(session.answer_later, request, later, started)
 
     def answer_now(self, request: Request, peer: Peer) -> Response | Later:
         try:
@@ -284,16 +289,25 @@ class Server:
         except Exception as exc:
             return _refusal(request, exc)
 
-    def answered(self) -> None:
+    def answered(self, request: Request, reply: Response, peer: Peer, started: float,
+                 waited: bool) -> None:
         self._counters.requests += 1
+        self.recorder.answered(request, reply, peer, started, waited=waited)
 
     def lost(self, session: _Session) -> None:
         if session.state.ended_by == "timed out":
             log.info("closed a connection that timed out (slow, silent or not reading)")
+        self.recorder.connection_closed(self._kind(session))
         self._conns.discard(session)
         self._counters.connections = len(self._conns)
         if self._closing and not self._conns:
             self._drained.set()
+
+    def _kind(self, session: _Session) -> str:
+        """Who a connection is from, as the metrics say it (a fixed enumeration)."""
+        if session.peer.uid == self._uid:
+            return "owner"
+        return "other" if session.peer.admin else "runner_group"
 
     @property
     def closing(self) -> bool:
@@ -323,6 +337,7 @@ class Server:
         if not idle:
             return False
         victim = min(idle, key=lambda c: c.state.eviction_order())
+        self.recorder.evicted()
         victim.state.ended_by = "evicted"
         victim.abort()
         self._conns.discard(victim)  # its room is free now
@@ -335,6 +350,7 @@ class Server:
         return True
 
     def _refuse(self, sock: socket.socket) -> None:
+        self.recorder.refused()
         now = time.monotonic()
         self._refused += 1
         if now - self._refusal_logged >= 1.0:  # a flood gets a line a second, not a line each
@@ -492,38 +508,41 @@ class _Session(asyncio.Protocol):
             self._move(Input.REQUEST)
             if proto.version is not None and not state.greeted:
                 state.greet()
+            started = time.perf_counter()
             reply = server.answer_now(event, peer)
             if type(reply) is Later:
                 self._move(Input.DEFER)
-                server.spawn(self, event, reply)
+                server.spawn(self, event, reply, started)
                 return
-            self._reply(event, cast(Response, reply))
+            self._reply(event, cast(Response, reply), started)
 
-    async def answer_later(self, request: Request, later: Later) -> None:
+    async def answer_later(self, request: Request, later: Later, started: float) -> None:
         reply = await self._server.answer(request, later)
         if self.state.ended:
             return  # the client went away or was cut off; nothing of ours is lost
         try:
             self._move(Input.ANSWERED)
-            self._reply(request, reply)
+            self._reply(request, reply, started, waited=True)
         except Exception:  # raised out of this task, it would end the server's task group
             self._crashed()
             return
         self._pump()
 
-    def _reply(self, request: Request, reply: Response) -> None:
-        self._server.answered()
+    def _reply(self, request: Request, reply: Response, started: float, *,
+               waited: bool = False) -> None:
         try:
             data = self._proto.send(reply)
         except BrokerError as exc:  # a reply the client could not take, or not encodable
             reply = error_reply(request.id, exc)
             data = self._proto.send(reply)
         self._write(data)
+        self._server.answered(request, reply, self.peer, started, waited)
         # A refused grant counts as a bad token does: else one connection could probe
         # execution ids without end.
         refused = isinstance(reply, Error) and reply.code in (ErrorCode.UNAUTHENTICATED,
                                                               ErrorCode.PERMISSION_DENIED)
         if self.state.answered(time.monotonic(), refused=refused):
+            self._server.recorder.denied("auth_failures")
             log.warning("closing connection of pid %s: %d refused tokens or grants",
                         self.peer.pid, self.state.refusals)
             self._close()

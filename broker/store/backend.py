@@ -24,6 +24,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..metrics import NULL_RECORDER, Recorder
 from ..protocol.errors import StartupError
 from .notices import Notice
 
@@ -218,18 +219,19 @@ async def set_meta(db: Tx, items: Iterable[tuple[str, str | None]]) -> None:
                              "DO UPDATE SET value = excluded.value", (key, value))
 
 
-async def open_store(location: str | None, default: Path, *,
-                     stale_after: float = 30.0) -> Store:
+async def open_store(location: str | None, default: Path, *, stale_after: float = 30.0,
+                     recorder: Recorder = NULL_RECORDER) -> Store:
     """Open and migrate the store at ``location`` (a PostgreSQL URL), or the SQLite file
     ``default`` when it is None. ``stale_after`` is a shared store's staleness window:
-    how long a broker that lost it keeps serving what it cached. Raises StoreError."""
+    how long a broker that lost it keeps serving what it cached; its writes and commits
+    are timed into ``recorder``. Raises StoreError."""
     if location is not None:
         from .postgres import PostgresStore
 
-        return await PostgresStore.open(location, stale_after=stale_after)
+        return await PostgresStore.open(location, stale_after=stale_after, recorder=recorder)
     from .sqlite import SqliteStore
 
-    return await SqliteStore.open(default)
+    return await SqliteStore.open(default, recorder=recorder)
 
 
 async def peek_store(location: str | None, default: Path) -> StorePeek:

@@ -45,6 +45,7 @@ import anyio
 import asyncpg
 
 from ..local.paths import redact_url
+from ..metrics import NULL_RECORDER, Recorder
 from ..protocol.errors import (
     AlreadyExists,
     BrokerError,
@@ -408,8 +409,10 @@ class PostgresStore:
     legacy_rows = False
 
     def __init__(self, pool: asyncpg.Pool, url: str, schema: str, user: str, *,
-                 stale_after: float, connect_timeout: float) -> None:
+                 stale_after: float, connect_timeout: float,
+                 recorder: Recorder = NULL_RECORDER) -> None:
         self._pool = pool
+        self._recorder = recorder
         self._url = url
         self.url = redact_url(url)
         self.schema = schema
@@ -427,9 +430,10 @@ class PostgresStore:
         self._down_reason = ""
 
     @classmethod
-    async def open(cls, url: str, *, stale_after: float = 30.0,
-                   connect_timeout: float = 5.0) -> PostgresStore:
-        """Connect, then migrate under the migration lock. Raises StoreError."""
+    async def open(cls, url: str, *, stale_after: float = 30.0, connect_timeout: float = 5.0,
+                   recorder: Recorder = NULL_RECORDER) -> PostgresStore:
+        """Connect, then migrate under the migration lock; writes and commits are timed
+        into ``recorder``. Raises StoreError."""
         shown = redact_url(url)
         try:
             pool = await asyncpg.create_pool(
@@ -444,7 +448,7 @@ class PostgresStore:
                 raise StoreError(f"the store {shown} has no schema to work in (its "
                                  "search_path names none that exists); create it first")
             store = cls(pool, url, schema, user, stale_after=stale_after,
-                        connect_timeout=connect_timeout)
+                        connect_timeout=connect_timeout, recorder=recorder)
             await store._migrate()
         except BaseException as exc:
             await pool.close()
@@ -586,6 +590,7 @@ class PostgresStore:
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[PgTx]:
+        asked = time.perf_counter()
         with self._deadline() as deadline:
             for attempt in (1, 2):  # a pooled connection the database dropped: once more
                 async with self._connection() as conn:
@@ -613,6 +618,7 @@ class PostgresStore:
                         raise self._translate(exc) from None
                     # shielded from everything but the deadline: a commit sent is not
                     # abandoned for a cancelled client
+                    committing = time.perf_counter()
                     with anyio.CancelScope(shield=True, deadline=deadline.deadline) as commit:
                         try:
                             await tx.commit()
@@ -626,6 +632,9 @@ class PostgresStore:
                             f"the store {self.url} did not answer the commit within "
                             f"{self.deadline:g} s; the change may or may not have been made: "
                             "check, then retry")
+                    done = time.perf_counter()
+                    self._recorder.store_committed(done - committing, 1)
+                    self._recorder.store_written(done - asked)
                     return
 
     async def _roll_back(self, conn: Any, tx: Any) -> None:

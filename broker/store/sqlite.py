@@ -30,6 +30,7 @@ import math
 import os
 import sqlite3
 import stat
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ from typing import Any
 import aiosqlite
 import anyio
 
+from ..metrics import NULL_RECORDER, Recorder
 from ..protocol.errors import AlreadyExists, Internal, ResourceExhausted
 from .backend import (
     MASTER_KEY_ID,
@@ -290,11 +292,12 @@ class SqliteTx:
 class _Batch:
     """The writes of one group-committed transaction: done once its COMMIT has run."""
 
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "error", "writes")
 
     def __init__(self) -> None:
         self.done = False
         self.error: Exception | None = None
+        self.writes = 0
 
     def finish(self, error: Exception | None) -> None:
         self.done, self.error = True, error
@@ -305,9 +308,11 @@ class SqliteStore:
 
     shared = False
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: Path, *,
+                 recorder: Recorder = NULL_RECORDER) -> None:
         self._db = db
         self.path = path
+        self._recorder = recorder
         #: the schema version found on disk when this process opened it (0: a new store)
         self.migrated_from = len(MIGRATIONS)
         # One connection serves every task: a lock keeps one task's transaction from
@@ -337,8 +342,9 @@ class SqliteStore:
         return True
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteStore:
-        """Open (creating if needed) and migrate the store. Raises StoreError."""
+    async def open(cls, path: Path, *, recorder: Recorder = NULL_RECORDER) -> SqliteStore:
+        """Open (creating if needed) and migrate the store; its writes and commits are
+        timed into ``recorder``. Raises StoreError."""
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _private(path)
         for suffix in ("-wal", "-shm"):
@@ -349,7 +355,7 @@ class SqliteStore:
             db = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from None
-        store = cls(db, path)
+        store = cls(db, path, recorder=recorder)
         try:
             await store._setup()
         except BaseException:
@@ -428,6 +434,7 @@ class SqliteStore:
         would wait for it, so it raises ReadInWrite (use the :class:`SqliteTx` it yields).
         """
         db = self._db
+        asked = time.perf_counter()
         self._queued += 1
         try:
             await self._lock.acquire()
@@ -461,6 +468,7 @@ class SqliteStore:
                 async with self._lock:
                     if not batch.done:  # they were cancelled before their turn
                         await self._commit(batch)
+        self._recorder.store_written(time.perf_counter() - asked)
         if batch.error is not None:
             raise batch.error
 
@@ -469,6 +477,7 @@ class SqliteStore:
             with anyio.CancelScope(shield=True):
                 await self._db.execute("BEGIN IMMEDIATE")
             self._batch = _Batch()
+        self._batch.writes += 1
         return self._batch
 
     async def _undo(self, batch: _Batch) -> None:
@@ -491,6 +500,7 @@ class SqliteStore:
     async def _commit(self, batch: _Batch) -> None:
         """COMMIT the open batch (the caller holds the lock)."""
         error: Exception | None = None
+        started = time.perf_counter()
         with anyio.CancelScope(shield=True):
             try:
                 await self._db.execute("COMMIT")
@@ -500,6 +510,7 @@ class SqliteStore:
                     await self._db.execute("ROLLBACK")
         self._batch = None
         batch.finish(error)
+        self._recorder.store_committed(time.perf_counter() - started, batch.writes)
 
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run one query and return all rows, errors translated."""

@@ -146,8 +146,7 @@ def test_dotenv_is_exact_and_inert_in_every_reader(cli_broker: Paths, short_dir:
         values = {k: v for k, v in values.items() if environ.get(k) == v}
         assert set(values) >= {"BARE", "EMPTY"}, environ
     else:
-        if shutil.which(reader) is None:
-            pytest.skip(f"{reader} is not installed")
+        need_program(reader)
         environ = _environ_after([reader, "-c"], f"set -a; . {file}; {DUMP}")
         assert "EVIL" not in environ
     assert {k: environ.get(k) for k in values} == values

@@ -28,11 +28,12 @@ def test_bench_smoke(short_dir: Path) -> None:
                 "ratio_mcp_proxy_masked_vs_unmasked_throughput",
                 "ratio_mcp_proxy_masked_vs_cat_throughput",
                 "ratio_create_8_clients_vs_1", "ratio_import_client_vs_python",
-                "ratio_fetch_raw_client_p50_vs_floor_raw_client"):
+                "ratio_fetch_raw_client_p50_vs_floor_raw_client",
+                "ratio_fetch_metrics_on_vs_off_p50", "metrics_scrape_bytes"):
         assert key in rows, key
     assert set(rows["one_client"]) == {"floor", "floor_blocking", "floor_anyio",
                                        "floor_raw_client", "fetch_raw_client", "fetch", "fetch_10k",
-                                       "fetch_max_uses", "fetch_identity"}
+                                       "fetch_max_uses", "fetch_identity", "fetch_metrics_on"}
     assert "ratio_fetch_p50_vs_blocking_floor" in rows
     assert "ratio_fetch_p50_vs_anyio_floor" in rows
     assert rows["client_import_loads"] == []

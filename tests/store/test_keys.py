@@ -249,7 +249,7 @@ async def test_key_command_that_leaves_a_child_holding_its_output_times_out(
     (" \n", "printed nothing"),
     (b64(SENTINEL[:16]), "is 16 bytes"),
     (b64(SENTINEL) * 100, "printed more than 4096 bytes"),
-])
+], ids=["not-base64", "split-by-a-space", "two-keys", "blank", "16-bytes", "too-long"])
 async def test_key_command_output_that_is_not_a_key(short_dir: Path, printed: str,
                                                      message: str) -> None:
     with pytest.raises(KeySourceError, match=message) as info:

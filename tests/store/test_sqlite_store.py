@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
+from stigmer.broker.metrics import Recorder
 from stigmer.broker.protocol.errors import BrokerError
 from stigmer.broker.store.sqlite import SqliteStore
 
@@ -37,6 +38,33 @@ async def _put(store: SqliteStore, key: str, *, fail: bool = False) -> None:
         await anyio.sleep(0.02)  # the others queue up meanwhile
         if fail:
             raise ValueError("this write fails")
+
+
+class Commits(Recorder):
+    """What the store reports of its writes and commits."""
+
+    def __init__(self) -> None:
+        self.written: list[float] = []
+        self.committed: list[tuple[float, int]] = []
+
+    def store_written(self, seconds: float) -> None:
+        self.written.append(seconds)
+
+    def store_committed(self, seconds: float, writes: int) -> None:
+        self.committed.append((seconds, writes))
+
+
+async def test_each_write_and_each_group_commit_is_reported(short_dir: Path) -> None:
+    reported = Commits()
+    store = await SqliteStore.open(short_dir / "s.db", recorder=reported)
+    async with anyio.create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(_put, store, f"k{i}")
+    await store.close()
+    assert len(reported.written) == 8
+    assert sum(writes for _, writes in reported.committed) == 8  # every write, once
+    assert max(writes for _, writes in reported.committed) > 1  # a group shared a commit
+    assert all(seconds >= 0 for seconds, _ in reported.committed)
 
 
 async def test_writes_that_queue_share_one_commit(short_dir: Path) -> None:
