@@ -17,10 +17,12 @@ from typing import NamedTuple
 from .local.paths import MAX_SOCKET_PATH, redact_url, resolve_home, resolve_socket
 from .protocol.messages import SECRET_MASK
 
-__all__ = ["DEFAULT_AUDIT_RETENTION_S", "Config", "Limits", "MetricsAddress", "Paths",
-           "parse_metrics_address", "resolve_paths"]
+__all__ = ["DEFAULT_AUDIT_RETENTION_S", "DEFAULT_ENV_HISTORY", "Config", "Limits",
+           "MetricsAddress", "Paths", "parse_metrics_address", "resolve_paths"]
 
 DEFAULT_AUDIT_RETENTION_S = 90 * 86400.0
+#: how many versions of each environment are kept (the current one among them)
+DEFAULT_ENV_HISTORY = 50
 
 
 class Paths(NamedTuple):
@@ -150,6 +152,11 @@ class Config(NamedTuple):
     stale_after_s: float = 30.0
     #: where to serve Prometheus metrics (``--metrics``); None: no metrics
     metrics: MetricsAddress | None = None
+    #: the environment history kept: the newest this many versions of each environment,
+    #: and/or those younger than this many seconds (None: no bound of that kind; the
+    #: current version is always kept)
+    env_history_versions: int | None = DEFAULT_ENV_HISTORY
+    env_history_s: float | None = None
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={_shown(name, value)}"

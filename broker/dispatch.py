@@ -34,11 +34,16 @@ from .protocol import (
     ContextList,
     CreateContext,
     DeleteEnvironment,
+    DiffEnvironmentVersions,
     Environment,
+    EnvironmentDiff,
+    EnvironmentHistory,
     EnvironmentList,
+    EnvironmentVersion,
     FetchContext,
     GetContext,
     GetEnvironment,
+    GetEnvironmentVersion,
     GetStatus,
     Hello,
     IssueToken,
@@ -46,12 +51,15 @@ from .protocol import (
     ListAudit,
     ListContexts,
     ListEnvironments,
+    ListEnvironmentVersions,
     Ok,
     PutEnvironment,
     QuarantineAudit,
     ReleaseContext,
     Request,
     Response,
+    RollbackEnvironment,
+    RolledBack,
     RotateKey,
     Shutdown,
     Status,
@@ -151,7 +159,7 @@ class Dispatcher:
                 self._request_shutdown()
                 return Ok(id=rid)
             case PutEnvironment(name=name, data=data):
-                await self.environments.put(name, data)
+                await self.environments.put(name, data, actor_uid=peer.uid)
                 await self._changed("environment.set", peer, name, sorted(data))
                 return await self._environment(rid, name, reveal=False)
             case GetEnvironment(name=name, reveal=reveal):
@@ -162,7 +170,7 @@ class Dispatcher:
                     id=rid, environments=envs[:n], next_page_token=token),
                     envs, more, lambda e: e.name)
             case UnsetVariables(name=name, keys=keys):
-                await self.environments.unset(name, keys)
+                await self.environments.unset(name, keys, actor_uid=peer.uid)
                 await self._changed("environment.unset", peer, name, sorted(keys))
                 return await self._environment(rid, name, reveal=False)
             case DeleteEnvironment(name=name):
@@ -173,7 +181,8 @@ class Dispatcher:
                 names = [s.name for s in specs]
                 if len(set(names)) != len(names):
                     raise InvalidArgument("the same environment appears twice in one apply")
-                changes = await self.environments.apply(specs, dry_run=dry_run)
+                changes = await self.environments.apply(specs, dry_run=dry_run,
+                                                        actor_uid=peer.uid)
                 if not dry_run:
                     for spec in specs:
                         await self._changed("environment.applied", peer, spec.name,
@@ -209,13 +218,14 @@ class Dispatcher:
                 return TokenIssued(id=rid, execution_id=execution_id, token=issued.token,
                                    token_id=issued.token_id, expires_at=expires_at)
             case GetContext(execution_id=execution_id):
-                context, key_infos, token_infos = await self.contexts.describe(execution_id)
+                context, described, token_infos = await self.contexts.describe(execution_id)
                 grant = context.grant
                 return ContextInfo(id=rid, execution_id=execution_id,
                                    created_at=context.created_at, expires_at=context.expires_at,
-                                   keys=key_infos, tokens=token_infos,
+                                   keys=described.keys, tokens=token_infos,
                                    runners=list(grant.runners) if grant else [],
-                                   runner_uses=grant.uses if grant else 0)
+                                   runner_uses=grant.uses if grant else 0,
+                                   environments=described.environments)
             case ListContexts(page_size=size, page_token=after):
                 contexts, more = await self.contexts.summaries(after=after, limit=size)
                 return self._page(lambda n, token: ContextList(
@@ -251,6 +261,30 @@ class Dispatcher:
             case QuarantineAudit(seq=seq):
                 await self.audit.quarantine(seq, peer_uid=peer.uid, peer_pid=peer.pid)
                 return Ok(id=rid)
+            # environment history
+            case ListEnvironmentVersions(name=name, page_size=size, page_token=token):
+                if token and not token.isdigit():
+                    raise InvalidArgument("page_token is not one this broker gave; start "
+                                          "again without it")
+                current, versions, more = await self.environments.history(
+                    name, before=int(token) if token else None, limit=size)
+                return self._page(lambda n, next_token: EnvironmentHistory(
+                    id=rid, name=name, current=current, versions=versions[:n],
+                    next_page_token=next_token), versions, more, lambda v: str(v.version))
+            case GetEnvironmentVersion(name=name, version=version, reveal=reveal):
+                info, views = await self.environments.version(name, version, reveal=reveal)
+                return EnvironmentVersion(id=rid, name=name, info=info, data=views)
+            case DiffEnvironmentVersions(name=name, from_version=old, to_version=new,
+                                         reveal=reveal):
+                diff = await self.environments.diff(name, old, new, reveal=reveal)
+                return EnvironmentDiff(id=rid, name=name, from_version=old, to_version=new,
+                                       keys=diff)
+            case RollbackEnvironment(name=name, to_version=version):
+                info = await self.environments.rollback(name, version, actor_uid=peer.uid)
+                await self._changed("environment.rolled_back", peer,
+                                    f"{name} to version {version} (now version {info.version})",
+                                    sorted({*info.added, *info.changed, *info.removed}))
+                return RolledBack(id=rid, name=name, info=info)
         raise InvalidArgument(f"{type(request).__name__} is not a request this broker serves")
 
     def _page(self, reply: Callable[[int, str], _R], entries: Sequence[_T], more: bool,

@@ -18,14 +18,17 @@ from stigmer.broker.local.peer import peer_credentials
 from stigmer.broker.local.trust import refused_socket
 from stigmer.broker.protocol import (
     MAX_VALUE_LENGTH,
+    DiffEnvironmentVersions,
     Error,
     FetchContext,
     GetContext,
     GetEnvironment,
+    GetEnvironmentVersion,
     GetStatus,
     ListAudit,
     ListContexts,
     ListEnvironments,
+    ListEnvironmentVersions,
     Response,
     SpecEntry,
     Variable,
@@ -57,7 +60,8 @@ def default_socket(environ: Mapping[str, str] | None = None) -> str:
 #: requests a client may send again on a fresh connection when the old one was closed
 #: before any reply arrived: reads and fetches, never writes
 RETRY_SAFE = (FetchContext, GetStatus, GetEnvironment, ListEnvironments, GetContext,
-              ListContexts, ListAudit, VerifyAudit)
+              ListContexts, ListAudit, VerifyAudit,
+              ListEnvironmentVersions, GetEnvironmentVersion, DiffEnvironmentVersions)
 
 
 class Backoff:

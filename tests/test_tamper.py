@@ -262,15 +262,41 @@ async def test_a_forged_checkpoint_is_detected(paths: Paths) -> None:
 # ------------------------------------------------------------- older stores
 
 
+async def _contexts_as_before_versions(paths: Paths) -> None:
+    """Context rows as a broker before migration 7 wrote them: no environment versions,
+    their MACs without (what dropping the column in :func:`_undo_schema_7` needs)."""
+    from sealed import open_sealed
+
+    from stigmer.broker.store.crypto import Row
+
+    sealed = await open_sealed(paths.store)
+    try:
+        async with sealed.store.write() as db:
+            for row in await db.fetchall("SELECT id, execution_id, created_at, expires_at, "
+                                         "keys, sealed FROM contexts"):
+                await db.execute("UPDATE contexts SET mac = ?, environments = NULL WHERE "
+                                 "id = ?", (sealed.vault.mac(Row.context(*row)), row[0]))
+    finally:
+        await sealed.close()
+
+
+def _undo_schema_7(db: sqlite3.Connection) -> None:
+    """What migration 7 added, taken out again (the store is then at version 6)."""
+    db.execute("DROP TABLE IF EXISTS environment_versions")
+    db.execute("ALTER TABLE contexts DROP COLUMN environments")
+    db.execute("PRAGMA user_version = 6")
+
+
 def _undo_schema_6(db: sqlite3.Connection) -> None:
-    """What migration 6 added, taken out again (the store is then at version 5)."""
+    """What migrations 6 and 7 added, taken out again (the store is then at version 5)."""
+    _undo_schema_7(db)
     db.execute("DROP INDEX IF EXISTS contexts_by_expiry")
     db.execute("DROP INDEX IF EXISTS tokens_by_expiry")
     db.execute("PRAGMA user_version = 5")
 
 
 def _undo_schema_5(db: sqlite3.Connection) -> None:
-    """What migrations 5 and 6 added, taken out again (the store is then at version 4)."""
+    """What migrations 5 to 7 added, taken out again (the store is then at version 4)."""
     _undo_schema_6(db)
     for trigger in ("audit_seq_follows", "tokens_uses_never_down", "audit_no_delete"):
         db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
@@ -295,7 +321,7 @@ def _as_schema_2(paths: Paths) -> None:
         db.execute("CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit "
                    "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END")
         db.execute("PRAGMA user_version = 2")
-    assert len(MIGRATIONS) == 6  # a new migration must be undone here too
+    assert len(MIGRATIONS) == 7  # a new migration must be undone here too
 
 
 async def test_a_store_from_before_row_macs_is_authenticated_once(paths: Paths) -> None:
@@ -336,6 +362,7 @@ async def test_a_schema_3_store_keeps_its_token_macs_across_migration_4(paths: P
         await two_environments(client)
         token = (await client.create_context("a", environments=["prod"], max_uses=5)).token
         await client.fetch_context(token)
+    await _contexts_as_before_versions(paths)
     with sqlite3.connect(paths.store) as db:
         _undo_schema_5(db)
         db.execute("ALTER TABLE tokens DROP COLUMN runners")
@@ -353,13 +380,14 @@ async def test_a_schema_4_store_migrates_to_5_and_keeps_working(paths: Paths) ->
         await two_environments(client)
         token = (await client.create_context("a", environments=["prod"], max_uses=3)).token
         await client.fetch_context(token)
+    await _contexts_as_before_versions(paths)
     with sqlite3.connect(paths.store) as db:
         _undo_schema_5(db)
     async with running(paths) as client:
         assert (await client.fetch_context(token))["S"] == "prod-secret"
         assert (await client.verify_audit()).ok
     with sqlite3.connect(paths.store) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 6
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 7
         with pytest.raises(sqlite3.IntegrityError, match="never goes down"):
             db.execute("UPDATE tokens SET uses = 0")
         with pytest.raises(sqlite3.IntegrityError, match="number after the last"):
@@ -446,3 +474,48 @@ async def test_status_says_what_verify_last_found(paths: Paths) -> None:
         await client.quarantine_audit(3)
         assert (await client.verify_audit()).ok
         assert (await client.status()).audit_problem == ""
+
+
+# ------------------------------------------------------------- environment history
+
+
+async def _two_versions(paths: Paths) -> None:
+    async with running(paths) as client:
+        await two_environments(client)
+        await client.put_environment("prod", variables({"MODE": "live"}, {"S": "new-secret"}))
+
+
+_PROD_V1 = "version = 1 AND env_id = (SELECT id FROM environments WHERE name = 'prod')"
+
+
+@pytest.mark.parametrize("change", [
+    f"UPDATE environment_versions SET actor_uid = 4242 WHERE {_PROD_V1}",
+    f"UPDATE environment_versions SET changes = replace(changes, 'MODE', 'EDOM') "
+    f"WHERE {_PROD_V1}",
+    # the envelope of version 2 (which would open only as version 2) put in version 1
+    "UPDATE environment_versions SET sealed = (SELECT sealed FROM environment_versions v "
+    "WHERE v.env_id = environment_versions.env_id AND v.version = 2) "
+    f"WHERE {_PROD_V1}",
+    # version 1 of dev put in place of version 1 of prod
+    f"DELETE FROM environment_versions WHERE {_PROD_V1}; UPDATE environment_versions SET "
+    "env_id = (SELECT id FROM environments WHERE name = 'prod') WHERE version = 1",
+])
+async def test_a_tampered_version_row_is_refused(paths: Paths, change: str) -> None:
+    """A version row edited, given another version's envelope, or moved to another
+    environment, is refused by name wherever it is read; the environment as it is now,
+    and its other versions, are not affected."""
+    await _two_versions(paths)
+    with sqlite3.connect(paths.store) as db:
+        db.executescript(change)
+    async with running(paths) as client:
+        where = "version 1 of environment 'prod'"
+        await refused(lambda: client.environment_history("prod"), where)
+        await refused(lambda: client.get_environment_version("prod", 1, reveal=True), where)
+        await refused(lambda: client.diff_environment_versions("prod", 1, 2), where)
+        await refused(lambda: client.rollback_environment("prod", 1), where)
+        assert (await client.get_environment("prod", reveal=True)).data["S"].value \
+            == "new-secret"
+        assert (await client.get_environment_version("prod", 2, reveal=True)).data["S"].value \
+            == "new-secret"
+        assert (await client.get_environment("dev", reveal=True)).data["S"].value \
+            == "dev-secret"

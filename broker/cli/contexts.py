@@ -97,9 +97,14 @@ def cmd_context_show(args: argparse.Namespace, paths: Paths) -> int:
                                  "expires_at": t.expires_at, "uses": t.uses,
                                  "uses_left": None if t.max_uses is None
                                  else max(t.max_uses - t.uses, 0)} for t in info.tokens],
-                     "runners": info.runners, "runner_uses": info.runner_uses})
+                     "runners": info.runners, "runner_uses": info.runner_uses,
+                     "environments": [{"name": e.name, "version": e.version}
+                                      for e in info.environments]})
         return EXIT_OK
     print(f"context {info.execution_id} (expires {when(info.expires_at)})")
+    if info.environments:
+        print("merged " + ", ".join(f"environment {e.name} version {e.version}"
+                                    for e in info.environments))
     width = max((len(k.key) for k in info.keys), default=0)
     for k in info.keys:
         print(f"  {k.key:<{width}}  {'secret' if k.is_secret else 'plain ':<6}  from {k.source}")

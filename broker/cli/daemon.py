@@ -46,6 +46,7 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
     from ..daemon.systemd import inherited_socket, systemd_unit, watchdog_interval
 
     retention = _retention(args.audit_retention)
+    history_versions, history_s = _env_history(args.env_history)
     _store(args)  # a mistake is a usage error before anything starts
     metrics = _metrics(args)
     os.environ.pop(METRICS_VARIABLE, None)  # read once, here
@@ -87,7 +88,8 @@ def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
                     started_by=started_by, unit=unit,
                     notify_socket=notify_socket, watchdog_s=watchdog,
                     audit_retention_s=retention,
-                    store_url=store_url, stale_after_s=stale_after, metrics=metrics)
+                    store_url=store_url, stale_after_s=stale_after, metrics=metrics,
+                    env_history_versions=history_versions, env_history_s=history_s)
     run(config, ready_fd=args.ready_fd, listen_socket=listen_socket)
     return EXIT_OK
 
@@ -145,6 +147,26 @@ def _retention(text: str) -> float | None:
         raise UsageError(f"--audit-retention {text!r} is under a day: audit records are what "
                          "you read after an incident; keep them at least 1d")
     return seconds
+
+
+def _env_history(text: str) -> tuple[int | None, float | None]:
+    """``--env-history``: how many versions of each environment to keep (a count, at least
+    1), or for how long (a duration, at least an hour), or ``forever``; returned as (count,
+    seconds), the other None."""
+    text = text.strip()
+    if text == "forever":
+        return None, None
+    if text.isdigit():
+        count = int(text)
+        if not 1 <= count <= 1_000_000:
+            raise UsageError(f"--env-history {text}: keep 1 to 1000000 versions (the current "
+                             "one counts), or give a duration such as 90d")
+        return count, None
+    seconds = duration_arg(text, "--env-history", longest=100 * 366 * 86400.0)
+    if seconds < 3600:
+        raise UsageError(f"--env-history {text!r} is under an hour: a rollback needs the "
+                         "versions it goes back to; keep them at least 1h, or give a count")
+    return None, seconds
 
 
 def _serving_home_elsewhere(paths: Paths) -> Holder | None:
@@ -215,6 +237,9 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
     if args.audit_retention:
         _retention(args.audit_retention)  # a mistake is reported here, not in the log
         command += ["--audit-retention", args.audit_retention]
+    if args.env_history:
+        _env_history(args.env_history)  # as --audit-retention
+        command += ["--env-history", args.env_history]
     store_url, _ = _store(args)
     if args.stale_after is not None:
         command += ["--stale-after", args.stale_after]

@@ -28,7 +28,10 @@ from .daemon import cmd_serve, cmd_start, cmd_status, cmd_stop
 from .environments import (
     cmd_apply,
     cmd_env_delete,
+    cmd_env_diff,
+    cmd_env_history,
     cmd_env_list,
+    cmd_env_rollback,
     cmd_env_set,
     cmd_env_show,
     cmd_env_unset,
@@ -144,6 +147,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--audit-retention", metavar="DURATION", default="90d",
                    help="remove audit records older than this, behind a checkpoint that keeps "
                         "the chain verifiable (default 90d; 'forever' keeps them all)")
+    p.add_argument("--env-history", metavar="COUNT|DURATION", default="50",
+                   help="keep this many versions of each environment (default 50), or those "
+                        "younger than a duration such as 90d ('forever' keeps them all); the "
+                        "current version is always kept")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
     _store_arguments(p)
     _metrics_argument(p)
@@ -153,6 +160,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                         "does: eval \"$(stigmer-broker start --print-env sh)\"")
     p.add_argument("--allow-group", metavar="GROUP", help="as for serve")
     p.add_argument("--audit-retention", metavar="DURATION", help="as for serve")
+    p.add_argument("--env-history", metavar="COUNT|DURATION", help="as for serve")
     _key_command_argument(p)
     _store_arguments(p)
     _metrics_argument(p)
@@ -179,6 +187,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = command("show", cmd_env_show, "show an environment (secrets masked)", env_sub, "env")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--reveal", action="store_true", help="show secret values")
+    p.add_argument("--version", metavar="N",
+                   help="show version N of it (`env history` lists them)")
     p = command("list", cmd_env_list, "list environments", env_sub, "env")
     p = command("unset", cmd_env_unset, "remove variables from an environment", env_sub,
                 "env")
@@ -187,6 +197,21 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = command("delete", cmd_env_delete, "delete an environment", env_sub, "env")
     p.add_argument("name", metavar="NAME")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p = command("history", cmd_env_history,
+                "list an environment's versions: when, by whom, which keys (names only)",
+                env_sub, "env")
+    p.add_argument("name", metavar="NAME")
+    p = command("diff", cmd_env_diff, "compare two versions of an environment (key names)",
+                env_sub, "env")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("from_version", metavar="A")
+    p.add_argument("to_version", metavar="B")
+    p.add_argument("--reveal", action="store_true", help="show the values too, secrets included")
+    p = command("rollback", cmd_env_rollback,
+                "set an environment back to an earlier version (written as a new version)",
+                env_sub, "env")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--to", required=True, metavar="N", help="the version to go back to")
 
     p = command("apply", cmd_apply, "apply Environment manifests (YAML, one or more documents)")
     p.add_argument("-f", "--file", required=True, metavar="FILE", help="manifest file, - for stdin")

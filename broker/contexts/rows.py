@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from ..protocol import KeyInfo
+from ..protocol import KeyInfo, MergedEnvironment
 from ..store.backend import Store, Tx
 from ..store.crypto import Place, Row
 from ..store.notices import ContextEnded
@@ -24,12 +24,13 @@ from ..store.vault import Vault, log_refused
 from ..tokens import NewToken, new_token
 from .index import LiveContext, LiveToken
 
-__all__ = ["ContextRows", "Read", "Swept", "new_context"]
+__all__ = ["ContextRows", "Described", "Read", "Swept", "new_context"]
 
 log = logging.getLogger("stigmer.broker")
 
 _KEYS_DECODER = msgspec.json.Decoder(list[KeyInfo])
 _RUNNERS_DECODER = msgspec.json.Decoder(list[str])
+_MERGED_DECODER = msgspec.json.Decoder(list[MergedEnvironment])
 
 
 def new_context(row_id: int, execution_id: str, sealed: bytes, keys: list[KeyInfo],
@@ -46,6 +47,15 @@ class Read:
 
     contexts: list[LiveContext]
     refused: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Described:
+    """What a context's row says beside its envelope: its keys (no values), and the
+    version of each environment it merged (empty in a row from before versions)."""
+
+    keys: list[KeyInfo]
+    environments: list[MergedEnvironment]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -69,7 +79,8 @@ class ContextRows:
         rows = await self._store.read(
             "SELECT c.id, c.execution_id, c.sealed, c.keys, c.created_at, c.expires_at, c.mac, "
             "t.id, t.hash, t.created_at, t.expires_at, t.max_uses, t.uses, t.runners, t.mac, "
-            "d.expires_at, d.mac FROM contexts c LEFT JOIN tokens t ON t.context_id = c.id "
+            "d.expires_at, d.mac, c.environments FROM contexts c "
+            "LEFT JOIN tokens t ON t.context_id = c.id "
             f"LEFT JOIN tombstones d ON d.context_id = c.id WHERE {condition} ORDER BY c.id",
             params)
         vault = self._vault
@@ -82,7 +93,7 @@ class ContextRows:
         refused: dict[str, int] = {}
         for (row_id, execution_id, sealed, keys_json, created_at, expires_at, mac,
              tid, hash_, t_created, t_expires, max_uses, uses, runners, t_mac,
-             *_tombstone) in rows:
+             _, _, merged) in rows:
             if row_id in completed:
                 if row_id not in found:
                     log.warning("the context of execution %r was completed, yet its row is "
@@ -92,7 +103,7 @@ class ContextRows:
                 continue
             if row_id not in found:
                 if vault.check(Row.context(row_id, execution_id, created_at, expires_at,
-                                           keys_json, sealed), mac):
+                                           keys_json, sealed, merged), mac):
                     found[row_id] = new_context(row_id, execution_id, sealed,
                                                 _KEYS_DECODER.decode(keys_json), created_at,
                                                 expires_at)
@@ -114,16 +125,18 @@ class ContextRows:
                 context.tokens[token.token_id] = token
         return Read([c for c in found.values() if c is not None], refused)
 
-    async def keys(self, context: LiveContext) -> list[KeyInfo] | None:
-        """The key summary of ``context``; None when its row does not check."""
-        rows = await self._store.read("SELECT keys, mac FROM contexts WHERE id = ?",
-                                      (context.row_id,))
-        keys_json, mac = rows[0] if rows else ("[]", None)
+    async def describe(self, context: LiveContext) -> Described | None:
+        """The key summary of ``context`` and the environment versions it merged; None
+        when its row does not check."""
+        rows = await self._store.read(
+            "SELECT keys, mac, environments FROM contexts WHERE id = ?", (context.row_id,))
+        keys_json, mac, merged = rows[0] if rows else ("[]", None, None)
         if not self._vault.check(Row.context(context.row_id, context.execution_id,
                                              context.created_at, context.expires_at,
-                                             keys_json, context.sealed), mac):
+                                             keys_json, context.sealed, merged), mac):
             return None
-        return _KEYS_DECODER.decode(keys_json)
+        return Described(_KEYS_DECODER.decode(keys_json),
+                         _MERGED_DECODER.decode(merged) if merged is not None else [])
 
     async def live_counts(self, now: float) -> tuple[int, int]:
         """(live contexts, live tokens) in the store: a fleet's, not one broker's."""
@@ -154,20 +167,22 @@ class ContextRows:
         return len(contexts) + len(tokens)
 
     async def insert(self, execution_id: str, plaintext: bytes, keys: list[KeyInfo],
-                     now: float, expires_at: float, *, token: NewToken | None,
+                     merged: list[MergedEnvironment], now: float, expires_at: float, *,
+                     token: NewToken | None,
                      token_expires: float, max_uses: int | None,
                      runners: list[str]) -> tuple[LiveContext, LiveToken | None]:
         """Seal and store a new context with its first token and its grant, in one
         transaction; return it (its grant attached) and the token's entry."""
         keys_json = msgspec.json.encode(keys).decode()
+        merged_json = msgspec.json.encode(merged).decode()
         async with self._store.write() as db:
             row_id = await db.insert(
-                "INSERT INTO contexts(execution_id, sealed, keys, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?) RETURNING id",
-                (execution_id, b"", keys_json, now, expires_at))
+                "INSERT INTO contexts(execution_id, sealed, keys, created_at, expires_at, "
+                "environments) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                (execution_id, b"", keys_json, now, expires_at, merged_json))
             sealed = self._vault.seal(plaintext, Place.context(row_id, execution_id))
             mac = self._vault.mac(Row.context(row_id, execution_id, now, expires_at,
-                                              keys_json, sealed))
+                                              keys_json, sealed, merged_json))
             await db.execute("UPDATE contexts SET sealed = ?, mac = ? WHERE id = ?",
                              (sealed, mac, row_id))
             context = new_context(row_id, execution_id, sealed, keys, now, expires_at)

@@ -28,7 +28,7 @@ from ..environments import MAX_ENVIRONMENT_BYTES, Environments, check_values
 from ..grants import canonical_grants, hashes_binaries, matching_selector
 from ..local.peer import Peer
 from ..merge import merge
-from ..protocol import ContextSummary, CreateContext, KeyInfo, TokenInfo
+from ..protocol import ContextSummary, CreateContext, KeyInfo, MergedEnvironment, TokenInfo
 from ..protocol.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -54,7 +54,7 @@ from .index import (
     Match,
     Need,
 )
-from .rows import ContextRows, Read
+from .rows import ContextRows, Described, Read
 
 __all__ = ["Contexts", "Created", "match_process"]
 
@@ -206,11 +206,14 @@ class Contexts:
         check_values(request.env_spec, "env_spec entry ")
         check_values(request.runtime, "runtime variable ")
         layers = []
+        versions = []
         for name in request.environments:
             try:
-                layers.append((name, await self._environments.resolve(name)))
+                variables, version = await self._environments.resolve(name)
             except NotFound:
                 raise NotFound(f"environment {name!r} does not exist") from None
+            layers.append((name, variables))
+            versions.append(MergedEnvironment(name=name, version=version))
         merged = merge(request.env_spec, layers, request.runtime)
         keys = merged.keys()
         plaintext = _VARS_ENCODER.encode(merged.variables)
@@ -222,13 +225,15 @@ class Contexts:
         token = new_token() if with_token else None
         token_expires = min(now + request.token_ttl_s, expires_at) if token else 0.0
         context, entry = await self.rows.insert(
-            execution_id, plaintext, keys, now, expires_at, token=token,
+            execution_id, plaintext, keys, versions, now, expires_at, token=token,
             token_expires=token_expires, max_uses=request.max_uses, runners=runners)
         self.index.install([context])
         if entry is not None:
             self.index.add_token(entry)
         self._record("context.created", "ok", peer, execution_id,
                      detail=f"{len(keys)} key{'s' * (len(keys) != 1)}, expires {expires_at:.0f}"
+                     + (f", environments {', '.join(f'{v.name} v{v.version}' for v in versions)}"
+                        if versions else "")
                      + (f", runners {'; '.join(runners)}" if runners else ""))
         if token is not None:
             self._record("token.issued", "ok", peer, execution_id, token.token_id)
@@ -253,16 +258,16 @@ class Contexts:
         return token, expires_at
 
     async def describe(self, execution_id: str
-                       ) -> tuple[LiveContext, list[KeyInfo], list[TokenInfo]]:
-        """A live context, its key summary and its usable tokens (``context.grant`` holds
-        its runner selectors)."""
+                       ) -> tuple[LiveContext, Described, list[TokenInfo]]:
+        """A live context, its key summary and the environment versions it merged, and
+        its usable tokens (``context.grant`` holds its runner selectors)."""
         if self._shared:  # fresh use counts: other brokers count too
             found = await self._lookup("c.execution_id = ?", (execution_id,))
             context = self.index.alive(execution_id, found[0] if found else None)
         else:
             context = await self._live(execution_id)
-        keys = await self.rows.keys(context)
-        if keys is None:
+        described = await self.rows.describe(context)
+        if described is None:
             raise tampered(f"the key summary of execution {execution_id!r}",
                            "complete the context and create it again")
         now = self._clock()
@@ -270,7 +275,7 @@ class Contexts:
                             expires_at=t.expires_at, uses=t.uses, max_uses=t.max_uses)
                   for t in sorted(context.tokens.values(), key=lambda t: t.created_at)
                   if t.usable(now)]
-        return context, keys, tokens
+        return context, described, tokens
 
     async def summaries(self, *, after: str = "",
                         limit: int = 1000) -> tuple[list[ContextSummary], bool]:

@@ -1,5 +1,6 @@
 """The broker's housekeeping, on a schedule of its own: flush the audit buffer, sweep
-expired contexts, apply the audit retention, give free pages back."""
+expired contexts, apply the audit and environment history retentions, give free pages
+back."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import anyio
 
 from ..audit import Audit
 from ..contexts import Contexts
+from ..environments import Environments
 from ..protocol.errors import BrokerError
 from ..store.backend import Store
 
@@ -21,11 +23,12 @@ log = logging.getLogger("stigmer.broker")
 class Maintenance:
     """Runs until cancelled (:meth:`run`); :meth:`close` writes what is still buffered."""
 
-    def __init__(self, store: Store, audit: Audit, contexts: Contexts, *,
-                 retention_s: float | None) -> None:
+    def __init__(self, store: Store, audit: Audit, contexts: Contexts,
+                 environments: Environments, *, retention_s: float | None) -> None:
         self._store = store
         self._audit = audit
         self._contexts = contexts
+        self._environments = environments
         self._retention_s = retention_s
 
     async def run(self, *, flush_interval: float = 0.2, sweep_interval: float = 10.0,
@@ -53,9 +56,11 @@ class Maintenance:
                 log.exception("background maintenance failed; retrying")
 
     async def retain(self) -> None:
-        """Cut the audit records older than the retention (when one is set)."""
+        """Cut the audit records older than the retention (when one is set), and the
+        environment versions older than theirs (when it is a duration)."""
         retention = self._retention_s
-        if retention is not None and await self._audit.prune(time.time() - retention):
+        pruned = retention is not None and await self._audit.prune(time.time() - retention)
+        if await self._environments.prune_history() or pruned:
             await self._store.reclaim()
 
     async def close(self) -> None:

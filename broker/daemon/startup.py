@@ -20,7 +20,7 @@ from ..audit import Audit
 from ..config import Config
 from ..contexts import Contexts
 from ..dispatch import Counters, Dispatcher
-from ..environments import Environments
+from ..environments import Environments, Retention
 from ..store.anchor import HeadAnchor
 from ..store.backend import Store, StoreError, StorePeek
 from ..store.vault import Vault
@@ -59,7 +59,8 @@ async def compose(config: Config, store: Store, vault: Vault, counters: Counters
                   request_shutdown: Callable[[], None]) -> Composed:
     """Build the broker over ``store`` and bring its rows up to date."""
     anchor = HeadAnchor(config.paths.audit_anchor, journal=bool(config.unit))
-    environments = Environments(store, vault)
+    environments = Environments(store, vault, Retention(
+        versions=config.env_history_versions, seconds=config.env_history_s))
     audit = Audit(store, vault, anchor=anchor)
     contexts = Contexts(store, vault, environments, audit)
     if store.legacy_rows:
@@ -79,5 +80,6 @@ async def compose(config: Config, store: Store, vault: Vault, counters: Counters
                             request_shutdown=request_shutdown,
                             largest_reply=config.limits.max_frame_size - 1024)
     return Composed(dispatcher, status,
-                    Maintenance(store, audit, contexts, retention_s=config.audit_retention_s),
+                    Maintenance(store, audit, contexts, environments,
+                                retention_s=config.audit_retention_s),
                     contexts)

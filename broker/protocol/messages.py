@@ -39,6 +39,11 @@ __all__ = [
     "Variable", "VariableView", "EnvironmentSpec", "EnvironmentSummary",
     "NAME_PATTERN", "VAR_NAME_PATTERN", "MAX_NAME_LENGTH", "MAX_VALUE_LENGTH", "MAX_PAGE_SIZE",
     "error_reply", "AnyRequest", "AnyResponse", "SECRET_MASK",
+    # environment history
+    "MergedEnvironment", "EnvironmentVersionInfo", "KeyDiff",
+    "ListEnvironmentVersions", "GetEnvironmentVersion", "DiffEnvironmentVersions",
+    "RollbackEnvironment",
+    "EnvironmentHistory", "EnvironmentVersion", "EnvironmentDiff", "RolledBack",
 ]
 
 #: what a secret value shows as wherever it is masked (reprs, the CLI, log records)
@@ -223,6 +228,42 @@ class AuditRecord(_ReplyData, frozen=True):
     peer_pid: int | None = None
     detail: str = ""
     hash: str = ""
+
+
+# ------------------------------------------------------------ environment history records
+
+#: an environment's version number (the first is 1)
+VersionNumber = Annotated[int, Meta(ge=1, le=2**63 - 1)]
+
+
+class MergedEnvironment(_Data, frozen=True):
+    """An environment a context merged, and which of its versions."""
+
+    name: str
+    version: Count
+
+
+class EnvironmentVersionInfo(_Data, frozen=True):
+    """One version of an environment: when, by whom, which keys it changed. Names only,
+    never a value."""
+
+    version: int
+    created_at: float
+    actor_uid: int | None  # who made it; None: from before history was kept
+    added: list[str]
+    changed: list[str]  # a different value, or a change between plain and secret
+    removed: list[str]
+    restored_from: int | None = None  # the version a rollback restored
+
+
+class KeyDiff(_Data, frozen=True):
+    """One key that differs between two versions; ``before``/``after`` is absent where the
+    key is, and holds a value only when revealed."""
+
+    key: str
+    change: str  # "added", "changed" or "removed"
+    before: VariableView | None = None
+    after: VariableView | None = None
 
 
 def _masked_token(cls_name: str, fields: dict[str, object]) -> str:
@@ -425,6 +466,43 @@ class QuarantineAudit(Request, frozen=True, kw_only=True):
     seq: Annotated[int, Meta(ge=1, le=2**63 - 1)]
 
 
+# ------------------------------------------------------------ environment history requests
+
+
+class ListEnvironmentVersions(Request, frozen=True, kw_only=True):
+    """List the versions an environment keeps, newest first, a page at a time (names
+    only)."""
+
+    name: Name
+    page_size: PageSize = 500
+    page_token: PageToken = ""
+
+
+class GetEnvironmentVersion(Request, frozen=True, kw_only=True):
+    """Read one version of an environment; secret values only when ``reveal`` is set."""
+
+    name: Name
+    version: VersionNumber
+    reveal: bool = False
+
+
+class DiffEnvironmentVersions(Request, frozen=True, kw_only=True):
+    """Compare two versions of an environment: key names, and values only when
+    ``reveal`` is set."""
+
+    name: Name
+    from_version: VersionNumber
+    to_version: VersionNumber
+    reveal: bool = False
+
+
+class RollbackEnvironment(Request, frozen=True, kw_only=True):
+    """Set an environment back to the variables of an earlier version, as a new version."""
+
+    name: Name
+    to_version: VersionNumber
+
+
 # -------------------------------------------------------------------------- responses
 
 
@@ -554,6 +632,8 @@ class ContextInfo(Response, frozen=True, kw_only=True):
     tokens: list[TokenInfo]
     runners: list[str] = []  # who may open it by execution id (selectors, names resolved)
     runner_uses: int = 0  # fetches by those runners so far
+    #: the version of each environment it merged (empty: created before versions were kept)
+    environments: list[MergedEnvironment] = []
 
 
 class ContextList(Response, frozen=True, kw_only=True):
@@ -622,19 +702,63 @@ class Error(Response, frozen=True, kw_only=True):
     supported_versions: list[int] = []
 
 
+# ----------------------------------------------------------- environment history responses
+
+
+class EnvironmentHistory(Response, frozen=True, kw_only=True):
+    """Answer to ListEnvironmentVersions: versions newest first; ``current`` is the
+    environment's version now; ``next_page_token`` asks for older ones (empty: none)."""
+
+    name: str
+    current: Count
+    versions: list[EnvironmentVersionInfo]
+    next_page_token: str = ""
+
+
+class EnvironmentVersion(Response, frozen=True, kw_only=True):
+    """One version of an environment (secret values masked unless revealed)."""
+
+    name: str
+    info: EnvironmentVersionInfo
+    data: dict[str, VariableView]
+
+
+class EnvironmentDiff(Response, frozen=True, kw_only=True):
+    """Answer to DiffEnvironmentVersions: the keys that differ, by name."""
+
+    name: str
+    from_version: int
+    to_version: int
+    keys: list[KeyDiff]
+
+
+class RolledBack(Response, frozen=True, kw_only=True):
+    """Answer to RollbackEnvironment: the version the rollback wrote."""
+
+    name: str
+    info: EnvironmentVersionInfo
+
+
 REQUEST_TYPES: tuple[type[Request], ...] = (
     Hello, GetStatus, Shutdown, PutEnvironment, GetEnvironment, ListEnvironments,
     UnsetVariables, DeleteEnvironment, ApplyEnvironments, RotateKey, CreateContext,
     IssueToken, GetContext, ListContexts, CompleteContext, FetchContext, ReleaseContext,
     ListAudit, VerifyAudit, QuarantineAudit,
+    # environment history
+    ListEnvironmentVersions, GetEnvironmentVersion, DiffEnvironmentVersions,
+    RollbackEnvironment,
 )
 RESPONSE_TYPES: tuple[type[Response], ...] = (
     Welcome, Status, Ok, Environment, EnvironmentList, Applied, KeyRotated, ContextCreated,
     TokenIssued, ContextInfo, ContextList, ContextFetched, AuditLog, AuditVerified, Error,
+    # environment history
+    EnvironmentHistory, EnvironmentVersion, EnvironmentDiff, RolledBack,
 )
 RECORD_TYPES: tuple[type[msgspec.Struct], ...] = (
     Variable, VariableView, EnvironmentSpec, EnvironmentSummary, SpecEntry, KeyInfo, TokenInfo,
     EnvironmentChange, ContextSummary, AuditRecord,
+    # environment history
+    MergedEnvironment, EnvironmentVersionInfo, KeyDiff,
 )
 
 AnyRequest = (
@@ -642,11 +766,16 @@ AnyRequest = (
     | UnsetVariables | DeleteEnvironment | ApplyEnvironments | RotateKey | CreateContext
     | IssueToken | GetContext | ListContexts | CompleteContext | FetchContext | ReleaseContext
     | ListAudit | VerifyAudit | QuarantineAudit
+    # environment history
+    | ListEnvironmentVersions | GetEnvironmentVersion | DiffEnvironmentVersions
+    | RollbackEnvironment
 )
 AnyResponse = (
     Welcome | Status | Ok | Environment | EnvironmentList | Applied | KeyRotated
     | ContextCreated | TokenIssued | ContextInfo | ContextList | ContextFetched | AuditLog
     | AuditVerified | Error
+    # environment history
+    | EnvironmentHistory | EnvironmentVersion | EnvironmentDiff | RolledBack
 )
 
 

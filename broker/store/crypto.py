@@ -40,7 +40,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .schema import CONTEXTS, DATA_KEYS, ENVIRONMENTS, TOKENS, TOMBSTONES, VARIABLES
+from .schema import (
+    CONTEXTS,
+    DATA_KEYS,
+    ENVIRONMENT_VERSIONS,
+    ENVIRONMENTS,
+    TOKENS,
+    TOMBSTONES,
+    VARIABLES,
+)
 
 __all__ = [
     "KEY_SIZE", "DataKeys", "Place", "Row", "SealError", "binding", "envelope_key_id", "key_id_of",
@@ -89,6 +97,11 @@ class Place:
         return cls((VARIABLES.name, env_id, name))
 
     @classmethod
+    def environment_version(cls, env_id: int, version: int) -> Place:
+        """One version of an environment: all its variables, sealed as one record."""
+        return cls((ENVIRONMENT_VERSIONS.name, env_id, version))
+
+    @classmethod
     def context(cls, row_id: int, execution_id: str) -> Place:
         """The sealed record of an execution context."""
         return cls((CONTEXTS.name, row_id, execution_id))
@@ -124,10 +137,22 @@ class Row:
         return cls((VARIABLES.name, env_id, name, bool(is_secret), value, sealed))
 
     @classmethod
+    def environment_version(cls, env_id: int, version: int, created_at: float,
+                            actor_uid: int | None, changes: str, restored_from: int | None,
+                            sealed: bytes) -> Row:
+        """A version of an environment: its number, when and by whom it was made, what it
+        changed (names), the version it restored, and its envelope."""
+        return cls((ENVIRONMENT_VERSIONS.name, env_id, version, created_at, actor_uid,
+                    changes, restored_from, sealed))
+
+    @classmethod
     def context(cls, row_id: int, execution_id: str, created_at: float, expires_at: float,
-                keys: str, sealed: bytes) -> Row:
-        """A context: its execution id, lifetime, key summary and envelope."""
-        return cls((CONTEXTS.name, row_id, execution_id, created_at, expires_at, keys, sealed))
+                keys: str, sealed: bytes, environments: str | None = None) -> Row:
+        """A context: its execution id, lifetime, key summary and envelope, and the
+        versions of the environments it merged (rows from before versions were kept have
+        none, and keep their old MAC)."""
+        parts = (CONTEXTS.name, row_id, execution_id, created_at, expires_at, keys, sealed)
+        return cls(parts if environments is None else (*parts, environments))
 
     @classmethod
     def tombstone(cls, row_id: int, execution_id: str, expires_at: float) -> Row:

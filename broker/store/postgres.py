@@ -248,6 +248,38 @@ MIGRATIONS: tuple[str, ...] = (
         END LOOP;
     END $$;
     """,
+    # 3: environment history (the SQLite store's version 7): every version of an
+    # environment, sealed as one envelope and MAC'd; a context names the version of each
+    # environment it merged. Roles granted on the whole environments table (the control
+    # role) get the same on its versions; a runner host reads none of them.
+    """
+    CREATE TABLE environment_versions (
+        env_id BIGINT NOT NULL REFERENCES environments(id) ON DELETE CASCADE,
+        version BIGINT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        actor_uid BIGINT,
+        changes TEXT NOT NULL,
+        restored_from BIGINT,
+        sealed BYTEA NOT NULL,
+        mac BYTEA NOT NULL,
+        PRIMARY KEY (env_id, version)
+    );
+    CREATE INDEX environment_versions_by_time ON environment_versions(created_at);
+    ALTER TABLE contexts ADD COLUMN environments TEXT;
+    DO $$
+    DECLARE
+        granted record;
+    BEGIN
+        FOR granted IN SELECT DISTINCT a.grantee::regrole::text AS role, a.privilege_type
+                FROM pg_class c, aclexplode(c.relacl) a
+                WHERE c.oid = 'environments'::regclass AND a.grantee <> 0
+                AND a.grantee <> c.relowner
+                AND a.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE') LOOP
+            EXECUTE format('GRANT %s ON environment_versions TO %s', granted.privilege_type,
+                           granted.role);
+        END LOOP;
+    END $$;
+    """,
 )
 
 #: what a failed connection raises, whichever layer notices
@@ -732,7 +764,7 @@ _GRANTS = """
 GRANT USAGE ON SCHEMA {schema} TO {control}, {runner};
 GRANT SELECT ON stigmer_schema TO {control}, {runner};
 GRANT SELECT, INSERT, UPDATE, DELETE ON meta, data_keys, environments, variables, contexts,
-    tokens TO {control};
+    tokens, environment_versions TO {control};
 GRANT SELECT, INSERT, DELETE ON audit TO {control};
 GRANT SELECT ON meta, data_keys, contexts, tokens, audit TO {runner};
 GRANT SELECT (id) ON environments TO {runner};

@@ -38,9 +38,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-__all__ = ["AUDIT", "AUDIT_QUARANTINE", "CONTEXTS", "DATA_KEYS", "ENVIRONMENTS", "META",
-           "TABLES", "TOKENS", "TOMBSTONES", "VARIABLES", "Column", "ForeignKey", "Index",
-           "Table", "Type"]
+__all__ = ["AUDIT", "AUDIT_QUARANTINE", "CONTEXTS", "DATA_KEYS", "ENVIRONMENTS",
+           "ENVIRONMENT_VERSIONS", "META", "TABLES", "TOKENS", "TOMBSTONES", "VARIABLES",
+           "Column", "ForeignKey", "Index", "Table", "Type"]
 
 
 class Type(enum.Enum):
@@ -183,12 +183,27 @@ VARIABLES = Table(
     checks=("(is_secret = 0 AND value IS NOT NULL AND sealed IS NULL) "
             "OR (is_secret = 1 AND value IS NULL AND sealed IS NOT NULL)",))
 
+ENVIRONMENT_VERSIONS = Table(
+    "environment_versions", "Every version of an environment, the current one last: its "
+    "variables sealed as one envelope (``sealed``), when and by whom (``actor_uid``) it "
+    "was made, the names of the keys it changed (``changes``, JSON) and the version a "
+    "rollback restored (``restored_from``). The MAC covers every column.",
+    (Column("env_id", _INTEGER), Column("version", _INTEGER), Column("created_at", _REAL),
+     Column("actor_uid", _INTEGER, nullable=True), Column("changes", _TEXT),
+     Column("restored_from", _INTEGER, nullable=True), Column("sealed", _BYTES),
+     _mac(nullable=False)),
+    primary_key=("env_id", "version"),
+    foreign_keys=(ForeignKey(("env_id",), ENVIRONMENTS.name, ("id",)),),
+    indexes=(Index("environment_versions_by_time", ("created_at",)),))
+
 CONTEXTS = Table(
     "contexts", "Execution contexts: one merged, sealed record per execution id, with the "
-    "summary of its keys (``keys``) and its lifetime.",
+    "summary of its keys (``keys``), the version of each environment it merged "
+    "(``environments``, JSON; NULL in a row from before versions were kept) and its "
+    "lifetime.",
     (_id(), Column("execution_id", _TEXT, bytewise=True), Column("sealed", _BYTES),
      Column("keys", _TEXT), Column("created_at", _REAL), Column("expires_at", _REAL),
-     _mac()),
+     _mac(), Column("environments", _TEXT, nullable=True)),
     primary_key=("id",), unique=(("execution_id",),),
     indexes=(Index("contexts_by_expiry", ("expires_at",)),))
 
@@ -230,5 +245,5 @@ TOMBSTONES = Table(
              Index("tombstones_by_expiry", ("expires_at",))))
 
 #: every table of the store, in the order they depend on one another
-TABLES: tuple[Table, ...] = (META, DATA_KEYS, ENVIRONMENTS, VARIABLES, CONTEXTS, TOKENS,
-                             AUDIT, AUDIT_QUARANTINE, TOMBSTONES)
+TABLES: tuple[Table, ...] = (META, DATA_KEYS, ENVIRONMENTS, VARIABLES, ENVIRONMENT_VERSIONS,
+                             CONTEXTS, TOKENS, AUDIT, AUDIT_QUARANTINE, TOMBSTONES)

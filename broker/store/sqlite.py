@@ -207,6 +207,23 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX contexts_by_expiry ON contexts(expires_at);
     CREATE INDEX tokens_by_expiry ON tokens(expires_at);
     """,
+    # 7: environment history: every version of an environment, sealed as one envelope
+    # and MAC'd; a context names the version of each environment it merged
+    """
+    CREATE TABLE environment_versions (
+        env_id INTEGER NOT NULL REFERENCES environments(id) ON DELETE CASCADE,
+        version INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        actor_uid INTEGER,
+        changes TEXT NOT NULL,
+        restored_from INTEGER,
+        sealed BLOB NOT NULL,
+        mac BLOB NOT NULL,
+        PRIMARY KEY (env_id, version)
+    );
+    CREATE INDEX environment_versions_by_time ON environment_versions(created_at);
+    ALTER TABLE contexts ADD COLUMN environments TEXT;
+    """,
 )
 
 #: the first schema version whose rows carry MACs

@@ -212,10 +212,13 @@ class Vault:
         candidate = DataKeys(keys, self._data_keys.active)
         sealed = await self._store.read(
             "SELECT 1, env_id, name, sealed FROM variables WHERE is_secret = 1 "
-            "UNION ALL SELECT 0, id, execution_id, sealed FROM contexts")
-        for done, (is_variable, row_id, name, envelope) in enumerate(sealed, start=1):
-            place = (Place.variable(row_id, name) if is_variable
-                     else Place.context(row_id, name))
+            "UNION ALL SELECT 0, id, execution_id, sealed FROM contexts "
+            "UNION ALL SELECT 2, env_id, CAST(version AS TEXT), sealed "
+            "FROM environment_versions")
+        for done, (kind, row_id, name, envelope) in enumerate(sealed, start=1):
+            place = (Place.variable(row_id, name) if kind == 1
+                     else Place.context(row_id, name) if kind == 0
+                     else Place.environment_version(row_id, int(name)))
             try:
                 candidate.open(envelope, place)
             except SealError:

@@ -29,21 +29,29 @@ from stigmer.broker.protocol import (
     ContextSummary,
     CreateContext,
     DeleteEnvironment,
+    DiffEnvironmentVersions,
     Environment,
     EnvironmentChange,
+    EnvironmentDiff,
+    EnvironmentHistory,
     EnvironmentList,
     EnvironmentSpec,
     EnvironmentSummary,
+    EnvironmentVersion,
+    EnvironmentVersionInfo,
     FetchContext,
     GetContext,
     GetEnvironment,
+    GetEnvironmentVersion,
     GetStatus,
     Hello,
     IssueToken,
+    KeyDiff,
     KeyRotated,
     ListAudit,
     ListContexts,
     ListEnvironments,
+    ListEnvironmentVersions,
     Ok,
     PutEnvironment,
     QuarantineAudit,
@@ -51,6 +59,8 @@ from stigmer.broker.protocol import (
     Request,
     Response,
     Role,
+    RollbackEnvironment,
+    RolledBack,
     RotateKey,
     Shutdown,
     SpecEntry,
@@ -86,7 +96,7 @@ if TYPE_CHECKING:
 __all__ = ["Client"]
 
 R = TypeVar("R", bound=Response)
-P = TypeVar("P", EnvironmentList, ContextList)  # the pages of a listing
+P = TypeVar("P", EnvironmentList, ContextList, EnvironmentHistory)  # the pages of a listing
 
 
 class Client:
@@ -399,3 +409,42 @@ class Client:
     def quarantine_audit(self, seq: int) -> None:
         """Move the bad audit record ``seq``, the one :meth:`verify_audit` names, aside."""
         self.call(QuarantineAudit(id=self._ids(), seq=seq), Ok)
+
+    # ---------------------------------------------------------- environment history
+
+    def environment_history(self, name: str, *, page_size: int = 500
+                                  ) -> tuple[int, list[EnvironmentVersionInfo]]:
+        """Return ``name``'s current version and the versions it keeps, newest first (key
+        names only, never values), asking for as many pages as that takes."""
+        current, versions = 0, []
+        for page in self._pages(
+                lambda token: ListEnvironmentVersions(id=self._ids(), name=name,
+                                                      page_size=page_size, page_token=token),
+                EnvironmentHistory):
+            current = page.current
+            versions += page.versions
+        return current, versions
+
+    def get_environment_version(self, name: str, version: int, *,
+                                      reveal: bool = False) -> EnvironmentVersion:
+        """Return one version of an environment; secret values are None unless
+        ``reveal``."""
+        return self.call(GetEnvironmentVersion(id=self._ids(), name=name,
+                                                     version=version, reveal=reveal),
+                               EnvironmentVersion)
+
+    def diff_environment_versions(self, name: str, from_version: int, to_version: int,
+                                        *, reveal: bool = False) -> list[KeyDiff]:
+        """Return the keys that differ from one version of ``name`` to another, by name;
+        values only with ``reveal``."""
+        reply = self.call(DiffEnvironmentVersions(
+            id=self._ids(), name=name, from_version=from_version, to_version=to_version,
+            reveal=reveal), EnvironmentDiff)
+        return reply.keys
+
+    def rollback_environment(self, name: str, to_version: int) -> EnvironmentVersionInfo:
+        """Set ``name`` back to the variables of ``to_version``, as a new version; return
+        that version."""
+        reply = self.call(RollbackEnvironment(id=self._ids(), name=name,
+                                                    to_version=to_version), RolledBack)
+        return reply.info

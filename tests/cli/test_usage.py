@@ -118,9 +118,10 @@ def test_counts_and_times_read_as_english(cli_broker: Paths) -> None:
     assert "e1  1 key (0 secret), 1 token, expires " in contexts
     audit = run_cli(cli_broker, "audit", "--execution", "e1", check=True).stdout
     created = next(line for line in audit.splitlines() if "context.created" in line)
-    assert re.search(r"\(1 key, expires \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}\)", created)
+    assert re.search(r"\(1 key, expires \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}, "
+                     r"environments dev v1\)", created)
     as_json = run_cli(cli_broker, "audit", "--execution", "e1", "--json", check=True).stdout
-    assert re.search(r'"detail": "1 key, expires \d{10}"', as_json)
+    assert re.search(r'"detail": "1 key, expires \d{10}, environments dev v1"', as_json)
     assert run_cli(cli_broker, "audit", "--execution", "none-such",
                    check=True).stdout == "no audit records of execution none-such\n"
 

@@ -576,17 +576,39 @@ _SCHEMA_1_AUDIT_GUARD = re.search(  # type: ignore[union-attr]
 ).group(0).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
 
 
+async def _contexts_as_before_versions(url: str, short_dir: Path) -> None:
+    """Context rows as a broker before migration 3 wrote them: no environment versions,
+    their MACs without (what dropping the column in :func:`_as_schema_1` needs)."""
+    from stigmer.broker.store.backend import open_store
+    from stigmer.broker.store.crypto import Row
+    from stigmer.broker.store.keys import EnvKey, MasterKey, decode_key
+    from stigmer.broker.store.vault import Vault
+
+    store = await open_store(url, short_dir / "unused.db")
+    try:
+        vault = await Vault.unlock(store, MasterKey(decode_key(KEY, "KEY"), EnvKey(KEY)))
+        async with store.write() as db:
+            for row in await db.fetchall("SELECT id, execution_id, created_at, expires_at, "
+                                         "keys, sealed FROM contexts"):
+                await db.execute("UPDATE contexts SET mac = ?, environments = NULL WHERE "
+                                 "id = ?", (vault.mac(Row.context(*row)), row[0]))
+    finally:
+        await store.close()
+
+
 def _as_schema_1(url: str) -> None:
-    """Take out what migration 2 added: the store is then as version 1 left it."""
+    """Take out what migrations 2 and 3 added: the store is then as version 1 left it."""
+    psql(url, "DROP TABLE environment_versions; ALTER TABLE contexts DROP COLUMN "
+              "environments; DELETE FROM stigmer_schema WHERE version = 3")
     psql(url, "DROP TRIGGER audit_seq ON audit; DROP FUNCTION stigmer_audit_seq(); "
               "DROP TRIGGER tokens_uses_guard ON tokens; DROP FUNCTION stigmer_uses_guard(); "
               "DROP TABLE tombstones; DROP FUNCTION stigmer_tombstone_guard(); "
               f"{_SCHEMA_1_AUDIT_GUARD}; DROP TABLE audit_quarantine; "
               "DELETE FROM stigmer_schema WHERE version = 2")
-    assert len(MIGRATIONS) == 2  # a new migration must be undone here too
+    assert len(MIGRATIONS) == 3  # a new migration must be undone here too
 
 
-async def test_a_schema_1_fleet_migrates_to_2_and_its_roles_keep_working(
+async def test_a_schema_1_fleet_migrates_to_the_last_and_its_roles_keep_working(
         short_dir: Path, postgres: Server, roles: tuple[str, str, str]) -> None:
     schema, control, runner = roles
     await _init_roles(short_dir, postgres, roles)
@@ -598,11 +620,12 @@ async def test_a_schema_1_fleet_migrates_to_2_and_its_roles_keep_working(
         async with fleet.client("control") as a:
             token = await seed(a, max_uses=3)
         fleet.stop()
+    await _contexts_as_before_versions(owner, short_dir)
     _as_schema_1(owner)
     async with anyio.create_task_group() as tg:
         fleet = Fleet(tg, short_dir, "")
         await fleet.add("owner", owner)  # the schema's owner migrates it
-        assert psql(owner, "SELECT max(version) FROM stigmer_schema") == "2"
+        assert psql(owner, "SELECT max(version) FROM stigmer_schema") == str(len(MIGRATIONS))
         await fleet.add("control", as_control)
         await fleet.add("runner", as_runner)  # granted on the new tables as on contexts
         async with fleet.client("control") as a, fleet.client("runner") as b:
@@ -610,6 +633,11 @@ async def test_a_schema_1_fleet_migrates_to_2_and_its_roles_keep_working(
             await a.complete_context("exec-1")
             assert psql(as_runner, "SELECT count(*) FROM tombstones") == "1"
             assert (await b.verify_audit()).ok
+            # granted on environment history as on environments (migration 3)
+            await a.put_environment("prod", {"REGION": Variable(value="us")})
+            assert [v.version for v in (await a.environment_history("prod"))[1]] == [2, 1]
+            await a.rollback_environment("prod", 1)
+            assert (await a.get_environment("prod")).data["REGION"].value == "eu"
         fleet.stop()
 
 
