@@ -686,6 +686,7 @@ class BlackHole:
         both.cancel()
 
 
+@pytest.mark.slow  # it waits out the store's 10 s deadline, twice
 async def test_a_hung_database_answers_unavailable_within_the_deadline(
         short_dir: Path, store_url: str) -> None:
     """A black-holed database (not a refused one) made a cache miss and a bounded fetch
