@@ -86,7 +86,8 @@ SAMPLES: dict[str, Request | Response] = {
                      activity="key rotation: 500 of 1000 sealed values checked",
                      store_problem="the database has been unreachable for 4 s",
                      attest_limit="exe: grants for other uids need a broker running as root",
-                     audit_problem="record 7 does not match its link"),
+                     audit_problem="record 7 does not match its link",
+                     key_made_at=1699990000.0),
     "Ok": Ok(id=3),
     "Environment": Environment(id=5, name="dev", data={
         "API_KEY": VariableView(is_secret=True),

@@ -22,6 +22,7 @@ from .common import (
     STORE_VARIABLE,
     UsageError,
     connect,
+    count_arg,
     duration_arg,
     key_command_arg,
 )
@@ -35,7 +36,11 @@ if TYPE_CHECKING:
     from ..daemon.homelock import Holder
     from ..protocol.messages import Status
 
-__all__ = ["cmd_serve", "cmd_start", "cmd_status", "cmd_stop"]
+__all__ = ["KEY_BACKUP_DAYS", "cmd_serve", "cmd_start", "cmd_status", "cmd_stop"]
+
+#: how old a key the broker keeps may grow without a backup before `status --check`
+#: counts it a problem (a new key gets time to be exported)
+KEY_BACKUP_DAYS = 7
 
 
 def cmd_serve(args: argparse.Namespace, paths: Paths) -> int:
@@ -388,8 +393,12 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         return EXIT_NOT_RUNNING
     import msgspec
 
+    days = count_arg(getattr(args, "key_backup_days", None), "--key-backup-days", 0, 36500)
+    if days is not None and not getattr(args, "check", False):
+        raise UsageError("--key-backup-days goes with --check")
     if getattr(args, "check", False):
-        return _check(status, as_json=args.json)
+        return _check(status, as_json=args.json,
+                      key_backup_days=KEY_BACKUP_DAYS if days is None else days)
     if args.json:
         data = msgspec.to_builtins(status)
         data.pop("id", None)
@@ -421,9 +430,9 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
     return EXIT_OK
 
 
-def _check(status: Status, *, as_json: bool) -> int:
+def _check(status: Status, *, as_json: bool, key_backup_days: int) -> int:
     """``status --check``: one line per problem and exit 1, or "healthy" and exit 0."""
-    found = _problems(status)
+    found = _problems(status, key_backup_days)
     if as_json:
         print_json({"running": True, "healthy": not found, "problems": found,
                     "pid": status.pid, "socket": status.socket})
@@ -435,10 +444,11 @@ def _check(status: Status, *, as_json: bool) -> int:
     return EXIT_FAILED if found else EXIT_OK
 
 
-def _problems(status: Status) -> list[str]:
+def _problems(status: Status, key_backup_days: int) -> list[str]:
     """What makes a running broker degraded, one line each: its store (a fleet's
     database out or stale, another broker's key rotation), its audit chain, a master key
-    it keeps without a backup."""
+    it keeps without a backup once it is ``key_backup_days`` old (of unknown age: at
+    once)."""
     from ..store.backup import backup_is_tracked, no_backup_line
 
     found = []
@@ -447,7 +457,9 @@ def _problems(status: Status) -> list[str]:
     if status.audit_problem:
         found.append(f"audit: {status.audit_problem} (`stigmer-broker audit verify` says "
                      "more)")
-    if status.key_backed_up_at is None and backup_is_tracked(status.key_source):
+    age_s = None if status.key_made_at is None else time.time() - status.key_made_at
+    if status.key_backed_up_at is None and backup_is_tracked(status.key_source) and (
+            age_s is None or age_s >= key_backup_days * 86400):
         found.append(f"key backup: {no_backup_line(status.key_source)}")
     return found
 

@@ -24,7 +24,7 @@ from .contexts import (
     cmd_context_token,
     cmd_run,
 )
-from .daemon import cmd_serve, cmd_start, cmd_status, cmd_stop
+from .daemon import KEY_BACKUP_DAYS, cmd_serve, cmd_start, cmd_status, cmd_stop
 from .environments import (
     cmd_apply,
     cmd_env_delete,
@@ -171,6 +171,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                    help="health check: exit 0 when healthy, 1 when degraded (a line per "
                         "problem: the store, the audit chain, a key without a backup), 3 "
                         "when not running")
+    p.add_argument("--key-backup-days", metavar="DAYS", default=None,
+                   help="with --check: how old a key the broker keeps may grow without a "
+                        f"backup before it counts as a problem (default {KEY_BACKUP_DAYS}; "
+                        "0: at once)")
 
     env = sub.add_parser("env", help="manage environments (named sets of variables)")
     env.set_defaults(func=_group_help(env))

@@ -183,7 +183,8 @@ async def serve(config: Config, *, shutdown_trigger: Callable[[], Awaitable[obje
                     await background.start(functools.partial(
                         prometheus.sample_forever, broker.contexts, broker.dispatcher.audit,
                         store, stale_after=config.stale_after_s,
-                        backed_up_at=broker.status.key_backed_up_at))
+                        backed_up_at=broker.status.key_backed_up_at,
+                        key_made_at=lambda: vault.key_made_at))
                     endpoint.start(prometheus.registry)
                 if config.watchdog_s is not None:  # systemd arms it once READY=1 is sent
                     background.start_soon(keep_alive, notifier, config.watchdog_s)

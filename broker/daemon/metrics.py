@@ -102,9 +102,10 @@ class PrometheusMetrics(Recorder):
     """The recorder of a broker that serves metrics, and the registry it fills."""
 
     __slots__ = ("_backup_at", "_commit_s", "_connections", "_denials", "_evictions",
-                 "_failed", "_fetch_s", "_group", "_notice_at", "_ok", "_refused", "_write_s",
-                 "audit_age", "audit_buffered", "backup_age", "fleet_age", "live_contexts",
-                 "live_grants", "live_tokens", "notice_age", "published", "registry")
+                 "_failed", "_fetch_s", "_group", "_key_made_at", "_notice_at", "_ok",
+                 "_refused", "_write_s", "audit_age", "audit_buffered", "backup_age",
+                 "fleet_age", "key_age", "live_contexts", "live_grants", "live_tokens",
+                 "notice_age", "published", "registry")
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
@@ -164,8 +165,11 @@ class PrometheusMetrics(Recorder):
         self.backup_age = gauge("key_backup_age_seconds", "Seconds since the current master "
                                 "key was exported with `key export` (+Inf: never, or not "
                                 "since the last rotation)")
+        self.key_age = gauge("key_age_seconds", "Seconds since the current master key was "
+                             "made or rotated in (+Inf: the store does not say)")
         self._notice_at: float | None = None
         self._backup_at: float | None = None
+        self._key_made_at: float | None = None
 
     # ------------------------------------------------------------- the recorder
 
@@ -239,6 +243,8 @@ class PrometheusMetrics(Recorder):
                             else monotonic - self._notice_at)
         self.backup_age.set(math.inf if self._backup_at is None
                             else max(time.time() - self._backup_at, 0.0))
+        self.key_age.set(math.inf if self._key_made_at is None
+                         else max(time.time() - self._key_made_at, 0.0))
 
     def _publish(self) -> None:
         requests = [(kind.__name__, "ok", n) for kind, n in self._ok.items()]
@@ -253,6 +259,7 @@ class PrometheusMetrics(Recorder):
 
     async def sample_forever(self, contexts: Contexts, audit: Audit, store: Store, *,
                              stale_after: float, backed_up_at: Callable[[], float | None],
+                             key_made_at: Callable[[], float | None] = lambda: None,
                              every: float = 1.0, backup_every: float = 30.0,
                              task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                              ) -> None:
@@ -264,6 +271,7 @@ class PrometheusMetrics(Recorder):
             if time.monotonic() >= next_backup:
                 next_backup = time.monotonic() + backup_every
                 self.backed_up(await anyio.to_thread.run_sync(backed_up_at))
+            self._key_made_at = key_made_at()
             self.sample(contexts, audit, store, stale_after=stale_after)
             task_status.started()
             task_status = anyio.TASK_STATUS_IGNORED

@@ -58,7 +58,7 @@ class StatusReport:
             uptime_s=round(time.monotonic() - self._started, 3),
             socket=str(self._socket_path), socket_mode=mode, store=self._store.describe(),
             store_problem=await self._store_problem(),
-            audit_problem=self._audit.problem,
+            audit_problem=self._audit.problem, key_made_at=self._vault.key_made_at,
             key_source=self._vault.key_source(), started_by=self._config.started_by,
             unit=self._config.unit, activity=counters.activity,
             environments=environments, contexts=contexts, tokens=tokens,

@@ -547,6 +547,9 @@ class Status(Response, frozen=True, kw_only=True):
     attest_limit: str = ""
     #: what the broker last found wrong with the audit chain; empty if nothing
     audit_problem: str = ""
+    #: when the current master key was made or rotated in; null when the store does not
+    #: say (made by a broker from before it did)
+    key_made_at: float | None = None
 
 
 class Ok(Response, frozen=True, kw_only=True):

@@ -28,13 +28,16 @@ from ..metrics import NULL_RECORDER, Recorder
 from ..protocol.errors import StartupError
 from .notices import Notice
 
-__all__ = ["MASTER_KEY_ID", "PEEK_DATA_KEYS", "PEEK_META", "PENDING_KEY_ID", "STORE_DEADLINE",
-           "ReadInWrite", "Store", "StoreError", "StorePeek", "Tx", "check_not_writing",
-           "open_store", "peek_store", "set_meta", "writing"]
+__all__ = ["KEY_MADE_AT", "MASTER_KEY_ID", "PEEK_DATA_KEYS", "PEEK_META", "PENDING_KEY_ID",
+           "STORE_DEADLINE", "ReadInWrite", "Store", "StoreError", "StorePeek", "Tx",
+           "check_not_writing", "open_store", "peek_store", "set_meta", "writing"]
 
 #: meta keys: the key check value of the master key, and of one a rotation is moving to
 MASTER_KEY_ID = "master_key_id"
 PENDING_KEY_ID = "pending_master_key_id"
+#: when the current master key was made or rotated in (Unix seconds): a health figure
+#: (the age a key may reach without a backup), read and shown, never decided on
+KEY_MADE_AT = "master_key_made_at"
 
 #: what :func:`peek_store` reads, in SQL both backends accept (every schema version has it)
 PEEK_META = "SELECT key, value FROM meta WHERE key IN (?, ?)"

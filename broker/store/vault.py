@@ -36,7 +36,7 @@ import anyio
 import anyio.lowlevel
 
 from ..protocol.errors import FailedPrecondition, Internal, StartupError
-from .backend import MASTER_KEY_ID, PENDING_KEY_ID, Store, set_meta
+from .backend import KEY_MADE_AT, MASTER_KEY_ID, PENDING_KEY_ID, Store, set_meta
 from .crypto import (
     DataKeys,
     Place,
@@ -96,6 +96,8 @@ class Vault:
         self._master = master
         self._data_keys = data_keys
         self._rotating = False
+        #: when the master key was made or rotated in (None: before the store said)
+        self.key_made_at: float | None = None
 
     @classmethod
     async def unlock(cls, store: Store, master: MasterKey) -> Vault:
@@ -114,7 +116,9 @@ class Vault:
             await _finish_rotation(store, master, master_id or master.id, pending_id)
         if master_id is None:  # a new store (maybe another broker of a fleet is making it)
             await _initialise(store, master)
-        return cls(store, master, await _load_data_keys(store, master))
+        vault = cls(store, master, await _load_data_keys(store, master))
+        vault.key_made_at = _made_at(await store.meta(KEY_MADE_AT))
+        return vault
 
     @property
     def key_id(self) -> str:
@@ -201,6 +205,7 @@ class Vault:
             raise Internal(f"the new master key could not be stored: {exc.message}") from None
         self._master = MasterKey(new, self._master.source)
         await _finish_rotation(self._store, self._master, old_id, new_id)
+        self.key_made_at = _made_at(await self._store.meta(KEY_MADE_AT))
         log.info("master key rotated: %d data keys rewrapped, key id %s", len(rows), new_id)
         return RotationResult(key_id=new_id, rewrapped=len(rows),
                               key_source=self._master.describe())
@@ -251,14 +256,24 @@ async def _initialise(store: Store, master: MasterKey) -> None:
                 unwrap_data_key(master.key, master.id, kid, wrapped)
             except SealError:
                 raise _unopenable(store, kid) from None
-        if not rows:
+        made: list[tuple[str, str | None]] = []
+        if not rows:  # a new store: the key is new too (else its age is not known)
             kid = "dk-" + secrets.token_hex(8)
             await db.execute(
                 "INSERT INTO data_keys(id, wrapped, master_key_id, created_at, active) "
                 "VALUES (?, ?, ?, ?, 1)",
                 (kid, wrap_data_key(master.key, master.id, kid, new_key()), master.id,
                  time.time()))
-        await set_meta(db, [(_MASTER_ID, master.id)])
+            made = [(KEY_MADE_AT, f"{time.time():.3f}")]
+        await set_meta(db, [(_MASTER_ID, master.id), *made])
+
+
+def _made_at(recorded: str | None) -> float | None:
+    """The stored time a key was made at; None when absent or not a number."""
+    try:
+        return float(recorded) if recorded is not None else None
+    except ValueError:
+        return None
 
 
 def _unopenable(store: Store, kid: str) -> VaultError:
@@ -296,7 +311,8 @@ async def _finish_rotation(store: Store, master: MasterKey, old_id: str, new_id:
         async with store.write() as db:
             await db.execute("UPDATE data_keys SET wrapped = wrapped_next, wrapped_next = NULL,"
                              " master_key_id = ?", (new_id,))
-            await set_meta(db, [(_MASTER_ID, new_id), (_PENDING_ID, None)])
+            await set_meta(db, [(_MASTER_ID, new_id), (_PENDING_ID, None),
+                                (KEY_MADE_AT, f"{time.time():.3f}")])
             db.notify(MasterKeyRotated(new_id))  # the other brokers of a fleet now hold an old key
         if old_id != new_id:
             log.info("finished master key rotation to key id %s", new_id)

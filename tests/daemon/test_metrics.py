@@ -57,6 +57,7 @@ FAMILIES = {
     "stigmer_broker_fleet_store_age_seconds": "gauge",
     "stigmer_broker_fleet_last_notice_age_seconds": "gauge",
     "stigmer_broker_key_backup_age_seconds": "gauge",
+    "stigmer_broker_key_age_seconds": "gauge",
 }
 
 #: what the broker is handed in this test; not one of these may reach a scrape
@@ -202,6 +203,7 @@ async def test_a_scrape_shows_every_family_and_no_name_or_value(
     writes = "stigmer_broker_store_write_seconds"
     assert value(found, writes, f"{writes}_count") >= 3
     assert value(found, "stigmer_broker_key_backup_age_seconds") == math.inf
+    assert 0 <= value(found, "stigmer_broker_key_age_seconds") < 3600  # a new store's key
     assert value(found, "stigmer_broker_fleet_store_age_seconds") >= 0
     # every label is one of a fixed set: a request's class, a wire code, an enumeration
     labels = {(k, v) for family in found.values() for s in family for k, v in s.labels.items()

@@ -6,6 +6,7 @@ import os
 import random
 import sqlite3
 import stat
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -178,6 +179,29 @@ async def test_rotation_round_trip(short_dir: Path) -> None:
     try:
         assert v.vault.key_id == result.key_id
         assert (await v.environments().get("e", reveal=True)).data["S"].value == "keep-me"
+    finally:
+        await v.close()
+
+
+async def test_the_key_says_when_it_was_made_and_a_rotation_renews_it(
+        short_dir: Path) -> None:
+    """status and the metrics show the key's age: set when a store (and its key) is made
+    and when a rotation completes; unknown for a store whose broker did not record it."""
+    before = time.time()
+    v = await open_vault(short_dir)
+    made = v.vault.key_made_at
+    assert made is not None and before - 1 <= made <= time.time()
+    await v.close()
+    v = await open_vault(short_dir)
+    assert v.vault.key_made_at == pytest.approx(made, abs=0.01)  # kept in the store
+    await v.rotate()
+    assert v.vault.key_made_at is not None and v.vault.key_made_at >= made
+    await v.close()
+    with sqlite3.connect(short_dir / "local.db") as db:  # as a broker before it wrote it
+        db.execute("DELETE FROM meta WHERE key = 'master_key_made_at'")
+    v = await open_vault(short_dir)
+    try:
+        assert v.vault.key_made_at is None
     finally:
         await v.close()
 
