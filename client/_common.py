@@ -40,7 +40,7 @@ from stigmer.broker.protocol.errors import (
 
 __all__ = [
     "RETRY_SAFE", "TOKEN_VARIABLE", "Backoff", "ClosedBeforeReply", "RequestIds", "check_peer",
-    "connect_in_turn",
+    "connect_in_turn", "timeval",
     "check_socket_dir", "checked_values", "closed_by_peer", "default_socket",
     "EXECUTION_VARIABLE", "credential_from", "expect", "unavailable", "variables",
 ]
@@ -105,7 +105,7 @@ def connect_in_turn(sock: socket.socket, path: str, seconds: float) -> bool:
     retries, and no place lost to a peer that hammers the socket. A socket with a
     Python timeout would say EAGAIN at once instead; SO_SNDTIMEO bounds the wait.
     """
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(seconds))
     try:
         sock.connect(path)
         sock.getpeername()  # a wait cut short by a signal returns as if it had connected
@@ -116,14 +116,21 @@ def connect_in_turn(sock: socket.socket, path: str, seconds: float) -> bool:
             raise
         return False
     finally:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(0))
     return True
 
 
-def _timeval(seconds: float) -> bytes:
-    """``seconds`` (at least a microsecond: 0 is no limit) as SO_SNDTIMEO's timeval."""
+def timeval(seconds: float) -> bytes:
+    """``seconds`` as the timeval of SO_SNDTIMEO and SO_RCVTIMEO: at least a microsecond,
+    since 0 is no limit; an infinite or huge one is the longest the kernel takes."""
+    if not seconds < _LONGEST_TIMEVAL:  # also inf and nan
+        return _LONGEST
     micro = max(int(seconds * 1_000_000), 1)
     return struct.pack("@ll", micro // 1_000_000, micro % 1_000_000)
+
+
+_LONGEST_TIMEVAL = 2**31 - 1  # seconds: within every platform's time_t and the kernel's
+_LONGEST = struct.pack("@ll", _LONGEST_TIMEVAL, 0)
 
 
 class ClosedBeforeReply(BrokerUnavailable):
@@ -167,17 +174,16 @@ def check_socket_dir(path: str) -> int:
 def closed_by_peer(sock: socket.socket) -> bool:
     """Return whether the broker has already closed this idle connection (its idle
     timeout, a restart, or an eviction to make room): a request sent on it would be
-    lost, and the caller could not tell whether it was carried out."""
-    timeout = sock.gettimeout()
-    sock.settimeout(0.0)  # with a timeout, Python would wait for data before the recv
+    lost, and the caller could not tell whether it was carried out.
+
+    ``sock`` is blocking with no Python timeout (the blocking client's) or non-blocking
+    (the async client's): one system call either way, that never waits."""
     try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
         return False  # open, nothing to read: the normal case
     except OSError:
         return True  # reset
-    finally:
-        sock.settimeout(timeout)
 
 
 def check_peer(sock: socket.socket, path: str, dir_owner: int) -> None:
