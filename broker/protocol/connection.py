@@ -54,12 +54,19 @@ from .messages import (
 __all__ = ["CLOSED", "NEED_DATA", "Connection", "Event", "Role", "State"]
 
 
-class Role(enum.Enum):
+class _Singleton(enum.Enum):
+    """Members hash by identity, as they compare: the transition table is looked up for
+    every message, and Enum's own hash (of the member's name) is a Python call."""
+
+    __hash__ = object.__hash__
+
+
+class Role(_Singleton):
     CLIENT = "client"
     SERVER = "server"
 
 
-class State(enum.Enum):
+class State(_Singleton):
     AWAIT_HELLO = "await_hello"  # nothing agreed yet
     READY = "ready"  # handshake done, requests flow
     CLOSED = "closed"  # peer closed cleanly
@@ -75,7 +82,7 @@ NEED_DATA: Final = _Sentinel.NEED_DATA
 CLOSED: Final = _Sentinel.CLOSED
 
 
-class _Input(enum.Enum):
+class _Input(_Singleton):
     HELLO = "Hello"
     WELCOME = "Welcome"
     REQUEST = "a request"
@@ -134,6 +141,8 @@ class Connection:
         self._eof = False
         self._error: ProtocolError | None = None
         self._decoder = _decoder(role)
+        self._transitions = {(state, event): then for (side, state, event), then
+                             in _TRANSITIONS.items() if side is role}
 
     # ------------------------------------------------------------------ receiving
 
@@ -147,7 +156,8 @@ class Connection:
 
         Raises ProtocolError (and enters ERROR) when a frame header is over the limit.
         """
-        self._check_usable()
+        if self.state is State.ERROR:
+            raise self._broken()
         if not data:
             self._eof = True
             return
@@ -163,9 +173,12 @@ class Connection:
         server HandshakeRequired / UnsupportedVersion (not sticky) for requests
         the handshake does not allow yet.
         """
-        self._check_usable()
-        if self.state is State.CLOSED:
-            return CLOSED
+        state = self.state
+        if state is not State.READY:
+            if state is State.ERROR:
+                raise self._broken()
+            if state is State.CLOSED:
+                return CLOSED
         try:
             body = self._reader.next_body()
         except ProtocolError as exc:
@@ -284,7 +297,7 @@ class Connection:
 
     def _advance(self, event: _Input) -> None:
         try:
-            self.state = _TRANSITIONS[(self.role, self.state, event)]
+            self.state = self._transitions[self.state, event]
         except KeyError:
             raise self._fail(ProtocolError(
                 f"{self.role.value} cannot receive {event.value} in state "
@@ -295,9 +308,9 @@ class Connection:
         self._error = exc
         return exc
 
-    def _check_usable(self) -> None:
-        if self.state is State.ERROR:
-            raise self._error or ProtocolError("connection is in the ERROR state")
+    def _broken(self) -> ProtocolError:
+        """The error that broke the connection, raised by every later call."""
+        return self._error or ProtocolError("connection is in the ERROR state")
 
 
 

@@ -38,22 +38,30 @@ class FrameReader:
 
     def feed(self, data: bytes) -> None:
         """Add received bytes. Raises ProtocolError when a header declares too much."""
-        self._buffer += data
-        self._check_header()
+        buffer = self._buffer
+        buffer += data
+        if self._need is None and len(buffer) >= HEADER_SIZE:
+            self._read_header()
 
     def next_body(self) -> bytes | None:
         """Return the next whole body, or None if more bytes are needed."""
-        if self._need is None or len(self._buffer) < self._need:
+        need = self._need
+        buffer = self._buffer
+        if need is None or len(buffer) < need:
             return None
-        body = bytes(self._buffer[: self._need])
-        del self._buffer[: self._need]
+        if len(buffer) == need:  # the usual case, one whole frame: no slice to copy
+            body = bytes(buffer)
+            buffer.clear()
+        else:
+            body = bytes(buffer[:need])
+            del buffer[:need]
         self._need = None
-        self._check_header()
+        if len(buffer) >= HEADER_SIZE:
+            self._read_header()
         return body
 
-    def _check_header(self) -> None:
-        if self._need is not None or len(self._buffer) < HEADER_SIZE:
-            return
+    def _read_header(self) -> None:
+        """Take the header off the buffer (which holds one), checking its length."""
         length = int.from_bytes(self._buffer[:HEADER_SIZE], "big")
         if length == 0:
             raise ProtocolError("empty frame: every frame carries a message",

@@ -186,12 +186,14 @@ class Client:
         with self._lock:
             # Before a write, make sure the broker has not closed the idle connection (a
             # write sent into a closed one could not be told apart from one carried out).
-            # A read needs no such check, which costs three system calls: it is sent again.
-            self._connect(probe=not isinstance(request, RETRY_SAFE))
+            # A read needs no such check, which costs a system call: it is sent again.
+            retry_safe = isinstance(request, RETRY_SAFE)
+            if self._sock is None or not retry_safe:
+                self._connect(probe=not retry_safe)
             try:
                 reply = self._roundtrip(request)
             except ClosedBeforeReply:
-                if not isinstance(request, RETRY_SAFE):
+                if not retry_safe:
                     raise
                 self._connect()
                 reply = self._roundtrip(request)
