@@ -199,7 +199,7 @@ class Connection:
             self._on_response(message)
         return message
 
-    def _decode(self, body: bytes) -> Request | Response:
+    def _decode(self, body: bytes | memoryview) -> Request | Response:
         try:
             message: Request | Response = self._decoder.decode(body)
         except msgspec.ValidationError as exc:
@@ -251,18 +251,18 @@ class Connection:
             self._advance(_Input.REQUEST)
 
     def _on_response(self, response: Response) -> None:
-        if isinstance(response, Welcome):
+        if type(response) is Welcome:
             if response.version not in self.supported_versions:
                 raise self._fail(ProtocolError(
                     f"broker agreed to protocol version {response.version}, "
                     "which this client does not speak"))
             self.version = response.version
             self._advance(_Input.WELCOME)
-        elif self.state is State.AWAIT_HELLO and not isinstance(response, Error):
-            raise self._fail(ProtocolError(
-                f"broker sent {type(response).__name__} before Welcome"))
         elif self.state is State.READY:
             self._advance(_Input.RESPONSE)
+        elif not isinstance(response, Error):  # still awaiting Welcome
+            raise self._fail(ProtocolError(
+                f"broker sent {type(response).__name__} before Welcome"))
 
     # -------------------------------------------------------------------- sending
 
@@ -275,23 +275,21 @@ class Connection:
         """
         if self.state is State.ERROR and not isinstance(message, Error):
             raise self._error or ProtocolError("connection is in the ERROR state")
-        buf = bytearray(HEADER_SIZE)
         try:
-            _ENCODER.encode_into(message, buf, HEADER_SIZE)
-            unencodable = False
+            body = _ENCODER.encode(message)  # and a copy after the prefix: cheaper than
+            unencodable = False  # encode_into a buffer past it, which grows it in steps
         except UnicodeEncodeError:  # its .object holds the whole value: it must not survive
             unencodable = True
         if unencodable:  # raised outside the handler, so not even __context__ keeps it
             raise InvalidArgument(
                 f"{type(message).__name__} holds text that is not valid Unicode (a lone "
                 "surrogate, as from undecodable bytes); give values as UTF-8 text")
-        size = len(buf) - HEADER_SIZE
+        size = len(body)
         if size > self._reader.max_frame_size:
             raise ResourceExhausted(
                 f"{type(message).__name__} would be {size} bytes, over the frame limit of "
                 f"{self._reader.max_frame_size} bytes; send less at once")
-        buf[:HEADER_SIZE] = size.to_bytes(HEADER_SIZE, "big")
-        return bytes(buf)
+        return size.to_bytes(HEADER_SIZE, "big") + body
 
     # -------------------------------------------------------------------- helpers
 
@@ -314,7 +312,7 @@ class Connection:
 
 
 
-def _request_id(body: bytes) -> int | None:
+def _request_id(body: bytes | memoryview) -> int | None:
     """The id of a message that did not decode, so that the Error frame answers it (None
     when the body is not a map with a valid ``id``)."""
     try:
