@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import random
 import socket
 import stat
 import struct
@@ -88,6 +87,8 @@ class Backoff:
 
     def pause(self) -> float | None:
         """The next pause, or None once the connect timeout has passed."""
+        import random  # here: only a busy broker needs it, and every import of the client
+
         left = self._deadline - time.monotonic()
         if left <= 0:
             return None
