@@ -9,7 +9,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from stigmer.broker.local.paths import resolve_home, resolve_socket
@@ -38,10 +38,11 @@ from stigmer.broker.protocol.errors import (
 )
 
 __all__ = [
-    "RETRY_SAFE", "TOKEN_VARIABLE", "Backoff", "ClosedBeforeReply", "RequestIds", "check_peer",
+    "RETRY_SAFE", "TOKEN_VARIABLE", "Backoff", "ClosedBeforeReply", "check_peer",
     "connect_in_turn", "timeval",
     "check_socket_dir", "checked_values", "closed_by_peer", "default_socket",
-    "EXECUTION_VARIABLE", "credential_from", "expect", "unavailable", "variables",
+    "EXECUTION_VARIABLE", "credential_from", "expect", "request_ids", "unavailable",
+    "variables",
 ]
 
 R = TypeVar("R", bound=Response)
@@ -257,11 +258,7 @@ def credential_from(token: str | None, execution_id: str | None
                           f"execution_id=, or set {TOKEN_VARIABLE} or {EXECUTION_VARIABLE}")
 
 
-class RequestIds:
-    """Request ids for one connection: 1, 2, 3, ..."""
-
-    def __init__(self) -> None:
-        self._next = itertools.count(1)
-
-    def __call__(self) -> int:
-        return next(self._next)
+def request_ids() -> Callable[[], int]:
+    """Request ids for one connection: each call returns the next of 1, 2, 3, ...
+    (a counter's own ``__next__``: no Python call per request)."""
+    return itertools.count(1).__next__

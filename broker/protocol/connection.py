@@ -33,6 +33,7 @@ from typing import Any, Final
 import msgspec
 
 from .errors import (
+    BrokerError,
     HandshakeRequired,
     InvalidArgument,
     ProtocolError,
@@ -192,17 +193,21 @@ class Connection:
                     f"({self._reader.buffered} bytes buffered)"))
             self._advance(_Input.EOF)
             return CLOSED
-        message = self._decode(body)
+        try:
+            message: Request | Response = self._decoder.decode(body)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise self._undecodable(body, exc) from None
         if isinstance(message, Request):
             self._on_request(message)
         else:
             self._on_response(message)
         return message
 
-    def _decode(self, body: bytes | memoryview) -> Request | Response:
-        try:
-            message: Request | Response = self._decoder.decode(body)
-        except msgspec.ValidationError as exc:
+    def _undecodable(self, body: bytes | memoryview, exc: Exception) -> BrokerError:
+        """The error to raise for a body that did not decode (``exc``, msgspec's or
+        Python's): an InvalidArgument the connection survives, for a request it can
+        name and answer; else a sticky ProtocolError."""
+        if isinstance(exc, msgspec.ValidationError):
             # msgspec quotes the peer's own field names and tag values, control
             # characters and all: escaped, so that what is told stays on one line
             error = one_line(str(exc))
@@ -211,21 +216,19 @@ class Connection:
                     or error == "Object missing required field `op`":
                 # not a request we know, or no id to answer it by: the stream cannot go on
                 told = explain_invalid(error) if self.role is Role.SERVER else error
-                raise self._fail(ProtocolError(f"malformed message: {told}",
-                                               request_id=request_id or 0)) from None
+                return self._fail(ProtocolError(f"malformed message: {told}",
+                                                request_id=request_id or 0))
             # A request we can name and answer, with a field out of bounds: the peer's
             # mistake, told in its own field names; the connection stays usable.
             invalid = InvalidArgument(explain_invalid(error))
             invalid.request_id = request_id
-            raise invalid from None
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-            # every way bytes can fail to be a message is one answer: an Error frame
-            reason = (one_line(str(exc)) if isinstance(exc, msgspec.DecodeError)
-                      else "a string is not valid UTF-8" if isinstance(exc, UnicodeDecodeError)
-                      else "it is nested too deeply")
-            raise self._fail(ProtocolError(f"malformed message: {reason}",
-                                           request_id=_request_id(body) or 0)) from None
-        return message
+            return invalid
+        # every way bytes can fail to be a message is one answer: an Error frame
+        reason = (one_line(str(exc)) if isinstance(exc, msgspec.DecodeError)
+                  else "a string is not valid UTF-8" if isinstance(exc, UnicodeDecodeError)
+                  else "it is nested too deeply")
+        return self._fail(ProtocolError(f"malformed message: {reason}",
+                                        request_id=_request_id(body) or 0))
 
     def _on_request(self, request: Request) -> None:
         if isinstance(request, Hello):

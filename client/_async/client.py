@@ -66,7 +66,6 @@ from .._common import (
     RETRY_SAFE,
     Backoff,
     ClosedBeforeReply,
-    RequestIds,
     check_peer,
     check_socket_dir,
     checked_values,
@@ -74,6 +73,7 @@ from .._common import (
     credential_from,
     default_socket,
     expect,
+    request_ids,
     unavailable,
 )
 from .._context import ExecutionContext
@@ -104,7 +104,7 @@ class AsyncClient:
         self.server_version = ""
         self._sock: AsyncSocket | None = None
         self._conn = Connection(Role.CLIENT)
-        self._ids = RequestIds()
+        self._ids = request_ids()
         self._lock = AsyncLock()
 
     def __repr__(self) -> str:
@@ -196,7 +196,7 @@ class AsyncClient:
                     raise
                 await self._connect()
                 reply = await self._roundtrip(request)
-            return expect(reply, kind)
+            return reply if type(reply) is kind else expect(reply, kind)
 
     async def _roundtrip(self, request: Request) -> Response:
         sock = self._sock

@@ -67,7 +67,6 @@ from .._common import (
     RETRY_SAFE,
     Backoff,
     ClosedBeforeReply,
-    RequestIds,
     check_peer,
     check_socket_dir,
     checked_values,
@@ -75,6 +74,7 @@ from .._common import (
     credential_from,
     default_socket,
     expect,
+    request_ids,
     unavailable,
 )
 from .._context import ExecutionContext
@@ -105,7 +105,7 @@ class Client:
         self.server_version = ""
         self._sock: SyncSocket | None = None
         self._conn = Connection(Role.CLIENT)
-        self._ids = RequestIds()
+        self._ids = request_ids()
         self._lock = SyncLock()
 
     def __repr__(self) -> str:
@@ -197,7 +197,7 @@ class Client:
                     raise
                 self._connect()
                 reply = self._roundtrip(request)
-            return expect(reply, kind)
+            return reply if type(reply) is kind else expect(reply, kind)
 
     def _roundtrip(self, request: Request) -> Response:
         sock = self._sock
