@@ -5,12 +5,11 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import random
 import socket
 import stat
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from stigmer.broker.local.paths import resolve_home, resolve_socket
@@ -42,10 +41,11 @@ from stigmer.broker.protocol.errors import (
 )
 
 __all__ = [
-    "RETRY_SAFE", "TOKEN_VARIABLE", "Backoff", "ClosedBeforeReply", "RequestIds", "check_peer",
-    "connect_in_turn",
+    "RETRY_SAFE", "TOKEN_VARIABLE", "Backoff", "ClosedBeforeReply", "check_peer",
+    "connect_in_turn", "timeval",
     "check_socket_dir", "checked_values", "closed_by_peer", "default_socket",
-    "EXECUTION_VARIABLE", "credential_from", "expect", "unavailable", "variables",
+    "EXECUTION_VARIABLE", "credential_from", "expect", "request_ids", "unavailable",
+    "variables",
 ]
 
 R = TypeVar("R", bound=Response)
@@ -92,6 +92,8 @@ class Backoff:
 
     def pause(self) -> float | None:
         """The next pause, or None once the connect timeout has passed."""
+        import random  # here: only a busy broker needs it, and every import of the client
+
         left = self._deadline - time.monotonic()
         if left <= 0:
             return None
@@ -109,7 +111,7 @@ def connect_in_turn(sock: socket.socket, path: str, seconds: float) -> bool:
     retries, and no place lost to a peer that hammers the socket. A socket with a
     Python timeout would say EAGAIN at once instead; SO_SNDTIMEO bounds the wait.
     """
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(seconds))
     try:
         sock.connect(path)
         sock.getpeername()  # a wait cut short by a signal returns as if it had connected
@@ -120,14 +122,21 @@ def connect_in_turn(sock: socket.socket, path: str, seconds: float) -> bool:
             raise
         return False
     finally:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(0))
     return True
 
 
-def _timeval(seconds: float) -> bytes:
-    """``seconds`` (at least a microsecond: 0 is no limit) as SO_SNDTIMEO's timeval."""
+def timeval(seconds: float) -> bytes:
+    """``seconds`` as the timeval of SO_SNDTIMEO and SO_RCVTIMEO: at least a microsecond,
+    since 0 is no limit; an infinite or huge one is the longest the kernel takes."""
+    if not seconds < _LONGEST_TIMEVAL:  # also inf and nan
+        return _LONGEST
     micro = max(int(seconds * 1_000_000), 1)
     return struct.pack("@ll", micro // 1_000_000, micro % 1_000_000)
+
+
+_LONGEST_TIMEVAL = 2**31 - 1  # seconds: within every platform's time_t and the kernel's
+_LONGEST = struct.pack("@ll", _LONGEST_TIMEVAL, 0)
 
 
 class ClosedBeforeReply(BrokerUnavailable):
@@ -171,17 +180,16 @@ def check_socket_dir(path: str) -> int:
 def closed_by_peer(sock: socket.socket) -> bool:
     """Return whether the broker has already closed this idle connection (its idle
     timeout, a restart, or an eviction to make room): a request sent on it would be
-    lost, and the caller could not tell whether it was carried out."""
-    timeout = sock.gettimeout()
-    sock.settimeout(0.0)  # with a timeout, Python would wait for data before the recv
+    lost, and the caller could not tell whether it was carried out.
+
+    ``sock`` is blocking with no Python timeout (the blocking client's) or non-blocking
+    (the async client's): one system call either way, that never waits."""
     try:
-        return sock.recv(1, socket.MSG_PEEK) == b""
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
         return False  # open, nothing to read: the normal case
     except OSError:
         return True  # reset
-    finally:
-        sock.settimeout(timeout)
 
 
 def check_peer(sock: socket.socket, path: str, dir_owner: int) -> None:
@@ -254,11 +262,7 @@ def credential_from(token: str | None, execution_id: str | None
                           f"execution_id=, or set {TOKEN_VARIABLE} or {EXECUTION_VARIABLE}")
 
 
-class RequestIds:
-    """Request ids for one connection: 1, 2, 3, ..."""
-
-    def __init__(self) -> None:
-        self._next = itertools.count(1)
-
-    def __call__(self) -> int:
-        return next(self._next)
+def request_ids() -> Callable[[], int]:
+    """Request ids for one connection: each call returns the next of 1, 2, 3, ...
+    (a counter's own ``__next__``: no Python call per request)."""
+    return itertools.count(1).__next__

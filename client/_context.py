@@ -30,33 +30,32 @@ class PlaceholderError(InvalidArgument):
 class ExecutionContext(Mapping[str, str]):
     """The merged variables of one execution (``ctx["KEY"]``, ``in``, ``len``, iteration)."""
 
-    __slots__ = ("_secret", "_values", "execution_id", "expires_at")
+    __slots__ = ("_variables", "execution_id", "expires_at")
 
     def __init__(self, execution_id: str, expires_at: float,
                  variables: Mapping[str, Variable]) -> None:
         self.execution_id = execution_id
         self.expires_at = expires_at
-        values: dict[str, str] = {}
-        secret: list[str] = []
-        for key, variable in variables.items():  # one pass: every fetch builds one
-            values[key] = variable.value
-            if variable.is_secret:
-                secret.append(key)
-        self._values = values
-        self._secret = frozenset(secret)
+        # Kept as given (a copy of the map, the Variables themselves are immutable), not
+        # split into values and secret keys: every fetch builds one, and most read a few
+        # keys of it, so each method asks the Variables instead.
+        self._variables = dict(variables)
 
     def __getitem__(self, key: str) -> str:
-        return self._values[key]
+        return self._variables[key].value
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
+        return iter(self._variables)
 
     def __len__(self) -> int:
-        return len(self._values)
+        return len(self._variables)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._variables
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{k!r}: '{SECRET_MASK}'" if k in self._secret else f"{k!r}: {v!r}"
-                          for k, v in self._values.items())
+        shown = ", ".join(f"{k!r}: '{SECRET_MASK}'" if v.is_secret else f"{k!r}: {v.value!r}"
+                          for k, v in self._variables.items())
         return f"ExecutionContext(execution_id={self.execution_id!r}, {{{shown}}})"
 
     __str__ = __repr__
@@ -74,17 +73,15 @@ class ExecutionContext(Mapping[str, str]):
 
     def is_secret(self, key: str) -> bool:
         """Return whether ``key`` holds a secret. Raises KeyError for an unknown key."""
-        if key not in self._values:
-            raise KeyError(key)
-        return key in self._secret
+        return self._variables[key].is_secret
 
     def as_env(self) -> dict[str, str]:
         """Return the variables as a fresh dict, ready to merge into ``os.environ``."""
-        return dict(self._values)
+        return {key: variable.value for key, variable in self._variables.items()}
 
     def secret_values(self) -> frozenset[str]:
         """Return the secret values (for masking); empty values are left out."""
-        return frozenset(v for k, v in self._values.items() if k in self._secret and v)
+        return frozenset(v.value for v in self._variables.values() if v.is_secret and v.value)
 
     # ------------------------------------------------------------- placeholders
 
@@ -119,13 +116,14 @@ class ExecutionContext(Mapping[str, str]):
         if not _NAME.fullmatch(name):
             problems.append(f"malformed placeholder ${{{body}}}")
             return match.group(0)
-        if name not in self._values:
+        variable = self._variables.get(name)
+        if variable is None:
             problems.append(f"{name} is not set")
             return match.group(0)
-        if want_secret and name not in self._secret:
+        if want_secret and not variable.is_secret:
             problems.append(f"{name} is not a secret (use ${{{name}}})")
             return match.group(0)
-        return self._values[name]
+        return variable.value
 
     # ------------------------------------------------------------------ logging
 

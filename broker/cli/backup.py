@@ -17,7 +17,6 @@ it move the old store aside and rename the copy into place.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,6 +82,8 @@ def cmd_restore(args: argparse.Namespace, paths: Paths) -> int:
     _refuse_existing(paths, args.replace)
     prepare_home(paths.home)
     # the store's own log lines would add a second line (or a traceback) to the one we print
+    import logging  # here: the parser imports this module for every command
+
     logging.getLogger("stigmer.broker").addHandler(logging.NullHandler())
     staged = paths.home / f".restore-{os.getpid()}.db"
     staged_anchor = paths.home / f".restore-{os.getpid()}.head"

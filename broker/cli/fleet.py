@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-import anyio
-
 from .common import EXIT_OK, UsageError
 from .render import print_json
 
@@ -19,6 +17,8 @@ __all__ = ["cmd_fleet_init"]
 
 
 def cmd_fleet_init(args: argparse.Namespace, paths: Paths) -> int:
+    import anyio  # here: the parser imports this module for every command
+
     from ..local.paths import redact_url, resolve_store
     from ..store.postgres import check_identifier, fleet_sql, init_fleet
 

@@ -80,20 +80,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     fast = _status_fast_path(argv)
     if fast is not None:
         return fast
-    from .parser import build_parser
+    args = run_fast_path(argv)
+    if args is None:
+        from .parser import build_parser
 
-    parser = build_parser(argv)
-    args, extras = parser.parse_known_args(argv)
-    if extras:
-        # argparse stops filling KEY=VALUE positionals at the first option; take the rest
-        if hasattr(args, "pairs") and not any(e.startswith("-") for e in extras):
-            args.pairs = [*args.pairs, *extras]
-        else:
-            _command_parser(parser, getattr(args, "command", [])).error(
-                f"unrecognized arguments: {' '.join(extras)}")
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
+        parser = build_parser(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            # argparse stops filling KEY=VALUE positionals at the first option; take the rest
+            if hasattr(args, "pairs") and not any(e.startswith("-") for e in extras):
+                args.pairs = [*args.pairs, *extras]
+            else:
+                _command_parser(parser, getattr(args, "command", [])).error(
+                    f"unrecognized arguments: {' '.join(extras)}")
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
     try:
         paths = resolve_paths(os.environ, home=getattr(args, "home", None),
                               socket=getattr(args, "socket", None))
@@ -131,6 +133,40 @@ def _command_parser(parser: argparse.ArgumentParser,
             break
         parser = sub.choices[word]
     return parser
+
+
+def run_fast_path(argv: list[str]) -> argparse.Namespace | None:
+    """`run`'s plain forms, parsed without argparse, or None for argparse to parse.
+
+    A runner starts `run` for every tool process, and building argparse (with the
+    modules it loads) is a tenth of `run -- true`. Plain: ``run`` first, then only
+    ``--no-masking``, ``--token T``, ``--execution ID``, ``--home H``, ``--socket S``
+    (each once, as separate words), then ``--`` and the command. The namespace is the
+    one argparse makes of them (a test holds the two to each other).
+    """
+    if argv[:1] != ["run"] or "--" not in argv:
+        return None
+    cut = argv.index("--")
+    if cut == len(argv) - 1:
+        return None  # no command: argparse says so
+    values: dict[str, str | None] = dict.fromkeys(("home", "socket", "token", "execution"))
+    no_masking = False
+    rest = argv[1:cut]
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--no-masking" and not no_masking:
+            no_masking = True
+        elif arg[2:] in values and arg.startswith("--") and values[arg[2:]] is None \
+                and rest and not rest[0].startswith("-"):
+            values[arg[2:]] = rest.pop(0)
+        else:
+            return None
+    from .contexts import cmd_run
+
+    options = {name: value for name, value in values.items()
+               if value is not None or name in ("token", "execution")}
+    return cast("argparse.Namespace", SimpleNamespace(
+        func=cmd_run, command=argv[cut:], mount=None, no_masking=no_masking, **options))
 
 
 def _status_fast_path(argv: list[str]) -> int | None:

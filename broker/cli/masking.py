@@ -60,17 +60,32 @@ class Masker:
         values = sorted({s.encode() for s in secrets if s}, key=len, reverse=True)
         self._anchors = [(value[:_ANCHOR], value) for value in values]
         self._keep = len(values[0]) - 1 if values else 0
-        self._pattern = re.compile(b"|".join(map(re.escape, values))) if values else None
-        # each anchor with any CSI sequences between its bytes
-        between = b"(?:" + _CSI.pattern + b")*"
-        self._escaped_anchors = re.compile(b"|".join(
-            between.join(re.escape(anchor[i:i + 1]) for i in range(len(anchor)))
-            for anchor, _ in self._anchors))
+        # Both regexes are compiled when first needed: a command whose output holds no
+        # secret never needs the first, and one that writes no ESC never the second,
+        # which takes a tenth of a second to compile for ten secrets in all their forms
+        # (`run` starts two maskers, before the command it runs).
+        self._pattern: re.Pattern[bytes] | None = None
+        self._escaped_anchors: re.Pattern[bytes] | None = None
         self._buffer = b""
+
+    def _secrets(self) -> re.Pattern[bytes]:
+        """Any secret (the longest first, where they share a start)."""
+        if self._pattern is None:
+            self._pattern = re.compile(b"|".join(re.escape(s) for _, s in self._anchors))
+        return self._pattern
+
+    def _escaped(self) -> re.Pattern[bytes]:
+        """Any secret's anchor, with any CSI sequences between its bytes."""
+        if self._escaped_anchors is None:
+            between = b"(?:" + _CSI.pattern + b")*"
+            self._escaped_anchors = re.compile(b"|".join(
+                between.join(re.escape(anchor[i:i + 1]) for i in range(len(anchor)))
+                for anchor, _ in self._anchors))
+        return self._escaped_anchors
 
     def feed(self, data: bytes) -> bytes:
         """Return what can be written now (the rest waits for more, or :meth:`flush`)."""
-        if self._pattern is None:
+        if not self._anchors:
             return data
         buffer = self._buffer + data if self._buffer else data
         if b"\x1b" in buffer:
@@ -85,7 +100,7 @@ class Masker:
     def flush(self) -> bytes:
         """Return what is held back (the stream ended)."""
         buffer, self._buffer = self._buffer, b""
-        if self._pattern is None or not buffer:
+        if not self._anchors or not buffer:
             return buffer
         if b"\x1b" in buffer:
             return self._feed_with_escapes(buffer, final=True)
@@ -113,10 +128,9 @@ class Masker:
         return longest
 
     def _replace(self, buffer: bytes, safe: int) -> bytes:
-        assert self._pattern is not None
         out = []
         pos = 0
-        for match in self._pattern.finditer(buffer):
+        for match in self._secrets().finditer(buffer):
             if match.start() >= safe:
                 break
             out.append(buffer[pos:match.start()])
@@ -144,14 +158,13 @@ class Masker:
     def _feed_with_escapes(self, buffer: bytes, *, final: bool = False) -> bytes:
         """:meth:`feed` for a buffer holding an ESC: secrets are looked for in its text
         with the CSI sequences taken out, and replaced in the buffer itself."""
-        assert self._pattern is not None
         work = len(buffer)
         opened = _CSI_OPEN.search(buffer, max(0, len(buffer) - _CSI_LONGEST))
         if opened and not final and len(buffer) - opened.start() <= _CSI_LONGEST:
             work = opened.start()  # wait for the sequence's end
         # No secret's anchor, escapes or not, and no secret's start at the end: all of
         # it goes, for the cost of one regex search and of stripping the tail alone.
-        if not self._escaped_anchors.search(buffer, 0, work) and (
+        if not self._escaped().search(buffer, 0, work) and (
                 final or not self._held_back(self._text_of_tail(buffer, work))):
             self._buffer = buffer[work:]
             return buffer[:work]
@@ -180,7 +193,7 @@ class Masker:
         safe = raw(len(stripped) - held) if held else work
         out = []
         pos = 0
-        for match in self._pattern.finditer(stripped):
+        for match in self._secrets().finditer(stripped):
             begin, end = raw(match.start()), raw(match.end() - 1) + 1
             if begin >= safe:
                 break

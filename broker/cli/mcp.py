@@ -12,7 +12,6 @@ started by `mcp proxy`, for any MCP client to use unchanged.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -165,6 +164,8 @@ def _proxy_command() -> list[str]:
 
 
 def _dump(config: object) -> str:
+    import json  # here: the parser imports this module for every command
+
     return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
 
 

@@ -33,6 +33,7 @@ from typing import Any, Final
 import msgspec
 
 from .errors import (
+    BrokerError,
     HandshakeRequired,
     InvalidArgument,
     ProtocolError,
@@ -54,12 +55,19 @@ from .messages import (
 __all__ = ["CLOSED", "NEED_DATA", "Connection", "Event", "Role", "State"]
 
 
-class Role(enum.Enum):
+class _Singleton(enum.Enum):
+    """Members hash by identity, as they compare: the transition table is looked up for
+    every message, and Enum's own hash (of the member's name) is a Python call."""
+
+    __hash__ = object.__hash__
+
+
+class Role(_Singleton):
     CLIENT = "client"
     SERVER = "server"
 
 
-class State(enum.Enum):
+class State(_Singleton):
     AWAIT_HELLO = "await_hello"  # nothing agreed yet
     READY = "ready"  # handshake done, requests flow
     CLOSED = "closed"  # peer closed cleanly
@@ -75,7 +83,7 @@ NEED_DATA: Final = _Sentinel.NEED_DATA
 CLOSED: Final = _Sentinel.CLOSED
 
 
-class _Input(enum.Enum):
+class _Input(_Singleton):
     HELLO = "Hello"
     WELCOME = "Welcome"
     REQUEST = "a request"
@@ -134,6 +142,8 @@ class Connection:
         self._eof = False
         self._error: ProtocolError | None = None
         self._decoder = _decoder(role)
+        self._transitions = {(state, event): then for (side, state, event), then
+                             in _TRANSITIONS.items() if side is role}
 
     # ------------------------------------------------------------------ receiving
 
@@ -147,7 +157,8 @@ class Connection:
 
         Raises ProtocolError (and enters ERROR) when a frame header is over the limit.
         """
-        self._check_usable()
+        if self.state is State.ERROR:
+            raise self._broken()
         if not data:
             self._eof = True
             return
@@ -163,9 +174,12 @@ class Connection:
         server HandshakeRequired / UnsupportedVersion (not sticky) for requests
         the handshake does not allow yet.
         """
-        self._check_usable()
-        if self.state is State.CLOSED:
-            return CLOSED
+        state = self.state
+        if state is not State.READY:
+            if state is State.ERROR:
+                raise self._broken()
+            if state is State.CLOSED:
+                return CLOSED
         try:
             body = self._reader.next_body()
         except ProtocolError as exc:
@@ -179,17 +193,21 @@ class Connection:
                     f"({self._reader.buffered} bytes buffered)"))
             self._advance(_Input.EOF)
             return CLOSED
-        message = self._decode(body)
+        try:
+            message: Request | Response = self._decoder.decode(body)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise self._undecodable(body, exc) from None
         if isinstance(message, Request):
             self._on_request(message)
         else:
             self._on_response(message)
         return message
 
-    def _decode(self, body: bytes) -> Request | Response:
-        try:
-            message: Request | Response = self._decoder.decode(body)
-        except msgspec.ValidationError as exc:
+    def _undecodable(self, body: bytes | memoryview, exc: Exception) -> BrokerError:
+        """The error to raise for a body that did not decode (``exc``, msgspec's or
+        Python's): an InvalidArgument the connection survives, for a request it can
+        name and answer; else a sticky ProtocolError."""
+        if isinstance(exc, msgspec.ValidationError):
             # msgspec quotes the peer's own field names and tag values, control
             # characters and all: escaped, so that what is told stays on one line
             error = one_line(str(exc))
@@ -198,21 +216,19 @@ class Connection:
                     or error == "Object missing required field `op`":
                 # not a request we know, or no id to answer it by: the stream cannot go on
                 told = explain_invalid(error) if self.role is Role.SERVER else error
-                raise self._fail(ProtocolError(f"malformed message: {told}",
-                                               request_id=request_id or 0)) from None
+                return self._fail(ProtocolError(f"malformed message: {told}",
+                                                request_id=request_id or 0))
             # A request we can name and answer, with a field out of bounds: the peer's
             # mistake, told in its own field names; the connection stays usable.
             invalid = InvalidArgument(explain_invalid(error))
             invalid.request_id = request_id
-            raise invalid from None
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-            # every way bytes can fail to be a message is one answer: an Error frame
-            reason = (one_line(str(exc)) if isinstance(exc, msgspec.DecodeError)
-                      else "a string is not valid UTF-8" if isinstance(exc, UnicodeDecodeError)
-                      else "it is nested too deeply")
-            raise self._fail(ProtocolError(f"malformed message: {reason}",
-                                           request_id=_request_id(body) or 0)) from None
-        return message
+            return invalid
+        # every way bytes can fail to be a message is one answer: an Error frame
+        reason = (one_line(str(exc)) if isinstance(exc, msgspec.DecodeError)
+                  else "a string is not valid UTF-8" if isinstance(exc, UnicodeDecodeError)
+                  else "it is nested too deeply")
+        return self._fail(ProtocolError(f"malformed message: {reason}",
+                                        request_id=_request_id(body) or 0))
 
     def _on_request(self, request: Request) -> None:
         if isinstance(request, Hello):
@@ -238,18 +254,18 @@ class Connection:
             self._advance(_Input.REQUEST)
 
     def _on_response(self, response: Response) -> None:
-        if isinstance(response, Welcome):
+        if type(response) is Welcome:
             if response.version not in self.supported_versions:
                 raise self._fail(ProtocolError(
                     f"broker agreed to protocol version {response.version}, "
                     "which this client does not speak"))
             self.version = response.version
             self._advance(_Input.WELCOME)
-        elif self.state is State.AWAIT_HELLO and not isinstance(response, Error):
-            raise self._fail(ProtocolError(
-                f"broker sent {type(response).__name__} before Welcome"))
         elif self.state is State.READY:
             self._advance(_Input.RESPONSE)
+        elif not isinstance(response, Error):  # still awaiting Welcome
+            raise self._fail(ProtocolError(
+                f"broker sent {type(response).__name__} before Welcome"))
 
     # -------------------------------------------------------------------- sending
 
@@ -262,29 +278,27 @@ class Connection:
         """
         if self.state is State.ERROR and not isinstance(message, Error):
             raise self._error or ProtocolError("connection is in the ERROR state")
-        buf = bytearray(HEADER_SIZE)
         try:
-            _ENCODER.encode_into(message, buf, HEADER_SIZE)
-            unencodable = False
+            body = _ENCODER.encode(message)  # and a copy after the prefix: cheaper than
+            unencodable = False  # encode_into a buffer past it, which grows it in steps
         except UnicodeEncodeError:  # its .object holds the whole value: it must not survive
             unencodable = True
         if unencodable:  # raised outside the handler, so not even __context__ keeps it
             raise InvalidArgument(
                 f"{type(message).__name__} holds text that is not valid Unicode (a lone "
                 "surrogate, as from undecodable bytes); give values as UTF-8 text")
-        size = len(buf) - HEADER_SIZE
+        size = len(body)
         if size > self._reader.max_frame_size:
             raise ResourceExhausted(
                 f"{type(message).__name__} would be {size} bytes, over the frame limit of "
                 f"{self._reader.max_frame_size} bytes; send less at once")
-        buf[:HEADER_SIZE] = size.to_bytes(HEADER_SIZE, "big")
-        return bytes(buf)
+        return size.to_bytes(HEADER_SIZE, "big") + body
 
     # -------------------------------------------------------------------- helpers
 
     def _advance(self, event: _Input) -> None:
         try:
-            self.state = _TRANSITIONS[(self.role, self.state, event)]
+            self.state = self._transitions[self.state, event]
         except KeyError:
             raise self._fail(ProtocolError(
                 f"{self.role.value} cannot receive {event.value} in state "
@@ -295,13 +309,13 @@ class Connection:
         self._error = exc
         return exc
 
-    def _check_usable(self) -> None:
-        if self.state is State.ERROR:
-            raise self._error or ProtocolError("connection is in the ERROR state")
+    def _broken(self) -> ProtocolError:
+        """The error that broke the connection, raised by every later call."""
+        return self._error or ProtocolError("connection is in the ERROR state")
 
 
 
-def _request_id(body: bytes) -> int | None:
+def _request_id(body: bytes | memoryview) -> int | None:
     """The id of a message that did not decode, so that the Error frame answers it (None
     when the body is not a map with a valid ``id``)."""
     try:

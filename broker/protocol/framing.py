@@ -30,30 +30,51 @@ class FrameReader:
         self.max_frame_size = max_frame_size
         self._buffer = bytearray()
         self._need: int | None = None  # body length once the header is read
+        # a body that came whole in one chunk, ahead of the buffer, not yet taken: kept
+        # as a view of that chunk, neither copied into the buffer nor sliced out of it
+        self._whole: memoryview | None = None
 
     @property
     def buffered(self) -> int:
-        """Bytes held that do not make a whole frame yet."""
-        return len(self._buffer)
+        """Bytes held that have not been taken as bodies yet."""
+        whole = self._whole
+        return len(self._buffer) + (len(whole) if whole is not None else 0)
 
     def feed(self, data: bytes) -> None:
         """Add received bytes. Raises ProtocolError when a header declares too much."""
-        self._buffer += data
-        self._check_header()
+        buffer = self._buffer
+        if not buffer and self._need is None and self._whole is None and type(data) is bytes:
+            length = int.from_bytes(data[:HEADER_SIZE], "big")  # the usual case: a chunk
+            if 0 < length == len(data) - HEADER_SIZE and length <= self.max_frame_size:
+                self._whole = memoryview(data)[HEADER_SIZE:]  # that is one whole frame
+                return
+        buffer += data
+        if self._need is None and len(buffer) >= HEADER_SIZE:
+            self._read_header()
 
-    def next_body(self) -> bytes | None:
+    def next_body(self) -> bytes | memoryview | None:
         """Return the next whole body, or None if more bytes are needed."""
-        if self._need is None or len(self._buffer) < self._need:
+        whole = self._whole
+        if whole is not None:
+            self._whole = None
+            return whole
+        need = self._need
+        buffer = self._buffer
+        if need is None or len(buffer) < need:
             return None
-        body = bytes(self._buffer[: self._need])
-        del self._buffer[: self._need]
+        if len(buffer) == need:  # the usual case, one whole frame: no slice to copy
+            body = bytes(buffer)
+            buffer.clear()
+        else:
+            body = bytes(buffer[:need])
+            del buffer[:need]
         self._need = None
-        self._check_header()
+        if len(buffer) >= HEADER_SIZE:
+            self._read_header()
         return body
 
-    def _check_header(self) -> None:
-        if self._need is not None or len(self._buffer) < HEADER_SIZE:
-            return
+    def _read_header(self) -> None:
+        """Take the header off the buffer (which holds one), checking its length."""
         length = int.from_bytes(self._buffer[:HEADER_SIZE], "big")
         if length == 0:
             raise ProtocolError("empty frame: every frame carries a message",

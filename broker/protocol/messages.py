@@ -109,8 +109,12 @@ def _defaults(cls: type[msgspec.Struct]) -> dict[str, object]:
     return {f.name: f.default for f in msgspec.structs.fields(cls)}
 
 
-class Variable(_Data, frozen=True):
-    """One variable as written: its value and whether it is a secret."""
+class Variable(_Data, frozen=True, gc=False):
+    """One variable as written: its value and whether it is a secret.
+
+    Untracked by the garbage collector (``gc=False``): it holds a string and a bool, so
+    it can be part of no cycle, and a fetch decodes one per variable.
+    """
 
     value: Value
     is_secret: bool = False

@@ -76,7 +76,6 @@ from .._common import (
     RETRY_SAFE,
     Backoff,
     ClosedBeforeReply,
-    RequestIds,
     check_peer,
     check_socket_dir,
     checked_values,
@@ -84,6 +83,7 @@ from .._common import (
     credential_from,
     default_socket,
     expect,
+    request_ids,
     unavailable,
 )
 from .._context import ExecutionContext
@@ -114,7 +114,7 @@ class AsyncClient:
         self.server_version = ""
         self._sock: AsyncSocket | None = None
         self._conn = Connection(Role.CLIENT)
-        self._ids = RequestIds()
+        self._ids = request_ids()
         self._lock = AsyncLock()
 
     def __repr__(self) -> str:
@@ -195,16 +195,18 @@ class AsyncClient:
         async with self._lock:
             # Before a write, make sure the broker has not closed the idle connection (a
             # write sent into a closed one could not be told apart from one carried out).
-            # A read needs no such check, which costs three system calls: it is sent again.
-            await self._connect(probe=not isinstance(request, RETRY_SAFE))
+            # A read needs no such check, which costs a system call: it is sent again.
+            retry_safe = isinstance(request, RETRY_SAFE)
+            if self._sock is None or not retry_safe:
+                await self._connect(probe=not retry_safe)
             try:
                 reply = await self._roundtrip(request)
             except ClosedBeforeReply:
-                if not isinstance(request, RETRY_SAFE):
+                if not retry_safe:
                     raise
                 await self._connect()
                 reply = await self._roundtrip(request)
-            return expect(reply, kind)
+            return reply if type(reply) is kind else expect(reply, kind)
 
     async def _roundtrip(self, request: Request) -> Response:
         sock = self._sock

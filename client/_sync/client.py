@@ -77,7 +77,6 @@ from .._common import (
     RETRY_SAFE,
     Backoff,
     ClosedBeforeReply,
-    RequestIds,
     check_peer,
     check_socket_dir,
     checked_values,
@@ -85,6 +84,7 @@ from .._common import (
     credential_from,
     default_socket,
     expect,
+    request_ids,
     unavailable,
 )
 from .._context import ExecutionContext
@@ -115,7 +115,7 @@ class Client:
         self.server_version = ""
         self._sock: SyncSocket | None = None
         self._conn = Connection(Role.CLIENT)
-        self._ids = RequestIds()
+        self._ids = request_ids()
         self._lock = SyncLock()
 
     def __repr__(self) -> str:
@@ -196,16 +196,18 @@ class Client:
         with self._lock:
             # Before a write, make sure the broker has not closed the idle connection (a
             # write sent into a closed one could not be told apart from one carried out).
-            # A read needs no such check, which costs three system calls: it is sent again.
-            self._connect(probe=not isinstance(request, RETRY_SAFE))
+            # A read needs no such check, which costs a system call: it is sent again.
+            retry_safe = isinstance(request, RETRY_SAFE)
+            if self._sock is None or not retry_safe:
+                self._connect(probe=not retry_safe)
             try:
                 reply = self._roundtrip(request)
             except ClosedBeforeReply:
-                if not isinstance(request, RETRY_SAFE):
+                if not retry_safe:
                     raise
                 self._connect()
                 reply = self._roundtrip(request)
-            return expect(reply, kind)
+            return reply if type(reply) is kind else expect(reply, kind)
 
     def _roundtrip(self, request: Request) -> Response:
         sock = self._sock

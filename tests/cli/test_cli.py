@@ -771,3 +771,33 @@ def test_a_malformed_env_file_line_is_named_by_number_never_shown(paths: Paths, 
     assert "SENTINEL" not in r.stderr and "7f3a" not in r.stderr
     assert "line 3" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--", "true"],
+    ["run", "--no-masking", "--token", "stg_t", "--", "tool", "-v", "--", "x"],
+    ["run", "--home", "/h", "--socket", "/s", "--execution", "e-1", "--", "--", "x"],
+    ["run", "--token", "", "--", "x"],
+])
+def test_runs_plain_forms_skip_argparse_and_mean_what_argparse_makes_of_them(
+        argv: list[str]) -> None:
+    from stigmer.broker.cli.main import run_fast_path
+    from stigmer.broker.cli.parser import build_parser
+
+    fast = run_fast_path(argv)
+    assert fast is not None
+    parsed, extras = build_parser(argv).parse_known_args(argv)
+    assert extras == []
+    assert vars(fast) == vars(parsed)
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "true"], ["run", "--"], ["run", "--mount", "a=env", "--", "x"],
+    ["run", "--token=t", "--", "x"], ["run", "--token", "-t", "--", "x"],
+    ["run", "--no-masking", "--no-masking", "--", "x"], ["run", "-h", "--", "x"],
+    ["run", "--json", "--", "x"], ["--home", "/h", "run", "--", "x"],
+])
+def test_runs_other_forms_are_left_to_argparse(argv: list[str]) -> None:
+    from stigmer.broker.cli.main import run_fast_path
+
+    assert run_fast_path(argv) is None

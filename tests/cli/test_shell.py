@@ -538,6 +538,21 @@ def test_masking_a_stream_in_any_chunks_equals_masking_it_whole(
     assert out == whole
 
 
+def test_a_masker_compiles_its_patterns_only_when_the_output_needs_them() -> None:
+    """`run` starts two maskers before the command; the pattern of secrets with escapes
+    between their bytes took 0.09 s to compile for ten secrets in all their forms, paid
+    by every `run`, also of a command that writes nothing."""
+    from stigmer.broker.cli.masking import MASK, Masker
+
+    masker = Masker(["hunter2-secret"])
+    assert masker.feed(b"plain output\n") == b"plain output\n"
+    assert (masker._pattern, masker._escaped_anchors) == (None, None)
+    assert masker.feed(b"a hunter2-secret\n") == b"a " + MASK + b"\n"
+    assert masker._escaped_anchors is None  # no ESC yet
+    assert masker.feed(b"\x1b[31mred\x1b[0m\n") == b"\x1b[31mred\x1b[0m\n"
+    assert masker._escaped_anchors is not None
+
+
 def test_a_secret_with_colour_escapes_inside_is_masked_and_the_colours_kept() -> None:
     from stigmer.broker.cli.masking import MASK, Masker
 

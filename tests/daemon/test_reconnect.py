@@ -150,6 +150,75 @@ def test_a_write_cut_after_sending_is_not_repeated_and_a_read_is(paths: Paths) -
         server.close()
 
 
+class Silent:
+    """A stand-in broker that greets, then reads each request and never answers it."""
+
+    def __init__(self, path: Path) -> None:
+        self.connections = 0
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._listener.bind(str(path))
+        self._listener.listen()
+        self._held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._held.append(sock)  # open, unanswered, until close()
+            conn = Connection(Role.SERVER)
+            while (event := conn.next_event()) is NEED_DATA:
+                conn.receive_data(sock.recv(65536))
+            assert isinstance(event, Hello)
+            sock.sendall(conn.send(Welcome(id=event.id, version=1, server_version="silent")))
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._held:
+            sock.close()
+
+
+@pytest.mark.parametrize("client", ["blocking", "async"])
+def test_a_broker_that_does_not_answer_fails_the_call_after_the_timeout(
+        paths: Paths, client: str) -> None:
+    """Each wait is bounded by the client's timeout, also one changed after connecting
+    (the blocking client bounds it in the kernel, SO_RCVTIMEO, no longer with a Python
+    socket timeout); the connection is then closed and the next call opens a new one."""
+    server = Silent(paths.socket)
+    told: list[str] = []
+
+    def blocking() -> None:
+        with Client(paths.socket, timeout=30) as connected:
+            connected.timeout = 0.2
+            for _ in range(2):
+                with pytest.raises(BrokerUnavailable) as raised:
+                    connected.status()
+                told.append(raised.value.message)
+
+    async def in_async() -> None:
+        async with AsyncClient(paths.socket, timeout=30) as connected:
+            connected.timeout = 0.2
+            for _ in range(2):
+                with pytest.raises(BrokerUnavailable) as raised:
+                    await connected.status()
+                told.append(raised.value.message)
+
+    try:
+        if client == "blocking":
+            blocking()
+        else:
+            anyio.run(in_async)
+    finally:
+        server.close()
+    assert told == [f"the broker on {paths.socket} did not answer within 0.2s"] * 2
+    assert server.connections == 2
+
+
 class _CountingSocket(socket.socket):
     """A socket that counts its connect attempts (the clients' retries)."""
 

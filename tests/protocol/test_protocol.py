@@ -104,6 +104,26 @@ def test_declared_lengths_do_not_buffer(length: int) -> None:
     assert reader.buffered <= 14
 
 
+def test_bodies_come_out_whole_and_in_order_however_the_bytes_are_cut() -> None:
+    """A chunk that is one whole frame is kept as it came (no copy into the buffer):
+    what is fed after it still comes out after it, and a body fed alone after its
+    header is a body, even when its own first bytes read like a frame's header."""
+    inner = frame(b"abc")  # a body that is itself a well-formed frame
+    reader = FrameReader()
+    reader.feed(frame(b"first"))
+    reader.feed(frame(b"second") + (len(inner)).to_bytes(4, "big"))
+    assert reader.buffered == len(b"first") + len(b"second") + 4  # (headers read are not)
+    reader.feed(inner)
+    assert [bytes(body) for body in iter(reader.next_body, None)] == [
+        b"first", b"second", inner]
+    assert reader.buffered == 0
+    reader.feed((len(inner)).to_bytes(4, "big"))  # a header alone, then its body
+    assert reader.next_body() is None
+    reader.feed(inner)
+    assert bytes(reader.next_body() or b"") == inner
+    assert reader.next_body() is None
+
+
 def test_truncated_frame_at_eof_is_an_error() -> None:
     server = Connection(Role.SERVER)
     data = Connection(Role.CLIENT).send(Hello(id=1, version=1))
