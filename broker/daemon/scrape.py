@@ -1,9 +1,10 @@
 """The metrics endpoint: a private Unix socket or a loopback TCP port, served by a thread.
 
 prometheus_client's own ``MetricsHandler`` answers each scrape (the text or
-OpenMetrics format, gzip when asked), under the stdlib's ``socketserver``, in
-one daemon thread: a scrape is rare, and takes the registry's locks only to
-read it. That thread reads the registry and nothing else; what the broker's
+OpenMetrics format, gzip when asked), under the stdlib's ``socketserver``: one
+daemon thread accepts, and each scrape gets a short-lived thread of its own (at
+most eight at once), which takes the registry's locks only to read it. Those
+threads read the registry and nothing else; what the broker's
 objects hold is copied into the registry on the event loop
 (:mod:`.metrics`). The socket is bound here, before the store is opened, so
 a start refused for it changes nothing; a Unix socket gets the checks and the
@@ -37,14 +38,43 @@ log = logging.getLogger("stigmer.broker")
 _SCRAPE_TIMEOUT = 5.0
 #: how often the serving thread looks whether it is asked to stop
 _POLL_INTERVAL = 0.2
+#: scrapes served at once (each in a thread of its own)
+_CONCURRENT = 8
 
 
-class _Scrapes(socketserver.TCPServer):
-    """socketserver's loop over a socket bound by :class:`ScrapeEndpoint` (TCP or Unix)."""
+class _Scrapes(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """socketserver's loop over a socket bound by :class:`ScrapeEndpoint` (TCP or Unix).
+
+    Each scrape has a thread of its own, so a client that connects and says nothing
+    delays no one else (one at a time, an idle local connection held every scrape up for
+    its timeout); at most ``_CONCURRENT`` at once, past which a connection is closed
+    unanswered."""
+
+    daemon_threads = True
+    block_on_close = False
 
     def __init__(self, sock: socket.socket, handler: type[MetricsHandler]) -> None:
         socketserver.BaseServer.__init__(self, sock.getsockname(), handler)
         self.socket = sock
+        self._slots = threading.BoundedSemaphore(_CONCURRENT)
+
+    def process_request(self, request: socket.socket,  # type: ignore[override]
+                        client_address: object) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # too many at once: turned away
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket,  # type: ignore[override]
+                               client_address: object) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request: object, client_address: object) -> None:
         log.debug("a metrics scrape failed", exc_info=True)  # the scraper went away

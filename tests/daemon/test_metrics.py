@@ -3,6 +3,7 @@ what it must never show, the addresses it refuses, and that it goes when the bro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import grp
 import math
@@ -260,6 +261,30 @@ async def test_a_metrics_socket_in_use_is_refused(short_dir: Path, paths: Paths)
         broker = await start_broker(tg, make_config(other))
         with pytest.raises(StartupError, match="in use by another process"):
             await serve(make_config(paths)._replace(metrics=address))
+        broker.stop.set()
+
+
+@pytest.mark.anyio
+async def test_idle_connections_to_the_endpoint_hold_no_scrape_up(
+        paths: Paths, metrics_address: MetricsAddress) -> None:
+    """One scrape at a time: each client that connected and said nothing held every
+    scrape up for the 5 s timeout (a new user's probe: three idle connections, and a
+    10 s scrape gave up). Each scrape has a thread of its own now."""
+    config = make_config(paths)._replace(metrics=metrics_address)
+    async with anyio.create_task_group() as tg:
+        broker = await start_broker(tg, config)
+        with contextlib.ExitStack() as idle:
+            for _ in range(3):
+                if metrics_address.path is not None:
+                    sock = idle.enter_context(socket.socket(socket.AF_UNIX))
+                    sock.connect(str(metrics_address.path))
+                else:
+                    idle.enter_context(socket.create_connection(
+                        (metrics_address.host, metrics_address.port)))
+            await anyio.sleep(0.2)  # accepted, and each now waits for its request
+            with anyio.fail_after(4):  # one idle connection alone used to take 5 s
+                text = await anyio.to_thread.run_sync(scrape, metrics_address)
+        assert "stigmer_broker_requests" in text
         broker.stop.set()
 
 
