@@ -167,10 +167,16 @@ def _env_history(text: str) -> tuple[int | None, float | None]:
             raise UsageError(f"--env-history {text}: keep 1 to 1000000 versions (the current "
                              "one counts), or give a duration such as 90d")
         return count, None
-    seconds = duration_arg(text, "--env-history", longest=100 * 366 * 86400.0)
+    usage = ("give a whole count of versions (e.g. 50), a duration of at least an hour "
+             "(e.g. 90d), or forever")
+    try:
+        seconds = duration_arg(text, "--env-history", longest=100 * 366 * 86400.0)
+    except UsageError:
+        raise UsageError(f"--env-history {text!r} is not a count or a duration: "
+                         f"{usage}") from None
     if seconds < 3600:
         raise UsageError(f"--env-history {text!r} is under an hour: a rollback needs the "
-                         "versions it goes back to; keep them at least 1h, or give a count")
+                         f"versions it goes back to; {usage}")
     return None, seconds
 
 
@@ -216,7 +222,12 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
     environment, reaches the daemon through a pipe, never through its environment."""
     import subprocess
 
-    _metrics(args)  # reported here, not in the log; STIGMER_METRICS reaches serve as it is
+    # mistakes are reported here, not in the log, whether or not a broker runs
+    _metrics(args)  # STIGMER_METRICS reaches serve as it is
+    if args.audit_retention:
+        _retention(args.audit_retention)
+    if args.env_history:
+        _env_history(args.env_history)
     try:
         with connect(paths) as client:
             status = client.status()
@@ -227,6 +238,14 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
             _print_env(paths, args.print_env)
         else:
             print(f"already running (pid {status.pid}) on {paths.socket}")
+        given = [flag for flag, value in (
+            ("--allow-group", args.allow_group), ("--audit-retention", args.audit_retention),
+            ("--env-history", args.env_history), ("--metrics", args.metrics),
+            ("--key-command", args.key_command), ("--store", args.store),
+            ("--stale-after", args.stale_after)) if value]
+        if given:
+            warn(f"the running broker keeps the settings it started with; "
+                 f"{', '.join(given)} take effect once it is stopped and started again")
         return EXIT_OK
     except BrokerUnavailable:
         pass
@@ -240,10 +259,8 @@ def cmd_start(args: argparse.Namespace, paths: Paths) -> int:
     if args.allow_group:
         command += ["--allow-group", args.allow_group]
     if args.audit_retention:
-        _retention(args.audit_retention)  # a mistake is reported here, not in the log
         command += ["--audit-retention", args.audit_retention]
     if args.env_history:
-        _env_history(args.env_history)  # as --audit-retention
         command += ["--env-history", args.env_history]
     store_url, _ = _store(args)
     if args.stale_after is not None:
@@ -386,8 +403,12 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
 
         refused = refused_socket(str(paths.socket))
         if args.json:
+            line = f"not running (socket {paths.socket})" + (f": {refused}" if refused else "")
             print_json({"running": False, "socket": str(paths.socket),
-                        **({"problem": refused} if refused else {})})
+                        **({"problem": refused} if refused else {}),
+                        # the shape of a running broker's check, for `jq .healthy`
+                        **({"healthy": False, "problems": [line]}
+                           if getattr(args, "check", False) else {})})
         else:
             print(f"not running (socket {paths.socket})" + (f": {refused}" if refused else ""))
         return EXIT_NOT_RUNNING

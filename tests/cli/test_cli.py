@@ -32,6 +32,31 @@ def test_status_check_not_running_is_3(paths: Paths) -> None:
         result = run_cli(paths, "status", *args)
         assert result.returncode == 3, args
     assert run_cli(paths, "status", "--check").stdout == f"not running (socket {paths.socket})\n"
+    # the shape of a running broker's check (a probe's `jq .healthy` got null)
+    shown = json.loads(run_cli(paths, "status", "--check", "--json").stdout)
+    assert shown["healthy"] is False and shown["problems"] == [
+        f"not running (socket {paths.socket})"]
+
+
+def test_start_checks_its_options_and_says_a_running_broker_keeps_its_own(
+        paths: Paths) -> None:
+    """A new user's probe: `start --env-history 10m` against a running broker exited 0
+    and said nothing; given to a stopped one, it was a usage error. Both now refuse it,
+    and a running broker's options are said to be kept."""
+    run_cli(paths, "start", check=True)
+    try:
+        for value, said in (("10m", "is under an hour"), ("1.5", "is under an hour"),
+                            ("abc", "is not a count or a duration")):
+            result = run_cli(paths, "start", "--env-history", value)
+            assert result.returncode == 2, result
+            assert said in result.stderr and "forever" in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1
+        result = run_cli(paths, "start", "--env-history", "20")
+        assert result.returncode == 0 and "already running" in result.stdout
+        assert "--env-history take effect once it is stopped and started again" \
+            in result.stderr
+    finally:
+        run_cli(paths, "stop", check=True)
 
 
 def test_status_check_healthy_is_0_and_a_broken_audit_chain_is_1(paths: Paths) -> None:
