@@ -122,6 +122,9 @@ def _metrics(args: argparse.Namespace) -> MetricsAddress | None:
 
     if args.metrics is not None:
         text, what = args.metrics, "--metrics"
+        if not text.strip():
+            raise UsageError("--metrics is empty: give unix:PATH or tcp:127.0.0.1:PORT, or "
+                             "leave it out for no metrics")
     else:
         text, what = os.environ.get(METRICS_VARIABLE, ""), METRICS_VARIABLE
     if not text:

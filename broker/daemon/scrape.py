@@ -103,7 +103,8 @@ class ScrapeEndpoint:
             fix = ("choose another port" if exc.errno == errno.EADDRINUSE else
                    "use a unix: socket (the systemd unit allows only AF_UNIX sockets) or "
                    "allow AF_INET" if exc.errno == errno.EAFNOSUPPORT else "see --metrics")
-            raise StartupError(f"cannot listen for metrics on {address}: {exc.strerror}; "
+            reason = os.strerror(exc.errno) if exc.errno else "it failed"
+            raise StartupError(f"cannot listen for metrics on {address}: {reason}; "
                                f"{fix}") from None
         return cls(sock, address)
 

@@ -215,9 +215,10 @@ class CommandKey:
                                     start_new_session=True)
         except OSError as exc:
             os.close(read_fd)
-            raise KeySourceError(f"{name} could not be run: {exc.strerror}; give the "
-                                 "program's full path, or put it on the broker's PATH"
-                                 ) from None
+            fix = ("make it executable (chmod +x) or run it through its interpreter"
+                   if isinstance(exc, PermissionError) else
+                   "give the program's full path, or put it on the broker's PATH")
+            raise KeySourceError(f"{name} could not be run: {exc.strerror}; {fix}") from None
         finally:
             os.close(write_fd)
         deadline = time.monotonic() + self.timeout

@@ -265,6 +265,17 @@ async def test_a_metrics_socket_in_use_is_refused(short_dir: Path, paths: Paths)
 
 
 @pytest.mark.anyio
+async def test_a_port_in_use_is_refused_in_one_plain_line(paths: Paths) -> None:
+    """The error quoted Python's bind tuple (a new user's probe)."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        address = parse_metrics_address(f"tcp:127.0.0.1:{taken.getsockname()[1]}")
+        with pytest.raises(StartupError) as info:
+            await serve(make_config(paths)._replace(metrics=address))
+    assert str(info.value).endswith(": Address already in use; choose another port")
+    assert "(" not in str(info.value)
+
+
+@pytest.mark.anyio
 async def test_idle_connections_to_the_endpoint_hold_no_scrape_up(
         paths: Paths, metrics_address: MetricsAddress) -> None:
     """One scrape at a time: each client that connected and said nothing held every
@@ -414,7 +425,8 @@ def test_loopback_and_socket_addresses_are_taken(text: str, shown: str) -> None:
 def test_the_cli_refuses_a_public_address_as_a_usage_error(paths: Paths) -> None:
     for args, env in ((["serve", "--metrics", "tcp:0.0.0.0:9464"], {}),
                       (["start", "--metrics", "tcp:localhost:9464"], {}),
-                      (["serve"], {"STIGMER_METRICS": "tcp:[::]:9464"})):
+                      (["serve"], {"STIGMER_METRICS": "tcp:[::]:9464"}),
+                      (["start", "--metrics", ""], {})):  # not "no metrics", silently
         proc = run_cli(paths, *args, env=cli_env(paths, **env))
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()

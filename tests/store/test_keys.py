@@ -221,6 +221,16 @@ async def test_missing_key_command_is_named(short_dir: Path) -> None:
         await load(short_dir, command=("/nonexistent/op", "read", "op://v/k"))
 
 
+async def test_a_key_command_that_is_not_executable_is_told_so(short_dir: Path) -> None:
+    """A new user's probe: it was told to give the program's full path, which it was."""
+    script = short_dir / "key.sh"
+    script.write_text("#!/bin/sh\necho nothing\n")
+    script.chmod(0o644)
+    with pytest.raises(KeySourceError, match=r"could not be run: Permission denied; make "
+                                             r"it executable \(chmod \+x\)"):
+        await load(short_dir, command=(str(script),))
+
+
 async def test_hung_key_command_times_out_and_is_stopped(short_dir: Path) -> None:
     pid_file = short_dir / "pid"
     command = printing(f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid()));"
