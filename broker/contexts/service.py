@@ -146,8 +146,7 @@ class Contexts:
         generation = self.index.generation
         read = await self.rows.read(condition, params)
         if generation == self.index.generation:
-            self.index.refused.update(read.refused)
-            self.index.install(read.contexts)
+            self._install(read)
         return read.contexts
 
     async def _find(self, execution_id: str) -> LiveContext | None:
@@ -162,8 +161,8 @@ class Contexts:
         """The token of ``hash_``: cached, or (shared store) looked up."""
         entry = self.index.token(hash_)
         if entry is None and self._shared:
-            for context in await self._look_up_token(hash_):
-                entry = next((t for t in context.tokens.values() if t.hash == hash_), None)
+            entry = next((t for c in await self._look_up_token(hash_)
+                          for t in c.tokens.values() if t.hash == hash_), None)
         return entry
 
     async def _look_up_token(self, hash_: bytes) -> list[LiveContext]:

@@ -71,8 +71,8 @@ _OPEN: Final = (*_READING, _P.ANSWERING, _P.BLOCKED)
 _TRANSITIONS: Final[dict[tuple[Phase, Input], Phase]] = {
     # reading: IDLE stands for GREETING too until the handshake is done (see move)
     **{(p, _I.REQUEST): _P.IDLE for p in _READING},
-    **{(p, _I.WAIT): _P.IDLE for p in (*_READING, _P.ANSWERING, _P.BLOCKED)},
-    **{(p, _I.PARTIAL): _P.RECEIVING for p in (*_READING, _P.ANSWERING, _P.BLOCKED)},
+    **{(p, _I.WAIT): _P.IDLE for p in _READING},
+    **{(p, _I.PARTIAL): _P.RECEIVING for p in _READING},
     # a request that waits: no reading (one request in flight per connection)
     **{(p, _I.DEFER): _P.ANSWERING for p in _READING},
     (_P.ANSWERING, _I.ANSWERED): _P.IDLE,

@@ -23,7 +23,7 @@ from ..local.trust import check_private_dir
 from ..protocol.errors import StartupError
 
 __all__ = ["LISTEN_BACKLOG", "AlreadyRunning", "BoundSocket", "adopt_socket",
-           "bind_unix_socket"]
+           "bind_unix_socket", "live_pid"]
 
 #: The listen backlog: connections the kernel holds until the broker accepts them.
 #: A connection waits behind every one queued before it, so the backlog bounds how
@@ -169,7 +169,7 @@ def _take_lock(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        pid = _live_pid(path)
+        pid = live_pid(path)
         if pid is not None:
             raise AlreadyRunning(f"already running (pid {pid or 'unknown'}) on {path}") from None
         raise AlreadyRunning(
@@ -178,7 +178,7 @@ def _take_lock(path: Path) -> int:
     return fd
 
 
-def _live_pid(path: Path) -> int | None:
+def live_pid(path: Path) -> int | None:
     """Return the pid of the broker answering on ``path`` (0 if unknown), None if none."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -208,7 +208,7 @@ def _clear_stale(path: Path) -> None:
     if st.st_uid != os.getuid():
         raise StartupError(
             f"refusing socket path {path}: the socket belongs to uid {st.st_uid}")
-    pid = _live_pid(path)
+    pid = live_pid(path)
     if pid is not None:
         raise AlreadyRunning(f"already running (pid {pid or 'unknown'}) on {path}")
     with contextlib.suppress(FileNotFoundError):

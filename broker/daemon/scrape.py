@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, MetricsHandler
 from ..config import MetricsAddress
 from ..local.trust import check_private_dir
 from ..protocol.errors import StartupError
+from .listen import live_pid
 
 __all__ = ["ScrapeEndpoint"]
 
@@ -172,15 +173,9 @@ def _clear_stale(path: Path) -> None:
     if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
         raise StartupError(f"refusing metrics socket path {path}: something that is not a "
                            "socket of ours is there; remove it or choose another path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(2.0)
-        probe.connect(str(path))
-    except OSError:
+    if live_pid(path) is None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # stale: ours, a socket, and nobody listens
         return
-    finally:
-        probe.close()
     raise StartupError(f"the metrics socket {path} is in use by another process; choose "
                        "another --metrics path")
