@@ -228,8 +228,28 @@ def serve_floor(kind: str, path: str) -> None:
     import anyio
     import msgspec
 
-    from stigmer.broker.protocol import ContextFetched, FrameReader, Variable, Welcome
+    # our messages only encode the replies once, here; serving uses none of our code
+    from stigmer.broker.protocol import ContextFetched, Variable, Welcome
     from stigmer.client import variables as make_vars
+
+    class FrameReader:
+        """A bare 4-byte length-prefix splitter (not the broker's, which checks more)."""
+
+        def __init__(self) -> None:
+            self.buffer = bytearray()
+
+        def feed(self, data: bytes) -> None:
+            self.buffer += data
+
+        def next_body(self) -> bytes | None:
+            if len(self.buffer) < 4:
+                return None
+            end = 4 + int.from_bytes(self.buffer[:4], "big")
+            if len(self.buffer) < end:
+                return None
+            body = bytes(self.buffer[4:end])
+            del self.buffer[:end]
+            return body
 
     plain, secret = context_variables()
     sample: dict[str, Variable] = make_vars(plain, secret)
